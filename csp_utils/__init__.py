@@ -1,0 +1,7 @@
+"""CSP: Confidence Calibration through Semantic Perturbation, as a small study toolkit.
+
+Modules are imported on demand (``from csp_utils import scenes``); importing the package
+itself is cheap and pulls in no torch or trl.
+"""
+
+__version__ = "0.1.0"
