@@ -1,0 +1,60 @@
+"""Confidence baselines that plant nothing, to judge CSP against.
+
+- ``constant``: every answer gets the base model's accuracy on its training questions.
+- ``internal``: the model's own probability of the answer it gave (yes/no token probability).
+- ``temperature``: that probability temperature-scaled (Guo et al. 2017), T fitted on a
+  held-out split by minimising the negative log-likelihood of correctness.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+_EPS = 1e-6
+
+
+def constant_confidence(n: int, accuracy: float) -> np.ndarray:
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy must be a fraction in [0, 1], got {accuracy}")
+    return np.full(n, float(accuracy))
+
+
+def _answer_logit(p_answer: np.ndarray) -> np.ndarray:
+    """Binary logit of the chosen answer over the other one (yes/no renormalised)."""
+    p = np.clip(np.asarray(p_answer, dtype=float), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def temperature_scale(p_answer, temperature: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-_answer_logit(p_answer) / temperature))
+
+
+def fit_temperature(p_answer, correct, bounds=(0.05, 20.0)) -> float:
+    """T minimising the NLL of correctness given the scaled confidence of the chosen answer.
+
+    For a two-way answer this is the usual softmax temperature: correctness is the event
+    "the chosen answer is the true one", whose scaled probability is sigmoid(z / T).
+    """
+    p = np.asarray(p_answer, dtype=float)
+    y = np.asarray(correct, dtype=float)
+    if p.shape != y.shape or p.size == 0:
+        raise ValueError(f"p_answer and correct need equal, non-zero lengths; got {p.shape} and {y.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("p_answer has non-finite values; drop missing rows before fitting")
+    z = _answer_logit(p)
+
+    def nll(log_t: float) -> float:
+        q = np.clip(1.0 / (1.0 + np.exp(-z / np.exp(log_t))), _EPS, 1 - _EPS)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+    res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(res.x))
+
+
+def split_holdout(n: int, fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, apply): a deterministic held-out split for fitting the temperature."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    k = max(1, int(round(n * fraction)))
+    return np.sort(order[:k]), np.sort(order[k:])

@@ -1,0 +1,370 @@
+"""Task metrics and calibration metrics for yes/no answers with verbalized confidence.
+
+Conventions (one per question, stated once here):
+
+* Confidences are fractions in [0, 1] (data keeps integer percents; divide by 100 before
+  calling). Correctness is 0/1 (bool or int). :func:`validate` checks both.
+* Missing confidences (unparsable replies, NaN/None) are the caller's to drop with
+  :func:`drop_missing`; :func:`calibration_summary` does it for you and reports coverage.
+* Equal-width bins follow Guo et al. (2017): bin k of n holds (k/n, (k+1)/n], 0.0 joins
+  the first bin. With 10 bins a verbalized 90% sits in (0.8, 0.9] and 100% alone in
+  (0.9, 1.0]. Assignment is rounded so that 0.3, 0.1 + 0.2 and 30/100 share a bin.
+* ``gap`` in a reliability table is ``mean_confidence - accuracy``: positive means
+  overconfident.
+* AUROC is NaN when all answers are right or all wrong (one class: undefined).
+* Zero divisions in task metrics (no predicted positives, no true positives) give 0.0.
+
+Only numpy and pandas at import time; scipy is imported inside :func:`spearman`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+# Decimals kept before binning: far finer than any confidence we care about, far coarser
+# than float error (0.1 + 0.2 = 0.30000000000000004).
+_BIN_DECIMALS = 9
+
+
+# ---------------------------------------------------------------------------- validation
+def validate(conf, correct) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert inputs: returns ``(conf float64, correct int64)``.
+
+    Raises ValueError naming the bad argument: empty input, unequal lengths, non-finite or
+    missing confidences (drop them first with :func:`drop_missing`), confidences outside
+    [0, 1] (percents must be divided by 100), correctness other than 0/1.
+    """
+    try:
+        c = np.asarray(conf, dtype=float).ravel()
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"conf must be numbers in [0, 1]; could not convert it ({e}). "
+            "Drop missing confidences first with drop_missing(conf, correct)."
+        ) from None
+    y = _as_binary(correct, "correct")
+    if c.size == 0:
+        raise ValueError("conf is empty: need at least one (confidence, correct) pair")
+    if c.size != y.size:
+        raise ValueError(f"conf and correct differ in length ({c.size} vs {y.size}); pass one correctness per confidence")
+    if not np.all(np.isfinite(c)):
+        bad = int(np.sum(~np.isfinite(c)))
+        raise ValueError(
+            f"conf holds {bad} missing or non-finite value(s); drop them with drop_missing(conf, correct) "
+            "and report the coverage"
+        )
+    if c.min() < 0.0 or c.max() > 1.0:
+        hint = " (looks like percents: divide by 100)" if c.max() <= 100.0 and c.max() > 1.0 else ""
+        raise ValueError(f"conf must lie in [0, 1]; got min {c.min():g}, max {c.max():g}{hint}")
+    return c, y
+
+
+def _as_binary(values, name: str) -> np.ndarray:
+    """0/1 (or bool) values as int64; anything else is a ValueError naming ``name``."""
+    try:
+        a = np.asarray(values).ravel()
+    except Exception as e:  # ragged input and the like
+        raise ValueError(f"{name} must be a 1-d sequence of 0/1 or bool ({e})") from None
+    if a.dtype == bool:
+        return a.astype(np.int64)
+    if a.size and not np.issubdtype(a.dtype, np.number):
+        raise ValueError(f"{name} must hold 0/1 or bool, got dtype {a.dtype}; e.g. pass (pred == label)")
+    a = a.astype(float)
+    if a.size and not np.all((a == 0) | (a == 1)):
+        raise ValueError(f"{name} must hold only 0/1 or bool (NaN not allowed); found {np.unique(a[(a != 0) & (a != 1)])[:5]}")
+    return a.astype(np.int64)
+
+
+def drop_missing(conf, correct) -> tuple[np.ndarray, np.ndarray, float]:
+    """Drop items whose confidence is missing (None or NaN).
+
+    Returns ``(conf, correct, coverage)`` with coverage = kept / total (0.0 when nothing
+    was parsed). The kept subset is validated like :func:`validate`, except that it may be
+    empty. Correctness itself may not be missing.
+    """
+    raw = list(conf) if not isinstance(conf, np.ndarray) else conf.ravel().tolist()
+    y = _as_binary(correct, "correct")
+    if len(raw) != y.size:
+        raise ValueError(f"conf and correct differ in length ({len(raw)} vs {y.size})")
+    if len(raw) == 0:
+        raise ValueError("conf is empty: coverage of nothing is undefined")
+    try:  # None, NaN and pandas' NA all mean "not parsed"
+        c = np.array([np.nan if pd.isna(v) else v for v in raw], dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"conf must hold numbers in [0, 1] or None/NaN for missing ({e})") from None
+    keep = ~np.isnan(c)
+    coverage = float(keep.mean())
+    c, y = c[keep], y[keep]
+    if c.size:
+        c, y = validate(c, y)  # inf and out-of-range values are errors, not "missing"
+    return c, y, coverage
+
+
+# --------------------------------------------------------------------------------- bins
+def bin_index(conf, n_bins: int = 10) -> np.ndarray:
+    """Equal-width bin of each confidence: bin k holds (k/n, (k+1)/n], 0.0 goes to bin 0.
+
+    ``conf * n`` is rounded to 9 decimals before the ceiling, so values that differ only
+    by float error (0.3, 0.1 + 0.2, 30/100) land in the same bin.
+    """
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    c = np.asarray(conf, dtype=float)
+    k = np.ceil(np.round(c * n_bins, _BIN_DECIMALS)).astype(np.int64) - 1
+    return np.clip(k, 0, n_bins - 1)  # 0.0 gives -1 -> first bin
+
+
+def _bin_stats(bins: np.ndarray, conf: np.ndarray, correct: np.ndarray, n_bins: int):
+    """Per-bin count, mean confidence and accuracy (NaN for empty bins)."""
+    count = np.bincount(bins, minlength=n_bins).astype(float)
+    conf_sum = np.bincount(bins, weights=conf, minlength=n_bins)
+    acc_sum = np.bincount(bins, weights=correct.astype(float), minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return count, conf_sum / count, acc_sum / count
+
+
+def reliability_table(conf, correct, n_bins: int = 10) -> pd.DataFrame:
+    """One row per equal-width bin: ``bin, lower, upper, count, mean_confidence, accuracy, gap``.
+
+    ``gap = mean_confidence - accuracy`` (positive: overconfident); NaN in empty bins.
+    """
+    c, y = validate(conf, correct)
+    count, mean_conf, acc = _bin_stats(bin_index(c, n_bins), c, y, n_bins)
+    k = np.arange(n_bins)
+    return pd.DataFrame(
+        {
+            "bin": k,
+            "lower": k / n_bins,
+            "upper": (k + 1) / n_bins,
+            "count": count.astype(int),
+            "mean_confidence": mean_conf,
+            "accuracy": acc,
+            "gap": mean_conf - acc,
+        }
+    )
+
+
+# -------------------------------------------------------------------- calibration metrics
+def ece(conf, correct, n_bins: int = 10) -> float:
+    """Expected calibration error, equal-width bins: sum_b |B_b|/n * |acc_b - conf_b|."""
+    c, y = validate(conf, correct)
+    count, mean_conf, acc = _bin_stats(bin_index(c, n_bins), c, y, n_bins)
+    full = count > 0
+    return float(np.sum(count[full] / c.size * np.abs(acc[full] - mean_conf[full])))
+
+
+def mce(conf, correct, n_bins: int = 10) -> float:
+    """Maximum calibration error: the largest |acc_b - conf_b| over non-empty bins."""
+    c, y = validate(conf, correct)
+    count, mean_conf, acc = _bin_stats(bin_index(c, n_bins), c, y, n_bins)
+    full = count > 0
+    return float(np.max(np.abs(acc[full] - mean_conf[full])))
+
+
+def adaptive_bin_index(conf, n_bins: int = 10) -> np.ndarray:
+    """Equal-mass bins that never split ties.
+
+    Sort the confidences; under a plain equal-mass split, rank r goes to bin
+    floor(r * n_bins / n). Each distinct value goes, whole, to the bin of its first
+    (lowest) rank. Without ties this is exactly the equal-mass split; with ties some bins
+    grow and some stay empty (verbalized confidences have few distinct values).
+    """
+    if int(n_bins) != n_bins or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    c = np.asarray(conf, dtype=float)
+    values, inverse, counts = np.unique(c, return_inverse=True, return_counts=True)
+    first_rank = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    value_bin = np.minimum(first_rank * n_bins // c.size, n_bins - 1)
+    return value_bin[inverse.ravel()]
+
+
+def adaptive_ece(conf, correct, n_bins: int = 10) -> float:
+    """ECE over equal-mass bins (:func:`adaptive_bin_index`; ties stay together)."""
+    c, y = validate(conf, correct)
+    count, mean_conf, acc = _bin_stats(adaptive_bin_index(c, n_bins), c, y, n_bins)
+    full = count > 0
+    return float(np.sum(count[full] / c.size * np.abs(acc[full] - mean_conf[full])))
+
+
+def brier(conf, correct) -> float:
+    """Brier score of the confidence as a probability of being right: mean (conf - correct)^2."""
+    c, y = validate(conf, correct)
+    return float(np.mean((c - y) ** 2))
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    start = np.cumsum(counts) - counts  # ranks before each distinct value
+    return (start + (counts + 1) / 2.0)[inverse.ravel()]
+
+
+def auroc(conf, correct) -> float:
+    """AUROC of confidence for separating right (1) from wrong (0) answers.
+
+    The probability that a random right answer has higher confidence than a random wrong
+    one, ties counting 1/2 (Mann-Whitney U / (n_right * n_wrong), from midranks).
+    Returns NaN when every answer is right or every answer is wrong: with one class the
+    AUROC is undefined (it is not 0.5).
+    """
+    c, y = validate(conf, correct)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum = _midranks(c)[y == 1].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+# ---------------------------------------------------------------------------- bootstrap
+def bootstrap_ci(
+    metric_fn: Callable[[np.ndarray, np.ndarray], float],
+    conf,
+    correct,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap interval for any metric of two paired arrays.
+
+    ``metric_fn(a, b)`` is called on the full data (point estimate) and on ``n_boot``
+    resamples of the pairs with replacement; returns ``(point, low, high)`` with low/high
+    the alpha/2 and 1 - alpha/2 quantiles. Works for task metrics too, e.g.
+    ``bootstrap_ci(lambda t, p: task_metrics(t, p)["f1"], y_true, y_pred)``.
+
+    Resamples where the metric is NaN (e.g. AUROC on a one-class resample) are left out;
+    if all are NaN, low and high are NaN. Deterministic given ``seed``.
+    Note: for biased statistics such as ECE (which small samples overestimate), the
+    percentile interval can sit mostly above the point estimate.
+    """
+    a, b = np.asarray(conf), np.asarray(correct)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"the two arrays differ in length ({a.shape[0]} vs {b.shape[0]})")
+    if a.shape[0] == 0:
+        raise ValueError("cannot bootstrap an empty sample")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    point = float(metric_fn(a, b))
+    rng = np.random.default_rng(seed)
+    n = a.shape[0]
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, n, size=n)
+        reps[i] = metric_fn(a[idx], b[idx])
+    reps = reps[~np.isnan(reps)]
+    if reps.size == 0:
+        return point, float("nan"), float("nan")
+    low, high = np.quantile(reps, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return point, float(low), float(high)
+
+
+# ---------------------------------------------------------------------------- task metrics
+def _labels(values) -> np.ndarray:
+    """Normalised answer labels: "Yes " -> "yes"."""
+    return np.array([str(v).strip().lower() for v in values], dtype=object)
+
+
+def task_metrics(y_true: Sequence[str], y_pred: Sequence[str], positive: str = "yes") -> dict:
+    """Accuracy, precision, recall, F1 (for ``positive``), yes-ratio, for yes/no answers.
+
+    Labels are compared case-insensitively after stripping ("Yes" == "yes"). ``y_true``
+    must be yes/no; a prediction that is neither (an unscorable reply) counts as wrong and
+    as not positive, and is counted in ``n_other``. ``yes_ratio`` is the share of
+    *predicted* "yes", whatever the positive class (POPE reports it; AMBER's positive is
+    "no"). Zero divisions give 0.0: precision with no predicted positives, recall with no
+    actual positives, F1 when precision + recall = 0.
+    """
+    pos = str(positive).strip().lower()
+    if pos not in ("yes", "no"):
+        raise ValueError(f"positive must be 'yes' or 'no', got {positive!r}")
+    t, p = _labels(y_true), _labels(y_pred)
+    if t.size == 0:
+        raise ValueError("y_true is empty")
+    if t.size != p.size:
+        raise ValueError(f"y_true and y_pred differ in length ({t.size} vs {p.size})")
+    bad = sorted(set(t) - {"yes", "no"})
+    if bad:
+        raise ValueError(f"y_true must hold only 'yes'/'no'; found {bad[:5]}")
+    tp = int(np.sum((p == pos) & (t == pos)))
+    fp = int(np.sum((p == pos) & (t != pos)))
+    fn = int(np.sum((p != pos) & (t == pos)))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": float(np.mean(p == t)),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "yes_ratio": float(np.mean(p == "yes")),
+        "positive_class": pos,
+        "n": int(t.size),
+        "n_other": int(np.sum((p != "yes") & (p != "no"))),
+    }
+
+
+# ------------------------------------------------------------------------------ summaries
+def calibration_summary(conf, correct, n_bins: int = 10) -> dict:
+    """All calibration metrics on the parsed subset, with its size and coverage.
+
+    ``conf`` may hold missing values (None/NaN); they are dropped and
+    ``coverage = n / n_total``. If nothing was parsed, the metrics are NaN and coverage 0.
+    Keys: ece, adaptive_ece, mce, brier, auroc, accuracy, mean_confidence, n, n_total,
+    coverage.
+    """
+    c, y, coverage = drop_missing(conf, correct)
+    n_total = int(np.asarray(correct).size)
+    out = {"n": int(c.size), "n_total": n_total, "coverage": coverage}
+    if c.size == 0:
+        nan = float("nan")
+        return {k: nan for k in ("ece", "adaptive_ece", "mce", "brier", "auroc", "accuracy", "mean_confidence")} | out
+    return {
+        "ece": ece(c, y, n_bins),
+        "adaptive_ece": adaptive_ece(c, y, n_bins),
+        "mce": mce(c, y, n_bins),
+        "brier": brier(c, y),
+        "auroc": auroc(c, y),
+        "accuracy": float(y.mean()),
+        "mean_confidence": float(c.mean()),
+    } | out
+
+
+def spearman(x, y) -> tuple[float, float]:
+    """Spearman rank correlation and its two-sided p-value, ``(rho, p)``.
+
+    NaN for both when there are fewer than 3 pairs or either input is constant.
+    """
+    a = np.asarray(x, dtype=float).ravel()
+    b = np.asarray(y, dtype=float).ravel()
+    if a.size != b.size:
+        raise ValueError(f"x and y differ in length ({a.size} vs {b.size})")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("x and y must be finite; drop missing pairs first")
+    if a.size < 3 or np.all(a == a[0]) or np.all(b == b[0]):
+        return float("nan"), float("nan")
+    from scipy import stats
+
+    res = stats.spearmanr(a, b)
+    return float(res.statistic), float(res.pvalue)
+
+
+__all__ = [
+    "validate",
+    "drop_missing",
+    "bin_index",
+    "adaptive_bin_index",
+    "reliability_table",
+    "ece",
+    "mce",
+    "adaptive_ece",
+    "brier",
+    "auroc",
+    "bootstrap_ci",
+    "task_metrics",
+    "calibration_summary",
+    "spearman",
+]

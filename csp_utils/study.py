@@ -1,0 +1,144 @@
+"""The study driver: run the ordered notebooks with papermill into one run folder.
+
+    python -m csp_utils.study params/default.yaml            # the main study
+    python -m csp_utils.study params/smoke.yaml --name smoke  # minutes
+    python -m csp_utils.study params/default.yaml --only 07_figures
+
+A params YAML holds global parameters (``base_model``, ``seed``, ...) passed to every
+notebook and a ``stages`` mapping of per-notebook parameters. Each finished stage leaves
+``markers/<stage>.json`` with the hash of its parameters, its notebook and the markers of the
+stages before it; a rerun skips stages whose marker matches and resumes from the first that
+does not. A failing notebook stops the chain; its executed copy is kept and the error shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy", "papermill")
+
+
+def load_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"params file {path} not found; see params/ for examples")
+    params = yaml.safe_load(path.read_text()) or {}
+    if "stages" not in params or not isinstance(params["stages"], dict):
+        raise ValueError(f"{path}: needs a 'stages' mapping of notebook name -> parameters")
+    for stage in params["stages"]:
+        if not (NOTEBOOKS / f"{stage}.ipynb").exists():
+            raise ValueError(f"{path}: stage {stage!r} has no notebook notebooks/{stage}.ipynb")
+    return params
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def stage_parameters(params: dict, stage: str, run_dir: Path) -> dict:
+    """Global parameters, then the stage's own; ``run_dir`` always points at the run folder."""
+    glob = {k: v for k, v in params.items() if k not in ("stages", "name")}
+    return {**glob, **(params["stages"][stage] or {}), "run_dir": str(run_dir)}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_study(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
+              only: list[str] | None = None, force: bool = False, log_output: bool = False) -> Path:
+    import papermill as pm
+
+    params = load_params(params_path)
+    name = name or params.get("name") or Path(params_path).stem
+    run_dir = (Path(runs_root) / name).resolve()
+    (run_dir / "markers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "notebooks").mkdir(exist_ok=True)
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    manifest_path = run_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.update(name=name, params=params, params_hash=_hash(params), git_commit=git_commit(),
+                    packages=package_versions())
+    manifest.setdefault("timings_s", {})
+
+    upstream = ""  # chain hashes so a changed early stage invalidates every later one
+    for stage in params["stages"]:
+        notebook = NOTEBOOKS / f"{stage}.ipynb"
+        parameters = stage_parameters(params, stage, run_dir)
+        key = _hash({"parameters": parameters, "notebook": _file_hash(notebook), "upstream": upstream})
+        upstream = key
+        marker = run_dir / "markers" / f"{stage}.json"
+        selected = only is None or stage in only
+        if not selected or (not force and marker.exists() and json.loads(marker.read_text()).get("hash") == key):
+            print(f"[study] {stage}: {'skipped (up to date)' if selected else 'not selected'}")
+            continue
+        marker.unlink(missing_ok=True)
+        out_nb = run_dir / "notebooks" / f"{stage}.ipynb"
+        print(f"[study] {stage}: running -> {out_nb}", flush=True)
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(notebook), str(out_nb), parameters=parameters, cwd=str(REPO),
+                                progress_bar=False, log_output=log_output, kernel_name="python3")
+        except pm.PapermillExecutionError as err:
+            manifest["failed"] = {"stage": stage, "error": f"{err.ename}: {err.evalue}", "notebook": str(out_nb)}
+            manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+            raise SystemExit(
+                f"[study] stage {stage} failed: {err.ename}: {err.evalue}\n"
+                f"        executed copy kept at {out_nb}"
+            ) from None
+        seconds = round(time.time() - t0, 1)
+        manifest["timings_s"][stage] = seconds
+        manifest.pop("failed", None)
+        marker.write_text(json.dumps({"stage": stage, "hash": key, "seconds": seconds, "parameters": parameters}, indent=2))
+        manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+        print(f"[study] {stage}: done in {seconds:.0f} s", flush=True)
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params", nargs="?", default=str(REPO / "params" / "default.yaml"))
+    ap.add_argument("--name", help="run folder name under --runs-root (default: the params' name)")
+    ap.add_argument("--runs-root", default="runs")
+    ap.add_argument("--only", nargs="*", help="run only these stages (others keep their markers)")
+    ap.add_argument("--force", action="store_true", help="rerun stages even when their marker matches")
+    ap.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    args = ap.parse_args(argv)
+    run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output)
+    print(f"[study] run folder: {run_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
