@@ -44,7 +44,7 @@ def validate(conf, correct) -> tuple[np.ndarray, np.ndarray]:
             f"conf must be numbers in [0, 1]; could not convert it ({e}). "
             "Drop missing confidences first with drop_missing(conf, correct)."
         ) from None
-    y = _as_binary(correct, "correct")
+    y = as_binary(correct, "correct")
     if c.size == 0:
         raise ValueError("conf is empty: need at least one (confidence, correct) pair")
     if c.size != y.size:
@@ -61,7 +61,7 @@ def validate(conf, correct) -> tuple[np.ndarray, np.ndarray]:
     return c, y
 
 
-def _as_binary(values, name: str) -> np.ndarray:
+def as_binary(values, name: str) -> np.ndarray:
     """0/1 (or bool) values as int64; anything else is a ValueError naming ``name``."""
     try:
         a = np.asarray(values).ravel()
@@ -85,7 +85,7 @@ def drop_missing(conf, correct) -> tuple[np.ndarray, np.ndarray, float]:
     empty. Correctness itself may not be missing.
     """
     raw = list(conf) if not isinstance(conf, np.ndarray) else conf.ravel().tolist()
-    y = _as_binary(correct, "correct")
+    y = as_binary(correct, "correct")
     if len(raw) != y.size:
         raise ValueError(f"conf and correct differ in length ({len(raw)} vs {y.size})")
     if len(raw) == 0:
@@ -354,6 +354,7 @@ def spearman(x, y) -> tuple[float, float]:
 
 __all__ = [
     "validate",
+    "as_binary",
     "drop_missing",
     "bin_index",
     "adaptive_bin_index",

@@ -1,0 +1,150 @@
+"""Every plot returns a Figure; save_figure writes non-empty PNG and PDF into tmp_path."""
+
+from types import SimpleNamespace
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+
+from csp_utils import plots
+
+RNG = np.random.default_rng(0)
+CONF = RNG.integers(0, 11, 200) / 10
+CORRECT = (RNG.random(200) < CONF).astype(int)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
+def all_texts(fig):
+    return [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+
+
+def test_backend_is_noninteractive():
+    assert matplotlib.get_backend().lower() == "agg"  # MPLBACKEND=Agg from conftest is respected
+
+
+def test_reliability_diagram(tmp_path):
+    fig = plots.reliability_diagram(CONF, CORRECT, n_bins=10, title="demo")
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 2  # bars + histogram beneath
+    labels = {ax.get_xlabel() for ax in fig.axes} | {ax.get_ylabel() for ax in fig.axes}
+    assert {"Confidence", "Accuracy"} <= labels
+    assert any(t.startswith("ECE = ") for t in all_texts(fig))
+    assert min(t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text()) >= 10
+    png, pdf = plots.save_figure(fig, tmp_path / "figs" / "reliability")
+    assert png.suffix == ".png" and pdf.suffix == ".pdf"
+    assert png.stat().st_size > 1000 and pdf.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_reliability_diagram_into_given_axes_with_missing():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    conf = list(CONF[:20]) + [None] * 5
+    out = plots.reliability_diagram(conf, CORRECT[:25], n_bins=15, ax=ax)
+    assert out is fig
+    assert any("coverage = 80%" in t for t in all_texts(fig))
+
+
+def test_save_figure_keeps_dots_and_strips_known_suffix(tmp_path):
+    fig = plots.reliability_diagram(CONF, CORRECT)
+    png, pdf = plots.save_figure(fig, tmp_path / "ece_0.5")
+    assert png.name == "ece_0.5.png" and pdf.name == "ece_0.5.pdf"
+    png, pdf = plots.save_figure(fig, str(tmp_path / "x.png"))
+    assert png.name == "x.png" and pdf.name == "x.pdf" and pdf.exists()
+
+
+def test_reliability_grid_including_empty_group(tmp_path):
+    groups = {
+        "random: base": (CONF, CORRECT),
+        "random: CSP": (CONF[::-1], CORRECT),
+        "nothing parsed": ([None, None], [1, 0]),
+    }
+    fig = plots.reliability_grid(groups, ncols=2, suptitle="before / after")
+    assert isinstance(fig, Figure)
+    assert "nothing parsed" in all_texts(fig)
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "grid"))
+    with pytest.raises(ValueError):
+        plots.reliability_grid({})
+
+
+def test_ablation_bars(tmp_path):
+    df = pd.DataFrame(
+        {
+            "name": ["local", "global", "gamma 0.5"] * 2,
+            "value": [0.05, 0.08, 0.06, 0.7, 0.65, 0.68],
+            "low": [0.03, 0.06, np.nan, 0.65, 0.6, 0.6],
+            "high": [0.07, 0.1, np.nan, 0.75, 0.7, 0.75],
+            "metric": ["ECE"] * 3 + ["AUROC"] * 3,
+        }
+    )
+    fig = plots.ablation_bars(df, title="ablations")
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "abl"))
+    with pytest.raises(ValueError, match="missing"):
+        plots.ablation_bars(df.drop(columns="low"))
+
+
+def test_confidence_vs_level(tmp_path):
+    levels = np.repeat(np.arange(0, 101, 20), 5)
+    df = pd.concat(
+        [
+            pd.DataFrame({"level": levels, "confidence": np.full(levels.size, 80.0), "model": "base"}),
+            pd.DataFrame({"level": levels, "confidence": levels + RNG.normal(0, 5, levels.size), "model": "CSP"}),
+        ]
+    )
+    fig = plots.confidence_vs_level(df, xlabel="Target level (%)", ylabel="Confidence (%)")
+    assert isinstance(fig, Figure)
+    assert fig.axes[0].get_xlabel() == "Target level (%)"
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "lvl"))
+
+
+def test_internal_vs_verbalized(tmp_path):
+    internal = RNG.random(50)
+    verbal = list(np.clip(np.round(internal, 1) + 0.1, 0, 1))
+    verbal[3] = None  # dropped pair
+    fig = plots.internal_vs_verbalized(internal, verbal, correct=RNG.integers(0, 2, 50))
+    title = fig.axes[0].get_title()
+    assert "Spearman" in title and "n = 49" in title
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "ivv"))
+    assert isinstance(plots.internal_vs_verbalized(internal, internal), Figure)
+
+
+def test_image_grid_and_scene_grid(tmp_path):
+    from PIL import Image
+
+    imgs = [RNG.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    imgs.append(Image.fromarray(imgs[0]))
+    imgs.append(RNG.integers(0, 255, (32, 32), dtype=np.uint8))  # grayscale
+    fig = plots.image_grid(imgs, [f"t={i}" for i in range(6)], ncols=4)
+    assert isinstance(fig, Figure)
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "images"))
+    with pytest.raises(ValueError):
+        plots.image_grid(imgs, ["one title"])
+
+    mask = np.zeros((32, 32), bool)
+    mask[4:10, 4:12] = True
+    obj = SimpleNamespace(box=(4, 4, 12, 10), mask=mask, name="red square")
+    scene = SimpleNamespace(scene_id="eval-000001", image=imgs[0], objects=[obj], variant="blur", severity=0.5)
+    fig = plots.scene_grid([scene, scene], ncols=2)
+    assert isinstance(fig, Figure) and "red square" in fig.axes[0].get_xlabel()
+
+
+def test_count_and_composition_bars(tmp_path):
+    fig = plots.count_bars({"circle": 10, "square": 30, "star": 3}, title="categories")
+    assert isinstance(fig, Figure)
+    fig = plots.count_panels({"scenes": {"circle": 10, "star": 3}, "negatives": {"square": 4}, "x": {"a": 1}})
+    assert isinstance(fig, Figure) and sum(ax.get_visible() for ax in fig.axes) == 3
+    df = pd.DataFrame({"set": ["random"] * 6 + ["popular"] * 4, "label": ["yes", "no"] * 5})
+    fig = plots.composition_bars(df, title="balance")
+    assert isinstance(fig, Figure)
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "comp"))
