@@ -313,3 +313,61 @@ def save_json(obj, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
     return path
+
+
+# ------------------------------------------------------------- notebook conveniences
+def model_specs(run_dir, base_model: str, names) -> list[ModelSpec]:
+    """``"base"`` is the base model itself; any other name is the adapter ``adapters/<name>``."""
+    specs = []
+    for name in names:
+        if name == "base":
+            specs.append(ModelSpec("base", base_model, None))
+            continue
+        adapter = Path(run_dir) / "adapters" / name
+        if not (adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"model {name!r}: no PEFT adapter at {adapter}; run the training notebooks first")
+        specs.append(ModelSpec(name, base_model, str(adapter)))
+    return specs
+
+
+def summary_table(rows: list[dict], n_bins: int = 10) -> pd.DataFrame:
+    """``evaluation.summarize`` per set, each with its benchmark's positive class."""
+    from csp_utils import evaluation
+
+    by_set: dict[str, list[dict]] = {}
+    for r in rows:
+        by_set.setdefault(r["set"], []).append(r)
+    out = []
+    for set_, rs in by_set.items():
+        out += evaluation.summarize(rs, positive_class(set_), n_bins)
+    return pd.DataFrame(out)
+
+
+FIGURE_COLUMNS = ("model", "set", "framing", "readout", "question_id", "label", "answer", "correct",
+                  "confidence", "internal_prob")
+
+
+def figure_data(rows: list[dict]) -> pd.DataFrame:
+    """The per-question columns the figures need (small enough to commit, gzip-compressed)."""
+    df = pd.DataFrame(rows)
+    return df[[c for c in FIGURE_COLUMNS if c in df.columns]]
+
+
+def level_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Rows of the held-out perturbed set -> (model, level, confidence, correct)."""
+    df = pd.DataFrame(rows)
+    df = df[df["set"] == "perturbed"].copy()
+    df["level"] = df["question_id"].map(level_of)
+    return df
+
+
+def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
+    """Spearman of verbalized confidence against the noise level, per model/framing/read-out."""
+    from csp_utils import metrics
+
+    out = []
+    for (model, framing, readout), g in df.groupby(["model", "framing", "readout"]):
+        g = g.dropna(subset=["confidence"])
+        rho, p = metrics.spearman(g["level"], g["confidence"]) if len(g) >= 3 else (math.nan, math.nan)
+        out.append({"model": model, "framing": framing, "readout": readout, "spearman_level": rho, "p": p, "n": len(g)})
+    return pd.DataFrame(out)

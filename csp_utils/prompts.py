@@ -83,3 +83,132 @@ def corpus_lines() -> list[str]:
     lines += ["What objects are in the image?", "Is there a", "in this image?", "Is the", "left of",
               "right of", "above", "below", "touching", "small", "large", "How many", "are there"]
     return lines * 10
+
+
+# --------------------------------------------------------------------- confidence parsing
+# A parsed confidence must be something the model actually said. Anything the rules below
+# cannot read is returned as None ("missing") and counted as such by the evaluation; it is
+# never replaced by a default number.
+import re as _re
+
+_NUM = r"\d+(?:\.\d+)?|\.\d+"
+# A number or a range of numbers ("80-90", "80 to 90"), with the sign checked separately.
+_VALUE = _re.compile(
+    rf"(?P<sign>[-\u2212])?(?P<a>{_NUM})(?:\s*(?:-|\u2013|\u2014|to)\s*(?P<b>{_NUM}))?"
+)
+_PERCENT_AFTER = _re.compile(r"\s*(?:%|percent\b|per\s+cent\b)")
+_KEYWORD = _re.compile(r"confiden\w*|certain\w*|probability")
+
+
+def _number_matches(text: str):
+    """Numbers in ``text`` left to right, skipping digits glued to letters ("v2", "h3x").
+
+    A minus sign counts only when it touches the number and follows no letter or digit:
+    "-5%" is negative, "Yes - 90%" and "Yes-90%" are not.
+    """
+    for m in _VALUE.finditer(text):
+        before = text[m.start() - 1] if m.start() > 0 else " "
+        if before.isalnum() or before == "_":
+            if m.group("sign") is None:
+                continue  # digits glued to a word
+            m = _VALUE.match(text, m.start("a"))  # a hyphen after a word, not a sign
+        yield m
+
+
+def _value_of(m) -> float | None:
+    """The number (or a range's midpoint) a match stands for; None when negative or inverted."""
+    if m.group("sign") is not None:
+        return None  # a negative confidence is not a confidence
+    a = float(m.group("a"))
+    if m.group("b") is None:
+        return a
+    b = float(m.group("b"))
+    return (a + b) / 2 if a <= b else None  # "90-80%" is not a range we trust
+
+
+def _as_fraction(value: float | None, percent: bool) -> float | None:
+    if value is None:
+        return None
+    if percent:
+        return value / 100 if 0 <= value <= 100 else None
+    if 0 <= value <= 1:
+        return value          # a bare 0.85 (or 1) reads as a fraction
+    if 1 < value <= 100:
+        return value / 100    # a bare 85 reads as a percent
+    return None
+
+
+def parse_confidence(text: str | None) -> float | None:
+    """Read a verbalized confidence as a fraction in [0, 1]; None when it cannot be read.
+
+    Rules, tried in order (case-insensitive):
+
+    1. **Percent sign wins.** The first number followed by ``%``, ``percent`` or
+       ``per cent`` is a percent: ``"85%"``, ``"85 %"``, ``"I am 85% sure"``,
+       ``"85 percent"`` -> 0.85; ``"0%"`` -> 0.0, ``"100%"`` -> 1.0.
+    2. **After a keyword.** Else the first number after ``confidence``/``confident``,
+       ``certain``/``certainty`` or ``probability``: ``"Confidence: 85"`` -> 0.85,
+       ``"Confidence: 0.7"`` -> 0.7.
+    3. **A bare number.** Else a reply that is a number and nothing else (trailing
+       punctuation allowed): ``"0.85"``, ``".9"``, ``"85"``. A number mentioned in a
+       sentence without a percent sign or keyword ("There are 3 circles.") is *not* a
+       confidence: None.
+
+    Interpretation of a number without a percent sign (rules 2, 3): in [0, 1] it is a
+    fraction (so ``"1"`` is 100% and ``"0.5"`` is 50%), in (1, 100] a percent.
+
+    Rejections (None, never clamped, because clamping would invent a number the model did
+    not say): values above 100% (``"150%"``, ``"Confidence: 250"``); negative values
+    (``"-5%"``); no number at all (``"I am not sure"``, ``""``, None). A rule that finds
+    its number but rejects it decides the reply: we do not fall through to a later number.
+
+    Ranges (``"80-90%"``, ``"80 to 90 percent"``, ``"Confidence: 0.7-0.9"``) give their
+    midpoint (0.85, 0.8), read with the same rules; an inverted range (``"90-80%"``) is
+    None. Decimal commas (``"0,85"``) are not read.
+    """
+    if text is None:
+        return None
+    s = str(text).strip().lower()
+    if not s:
+        return None
+    matches = list(_number_matches(s))
+    # 1. the first number followed by a percent sign / word
+    for m in matches:
+        if _PERCENT_AFTER.match(s, m.end()):
+            return _as_fraction(_value_of(m), percent=True)
+    # 2. the first number after a confidence keyword
+    kw = _KEYWORD.search(s)
+    if kw is not None:
+        for m in matches:
+            if m.start() >= kw.end():
+                return _as_fraction(_value_of(m), percent=False)
+    # 3. a reply that is only a number
+    if len(matches) == 1:
+        m = matches[0]
+        rest = (s[: m.start()] + s[m.end():]).strip(" \t\n.!,;:\"'")
+        if not rest:
+            return _as_fraction(_value_of(m), percent=False)
+    return None
+
+
+def parse_yes_no(text: str | None, family: str | None = None) -> str | None:
+    """Read a yes/no answer reply as ``"yes"``, ``"no"`` or None (not readable).
+
+    Reuses the benchmark rules of :mod:`csp_utils.benchmarks`:
+
+    * ``family="pope"``: POPE's official rule (``benchmarks.pope_parse``: the first
+      sentence holds "No"/"not"/"no" -> "no", anything else -> "yes"), so POPE numbers
+      match the published scorer. It never returns None.
+    * any other family (``"amber"``, the world sets, None): the documented lenient rule
+      ``benchmarks.normalize_yes_no`` ("Yes." / "yes, there is" -> yes, "No, there isn't" /
+      "There is no dog" -> no, "There is a dog" -> None). AMBER's official exact-match
+      score of the raw replies stays available as ``benchmarks.score_amber``.
+    """
+    if text is None:
+        return None
+    from csp_utils import benchmarks
+
+    if family == "pope":
+        return benchmarks.pope_parse(text)
+    r = benchmarks.normalize_yes_no(text)
+    return r.lower() if r is not None else None

@@ -1,0 +1,960 @@
+"""Batched answer + confidence elicitation, resumable JSONL results, summaries.
+
+For every question the model first answers (greedy, batched, left padding, KV cache) the
+answer prompt ``prompts.answer_messages(question)``; its reply is parsed with the
+benchmark's rule. Then it is asked how sure it is, in a fresh conversation (one user turn
+with the image) whose ``{response}`` is the model's OWN reply, in each framing
+("third" person by default, "first" person), and the confidence is read out in up to two
+ways:
+
+* ``"generated"``: greedy generation of a short reply, parsed by
+  :func:`csp_utils.prompts.parse_confidence` (unparsable -> ``confidence = null``).
+* ``"single_pass"``: every option (0%, 10%, ..., 100% by default) is scored by its
+  log-likelihood as the assistant's reply to the confidence prompt. An option's tokens are
+  exactly what the chat template writes for an assistant turn with that text (e.g.
+  ``" 80%"`` -> ``["Ġ", "80", "%"]`` for the embedded model), so a number that spans
+  several tokens is scored as the sum of all its token log-probs, ``%`` included; with
+  ``EvalConfig.include_end=True`` the end-of-turn token (the template's, else EOS) is added,
+  which also charges an option for "stopping there". The prompt is run once per batch and
+  its KV cache is reused for all options (see :func:`score_options`). The softmax over the
+  options' log-likelihoods is the distribution; ``confidence`` is its expectation and
+  ``confidence_argmax`` its mode.
+
+Speed: questions go in batches (left padding); the chat template's head and the image
+are run once per batch and their KV cache is reused by the answer prompts and every
+confidence prompt of the same images (:func:`shared_prefix`, used where it is exact, else
+each prompt runs whole); options are scored in one extra forward on the prompt's cache
+(:func:`score_options_on`). ``scripts/bench_elicitation.py`` compares this with the naive
+loop. Every shortcut is tested against the one-question-at-a-time computation.
+
+The "internal" confidence is the model's probability of its own yes/no answer at the step
+where "Yes" and "No" first differ (the first answer token for every template we know):
+``internal_prob`` is the softmax restricted to the Yes/No tokens (``p(own) / (p(yes) +
+p(no))``, case variants that tokenize to one token summed), ``internal_prob_raw`` the
+plain softmax over the whole vocabulary. Both are null when the reply did not parse or did
+not start the way the Yes/No replies start.
+
+JSONL schema (one row per question x framing x read-out; appended batch by batch)::
+
+    question_id, image_id, set, kind : from the QAItem
+    model          : the model_name given to evaluate()
+    framing        : "third" | "first"
+    readout        : "generated" | "single_pass"
+    question, label: the question text, gold "yes"/"no"
+    raw_answer     : the model's answer reply, decoded, stripped
+    answer         : parsed "yes"/"no", null when the rule found neither
+    correct        : answer == label (an unparsed answer counts as wrong)
+    response       : the text put in the confidence prompt's {response}
+    raw_confidence : generated: the confidence reply; single_pass: the argmax option ("80%")
+    confidence     : fraction in [0, 1] or null (generated: parsed reply; single_pass: the
+                     expectation under option_probs)
+    confidence_argmax: single_pass only: the most likely option as a fraction (else null)
+    options        : single_pass only: the option percents scored (else null)
+    option_probs   : single_pass only: softmax over option_logliks (else null)
+    option_logliks : single_pass only: summed token log-probs of each option (else null)
+    internal_prob, internal_prob_raw : see above (same on every row of a question)
+
+Resume: ``evaluate`` skips questions whose rows for every (framing, read-out) are already
+in the file for this ``model``; a half-written question or a truncated last line from an
+interrupted run is dropped and redone.
+
+Several processes: under ``accelerate launch`` each process takes every n-th question,
+writes ``<out>.shard<i>of<n>.jsonl`` and the main process merges the shards into ``out`` in
+benchmark order. Load the model on ``PartialState().device`` in each process.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from csp_utils import prompts
+
+READOUTS = ("generated", "single_pass")
+
+# Models whose text positions are not one number per token (multimodal RoPE). For them the
+# cached option scoring would need the model's own position bookkeeping, so options are
+# scored by the exact one-at-a-time path instead (slower, same numbers).
+_MROPE_MODEL_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"}
+
+
+@dataclass
+class EvalConfig:
+    framings: Sequence[str] = ("third",)
+    readouts: Sequence[str] = READOUTS
+    options: Sequence[int] = prompts.CONFIDENCE_LEVELS   # integer percents to score
+    include_end: bool = False       # single_pass: also score the end-of-turn token
+    batch_size: int = 16
+    max_new_tokens: int = 10        # the answer reply
+    confidence_max_new_tokens: int = 8   # the generated confidence reply
+    option_chunk: int | None = None  # options scored together; None = all (memory ~ K x prompt cache)
+    response: str = "raw"           # {response} = "raw" reply, or "parsed" ("Yes"/"No")
+    share_prefix: bool = True       # run template head + image once per batch (where exact)
+    seed: int = 0
+    prompt_config: prompts.PromptConfig | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.framings = tuple(self.framings)
+        self.readouts = tuple(self.readouts)
+        self.options = tuple(int(o) for o in self.options)
+        for f in self.framings:
+            if f not in prompts.FRAMINGS:
+                raise ValueError(f"framing must be one of {prompts.FRAMINGS}, got {f!r}")
+        for r in self.readouts:
+            if r not in READOUTS:
+                raise ValueError(f"readout must be one of {READOUTS}, got {r!r}")
+        if not self.options or any(not 0 <= o <= 100 for o in self.options):
+            raise ValueError(f"options must be integer percents in 0..100, got {self.options}")
+        if self.response not in ("raw", "parsed"):
+            raise ValueError(f"response must be 'raw' or 'parsed', got {self.response!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+# ------------------------------------------------------------------------------ helpers
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _model_type(model) -> str:
+    return str(getattr(model.config, "model_type", ""))
+
+
+def _attn_implementation(model) -> str | None:
+    config = getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "_attn_implementation", None)
+
+
+def _device_dtype(model):
+    """Where inputs go and the float type pixels take: the model's own (a PEFT wrapper passes
+    these through); a quantized model's first parameter may be uint8, so do not use that."""
+    p = next(model.parameters())
+    dtype = getattr(model, "dtype", None)
+    return getattr(model, "device", p.device), dtype if dtype is not None and dtype.is_floating_point else None
+
+
+def _keeps_last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the forward takes it: a prompt forward then computes one
+    position's logits instead of (B, T, V) (hundreds of MB for a 7B model)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def _cache_of(out):
+    """The KV cache a forward returned (transformers 5 calls it ``cache``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _fork_cache(cache):
+    """A cache that can grow without changing ``cache``. Dynamic layers replace their
+    tensors when they grow (``torch.cat``), so sharing the tensors is safe and free; any
+    other cache type is deep-copied."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in layers]
+        return out
+    return copy.deepcopy(cache)
+
+
+def _rows_repeated(cache, n: int):
+    """A cache whose row b*n + j is row b of ``cache`` (j < n); ``cache`` is untouched.
+
+    Dynamic layers are expanded directly (``expand`` + ``reshape``: one copy, ~20x faster
+    on CPU than ``repeat_interleave``); other cache types get a deep copy and their own
+    ``batch_repeat_interleave``.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        def rep(x):
+            return x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:]).reshape(x.shape[0] * n, *x.shape[1:])
+
+        out = _fork_cache(cache)
+        for layer in out.layers:
+            layer.keys, layer.values = rep(layer.keys), rep(layer.values)
+        return out
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions that skip padding, as ``generate`` makes them (pads get 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def chat_texts(processor, messages: list[list[dict]]) -> list[str]:
+    return [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+
+
+def encode(processor, messages: list[list[dict]], images: list, device=None, dtype=None, texts=None):
+    """Chat-template each conversation (with the generation prompt) and batch it, left-padded.
+
+    Images go one per conversation, nested (``[[img], [img], ...]``), which every processor
+    we support reads as "image i belongs to text i".
+    """
+    tok = _tokenizer(processor)
+    tok.padding_side = "left"  # batched generation continues from the right edge
+    texts = texts if texts is not None else chat_texts(processor, messages)
+    enc = processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt")
+    if device is not None:
+        enc = enc.to(device)
+    if dtype is not None:  # only floating tensors (pixel values) are cast
+        enc = enc.to(dtype=dtype)
+    return enc
+
+
+def _model_inputs(model, processor, messages, images, texts=None):
+    device, dtype = _device_dtype(model)
+    return encode(processor, messages, images, device=device, dtype=dtype, texts=texts)
+
+
+# ---------------------------------------------------------------- reply token sequences
+def reply_tokens(processor, reply: str, include_end: bool = False) -> list[int]:
+    """Token ids of ``reply`` as the chat template writes it after the generation prompt.
+
+    Rendered once with and once without an assistant turn; the difference is the reply as
+    the model would produce it (leading space, template decoration). It is cut after the
+    shortest run of tokens that decodes to contain ``reply``; with ``include_end`` the
+    template's next special token (its end-of-turn), else the tokenizer's EOS, is appended.
+    """
+    tok = _tokenizer(processor)
+    user = [prompts.user_turn("x")]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + [prompts.assistant_turn(reply)], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(
+            "The chat template does not write an assistant turn as a continuation of the "
+            f"generation prompt; cannot score replies.\nprompt: {prompt!r}\nfull: {full!r}"
+        )
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    f_ids = tok(full, add_special_tokens=False)["input_ids"]
+    if f_ids[: len(p_ids)] == p_ids:
+        rest = f_ids[len(p_ids):]
+    else:  # the tokenizer merged across the boundary: tokenize the reply part alone
+        rest = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    for n in range(1, len(rest) + 1):
+        if reply in tok.decode(rest[:n]):
+            break
+    else:
+        raise ValueError(f"The chat template changed the reply {reply!r}: rendered {full[len(prompt):]!r}")
+    ids = list(rest[:n])
+    if include_end:
+        special = set(tok.all_special_ids)
+        end = next((t for t in rest[n:] if t in special), tok.eos_token_id)
+        if end is None:
+            raise ValueError("include_end=True but the template has no end token and the tokenizer no EOS")
+        ids.append(int(end))
+    return ids
+
+
+def option_token_ids(processor, options: Sequence[int], include_end: bool = False) -> list[list[int]]:
+    """Token sequences of the confidence options, written as ``prompts.format_confidence``."""
+    return [reply_tokens(processor, prompts.format_confidence(int(o)), include_end) for o in options]
+
+
+@dataclass
+class YesNoTokens:
+    """Where and with which tokens the internal yes/no probability is read."""
+
+    prefix: list[int]        # tokens shared by the "Yes" and "No" replies (often none)
+    yes: list[int]           # token ids at position len(prefix) that mean yes
+    no: list[int]
+
+
+def yes_no_tokens(processor) -> YesNoTokens:
+    seqs = {v: reply_tokens(processor, v) for v in ("Yes", "yes", "No", "no")}
+    a, b = seqs["Yes"], seqs["No"]
+    c = 0
+    while c < min(len(a), len(b)) and a[c] == b[c]:
+        c += 1
+    if c >= min(len(a), len(b)):
+        raise ValueError(f"'Yes' and 'No' replies do not differ in tokens: {a} vs {b}")
+    prefix = a[:c]
+    tok = _tokenizer(processor)
+
+    def at_c(main, variant):
+        # the lower-case variant counts only when it is one whole-word token at the same step
+        ids = {seqs[main][c]}
+        v = seqs[variant]
+        if len(v) > c and v[:c] == prefix and tok.decode([v[c]]).strip().lower() == variant:
+            ids.add(v[c])
+        return sorted(ids)
+
+    yes, no = at_c("Yes", "yes"), at_c("No", "no")
+    if set(yes) & set(no):
+        raise ValueError(f"yes and no share a token at the decision step: {yes} / {no}")
+    return YesNoTokens(prefix=prefix, yes=yes, no=no)
+
+
+# ------------------------------------------------------------------ prompts as inputs
+@dataclass
+class Prompts:
+    """A batch of prompts ready for the model.
+
+    Either plain (``prefix_cache`` None): left-padded ids + the image inputs; or on a
+    shared prefix: ``input_ids[:, :prefix_len]`` (template head + image) is already in
+    ``prefix_cache`` and the rest is the left-padded per-prompt text, so the padding sits
+    between the prefix and the text (positions skip it, as everywhere here).
+    """
+
+    input_ids: object
+    attention_mask: object
+    image_inputs: dict
+    prefix_cache: object = None
+    prefix_len: int = 0
+
+
+def plain_prompts(model, processor, messages, images, texts=None) -> Prompts:
+    enc = _model_inputs(model, processor, messages, images, texts)
+    rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    return Prompts(enc["input_ids"], enc["attention_mask"], rest)
+
+
+@dataclass
+class SharedPrefix:
+    """The KV cache of what every prompt of a batch shares: the chat template's head and the
+    image (``head_text`` + image placeholder), computed once and reused by the answer and
+    confidence prompts of the same images ("the confidence turn reuses the answer turn's
+    prefix"). Built by :func:`shared_prefix` only where that is exact (see there)."""
+
+    head_text: str
+    placeholder: str
+    ids: object            # (P,) token ids of the prefix
+    cache: object          # KV cache of the prefix, one row per image
+    processor: object
+
+    def prompts(self, messages, texts=None, tails=None) -> Prompts | None:
+        """Prompts on this prefix, or None when one does not start with it or its text
+        would not tokenize the same on its own (then use :func:`plain_prompts`)."""
+        import torch
+
+        tok = _tokenizer(self.processor)
+        texts = texts if texts is not None else chat_texts(self.processor, messages)
+        tails = tails if tails is not None else _tails(texts, self.placeholder, self.head_text, tok)
+        if tails is None or len(tails) != self.cache_rows:
+            return None
+        dev = self.ids.device
+        L = max(len(t) for t in tails)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(tails), L), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(tails), L), dtype=torch.long, device=dev)
+        for i, t in enumerate(tails):
+            ids[i, L - len(t):] = torch.tensor(t, device=dev)
+            mask[i, L - len(t):] = 1
+        P = self.ids.numel()
+        return Prompts(
+            torch.cat([self.ids.expand(len(tails), P), ids], 1),
+            torch.cat([torch.ones((len(tails), P), dtype=torch.long, device=dev), mask], 1),
+            {},
+            prefix_cache=self.cache,
+            prefix_len=P,
+        )
+
+    @property
+    def cache_rows(self) -> int:
+        return int(self.cache.layers[0].keys.shape[0]) if getattr(self.cache, "layers", None) else -1
+
+
+def _tails(texts, placeholder, head_text, tok, check_whole: bool = True) -> list[list[int]] | None:
+    """Token ids of each text after the image placeholder, when the text is ``head_text +
+    placeholder + tail`` and the tail tokenizes the same as inside the whole text."""
+    tails = []
+    for t in texts:
+        if t.count(placeholder) != 1:
+            return None
+        head, tail = t.split(placeholder)
+        if head != head_text:
+            return None
+        tails.append(tail)
+    # tokenized behind the placeholder, as in the whole text (a SentencePiece tokenizer
+    # would put a "▁" before a tail tokenized alone)
+    ph = tok.convert_tokens_to_ids(placeholder)
+    out = []
+    for ids in tok([placeholder + t for t in tails], add_special_tokens=False)["input_ids"]:
+        if ph not in ids or ids.index(ph) + 1 == len(ids):
+            return None
+        out.append(ids[ids.index(ph) + 1:])
+    if check_whole:
+        for ids, whole in zip(out, tok(list(texts), add_special_tokens=False)["input_ids"]):
+            if whole[len(whole) - len(ids):] != ids:
+                return None  # the tokenizer joins the tail to what precedes it
+    return out
+
+
+def shared_prefix(model, processor, messages, images) -> tuple[SharedPrefix | None, Prompts]:
+    """``(prefix, prompts)`` for a batch: the batch as prompts on a shared prefix when that
+    is exact, else ``(None, plain prompts)``.
+
+    Exact means: each chat text is ``head + image placeholder + tail`` with the same head;
+    the processor's ids of every prompt end with the tail's ids tokenized alone; what
+    precedes (template head, expanded image tokens) is the same token sequence in every
+    row; the processor returns no other per-token inputs; the model has 1-D positions.
+    The prefix pass runs the image once; later prompts on the same images (the
+    confidence questions) then skip the vision tower and the image tokens.
+    """
+    import torch
+
+    texts = chat_texts(processor, messages)
+    plain = plain_prompts(model, processor, messages, images, texts)
+    placeholder = getattr(processor, "image_token", None)
+    if not placeholder or _model_type(model) in _MROPE_MODEL_TYPES:
+        return None, plain
+    head = texts[0].split(placeholder)[0]
+    tok = _tokenizer(processor)
+    # checked against the processor's own ids below
+    tails = _tails(texts, placeholder, head, tok, check_whole=False)
+    B, T = plain.input_ids.shape
+    if tails is None or any(getattr(v, "shape", (0,))[:2] == (B, T) for v in plain.image_inputs.values()):
+        return None, plain
+    rows = [ids[m.bool()].tolist() for ids, m in zip(plain.input_ids, plain.attention_mask)]
+    heads = {tuple(r[: len(r) - len(t)]) for r, t in zip(rows, tails) if r[len(r) - len(t):] == t}
+    if len(heads) != 1 or sum(r[len(r) - len(t):] == t for r, t in zip(rows, tails)) != len(rows):
+        return None, plain
+    ids = torch.tensor(next(iter(heads)), device=plain.input_ids.device)
+    with torch.no_grad():
+        out = model(input_ids=ids.expand(B, ids.numel()), attention_mask=torch.ones((B, ids.numel()), dtype=torch.long,
+                    device=ids.device), **plain.image_inputs, use_cache=True, **_keeps_last_logits_only(model))
+    prefix = SharedPrefix(head, placeholder, ids, _cache_of(out), processor)
+    on_prefix = prefix.prompts(messages, texts, tails)
+    return (prefix, on_prefix) if on_prefix is not None else (None, plain)
+
+
+# ------------------------------------------------------------------------- generation
+def generate_on(model, processor, p: Prompts, max_new_tokens: int):
+    """Greedy replies for a batch: ``(texts, new_token_ids, step_logits)``.
+
+    ``step_logits[t]`` is the (B, V) raw logits of generation step t (float32, CPU).
+    """
+    import torch
+
+    tok = _tokenizer(processor)
+    kwargs = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, **p.image_inputs)
+    if p.prefix_cache is not None:  # generate feeds only what the cache does not hold
+        kwargs["cache"] = _fork_cache(p.prefix_cache)
+    with torch.no_grad():
+        out = model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    new = out.sequences[:, p.input_ids.shape[1]:]
+    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return texts, new.cpu(), [lg.float().cpu() for lg in out.logits]
+
+
+def generate_replies(model, processor, messages, images, max_new_tokens: int):
+    """Greedy replies to chat conversations with one image each; see :func:`generate_on`."""
+    return generate_on(model, processor, plain_prompts(model, processor, messages, images), max_new_tokens)
+
+
+def internal_probs(step_logits, new_ids, answers, yn: YesNoTokens) -> list[tuple[float | None, float | None]]:
+    """(restricted, raw) probability of each row's own parsed answer; see module docstring."""
+    import torch
+
+    c = len(yn.prefix)
+    out = []
+    for i, ans in enumerate(answers):
+        ok = ans in ("yes", "no") and c < len(step_logits) and new_ids[i, :c].tolist() == yn.prefix
+        if not ok:
+            out.append((None, None))
+            continue
+        p = torch.softmax(step_logits[c][i], -1)
+        p_yes, p_no = float(p[yn.yes].sum()), float(p[yn.no].sum())
+        own = p_yes if ans == "yes" else p_no
+        out.append((own / (p_yes + p_no) if p_yes + p_no > 0 else None, own))
+    return out
+
+
+# ----------------------------------------------------------------------- option scoring
+def score_options(model, processor, messages, images, option_ids, option_chunk: int | None = None,
+                  method: str | None = None):
+    """Log-likelihood (B, K) of each option's tokens as the reply to each conversation.
+
+    Models with multimodal RoPE (Qwen2-VL family) use :func:`score_options_reference`;
+    all others :func:`score_options_on` (prompt once, options on its KV cache).
+    """
+    if _model_type(model) in _MROPE_MODEL_TYPES:
+        return score_options_reference(model, processor, messages, images, option_ids)
+    p = plain_prompts(model, processor, messages, images)
+    return score_options_on(model, processor, p, option_ids, option_chunk, method)
+
+
+def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int | None = None,
+                     method: str | None = None):
+    """Option log-likelihoods for prompts: the prompts run once (left padded, positions
+    that skip the padding; on a shared prefix only the text after it); the first token of
+    every option is scored from that pass, the rest on its KV cache, by one of:
+
+    * ``"tree"`` (default where the attention takes a custom mask: sdpa, eager): all
+      options' tokens go in ONE continuation per row, each option seeing the prompt and its
+      own earlier tokens only (a block-diagonal causal mask, positions restarting after the
+      prompt for each option). One small forward; the cache is copied once.
+    * ``"expand"`` (other attention kernels, e.g. flash-attention): the cache is repeated
+      to B x k rows for a chunk of ``option_chunk`` options (all by default) and each row
+      is fed its option (right padded; padding after a token cannot change it under a
+      causal mask). Memory grows k x the prompt's cache.
+
+    Both equal :func:`score_options_reference` within float error (tested).
+    """
+    import torch
+
+    attn = _attn_implementation(model)
+    method = method or ("tree" if attn in ("sdpa", "eager") else "expand")
+    if method not in ("tree", "expand"):
+        raise ValueError(f"method must be 'tree' or 'expand', got {method!r}")
+    mask, pos = p.attention_mask, position_ids_from_mask(p.attention_mask)
+    B, K = mask.shape[0], len(option_ids)
+    scores = torch.zeros(B, K, dtype=torch.float32)
+    with torch.no_grad():
+        if p.prefix_cache is None:
+            out = model(input_ids=p.input_ids, attention_mask=mask, position_ids=pos, **p.image_inputs,
+                        use_cache=True, **_keeps_last_logits_only(model))
+        else:
+            P = p.prefix_len
+            out = model(input_ids=p.input_ids[:, P:], attention_mask=mask, position_ids=pos[:, P:],
+                        cache=_fork_cache(p.prefix_cache), use_cache=True, **_keeps_last_logits_only(model))
+        first = out.logits[:, -1].float().log_softmax(-1).cpu()   # predicts each option's 1st token
+        for k, ids in enumerate(option_ids):
+            scores[:, k] = first[:, ids[0]]
+        rest = [k for k, ids in enumerate(option_ids) if len(ids) > 1]
+        if rest and method == "tree":
+            scores += _continue_tree(model, _cache_of(out), mask, pos, option_ids, rest, attn)
+        elif rest:
+            scores += _continue_expand(model, processor, _cache_of(out), mask, pos, option_ids, rest, option_chunk)
+    return scores.numpy().astype(np.float64)
+
+
+def _continue_tree(model, cache, mask, pos, option_ids, rest, attn):
+    """Options' tokens after the first, all in one row per question (see score_options_on)."""
+    import torch
+
+    dev, B, T = mask.device, mask.shape[0], mask.shape[1]
+    fed = [option_ids[k][:-1] for k in rest]       # the last token is predicted, never fed
+    owner = torch.tensor([j for j, f in enumerate(fed) for _ in f], device=dev)
+    offset = torch.tensor([i for f in fed for i in range(len(f))], device=dev)
+    S = owner.numel()
+    # token s sees token t of the continuation iff same option and t not after s
+    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])     # (S, S)
+    allowed = torch.cat([mask.bool()[:, None, :].expand(B, S, T), own.expand(B, S, S)], -1)[:, None]
+    if attn == "eager":  # eager attention adds its mask to the scores
+        dtype = _device_dtype(model)[1] or torch.float32
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+    o = model(
+        input_ids=torch.tensor([t for f in fed for t in f], device=dev).expand(B, S),
+        attention_mask=allowed,
+        position_ids=pos[:, -1:] + 1 + offset[None, :],
+        cache=cache,
+        use_cache=True,
+    )
+    lp = o.logits.float().log_softmax(-1).cpu()                                       # (B, S, V)
+    targets = torch.tensor([t for k in rest for t in option_ids[k][1:]])             # what each fed token predicts
+    per_token = lp.gather(-1, targets.expand(B, S)[..., None]).squeeze(-1)            # (B, S)
+    add = torch.zeros(B, len(option_ids), dtype=torch.float32)
+    add.index_add_(1, torch.tensor(rest)[owner.cpu()], per_token)
+    return add
+
+
+def _continue_expand(model, processor, base_cache, mask, pos, option_ids, rest, option_chunk):
+    """Options' tokens after the first, one row per (question, option) (see score_options_on)."""
+    import torch
+
+    dev, B = mask.device, mask.shape[0]
+    add = torch.zeros(B, len(option_ids), dtype=torch.float32)
+    chunk = option_chunk or len(rest)
+    pad = _tokenizer(processor).pad_token_id or 0
+    for start in range(0, len(rest), chunk):
+        ks = rest[start:start + chunk]
+        n = len(ks)
+        L = max(len(option_ids[k]) - 1 for k in ks)
+        feed = torch.full((n, L), pad, dtype=torch.long)
+        fmask = torch.zeros(n, L, dtype=mask.dtype)
+        for j, k in enumerate(ks):
+            ids = option_ids[k][:-1]
+            feed[j, : len(ids)] = torch.tensor(ids)
+            fmask[j, : len(ids)] = 1
+        # row b*n + j = question b, option ks[j]
+        o = model(
+            input_ids=feed.to(dev).repeat(B, 1),
+            attention_mask=torch.cat([mask.repeat_interleave(n, 0), fmask.to(dev).repeat(B, 1)], 1),
+            position_ids=pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(L, device=dev),
+            cache=_rows_repeated(base_cache, n),
+            use_cache=True,
+        )
+        lp = o.logits.float().log_softmax(-1).cpu().view(B, n, L, -1)
+        for j, k in enumerate(ks):
+            tgt = torch.tensor(option_ids[k][1:])
+            add[:, k] += lp[:, j, : len(tgt)].gather(-1, tgt.expand(B, -1)[..., None]).squeeze(-1).sum(-1)
+        del o
+    return add
+
+
+def score_options_reference(model, processor, messages, images, option_ids):
+    """The literal computation: one question, one option, one full forward, no cache."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for msgs, img in zip(messages, images):
+            enc = _model_inputs(model, processor, [msgs], [img])
+            n = enc["input_ids"].shape[1]
+            row = []
+            for ids in option_ids:
+                full = dict(enc)
+                t = torch.tensor([ids], device=enc["input_ids"].device)
+                full["input_ids"] = torch.cat([enc["input_ids"], t], 1)
+                full["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(t)], 1)
+                for key in ("mm_token_type_ids", "token_type_ids"):  # per-token extras, if any
+                    if key in full:
+                        full[key] = torch.cat([full[key], torch.zeros_like(t)], 1)
+                lp = model(**full).logits[0, n - 1:-1].float().log_softmax(-1).cpu()
+                row.append(float(lp.gather(-1, torch.tensor(ids)[:, None]).sum()))
+            rows.append(row)
+    return np.array(rows, dtype=np.float64)
+
+
+def option_distribution(logliks, options: Sequence[int]):
+    """Softmax over option log-likelihoods -> (probs (B, K), expectation (B,), argmax (B,)) as fractions."""
+    ll = np.asarray(logliks, dtype=np.float64)
+    ll = ll - ll.max(axis=-1, keepdims=True)
+    p = np.exp(ll)
+    p /= p.sum(axis=-1, keepdims=True)
+    frac = np.asarray(options, dtype=np.float64) / 100.0
+    return p, p @ frac, frac[p.argmax(axis=-1)]
+
+
+# --------------------------------------------------------------------------- answers
+def answer_parser(benchmark) -> Callable[[str], str | None]:
+    """The benchmark's own rule for reading a yes/no reply."""
+    family = getattr(benchmark, "family", None)
+    return lambda text: prompts.parse_yes_no(text, family=family)
+
+
+def _response_text(raw: str, parsed: str | None, how: str) -> str:
+    if how == "parsed" and parsed in ("yes", "no"):
+        return parsed.capitalize()
+    return raw
+
+
+def elicit_batch(model, processor, items, images, config: EvalConfig, model_name: str, parse,
+                 option_ids=None, yn=None) -> list[dict]:
+    """All rows (framing x read-out) for one batch of questions, in a fixed order.
+
+    With ``config.share_prefix`` the template head + image is run once for the batch and
+    every prompt (answer and confidence) continues from its cache, where that is exact
+    (:func:`shared_prefix`); otherwise each prompt runs whole.
+    """
+    pc = config.prompt_config
+    if option_ids is None and "single_pass" in config.readouts:
+        option_ids = option_token_ids(processor, config.options, config.include_end)
+    yn = yn or yes_no_tokens(processor)
+
+    answer_msgs = [prompts.answer_messages(it.question, config=pc) for it in items]
+    if config.share_prefix:
+        prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images)
+    else:
+        prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images)
+    raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
+    parsed = [parse(r) for r in raw]
+    internal = internal_probs(logits, new_ids, parsed, yn)
+    responses = [_response_text(r, p, config.response) for r, p in zip(raw, parsed)]
+
+    rows: dict[tuple[int, str, str], dict] = {}
+    for framing in config.framings:
+        msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc)
+                for it, resp in zip(items, responses)]
+        conf_prompts = prefix.prompts(msgs) if prefix is not None else None
+        if conf_prompts is None:
+            conf_prompts = plain_prompts(model, processor, msgs, images)
+        for readout in config.readouts:
+            if readout == "generated":
+                texts, _, _ = generate_on(model, processor, conf_prompts, config.confidence_max_new_tokens)
+                extra = [dict(raw_confidence=t, confidence=prompts.parse_confidence(t)) for t in texts]
+            else:
+                if _model_type(model) in _MROPE_MODEL_TYPES:
+                    ll = score_options_reference(model, processor, msgs, images, option_ids)
+                else:
+                    ll = score_options_on(model, processor, conf_prompts, option_ids, config.option_chunk)
+                probs, expect, arg = option_distribution(ll, config.options)
+                extra = [
+                    dict(
+                        raw_confidence=prompts.format_confidence(int(round(a * 100))),
+                        confidence=float(e),
+                        confidence_argmax=float(a),
+                        options=list(config.options),
+                        option_probs=[float(x) for x in pr],
+                        option_logliks=[float(x) for x in lls],
+                    )
+                    for pr, e, a, lls in zip(probs, expect, arg, ll)
+                ]
+            for i, it in enumerate(items):
+                rows[(i, framing, readout)] = _row(it, model_name, framing, readout, raw[i], parsed[i],
+                                                   responses[i], internal[i], extra[i])
+    return [rows[(i, f, r)] for i in range(len(items)) for f in config.framings for r in config.readouts]
+
+
+def _row(item, model_name, framing, readout, raw, parsed, response, internal, extra) -> dict:
+    row = {
+        "question_id": item.question_id,
+        "image_id": item.image_id,
+        "set": item.set,
+        "kind": getattr(item, "kind", None),
+        "model": model_name,
+        "framing": framing,
+        "readout": readout,
+        "question": item.question,
+        "label": item.label,
+        "raw_answer": raw,
+        "answer": parsed,
+        "correct": parsed == str(item.label).strip().lower(),
+        "response": response,
+        "raw_confidence": None,
+        "confidence": None,
+        "confidence_argmax": None,
+        "options": None,
+        "option_probs": None,
+        "option_logliks": None,
+        "internal_prob": internal[0],
+        "internal_prob_raw": internal[1],
+    }
+    row.update(extra)
+    return row
+
+
+# -------------------------------------------------------------------- results on disk
+def load_results(path) -> list[dict]:
+    """Rows of a results file; a truncated last line (interrupted write) is ignored."""
+    rows, _ = _read_rows(Path(path))
+    return rows
+
+
+def _read_rows(path: Path) -> tuple[list[dict], bool]:
+    """(rows, clean): clean is False when a line could not be read (it is left out)."""
+    if not path.exists():
+        return [], True
+    rows, clean = [], True
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if not line.endswith("\n"):
+                clean = False  # the last write was cut short
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                clean = False
+    return rows, clean
+
+
+def _key(row) -> tuple:
+    return (row["model"], row["question_id"], row["framing"], row["readout"])
+
+
+def _complete_rows(rows, model_name, combos) -> tuple[list[dict], set[str]]:
+    """Keep other models' rows and this model's complete questions; return (rows, done ids)."""
+    need = set(combos)
+    have: dict[str, set] = {}
+    for r in rows:
+        if r.get("model") == model_name:
+            have.setdefault(r["question_id"], set()).add((r["framing"], r["readout"]))
+    done = {q for q, s in have.items() if need <= s}
+    keep, seen = [], set()
+    for r in rows:
+        if r.get("model") == model_name and (r["question_id"] not in done or _key(r) in seen):
+            continue
+        seen.add(_key(r))
+        keep.append(r)
+    return keep, done
+
+
+def _write_rows(path: Path, rows) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+
+
+def _prepare_resume(path: Path, model_name, combos) -> set[str]:
+    """Done question ids in ``path``; rewrites it first if it holds broken or partial rows."""
+    rows, clean = _read_rows(path)
+    keep, done = _complete_rows(rows, model_name, combos)
+    if not clean or len(keep) != len(rows):
+        _write_rows(path, keep)
+    return done
+
+
+def _append(path: Path, rows) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def shard_path(out: Path, index: int, count: int) -> Path:
+    return out.with_name(f"{out.stem}.shard{index}of{count}{out.suffix}")
+
+
+# ------------------------------------------------------------------------- evaluate
+def evaluate(model, processor, benchmark, out_jsonl, model_name: str, config: EvalConfig | None = None) -> Path:
+    """Answer + confidence for every question of ``benchmark``, appended to ``out_jsonl``.
+
+    Resumable (see module docstring); under ``accelerate launch`` the questions are
+    sharded over processes and merged by the main process. Returns the results path.
+    """
+    from accelerate import PartialState
+
+    config = config or EvalConfig()
+    state = PartialState()
+    out = Path(out_jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    combos = [(f, r) for f in config.framings for r in config.readouts]
+    items = list(benchmark.items)
+    ids = [it.question_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{benchmark.name}: question ids are not unique; results could not be resumed")
+
+    n, idx = state.num_processes, state.process_index
+    mine = out if n == 1 else shard_path(out, idx, n)
+    if state.is_main_process:
+        _prepare_resume(out, model_name, combos)
+    state.wait_for_everyone()  # the main file is consistent before anyone reads it
+    done = _complete_rows(_read_rows(out)[0], model_name, combos)[1]
+    if mine != out:
+        done |= _prepare_resume(mine, model_name, combos)
+    shard = [it for i, it in enumerate(items) if i % n == idx]
+    todo = [it for it in shard if it.question_id not in done]
+
+    if todo:
+        _run(model, processor, benchmark, todo, mine, model_name, config,
+             bar_total=len(shard), show=config.progress and state.is_main_process)
+
+    if n > 1:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _merge(out, [shard_path(out, i, n) for i in range(n)], ids, model_name, combos)
+        state.wait_for_everyone()
+    return out
+
+
+def _run(model, processor, benchmark, todo, path: Path, model_name, config: EvalConfig, bar_total, show) -> None:
+    """Elicit ``todo`` batch by batch, appending each batch's rows to ``path`` as it finishes."""
+    import torch
+    from tqdm import tqdm
+
+    torch.manual_seed(config.seed)
+    parse = answer_parser(benchmark)
+    option_ids = option_token_ids(processor, config.options, config.include_end) if "single_pass" in config.readouts else None
+    yn = yes_no_tokens(processor)
+    was_training = model.training
+    model.eval()  # dropout off: results must not depend on the mode the caller left the model in
+    bar = tqdm(total=bar_total, initial=bar_total - len(todo), desc=f"{model_name} {benchmark.name}", disable=not show)
+    try:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start:start + config.batch_size]
+            images = [benchmark.image_loader(it.image_id).convert("RGB") for it in batch]
+            rows = elicit_batch(model, processor, batch, images, config, model_name, parse, option_ids, yn)
+            _append(path, rows)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _merge(out: Path, shards: list[Path], ids: list[str], model_name, combos) -> None:
+    """Main file + shards -> main file: other models' rows first, then ours in benchmark order."""
+    rows, _ = _read_rows(out)
+    for s in shards:
+        rows += _read_rows(s)[0]
+    keep, _ = _complete_rows(rows, model_name, combos)
+    order = {q: i for i, q in enumerate(ids)}
+    combo_order = {c: i for i, c in enumerate(combos)}
+    others = [r for r in keep if r.get("model") != model_name]
+    ours = sorted(
+        (r for r in keep if r.get("model") == model_name),
+        key=lambda r: (order.get(r["question_id"], len(order)), combo_order.get((r["framing"], r["readout"]), 0)),
+    )
+    _write_rows(out, others + ours)
+    for s in shards:
+        s.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------- summary
+def summarize(rows, positive_class: str = "yes", n_bins: int = 10) -> list[dict]:
+    """One summary per (model, set, framing, read-out), as flat dicts.
+
+    Task metrics (``metrics.task_metrics``; an unparsed answer counts as wrong), the
+    calibration of the verbalized ``confidence`` on its parsed subset
+    (``metrics.calibration_summary``: ece, adaptive_ece, mce, brier, auroc, n, n_total,
+    coverage, ...), the same for the internal probability (``internal_`` prefix), and the
+    Spearman correlation between internal and verbalized confidence on rows that have both.
+    """
+    from csp_utils import metrics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["set"], r["framing"], r["readout"]), []).append(r)
+    out = []
+    for (model, set_, framing, readout), rs in groups.items():
+        labels = [r["label"] for r in rs]
+        answers = [r["answer"] if r["answer"] is not None else "unparsed" for r in rs]
+        correct = [bool(r["correct"]) for r in rs]
+        s = {"model": model, "set": set_, "framing": framing, "readout": readout,
+             "positive_class": positive_class, "n_questions": len(rs),
+             "answer_coverage": float(np.mean([r["answer"] is not None for r in rs]))}
+        s |= metrics.task_metrics(labels, answers, positive=positive_class)
+        # calibration_summary's n/accuracy describe the parsed subset: renamed so they do not
+        # overwrite the task metrics' n/accuracy over all questions
+        rename = {"n": "n_parsed", "accuracy": "accuracy_parsed"}
+        cal = metrics.calibration_summary([_none_nan(r["confidence"]) for r in rs], correct, n_bins)
+        s |= {rename.get(k, k): v for k, v in cal.items()}
+        internal = metrics.calibration_summary([_none_nan(r["internal_prob"]) for r in rs], correct, n_bins)
+        s |= {f"internal_{rename.get(k, k)}": v for k, v in internal.items()}
+        pairs = [(r["internal_prob"], r["confidence"]) for r in rs
+                 if r["internal_prob"] is not None and r["confidence"] is not None]
+        rho, p = metrics.spearman(*zip(*pairs)) if len(pairs) >= 3 else (math.nan, math.nan)
+        s |= {"spearman_internal_verbalized": rho, "spearman_p": p, "spearman_n": len(pairs)}
+        out.append(s)
+    return out
+
+
+def _none_nan(v):
+    return math.nan if v is None else v
+
+
+# ------------------------------------------------------------------ the naive loop
+def elicit_naive(model, processor, item, image, config: EvalConfig, parse, framing: str = "third") -> dict:
+    """One question the slow, obvious way: ``generate`` the answer, then ``generate`` the
+    confidence. The baseline of ``scripts/bench_elicitation.py``."""
+    pc = config.prompt_config
+    (raw,), _, _ = generate_replies(model, processor, [prompts.answer_messages(item.question, config=pc)],
+                                    [image], config.max_new_tokens)
+    parsed = parse(raw)
+    msgs = prompts.confidence_messages(item.question, _response_text(raw, parsed, config.response), framing=framing, config=pc)
+    (conf,), _, _ = generate_replies(model, processor, [msgs], [image], config.confidence_max_new_tokens)
+    return {"question_id": item.question_id, "raw_answer": raw, "answer": parsed,
+            "raw_confidence": conf, "confidence": prompts.parse_confidence(conf)}

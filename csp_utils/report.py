@@ -1,0 +1,164 @@
+"""Figures and the README table, regenerated from saved results only (never by training).
+
+``make_figures(results_dir, figures_dir)`` reads the compact files that the evaluation and
+ablation notebooks write (``headline.csv``, ``per_question.csv.gz``, ``ablation.csv``,
+``train_logs/*.csv``) and writes every figure as PNG + PDF. ``publish_results`` copies those
+compact files next to the repository's ``figures/`` so a fresh clone regenerates the figures.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from csp_utils import plots
+
+COMPACT = ("headline.csv", "summary.csv", "per_question.csv.gz", "level_spearman.csv", "ablation.csv",
+           "timings.json", "base_model.json")
+
+MAIN_COMBO = ("third", "single_pass")   # framing and read-out shown in the before/after figures
+
+
+def _read(results_dir: Path, name: str) -> pd.DataFrame | None:
+    path = results_dir / name
+    return pd.read_csv(path) if path.exists() else None
+
+
+def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "base",
+                             combo=MAIN_COMBO):
+    """One figure: per set, the base model's diagram above the CSP model's."""
+    groups = {}
+    for set_ in sets:
+        for name in (before, after):
+            g = pq[(pq["set"] == set_) & (pq["model"].map(lambda m: m.split("@")[0]) == name)
+                   & (pq["framing"] == combo[0]) & (pq["readout"] == combo[1])].dropna(subset=["confidence"])
+            if len(g):
+                groups[f"{set_}\n{name}"] = (g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy())
+    return plots.reliability_grid(groups, ncols=2, suptitle=f"Before / after CSP ({combo[0]} person, {combo[1]})")
+
+
+def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbation_grid: bool = True) -> list[Path]:
+    """Every figure of the study from saved results; returns the PNG paths written."""
+    from csp_utils import experiment
+
+    results_dir, figures_dir = Path(results_dir), Path(figures_dir)
+    written: list[Path] = []
+
+    def save(fig, name):
+        png, _ = plots.save_figure(fig, figures_dir / name)
+        written.append(png)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    pq_path = results_dir / "per_question.csv.gz"
+    if pq_path.exists():
+        pq = pd.read_csv(pq_path)
+        clean = [s for s in experiment.CLEAN_SETS if s in set(pq["set"])]
+        transfer = sorted(s for s in set(pq["set"]) if s.startswith("transfer-"))
+        if clean:
+            save(reliability_before_after(pq, clean, after), "reliability_clean_sets")
+        if transfer:
+            save(reliability_before_after(pq, transfer, after), "reliability_transfer_sets")
+        lv = experiment.level_table(pq)
+        if len(lv):
+            lv = lv[(lv["framing"] == MAIN_COMBO[0]) & (lv["readout"] == MAIN_COMBO[1])].dropna(subset=["confidence"])
+            df = pd.DataFrame({"level": lv["level"], "confidence": lv["confidence"] * 100,
+                               "model": lv["model"].map(experiment.model_group)})
+            save(plots.confidence_vs_level(df, xlabel="Target confidence / noise level (%)",
+                                           ylabel="Verbalized confidence (%)",
+                                           title="Confidence vs CSP noise level (held-out scenes)"),
+                 "confidence_vs_level")
+        both = pq[(pq["framing"] == MAIN_COMBO[0]) & (pq["readout"] == MAIN_COMBO[1])
+                  & ~pq["set"].isin(["perturbed"])].dropna(subset=["confidence", "internal_prob"])
+        for name in ("base", after):
+            g = both[both["model"].map(experiment.model_group) == name]
+            if len(g) >= 3:
+                save(plots.internal_vs_verbalized(g["internal_prob"], g["confidence"], g["correct"].astype(int),
+                                                  title=f"{name}: internal vs verbalized"),
+                     f"internal_vs_verbalized_{name}")
+    ab = _read(results_dir, "ablation.csv")
+    if ab is not None and len(ab):
+        for metric in sorted(set(ab["metric"])):
+            sub = ab[ab["metric"] == metric]
+            agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
+                                                      high=("high", "mean")).reset_index()
+            agg["metric"] = metric
+            save(plots.ablation_bars(agg, title=f"Ablations: {metric} (mean over sets, 95% bootstrap)"),
+                 f"ablation_{metric}")
+    logs = sorted((results_dir / "train_logs").glob("*.csv")) if (results_dir / "train_logs").exists() else []
+    if logs:
+        from csp_utils import training
+
+        for log in logs:
+            save(training.plot_training_curves(log), f"training_{log.stem}")
+    if perturbation_grid:
+        save(perturbation_grid_figure(), "perturbation_grid")
+    return written
+
+
+def perturbation_grid_figure(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int = 0):
+    """The CSP perturbation of a few held-out scenes' key objects (deterministic, no model)."""
+    from csp_utils import benchmarks, grounding, perturbation
+
+    scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
+    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
+    images, titles = [], []
+    for s in scene_list:
+        obj = s.objects[0]
+        res = grounder.ground(s.to_pil(), [obj.category], s.scene_id)
+        arrs = perturbation.perturb_levels_array(s.image, res.mask, levels,
+                                                 perturbation.NoiseConfig(seed=seed), key=s.scene_id)
+        for level, arr in zip(levels, arrs):
+            images.append(arr)
+            titles.append(f"{obj.category}, c={level}%")
+    return plots.image_grid(images, titles, ncols=len(levels), suptitle="CSP noise on the key object")
+
+
+def publish_results(results_dir, dest) -> list[Path]:
+    """Copy the compact results (CSV/JSON, training logs) to ``dest`` for committing."""
+    results_dir, dest = Path(results_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in COMPACT:
+        if (results_dir / name).exists():
+            copied.append(Path(shutil.copy2(results_dir / name, dest / name)))
+    if (results_dir / "train_logs").exists():
+        shutil.copytree(results_dir / "train_logs", dest / "train_logs", dirs_exist_ok=True)
+        copied.append(dest / "train_logs")
+    return copied
+
+
+def results_markdown(results_dir) -> str:
+    from csp_utils import experiment
+
+    head = _read(Path(results_dir), "headline.csv")
+    if head is None:
+        raise FileNotFoundError(f"{results_dir}/headline.csv not found: run the evaluation notebook first")
+    sets = experiment.CLEAN_SETS + tuple(sorted(s for s in set(head["set"]) if s.startswith("transfer-")))
+    return experiment.markdown_table(head, *MAIN_COMBO, sets=sets)
+
+
+def ece_verdicts(results_dir, after: str = "sft_simpo") -> pd.DataFrame:
+    """Per set: did CSP lower ECE against the base and each baseline? (interval-aware)."""
+    head = _read(Path(results_dir), "headline.csv")
+    if head is None:
+        return pd.DataFrame()
+    main = head[((head["framing"] == MAIN_COMBO[0]) & (head["readout"] == MAIN_COMBO[1])) | (head["framing"] == "-")]
+    out = []
+    for set_, g in main.groupby("set"):
+        csp = g[g["model"] == after]
+        if csp.empty:
+            continue
+        c = csp.iloc[0]
+        for _, other in g[g["model"] != after].iterrows():
+            verdict = ("lower" if c["ece_high"] < other["ece_low"] else
+                       "higher" if c["ece_low"] > other["ece_high"] else "overlapping intervals")
+            out.append({"set": set_, "against": other["model"], "csp_ece": c["ece"], "other_ece": other["ece"],
+                        "csp_auroc": c["auroc"], "other_auroc": other["auroc"],
+                        "csp_accuracy": c["accuracy"], "other_accuracy": other["accuracy"], "ece_verdict": verdict})
+    return pd.DataFrame(out)
+

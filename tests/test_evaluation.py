@@ -1,0 +1,339 @@
+"""Elicitation and evaluation on a random tiny LLaVA: the batched fast path equals the
+one-question-at-a-time computation, resume equals an uninterrupted run, 2 processes equal 1.
+
+Random weights are right here: these are equivalence tests, not quality tests.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from csp_utils import evaluation as ev
+from csp_utils import models, prompts
+
+# The same benchmark is built here and inside the `accelerate launch` script below.
+BENCH_SRC = textwrap.dedent(
+    '''
+    import numpy as np
+    from PIL import Image
+    from csp_utils.benchmarks import Benchmark, QAItem
+
+    QUESTIONS = [
+        "Is there a circle in the image?",
+        "Is the large red square left of the small blue star in the image?",
+        "Is there a star?",
+        "Is there a green triangle touching the yellow circle in this image?",
+        "Are there two squares?",
+    ]
+
+    def make_benchmark(n=10, family="pope", seed=0):
+        rng = np.random.default_rng(seed)
+        images = {f"img{i}": Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8))
+                  for i in range(4)}
+        items = [QAItem(f"q{i:03d}", f"img{i % 4}", QUESTIONS[i % len(QUESTIONS)], "yes" if i % 3 else "no",
+                        f"{family}-test", "existence", []) for i in range(n)]
+        return Benchmark(f"{family}-test", family, items, lambda k: images[k], "yes" if family == "pope" else "no")
+    '''
+)
+_ns: dict = {}
+exec(BENCH_SRC, _ns)
+make_benchmark = _ns["make_benchmark"]
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads
+    oversubscribe it (10x slower under load); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SCHEMA = {
+    "question_id", "image_id", "set", "kind", "model", "framing", "readout", "question", "label",
+    "raw_answer", "answer", "correct", "response", "raw_confidence", "confidence", "confidence_argmax",
+    "options", "option_probs", "option_logliks", "internal_prob", "internal_prob_raw",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_vlm):
+    return tiny_vlm  # the session's random tiny LLaVA (conftest)
+
+
+def _images(bench, items):
+    return [bench.image_loader(it.image_id) for it in items]
+
+
+# --------------------------------------------------------------------------- tokens
+def test_option_tokens_follow_the_chat_template(tiny):
+    _, proc = tiny
+    tok = proc.tokenizer
+    ids = ev.option_token_ids(proc, [0, 10, 100])
+    assert [tok.decode(i) for i in ids] == [" 0%", " 10%", " 100%"]  # the template's leading space
+    assert all(len(i) > 1 for i in ids)                            # numbers span several tokens
+    with_end = ev.option_token_ids(proc, [0, 10, 100], include_end=True)
+    assert all(w[:-1] == i and w[-1] == tok.eos_token_id for w, i in zip(with_end, ids))
+    yn = ev.yes_no_tokens(proc)
+    assert tok.decode(yn.yes).strip() == "Yes" and tok.decode(yn.no).strip() == "No"
+
+
+def test_option_distribution():
+    probs, expect, arg = ev.option_distribution([[0.0, math.log(3.0)], [-1e9, 0.0]], [20, 80])
+    assert probs[0] == pytest.approx([0.25, 0.75])
+    assert expect == pytest.approx([0.25 * 0.2 + 0.75 * 0.8, 0.8])
+    assert arg.tolist() == [0.8, 0.8]
+
+
+# ------------------------------------------------------------------ fast == one by one
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_batched_fast_path_equals_one_question_at_a_time(tiny, share_prefix):
+    model, proc = tiny
+    bench = make_benchmark(6)
+    items = bench.items
+    images = _images(bench, items)
+    cfg = ev.EvalConfig(framings=("third", "first"), batch_size=6, confidence_max_new_tokens=6, max_new_tokens=6,
+                        share_prefix=share_prefix)
+    parse = ev.answer_parser(bench)
+    if share_prefix:  # the shortcut under test is really taken for this model
+        prefix, _ = ev.shared_prefix(model, proc, [prompts.answer_messages(it.question) for it in items], images)
+        assert prefix is not None and prefix.ids.numel() > 64  # template head + the 64 image tokens
+    rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", parse)
+    assert len(rows) == len(items) * 2 * 2
+    lengths = proc(text=[proc.apply_chat_template(prompts.answer_messages(it.question), add_generation_prompt=True)
+                         for it in items], images=[[im] for im in images], padding=False)["input_ids"]
+    assert len({len(x) for x in lengths}) > 1, "the test needs prompts of mixed lengths (left padding)"
+
+    option_ids = ev.option_token_ids(proc, cfg.options)
+    yn = ev.yes_no_tokens(proc)
+    by_key = {(r["question_id"], r["framing"], r["readout"]): r for r in rows}
+    for it, im in zip(items, images):
+        (raw,), new, logits = ev.generate_replies(model, proc, [prompts.answer_messages(it.question)], [im], 6)
+        parsed = parse(raw)
+        (internal, internal_raw), = ev.internal_probs(logits, new, [parsed], yn)
+        for framing in cfg.framings:
+            msgs = prompts.confidence_messages(it.question, raw, framing=framing)
+            (conf,), _, _ = ev.generate_replies(model, proc, [msgs], [im], 6)
+            ref = ev.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
+            gen = by_key[(it.question_id, framing, "generated")]
+            single = by_key[(it.question_id, framing, "single_pass")]
+            for r in (gen, single):
+                assert r["raw_answer"] == raw and r["answer"] == parsed and r["response"] == raw
+                assert r["internal_prob"] == pytest.approx(internal, abs=1e-4)
+                assert r["internal_prob_raw"] == pytest.approx(internal_raw, abs=1e-4)
+            assert gen["raw_confidence"] == conf
+            assert gen["confidence"] == prompts.parse_confidence(conf)
+            np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
+            probs, expect, _ = ev.option_distribution(ref, cfg.options)
+            assert single["confidence"] == pytest.approx(float(expect), abs=1e-4)
+            assert sum(single["option_probs"]) == pytest.approx(1.0)
+
+
+def test_option_scoring_variants_agree(tiny):
+    """Every way of scoring options gives the one-question-one-option numbers: the tree
+    continuation (sdpa and eager masks), the expanded cache (chunked or not), on a shared
+    prefix or on whole prompts, with or without the end token."""
+    model, proc = tiny
+    bench = make_benchmark(3)
+    images = _images(bench, bench.items)
+    answers = ["Yes", "No", "Yes, there is."]
+    msgs = [prompts.confidence_messages(it.question, a) for it, a in zip(bench.items, answers)]
+    prefix, _ = ev.shared_prefix(model, proc, [prompts.answer_messages(it.question) for it in bench.items], images)
+    on_prefix = prefix.prompts(msgs)
+    assert on_prefix is not None and on_prefix.prefix_len == prefix.ids.numel()
+    plain = ev.plain_prompts(model, proc, msgs, images)
+    for include_end in (False, True):
+        ids = ev.option_token_ids(proc, [0, 30, 55, 100], include_end)
+        ref = ev.score_options_reference(model, proc, msgs, images, ids)
+        for p in (plain, on_prefix):
+            for kwargs in (dict(method="tree"), dict(method="expand"), dict(method="expand", option_chunk=1)):
+                np.testing.assert_allclose(ev.score_options_on(model, proc, p, ids, **kwargs), ref, atol=1e-4, rtol=0,
+                                           err_msg=str(kwargs))
+    before = ev._attn_implementation(model)
+    try:
+        model.set_attn_implementation("eager")
+        np.testing.assert_allclose(ev.score_options_on(model, proc, on_prefix, ids, method="tree"), ref,
+                                   atol=1e-4, rtol=0)
+    finally:
+        model.set_attn_implementation(before)
+
+
+def test_generation_on_a_shared_prefix_equals_whole_prompts(tiny):
+    model, proc = tiny
+    bench = make_benchmark(4)
+    images = _images(bench, bench.items)
+    answer_msgs = [prompts.answer_messages(it.question) for it in bench.items]
+    prefix, on_prefix = ev.shared_prefix(model, proc, answer_msgs, images)
+    a_texts, a_ids, a_logits = ev.generate_on(model, proc, on_prefix, 5)
+    b_texts, b_ids, b_logits = ev.generate_replies(model, proc, answer_msgs, images, 5)
+    assert a_texts == b_texts and torch.equal(a_ids, b_ids)
+    torch.testing.assert_close(a_logits[0], b_logits[0], atol=1e-4, rtol=0)
+    # the prefix is reusable: a second use gives the same as the first (generation did not grow it)
+    assert ev.generate_on(model, proc, on_prefix, 5)[0] == a_texts
+    # a conversation whose head differs cannot use it
+    other = [[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]}]] * 4
+    assert prefix.prompts(other) is None
+
+
+def test_internal_prob_is_the_yes_no_softmax_of_the_first_answer_token(tiny):
+    model, proc = tiny
+    bench = make_benchmark(2)
+    it, im = bench.items[1], _images(bench, bench.items[1:2])[0]
+    yn = ev.yes_no_tokens(proc)
+    enc = ev.encode(proc, [prompts.answer_messages(it.question)], [im])
+    with torch.no_grad():
+        p = torch.softmax(model(**enc).logits[0, -1].float(), -1)
+    p_yes, p_no = float(p[yn.yes].sum()), float(p[yn.no].sum())
+    _, new, logits = ev.generate_replies(model, proc, [prompts.answer_messages(it.question)], [im], 2)
+    for answer, own in (("yes", p_yes), ("no", p_no)):
+        (restricted, raw), = ev.internal_probs(logits, new, [answer], yn)
+        assert raw == pytest.approx(own, rel=1e-4)
+        assert restricted == pytest.approx(own / (p_yes + p_no), rel=1e-4)
+    assert ev.internal_probs(logits, new, [None], yn) == [(None, None)]  # unparsed answer: no internal prob
+
+
+# -------------------------------------------------------------------- evaluate + resume
+def _same_results(a, b, tol=1e-5):
+    key = lambda r: (r["model"], r["question_id"], r["framing"], r["readout"])  # noqa: E731
+    A, B = {key(r): r for r in a}, {key(r): r for r in b}
+    assert A.keys() == B.keys()
+    for k in A:
+        for f in SCHEMA:
+            x, y = A[k][f], B[k][f]
+            if isinstance(x, float) or isinstance(y, float):
+                assert x == pytest.approx(y, abs=tol), (k, f)
+            elif isinstance(x, list) and x and isinstance(x[0], float):
+                np.testing.assert_allclose(x, y, atol=tol, rtol=0)
+            else:
+                assert x == y, (k, f)
+
+
+def test_evaluate_writes_the_schema_and_resumes(tiny, tmp_path):
+    model, proc = tiny
+    bench = make_benchmark(10)
+    cfg = ev.EvalConfig(framings=("third", "first"), batch_size=4, max_new_tokens=5, confidence_max_new_tokens=5,
+                        progress=False)
+    full_path = ev.evaluate(model, proc, bench, tmp_path / "full.jsonl", "tiny", cfg)
+    full = ev.load_results(full_path)
+    assert len(full) == 10 * 4
+    assert all(set(r) == SCHEMA for r in full)
+    assert [r["question_id"] for r in full[::4]] == [it.question_id for it in bench.items]
+    for r in full:
+        assert r["answer"] in ("yes", "no")                        # POPE's rule always answers
+        assert r["correct"] == (r["answer"] == r["label"])
+        assert 0 <= r["internal_prob_raw"] <= r["internal_prob"] <= 1
+        if r["readout"] == "single_pass":
+            assert 0 <= r["confidence"] <= 1 and r["options"] == list(range(0, 101, 10))
+        else:
+            assert r["option_probs"] is None
+            assert r["confidence"] == prompts.parse_confidence(r["raw_confidence"])
+
+    # an interrupted run: 5 questions written in full, a 6th half-written, a line cut short
+    lines = full_path.read_text().splitlines(keepends=True)
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(lines[:22]) + lines[22][: len(lines[22]) // 2])
+    ev.evaluate(model, proc, bench, part, "tiny", cfg)
+    _same_results(ev.load_results(part), full)
+
+    # a finished file: a rerun does no work at all (the model is never called)
+    class Untouchable(torch.nn.Module):
+        def __getattr__(self, name):
+            raise AssertionError(f"the model was used ({name}) although every question was done")
+
+    before = part.read_text()
+    ev.evaluate(Untouchable(), proc, bench, part, "tiny", cfg)
+    assert part.read_text() == before
+
+
+def test_summarize(tiny, tmp_path):
+    model, proc = tiny
+    bench = make_benchmark(6)
+    cfg = ev.EvalConfig(batch_size=6, max_new_tokens=4, confidence_max_new_tokens=4, progress=False)
+    rows = ev.load_results(ev.evaluate(model, proc, bench, tmp_path / "r.jsonl", "tiny", cfg))
+    summary = {s["readout"]: s for s in ev.summarize(rows, bench.positive_class)}
+    assert set(summary) == {"generated", "single_pass"}
+    s = summary["single_pass"]
+    assert s["n_questions"] == 6 and s["coverage"] == 1.0 and s["n_parsed"] == 6
+    assert s["accuracy"] == pytest.approx(np.mean([r["correct"] for r in rows if r["readout"] == "single_pass"]))
+    for key in ("ece", "adaptive_ece", "mce", "brier", "auroc", "f1", "yes_ratio", "internal_ece",
+                "spearman_internal_verbalized", "answer_coverage"):
+        assert key in s
+
+    # hand-made rows with known numbers: coverage counts unparsed confidences as missing
+    base = dict(model="m", set="s", framing="third", readout="generated", raw_answer="", response="")
+    hand = [
+        base | dict(question_id="a", label="yes", answer="yes", correct=True, confidence=0.9, internal_prob=0.8),
+        base | dict(question_id="b", label="no", answer="yes", correct=False, confidence=0.6, internal_prob=0.7),
+        base | dict(question_id="c", label="no", answer="no", correct=True, confidence=None, internal_prob=0.9),
+        base | dict(question_id="d", label="yes", answer=None, correct=False, confidence=0.2, internal_prob=None),
+    ]
+    (h,) = ev.summarize(hand, "yes")
+    assert h["accuracy"] == 0.5 and h["n_other"] == 1 and h["answer_coverage"] == 0.75
+    assert h["coverage"] == 0.75 and h["n_parsed"] == 3
+    assert h["ece"] == pytest.approx((abs(0.9 - 1) + abs(0.6 - 0) + abs(0.2 - 0)) / 3)
+    assert h["spearman_n"] == 2 and math.isnan(h["spearman_internal_verbalized"])
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="framing"):
+        ev.EvalConfig(framings=("second",))
+    with pytest.raises(ValueError, match="readout"):
+        ev.EvalConfig(readouts=("telepathy",))
+    with pytest.raises(ValueError, match="options"):
+        ev.EvalConfig(options=(0, 150))
+
+
+# ----------------------------------------------------------------- two processes
+RUN_SRC = BENCH_SRC + textwrap.dedent(
+    '''
+    import sys
+    import torch
+    from csp_utils import evaluation, models
+
+    torch.set_num_threads(1)
+    model, processor = models.load_vlm(sys.argv[1])
+    cfg = evaluation.EvalConfig(framings=("third", "first"), batch_size=3, max_new_tokens=4,
+                                confidence_max_new_tokens=4, progress=False)
+    evaluation.evaluate(model, processor, make_benchmark(9), sys.argv[2], "tiny", cfg)
+    '''
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # other test runs may hold accelerate's default port
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_two_processes_equal_one(tiny, tmp_path):
+    model, proc = tiny
+    models.save_vlm(model, proc, tmp_path / "model")
+    script = tmp_path / "run_eval.py"
+    script.write_text(RUN_SRC)
+    one = tmp_path / "one.jsonl"
+    two = tmp_path / "two.jsonl"
+    loaded, loaded_proc = models.load_vlm(tmp_path / "model")
+    cfg = ev.EvalConfig(framings=("third", "first"), batch_size=3, max_new_tokens=4, confidence_max_new_tokens=4,
+                        progress=False)
+    ev.evaluate(loaded, loaded_proc, make_benchmark(9), one, "tiny", cfg)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(script), str(tmp_path / "model"), str(two)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert not list(tmp_path.glob("two.shard*")), "shards are merged and removed"
+    rows_two, rows_one = ev.load_results(two), ev.load_results(one)
+    assert [(r["question_id"], r["framing"], r["readout"]) for r in rows_two] == \
+           [(r["question_id"], r["framing"], r["readout"]) for r in rows_one]
+    _same_results(rows_two, rows_one)
+    json.dumps(rows_two)  # plain JSON all the way

@@ -1,0 +1,369 @@
+"""The loader's real path without downloads: tiny random models of every supported
+architecture, with tokenizers made in code, saved with ``save_pretrained``, loaded back by
+``models.load_vlm(path)`` and run through elicitation end to end.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from csp_utils import evaluation as ev
+from csp_utils import models, prompts
+from csp_utils.benchmarks import Benchmark, QAItem
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads
+    oversubscribe it (10x slower under load); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ shared helpers
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=512)
+
+
+def bpe_tokenizer(special_tokens, **kwargs):
+    """A byte-level BPE trained in code on the project's prompt corpus, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(tok_models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(models._tokenizer_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **kwargs)
+
+
+def benchmark(n=4, family="amber"):
+    rng = np.random.default_rng(1)
+    images = {f"im{i}": Image.fromarray(rng.integers(0, 256, (40 + 9 * i, 52, 3), dtype=np.uint8)) for i in range(2)}
+    questions = ["Is there a cat in this image?", "Is the small red square left of the large blue star in this image?"]
+    items = [QAItem(f"q{i}", f"im{i % 2}", questions[i % 2], "yes" if i % 2 else "no", f"{family}-t", "existence", [])
+             for i in range(n)]
+    return Benchmark(f"{family}-t", family, items, lambda k: images[k], "no" if family == "amber" else "yes")
+
+
+def assert_saved_as_safetensors(folder):
+    names = {p.name for p in folder.iterdir()}
+    assert any(n.endswith(".safetensors") for n in names), names
+    assert not any(n.endswith(".bin") or n.endswith(".pt") for n in names), names
+
+
+def elicit_end_to_end(model, processor, tmp_path, name, shares_prefix=True):
+    """evaluate() on a small benchmark, both read-outs; the cached option scores equal the
+    one-question-one-option reference on the same confidence prompts."""
+    bench = benchmark()
+    answer_msgs = [prompts.answer_messages(it.question) for it in bench.items]
+    prefix, _ = ev.shared_prefix(model, processor, answer_msgs, [bench.image_loader(it.image_id) for it in bench.items])
+    assert (prefix is not None) == shares_prefix, "the template head + image is reused where that is exact"
+    cfg = ev.EvalConfig(framings=("third", "first"), batch_size=4, max_new_tokens=4, confidence_max_new_tokens=4,
+                        options=(0, 25, 50, 75, 100), progress=False)
+    rows = ev.load_results(ev.evaluate(model, processor, bench, tmp_path / f"{name}.jsonl", name, cfg))
+    assert len(rows) == len(bench.items) * 4
+    single = [r for r in rows if r["readout"] == "single_pass"]
+    for r in single:
+        assert sum(r["option_probs"]) == pytest.approx(1.0) and 0 <= r["confidence"] <= 1
+    # reference on the first framing's prompts, built from the answers the run recorded
+    third = [r for r in single if r["framing"] == "third"]
+    msgs = [prompts.confidence_messages(r["question"], r["response"], framing="third") for r in third]
+    images = [bench.image_loader(r["image_id"]) for r in third]
+    ids = ev.option_token_ids(processor, cfg.options)
+    ref = ev.score_options_reference(model, processor, msgs, images, ids)
+    np.testing.assert_allclose([r["option_logliks"] for r in third], ref, atol=1e-4, rtol=0)
+    summary = ev.summarize(rows, bench.positive_class)
+    assert {s["readout"] for s in summary} == {"generated", "single_pass"}
+    return rows
+
+
+# ----------------------------------------------------------------- our tiny LLaVA
+def test_embedded_tiny_llava_round_trip(tiny_vlm, tmp_path):
+    model, proc = tiny_vlm
+    folder = models.save_vlm(model, proc, tmp_path / "tiny", meta={"seed": 0})
+    assert_saved_as_safetensors(folder)
+    loaded, lproc = models.load_vlm(folder)
+    assert type(loaded).__name__ == "LlavaForConditionalGeneration"
+    assert lproc.tokenizer.padding_side == "left"
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0)
+    elicit_end_to_end(loaded, lproc, tmp_path, "tiny")
+
+
+# ------------------------------------------------------- LLaVA built like llava-1.5
+# The template of llava-hf/llava-1.5-*-hf: "USER: <image>\n{text} ASSISTANT:"
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def llama_tokenizer():
+    """A Llama-style tokenizer (Metaspace "▁", byte fallback) from a BPE trained in code."""
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(tok_models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]  # Llama's byte tokens
+    bpe.train_from_iterator(models._tokenizer_corpus(),
+                            trainer=trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False))
+    data = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["merges"]]
+    tok = LlamaTokenizer(vocab=data["vocab"], merges=merges)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.add_tokens(["<image>"], special_tokens=True)
+    tok.padding_side = "left"
+    return tok
+
+
+def build_llava15_like(folder):
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = llama_tokenizer()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA15_TEMPLATE)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, **TINY_TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,  # llava-1.5 reads the penultimate CLIP layer
+        image_seq_length=16,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def test_llava15_like_round_trip(tmp_path):
+    build_llava15_like(tmp_path / "llava15")
+    assert_saved_as_safetensors(tmp_path / "llava15")
+    model, proc = models.load_vlm(tmp_path / "llava15")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    text = proc.apply_chat_template(prompts.answer_messages("Is there a cat?"), add_generation_prompt=True)
+    assert text == "USER: <image>\nIs there a cat? Answer with Yes or No. ASSISTANT:"
+    # the reply as the template writes it: "ASSISTANT: 85% " -> the option is "85%", then EOS
+    tok = proc.tokenizer
+    ids = ev.reply_tokens(proc, "85%", include_end=True)
+    assert tok.decode(ids[:-1]).strip() == "85%" and ids[-1] == tok.eos_token_id
+    elicit_end_to_end(model, proc, tmp_path, "llava15")
+
+
+# --------------------------------------------------------------- Idefics3 / SmolVLM
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_idefics3(folder):
+    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil,
+                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = bpe_tokenizer(specials, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    # no splitting, one 32 px tile: (32 / 8)^2 patches / scale_factor^2 = 4 image tokens
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32},
+                                                max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=SMOLVLM_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2),
+        text_config=LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, **TINY_TEXT),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def test_idefics3_round_trip(tmp_path):
+    build_idefics3(tmp_path / "idefics3")
+    assert_saved_as_safetensors(tmp_path / "idefics3")
+    model, proc = models.load_vlm(tmp_path / "idefics3")
+    assert type(model).__name__ == "Idefics3ForConditionalGeneration"
+    assert type(proc.image_processor).__name__ == "Idefics3ImageProcessorPil"  # no torchvision needed
+    ids = ev.reply_tokens(proc, "85%", include_end=True)
+    assert proc.tokenizer.convert_ids_to_tokens(ids[-1]) == "<end_of_utterance>"  # the template's end of turn
+    elicit_end_to_end(model, proc, tmp_path, "idefics3")
+
+    # SmolVLM splits large images into tiles: the image token count then differs between
+    # rows, the prefix cannot be shared, and the whole-prompt path must still be exact
+    from transformers import Idefics3ImageProcessorPil
+
+    proc.image_processor = Idefics3ImageProcessorPil(do_image_splitting=True, size={"longest_edge": 64},
+                                                     max_image_size={"longest_edge": 32})
+    rng = np.random.default_rng(2)
+    images = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in [(30, 60, 3), (60, 60, 3), (60, 20, 3)]]
+    questions = ["Is there a cat?", "Is the big red square left of the star?", "Is there?"]
+    prefix, plain = ev.shared_prefix(model, proc, [prompts.answer_messages(q) for q in questions], images)
+    assert prefix is None and len(set(plain.attention_mask.sum(1).tolist())) == 3
+    msgs = [prompts.confidence_messages(q, a) for q, a in zip(questions, ["Yes", "No", "Maybe"])]
+    ids = ev.option_token_ids(proc, [0, 50, 100])
+    np.testing.assert_allclose(ev.score_options(model, proc, msgs, images, ids),
+                               ev.score_options_reference(model, proc, msgs, images, ids), atol=1e-4, rtol=0)
+    assert ev.generate_replies(model, proc, msgs, images, 4)[0] == \
+        [ev.generate_replies(model, proc, [m], [im], 4)[0][0] for m, im in zip(msgs, images)]
+
+
+# --------------------------------------------------------------------------- Qwen2-VL
+QWEN2VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _torchvision_problem() -> str | None:
+    """Why Qwen2-VL cannot run here, or None. A CUDA torchvision beside a CPU torch is
+    installed yet fails at import, so importing is the test, not finding the package."""
+    if importlib.util.find_spec("torchvision") is None:
+        return ("torchvision is not installed: Qwen2-VL's processor needs it (its video processor); "
+                "torchvision belongs to the GPU extra (pip install csp_utils[gpu]) and is kept out of the CPU env")
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # e.g. "operator torchvision::nms does not exist"
+        return f"torchvision is installed but does not import ({type(e).__name__}: {e}); Qwen2-VL needs it"
+    return None
+
+
+@pytest.mark.skipif(_torchvision_problem() is not None, reason=str(_torchvision_problem()))
+def test_qwen2_vl_round_trip(tmp_path):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok = bpe_tokenizer(specials, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                              "vision_start_token": "<|vision_start|>",
+                                              "vision_end_token": "<|vision_end|>"})
+    sizes = dict(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=8, merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(**sizes), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=None,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                         **TINY_TEXT),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=8,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(tmp_path / "qwen2vl")
+    processor.save_pretrained(tmp_path / "qwen2vl")
+    assert_saved_as_safetensors(tmp_path / "qwen2vl")
+    model, proc = models.load_vlm(tmp_path / "qwen2vl")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    # multimodal RoPE: no shared prefix, options through the exact (uncached) path
+    elicit_end_to_end(model, proc, tmp_path, "qwen2vl", shares_prefix=False)
+
+
+# ------------------------------------------------------------------------ adapters
+def test_adapter_folder(tiny_vlm, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, proc = tiny_vlm
+    base_dir = models.save_vlm(model, proc, tmp_path / "base")
+    base, _ = models.load_vlm(base_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, lora).eval()  # random B: the adapter changes the outputs
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert_saved_as_safetensors(tmp_path / "adapter")
+
+    loaded, lproc = models.load_vlm(base_dir, adapter=tmp_path / "adapter")
+    assert isinstance(loaded, PeftModel)
+    bench = benchmark(2)
+    images = [bench.image_loader(it.image_id) for it in bench.items]
+    enc = ev.encode(lproc, [prompts.answer_messages(it.question) for it in bench.items], images)
+    plain, _ = models.load_vlm(base_dir)
+    with torch.no_grad():
+        a, b, c = (m(**enc).logits for m in (loaded, peft_model, plain))
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-3, "the adapter did not change the model"
+    elicit_end_to_end(loaded, lproc, tmp_path, "tiny+lora")
+
+    merged, _ = models.load_vlm(base_dir, adapter=tmp_path / "adapter", merge_adapter=True)
+    assert not isinstance(merged, PeftModel)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**enc).logits, a, atol=1e-4, rtol=1e-4)
+
+
+# -------------------------------------------------------------------------- safety
+def test_loader_asks_for_safetensors_and_no_remote_code(tiny_vlm, tmp_path, monkeypatch):
+    import inspect
+
+    import transformers
+
+    assert inspect.signature(models.load_vlm).parameters["trust_remote_code"].default is False
+    seen = {}
+    for cls in (transformers.AutoModelForImageTextToText, transformers.AutoProcessor):
+        original = cls.from_pretrained
+
+        def spy(*args, _original=original, _name=cls.__name__, **kwargs):
+            seen[_name] = kwargs
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", spy)
+    folder = models.save_vlm(*tiny_vlm, tmp_path / "tiny")
+    models.load_vlm(folder)
+    assert seen["AutoModelForImageTextToText"]["use_safetensors"] is True
+    assert seen["AutoModelForImageTextToText"]["trust_remote_code"] is False
+    assert seen["AutoProcessor"]["trust_remote_code"] is False
+
+
+def test_loader_refuses_pickled_weights(tiny_vlm, tmp_path):
+    model, proc = tiny_vlm
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(Exception, match="safetensors|model.safetensors"):
+        models.load_vlm(folder)
+
+
+def test_loader_explains_a_folder_that_is_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.load_vlm(tmp_path)
