@@ -5,7 +5,8 @@
     python -m csp_utils.study params/default.yaml --only 07_figures
 
 A params YAML holds global parameters (``base_model``, ``seed``, ...) passed to every
-notebook and a ``stages`` mapping of per-notebook parameters. Each finished stage leaves
+notebook and a ``stages`` mapping of per-notebook parameters. A stage key ``NAME@TAG`` runs
+notebook ``NAME`` again with other parameters (e.g. ``03_train_sft@s1`` for a second seed). Each finished stage leaves
 ``markers/<stage>.json`` with the hash of its parameters, its notebook and the markers of the
 stages before it; a rerun skips stages whose marker matches and resumes from the first that
 does not. A failing notebook stops the chain; its executed copy is kept and the error shown.
@@ -38,9 +39,14 @@ def load_params(path: str | Path) -> dict:
     if "stages" not in params or not isinstance(params["stages"], dict):
         raise ValueError(f"{path}: needs a 'stages' mapping of notebook name -> parameters")
     for stage in params["stages"]:
-        if not (NOTEBOOKS / f"{stage}.ipynb").exists():
-            raise ValueError(f"{path}: stage {stage!r} has no notebook notebooks/{stage}.ipynb")
+        if not notebook_of(stage).exists():
+            raise ValueError(f"{path}: stage {stage!r} has no notebook {notebook_of(stage)}")
     return params
+
+
+def notebook_of(stage: str) -> Path:
+    """``03_train_sft@s1`` -> notebooks/03_train_sft.ipynb."""
+    return NOTEBOOKS / f"{stage.split('@')[0]}.ipynb"
 
 
 def _hash(obj) -> str:
@@ -76,10 +82,13 @@ def package_versions() -> dict:
 
 
 def run_study(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
-              only: list[str] | None = None, force: bool = False, log_output: bool = False) -> Path:
+              only: list[str] | None = None, force: bool = False, log_output: bool = False,
+              overrides: dict | None = None) -> Path:
+    """Run the chain; ``overrides`` replace global parameters (e.g. ``{"base_model": path}``)."""
     import papermill as pm
 
     params = load_params(params_path)
+    params.update(overrides or {})
     name = name or params.get("name") or Path(params_path).stem
     run_dir = (Path(runs_root) / name).resolve()
     (run_dir / "markers").mkdir(parents=True, exist_ok=True)
@@ -94,7 +103,7 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
 
     upstream = ""  # chain hashes so a changed early stage invalidates every later one
     for stage in params["stages"]:
-        notebook = NOTEBOOKS / f"{stage}.ipynb"
+        notebook = notebook_of(stage)
         parameters = stage_parameters(params, stage, run_dir)
         key = _hash({"parameters": parameters, "notebook": _file_hash(notebook), "upstream": upstream})
         upstream = key
@@ -135,8 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="run only these stages (others keep their markers)")
     ap.add_argument("--force", action="store_true", help="rerun stages even when their marker matches")
     ap.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override global parameters, e.g. --set base_model=/path/to/model (values are YAML)")
     args = ap.parse_args(argv)
-    run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            ap.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides)
     print(f"[study] run folder: {run_dir}")
 
 
