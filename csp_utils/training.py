@@ -1,0 +1,1143 @@
+"""CSP training: LoRA SFT with trl, then a VLM-aware SimPO, in three regimes.
+
+Stage 1, SFT. The model reads a perturbed image and the (third-person by default)
+confidence prompt and learns to say the target ``"c%"``; the loss covers the assistant's
+reply only. trl's ``SFTTrainer`` does the work (see ``shared/notes/stack.md``): rows are
+``{"image": PIL, "messages": [user(image + prompt), assistant("c%")]}``, ``max_length=None``
+so image tokens are never truncated, ``assistant_only_loss=True`` masks everything outside
+the chat template's ``{% generation %}`` block.
+
+Stage 2, SimPO (Meng et al. 2024), reference-free and length-normalised::
+
+    loss = -logsigmoid(beta * (mean_logp(chosen) - mean_logp(rejected)) - simpo_gamma)
+
+chosen ``"c%"``, rejected ``"(100 - c)%"``, same prompt, same image; pairs with identical
+replies (c = 50) are dropped and counted. trl's only SimPO (experimental ``CPOTrainer``)
+never passes pixel values to the model, so this module has its own small trainer on
+``transformers.Trainer``: the collator builds the chosen and the rejected rows *each with
+its image*, and one concatenated forward scores both halves.
+
+Defaults, from the SimPO paper's search ranges (beta in [2.0, 2.5], gamma/beta in
+[0.3, 0.8], with 0.5 the recommended starting ratio): ``beta = 2.0``, ``simpo_gamma = 1.0``
+(gamma/beta = 0.5).
+
+Confidence targets: ``"paper"`` (the perturbation level c, CSP's own) or ``"measured"``
+(the base model's accuracy in each (level, own answer) cell of the training data, rounded
+to an integer percent; the prompt then carries the model's own answer, because the cell is
+keyed by it). ``shared/notes/stack.md`` explains why the second is worth comparing.
+
+Regimes and artefacts, inside the run folder (DESIGN.md)::
+
+    train_regime("sft", ...)        adapters/sft/          train_logs/sft.csv
+    train_regime("simpo", ...)      adapters/simpo_only/   train_logs/simpo_only.csv
+    train_regime("sft_simpo", ...)  adapters/sft/ + adapters/sft_simpo/  (+ both logs)
+    checkpoints/<adapter>/checkpoint-N   what an interrupted run resumes from
+    merged/<adapter>/                    with merge=True: base + adapter as one model
+
+``tag="@s1"`` appends to every name (adapters/sft@s1, ...) for repeated seeds. Presets:
+``tiny_default()`` (the embedded model on CPU) and ``paper_llava7b()`` (a 7B LLaVA on one
+GPU); ``make_configs(preset, sft={...}, simpo={...})`` applies overrides.
+
+Every adapter folder is standard PEFT (``PeftModel.from_pretrained`` or
+``models.load_vlm(base, adapter=folder)``) with ``training_config.json`` beside it.
+
+The same code runs under ``accelerate launch`` (``scripts/train_accelerate.py``): the
+Trainer does DDP; files outside the Trainer are written by the main process only.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from csp_utils import models, prompts
+
+REGIMES = ("sft", "simpo", "sft_simpo")
+# Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
+REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
+CONFIDENCE_TARGETS = ("paper", "measured")
+CONFIG_FILE = "training_config.json"
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc",
+               "chosen_logp", "rejected_logp", "mean_token_accuracy")
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class LoraSettings:
+    """Which layers get LoRA, and its shape.
+
+    ``target_modules`` names the linear layers by their last name component
+    (``("q_proj", "k_proj", "v_proj", "o_proj")``) or is ``"all-linear"``; only layers
+    under one of ``target_parts`` are adapted. The vision tower is left out on purpose:
+    CSP teaches the language side to *read* the evidence the visual features already
+    carry (LLaVA's own recipe keeps CLIP frozen too), and a frozen tower keeps the
+    base model's perception identical across regimes. Add ``"vision_tower"`` to
+    ``target_parts`` to adapt it as well.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    target_parts: tuple[str, ...] = ("language_model", "multi_modal_projector")
+
+
+@dataclass
+class _StageConfig:
+    """What SFT and SimPO share: data, optimisation, precision, bookkeeping."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    confidence_target: str = "paper"       # "paper" (level c) | "measured" (base model's cell accuracy)
+    learning_rate: float = 1e-3
+    num_train_epochs: float = 1.0
+    max_steps: int = -1                    # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    warmup: float = 0.03                   # < 1: fraction of the steps; >= 1: steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"                 # base weights: "float32" | "bfloat16" | "float16"
+    mixed_precision: str = "no"            # autocast: "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    dataloader_num_workers: int = 0        # image decoding in worker processes; the resume test uses 0
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # configs read back from JSON
+            self.lora = LoraSettings(**self.lora)
+        if isinstance(self.lora.target_modules, list):
+            self.lora.target_modules = tuple(self.lora.target_modules)
+        if isinstance(self.lora.target_parts, list):
+            self.lora.target_parts = tuple(self.lora.target_parts)
+        if self.confidence_target not in CONFIDENCE_TARGETS:
+            raise ValueError(f"confidence_target must be one of {CONFIDENCE_TARGETS}, got {self.confidence_target!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+
+
+@dataclass
+class SFTConfigCSP(_StageConfig):
+    """Stage 1. ``replay_fraction`` of each epoch's examples are clean question-answer
+    turns (the ``t == 0`` rows: unperturbed images) so the model keeps answering well."""
+
+    replay_fraction: float = 0.0
+    # trl's fused LM head scores only the reply positions, in tiles, and logs token accuracy and
+    # entropy: it saves memory on large vocabularies (a 7B LLaVA's 32k) but costs ~30% per step
+    # on CPU and small models. False: the model's own cross-entropy, same loss value.
+    trl_fused_loss: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+
+
+@dataclass
+class SimPOConfigCSP(_StageConfig):
+    """Stage 2. Never call the margin plain ``gamma``: the noise schedule has its own."""
+
+    beta: float = 2.0
+    simpo_gamma: float = 1.0               # gamma / beta = 0.5, the SimPO paper's starting ratio
+    learning_rate: float = 5e-4
+    per_device_train_batch_size: int = 8   # pairs; the forward sees twice as many rows
+
+
+@dataclass
+class TrainingConfigs:
+    """Everything ``train_regime`` needs besides model, data and folder."""
+
+    sft: SFTConfigCSP = field(default_factory=SFTConfigCSP)
+    simpo: SimPOConfigCSP = field(default_factory=SimPOConfigCSP)
+    merge: bool = False                    # also write base + adapter merged, under merged/<adapter>
+
+
+def tiny_default() -> TrainingConfigs:
+    """For the embedded tiny LLaVA on CPU: wide LoRA, high learning rates, fp32."""
+    return TrainingConfigs(
+        sft=SFTConfigCSP(lora=LoraSettings(r=16, alpha=32, dropout=0.05), learning_rate=1e-3,
+                         num_train_epochs=2, per_device_train_batch_size=16, warmup=0.05,
+                         logging_steps=5, save_steps=100),
+        simpo=SimPOConfigCSP(lora=LoraSettings(r=16, alpha=32, dropout=0.05), learning_rate=5e-4,
+                             num_train_epochs=1, per_device_train_batch_size=8, warmup=0.05,
+                             logging_steps=5, save_steps=100),
+    )
+
+
+def paper_llava7b() -> TrainingConfigs:
+    """A 7B LLaVA (llava-hf/llava-1.5-7b-hf) on one 80 GB GPU: bf16 weights, LoRA r=16 on the
+    attention projections, gradient checkpointing; effective batch 16 through accumulation."""
+    lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                        target_parts=("language_model",))
+    common = dict(dtype="bfloat16", mixed_precision="bf16", gradient_checkpointing=True,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=4, warmup=0.03,
+                  logging_steps=10, save_steps=200, dataloader_num_workers=2)
+    return TrainingConfigs(
+        sft=SFTConfigCSP(lora=lora, learning_rate=2e-4, num_train_epochs=1, trl_fused_loss=True, **common),
+        # Preference tuning moves further with less: a 10x smaller rate than SFT.
+        simpo=SimPOConfigCSP(lora=dataclasses.replace(lora), learning_rate=2e-5, num_train_epochs=1,
+                             **common),
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+REQUIRED_COLUMNS = ("image", "question", "answer", "confidence", "confidence_prompt")
+
+
+def load_perturbed_dataset(dataset):
+    """A ``datasets.Dataset`` from itself or a folder: the saved dataset itself, or the
+    builder's ``out_dir`` (``{run_dir}/dataset``) holding it under ``dataset/``."""
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        ds = dataset
+    else:
+        path = Path(dataset)
+        candidates = [path, path / "dataset"]
+        # save_to_disk writes dataset_info.json; the builder's out_dir has only its own state.json.
+        found = next((p for p in candidates if (p / "dataset_info.json").exists()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"no saved datasets.Dataset at {path} or {path / 'dataset'} "
+                "(build it with perturbed_dataset.build_perturbed_dataset)"
+            )
+        ds = datasets.load_from_disk(str(found))
+        if isinstance(ds, datasets.DatasetDict):
+            raise ValueError(f"{found} holds a DatasetDict ({list(ds)}); pass the split to train on")
+    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"the perturbed dataset lacks columns {missing}; it has {ds.column_names}")
+    if len(ds) == 0:
+        raise ValueError("the perturbed dataset is empty")
+    return ds
+
+
+def _yes_no(text: str) -> str:
+    word = str(text).strip().strip(".").lower()
+    if word not in ("yes", "no"):
+        raise ValueError(f"measured targets need Yes/No answers, got {text!r}")
+    return "Yes" if word == "yes" else "No"
+
+
+@dataclass
+class MeasuredTargets:
+    """The base model's own answers on the training images and the targets they give."""
+
+    own_answers: list[str]                 # "Yes" / "No" per row
+    correct: list[bool]
+    targets: list[int]                     # per row: accuracy of its (level, own answer) cell, integer percent
+    cells: dict[str, dict]                 # "c=70|Yes" -> {"accuracy": 0.83, "n": 12, "target": 83}
+
+
+def _with_image(messages: list[dict], image) -> list[dict]:
+    """Put the PIL image into the (single) image slot of a prompts.* conversation."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{**part, "image": image} if part.get("type") == "image" else part for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _reply_first_tokens(processor) -> tuple[int, int]:
+    """Token ids that start the replies "Yes" and "No" right after the generation prompt."""
+    tok = processor.tokenizer
+    convo = prompts.answer_messages("Is there a circle in the image?")
+    prompt_ids = tok(processor.apply_chat_template(convo, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"]
+    firsts = []
+    for word in ("Yes", "No"):
+        full = processor.apply_chat_template(convo + [prompts.assistant_turn(word)], tokenize=False)
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the chat template's generation prompt is not a token prefix of the full conversation")
+        firsts.append(ids[len(prompt_ids)])
+    if firsts[0] == firsts[1]:
+        raise ValueError(f"'Yes' and 'No' start with the same token ({firsts[0]}) for this tokenizer; "
+                         "next-token yes/no needs distinct first tokens")
+    return firsts[0], firsts[1]
+
+
+def greedy_yes_no(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 32) -> list[str]:
+    """Greedy Yes/No answers from one forward per batch: compare the next-token logits of
+    the two replies' first tokens after the answer prompt."""
+    import torch
+
+    yes_id, no_id = _reply_first_tokens(processor)
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(questions), batch_size):
+            convs = [_with_image(prompts.answer_messages(q), img.convert("RGB"))
+                     for q, img in zip(questions[start:start + batch_size], images[start:start + batch_size])]
+            # Right padding keeps positions as in training; the last real token is read by index.
+            batch = processor.apply_chat_template(
+                convs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+                processor_kwargs={"padding": True, "padding_side": "right", "add_special_tokens": False})
+            batch = {k: v.to(device) for k, v in batch.items()}
+            last = batch["attention_mask"].sum(1) - 1
+            logits = model(**batch, use_cache=False).logits
+            pick = logits[torch.arange(len(last), device=device), last]
+            answers += ["Yes" if y >= n else "No" for y, n in zip(pick[:, yes_id].tolist(), pick[:, no_id].tolist())]
+    model.train(was_training)
+    return answers
+
+
+def measured_accuracy_targets(model, processor, dataset, batch_size: int = 32) -> MeasuredTargets:
+    """The base model's measured accuracy in each (confidence level, own answer) cell.
+
+    Each row's target is its cell's accuracy as an integer percent: what the model's own
+    answer is worth, given how strongly the image was perturbed and what it answered.
+    """
+    ds = load_perturbed_dataset(dataset)
+    questions = ds["question"]
+    truth = [_yes_no(a) for a in ds["answer"]]
+    if len(set(truth)) == 1:
+        import warnings
+
+        # With one gold answer (a build without include_negatives), every cell is 0% or 100%:
+        # "own answer == gold" is all the cell can say. Build with negatives for useful targets.
+        warnings.warn(f"every training answer is {truth[0]!r}: measured targets collapse to 0% / 100% per "
+                      "(level, own answer) cell; build the dataset with include_negatives=True", stacklevel=2)
+    levels = [int(c) for c in ds["confidence"]]
+    images = _LazyImages(ds)
+    own = greedy_yes_no(model, processor, images, questions, batch_size)
+    correct = [o == t for o, t in zip(own, truth)]
+    tally: dict[str, list[int]] = {}
+    for level, answer, ok in zip(levels, own, correct):
+        tally.setdefault(f"c={level}|{answer}", []).append(int(ok))
+    cells = {}
+    for key, oks in sorted(tally.items()):
+        accuracy = sum(oks) / len(oks)
+        cells[key] = {"accuracy": accuracy, "n": len(oks), "target": int(round(100 * accuracy))}
+    targets = [cells[f"c={level}|{answer}"]["target"] for level, answer in zip(levels, own)]
+    return MeasuredTargets(own_answers=own, correct=correct, targets=targets, cells=cells)
+
+
+class _LazyImages:
+    """Indexable images of a dataset, decoded on access (no copy of the image column)."""
+
+    def __init__(self, ds):
+        self.images = ds.select_columns(["image"])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return [self.images[i]["image"] for i in range(*item.indices(len(self)))]
+        return self.images[item]["image"]
+
+
+def confidence_examples(ds, target: str, measured: MeasuredTargets | None = None) -> tuple[list[str], list[int]]:
+    """(prompt text, target percent) per row for the chosen confidence target."""
+    if target == "paper":
+        return list(ds["confidence_prompt"]), [int(c) for c in ds["confidence"]]
+    if measured is None:
+        raise ValueError("confidence_target='measured' needs the base model's measured targets")
+    if len(measured.targets) != len(ds):
+        raise ValueError(f"measured targets cover {len(measured.targets)} rows, the dataset has {len(ds)}")
+    framings = ds["framing"] if "framing" in ds.column_names else ["third"] * len(ds)
+    texts = [prompts.confidence_text(q, own, framing=f or "third")
+             for q, own, f in zip(ds["question"], measured.own_answers, framings)]
+    return texts, list(measured.targets)
+
+
+def _image_table(ds, indices: list[int], columns: dict[str, list]):
+    """The dataset's images at ``indices`` with new columns beside them: a plain
+    ``datasets.Dataset`` (trl's SFTTrainer takes nothing else). Without reordering no
+    image is copied; with it (replay) the image column is materialised once."""
+    table = ds.select_columns(["image"])
+    if indices != list(range(len(ds))):
+        table = table.select(indices)
+    for name, values in columns.items():
+        table = table.add_column(name, values)
+    return table
+
+
+def sft_rows(ds, target: str = "paper", measured: MeasuredTargets | None = None, replay_fraction: float = 0.0,
+             seed: int = 0):
+    """SFT rows ``{"image", "messages"}``: one confidence conversation per dataset row, plus
+    replayed clean QA turns (drawn with replacement from the ``t == 0`` rows, the
+    unperturbed images) making up ``replay_fraction`` of all rows.
+
+    Message contents are plain strings: trl's collator puts the image slot before the user
+    text, which renders exactly as ``prompts.confidence_messages`` (and keeps Arrow's
+    schema simple). Returns (dataset, number of replay rows)."""
+    texts, percents = confidence_examples(ds, target, measured)
+    replies = [prompts.format_confidence(p) for p in percents]
+    if target == "paper" and "target_text" in ds.column_names:  # the builder's own text wins
+        replies = [tt or r for tt, r in zip(ds["target_text"], replies)]
+    indices = list(range(len(ds)))
+    messages = [[{"role": "user", "content": t}, {"role": "assistant", "content": r}] for t, r in zip(texts, replies)]
+    n_replay = 0
+    if replay_fraction > 0:
+        clean = [i for i, t in enumerate(ds["t"] if "t" in ds.column_names else []) if int(t) == 0]
+        if not clean:
+            raise ValueError("replay_fraction > 0 needs clean rows (t == 0, i.e. confidence 100) in the dataset")
+        n_replay = int(round(replay_fraction / (1 - replay_fraction) * len(indices)))
+        rng = random.Random(seed)
+        questions, answers = ds["question"], ds["answer"]
+        for i in (rng.choice(clean) for _ in range(n_replay)):
+            indices.append(i)
+            messages.append([{"role": "user", "content": prompts.answer_text(questions[i])},
+                             {"role": "assistant", "content": str(answers[i])}])
+    return _image_table(ds, indices, {"messages": messages}), n_replay
+
+
+def simpo_pairs(ds, target: str = "paper", measured: MeasuredTargets | None = None):
+    """Preference pairs ``{"image", "prompt", "chosen", "rejected"}`` (chosen "c%", rejected
+    "(100-c)%", same prompt, same image) and the number of rows dropped because both
+    replies are the same text (c = 50)."""
+    texts, percents = confidence_examples(ds, target, measured)
+    keep, chosen, rejected, prompt = [], [], [], []
+    for i, (text, p) in enumerate(zip(texts, percents)):
+        c, r = prompts.format_confidence(p), prompts.format_confidence(100 - p)
+        if c == r:
+            continue
+        keep.append(i)
+        prompt.append(text)
+        chosen.append(c)
+        rejected.append(r)
+    dropped = len(ds) - len(keep)
+    if not keep:
+        raise ValueError(f"no preference pairs left: all {dropped} rows have confidence 50")
+    return _image_table(ds, keep, {"prompt": prompt, "chosen": chosen, "rejected": rejected}), dropped
+
+
+# --------------------------------------------------------------------------- model helpers
+
+def _load_base(base_model, dtype: str):
+    """(model, processor) from "embedded", a folder / hub id, or an already loaded pair."""
+    import torch
+
+    if isinstance(base_model, tuple):
+        return base_model
+    return models.load_vlm(base_model, dtype=getattr(torch, dtype))
+
+
+def _base_name(base_model) -> str:
+    if isinstance(base_model, tuple):
+        return str(getattr(base_model[0].config, "_name_or_path", "") or "<in-memory model>")
+    return str(base_model)
+
+
+def lora_target_regex(model, settings: LoraSettings) -> str:
+    """A PEFT ``target_modules`` regex naming the chosen linear layers of ``model``.
+
+    Resolved against the model so a typo in a part or a layer name fails here, loudly,
+    instead of training nothing."""
+    import re
+
+    import torch
+
+    parts, wanted = settings.target_parts, settings.target_modules
+    leaves = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.split(".")[-1] == "lm_head":
+            continue
+        components = name.split(".")
+        if not any(p in components for p in parts):
+            continue
+        if wanted == "all-linear" or components[-1] in wanted:
+            leaves.add(components[-1])
+    if not leaves:
+        raise ValueError(f"LoRA targets {wanted!r} under {parts!r} match no linear layer of this model")
+    if wanted != "all-linear" and set(wanted) - leaves:
+        raise ValueError(f"LoRA target modules {sorted(set(wanted) - leaves)} do not exist under {parts!r}")
+    alt = lambda xs: "|".join(re.escape(x) for x in sorted(xs))  # noqa: E731
+    return rf"^(?:.*\.)?(?:{alt(parts)})\.(?:.*\.)?(?:{alt(leaves)})$"
+
+
+def lora_config(model, settings: LoraSettings):
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=lora_target_regex(model, settings), bias="none", task_type="CAUSAL_LM")
+
+
+def _trainer_kwargs(cfg: _StageConfig, output_dir: Path) -> dict:
+    """TrainingArguments fields shared by both stages; offline, fp32 unless asked."""
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        # trl turns bf16 and gradient checkpointing on by default; say what we mean.
+        bf16=cfg.mixed_precision == "bf16",
+        fp16=cfg.mixed_precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,  # the new name of gradient_checkpointing
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        report_to="none",
+        remove_unused_columns=False,
+        label_names=["labels"],
+        disable_tqdm=True,
+        use_cpu=_use_cpu(),
+        dataloader_pin_memory=not _use_cpu(),
+    )
+
+
+# --------------------------------------------------------------------------- SimPO
+
+
+@dataclass
+class SimPOCollator:
+    """Chosen rows then rejected rows, each conversation with its own image, so pixel
+    values reach both halves; labels are -100 outside the assistant's reply."""
+
+    processor: Any
+
+    def __call__(self, examples: list[dict]) -> dict:
+        convs = []
+        for key in ("chosen", "rejected"):
+            for ex in examples:
+                user = _with_image([prompts.user_turn(ex["prompt"])], ex["image"].convert("RGB"))
+                convs.append(user + [prompts.assistant_turn(ex[key])])
+        return collate_conversations(self.processor, convs)
+
+
+def collate_conversations(processor, convs: list[list[dict]]) -> dict:
+    """Tokenize conversations (images inside) the way trl's VLM collator does: right
+    padding, no extra special tokens, labels only on the assistant's ``{% generation %}``."""
+    out = processor.apply_chat_template(
+        convs, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+        processor_kwargs={"padding": True, "padding_side": "right", "add_special_tokens": False})
+    out = dict(out)
+    labels = out["input_ids"].clone()
+    labels[out["attention_mask"] == 0] = -100
+    labels[out.pop("assistant_masks") == 0] = -100
+    if (labels != -100).sum(1).min() == 0:
+        raise ValueError("a conversation has no assistant tokens: does the chat template mark {% generation %}?")
+    out["labels"] = labels
+    return out
+
+
+def reply_mean_logps(model, batch: dict):
+    """Mean log-probability of the reply tokens (labels != -100) of every row, from one forward.
+
+    Only the logits from the earliest reply position on are computed (``logits_to_keep``):
+    the prompt with its hundreds of image tokens needs none."""
+    import torch
+
+    labels = batch["labels"]
+    length = labels.shape[1]
+    first = int((labels != -100).float().argmax(1).min())  # earliest reply token over the rows
+    keep = length - first + 1                                # logits at first-1 .. length-1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits[:, :-1].float()
+    targets = labels[:, length - keep + 1:]
+    mask = targets != -100
+    logp = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1) / mask.sum(-1)
+
+
+def simpo_losses(chosen_logps, rejected_logps, beta: float, simpo_gamma: float):
+    """Per-pair SimPO loss on length-normalised log-probabilities."""
+    import torch.nn.functional as F
+
+    return -F.logsigmoid(beta * (chosen_logps - rejected_logps) - simpo_gamma)
+
+
+def _simpo_trainer_class():
+    """Defined on first use so that importing this module stays free of transformers."""
+    global SimPOTrainer
+    if "SimPOTrainer" in globals():
+        return SimPOTrainer
+    import torch  # noqa: F811
+    from transformers import Trainer
+
+    class SimPOTrainer(Trainer):
+        """``transformers.Trainer`` with a reference-free SimPO loss over image-bearing pairs.
+
+        Batches come from ``SimPOCollator``: rows ``[:n]`` chosen, ``[n:]`` rejected, each
+        with its image. One concatenated forward scores both (one DDP forward per backward).
+        """
+
+        loss_is_scaled_for_ga = False  # a per-batch mean: Trainer divides by accumulation steps
+
+        def __init__(self, *args, beta: float = 2.0, simpo_gamma: float = 1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.beta, self.simpo_gamma = beta, simpo_gamma
+            self._metrics: dict[str, list[float]] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logps = reply_mean_logps(model, inputs)
+            n = logps.shape[0] // 2
+            chosen, rejected = logps[:n], logps[n:]
+            losses = simpo_losses(chosen, rejected, self.beta, self.simpo_gamma)
+            loss = losses.mean()
+            # Metrics over all processes; every rank runs this line, so the gather is collective-safe.
+            with torch.no_grad():
+                stats = torch.stack([(chosen - rejected).mean(), (chosen > rejected).float().mean(),
+                                     chosen.mean(), rejected.mean()]).detach()
+                stats = self.accelerator.gather(stats[None]).mean(0).tolist()
+            for key, value in zip(("margin", "reward_acc", "chosen_logp", "rejected_logp"), stats):
+                self._metrics.setdefault(key, []).append(value)
+            if return_outputs:
+                return loss, {"chosen_logps": chosen, "rejected_logps": rejected}
+            return loss
+
+        def log(self, logs: dict, start_time=None):
+            if "loss" in logs and self._metrics:  # a training log: attach the means since the last one
+                logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+                self._metrics = {}
+            super().log(logs, start_time)
+
+    return SimPOTrainer
+
+
+def __getattr__(name: str):
+    # `from csp_utils.training import SimPOTrainer` works, yet importing the module stays light.
+    if name == "SimPOTrainer":
+        return _simpo_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+def csv_log_callback(path: str | os.PathLike):
+    """A TrainerCallback appending each training log to a CSV (``LOG_COLUMNS``)."""
+    base = _callback_base()
+
+    class CSVLogCallback(base):
+        def __init__(self, path):
+            self.path = Path(path)
+            self.trimmed = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # A resumed run starts at its checkpoint's step: drop rows logged after it by the
+            # interrupted run, so the curve holds each step once.
+            if self.trimmed or not state.is_world_process_zero:
+                return
+            self.trimmed = True
+            if state.global_step == 0 or not self.path.exists():
+                self.path.unlink(missing_ok=True)
+                return
+            rows = read_training_log(self.path)
+            _write_log(self.path, [r for r in rows if r["step"] <= state.global_step])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step always gets a row, whatever logging_steps
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            row = {"step": state.global_step, "epoch": state.epoch, "lr": logs.get("learning_rate"),
+                   **{k: logs.get(k) for k in LOG_COLUMNS if k not in ("step", "epoch", "lr")}}
+            new = not self.path.exists()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+    return CSVLogCallback(path)
+
+
+def stop_after_steps_callback(steps: int, save: bool = False):
+    """Stops training once ``steps`` optimizer steps are done, like a kill: nothing is saved
+    beyond the regular checkpoints unless ``save`` (a clean pause for time-boxed sessions)."""
+    base = _callback_base()
+
+    class StopAfterSteps(base):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= steps:
+                control.should_save = control.should_save or save
+                control.should_training_stop = True
+            return control
+
+    return StopAfterSteps()
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in LOG_COLUMNS})
+
+
+def read_training_log(path: str | os.PathLike) -> list[dict]:
+    """Rows of a training CSV, numbers as floats (``step`` as int), blanks as None."""
+    rows = []
+    with Path(path).open() as fh:
+        for raw in csv.DictReader(fh):
+            row = {k: (float(v) if v not in ("", None) else None) for k, v in raw.items()}
+            row["step"] = int(row["step"])
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """What a stage left behind."""
+
+    stage: str                     # "sft" | "simpo"
+    adapter_dir: Path | None       # None when the run was interrupted before its last step
+    log_csv: Path
+    checkpoint_dir: Path
+    completed: bool
+    global_step: int
+    n_examples: int
+    n_dropped_pairs: int = 0
+    metrics: dict = field(default_factory=dict)
+    merged_dir: Path | None = None
+
+
+def _use_cpu() -> bool:
+    import torch
+
+    asked = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return asked or not torch.cuda.is_available()
+
+
+def _state():
+    """The process group, made CPU-aware *before* the Trainer asks: without GPUs, several
+    processes (``accelerate launch --multi_gpu``, torchrun) join over gloo only when the
+    first ``PartialState`` says ``cpu=True``; later calls share that first state."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_use_cpu())
+
+
+def _is_main() -> bool:
+    return _state().is_main_process
+
+
+def _barrier() -> None:
+    _state().wait_for_everyone()
+
+
+def _dataset_key(ds) -> str:
+    return getattr(ds, "_fingerprint", None) or str(len(ds))
+
+
+def _prepare_checkpoints(ckpt_dir: Path, key: str, resume: bool) -> str | None:
+    """The checkpoint to resume from, or None. Checkpoints from another configuration are
+    an error (resuming them would silently mix two runs); ``resume=False`` clears them."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stamp = ckpt_dir / "csp_run_key.json"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last and resume:
+        old = json.loads(stamp.read_text()).get("key") if stamp.exists() else None
+        if old != key:
+            raise ValueError(f"checkpoints in {ckpt_dir} come from a different configuration, base model or "
+                             "dataset; delete them or pass resume=False to start over")
+        return last
+    _barrier()
+    if _is_main():
+        if ckpt_dir.is_dir():
+            import shutil
+
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"key": key}))
+    _barrier()
+    return None
+
+
+# Fields that change how a run is logged or saved, not what it computes: a resumed run may differ in them.
+_BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers")
+
+
+def _run_key(stage: str, cfg, base_model, ds, init_adapter) -> str:
+    computed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _BOOKKEEPING}
+    blob = json.dumps({"stage": stage, "config": computed, "base": _base_name(base_model),
+                       "dataset": _dataset_key(ds), "init": str(init_adapter)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, log_csv: Path, *,
+            base_model, ds, n_examples: int, n_dropped: int = 0, extra: dict | None = None,
+            train_output=None) -> TrainResult:
+    """Save the adapter and its config if the run reached its last step."""
+    state = trainer.state
+    completed = state.global_step >= state.max_steps
+    metrics = dict(getattr(train_output, "metrics", {}) or {})
+    adapter_dir = None
+    if completed:
+        adapter_dir = run_dir / "adapters" / name
+        trainer.save_model(str(adapter_dir))  # PEFT adapter (+ processor files); main process writes
+        if trainer.is_world_process_zero():
+            record = {
+                "stage": stage, "adapter": name, "base_model": _base_name(base_model),
+                "dataset_fingerprint": _dataset_key(ds), "n_rows": len(ds), "n_examples": n_examples,
+                "n_dropped_pairs": n_dropped, "global_step": state.global_step,
+                "world_size": trainer.args.world_size, "config": dataclasses.asdict(cfg),
+                "train_metrics": metrics, "versions": _versions(), **(extra or {}),
+            }
+            (adapter_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str))
+        _barrier()
+    return TrainResult(stage=stage, adapter_dir=adapter_dir, log_csv=log_csv, checkpoint_dir=ckpt_dir,
+                       completed=completed, global_step=state.global_step, n_examples=n_examples,
+                       n_dropped_pairs=n_dropped, metrics=metrics)
+
+
+def _save_measured(run_dir: Path, measured: MeasuredTargets) -> None:
+    if not _is_main():
+        return
+    path = run_dir / "train_logs" / "measured_targets.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["cell", "accuracy", "n", "target"])
+        for key, cell in measured.cells.items():
+            writer.writerow([key, cell["accuracy"], cell["n"], cell["target"]])
+
+
+def build_sft_trainer(model, processor, rows, cfg: SFTConfigCSP, output_dir, callbacks: Sequence = ()):
+    """trl's SFTTrainer as CSP uses it: LoRA from ``cfg.lora``, loss on the reply only,
+    no truncation (``max_length=None``: image tokens must all stay)."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**_trainer_kwargs(cfg, output_dir), max_length=None, assistant_only_loss=True,
+                     packing=False, padding_free=False)
+    cls = SFTTrainer if cfg.trl_fused_loss else _plain_loss_sft_trainer_class()
+    return cls(model=model, args=args, train_dataset=rows, processing_class=processor,
+               peft_config=lora_config(model, cfg.lora), callbacks=list(callbacks))
+
+
+def _plain_loss_sft_trainer_class():
+    """SFTTrainer with the model's own cross-entropy on the labels (``trl_fused_loss=False``):
+    trl's data handling (VLM collator, assistant masks, PEFT) with transformers' loss."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def build_simpo_trainer(model, processor, pairs, cfg: SimPOConfigCSP, output_dir, callbacks: Sequence = ()):
+    """The VLM-aware SimPO trainer over ``pairs`` for an already PEFT-wrapped ``model``."""
+    from transformers import TrainingArguments
+
+    # All LoRA weights take part in every forward, so DDP need not search for unused ones.
+    args = TrainingArguments(**_trainer_kwargs(cfg, output_dir), ddp_find_unused_parameters=False)
+    return _simpo_trainer_class()(model=model, args=args, train_dataset=pairs, data_collator=SimPOCollator(processor),
+                                  processing_class=processor, callbacks=list(callbacks),
+                                  beta=cfg.beta, simpo_gamma=cfg.simpo_gamma)
+
+
+def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, *, name: str = "sft",
+              measured: MeasuredTargets | None = None, resume: bool = True, callbacks: Sequence = ()) -> TrainResult:
+    """Stage 1: LoRA SFT with trl's SFTTrainer. A passed ``(model, processor)`` gets LoRA
+    layers injected in place; pass a name or folder to keep it untouched."""
+    cfg = config or tiny_default().sft
+    run_dir = Path(run_dir)
+    _state()
+    ds = load_perturbed_dataset(dataset)
+    model, processor = _load_base(base_model, cfg.dtype)
+    if cfg.confidence_target == "measured" and measured is None:
+        measured = measured_accuracy_targets(model, processor, ds)
+        _save_measured(run_dir, measured)
+    rows, n_replay = sft_rows(ds, cfg.confidence_target, measured, cfg.replay_fraction, cfg.seed)
+
+    ckpt_dir = run_dir / "checkpoints" / name
+    log_csv = run_dir / "train_logs" / f"{name}.csv"
+    last = _prepare_checkpoints(ckpt_dir, _run_key("sft", cfg, base_model, ds, None), resume)
+    trainer = build_sft_trainer(model, processor, rows, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
+    out = trainer.train(resume_from_checkpoint=last)
+    return _finish(trainer, "sft", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,
+                   n_examples=len(rows), train_output=out,
+                   extra={"confidence_target": cfg.confidence_target,
+                          "n_replay": n_replay})
+
+
+def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = None, *,
+                init_adapter: str | os.PathLike | None = None, name: str | None = None,
+                measured: MeasuredTargets | None = None, resume: bool = True,
+                callbacks: Sequence = ()) -> TrainResult:
+    """Stage 2: SimPO on image-bearing preference pairs. Starts from ``init_adapter`` (the
+    SFT adapter, loaded trainable: the paper's order) or, when None, from a fresh LoRA on
+    the base model. ``name`` defaults to "sft_simpo" after SFT and "simpo_only" otherwise."""
+    from peft import PeftModel, get_peft_model
+
+    cfg = config or tiny_default().simpo
+    run_dir = Path(run_dir)
+    _state()
+    name = name or ("sft_simpo" if init_adapter else "simpo_only")
+    ds = load_perturbed_dataset(dataset)
+    model, processor = _load_base(base_model, cfg.dtype)
+    if cfg.confidence_target == "measured" and measured is None:
+        measured = measured_accuracy_targets(model, processor, ds)  # the base model's, before any adapter
+        _save_measured(run_dir, measured)
+    pairs, dropped = simpo_pairs(ds, cfg.confidence_target, measured)
+
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # LoRA A starts random: seed it, as SFTTrainer does, so runs repeat exactly
+    if init_adapter is not None:
+        if not (Path(init_adapter) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        model = get_peft_model(model, lora_config(model, cfg.lora))
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # PEFT + checkpointing: inputs must carry grad
+
+    ckpt_dir = run_dir / "checkpoints" / name
+    log_csv = run_dir / "train_logs" / f"{name}.csv"
+    last = _prepare_checkpoints(ckpt_dir, _run_key("simpo", cfg, base_model, ds, init_adapter), resume)
+    trainer = build_simpo_trainer(model, processor, pairs, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
+    out = trainer.train(resume_from_checkpoint=last)
+    return _finish(trainer, "simpo", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,
+                   n_examples=len(pairs), n_dropped=dropped, train_output=out,
+                   extra={"init_adapter": str(init_adapter) if init_adapter else None,
+                          "confidence_target": cfg.confidence_target,
+                          "beta": cfg.beta, "simpo_gamma": cfg.simpo_gamma})
+
+
+def adapter_complete(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return (folder / "adapter_config.json").exists() and (folder / CONFIG_FILE).exists()
+
+
+def merge_adapter(base_model, adapter_dir, out_dir, dtype: str = "float32") -> Path:
+    """Base + adapter as one ordinary transformers model folder (``merge_and_unload``)."""
+    import torch
+
+    model, processor = models.load_vlm(base_model, adapter=adapter_dir, merge_adapter=True,
+                                       dtype=getattr(torch, dtype))
+    meta = {"base_model": str(base_model), "adapter": str(adapter_dir), "merged": True}
+    return models.save_vlm(model, processor, out_dir, meta)
+
+
+SFT_ADAPTER_POLICIES = ("reuse", "retrain", "require")
+
+
+def train_regime(regime: str, base_model, dataset, out_dir, configs: TrainingConfigs | None = None, *,
+                 sft_adapter: str = "reuse", tag: str = "", resume: bool = True,
+                 callbacks: Sequence = ()) -> dict[str, TrainResult]:
+    """One ablation regime in one call: "sft", "simpo" (from the base model) or
+    "sft_simpo" (SFT, then SimPO from its adapter). ``out_dir`` is the run folder.
+
+    ``sft_adapter`` says what "sft_simpo" does with a finished ``adapters/sft`` (notebook
+    03's): "reuse" it (train SFT only if it is missing), "retrain" it, or "require" it
+    (an error if missing: notebook 04 must not quietly redo notebook 03 with its own
+    parameters). ``tag`` is appended to every adapter / log / checkpoint name, e.g. "@s1"
+    for a second seed. Returns {adapter name: TrainResult}."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}")
+    if sft_adapter not in SFT_ADAPTER_POLICIES:
+        raise ValueError(f"sft_adapter must be one of {SFT_ADAPTER_POLICIES}, got {sft_adapter!r}")
+    if isinstance(base_model, tuple):
+        raise TypeError("train_regime needs base_model as 'embedded', a folder or a hub id: each stage loads "
+                        "a fresh copy (LoRA is injected in place)")
+    configs = configs or tiny_default()
+    run_dir = Path(out_dir)
+    _state()
+    ds = load_perturbed_dataset(dataset)
+    sft_name, simpo_name = "sft" + tag, REGIME_ADAPTERS[regime][-1] + tag
+    sft_dir = run_dir / "adapters" / sft_name
+    train_sft_now = regime == "sft" or (
+        regime == "sft_simpo" and (sft_adapter == "retrain" or not adapter_complete(sft_dir)))
+    if regime == "sft_simpo" and sft_adapter == "require" and not adapter_complete(sft_dir):
+        raise FileNotFoundError(f"regime 'sft_simpo' starts from the SFT adapter, and {sft_dir} holds none: "
+                                "train it first (notebook 03, or regime 'sft')")
+    measured = None
+    needs = [configs.sft.confidence_target] * train_sft_now + [configs.simpo.confidence_target] * (regime != "sft")
+    if "measured" in needs:
+        model, processor = _load_base(base_model, configs.sft.dtype)
+        measured = measured_accuracy_targets(model, processor, ds)  # once, for both stages
+        _save_measured(run_dir, measured)
+        del model
+
+    results: dict[str, TrainResult] = {}
+    if train_sft_now:
+        results[sft_name] = train_sft(base_model, ds, run_dir, configs.sft, name=sft_name, measured=measured,
+                                      resume=resume, callbacks=callbacks)
+        if not results[sft_name].completed:
+            return results  # interrupted: SimPO waits for a finished SFT adapter
+    elif regime == "sft_simpo" and _is_main():
+        print(f"[training] SimPO starts from the existing SFT adapter {sft_dir}")
+    if regime != "sft":
+        results[simpo_name] = train_simpo(base_model, ds, run_dir, configs.simpo, name=simpo_name,
+                                          init_adapter=sft_dir if regime == "sft_simpo" else None,
+                                          measured=measured, resume=resume, callbacks=callbacks)
+    if configs.merge:
+        for name, result in results.items():
+            if result.completed and _is_main():
+                result.merged_dir = merge_adapter(base_model, result.adapter_dir, run_dir / "merged" / name,
+                                                  configs.sft.dtype)
+        _barrier()
+    return results
+
+
+def make_configs(preset: str = "tiny_default", sft: dict | None = None, simpo: dict | None = None,
+                 merge: bool = False) -> TrainingConfigs:
+    """A preset with overrides, as notebooks and scripts pass them: ``None`` values mean
+    "keep the preset's", and a ``"lora"`` dict changes only the keys it names."""
+    presets = {"tiny_default": tiny_default, "paper_llava7b": paper_llava7b}
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+    configs = presets[preset]()
+    for stage, changes in ((configs.sft, sft or {}), (configs.simpo, simpo or {})):
+        for key, value in changes.items():
+            if value is None:
+                continue
+            if key == "lora":
+                stage.lora = dataclasses.replace(stage.lora, **{k: v for k, v in value.items() if v is not None})
+            elif not hasattr(stage, key):
+                raise ValueError(f"unknown {type(stage).__name__} field {key!r}")
+            else:
+                setattr(stage, key, value)
+        stage.__post_init__()  # re-validate after the changes
+    configs.merge = bool(merge)
+    return configs
+
+
+def pair_margins(model, processor, pairs, batch_size: int = 16):
+    """Per preference pair: mean reply log-prob of chosen minus rejected, each scored with
+    its image (the quantity SimPO widens). Returns a float numpy array."""
+    import numpy as np
+    import torch
+
+    collate = SimPOCollator(processor)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+            logps = reply_mean_logps(model, {k: v.to(device) for k, v in batch.items()})
+            n = logps.shape[0] // 2
+            out.append((logps[:n] - logps[n:]).float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out)
+
+
+def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max_pairs: int | None = 512,
+                 batch_size: int = 16, seed: int = 0):
+    """Chosen-over-rejected margins on the training pairs, one row per model.
+
+    ``adapters``: {label: adapter folder, or None for the base model itself}. At most
+    ``max_pairs`` pairs (a seeded sample) keep it cheap for a 7B model."""
+    import numpy as np
+    import pandas as pd
+
+    ds = load_perturbed_dataset(dataset)
+    measured = None
+    if target == "measured":
+        model, processor = models.load_vlm(base_model)
+        measured = measured_accuracy_targets(model, processor, ds)
+    pairs, _ = simpo_pairs(ds, target, measured)
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = pairs.select(sorted(random.Random(seed).sample(range(len(pairs)), max_pairs)))
+    rows = []
+    for label, adapter in adapters.items():
+        model, processor = models.load_vlm(base_model, adapter=adapter)
+        m = pair_margins(model, processor, pairs, batch_size)
+        rows.append({"model": label, "pairs": len(m), "mean_margin": float(np.mean(m)),
+                     "median_margin": float(np.median(m)), "chosen_preferred": float(np.mean(m > 0))})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def plot_training_curves(csv_paths, title: str | None = None):
+    """Loss and learning rate for every log; SimPO margin and reward accuracy where logged.
+
+    ``csv_paths``: one CSV or several (one line each, labelled by file stem)."""
+    import matplotlib.pyplot as plt
+
+    if isinstance(csv_paths, (str, os.PathLike)):
+        csv_paths = [csv_paths]
+    missing = [str(p) for p in csv_paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no training log at {missing}")
+    logs = {Path(p).stem: read_training_log(p) for p in csv_paths}
+    panels = [("loss", "loss"), ("lr", "learning rate")]
+    if any(r.get("margin") is not None for rows in logs.values() for r in rows):
+        panels += [("margin", "margin (mean logp chosen - rejected)"), ("reward_acc", "reward accuracy")]
+    ncols = 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        for stem, rows in logs.items():
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=2.5, lw=1.4, label=stem)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if len(logs) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_training_curves(csv_paths, path_without_suffix, title: str | None = None):
+    """Plot and write PNG + PDF (through ``plots.save_figure``)."""
+    from csp_utils import plots
+
+    fig = plot_training_curves(csv_paths, title)
+    return fig, plots.save_figure(fig, path_without_suffix)

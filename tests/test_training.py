@@ -1,0 +1,447 @@
+"""CSP training: reply-only SFT labels, a SimPO that sees images, regimes, resume, DDP.
+
+Everything runs on a randomly initialised tiny LLaVA saved to a temporary folder and a
+handful of rows in the perturbed dataset's schema: 75-120 s on 2 shared CPU cores, most of
+it the two papermill notebooks and the two-process run. The one ``slow`` test trains the
+embedded default model (skipped when it is not built; about 80 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+datasets = pytest.importorskip("datasets")
+
+from csp_utils import models, prompts, training  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = (0, 30, 50, 80, 100)
+N_SAMPLES = 4
+
+
+def make_rows(n_samples: int = N_SAMPLES, levels=LEVELS, seed: int = 0) -> list[dict]:
+    """Rows with the perturbed dataset's columns; images are random, one per (sample, level)."""
+    rng = np.random.RandomState(seed)
+    rows = []
+    for s in range(n_samples):
+        question = f"Is there a red circle number {s}?"
+        answer = "Yes" if s % 2 == 0 else "No"
+        for c in levels:
+            rows.append(dict(
+                image=Image.fromarray(rng.randint(0, 255, (64, 64, 3), dtype=np.uint8)),
+                sample_id=f"s{s}-c{c}", question=question, answer=answer, confidence=c, target_text=f"{c}%",
+                confidence_prompt=prompts.confidence_text(question, answer), framing="third", t=100 - c,
+                noise_gamma=0.07, t_max=100, schedule="geometric", noise="local", mask_area=0.1,
+                grounder="oracle", grounding_status="ok", source_id=f"s{s}"))
+    return rows
+
+
+def make_dataset(**kw):
+    return datasets.Dataset.from_list(make_rows(**kw)).cast_column("image", datasets.Image())
+
+
+def small_configs(steps: int = 4, **simpo) -> training.TrainingConfigs:
+    """Few steps, no dropout (determinism), a checkpoint every 2 steps, a log every step."""
+    cfg = training.tiny_default()
+    for stage in (cfg.sft, cfg.simpo):
+        stage.max_steps = steps
+        stage.per_device_train_batch_size = 4
+        stage.logging_steps = 1
+        stage.save_steps = 2
+        stage.warmup = 0
+        stage.lora.dropout = 0.0
+    for key, value in simpo.items():
+        setattr(cfg.simpo, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module: on a shared 2-core machine, two spinning OpenMP
+    threads make each tiny matmul ~100x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A saved tiny base model and a saved dataset, like a run folder after notebook 02."""
+    root = tmp_path_factory.mktemp("training")
+    model, processor = models.build_tiny_vlm(models.TinyVLMConfig())
+    models.save_vlm(model, processor, root / "base")
+    make_dataset().save_to_disk(str(root / "dataset" / "dataset"))
+    return root
+
+
+def load_base(work):
+    return models.load_vlm(work / "base", dtype=torch.float32)
+
+
+def adapter_tensors(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "adapter_model.safetensors"))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_load_dataset_from_run_folder_or_dataset_folder(work):
+    a = training.load_perturbed_dataset(work / "dataset")
+    b = training.load_perturbed_dataset(work / "dataset" / "dataset")
+    assert len(a) == len(b) == N_SAMPLES * len(LEVELS)
+    with pytest.raises(FileNotFoundError, match="no saved datasets.Dataset"):
+        training.load_perturbed_dataset(work / "nowhere")
+    with pytest.raises(ValueError, match="lacks columns"):
+        training.load_perturbed_dataset(a.remove_columns(["confidence_prompt"]))
+
+
+def test_simpo_pairs_drop_and_count_c50():
+    ds = make_dataset()
+    pairs, dropped = training.simpo_pairs(ds)
+    assert dropped == N_SAMPLES  # one c = 50 row per sample
+    assert len(pairs) == len(ds) - N_SAMPLES
+    for row in pairs:
+        c = int(row["chosen"].rstrip("%"))
+        assert row["rejected"] == f"{100 - c}%" and row["chosen"] != row["rejected"]
+        assert isinstance(row["image"], Image.Image)
+    with pytest.raises(ValueError, match="no preference pairs left"):
+        training.simpo_pairs(make_dataset(levels=(50,)))
+
+
+def test_replay_rows_are_clean_question_answer_turns():
+    ds = make_dataset()
+    rows, n_replay = training.sft_rows(ds, replay_fraction=0.5, seed=1)
+    assert n_replay == len(ds)  # half of all rows
+    replay = [rows[i] for i in range(len(ds), len(rows))]
+    clean_images = {ds[i]["image"].tobytes() for i in range(len(ds)) if ds[i]["t"] == 0}
+    for row in replay:
+        user, assistant = row["messages"]
+        assert user["content"].endswith("Answer with Yes or No.")
+        assert assistant["content"] in ("Yes", "No")
+        assert row["image"].tobytes() in clean_images
+    with pytest.raises(ValueError, match="clean rows"):
+        training.sft_rows(make_dataset(levels=(30, 80)), replay_fraction=0.2)
+
+
+def test_lora_targets_language_model_and_projector_only(tiny_vlm):
+    model, _ = tiny_vlm
+    cfg = training.LoraSettings()
+    regex = training.lora_target_regex(model, cfg)
+    import re
+
+    hit = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(regex, n)]
+    assert any("language_model" in n for n in hit) and any("multi_modal_projector" in n for n in hit)
+    assert not any("vision_tower" in n or n.endswith("lm_head") for n in hit)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        training.lora_target_regex(model, training.LoraSettings(target_modules=("q_projj",)))
+    with pytest.raises(ValueError, match="do not exist"):
+        training.lora_target_regex(model, training.LoraSettings(target_modules=("q_proj", "q_projj")))
+
+
+def test_measured_targets_are_cell_accuracies(tiny_vlm):
+    model, processor = tiny_vlm
+    ds = make_dataset()
+    measured = training.measured_accuracy_targets(model, processor, ds, batch_size=7)
+    # Batching with padding must not change any answer.
+    one_by_one = training.greedy_yes_no(model, processor, [r["image"] for r in ds], ds["question"], batch_size=1)
+    assert set(one_by_one) <= {"Yes", "No"}
+    assert measured.own_answers == one_by_one
+    for i, row in enumerate(ds):
+        same = [j for j in range(len(ds)) if ds[j]["confidence"] == row["confidence"]
+                and measured.own_answers[j] == measured.own_answers[i]]
+        accuracy = np.mean([measured.own_answers[j] == ds[j]["answer"] for j in same])
+        assert measured.targets[i] == int(round(100 * accuracy))
+    # The measured target's prompt carries the model's own answer: the cell is keyed by it.
+    rows, _ = training.sft_rows(ds, "measured", measured)
+    user, assistant = rows[0]["messages"]
+    assert f"Model's answer was {measured.own_answers[0]}." in user["content"]
+    assert assistant["content"] == f"{measured.targets[0]}%"
+
+
+# --------------------------------------------------------------------------- SFT labels
+
+
+def test_sft_labels_mask_everything_but_the_reply(work, tmp_path):
+    model, processor = load_base(work)
+    cfg = small_configs().sft
+    rows, _ = training.sft_rows(training.load_perturbed_dataset(work / "dataset"))
+    trainer = training.build_sft_trainer(model, processor, rows, cfg, tmp_path)
+    examples = [rows[i] for i in (0, 1, 3, 4)]  # 0%, 30%, 80%, 100%: replies of different lengths
+    batch = trainer.data_collator([dict(e) for e in examples])
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    n_image_tokens = (64 // 8) ** 2
+    assert batch["pixel_values"].shape[0] == len(examples)
+    for i, example in enumerate(examples):
+        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        kept = labels != -100
+        assert tok.decode(ids[kept]) == f" {example['messages'][1]['content']}{tok.eos_token}"
+        assert torch.equal(labels[kept], ids[kept])
+        # The kept tokens are one contiguous block at the end of the real tokens (the reply).
+        positions = kept.nonzero().flatten()
+        assert torch.equal(positions, torch.arange(positions[0], positions[-1] + 1))
+        assert (ids == image_id).sum() == n_image_tokens  # max_length=None: no image token lost
+    # SFT and SimPO tokenize the same conversation identically.
+    pair = {"image": examples[0]["image"], "prompt": examples[0]["messages"][0]["content"],
+            "chosen": examples[0]["messages"][1]["content"], "rejected": "100%"}
+    simpo_batch = training.SimPOCollator(processor)([pair])
+    real = batch["attention_mask"][0].bool()
+    simpo_real = simpo_batch["attention_mask"][0].bool()
+    assert torch.equal(simpo_batch["input_ids"][0][simpo_real], batch["input_ids"][0][real])
+
+
+def test_sft_loss_is_the_same_with_and_without_trls_fused_head(work, tmp_path):
+    import dataclasses
+
+    rows, _ = training.sft_rows(training.load_perturbed_dataset(work / "dataset"))
+    losses = []
+    for fused in (False, True):
+        model, processor = load_base(work)
+        cfg = dataclasses.replace(small_configs().sft, trl_fused_loss=fused)
+        trainer = training.build_sft_trainer(model, processor, rows, cfg, tmp_path / str(fused))
+        batch = trainer.data_collator([dict(rows[i]) for i in range(6)])
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(trainer.model, batch)))
+    assert abs(losses[0] - losses[1]) < 1e-5, losses
+
+
+# --------------------------------------------------------------------------- SimPO sees images
+
+
+def separate_forward_mean_logp(model, processor, image, prompt_text, reply) -> torch.Tensor:
+    """Mean log-prob of ``reply`` from one full, unpadded forward of one conversation with its
+    image; the reply is located through the generation prompt, not the assistant mask."""
+    user = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt_text}]}]
+    full = processor.apply_chat_template(user + [prompts.assistant_turn(reply)], tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = full["input_ids"][0]
+    start = prompt["input_ids"].shape[1]
+    end = int((ids == processor.tokenizer.eos_token_id).nonzero().flatten()[-1]) + 1  # through </s>
+    logits = model(**full).logits[0].float()
+    logp = logits[start - 1:end - 1].log_softmax(-1).gather(1, ids[start:end, None]).squeeze(1)
+    return logp.mean()
+
+
+def test_simpo_loss_equals_separate_forwards_with_images(work, tmp_path):
+    from peft import get_peft_model
+
+    model, processor = load_base(work)
+    cfg = small_configs().simpo
+    model = get_peft_model(model, training.lora_config(model, cfg.lora))
+    with torch.no_grad():  # non-zero LoRA B so the adapter takes part in the check
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    pairs, _ = training.simpo_pairs(training.load_perturbed_dataset(work / "dataset"))
+    trainer = training.build_simpo_trainer(model, processor, pairs, cfg, tmp_path)
+    examples = [pairs[i] for i in (0, 2, 5, 9)]
+    batch = trainer.data_collator(examples)
+    n = len(examples)
+    assert batch["pixel_values"].shape[0] == 2 * n  # an image for every chosen and every rejected row
+    assert torch.equal(batch["pixel_values"][:n], batch["pixel_values"][n:])
+    model.eval()
+    with torch.no_grad():
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        chosen = torch.stack([separate_forward_mean_logp(model, processor, e["image"], e["prompt"], e["chosen"])
+                              for e in examples])
+        rejected = torch.stack([separate_forward_mean_logp(model, processor, e["image"], e["prompt"], e["rejected"])
+                                for e in examples])
+        expected = training.simpo_losses(chosen, rejected, cfg.beta, cfg.simpo_gamma).mean()
+        by_hand = -torch.nn.functional.logsigmoid(cfg.beta * (chosen - rejected) - cfg.simpo_gamma).mean()
+    torch.testing.assert_close(out["chosen_logps"], chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["rejected_logps"], rejected, atol=1e-5, rtol=0)
+    assert abs(float(loss) - float(expected)) < 1e-5 and abs(float(expected) - float(by_hand)) < 1e-6
+
+    # Another image for the first pair moves both halves' scores, and the loss.
+    other = Image.fromarray(np.random.RandomState(99).randint(0, 255, (64, 64, 3), dtype=np.uint8))
+    changed = [{**examples[0], "image": other}] + examples[1:]
+    with torch.no_grad():
+        loss2, out2 = trainer.compute_loss(model, trainer.data_collator(changed), return_outputs=True)
+    assert abs(float(out2["chosen_logps"][0]) - float(out["chosen_logps"][0])) > 1e-4
+    assert abs(float(out2["rejected_logps"][0]) - float(out["rejected_logps"][0])) > 1e-4
+    torch.testing.assert_close(out2["chosen_logps"][1:], out["chosen_logps"][1:], atol=1e-5, rtol=0)
+    assert abs(float(loss2) - float(loss)) > 1e-6
+
+
+# --------------------------------------------------------------------------- regimes
+
+
+def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tmp_path):
+    from peft import PeftModel
+
+    run = tmp_path / "run"
+    cfg = small_configs(steps=6, learning_rate=2e-3)
+    results = training.train_regime("sft", work / "base", work / "dataset", run, cfg)
+    results.update(training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg))  # reuses sft
+    results.update(training.train_regime("simpo", work / "base", work / "dataset", run, cfg))
+    assert set(results) == {"sft", "sft_simpo", "simpo_only"}
+    base_state = {k: v.clone() for k, v in load_base(work)[0].state_dict().items()}
+    for name, result in results.items():
+        folder = run / "adapters" / name
+        assert result.completed and result.adapter_dir == folder and result.global_step == 6
+        record = json.loads((folder / training.CONFIG_FILE).read_text())
+        assert record["stage"] == ("sft" if name == "sft" else "simpo") and record["global_step"] == 6
+        assert any(float(t.abs().max()) > 0 for k, t in adapter_tensors(folder).items() if "lora_B" in k)
+        model, processor = load_base(work)
+        peft_model = PeftModel.from_pretrained(model, str(folder))
+        assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+        rows = training.read_training_log(run / "train_logs" / f"{name}.csv")
+        assert [r["step"] for r in rows] == list(range(1, 7))
+    assert json.loads((run / "adapters" / "sft_simpo" / training.CONFIG_FILE).read_text())["init_adapter"].endswith("sft")
+    assert results["sft_simpo"].n_dropped_pairs == N_SAMPLES
+    assert training.read_training_log(run / "train_logs" / "simpo.csv")[0]["margin"] is not None
+
+    # Margins on the training pairs: SimPO from the base and SimPO after SFT both widen them.
+    pairs, _ = training.simpo_pairs(training.load_perturbed_dataset(work / "dataset"))
+    base, processor = load_base(work)
+    margin = lambda name: training.pair_margins(  # noqa: E731
+        models.load_vlm(work / "base", adapter=run / "adapters" / name)[0], processor, pairs, batch_size=5).mean()
+    before = training.pair_margins(base, processor, pairs).mean()
+    simpo_only, after_sft, after_both = margin("simpo_only"), margin("sft"), margin("sft_simpo")
+    assert simpo_only > before + 0.05, (float(before), float(simpo_only))
+    assert after_both > after_sft + 0.05, (float(after_sft), float(after_both))
+    # The base model itself was never touched (each stage loads a fresh copy).
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_state.items())
+
+    # Merging gives an ordinary model folder that computes what base + adapter computes.
+    merged_dir = training.merge_adapter(work / "base", run / "adapters" / "sft", tmp_path / "merged")
+    merged, _ = models.load_vlm(merged_dir)
+    with_adapter, _ = models.load_vlm(work / "base", adapter=run / "adapters" / "sft")
+    batch = training.SimPOCollator(processor)([pairs[0]])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, with_adapter(**inputs).logits, atol=1e-4, rtol=0)
+
+    fig = training.plot_training_curves([run / "train_logs" / "sft.csv", run / "train_logs" / "simpo.csv"])
+    assert len([ax for ax in fig.axes if ax.lines]) == 4
+
+
+def test_regime_arguments_are_checked(work, tmp_path):
+    with pytest.raises(ValueError, match="regime must be one of"):
+        training.train_regime("dpo", work / "base", work / "dataset", tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds none"):  # notebook 04 without notebook 03
+        training.train_regime("sft_simpo", work / "base", work / "dataset", tmp_path, sft_adapter="require")
+    configs = training.make_configs("tiny_default", sft={"learning_rate": 0.1, "lora": {"r": 4}, "max_steps": None})
+    assert configs.sft.learning_rate == 0.1 and configs.sft.lora.r == 4 and configs.sft.lora.alpha == 32
+    assert configs.sft.max_steps == training.tiny_default().sft.max_steps
+    with pytest.raises(ValueError, match="unknown SimPOConfigCSP field 'gamma'"):
+        training.make_configs(simpo={"gamma": 1.0})
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("stage", ["sft", "simpo"])
+def test_resume_ends_where_an_uninterrupted_run_ends(work, tmp_path, stage):
+    cfg = small_configs(steps=5)
+    train = training.train_sft if stage == "sft" else training.train_simpo
+    stage_cfg = cfg.sft if stage == "sft" else cfg.simpo
+    straight = train(work / "base", work / "dataset", tmp_path / "a", stage_cfg)
+    # "Kill" after step 3: the last checkpoint is step 2, so step 3 is redone on resume.
+    killed = train(work / "base", work / "dataset", tmp_path / "b", stage_cfg,
+                   callbacks=[training.stop_after_steps_callback(3)])
+    assert not killed.completed and killed.adapter_dir is None and killed.global_step == 3
+    assert (killed.checkpoint_dir / "checkpoint-2").is_dir() and not (killed.checkpoint_dir / "checkpoint-3").exists()
+    resumed = train(work / "base", work / "dataset", tmp_path / "b", stage_cfg)
+    assert resumed.completed and resumed.global_step == 5
+    a, b = adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+    assert [r["step"] for r in training.read_training_log(resumed.log_csv)] == [1, 2, 3, 4, 5]
+    # Checkpoints of another configuration are refused rather than silently mixed.
+    other = dataclass_replace(stage_cfg, learning_rate=stage_cfg.learning_rate * 2)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(work / "base", work / "dataset", tmp_path / "b", other)
+
+
+def dataclass_replace(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_two_processes_write_a_loadable_adapter(work, tmp_path):
+    from peft import PeftModel
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    # `--cpu` makes accelerate start one process; `--multi_gpu` on a GPU-less machine starts
+    # torchrun workers, which training.py joins over gloo (see docs/multi_gpu.md).
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "scripts" / "train_accelerate.py"), "--regime", "sft_simpo", "--base-model", str(work / "base"),
+           "--dataset", str(work / "dataset"), "--run-dir", str(run), "--max-steps", "2", "--batch-size", "2",
+           "--logging-steps", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in ("sft", "sft_simpo"):
+        record = json.loads((run / "adapters" / name / training.CONFIG_FILE).read_text())
+        assert record["world_size"] == 2 and record["global_step"] == 2
+        model, _ = models.load_vlm(work / "base", adapter=run / "adapters" / name)
+        assert isinstance(model, PeftModel)
+        assert [r["step"] for r in training.read_training_log(run / "train_logs" / f"{name}.csv")] == [1, 2]
+
+
+
+
+# --------------------------------------------------------------------------- the embedded model (slow)
+
+
+@pytest.mark.slow
+def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
+    """Issue 5's "done when": after SFT on a world perturbed dataset, the embedded model's
+    verbalized confidence on *held-out* perturbed images rises with the level (Spearman)."""
+    from scipy.stats import spearmanr
+
+    from csp_utils import evaluation, grounding, perturbed_dataset, scenes
+
+    if not (models.default_model_dir() / "model.safetensors").exists():
+        pytest.skip("the embedded default model is not built (python -m csp_utils.pretrain)")
+
+    def build(split, n, folder):
+        world = scenes.make_scenes(split, n)
+        return perturbed_dataset.build_perturbed_dataset(
+            perturbed_dataset.world_source(world, questions_per_scene=2),
+            grounding.AnnotationGrounder.from_scenes(world), folder,
+            perturbed_dataset.BuildConfig(shard_size=10_000), progress=False)
+
+    build("csp", 200, tmp_path / "run" / "dataset")
+    heldout = build("eval", 40, tmp_path / "heldout")
+    configs = training.make_configs(sft={"max_steps": 300, "logging_steps": 50, "save_steps": 10 ** 6})
+    training.train_regime("sft", "embedded", tmp_path / "run" / "dataset", tmp_path / "run", configs)
+
+    model, processor = models.load_vlm("embedded", adapter=tmp_path / "run" / "adapters" / "sft")
+    options = list(range(0, 101, 10))
+    option_ids = evaluation.option_token_ids(processor, options)
+    expected = []
+    for start in range(0, len(heldout), 32):
+        rows = heldout.select(range(start, min(start + 32, len(heldout))))
+        messages = [prompts.confidence_messages(q, a) for q, a in zip(rows["question"], rows["answer"])]
+        with torch.no_grad():
+            ll = evaluation.score_options(model, processor, messages, [im.convert("RGB") for im in rows["image"]],
+                                          option_ids)
+        expected += list(evaluation.option_distribution(np.asarray(ll), options)[1])
+    levels = np.asarray(heldout["confidence"])
+    expected = np.asarray(expected)
+    rho = spearmanr(expected, levels).correlation
+    print(f"held-out Spearman(verbalized confidence, level) = {rho:.3f}")
+    assert rho > 0.4
+    assert expected[levels == 100].mean() > expected[levels == 0].mean() + 0.1
