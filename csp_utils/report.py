@@ -90,13 +90,15 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             save(plots.ablation_bars(agg, title=f"Ablations: {metric} (mean over sets, 95% bootstrap)"),
                  f"ablation_{metric}")
     logs = sorted((results_dir / "train_logs").glob("*.csv")) if (results_dir / "train_logs").exists() else []
+    # train_logs/ also holds margin tables and measured targets: curves are the files with a step column
+    logs = [p for p in logs if p.read_text().split("\n", 1)[0].split(",")[0] == "step"]
     if logs:
         from csp_utils import training
 
         for log in logs:
             save(training.plot_training_curves(log), f"training_{log.stem}")
     if perturbation_grid:
-        save(perturbation_grid_figure(), "perturbation_grid")
+        save(perturbation_grid_figure(), "perturbation_grid_scenes")
     return written
 
 
