@@ -38,6 +38,13 @@ class SuiteConfig:
     noise_gamma: float | None = None  # None: perturbation's default
     seed: int = 0
     image_size: int = 64
+    # official benchmark files (the real path): POPE's folder of coco_pope_*.json + COCO images,
+    # AMBER's folder of queries/annotations + AMBER images; None leaves them out
+    pope_dir: str | None = None
+    coco_images: str | None = None
+    amber_dir: str | None = None
+    amber_images: str | None = None
+    official_only: bool = False       # True: skip the world sets (a GPU run on real data)
 
 
 def _world_config(cfg: SuiteConfig) -> world.WorldConfig:
@@ -102,7 +109,9 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
     wc = _world_config(cfg)
     wanted = set(sets) if sets is not None else None
     want = lambda name: wanted is None or name in wanted  # noqa: E731
-    suite: dict[str, benchmarks.Benchmark] = {}
+    suite: dict[str, benchmarks.Benchmark] = official_sets(cfg, want)
+    if cfg.official_only:
+        return suite
     if any(want(f"pope-{k}") for k in benchmarks.POPE_KINDS):
         pope = benchmarks.pope_scenes(cfg.n_pope_images, wc, split="eval", start=_STARTS["pope"])
         for kind in benchmarks.POPE_KINDS:
@@ -128,6 +137,27 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
     if want("perturbed"):
         suite["perturbed"] = perturbed_benchmark(cfg)
     return suite
+
+
+def official_sets(cfg: SuiteConfig, want=lambda name: True) -> dict[str, benchmarks.Benchmark]:
+    """The official POPE (COCO) and AMBER discriminative sets, when their folders are given."""
+    out = {}
+    if cfg.pope_dir:
+        if not cfg.coco_images:
+            raise ValueError("SuiteConfig.pope_dir needs coco_images: the folder of COCO val2014 images")
+        for kind in benchmarks.POPE_KINDS:
+            name = f"coco-pope-{kind}"
+            if want(name):
+                bench = benchmarks.load_pope(Path(cfg.pope_dir) / f"coco_pope_{kind}.json", cfg.coco_images)
+                out[name] = _with_set(bench, name)
+    if cfg.amber_dir:
+        if not cfg.amber_images:
+            raise ValueError("SuiteConfig.amber_dir needs amber_images: the folder of AMBER's images")
+        for kind, bench in benchmarks.load_amber(cfg.amber_dir, cfg.amber_images).items():
+            name = f"official-{bench.name}"
+            if want(name):
+                out[name] = _with_set(bench, name)
+    return out
 
 
 # ------------------------------------------------------------------ the evaluation matrix
@@ -208,7 +238,7 @@ def model_group(name: str) -> str:
 
 def positive_class(set_name: str) -> str:
     """AMBER's official scorer treats "no" as positive; POPE and the rest "yes"."""
-    return "no" if set_name.startswith("amber") else "yes"
+    return "no" if set_name.startswith(("amber", "official-amber")) else "yes"
 
 
 def _f1(truth: np.ndarray, pred: np.ndarray) -> float:

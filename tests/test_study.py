@@ -53,7 +53,7 @@ def test_stage_outputs(smoke_run):
         assert (figs / f"{stem}.png").stat().st_size > 0 and (figs / f"{stem}.pdf").stat().st_size > 0
     # 02: the perturbed dataset and its report
     report = json.loads((smoke_run / "dataset" / "build_report.json").read_text())
-    assert report["kept_samples"] > 0 and set(report["per_level"]) >= {"0", "50", "100"}
+    assert report["kept_samples"] > 0 and set(report["rows_per_level"]) >= {"0", "50", "100"}
     # 03 / 04: three regimes, each a PEFT adapter with its training config and a curve log
     for name in ("sft@s0", "sft_simpo@s0", "simpo_only@s0"):
         adapter = smoke_run / "adapters" / name
@@ -83,7 +83,7 @@ def test_rerun_skips_finished_stages_and_resumes_from_a_changed_one(smoke_run, s
     params = yaml.safe_load(SMOKE.read_text())
     params["stages"]["07_figures"] = {"after": "sft"}  # only the last stage changes
     changed = smoke_run.parent / "changed.yaml"
-    changed.write_text(yaml.safe_dump(params))
+    changed.write_text(yaml.safe_dump(params, sort_keys=False))  # stage order is the chain
     study.run_study(changed, name=smoke_run.name, runs_root=smoke_run.parent,
                     overrides={"base_model": str(smoke_model)})
     out = capsys.readouterr().out
