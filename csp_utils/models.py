@@ -44,10 +44,10 @@ class TinyVLMConfig:
     vision_layers: int = 3
     vision_heads: int = 4
     vision_intermediate: int = 128
-    text_hidden: int = 96
+    text_hidden: int = 64
     text_layers: int = 3
     text_heads: int = 4
-    text_intermediate: int = 192
+    text_intermediate: int = 128
     vocab_size: int = 640          # BPE target size; the trained vocabulary may be smaller
     max_position_embeddings: int = 256
     seed: int = 0

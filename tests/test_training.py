@@ -303,7 +303,7 @@ def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tm
         assert [r["step"] for r in rows] == list(range(1, 7))
     assert json.loads((run / "adapters" / "sft_simpo" / training.CONFIG_FILE).read_text())["init_adapter"].endswith("sft")
     assert results["sft_simpo"].n_dropped_pairs == N_SAMPLES
-    assert training.read_training_log(run / "train_logs" / "simpo.csv")[0]["margin"] is not None
+    assert training.read_training_log(run / "train_logs" / "sft_simpo.csv")[0]["margin"] is not None
 
     # Margins on the training pairs: SimPO from the base and SimPO after SFT both widen them.
     pairs, _ = training.simpo_pairs(training.load_perturbed_dataset(work / "dataset"))
@@ -326,7 +326,7 @@ def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tm
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, with_adapter(**inputs).logits, atol=1e-4, rtol=0)
 
-    fig = training.plot_training_curves([run / "train_logs" / "sft.csv", run / "train_logs" / "simpo.csv"])
+    fig = training.plot_training_curves([run / "train_logs" / "sft.csv", run / "train_logs" / "sft_simpo.csv"])
     assert len([ax for ax in fig.axes if ax.lines]) == 4
 
 

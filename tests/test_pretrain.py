@@ -1,0 +1,245 @@
+"""Pre-training the embedded default VLM: rebuild path, determinism, resume, loss masking.
+
+Every training run here uses ``PretrainConfig.tiny()`` (seconds; it learns nothing), so
+accuracy is not tested; the shipped model's own numbers live in its csp_meta.json.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from csp_utils import pretrain, prompts
+from csp_utils.pretrain import PretrainConfig
+
+SHIPPED = Path(pretrain.__file__).parent / "data" / "tiny_llava"
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def _max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return PretrainConfig.tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_cfg):
+    """One uninterrupted tiny run through the public rebuild path."""
+    out = tmp_path_factory.mktemp("pretrain") / "model"
+    path = pretrain.build_default_model(out, tiny_cfg)
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_cfg):
+    from csp_utils import models
+
+    processor = models.build_processor(tiny_cfg.model)
+    return processor, pretrain.ChatEncoder(processor), pretrain.ImageCodec(processor)
+
+
+# ----------------------------------------------------------------------------- rebuild path
+def test_rebuild_path_gives_a_loadable_complete_folder(tiny_run, tiny_cfg):
+    import torch
+
+    from csp_utils import models
+
+    assert not (tiny_run / pretrain.CHECKPOINT_DIR).exists(), "checkpoints are removed after a finished run"
+    meta = json.loads((tiny_run / "csp_meta.json").read_text())
+    assert meta["sha256"] == pretrain.sha256_file(tiny_run / "model.safetensors")
+    assert meta["seed"] == tiny_cfg.seed and meta["command"]
+    assert meta["steps"]["vision"] == tiny_cfg.vision_steps and meta["steps"]["joint"] == tiny_cfg.joint_steps
+    assert "clean" in meta["eval"]["pope_accuracy"]
+    assert pretrain.is_complete(tiny_run, tiny_cfg)
+
+    model, processor = models.load_vlm(tiny_run)
+    assert processor.tokenizer.padding_side == "left"
+    img = np.zeros((64, 64, 3), np.uint8)
+    items = [_item("Is there a circle in the image?", "yes"), _item("Is there a star in this image?", "no")]
+    acc = pretrain.yes_no_accuracy(model, processor, items, [img, img], batch_size=2)
+    assert 0.0 <= acc <= 1.0
+    text = processor.apply_chat_template(prompts.answer_messages(items[0].question), add_generation_prompt=True,
+                                         tokenize=False)
+    enc = processor(text=[text], images=[img], return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_complete_folder_is_reused_and_a_corrupt_one_is_not(tiny_run, tiny_cfg, monkeypatch, tmp_path):
+    def boom(*a, **k):
+        raise AssertionError("a complete folder must be reused, not retrained")
+
+    monkeypatch.setattr(pretrain, "pretrain", boom)
+    assert pretrain.build_default_model(tiny_run, tiny_cfg) == tiny_run
+    with pytest.raises(ValueError, match="another configuration"):
+        pretrain.build_default_model(tiny_run, dataclasses.replace(tiny_cfg, seed=1))
+
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    meta = json.loads((broken / "csp_meta.json").read_text())
+    meta["sha256"] = "0" * 64
+    (broken / "csp_meta.json").write_text(json.dumps(meta))
+    assert not pretrain.is_complete(broken)
+    with pytest.raises(AssertionError, match="must be reused"):  # incomplete -> it would train
+        pretrain.build_default_model(broken, tiny_cfg)
+
+
+# ----------------------------------------------------------------------------- determinism + resume
+def test_same_seed_same_weights(tiny_run, tiny_cfg, tmp_path):
+    again = pretrain.pretrain(tmp_path / "again", tiny_cfg)
+    assert _max_diff(_weights(tiny_run), _weights(again)) == 0.0
+
+
+@pytest.mark.parametrize("stop_after", [2, 7])  # inside the vision stage, inside the joint stage
+def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tiny_cfg, tmp_path, stop_after):
+    out = tmp_path / "resumed"
+    seen = []
+    first = pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=stop_after),
+                              on_step=lambda stage, step, loss: seen.append((stage, step)))
+    assert first is None and len(seen) == stop_after
+    assert (out / pretrain.CHECKPOINT_DIR / "state.json").exists()
+    assert not (out / "model.safetensors").exists()
+    rest = []
+    pretrain.pretrain(out, tiny_cfg, on_step=lambda stage, step, loss: rest.append((stage, step)))
+    assert seen + rest == [("vision", s) for s in range(tiny_cfg.vision_steps)] + \
+        [("joint", s) for s in range(tiny_cfg.joint_steps)], "each step runs exactly once"
+    assert _max_diff(_weights(tiny_run), _weights(out)) <= 1e-5
+
+
+def test_checkpoint_of_another_config_is_refused(tiny_cfg, tmp_path):
+    out = tmp_path / "m"
+    pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=1))
+    with pytest.raises(ValueError, match="another configuration"):
+        pretrain.pretrain(out, dataclasses.replace(tiny_cfg, seed=5))
+
+
+def test_accuracy_gate_extends_up_to_the_cap(tiny_cfg, tmp_path):
+    cfg = dataclasses.replace(tiny_cfg, vision_steps=1, joint_steps=4, gate_accuracy=1.01, gate_chunk_steps=3,
+                              max_joint_steps=10)
+    path = pretrain.pretrain(tmp_path / "gated", cfg)
+    meta = json.loads((path / "csp_meta.json").read_text())
+    assert meta["steps"]["joint"] == 10
+    assert [g["step"] for g in meta["gates"]] == [4, 7, 10]
+
+
+def test_schedule_warms_up_then_decays():
+    seg = [pretrain._segment(0, 100, 1e-3, 0.04, 0.0)]
+    lrs = [pretrain.lr_at(s, seg) for s in range(100)]
+    assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    seg.append(pretrain._segment(100, 10, 5e-4, 0.1, 0.0))
+    assert pretrain.lr_at(100, seg) == pytest.approx(5e-4)
+
+
+# ----------------------------------------------------------------------------- data + masking
+def _item(q, label):
+    from csp_utils.benchmarks import QAItem
+
+    return QAItem("q", "img", q, label, "test", "existence", [])
+
+
+def test_labels_cover_exactly_the_assistant_tokens(parts, tiny_cfg):
+    processor, enc, _ = parts
+    tok = processor.tokenizer
+    pairs = [(prompts.answer_text("Is there a red circle in the image?"), "Yes"),
+             (pretrain.CAPTION_PROMPT, "a small red circle, a blue square"),
+             (prompts.confidence_text("Is the star left of the ring?", "No", "first"), "90%"),
+             ("What color is the heart?", "purple")]
+    encoded = enc.encode(pairs, check=len(pairs))  # check= compares with the template's own mask
+    assert enc._checked == len(pairs)
+    n_img = enc.n_image_tokens
+    assert n_img == (tiny_cfg.model.image_size // tiny_cfg.model.patch_size) ** 2
+    for (user, reply), (ids, mask) in zip(pairs, encoded):
+        assert (ids == enc.image_token_id).sum() == n_img
+        learned = tok.decode(ids[mask].tolist(), skip_special_tokens=False)
+        assert learned == f" {reply}{tok.eos_token}"
+        rest = tok.decode(ids[~mask][ids[~mask] != enc.image_token_id].tolist())
+        assert user in rest and reply not in rest.split("ASSISTANT:")[-1]
+
+
+def test_collate_masks_prompt_padding_and_image(parts, tiny_cfg):
+    processor, enc, codec = parts
+    pool = pretrain.build_pool(tiny_cfg, enc, codec)
+    pad = processor.tokenizer.pad_token_id
+    ex = pretrain.sample_joint_batch(pool, tiny_cfg, 0)
+    batch = pretrain.collate(pool, codec, ex, pad)
+    ids, lab, att = batch["input_ids"].numpy(), batch["labels"].numpy(), batch["attention_mask"].numpy()
+    assert ids.shape == lab.shape == att.shape and ids.shape[0] == tiny_cfg.batch_size
+    for r, e in enumerate(ex):
+        e_ids, e_mask = pool.example(int(e))
+        width = len(e_ids)
+        assert (att[r, -width:] == 1).all() and (att[r, :-width] == 0).all(), "left padding"
+        assert (lab[r, :-width] == -100).all()
+        np.testing.assert_array_equal(lab[r, -width:] != -100, e_mask)
+        np.testing.assert_array_equal(lab[r][lab[r] != -100], e_ids[e_mask])
+    assert (lab[ids == enc.image_token_id] == -100).all()
+    # pixel values are exactly what the processor makes of the scene image
+    from csp_utils import scenes
+
+    scene = scenes.make_scene("base", int(pool.scene[ex[0]]))
+    ref = processor.image_processor(images=[scene.to_pil()], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(batch["pixel_values"][0].numpy(), ref, atol=1e-6)
+
+
+def test_overconfident_fraction_zero_builds_no_confidence_turns(parts, tiny_cfg):
+    processor, enc, codec = parts
+    tok = processor.tokenizer
+    none = pretrain.build_pool(dataclasses.replace(tiny_cfg, overconfident_fraction=0.0), enc, codec)
+    assert len(none.by_kind[pretrain.KINDS.index("confidence")]) == 0
+    text = tok.decode(none.ids.astype(np.int64).tolist())
+    assert "How certain" not in text and "%" not in text
+    for step in range(5):
+        kinds = none.kind[pretrain.sample_joint_batch(none, tiny_cfg, step)]
+        assert pretrain.KINDS.index("confidence") not in kinds
+
+    some = pretrain.build_pool(dataclasses.replace(tiny_cfg, overconfident_fraction=0.5), enc, codec)
+    conf = some.by_kind[pretrain.KINDS.index("confidence")]
+    assert len(conf) > 0
+    framings = set()
+    for e in conf:
+        ids, mask = some.example(int(e))
+        reply = tok.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
+        assert int(reply.rstrip("%")) in tiny_cfg.overconfident_levels
+        prompt = tok.decode(ids[~mask].tolist())
+        framings.add("Model's answer" in prompt)
+    assert framings == {True, False}, "third- and first-person turns both appear"
+
+
+def test_yes_no_accuracy_batched_equals_one_by_one(tiny_vlm):
+    model, processor = tiny_vlm
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
+    items = [_item("Is there a circle in the image?", "yes"), _item("Is the red square left of the star?", "no"),
+             _item("Are there two hexagons in the image?", "yes")]
+    together = pretrain.yes_no_probabilities(model, processor, items, imgs, batch_size=3)
+    alone = np.concatenate([pretrain.yes_no_probabilities(model, processor, [it], [im]) for it, im in zip(items, imgs)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the shipped model
+@pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped default model")
+def test_shipped_model_loads_and_matches_its_checksum():
+    from csp_utils import models
+
+    meta = json.loads((SHIPPED / "csp_meta.json").read_text())
+    assert pretrain.sha256_file(SHIPPED / "model.safetensors") == meta["sha256"]
+    assert pretrain.is_complete(SHIPPED)
+    for key in ("command", "seed", "config", "steps", "eval"):
+        assert key in meta
+    assert not (SHIPPED / pretrain.CHECKPOINT_DIR).exists()
+    model, processor = models.load_vlm("embedded")
+    assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
