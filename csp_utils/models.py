@@ -181,6 +181,21 @@ def default_model_dir() -> Path:
     return cache / "tiny_llava"
 
 
+def embedded_model_path(build: bool = True) -> Path:
+    """The embedded default's folder; trained (resumably, deterministically) when absent."""
+    path = default_model_dir()
+    if (path / "model.safetensors").exists():
+        return path
+    if not build:
+        raise FileNotFoundError(f"The embedded default model is not at {path}. Build it with "
+                                "`python -m csp_utils.pretrain`, or pass a Hugging Face id / local folder.")
+    from csp_utils import pretrain
+
+    print(f"The embedded default model is not at {path}: training it now (python -m csp_utils.pretrain; "
+          "resumes if interrupted).", flush=True)
+    return pretrain.build_default_model(path)
+
+
 def load_vlm(
     name_or_path: str | os.PathLike = EMBEDDED,
     *,
@@ -199,14 +214,7 @@ def load_vlm(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if str(name_or_path) == EMBEDDED:
-        path = default_model_dir()
-        if not (path / "model.safetensors").exists():
-            raise FileNotFoundError(
-                f"The embedded default model is not at {path}. Build it with "
-                "`python -m csp_utils.pretrain` (about ten minutes on 2 CPU cores), "
-                "or pass a Hugging Face id / local folder."
-            )
-        name_or_path = path
+        name_or_path = embedded_model_path()
     local = Path(name_or_path)
     if local.exists() and not (local / "config.json").exists():
         raise FileNotFoundError(f"{local} has no config.json: not a transformers model folder.")
