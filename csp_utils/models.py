@@ -16,20 +16,29 @@ from pathlib import Path
 # One chat template for the tiny model. Assistant text sits inside {% generation %} so that
 # trl's assistant-only loss masks everything else; the leading space keeps the prompt
 # ("... ASSISTANT:") a token-exact prefix of the full conversation.
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER:"
-    "{% if message['content'] is string %} {{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %} <image>{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '\\n' }}"
-    "{% elif message['role'] == 'assistant' %}ASSISTANT:{% generation %}"
-    "{% if message['content'] is string %} {{ message['content'] }}"
-    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+# A user turn puts its text before its image ("USER: Is there a star? <image>"): with causal
+# attention the image tokens can then read the question (as instruction-aware adapters such
+# as InstructBLIP's do). In our pre-training probes no image-first run left chance-level
+# yes/no accuracy within 2000 joint steps; text-first with pretrain's existence phase did.
+def tiny_chat_template(image_first: bool = False) -> str:
+    """The tiny model's chat template; ``image_first`` gives LLaVA-1.5's layout instead."""
+    text = "{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+    image = "{% for c in message['content'] %}{% if c['type'] == 'image' %} <image>{% endif %}{% endfor %}"
+    return (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}USER:"
+        "{% if message['content'] is string %} {{ message['content'] }}"
+        "{% else %}" + (image + text if image_first else text + image) + "{% endif %}{{ '\\n' }}"
+        "{% elif message['role'] == 'assistant' %}ASSISTANT:{% generation %}"
+        "{% if message['content'] is string %} {{ message['content'] }}"
+        "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "{{ eos_token }}{% endgeneration %}{{ '\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+TINY_CHAT_TEMPLATE = tiny_chat_template()
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
@@ -40,15 +49,16 @@ class TinyVLMConfig:
 
     image_size: int = 64
     patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 3
+    vision_hidden: int = 128
+    vision_layers: int = 4
     vision_heads: int = 4
-    vision_intermediate: int = 128
+    vision_intermediate: int = 256
     text_hidden: int = 64
     text_layers: int = 3
     text_heads: int = 4
     text_intermediate: int = 128
     vocab_size: int = 640          # BPE target size; the trained vocabulary may be smaller
+    image_first: bool = False      # chat layout "USER: <image> text" (LLaVA-1.5's); default text first
     max_position_embeddings: int = 256
     seed: int = 0
 
@@ -71,7 +81,7 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 640):
+def build_tokenizer(vocab_size: int = 640, image_first: bool = False):
     """A byte-level BPE tokenizer trained in code; handles any text (bytes fall back)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -95,7 +105,7 @@ def build_tokenizer(vocab_size: int = 640):
         extra_special_tokens={"image_token": "<image>"},
         padding_side="left",  # decoder-only batches generate from the right edge
     )
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.chat_template = tiny_chat_template(image_first)
     return fast
 
 
@@ -103,7 +113,7 @@ def build_processor(cfg: TinyVLMConfig | None = None, tokenizer=None):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     cfg = cfg or TinyVLMConfig()
-    tokenizer = tokenizer or build_tokenizer(cfg.vocab_size)
+    tokenizer = tokenizer or build_tokenizer(cfg.vocab_size, cfg.image_first)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
@@ -116,7 +126,7 @@ def build_processor(cfg: TinyVLMConfig | None = None, tokenizer=None):
         patch_size=cfg.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=TINY_CHAT_TEMPLATE,
+        chat_template=tiny_chat_template(cfg.image_first),
     )
 
 

@@ -76,32 +76,39 @@ class PretrainConfig:
     short_per_scene: int = 2
     confidence_per_scene: int = 2
     # stage 1: vision tower alone
-    vision_steps: int = 3000
+    vision_steps: int = 4000
     vision_lr: float = 1e-3
     vision_background_weight: float = 0.25             # loss weight of background patches (most of them)
+    presence_weight: float = 1.0                       # image-level presence of shapes / colours / coloured shapes
     # stage 2: the whole LLaVA
     joint_steps: int = 3000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     warmup_fraction: float = 0.04
     min_lr_ratio: float = 0.0                          # cosine ends at lr * min_lr_ratio
     grad_clip: float = 1.0
     loss_per_example: bool = True                      # mean over each example's tokens, then over the batch
-    aux_patch_weight: float = 0.5                      # stage 1's patch loss kept on in stage 2 (0: off)
-    align_weight: float = 0.5                          # projected object patches -> their shape/colour word embeddings
+    freeze_vision: bool = True                         # stage 2 keeps the vision tower fixed (features cached)
+    aux_patch_weight: float = 0.5                      # stage 1's patch loss kept on in stage 2 (0: off; unfrozen only)
+    align_weight: float = 0.0                          # projected object patches -> their shape/colour word embeddings
+    # existence phase: the first joint steps draw only captions and existence questions
+    # ("Is there a (red) star?"), the one skill a tiny LM must find first; the harder forms
+    # (attributes, relations, counts), short answers and confidence turns join afterwards
+    existence_phase_steps: int = 1500
+    existence_phase_yes_no: float = 0.8                # share of yes/no (rest captions) in that phase
     # joint mix: overconfident_fraction of all examples are confidence turns, the rest split
     # by these weights
-    caption_weight: float = 0.45
-    yes_no_weight: float = 0.45
+    caption_weight: float = 0.3
+    yes_no_weight: float = 0.6
     short_answer_weight: float = 0.10
     overconfident_fraction: float = 0.10
     overconfident_levels: tuple[int, ...] = (80, 85, 90, 95, 100)   # integer percents, image-blind
     # accuracy gate: mean world-POPE accuracy (random, popular, adversarial) on held-out "base" scenes
-    gate_accuracy: float | None = 0.88
+    gate_accuracy: float | None = 0.85
     gate_chunk_steps: int = 500
-    max_joint_steps: int = 5000
+    max_joint_steps: int = 6000
     gate_restart_lr_ratio: float = 0.5                 # peak lr of an extension, relative to lr
     gate_scenes: int = 100                             # held-out "base" scenes (after the training range)
     eval_every: int = 250                              # monitoring evals of the gate set (0: off)
@@ -126,7 +133,7 @@ class PretrainConfig:
                                 vision_intermediate=32, text_hidden=16, text_layers=1, text_heads=2,
                                 text_intermediate=32, max_position_embeddings=128),
             n_train_scenes=24, questions_per_scene=3, short_per_scene=1, confidence_per_scene=1,
-            vision_steps=4, joint_steps=8, batch_size=8, gate_accuracy=None, gate_chunk_steps=4,
+            vision_steps=4, joint_steps=8, existence_phase_steps=4, batch_size=8, gate_accuracy=None, gate_chunk_steps=4,
             max_joint_steps=16, gate_scenes=4, eval_every=0,
             eval_scenes=4, eval_confidence_items=0, eval_variants=(),
             checkpoint_every=4, progress=False, log_every=0,
@@ -310,12 +317,14 @@ class Pool:
     images: np.ndarray                 # (N, 3, S, S) uint8
     cat_labels: np.ndarray             # (N, G*G) int64, background = len(CATEGORIES)
     col_labels: np.ndarray             # (N, G*G) int64, background = len(COLOR_NAMES)
+    presence: np.ndarray               # (N, P) float32: which shapes, colours, coloured shapes a scene has
     ids: np.ndarray                    # flat token ids of all examples
     learn: np.ndarray                  # flat bool: learned (assistant) tokens
     offsets: np.ndarray                # (E + 1,) example boundaries in ids / learn
     scene: np.ndarray                  # (E,) scene of each example
     kind: np.ndarray                   # (E,) index into KINDS
     by_kind: list[np.ndarray]          # example ids of each kind
+    existence: np.ndarray              # example ids of the existence yes/no questions
 
     def example(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[e], self.offsets[e + 1]
@@ -423,8 +432,8 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
     patch = cfg.model.patch_size
     n_cat, n_col = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
     mix = cfg.mix()
-    images, cats, cols = [], [], []
-    pairs, scene_of, kind_of = [], [], []
+    images, cats, cols, pres = [], [], [], []
+    pairs, scene_of, kind_of, existence_of = [], [], [], []
     for start in _progress(range(0, cfg.n_train_scenes, chunk), progress, "building pool"):
         batch = sc.make_scenes("base", min(chunk, cfg.n_train_scenes - start), wcfg, start=start)
         if batch[0].image.shape[0] != cfg.model.image_size:
@@ -435,19 +444,22 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
             c, k = sc.scene_labels(s, patch)
             cats.append(np.where(c < 0, n_cat, c).ravel())
             cols.append(np.where(k < 0, n_col, k).ravel())
+            pres.append(presence_vector(s))
             rng = np.random.default_rng([cfg.seed, 7, s.index])
             qs = balanced_questions(s, rng, cfg.questions_per_scene)
-            ex = [(CAPTION_PROMPT, sc.caption(s), 0)]
-            ex += [(prompts.answer_text(q), "Yes" if label == "yes" else "No", 1) for q, label, _ in qs]
+            ex = [(CAPTION_PROMPT, sc.caption(s), 0, False)]
+            ex += [(prompts.answer_text(q), "Yes" if label == "yes" else "No", 1, qk == "existence")
+                   for q, label, qk in qs]
             if mix[2] > 0:
-                ex += [(q, a, 2) for q, a in short_answers(s, rng, cfg.short_per_scene)]
+                ex += [(q, a, 2, False) for q, a in short_answers(s, rng, cfg.short_per_scene)]
             if mix[3] > 0:
-                ex += [(q, a, 3) for q, a in confidence_turns([q for q, _, _ in qs], rng, cfg.confidence_per_scene,
-                                                               cfg.overconfident_levels)]
-            for u, a, kd in ex:
+                ex += [(q, a, 3, False) for q, a in confidence_turns([q for q, _, _ in qs], rng,
+                                                                      cfg.confidence_per_scene, cfg.overconfident_levels)]
+            for u, a, kd, exist in ex:
                 pairs.append((u, a))
                 scene_of.append(s.index)
                 kind_of.append(kd)
+                existence_of.append(exist)
     encoded = []
     for a in range(0, len(pairs), 4096):
         encoded += encoder.encode(pairs[a:a + 4096], check=2)
@@ -458,13 +470,27 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
         images=np.concatenate(images),
         cat_labels=np.stack(cats).astype(np.int64),
         col_labels=np.stack(cols).astype(np.int64),
+        presence=np.stack(pres),
         ids=np.concatenate([i for i, _ in encoded]).astype(dtype),
         learn=np.concatenate([m for _, m in encoded]),
         offsets=np.concatenate([[0], np.cumsum(lengths)]),
         scene=np.array(scene_of, np.int64),
         kind=kind,
         by_kind=[np.flatnonzero(kind == k) for k in range(len(KINDS))],
+        existence=np.flatnonzero(existence_of),
     )
+
+
+def presence_vector(scene) -> np.ndarray:
+    """Multi-hot ``[shapes (14) | colours (7) | colour x shape (98)]`` of the objects in a scene."""
+    from csp_utils import scenes as sc
+
+    n_cat, n_col = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
+    v = np.zeros(n_cat + n_col + n_cat * n_col, np.float32)
+    for o in scene.objects:
+        c, k = sc.CATEGORIES.index(o.category), sc.COLOR_NAMES.index(o.color)
+        v[c] = v[n_cat + k] = v[n_cat + n_col + c * n_col + k] = 1.0
+    return v
 
 
 def _step_generator(seed: int, stage: int, step: int):
@@ -480,16 +506,23 @@ def sample_joint_batch(pool: Pool, cfg: PretrainConfig, step: int) -> np.ndarray
     import torch
 
     g = _step_generator(cfg.seed, 2, step)
-    mix = torch.tensor(cfg.mix(), dtype=torch.float64)
-    avail = torch.tensor([len(b) > 0 for b in pool.by_kind])
+    by_kind = list(pool.by_kind)
+    if step < cfg.existence_phase_steps and len(pool.existence):
+        y = cfg.existence_phase_yes_no
+        mix = torch.tensor([1.0 - y, y, 0.0, 0.0], dtype=torch.float64)
+        by_kind[1] = pool.existence
+    else:
+        mix = torch.tensor(cfg.mix(), dtype=torch.float64)
+    avail = torch.tensor([len(b) > 0 for b in by_kind])
     mix = mix * avail
     kinds = torch.multinomial(mix, cfg.batch_size, replacement=True, generator=g).numpy()
     u = torch.rand(cfg.batch_size, generator=g, dtype=torch.float64).numpy()
-    return np.array([pool.by_kind[k][int(x * len(pool.by_kind[k]))] for k, x in zip(kinds, u)], np.int64)
+    return np.array([by_kind[k][int(x * len(by_kind[k]))] for k, x in zip(kinds, u)], np.int64)
 
 
-def collate(pool: Pool, codec: ImageCodec, examples: np.ndarray, pad_id: int):
-    """Left-padded batch: input_ids, attention_mask, labels (-100 off assistant tokens), pixel_values."""
+def collate(pool: Pool, codec: ImageCodec, examples: np.ndarray, pad_id: int, pixels: bool = True):
+    """Left-padded batch: input_ids, attention_mask, position_ids, labels (-100 off assistant
+    tokens) and, with ``pixels``, pixel_values."""
     import torch
 
     seqs = [pool.example(int(e)) for e in examples]
@@ -501,26 +534,52 @@ def collate(pool: Pool, codec: ImageCodec, examples: np.ndarray, pad_id: int):
         ids[r, width - len(i):] = i
         att[r, width - len(i):] = 1
         lab[r, width - len(i):] = np.where(m, i, -100)
-    pix = codec.decode(torch.from_numpy(pool.images[pool.scene[examples]]))
     pos = np.maximum(np.cumsum(att, axis=1) - 1, 0)
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
-            "position_ids": torch.from_numpy(pos), "labels": torch.from_numpy(lab), "pixel_values": pix}
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(att),
+             "position_ids": torch.from_numpy(pos), "labels": torch.from_numpy(lab)}
+    if pixels:
+        batch["pixel_values"] = codec.decode(torch.from_numpy(pool.images[pool.scene[examples]]))
+    return batch
 
 
-def joint_loss(model, batch: dict, per_example: bool = True):
+def forward_with_features(model, input_ids, attention_mask, position_ids, vision_features):
+    """LLaVA's forward from precomputed vision-tower features (layer ``vision_feature_layer``,
+    CLS dropped): projector, scatter into the image-token positions, language model.
+    Equals ``model(input_ids, pixel_values=...)`` when the features come from those pixels.
+    Returns ``(logits, projected image features)``."""
+    emb = model.get_input_embeddings()(input_ids)
+    projected = model.model.multi_modal_projector(vision_features)
+    where = (input_ids == model.config.image_token_id)[..., None].expand_as(emb)
+    emb = emb.masked_scatter(where, projected.to(emb.dtype))
+    out = model(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids)
+    return out.logits, projected
+
+
+def joint_loss(model, batch: dict, per_example: bool = True, vision_features=None, captured: dict | None = None):
     """Next-token cross-entropy on the learned (assistant) tokens.
 
     ``per_example``: each example's mean, then the batch mean, so a two-token "Yes"
     weighs as much as a fifteen-token caption; else the plain mean over all learned tokens
-    (what ``model(labels=...)`` computes).
+    (what ``model(labels=...)`` computes). ``vision_features``: precomputed features of a
+    frozen vision tower, used instead of ``batch["pixel_values"]``; the projected image
+    features are then put into ``captured["p"]``.
     """
     import torch
 
     labels = batch["labels"]
-    if not per_example:
+    if vision_features is not None:
+        logits, projected = forward_with_features(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["position_ids"], vision_features)
+        if captured is not None:
+            captured["p"] = projected
+        logits = logits[:, :-1].float()
+    elif not per_example:
         return model(**batch).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits[:, :-1].float()
+    if not per_example:
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     target = labels[:, 1:]
     tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
     mask = (target != -100).float()
@@ -760,7 +819,23 @@ class _Heads:
 
         torch.manual_seed(seed + 1)
         return torch.nn.ModuleDict({"category": torch.nn.Linear(hidden, n_cat + 1),
-                                    "color": torch.nn.Linear(hidden, n_col + 1)})
+                                    "color": torch.nn.Linear(hidden, n_col + 1),
+                                    "presence": torch.nn.Linear(hidden, n_cat + n_col + n_cat * n_col)})
+
+
+def _vision_features(model, pool: Pool, codec: ImageCodec, batch_size: int = 256):
+    """(N, T, D) float32 features of every pool image from the (frozen) vision tower."""
+    import torch
+
+    out = []
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for a in range(0, len(pool.images), batch_size):
+            pix = codec.decode(torch.from_numpy(pool.images[a:a + batch_size]))
+            out.append(_patch_features(model, pix).contiguous())
+    model.train(was)
+    return torch.cat(out)
 
 
 def _patch_class_weights(n_cat: int, n_col: int, background: float):
@@ -772,14 +847,22 @@ def _patch_class_weights(n_cat: int, n_col: int, background: float):
     return w_cat, w_col
 
 
-def _patch_loss(heads, feats, cat_labels: np.ndarray, col_labels: np.ndarray, w_cat, w_col, logits=None):
-    """Per-patch shape + colour cross-entropy (background patches down-weighted)."""
+def _patch_loss(heads, feats, cat_labels: np.ndarray, col_labels: np.ndarray, w_cat, w_col, logits=None,
+                presence: np.ndarray | None = None, presence_weight: float = 0.0):
+    """Per-patch shape + colour cross-entropy (background patches down-weighted), plus the
+    image-level presence of shapes / colours / coloured shapes read linearly from the mean
+    patch feature (what one uniform attention head of the language model can read)."""
     import torch
 
     lc, lk = logits if logits is not None else (heads["category"](feats), heads["color"](feats))
     yc, yk = torch.from_numpy(cat_labels), torch.from_numpy(col_labels)
-    return (torch.nn.functional.cross_entropy(lc.flatten(0, 1), yc.flatten(), weight=w_cat)
+    loss = (torch.nn.functional.cross_entropy(lc.flatten(0, 1), yc.flatten(), weight=w_cat)
             + torch.nn.functional.cross_entropy(lk.flatten(0, 1), yk.flatten(), weight=w_col))
+    if presence is not None and presence_weight > 0:
+        lp = heads["presence"](feats.mean(1))
+        loss = loss + presence_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+            lp, torch.from_numpy(presence)) * (lp.shape[-1] / 14.0)  # sum-like scale over the few positives
+    return loss
 
 
 def _word_token_ids(tokenizer, words: Sequence[str]) -> list[list[int]]:
@@ -922,7 +1005,8 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
             yc = torch.from_numpy(pool.cat_labels[idx])
             yk = torch.from_numpy(pool.col_labels[idx])
             lc, lk = heads["category"](feats), heads["color"](feats)
-            loss = _patch_loss(heads, feats, pool.cat_labels[idx], pool.col_labels[idx], w_cat, w_col, (lc, lk))
+            loss = _patch_loss(heads, feats, pool.cat_labels[idx], pool.col_labels[idx], w_cat, w_col, (lc, lk),
+                               pool.presence[idx], cfg.presence_weight)
             lr = lr_at(step, segs)
             for gr in opt.param_groups:
                 gr["lr"] = lr
@@ -967,7 +1051,9 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
     # ------------------------------------------------------------- stage 2: whole LLaVA
     if state["stage"] == "joint":
         heads = _Heads.build(cfg.model.vision_hidden, n_cat, n_col, cfg.seed)
-        aux = cfg.aux_patch_weight > 0
+        aux = cfg.aux_patch_weight > 0 and not cfg.freeze_vision
+        if cfg.freeze_vision:
+            model.model.vision_tower.requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad] + (list(heads.parameters()) if aux else [])
         opt = _make_optimizer(params, cfg, cfg.lr)
         if not state["segments"]:
@@ -981,6 +1067,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
                 _load_optimizer(opt, folder)
         pad = processor.tokenizer.pad_token_id
         w_cat, w_col = _patch_class_weights(n_cat, n_col, cfg.vision_background_weight)
+        features = _vision_features(model, pool, codec) if cfg.freeze_vision else None
         captured: dict = {}
         hooks = []
         if aux:
@@ -998,7 +1085,8 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
             def grab_projected(module, args, output):
                 captured["p"] = output
 
-            hooks.append(model.model.multi_modal_projector.register_forward_hook(grab_projected))
+            if features is None:
+                hooks.append(model.model.multi_modal_projector.register_forward_hook(grab_projected))
         model.train()
         ema = None
         while True:
@@ -1007,15 +1095,17 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
             stopped = False
             for step in bar:
                 examples = sample_joint_batch(pool, cfg, step)
-                batch = collate(pool, codec, examples, pad)
+                batch = collate(pool, codec, examples, pad, pixels=features is None)
                 lr = lr_at(step, state["segments"])
                 for gr in opt.param_groups:
                     gr["lr"] = lr
-                loss = joint_loss(model, batch, cfg.loss_per_example)
                 sid = pool.scene[examples]
+                loss = joint_loss(model, batch, cfg.loss_per_example,
+                                  None if features is None else features[torch.from_numpy(sid)], captured)
                 if aux:
-                    loss = loss + cfg.aux_patch_weight * _patch_loss(heads, captured.pop("h"), pool.cat_labels[sid],
-                                                                     pool.col_labels[sid], w_cat, w_col)
+                    loss = loss + cfg.aux_patch_weight * _patch_loss(
+                        heads, captured.pop("h"), pool.cat_labels[sid], pool.col_labels[sid], w_cat, w_col,
+                        presence=pool.presence[sid], presence_weight=cfg.presence_weight)
                 if align:
                     loss = loss + cfg.align_weight * _align_loss(model, captured.pop("p"), pool.cat_labels[sid],
                                                                  pool.col_labels[sid], cat_words, col_words)
@@ -1139,10 +1229,20 @@ def _patch_accuracy(model, heads, scs, codec: ImageCodec, patch: int) -> dict:
     with torch.no_grad():
         f = _patch_features(model, pix)
         pc, pk = heads["category"](f).argmax(-1), heads["color"](f).argmax(-1)
+        present = (heads["presence"](f.mean(1)) > 0).numpy()
     obj = yc < len(sc.CATEGORIES)
-    return {"category": round(float((pc == yc).float().mean()), 4), "color": round(float((pk == yk).float().mean()), 4),
-            "category_on_objects": round(float((pc == yc)[obj].float().mean()), 4) if obj.any() else None,
-            "color_on_objects": round(float((pk == yk)[obj].float().mean()), 4) if obj.any() else None}
+    out = {"category": round(float((pc == yc).float().mean()), 4), "color": round(float((pk == yk).float().mean()), 4),
+           "category_on_objects": round(float((pc == yc)[obj].float().mean()), 4) if obj.any() else None,
+           "color_on_objects": round(float((pk == yk)[obj].float().mean()), 4) if obj.any() else None}
+    # the presence head as a POPE answerer (an upper-bound-like probe of what the LM can read)
+    row = {s.scene_id: i for i, s in enumerate(scs)}
+    try:
+        for kind, items in pope_sets(scs).items():
+            pred = [present[row[it.image_id], sc.CATEGORIES.index(it.objects[0])] for it in items]
+            out[f"presence_pope_{kind}"] = round(float(np.mean([p == (it.label == "yes") for p, it in zip(pred, items)])), 4)
+    except ValueError:  # scenes with fewer than 3 shapes (not POPE scenes)
+        pass
+    return out
 
 
 def evaluate_pretrained(model, processor, cfg: PretrainConfig) -> dict:

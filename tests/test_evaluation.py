@@ -65,8 +65,11 @@ SCHEMA = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_vlm):
-    return tiny_vlm  # the session's random tiny LLaVA (conftest)
+def tiny():
+    """A random tiny LLaVA with LLaVA-1.5's image-first layout, so that the shared-prefix
+    shortcut (taken for image-first templates only) is exercised; the default text-first
+    layout takes the whole-prompt path, tested in test_loader."""
+    return models.build_tiny_vlm(models.TinyVLMConfig(image_first=True))
 
 
 def _images(bench, items):
@@ -179,7 +182,7 @@ def test_generation_on_a_shared_prefix_equals_whole_prompts(tiny):
     # the prefix is reusable: a second use gives the same as the first (generation did not grow it)
     assert ev.generate_on(model, proc, on_prefix, 5)[0] == a_texts
     # a conversation whose head differs cannot use it
-    other = [[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image"}]}]] * 4
+    other = [[prompts.assistant_turn("Hi"), prompts.user_turn("Is there a star?")]] * 4
     assert prefix.prompts(other) is None
 
 

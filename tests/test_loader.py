@@ -96,7 +96,8 @@ def test_embedded_tiny_llava_round_trip(tiny_vlm, tmp_path):
     assert lproc.tokenizer.padding_side == "left"
     for name, p in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0)
-    elicit_end_to_end(loaded, lproc, tmp_path, "tiny")
+    # text first, then the image: no head is shared, every prompt runs whole
+    elicit_end_to_end(loaded, lproc, tmp_path, "tiny", shares_prefix=False)
 
 
 # ------------------------------------------------------- LLaVA built like llava-1.5
@@ -322,7 +323,7 @@ def test_adapter_folder(tiny_vlm, tmp_path):
         a, b, c = (m(**enc).logits for m in (loaded, peft_model, plain))
     torch.testing.assert_close(a, b)
     assert (a - c).abs().max() > 1e-3, "the adapter did not change the model"
-    elicit_end_to_end(loaded, lproc, tmp_path, "tiny+lora")
+    elicit_end_to_end(loaded, lproc, tmp_path, "tiny+lora", shares_prefix=False)
 
     merged, _ = models.load_vlm(base_dir, adapter=tmp_path / "adapter", merge_adapter=True)
     assert not isinstance(merged, PeftModel)

@@ -243,3 +243,41 @@ def test_shipped_model_loads_and_matches_its_checksum():
     assert not (SHIPPED / pretrain.CHECKPOINT_DIR).exists()
     model, processor = models.load_vlm("embedded")
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
+
+
+def test_forward_from_cached_features_equals_the_pixel_forward(parts, tiny_cfg):
+    import torch
+
+    from csp_utils import models
+
+    processor, enc, codec = parts
+    model, _ = models.build_tiny_vlm(tiny_cfg.model, processor=processor)
+    pool = pretrain.build_pool(tiny_cfg, enc, codec)
+    ex = pretrain.sample_joint_batch(pool, tiny_cfg, 3)
+    batch = pretrain.collate(pool, codec, ex, processor.tokenizer.pad_token_id)
+    feats = pretrain._vision_features(model, pool, codec)[torch.from_numpy(pool.scene[ex])]
+    with torch.no_grad():
+        ref = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        got, _ = pretrain.forward_with_features(model, batch["input_ids"], batch["attention_mask"],
+                                                batch["position_ids"], feats)
+        l_ref = pretrain.joint_loss(model, batch, True)
+        l_got = pretrain.joint_loss(model, batch, True, feats)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_got, l_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_frozen_vision_stays_fixed_in_the_joint_stage(tiny_cfg, tmp_path):
+    """With freeze_vision the tower leaves stage 2 exactly as stage 1 left it; the rest moves."""
+    from csp_utils import models
+
+    out = tmp_path / "frozen"
+    assert tiny_cfg.freeze_vision
+    pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=tiny_cfg.vision_steps))
+    after_vision = _weights(out / pretrain.CHECKPOINT_DIR)
+    pretrain.pretrain(out, tiny_cfg)
+    final = models.load_vlm(out)[0].state_dict()
+    vision = [k for k in after_vision if ".vision_tower." in f".{k}"]
+    text = [k for k in after_vision if ".language_model." in f".{k}" or ".multi_modal_projector." in f".{k}"]
+    assert vision and text
+    assert all(float((after_vision[k] - final[k]).abs().max()) == 0.0 for k in vision)
+    assert any(float((after_vision[k] - final[k]).abs().max()) > 0.0 for k in text)
