@@ -8,7 +8,7 @@ A params YAML holds global parameters (``base_model``, ``seed``, ...) passed to 
 notebook and a ``stages`` mapping of per-notebook parameters. A stage key ``NAME@TAG`` runs
 notebook ``NAME`` again with other parameters (e.g. ``03_train_sft@s1`` for a second seed). Each finished stage leaves
 ``markers/<stage>.json`` with the hash of its parameters, its notebook and the markers of the
-stages before it; a rerun skips stages whose marker matches and resumes from the first that
+stages before it, starting from the base model's identity (:func:`model_fingerprint`); a rerun skips stages whose marker matches and resumes from the first that
 does not. A failing notebook stops the chain; its executed copy is kept and the error shown.
 """
 
@@ -63,6 +63,23 @@ def stage_parameters(params: dict, stage: str, run_dir: Path) -> dict:
     return {**glob, **(params["stages"][stage] or {}), "run_dir": str(run_dir)}
 
 
+def model_fingerprint(base_model) -> str:
+    """What identifies the base model's weights, so that a retrained or replaced model
+    invalidates every stage: the checksum in ``csp_meta.json`` (the embedded default), else
+    the names, sizes and mtimes of a local folder's weight and config files, else the hub id."""
+    from csp_utils import models
+
+    name = str(base_model)
+    folder = models.default_model_dir() if name == models.EMBEDDED else Path(name).expanduser()
+    meta = folder / "csp_meta.json"
+    if meta.exists():
+        return json.loads(meta.read_text()).get("sha256") or _file_hash(meta)
+    if folder.is_dir():
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
+        return _hash([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    return name  # a hub id (or an embedded model not built yet)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -101,7 +118,10 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
                     packages=package_versions())
     manifest.setdefault("timings_s", {})
 
-    upstream = ""  # chain hashes so a changed early stage invalidates every later one
+    # chain hashes so a changed early stage invalidates every later one; the chain starts
+    # from the base model's identity so that new weights invalidate everything
+    upstream = model_fingerprint(params.get("base_model", "embedded"))
+    manifest["base_model_fingerprint"] = upstream
     for stage in params["stages"]:
         notebook = notebook_of(stage)
         parameters = stage_parameters(params, stage, run_dir)

@@ -108,6 +108,22 @@ def test_a_failing_notebook_stops_the_chain_and_keeps_its_copy(tmp_path, smoke_m
     assert json.loads((run / "manifest.json").read_text())["failed"]["stage"] == "02_build_perturbed_dataset"
 
 
+def test_new_base_model_weights_change_the_chain(tmp_path):
+    """Markers chain from the base model's identity: retraining a model in place (same path)
+    must not let finished stages count as up to date."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights-1")
+    first = study.model_fingerprint(folder)
+    assert study.model_fingerprint(folder) == first
+    (folder / "model.safetensors").write_bytes(b"weights-two")
+    assert study.model_fingerprint(folder) != first
+    (folder / "csp_meta.json").write_text(json.dumps({"sha256": "abc"}))
+    assert study.model_fingerprint(folder) == "abc"
+    assert study.model_fingerprint("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+
+
 def test_params_files_name_existing_notebooks():
     for path in sorted((REPO / "params").glob("*.yaml")):
         params = study.load_params(path)
