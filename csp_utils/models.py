@@ -38,8 +38,6 @@ def tiny_chat_template(image_first: bool = False) -> str:
     )
 
 
-TINY_CHAT_TEMPLATE = tiny_chat_template()
-
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
 

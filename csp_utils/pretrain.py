@@ -918,6 +918,26 @@ def _make_optimizer(params, cfg: PretrainConfig, lr: float):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(cfg.betas))
 
 
+def _optimizer_step(opt, params, loss, lr: float, grad_clip: float, state: dict, step: int, ema,
+                    on_step, stage: str) -> float:
+    """One optimizer step at ``lr`` (both stages): backward, clip, step; advances the step
+    counters in ``state``, calls ``on_step`` and returns the loss's running average."""
+    import torch
+
+    for gr in opt.param_groups:
+        gr["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    state["step"] = step + 1
+    state["total_steps"] += 1
+    lv = loss.item()
+    if on_step:
+        on_step(stage, step, lv)
+    return lv if ema is None else 0.95 * ema + 0.05 * lv
+
+
 def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None = None,
              on_step: Callable[[str, int, float], None] | None = None) -> Path | None:
     """Train (or resume) the default VLM into ``out_dir``; returns the path, or None if stopped early.
@@ -1008,18 +1028,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
             loss = _patch_loss(heads, feats, pool.cat_labels[idx], pool.col_labels[idx], w_cat, w_col, (lc, lk),
                                pool.presence[idx], cfg.presence_weight)
             lr = lr_at(step, segs)
-            for gr in opt.param_groups:
-                gr["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            state["step"] = step + 1
-            state["total_steps"] += 1
-            lv = loss.item()
-            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-            if on_step:
-                on_step("vision", step, lv)
+            ema = _optimizer_step(opt, params, loss, lr, cfg.grad_clip, state, step, ema, on_step, "vision")
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 with torch.no_grad():
                     acc_c = float((lc.argmax(-1) == yc).float().mean())
@@ -1097,8 +1106,6 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
                 examples = sample_joint_batch(pool, cfg, step)
                 batch = collate(pool, codec, examples, pad, pixels=features is None)
                 lr = lr_at(step, state["segments"])
-                for gr in opt.param_groups:
-                    gr["lr"] = lr
                 sid = pool.scene[examples]
                 loss = joint_loss(model, batch, cfg.loss_per_example,
                                   None if features is None else features[torch.from_numpy(sid)], captured)
@@ -1109,16 +1116,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
                 if align:
                     loss = loss + cfg.align_weight * _align_loss(model, captured.pop("p"), pool.cat_labels[sid],
                                                                  pool.col_labels[sid], cat_words, col_words)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                state["step"] = step + 1
-                state["total_steps"] += 1
-                lv = loss.item()
-                ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-                if on_step:
-                    on_step("joint", step, lv)
+                ema = _optimizer_step(opt, params, loss, lr, cfg.grad_clip, state, step, ema, on_step, "joint")
                 evaluate = bool(cfg.eval_every) and (step + 1) % cfg.eval_every == 0 and step + 1 < end
                 if evaluate or (cfg.log_every and (step + 1) % cfg.log_every == 0):
                     rec = {"stage": "joint", "step": step + 1, "loss": round(ema, 4), "lr": lr,
