@@ -831,6 +831,15 @@ def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, 
                        n_dropped_pairs=n_dropped, metrics=metrics)
 
 
+def _measured_if_asked(cfg, model, processor, ds, measured, run_dir: Path):
+    """The measured-accuracy targets when ``cfg`` asks for them and none were given: the base
+    model's (call before any adapter goes on), saved under ``run_dir``."""
+    if cfg.confidence_target == "measured" and measured is None:
+        measured = measured_accuracy_targets(model, processor, ds)
+        _save_measured(run_dir, measured)
+    return measured
+
+
 def _save_measured(run_dir: Path, measured: MeasuredTargets) -> None:
     if not _is_main():
         return
@@ -890,9 +899,7 @@ def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, 
     _state()
     ds = load_perturbed_dataset(dataset)
     model, processor = _load_base(base_model, cfg.dtype)
-    if cfg.confidence_target == "measured" and measured is None:
-        measured = measured_accuracy_targets(model, processor, ds)
-        _save_measured(run_dir, measured)
+    measured = _measured_if_asked(cfg, model, processor, ds, measured, run_dir)
     rows, n_replay = sft_rows(ds, cfg.confidence_target, measured, cfg.replay_fraction, cfg.seed)
 
     ckpt_dir = run_dir / "checkpoints" / name
@@ -921,9 +928,7 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
     name = name or ("sft_simpo" if init_adapter else "simpo_only")
     ds = load_perturbed_dataset(dataset)
     model, processor = _load_base(base_model, cfg.dtype)
-    if cfg.confidence_target == "measured" and measured is None:
-        measured = measured_accuracy_targets(model, processor, ds)  # the base model's, before any adapter
-        _save_measured(run_dir, measured)
+    measured = _measured_if_asked(cfg, model, processor, ds, measured, run_dir)
     pairs, dropped = simpo_pairs(ds, cfg.confidence_target, measured)
 
     from transformers import set_seed
