@@ -23,7 +23,8 @@ ways:
 Speed: questions go in batches (left padding); the chat template's head and the image
 are run once per batch and their KV cache is reused by the answer prompts and every
 confidence prompt of the same images (:func:`shared_prefix`, used where it is exact, else
-each prompt runs whole); options are scored in one extra forward on the prompt's cache
+each prompt runs whole, with the vision encoder run once per batch for all its prompts:
+:func:`encode_images`); options are scored in one extra forward on the prompt's cache
 (:func:`score_options_on`). ``scripts/bench_elicitation.py`` compares this with the naive
 loop. Every shortcut is tested against the one-question-at-a-time computation.
 
@@ -97,6 +98,7 @@ class EvalConfig:
     option_chunk: int | None = None  # options scored together; None = all (memory ~ K x prompt cache)
     response: str = "raw"           # {response} = "raw" reply, or "parsed" ("Yes"/"No")
     share_prefix: bool = True       # run template head + image once per batch (where exact)
+    reuse_image_features: bool = True  # else: the vision encoder once per batch for all prompts
     seed: int = 0
     prompt_config: prompts.PromptConfig | None = None
     progress: bool = True
@@ -321,10 +323,59 @@ class Prompts:
     prefix_len: int = 0
 
 
-def plain_prompts(model, processor, messages, images, texts=None) -> Prompts:
+def plain_prompts(model, processor, messages, images, texts=None, encoded=None) -> Prompts:
+    """Plain prompts; with ``encoded`` (from :func:`encode_images`, for the same images in
+    the same order) the image inputs are replaced by those encoder outputs, so the vision
+    tower does not run again."""
     enc = _model_inputs(model, processor, messages, images, texts)
     rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    if encoded is not None:
+        rest = encoded.replace(rest)
     return Prompts(enc["input_ids"], enc["attention_mask"], rest)
+
+
+@dataclass
+class EncodedImages:
+    """A batch's images through the model's vision encoder, once (transformers'
+    ``mm_encoder_outputs``): the answer prompts and the confidence prompts of the same
+    images then skip the vision tower. Exact: the encoder sees the same pixel inputs."""
+
+    keys: tuple                 # the image inputs the encoder consumed (e.g. pixel_values)
+    inputs: dict                # those inputs, to check that later prompts carry the same
+    outputs: dict               # {"image": encoder output}, as forward/generate take it
+
+    def replace(self, image_inputs: dict) -> dict:
+        import torch
+
+        for k in self.keys:
+            if k not in image_inputs or not torch.equal(image_inputs[k], self.inputs[k]):
+                raise ValueError(f"these prompts' {k} differ from the encoded images'; encode them separately")
+        rest = {k: v for k, v in image_inputs.items() if k not in self.keys}
+        rest["mm_encoder_outputs"] = dict(self.outputs)  # forward may add to its dict
+        return rest
+
+
+def encode_images(model, image_inputs: dict) -> EncodedImages | None:
+    """Run the vision encoder on a batch's image inputs, or None where the model does not
+    take pre-encoded images (``mm_encoder_outputs``) or the inputs hold no pixels. This is
+    what ``generate`` does before its prefill, done once for all prompts of the batch."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
+        return None
+    fn = getattr(getattr(base, "model", base), "get_image_features", None) or getattr(base, "get_image_features", None)
+    if fn is None:
+        return None
+    keys = tuple(k for k in inspect.signature(fn).parameters if k != "kwargs" and k in image_inputs)
+    if "pixel_values" not in keys:
+        return None
+    import torch
+
+    inputs = {k: image_inputs[k] for k in keys}
+    with torch.no_grad():
+        out = fn(**inputs, return_dict=True)
+    return EncodedImages(keys, inputs, {"image": out})
 
 
 @dataclass
@@ -677,6 +728,13 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
         prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images)
     else:
         prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images)
+    # no shared prefix (e.g. the question comes before the image): at least encode the
+    # images once for the answer and every confidence prompt
+    encoded = None
+    if prefix is None and config.reuse_image_features and _model_type(model) not in _MROPE_MODEL_TYPES:
+        encoded = encode_images(model, answer_prompts.image_inputs)
+        if encoded is not None:
+            answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
     raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
     parsed = [parse(r) for r in raw]
     internal = internal_probs(logits, new_ids, parsed, yn)
@@ -688,7 +746,7 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
                 for it, resp in zip(items, responses)]
         conf_prompts = prefix.prompts(msgs) if prefix is not None else None
         if conf_prompts is None:
-            conf_prompts = plain_prompts(model, processor, msgs, images)
+            conf_prompts = plain_prompts(model, processor, msgs, images, encoded=encoded)
         for readout in config.readouts:
             if readout == "generated":
                 texts, _, _ = generate_on(model, processor, conf_prompts, config.confidence_max_new_tokens)

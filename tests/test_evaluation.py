@@ -97,18 +97,26 @@ def test_option_distribution():
 
 
 # ------------------------------------------------------------------ fast == one by one
-@pytest.mark.parametrize("share_prefix", [True, False])
-def test_batched_fast_path_equals_one_question_at_a_time(tiny, share_prefix):
+@pytest.mark.parametrize("shortcut", ["shared_prefix", "encoded_images", "none"])
+def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
     model, proc = tiny
     bench = make_benchmark(6)
     items = bench.items
     images = _images(bench, items)
     cfg = ev.EvalConfig(framings=("third", "first"), batch_size=6, confidence_max_new_tokens=6, max_new_tokens=6,
-                        share_prefix=share_prefix)
+                        share_prefix=shortcut == "shared_prefix", reuse_image_features=shortcut == "encoded_images")
     parse = ev.answer_parser(bench)
-    if share_prefix:  # the shortcut under test is really taken for this model
-        prefix, _ = ev.shared_prefix(model, proc, [prompts.answer_messages(it.question) for it in items], images)
+    answer_msgs = [prompts.answer_messages(it.question) for it in items]
+    if shortcut == "shared_prefix":  # the shortcut under test is really taken for this model
+        prefix, _ = ev.shared_prefix(model, proc, answer_msgs, images)
         assert prefix is not None and prefix.ids.numel() > 64  # template head + the 64 image tokens
+    if shortcut == "encoded_images":
+        p = ev.plain_prompts(model, proc, answer_msgs, images)
+        enc = ev.encode_images(model, p.image_inputs)
+        assert enc is not None and enc.keys == ("pixel_values",)
+        # prompts of other images are refused, not silently given these features
+        with pytest.raises(ValueError, match="pixel_values"):
+            ev.plain_prompts(model, proc, answer_msgs[::-1], images[::-1], encoded=enc)
     rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", parse)
     assert len(rows) == len(items) * 2 * 2
     lengths = proc(text=[proc.apply_chat_template(prompts.answer_messages(it.question), add_generation_prompt=True)

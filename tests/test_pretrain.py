@@ -230,6 +230,30 @@ def test_yes_no_accuracy_batched_equals_one_by_one(tiny_vlm):
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_vision_stage_options():
+    """Sin-cos positions: neighbouring patches closer than far ones; class balance: rarer
+    shapes weigh more, background keeps its weight; extra vision scenes extend the pool's."""
+    table = pretrain.sincos_positions(8, 128)
+    assert table.shape == (64, 128)
+    d = np.linalg.norm(table[:, None] - table[None], axis=-1)
+    assert d[0, 1] < d[0, 7] and d[0, 8] < d[0, 63]
+    labels = np.array([[0] * 9 + [1] * 1 + [3]])  # shape 0 frequent, shape 1 rare, 3 = background
+    w_cat, _ = pretrain._patch_class_weights(3, 2, 0.25, labels, balance=0.5)
+    assert w_cat[1] > w_cat[0] and float(w_cat[3]) == 0.25
+    w_off, _ = pretrain._patch_class_weights(3, 2, 0.25, labels, balance=0.0)
+    assert w_off.tolist() == [1.0, 1.0, 1.0, 0.25]
+
+
+def test_vision_data_adds_scenes_after_the_pool(parts, tiny_cfg):
+    processor, enc, codec = parts
+    pool = pretrain.build_pool(tiny_cfg, enc, codec)
+    vd = pretrain.vision_data(tiny_cfg, codec, pool)
+    assert len(vd.images) == tiny_cfg.vision_scenes > len(pool.images)
+    np.testing.assert_array_equal(vd.images[:len(pool.images)], pool.images)
+    assert vd.cat_labels.shape == (tiny_cfg.vision_scenes, pool.cat_labels.shape[1])
+    assert tiny_cfg.heldout_start == tiny_cfg.vision_scenes  # the gate set starts after every training scene
+
+
 # ----------------------------------------------------------------------------- the shipped model
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped default model")
 def test_shipped_model_loads_and_matches_its_checksum():
@@ -241,6 +265,9 @@ def test_shipped_model_loads_and_matches_its_checksum():
     for key in ("command", "seed", "config", "steps", "eval"):
         assert key in meta
     assert not (SHIPPED / pretrain.CHECKPOINT_DIR).exists()
+    # the code's defaults still describe the shipped model (python -m csp_utils.pretrain rebuilds it)
+    assert pretrain.PretrainConfig.from_dict(meta["config"]).fingerprint() == meta["config_fingerprint"]
+    assert pretrain.PretrainConfig().fingerprint() == meta["config_fingerprint"]
     model, processor = models.load_vlm("embedded")
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
 
@@ -262,8 +289,12 @@ def test_forward_from_cached_features_equals_the_pixel_forward(parts, tiny_cfg):
                                                 batch["position_ids"], feats)
         l_ref = pretrain.joint_loss(model, batch, True)
         l_got = pretrain.joint_loss(model, batch, True, feats)
+        plain_ref = pretrain.joint_loss(model, batch, False)
+        plain_got = pretrain.joint_loss(model, batch, False, feats)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l_got, l_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(plain_got, plain_ref, atol=1e-6, rtol=1e-6)
+    assert abs(float(l_ref) - float(plain_ref)) > 1e-4  # the two reductions differ, so both are checked
 
 
 def test_frozen_vision_stays_fixed_in_the_joint_stage(tiny_cfg, tmp_path):
