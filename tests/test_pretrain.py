@@ -312,3 +312,24 @@ def test_frozen_vision_stays_fixed_in_the_joint_stage(tiny_cfg, tmp_path):
     assert vision and text
     assert all(float((after_vision[k] - final[k]).abs().max()) == 0.0 for k in vision)
     assert any(float((after_vision[k] - final[k]).abs().max()) > 0.0 for k in text)
+
+
+def test_error_breakdown_script_counts_every_question(tiny_run, tiny_cfg):
+    """scripts/base_model_errors.py: groups add up to the POPE question count, accuracies in [0, 1]."""
+    import importlib.util
+
+    from csp_utils import benchmarks, models
+
+    spec = importlib.util.spec_from_file_location("base_model_errors",
+                                                  Path(__file__).parents[1] / "scripts" / "base_model_errors.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert [mod.area_bin(a) for a in (10, 60, 249, 250)] == ["<60 px", "60-119 px", "120-249 px", ">=250 px"]
+    model, processor = models.load_vlm(tiny_run)
+    scenes = benchmarks.pope_scenes(4, pretrain._world_config(tiny_cfg), split="eval")
+    out = mod.error_breakdown(model, processor, scenes)
+    n = sum(len(v) for v in pretrain.pope_sets(scenes).values())
+    assert sum(c for c, _ in out["answer"].values()) == n
+    assert sum(c for c, _ in out["by_shape"].values()) == n
+    assert sum(c for c, _ in out["yes_by_area"].values()) == out["answer"]["yes"][0]
+    assert all(0.0 <= a <= 1.0 for g in out.values() for _, a in g.values())
