@@ -343,6 +343,19 @@ class EncodedImages:
     keys: tuple                 # the image inputs the encoder consumed (e.g. pixel_values)
     inputs: dict                # those inputs, to check that later prompts carry the same
     outputs: dict               # {"image": encoder output}, as forward/generate take it
+    image_tokens: list | None = None   # per row: how many image tokens the processor wrote, where
+                                       # the tokenizer alone reproduces the processor (see text_prompts)
+
+    def text_prompts(self, processor, messages) -> Prompts | None:
+        """Prompts for other conversations on the same images without running the image
+        processor again: the placeholder is expanded to this batch's image-token count and
+        only the tokenizer runs. None unless :func:`encode_images` checked on the batch it
+        encoded that this gives exactly the processor's ids (LLaVA-style processors do)."""
+        if self.image_tokens is None or len(messages) != len(self.image_tokens):
+            return None
+        ids, mask = _tokenize_expanded(processor, chat_texts(processor, messages), self.image_tokens)
+        dev = self.inputs["pixel_values"].device
+        return Prompts(ids.to(dev), mask.to(dev), {"mm_encoder_outputs": dict(self.outputs)})
 
     def replace(self, image_inputs: dict) -> dict:
         import torch
@@ -355,10 +368,25 @@ class EncodedImages:
         return rest
 
 
-def encode_images(model, image_inputs: dict) -> EncodedImages | None:
+def _tokenize_expanded(processor, texts, counts):
+    """Left-padded ids of ``texts`` with the i-th image placeholder written ``counts[i]`` times."""
+    ph = processor.image_token
+    tok = _tokenizer(processor)
+    tok.padding_side = "left"
+    enc = tok([t.replace(ph, ph * n, 1) for t, n in zip(texts, counts)], padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts | None = None,
+                  texts=None) -> EncodedImages | None:
     """Run the vision encoder on a batch's image inputs, or None where the model does not
     take pre-encoded images (``mm_encoder_outputs``) or the inputs hold no pixels. This is
-    what ``generate`` does before its prefill, done once for all prompts of the batch."""
+    what ``generate`` does before its prefill, done once for all prompts of the batch.
+
+    Given the ``processor``, the batch's ``prompts_`` and their chat ``texts``, it also
+    checks whether expanding the image placeholder and tokenizing reproduces the processor's
+    ids exactly; if so, later prompts on these images skip the image processor too
+    (:meth:`EncodedImages.text_prompts`)."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -375,7 +403,16 @@ def encode_images(model, image_inputs: dict) -> EncodedImages | None:
     inputs = {k: image_inputs[k] for k in keys}
     with torch.no_grad():
         out = fn(**inputs, return_dict=True)
-    return EncodedImages(keys, inputs, {"image": out})
+    encoded = EncodedImages(keys, inputs, {"image": out})
+    image_id = getattr(processor, "image_token_id", None)
+    if (image_id is not None and prompts_ is not None and texts is not None
+            and set(image_inputs) == set(keys) and all(t.count(processor.image_token) == 1 for t in texts)):
+        counts = (prompts_.input_ids == image_id).sum(1).tolist()
+        ids, mask = _tokenize_expanded(processor, texts, counts)
+        if ids.shape == prompts_.input_ids.shape and torch.equal(ids.to(prompts_.input_ids.device), prompts_.input_ids) \
+                and torch.equal(mask.to(prompts_.attention_mask.device), prompts_.attention_mask):
+            encoded.image_tokens = counts
+    return encoded
 
 
 @dataclass
@@ -732,7 +769,8 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     # images once for the answer and every confidence prompt
     encoded = None
     if prefix is None and config.reuse_image_features and _model_type(model) not in _MROPE_MODEL_TYPES:
-        encoded = encode_images(model, answer_prompts.image_inputs)
+        encoded = encode_images(model, answer_prompts.image_inputs, processor, answer_prompts,
+                                chat_texts(processor, answer_msgs))
         if encoded is not None:
             answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
     raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
@@ -745,6 +783,8 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
         msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc)
                 for it, resp in zip(items, responses)]
         conf_prompts = prefix.prompts(msgs) if prefix is not None else None
+        if conf_prompts is None:
+            conf_prompts = encoded.text_prompts(processor, msgs) if encoded is not None else None
         if conf_prompts is None:
             conf_prompts = plain_prompts(model, processor, msgs, images, encoded=encoded)
         for readout in config.readouts:

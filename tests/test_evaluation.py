@@ -112,8 +112,13 @@ def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
         assert prefix is not None and prefix.ids.numel() > 64  # template head + the 64 image tokens
     if shortcut == "encoded_images":
         p = ev.plain_prompts(model, proc, answer_msgs, images)
-        enc = ev.encode_images(model, p.image_inputs)
+        enc = ev.encode_images(model, p.image_inputs, proc, p, ev.chat_texts(proc, answer_msgs))
         assert enc is not None and enc.keys == ("pixel_values",)
+        # the tokenizer alone reproduces the processor here, so confidence prompts skip the image processor
+        assert enc.image_tokens == [64] * len(items)
+        conf_msgs = [prompts.confidence_messages(it.question, "Yes") for it in items]
+        fast, ref = enc.text_prompts(proc, conf_msgs), ev.plain_prompts(model, proc, conf_msgs, images)
+        assert torch.equal(fast.input_ids, ref.input_ids) and torch.equal(fast.attention_mask, ref.attention_mask)
         # prompts of other images are refused, not silently given these features
         with pytest.raises(ValueError, match="pixel_values"):
             ev.plain_prompts(model, proc, answer_msgs[::-1], images[::-1], encoded=enc)
