@@ -23,7 +23,8 @@ ways:
 Speed: questions go in batches (left padding); the chat template's head and the image
 are run once per batch and their KV cache is reused by the answer prompts and every
 confidence prompt of the same images (:func:`shared_prefix`, used where it is exact, else
-each prompt runs whole, with the vision encoder run once per batch for all its prompts:
+each prompt runs whole, with the vision encoder run once per batch for all its prompts and,
+where the tokenizer alone reproduces the processor, the image processor too:
 :func:`encode_images`); options are scored in one extra forward on the prompt's cache
 (:func:`score_options_on`). ``scripts/bench_elicitation.py`` compares this with the naive
 loop. Every shortcut is tested against the one-question-at-a-time computation.
