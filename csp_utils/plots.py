@@ -59,7 +59,7 @@ def save_figure(fig: Figure, path_without_suffix: str | os.PathLike) -> tuple[Pa
     base.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = Path(f"{base}.png"), Path(f"{base}.pdf")
     fig.savefig(png, dpi=150, bbox_inches="tight")
-    fig.savefig(pdf, bbox_inches="tight")
+    fig.savefig(pdf, bbox_inches="tight", metadata={"CreationDate": None})  # same figure, same bytes
     return png, pdf
 
 

@@ -831,12 +831,35 @@ def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, 
                        n_dropped_pairs=n_dropped, metrics=metrics)
 
 
+def _weights_key(model) -> str:
+    """A cheap identity of a model's weights: names, shapes and float64 sums of every tensor."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            h.update(f"{name}{tuple(t.shape)}{float(t.double().sum()) if t.is_floating_point() else int(t.sum())}"
+                     .encode())
+    return h.hexdigest()[:16]
+
+
 def _measured_if_asked(cfg, model, processor, ds, measured, run_dir: Path):
     """The measured-accuracy targets when ``cfg`` asks for them and none were given: the base
-    model's (call before any adapter goes on), saved under ``run_dir``."""
-    if cfg.confidence_target == "measured" and measured is None:
-        measured = measured_accuracy_targets(model, processor, ds)
-        _save_measured(run_dir, measured)
+    model's (call before any adapter goes on), saved under ``run_dir``. SFT and then SimPO on
+    the same dataset and base model measure the same thing: the second reuses the first's
+    (``train_logs/measured_targets.json``, keyed by the weights and the dataset)."""
+    if cfg.confidence_target != "measured" or measured is not None:
+        return measured
+    cache = run_dir / "train_logs" / "measured_targets.json"
+    key = f"{_weights_key(model)}|{_dataset_key(ds)}"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return MeasuredTargets(**saved["targets"])
+    measured = measured_accuracy_targets(model, processor, ds)
+    _save_measured(run_dir, measured)
+    if _is_main():
+        cache.write_text(json.dumps({"key": key, "targets": dataclasses.asdict(measured)}))
     return measured
 
 

@@ -148,3 +148,15 @@ def test_count_and_composition_bars(tmp_path):
     fig = plots.composition_bars(df, title="balance")
     assert isinstance(fig, Figure)
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "comp"))
+
+
+def test_saved_figures_are_byte_reproducible(tmp_path):
+    """The committed figures change only when what they show changes (no timestamps)."""
+    import time
+
+    fig = plots.reliability_diagram(CONF, CORRECT)
+    a = plots.save_figure(fig, tmp_path / "a")
+    time.sleep(1.1)  # a PDF CreationDate would differ by now
+    b = plots.save_figure(fig, tmp_path / "b")
+    for x, y in zip(a, b):
+        assert x.read_bytes() == y.read_bytes()

@@ -170,6 +170,40 @@ def test_measured_targets_are_cell_accuracies(tiny_vlm):
     assert assistant["content"] == f"{measured.targets[0]}%"
 
 
+def test_measured_targets_are_measured_once_per_model_and_dataset(tiny_vlm, tmp_path, monkeypatch):
+    """SFT then SimPO with the measured target reuse one measurement; other weights or
+    another dataset measure again."""
+    model, processor = tiny_vlm
+    ds = make_dataset()
+    calls = []
+    real = training.measured_accuracy_targets
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "measured_accuracy_targets", counting)
+    cfg = training.tiny_default().sft
+    cfg.confidence_target = "measured"
+    first = training._measured_if_asked(cfg, model, processor, ds, None, tmp_path)
+    again = training._measured_if_asked(training.SimPOConfigCSP(confidence_target="measured"),
+                                        model, processor, ds, None, tmp_path)
+    assert len(calls) == 1 and again == first
+    assert (tmp_path / "train_logs" / "measured_targets.csv").exists()
+    training._measured_if_asked(cfg, model, processor, ds.select(range(len(ds) - 1)), None, tmp_path)
+    assert len(calls) == 2
+    with torch.no_grad():
+        p = next(model.parameters())
+        p.add_(1.0)
+        try:
+            training._measured_if_asked(cfg, model, processor, ds, None, tmp_path)
+        finally:
+            p.sub_(1.0)
+    assert len(calls) == 3
+    cfg.confidence_target = "paper"
+    assert training._measured_if_asked(cfg, model, processor, ds, None, tmp_path) is None and len(calls) == 3
+
+
 # --------------------------------------------------------------------------- SFT labels
 
 
