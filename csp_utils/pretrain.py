@@ -438,6 +438,16 @@ def confidence_turns(questions: Sequence[str], rng: np.random.Generator, n: int,
     return out
 
 
+def patch_label_rows(scenes_, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(shape ids, colour ids)``, each (N, G*G) int64, of every patch of each scene
+    (``scenes.scene_labels``); background is the class after the world's shapes / colours."""
+    from csp_utils import scenes as sc
+
+    labels = [sc.scene_labels(s, patch) for s in scenes_]
+    return (np.stack([np.where(c < 0, len(sc.CATEGORIES), c).ravel() for c, _ in labels]).astype(np.int64),
+            np.stack([np.where(k < 0, len(sc.COLOR_NAMES), k).ravel() for _, k in labels]).astype(np.int64))
+
+
 def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chunk: int = 1000,
                progress: bool = False) -> Pool:
     """The training pool, deterministic in (cfg.seed, world config): images, patch labels, examples."""
@@ -445,7 +455,6 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
 
     wcfg = _world_config(cfg)
     patch = cfg.model.patch_size
-    n_cat, n_col = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
     mix = cfg.mix()
     images, cats, cols, pres = [], [], [], []
     pairs, scene_of, kind_of, existence_of = [], [], [], []
@@ -455,10 +464,10 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
             raise ValueError(f"world images are {batch[0].image.shape[0]} px but the model expects "
                              f"{cfg.model.image_size}; set PretrainConfig.world['image_size']")
         images.append(codec.encode([s.image for s in batch]))
+        c, k = patch_label_rows(batch, patch)
+        cats.append(c)
+        cols.append(k)
         for s in batch:
-            c, k = sc.scene_labels(s, patch)
-            cats.append(np.where(c < 0, n_cat, c).ravel())
-            cols.append(np.where(k < 0, n_col, k).ravel())
             pres.append(presence_vector(s))
             rng = np.random.default_rng([cfg.seed, 7, s.index])
             qs = balanced_questions(s, rng, cfg.questions_per_scene)
@@ -483,8 +492,8 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
     kind = np.array(kind_of, np.int64)
     return Pool(
         images=np.concatenate(images),
-        cat_labels=np.stack(cats).astype(np.int64),
-        col_labels=np.stack(cols).astype(np.int64),
+        cat_labels=np.concatenate(cats),
+        col_labels=np.concatenate(cols),
         presence=np.stack(pres),
         ids=np.concatenate([i for i, _ in encoded]).astype(dtype),
         learn=np.concatenate([m for _, m in encoded]),
@@ -515,13 +524,9 @@ def vision_data(cfg: PretrainConfig, codec: ImageCodec, pool: Pool, chunk: int =
     n = min(total, len(pool.images))
     parts = [(pool.images[:n], pool.cat_labels[:n], pool.col_labels[:n], pool.presence[:n])]
     wcfg, patch = _world_config(cfg), cfg.model.patch_size
-    n_cat, n_col = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
     for start in _progress(range(n, total, chunk), progress, "rendering vision scenes"):
         batch = sc.make_scenes("base", min(chunk, total - start), wcfg, start=start)
-        labels = [sc.scene_labels(s, patch) for s in batch]
-        parts.append((codec.encode([s.image for s in batch]),
-                      np.stack([np.where(c < 0, n_cat, c).ravel() for c, _ in labels]).astype(np.int64),
-                      np.stack([np.where(k < 0, n_col, k).ravel() for _, k in labels]).astype(np.int64),
+        parts.append((codec.encode([s.image for s in batch]), *patch_label_rows(batch, patch),
                       np.stack([presence_vector(s) for s in batch])))
     return VisionData(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
@@ -1319,9 +1324,7 @@ def _patch_accuracy(model, heads, scs, codec: ImageCodec, patch: int) -> dict:
     if not scs:
         return {}
     pix = codec.decode(torch.from_numpy(codec.encode([s.image for s in scs])))
-    labels = [sc.scene_labels(s, patch) for s in scs]
-    yc = torch.from_numpy(np.stack([np.where(c < 0, len(sc.CATEGORIES), c).ravel() for c, _ in labels]))
-    yk = torch.from_numpy(np.stack([np.where(k < 0, len(sc.COLOR_NAMES), k).ravel() for _, k in labels]))
+    yc, yk = (torch.from_numpy(a) for a in patch_label_rows(scs, patch))
     with torch.no_grad():
         f = _patch_features(model, pix)
         pc, pk = heads["category"](f).argmax(-1), heads["color"](f).argmax(-1)
