@@ -99,7 +99,7 @@ class EvalConfig:
     option_chunk: int | None = None  # options scored together; None = all (memory ~ K x prompt cache)
     response: str = "raw"           # {response} = "raw" reply, or "parsed" ("Yes"/"No")
     share_prefix: bool = True       # run template head + image once per batch (where exact)
-    reuse_image_features: bool = True  # else: the vision encoder once per batch for all prompts
+    reuse_image_features: bool = True  # without a shared prefix: the vision encoder once per batch for all prompts
     seed: int = 0
     prompt_config: prompts.PromptConfig | None = None
     progress: bool = True
@@ -487,7 +487,7 @@ def _tails(texts, placeholder, head_text, tok, check_whole: bool = True) -> list
     return out
 
 
-def shared_prefix(model, processor, messages, images) -> tuple[SharedPrefix | None, Prompts]:
+def shared_prefix(model, processor, messages, images, texts=None) -> tuple[SharedPrefix | None, Prompts]:
     """``(prefix, prompts)`` for a batch: the batch as prompts on a shared prefix when that
     is exact, else ``(None, plain prompts)``.
 
@@ -500,7 +500,7 @@ def shared_prefix(model, processor, messages, images) -> tuple[SharedPrefix | No
     """
     import torch
 
-    texts = chat_texts(processor, messages)
+    texts = texts if texts is not None else chat_texts(processor, messages)
     plain = plain_prompts(model, processor, messages, images, texts)
     placeholder = getattr(processor, "image_token", None)
     if not placeholder or _model_type(model) in _MROPE_MODEL_TYPES:
@@ -762,16 +762,16 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     yn = yn or yes_no_tokens(processor)
 
     answer_msgs = [prompts.answer_messages(it.question, config=pc) for it in items]
+    answer_texts = chat_texts(processor, answer_msgs)
     if config.share_prefix:
-        prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images)
+        prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images, answer_texts)
     else:
-        prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images)
+        prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images, answer_texts)
     # no shared prefix (e.g. the question comes before the image): at least encode the
     # images once for the answer and every confidence prompt
     encoded = None
     if prefix is None and config.reuse_image_features and _model_type(model) not in _MROPE_MODEL_TYPES:
-        encoded = encode_images(model, answer_prompts.image_inputs, processor, answer_prompts,
-                                chat_texts(processor, answer_msgs))
+        encoded = encode_images(model, answer_prompts.image_inputs, processor, answer_prompts, answer_texts)
         if encoded is not None:
             answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
     raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
