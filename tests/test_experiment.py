@@ -75,6 +75,31 @@ def test_headline_table_pools_seeds_and_bootstraps_by_question():
     assert r["f1"] == pytest.approx(2 * correct.sum() / (len(rows) + correct.sum()))  # all labels yes
 
 
+@pytest.mark.parametrize("case", ["ties", "continuous", "one_class", "all_missing"])
+def test_resampled_metrics_equal_row_by_row_metrics(case):
+    """The bootstrap's one-bincount metrics equal _metric_values on each resample's rows."""
+    from csp_utils import experiment
+
+    rng = np.random.default_rng(3)
+    n = 120
+    conf = {"ties": rng.choice([0.0, 0.3, 0.1 + 0.2, 0.7, 0.9, 1.0], n), "continuous": rng.random(n),
+            "one_class": rng.random(n), "all_missing": np.full(n, np.nan)}[case]
+    if case != "all_missing":
+        conf[rng.random(n) < 0.1] = np.nan                      # unparsed confidences
+    correct = (rng.random(n) < 0.7).astype(float)
+    if case == "one_class":
+        correct[:] = 1.0
+    truth, pred = rng.random(n) < 0.5, rng.random(n) < 0.5
+    codes = rng.integers(0, 40, n)                               # rows grouped into 40 questions
+    drawn = np.stack([np.bincount(rng.integers(0, 40, 40), minlength=40) for _ in range(25)])
+    fast = experiment._resampled_metric_values(conf, correct, truth, pred, drawn[:, codes])
+    for b in range(len(drawn)):
+        idx = np.repeat(np.arange(n), drawn[b, codes])
+        slow = experiment._metric_values(conf[idx], correct[idx], truth[idx], pred[idx])
+        for k, v in slow.items():
+            assert fast[k][b] == pytest.approx(v, abs=1e-12, nan_ok=True), (case, b, k)
+
+
 def test_baseline_rows_use_the_base_models_answers():
     from csp_utils import experiment
 
