@@ -850,7 +850,13 @@ def _measured_if_asked(cfg, model, processor, ds, measured, run_dir: Path):
     (``train_logs/measured_targets.json``, keyed by the weights and the dataset)."""
     if cfg.confidence_target != "measured" or measured is not None:
         return measured
-    cache = run_dir / "train_logs" / "measured_targets.json"
+    return cached_measured_targets(model, processor, ds, run_dir)
+
+
+def cached_measured_targets(model, processor, ds, run_dir: Path) -> MeasuredTargets:
+    """:func:`measured_accuracy_targets` of ``model`` on ``ds``, measured once per run folder
+    (``train_logs/measured_targets.json``, keyed by the weights and the dataset)."""
+    cache = Path(run_dir) / "train_logs" / "measured_targets.json"
     key = f"{_weights_key(model)}|{_dataset_key(ds)}"
     if cache.exists():
         saved = json.loads(cache.read_text())
@@ -1099,11 +1105,12 @@ def pair_margins(model, processor, pairs, batch_size: int = 16):
 
 
 def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max_pairs: int | None = 512,
-                 batch_size: int = 16, seed: int = 0):
+                 batch_size: int = 16, seed: int = 0, run_dir=None):
     """Chosen-over-rejected margins on the training pairs, one row per model.
 
     ``adapters``: {label: adapter folder, or None for the base model itself}. At most
-    ``max_pairs`` pairs (a seeded sample) keep it cheap for a 7B model."""
+    ``max_pairs`` pairs (a seeded sample) keep it cheap for a 7B model. With ``run_dir``,
+    the measured-accuracy targets come from the run's cache (what training used)."""
     import numpy as np
     import pandas as pd
 
@@ -1111,7 +1118,8 @@ def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max
     measured = None
     if target == "measured":
         model, processor = models.load_vlm(base_model)
-        measured = measured_accuracy_targets(model, processor, ds)
+        measured = (cached_measured_targets(model, processor, ds, run_dir) if run_dir is not None
+                    else measured_accuracy_targets(model, processor, ds))
     pairs, _ = simpo_pairs(ds, target, measured)
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = pairs.select(sorted(random.Random(seed).sample(range(len(pairs)), max_pairs)))

@@ -204,6 +204,25 @@ def test_measured_targets_are_measured_once_per_model_and_dataset(tiny_vlm, tmp_
     assert training._measured_if_asked(cfg, model, processor, ds, None, tmp_path) is None and len(calls) == 3
 
 
+def test_margin_table_reuses_the_runs_measured_targets(work, tmp_path, monkeypatch):
+    """The SimPO notebook's margin table scores the pairs training used: with the run
+    folder it takes the cached measurement instead of measuring the base model again."""
+    model, processor = load_base(work)
+    ds = training.load_perturbed_dataset(work / "dataset")
+    n = len(ds)  # targets away from 50% so that pairs exist (the random base scores ~50% everywhere)
+    fake = training.MeasuredTargets(own_answers=["Yes"] * n, correct=[True] * n, targets=[90] * n,
+                                    cells={"c=90|Yes": {"accuracy": 0.9, "n": n, "target": 90}})
+    calls = []
+    monkeypatch.setattr(training, "measured_accuracy_targets", lambda *a, **k: calls.append(1) or fake)
+    assert training.cached_measured_targets(model, processor, ds, tmp_path) == fake and calls == [1]
+    calls.clear()
+    table = training.margin_table(work / "base", work / "dataset", {"base": None}, target="measured",
+                                  max_pairs=8, run_dir=tmp_path)
+    assert calls == [] and table["pairs"].iloc[0] > 0
+    training.margin_table(work / "base", work / "dataset", {"base": None}, target="measured", max_pairs=8)
+    assert calls == [1], "without a run folder it measures"
+
+
 # --------------------------------------------------------------------------- SFT labels
 
 
