@@ -127,6 +127,56 @@ def test_checkpoint_of_another_config_is_refused(tiny_cfg, tmp_path):
         pretrain.pretrain(out, dataclasses.replace(tiny_cfg, seed=5))
 
 
+def test_warm_start_builds_the_first_round_and_takes_its_language_model(tiny_run, tiny_cfg, tmp_path):
+    """The second round trains its own vision tower, then starts the joint stage from the
+    first round's language model + projector; an interrupted first round resumes."""
+    import torch
+
+    from csp_utils import models
+
+    second = dataclasses.replace(tiny_cfg, warm_start=tiny_cfg.to_dict(), vision_position_init="random",
+                                 vision_class_balance=0.0, joint_steps=4)
+    assert second.fingerprint() != tiny_cfg.fingerprint()
+    out, seen = tmp_path / "second", []
+    assert pretrain.pretrain(out, dataclasses.replace(second, stop_after_steps=3)) is None  # inside round 1
+    assert (out / pretrain.WARM_START_DIR / pretrain.CHECKPOINT_DIR).exists()
+
+    first_lm = {}
+    real_load = pretrain._load_language
+
+    def spy(model, path):
+        real_load(model, path)
+        first_lm.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    pretrain._load_language = spy
+    try:
+        path = pretrain.pretrain(out, second, on_step=lambda stage, step, loss: seen.append((stage, step)))
+    finally:
+        pretrain._load_language = real_load
+    # round 1 finished (its remaining steps), then round 2 ran in full
+    assert seen[-(second.vision_steps + 4):] == [("vision", s) for s in range(second.vision_steps)] + \
+        [("joint", s) for s in range(4)]
+    # round 1 is the tiny config itself: the same weights as the uninterrupted run
+    ws = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()
+    for k, v in first_lm.items():
+        if ".vision_tower." not in k:
+            assert torch.equal(v, ws[k]), f"{k} was not taken from round 1"
+    patches = "model.vision_tower.embeddings.patch_embedding.weight"
+    assert not torch.equal(first_lm[patches], ws[patches]), "round 2 trains its own tower"
+    meta = json.loads((path / "csp_meta.json").read_text())
+    assert meta["warm_start"]["sha256"] == json.loads((tiny_run / "csp_meta.json").read_text())["sha256"]
+    assert meta["config_fingerprint"] == second.fingerprint()
+    assert not (path / pretrain.WARM_START_DIR).exists(), "the first round is removed with the checkpoints"
+    models.load_vlm(path)
+    with pytest.raises(ValueError, match="same architecture"):
+        dataclasses.replace(second, model=dataclasses.replace(tiny_cfg.model, text_hidden=32)).warm_start_config()
+
+
+def test_first_round_is_the_model_shipped_before_the_warm_start():
+    assert PretrainConfig.first_round().fingerprint() == "ca61b4593ef83d9d"
+    assert PretrainConfig().warm_start_config().fingerprint() == "ca61b4593ef83d9d"
+
+
 def test_accuracy_gate_extends_up_to_the_cap(tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, vision_steps=1, joint_steps=4, gate_accuracy=1.01, gate_chunk_steps=3,
                               max_joint_steps=10)
