@@ -1035,8 +1035,8 @@ def train_regime(regime: str, base_model, dataset, out_dir, configs: TrainingCon
     needs = [configs.sft.confidence_target] * train_sft_now + [configs.simpo.confidence_target] * (regime != "sft")
     if "measured" in needs:
         model, processor = _load_base(base_model, configs.sft.dtype)
-        measured = measured_accuracy_targets(model, processor, ds)  # once, for both stages
-        _save_measured(run_dir, measured)
+        # once per run folder: both stages here, notebook 04 after 03, and the margin table
+        measured = cached_measured_targets(model, processor, ds, run_dir)
         del model
 
     results: dict[str, TrainResult] = {}

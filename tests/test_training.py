@@ -223,6 +223,27 @@ def test_margin_table_reuses_the_runs_measured_targets(work, tmp_path, monkeypat
     assert calls == [1], "without a run folder it measures"
 
 
+def test_notebooks_03_and_04_measure_the_base_model_once(work, tmp_path, monkeypatch):
+    """With the measured target, SFT (notebook 03), SimPO (notebook 04, a second call) and
+    its margin table all take the one measurement cached in the run folder."""
+    ds = training.load_perturbed_dataset(work / "dataset")
+    n = len(ds)
+    fake = training.MeasuredTargets(own_answers=["Yes"] * n, correct=[True] * n, targets=[90] * n,
+                                    cells={"c=90|Yes": {"accuracy": 0.9, "n": n, "target": 90}})
+    calls = []
+    monkeypatch.setattr(training, "measured_accuracy_targets", lambda *a, **k: calls.append(1) or fake)
+    cfg = small_configs(steps=2)
+    cfg.sft.confidence_target = cfg.simpo.confidence_target = "measured"
+    run = tmp_path / "run"
+    training.train_regime("sft", work / "base", work / "dataset", run, cfg)
+    result = training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg,
+                                   sft_adapter="require")["sft_simpo"]
+    training.margin_table(work / "base", work / "dataset", {"base": None}, target="measured",
+                          max_pairs=8, run_dir=run)
+    assert calls == [1] and result.completed and result.n_examples > 0
+    assert (run / "train_logs" / "measured_targets.json").exists()
+
+
 # --------------------------------------------------------------------------- SFT labels
 
 
