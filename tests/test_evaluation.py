@@ -96,6 +96,23 @@ def test_option_distribution():
     assert arg.tolist() == [0.8, 0.8]
 
 
+def test_expanded_tokenization_equals_the_processors_ids(tiny):
+    """Confidence prompts on encoded images are tokenized as written, the image token
+    repeated in the ids: the same ids and mask as the processor's expanded text, and
+    no prompt at all (None) where a text does not hold exactly one placeholder."""
+    model, proc = tiny
+    ph = proc.image_token
+    texts = ev.chat_texts(proc, [prompts.confidence_messages(q, a) for q, a in
+                                 [("Is there a red star?", "Yes"), ("Is there a circle in the image?", "No")]])
+    ids, mask = ev._tokenize_expanded(proc, texts, [64, 64])
+    ref = proc.tokenizer([t.replace(ph, ph * 64) for t in texts], padding=True, padding_side="left",
+                         return_tensors="pt")
+    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    assert mask[0].sum() != mask[1].sum(), "the texts differ in length: left padding is exercised"
+    assert ev._tokenize_expanded(proc, [texts[0] + ph, texts[1]], [64, 64]) is None
+    assert ev._tokenize_expanded(proc, [texts[0].replace(ph, ""), texts[1]], [64, 64]) is None
+
+
 # ------------------------------------------------------------------ fast == one by one
 @pytest.mark.parametrize("shortcut", ["shared_prefix", "encoded_images", "none"])
 def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
