@@ -1114,7 +1114,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
         raise ValueError(f"{ckpt} holds a run with another configuration; delete it or use force=True")
     resume = Path(state.pop("_folder")) if state is not None else None
     if state is not None:
-        processor = _load_processor(resume / "processor")
+        processor = _resumed_processor(cfg, resume / "processor")
         log.info("resuming from %s (stage %s, step %d)", resume, state["stage"], state["step"])
     else:
         processor = models.build_processor(cfg.model)
@@ -1373,12 +1373,18 @@ def _should_stop(cfg: PretrainConfig, state: dict) -> bool:
     return cfg.stop_after_steps is not None and state["total_steps"] >= cfg.stop_after_steps
 
 
-def _load_processor(folder: Path):
-    from transformers import AutoProcessor
+def _resumed_processor(cfg: PretrainConfig, folder: Path):
+    """The processor built in code, as a fresh run builds it, after checking that it is the
+    one the checkpoint was trained with (a loaded one would save extra loader keys, so a
+    resumed build would not write the files an uninterrupted one writes)."""
+    from csp_utils import models
 
-    proc = AutoProcessor.from_pretrained(folder)
-    proc.tokenizer.padding_side = "left"
-    return proc
+    processor = models.build_processor(cfg.model)
+    saved = folder / "tokenizer.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(processor.tokenizer.backend_tokenizer.to_str()):
+        raise ValueError(f"the checkpoint's tokenizer ({saved}) is not the one this code builds; "
+                         f"delete {folder.parent.parent} to train from scratch, or use the code that made it")
+    return processor
 
 
 def _patch_accuracy(model, heads, scs, codec: ImageCodec, patch: int) -> dict:

@@ -118,6 +118,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tiny_cfg, tmp_pat
     assert seen + rest == [("vision", s) for s in range(tiny_cfg.vision_steps)] + \
         [("joint", s) for s in range(tiny_cfg.joint_steps)], "each step runs exactly once"
     assert _max_diff(_weights(tiny_run), _weights(out)) <= 1e-5
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        assert (out / name).read_text() == (tiny_run / name).read_text(), f"{name} differs after a resume"
 
 
 def test_checkpoint_of_another_config_is_refused(tiny_cfg, tmp_path):
@@ -125,6 +127,13 @@ def test_checkpoint_of_another_config_is_refused(tiny_cfg, tmp_path):
     pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=1))
     with pytest.raises(ValueError, match="another configuration"):
         pretrain.pretrain(out, dataclasses.replace(tiny_cfg, seed=5))
+    # a checkpoint whose tokenizer is not the one this code builds is refused, not resumed
+    (saved,) = (out / pretrain.CHECKPOINT_DIR).rglob("processor/tokenizer.json")
+    tok = json.loads(saved.read_text())
+    tok["model"]["vocab"]["zzz-not-ours"] = len(tok["model"]["vocab"])
+    saved.write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match="tokenizer"):
+        pretrain.pretrain(out, tiny_cfg)
 
 
 def test_warm_start_builds_the_first_round_and_takes_its_language_model(tiny_run, tiny_cfg, tmp_path):
