@@ -152,9 +152,10 @@ def reliability_grid(
         _draw_reliability(ax, conf, correct, n_bins, title=name)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=FONT + 1)
-    fig.subplots_adjust(wspace=0.35, hspace=0.35)
+    height = 5.4 * nrows
+    if suptitle:  # placed in inches from the top: a fraction of a tall grid leaves a gap
+        fig.suptitle(suptitle, fontsize=FONT + 1, y=1 - 0.2 / height)
+    fig.subplots_adjust(wspace=0.35, hspace=0.35, top=1 - (0.95 if suptitle else 0.35) / height)
     return fig
 
 

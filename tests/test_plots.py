@@ -75,6 +75,9 @@ def test_reliability_grid_including_empty_group(tmp_path):
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "grid"))
     with pytest.raises(ValueError):
         plots.reliability_grid({})
+    # a tall grid (the study's: 6 sets x before/after) keeps its title close to the panels
+    tall = plots.reliability_grid({f"set {i}": (CONF, CORRECT) for i in range(12)}, ncols=2, suptitle="before / after")
+    assert (1 - tall.subplotpars.top) * tall.get_figheight() < 1.0  # inches above the first row
 
 
 def test_ablation_bars(tmp_path):
