@@ -47,6 +47,15 @@ def _style(ax) -> None:
 
 
 # ----------------------------------------------------------------------- saving
+METRIC_LABELS = {"ece": "ECE", "adaptive_ece": "adaptive ECE", "mce": "MCE", "brier": "Brier score",
+                 "auroc": "AUROC", "accuracy": "accuracy", "f1": "F1"}
+
+
+def metric_label(metric) -> str:
+    """How a metric's column name reads in a figure (``"ece"`` -> ``"ECE"``)."""
+    return METRIC_LABELS.get(str(metric), str(metric))
+
+
 def save_figure(fig: Figure, path_without_suffix: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``<path>.png`` (150 dpi) and ``<path>.pdf``, creating folders; returns both paths.
 
@@ -186,7 +195,7 @@ def ablation_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
         ax.errorbar(v, y, xerr=[low, high], fmt="none", ecolor="black", capsize=3, lw=1)
         for yi, vi, hi in zip(y, v, high):
             ax.text(vi + hi, yi, f" {vi:.3f}", va="center", fontsize=FONT - 1)
-        ax.set_title(str(metric), fontsize=FONT)
+        ax.set_title(metric_label(metric), fontsize=FONT)
         ax.margins(x=0.25)
         _style(ax)
     axes[0, 0].set_yticks(range(len(names)), [str(n) for n in names])

@@ -87,11 +87,12 @@ def test_ablation_bars(tmp_path):
             "value": [0.05, 0.08, 0.06, 0.7, 0.65, 0.68],
             "low": [0.03, 0.06, np.nan, 0.65, 0.6, 0.6],
             "high": [0.07, 0.1, np.nan, 0.75, 0.7, 0.75],
-            "metric": ["ECE"] * 3 + ["AUROC"] * 3,
+            "metric": ["ece"] * 3 + ["auroc"] * 3,   # column names, as ablation.csv has them
         }
     )
     fig = plots.ablation_bars(df, title="ablations")
     assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ["ECE", "AUROC"]
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "abl"))
     with pytest.raises(ValueError, match="missing"):
         plots.ablation_bars(df.drop(columns="low"))
