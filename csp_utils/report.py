@@ -87,7 +87,10 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
                                                       high=("high", "mean")).reset_index()
             agg["metric"] = metric
-            save(plots.ablation_bars(agg, title=f"Ablations: {plots.metric_label(metric)} (mean over sets, 95% bootstrap)"),
+            # averaged endpoints are wider than the mean's own interval: the title says which it is
+            n_sets = sub["set"].nunique()
+            save(plots.ablation_bars(agg, title=f"Ablations: {plots.metric_label(metric)}, mean over {n_sets} sets\n"
+                                                 "(whiskers: mean of the per-set 95% bootstrap intervals)"),
                  f"ablation_{metric}")
     logs = sorted((results_dir / "train_logs").glob("*.csv")) if (results_dir / "train_logs").exists() else []
     # train_logs/ also holds margin tables and measured targets: curves are the files with a step column
