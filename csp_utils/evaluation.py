@@ -429,10 +429,11 @@ def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts |
             and set(image_inputs) == set(keys) and all(t.count(processor.image_token) == 1 for t in texts)):
         counts = (prompts_.input_ids == image_id).sum(1).tolist()
         expanded = _tokenize_expanded(processor, texts, counts)
-        ids, mask = expanded if expanded is not None else (None, None)
-        if ids is not None and ids.shape == prompts_.input_ids.shape and torch.equal(ids.to(prompts_.input_ids.device), prompts_.input_ids) \
-                and torch.equal(mask.to(prompts_.attention_mask.device), prompts_.attention_mask):
-            encoded.image_tokens = counts
+        if expanded is not None:
+            ids, mask = (t.to(prompts_.input_ids.device) for t in expanded)
+            if ids.shape == prompts_.input_ids.shape and torch.equal(ids, prompts_.input_ids) \
+                    and torch.equal(mask, prompts_.attention_mask):
+                encoded.image_tokens = counts
     return encoded
 
 
