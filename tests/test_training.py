@@ -244,6 +244,28 @@ def test_notebooks_03_and_04_measure_the_base_model_once(work, tmp_path, monkeyp
     assert (run / "train_logs" / "measured_targets.json").exists()
 
 
+def test_assistant_masks_from_lists_gives_the_same_masks(work, monkeypatch):
+    """The collation speed-up (transformers' assistant-mask step fed lists, not tensors)
+    leaves every mask as it was, on the conversations SFT and SimPO collate."""
+    import torch
+    from transformers.processing_utils import ProcessorMixin
+
+    _, processor = load_base(work)
+    ds = training.load_perturbed_dataset(work / "dataset")
+    convs = [training._with_image([prompts.user_turn(prompts.confidence_text(ds[i]["question"], "Yes"))],
+                                  ds[i]["image"].convert("RGB")) + [prompts.assistant_turn(reply)]
+             for i, reply in zip(range(4), ["0%", "30%", "100%", "80%"])]
+    kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
+                  processor_kwargs={"padding": True, "padding_side": "right", "add_special_tokens": False})
+    assert training.assistant_masks_from_lists() and training.assistant_masks_from_lists()  # idempotent
+    patched = ProcessorMixin._adjust_assistant_masks_indices
+    fast = processor.apply_chat_template(convs, **kwargs)["assistant_masks"]
+    monkeypatch.setattr(ProcessorMixin, "_adjust_assistant_masks_indices", patched.__wrapped__)
+    plain = processor.apply_chat_template(convs, **kwargs)["assistant_masks"]
+    assert torch.equal(torch.as_tensor(fast), torch.as_tensor(plain))
+    assert 0 < int(torch.as_tensor(fast).sum()) < torch.as_tensor(fast).numel()
+
+
 # --------------------------------------------------------------------------- SFT labels
 
 
