@@ -832,6 +832,27 @@ def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, 
                        n_dropped_pairs=n_dropped, metrics=metrics)
 
 
+def _finished_before(stage: str, last: str | None, adapter_dir: Path, ckpt_dir: Path, log_csv: Path,
+                     n_examples: int, n_dropped: int = 0) -> TrainResult | None:
+    """The result of a run that already reached its last step and saved its adapter, or None.
+
+    Resuming such a run is not a no-op in transformers 5.24: the Trainer takes one more
+    optimizer step past ``max_steps`` (logged as step max + 1). The checkpoint's run key
+    was checked by :func:`_prepare_checkpoints`; the adapter must record the same step."""
+    if last is None or not adapter_complete(adapter_dir):
+        return None
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    record = json.loads((adapter_dir / CONFIG_FILE).read_text())
+    if not (state.get("max_steps") and state["global_step"] >= state["max_steps"]
+            and record.get("global_step") == state["global_step"] and record.get("stage") == stage):
+        return None
+    if _is_main():
+        print(f"[training] {adapter_dir.name} already finished at step {state['global_step']}: kept")
+    return TrainResult(stage=stage, adapter_dir=adapter_dir, log_csv=log_csv, checkpoint_dir=ckpt_dir,
+                       completed=True, global_step=state["global_step"], n_examples=n_examples,
+                       n_dropped_pairs=n_dropped, metrics=record.get("train_metrics", {}))
+
+
 def _weights_key(model) -> str:
     """A cheap identity of a model's weights: names, shapes and float64 sums of every tensor."""
     import torch
@@ -970,6 +991,9 @@ def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, 
     ckpt_dir = run_dir / "checkpoints" / name
     log_csv = run_dir / "train_logs" / f"{name}.csv"
     last = _prepare_checkpoints(ckpt_dir, _run_key("sft", cfg, base_model, ds, None), resume)
+    done = _finished_before("sft", last, run_dir / "adapters" / name, ckpt_dir, log_csv, len(rows))
+    if done is not None:
+        return done
     trainer = build_sft_trainer(model, processor, rows, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
     out = trainer.train(resume_from_checkpoint=last)
     return _finish(trainer, "sft", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,
@@ -1011,6 +1035,9 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
     ckpt_dir = run_dir / "checkpoints" / name
     log_csv = run_dir / "train_logs" / f"{name}.csv"
     last = _prepare_checkpoints(ckpt_dir, _run_key("simpo", cfg, base_model, ds, init_adapter), resume)
+    done = _finished_before("simpo", last, run_dir / "adapters" / name, ckpt_dir, log_csv, len(pairs), dropped)
+    if done is not None:
+        return done
     trainer = build_simpo_trainer(model, processor, pairs, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
     out = trainer.train(resume_from_checkpoint=last)
     return _finish(trainer, "simpo", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,

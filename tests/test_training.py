@@ -223,6 +223,24 @@ def test_margin_table_reuses_the_runs_measured_targets(work, tmp_path, monkeypat
     assert calls == [1], "without a run folder it measures"
 
 
+def test_rerunning_a_finished_run_keeps_it(work, tmp_path):
+    """A notebook rerun over a finished run (the study's --force) keeps the adapter and the
+    log as they are: resuming would take one more optimizer step past max_steps."""
+    run = tmp_path / "run"
+    cfg = small_configs(steps=2)
+    first = training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg)
+    logs = {n: (run / "train_logs" / f"{n}.csv").read_text() for n in ("sft", "sft_simpo")}
+    adapters = {n: (run / "adapters" / n / "adapter_model.safetensors").read_bytes() for n in ("sft", "sft_simpo")}
+    again = training.train_regime("sft", work / "base", work / "dataset", run, cfg)
+    again.update(training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg,
+                                       sft_adapter="require"))
+    for n in ("sft", "sft_simpo"):
+        assert again[n].completed and again[n].global_step == first[n].global_step == 2
+        assert (run / "train_logs" / f"{n}.csv").read_text() == logs[n]
+        assert (run / "adapters" / n / "adapter_model.safetensors").read_bytes() == adapters[n]
+        assert sorted(p.name for p in (run / "checkpoints" / n).glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_notebooks_03_and_04_measure_the_base_model_once(work, tmp_path, monkeypatch):
     """With the measured target, SFT (notebook 03), SimPO (notebook 04, a second call) and
     its margin table all take the one measurement cached in the run folder."""
