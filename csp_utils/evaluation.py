@@ -380,8 +380,6 @@ def _tokenize_expanded(processor, texts, counts):
     placeholder is an added token, split off before the rest is tokenized, so this equals
     tokenizing the expanded text (what LLaVA-style processors do), at a third of the cost
     (:func:`encode_images` checks the equality against the processor on every batch)."""
-    import torch
-
     tok = _tokenizer(processor)
     image_id = getattr(processor, "image_token_id", None)
     rows = []
@@ -390,11 +388,18 @@ def _tokenize_expanded(processor, texts, counts):
             return None
         at = ids.index(image_id)
         rows.append(ids[:at] + [image_id] * n + ids[at + 1:])
+    return _left_padded(rows, tok)
+
+
+def _left_padded(rows: list[list[int]], tok):
+    """(ids, attention mask) of token-id lists, left padded with the tokenizer's pad id."""
+    import torch
+
     L = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], dtype=torch.long)
+    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], dtype=torch.long)
     mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return input_ids, mask
+    return ids, mask
 
 
 def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts | None = None,
@@ -461,13 +466,7 @@ class SharedPrefix:
         if tails is None or len(tails) != self.cache_rows:
             return None
         dev = self.ids.device
-        L = max(len(t) for t in tails)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(tails), L), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((len(tails), L), dtype=torch.long, device=dev)
-        for i, t in enumerate(tails):
-            ids[i, L - len(t):] = torch.tensor(t, device=dev)
-            mask[i, L - len(t):] = 1
+        ids, mask = (t.to(dev) for t in _left_padded(tails, tok))
         P = self.ids.numel()
         return Prompts(
             torch.cat([self.ids.expand(len(tails), P), ids], 1),

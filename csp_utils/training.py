@@ -832,9 +832,19 @@ def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, 
                        n_dropped_pairs=n_dropped, metrics=metrics)
 
 
-def _finished_before(stage: str, last: str | None, adapter_dir: Path, ckpt_dir: Path, log_csv: Path,
-                     n_examples: int, n_dropped: int = 0) -> TrainResult | None:
+def _run_state(stage: str, name: str, cfg, base_model, ds, init_adapter, run_dir: Path, resume: bool):
+    """``(checkpoint dir, log CSV, checkpoint to resume or None, result if already finished
+    or None)`` of the run ``name`` of ``stage`` in ``run_dir``."""
+    ckpt_dir = run_dir / "checkpoints" / name
+    log_csv = run_dir / "train_logs" / f"{name}.csv"
+    last = _prepare_checkpoints(ckpt_dir, _run_key(stage, cfg, base_model, ds, init_adapter), resume)
+    return ckpt_dir, log_csv, last, _finished_before(stage, last, run_dir / "adapters" / name, ckpt_dir, log_csv)
+
+
+def _finished_before(stage: str, last: str | None, adapter_dir: Path, ckpt_dir: Path,
+                     log_csv: Path) -> TrainResult | None:
     """The result of a run that already reached its last step and saved its adapter, or None.
+    Checked before the model loads: a finished run needs neither it nor its training rows.
 
     Resuming such a run is not a no-op in transformers 5.24: the Trainer takes one more
     optimizer step past ``max_steps`` (logged as step max + 1). The checkpoint's run key
@@ -849,8 +859,8 @@ def _finished_before(stage: str, last: str | None, adapter_dir: Path, ckpt_dir: 
     if _is_main():
         print(f"[training] {adapter_dir.name} already finished at step {state['global_step']}: kept")
     return TrainResult(stage=stage, adapter_dir=adapter_dir, log_csv=log_csv, checkpoint_dir=ckpt_dir,
-                       completed=True, global_step=state["global_step"], n_examples=n_examples,
-                       n_dropped_pairs=n_dropped, metrics=record.get("train_metrics", {}))
+                       completed=True, global_step=state["global_step"], n_examples=record["n_examples"],
+                       n_dropped_pairs=record.get("n_dropped_pairs", 0), metrics=record.get("train_metrics", {}))
 
 
 def _weights_key(model) -> str:
@@ -984,16 +994,13 @@ def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, 
     run_dir = Path(run_dir)
     _state()
     ds = load_perturbed_dataset(dataset)
+    ckpt_dir, log_csv, last, done = _run_state("sft", name, cfg, base_model, ds, None, run_dir, resume)
+    if done is not None:
+        return done
+
     model, processor = _load_base(base_model, cfg.dtype)
     measured = _measured_if_asked(cfg, model, processor, ds, measured, run_dir)
     rows, n_replay = sft_rows(ds, cfg.confidence_target, measured, cfg.replay_fraction, cfg.seed)
-
-    ckpt_dir = run_dir / "checkpoints" / name
-    log_csv = run_dir / "train_logs" / f"{name}.csv"
-    last = _prepare_checkpoints(ckpt_dir, _run_key("sft", cfg, base_model, ds, None), resume)
-    done = _finished_before("sft", last, run_dir / "adapters" / name, ckpt_dir, log_csv, len(rows))
-    if done is not None:
-        return done
     trainer = build_sft_trainer(model, processor, rows, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
     out = trainer.train(resume_from_checkpoint=last)
     return _finish(trainer, "sft", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,
@@ -1016,6 +1023,12 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
     _state()
     name = name or ("sft_simpo" if init_adapter else "simpo_only")
     ds = load_perturbed_dataset(dataset)
+    if init_adapter is not None and not (Path(init_adapter) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    ckpt_dir, log_csv, last, done = _run_state("simpo", name, cfg, base_model, ds, init_adapter, run_dir, resume)
+    if done is not None:
+        return done
+
     model, processor = _load_base(base_model, cfg.dtype)
     measured = _measured_if_asked(cfg, model, processor, ds, measured, run_dir)
     pairs, dropped = simpo_pairs(ds, cfg.confidence_target, measured)
@@ -1024,20 +1037,11 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
 
     set_seed(cfg.seed)  # LoRA A starts random: seed it, as SFTTrainer does, so runs repeat exactly
     if init_adapter is not None:
-        if not (Path(init_adapter) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"{init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(model, cfg.lora))
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()  # PEFT + checkpointing: inputs must carry grad
-
-    ckpt_dir = run_dir / "checkpoints" / name
-    log_csv = run_dir / "train_logs" / f"{name}.csv"
-    last = _prepare_checkpoints(ckpt_dir, _run_key("simpo", cfg, base_model, ds, init_adapter), resume)
-    done = _finished_before("simpo", last, run_dir / "adapters" / name, ckpt_dir, log_csv, len(pairs), dropped)
-    if done is not None:
-        return done
     trainer = build_simpo_trainer(model, processor, pairs, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
     out = trainer.train(resume_from_checkpoint=last)
     return _finish(trainer, "simpo", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,

@@ -236,6 +236,7 @@ def test_rerunning_a_finished_run_keeps_it(work, tmp_path):
                                        sft_adapter="require"))
     for n in ("sft", "sft_simpo"):
         assert again[n].completed and again[n].global_step == first[n].global_step == 2
+        assert (again[n].n_examples, again[n].n_dropped_pairs) == (first[n].n_examples, first[n].n_dropped_pairs)
         assert (run / "train_logs" / f"{n}.csv").read_text() == logs[n]
         assert (run / "adapters" / n / "adapter_model.safetensors").read_bytes() == adapters[n]
         assert sorted(p.name for p in (run / "checkpoints" / n).glob("checkpoint-*")) == ["checkpoint-2"]
