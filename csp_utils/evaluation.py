@@ -71,6 +71,7 @@ import copy
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -223,9 +224,106 @@ def encode(processor, messages: list[list[dict]], images: list, device=None, dty
     return enc
 
 
-def _model_inputs(model, processor, messages, images, texts=None):
+def _model_inputs(model, processor, messages, images, texts=None, shortcuts: bool = False):
     device, dtype = _device_dtype(model)
+    if shortcuts:
+        texts = texts if texts is not None else chat_texts(processor, messages)
+        enc = _shortcut_inputs(processor, texts, images)
+        if enc is None:
+            enc = encode(processor, messages, images, texts=texts)
+            _check_shortcuts(processor, texts, images, enc)
+        if device is not None:
+            enc = enc.to(device)
+        return enc.to(dtype=dtype) if dtype is not None else enc
     return encode(processor, messages, images, device=device, dtype=dtype, texts=texts)
+
+
+# ------------------------------------------------- processor shortcuts, checked per processor
+# Per batch, a LLaVA-style processor preprocesses the images one at a time (PIL + numpy, no
+# torchvision here) and tokenizes each text with its image placeholder written out once per
+# image token: on the embedded default that costs as much as the model's forward. The same
+# tensors come from one array operation over the batch and from tokenizing the text as written
+# (:func:`_tokenize_expanded`). The fast path uses them for a processor and image size only
+# after they reproduced the processor's own output exactly on a real batch; otherwise, and for
+# every other processor, the processor runs.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # processor -> {image key: tokens or False}
+
+
+def _image_key(images):
+    """(size, mode) shared by every image of the batch, or None (mixed sizes, not PIL)."""
+    from PIL import Image
+
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        return None
+    keys = {(im.size, im.mode) for im in images}
+    return next(iter(keys)) if len(keys) == 1 else None
+
+
+def _batched_pixels(image_processor, images):
+    """``pixel_values`` of same-size images that the processor's resize and crop leave as they
+    are: rescaled and normalised in one array op, with the arithmetic of transformers' numpy
+    functions (rescale in float64, then float32; ``(x - mean) / std`` in float32). Whether resize
+    and crop really are identities is not assumed: :func:`_check_shortcuts` compares."""
+    import torch
+
+    x = np.stack([np.asarray(im) for im in images])                       # (B, H, W, C) uint8
+    if x.ndim != 4:
+        return None
+    if getattr(image_processor, "do_rescale", False):
+        x = x.astype(np.float64) * image_processor.rescale_factor
+    x = x.astype(np.float32)
+    if getattr(image_processor, "do_normalize", False):
+        x = (x - np.asarray(image_processor.image_mean, dtype=np.float32)) / np.asarray(
+            image_processor.image_std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _shortcut_inputs(processor, texts, images):
+    """The processor's inputs for this batch made by the shortcuts, where they were checked
+    for this processor and image key; else None."""
+    import transformers
+
+    n = _CHECKED.get(processor, {}).get(_image_key(images))
+    if not n:
+        return None
+    expanded = _tokenize_expanded(processor, texts, [n] * len(texts))
+    if expanded is None:
+        return None
+    ids, mask = expanded
+    pixels = _batched_pixels(processor.image_processor, images)
+    return transformers.BatchFeature({"input_ids": ids, "attention_mask": mask, "pixel_values": pixels})
+
+
+def _check_shortcuts(processor, texts, images, enc) -> None:
+    """Record whether the shortcuts give exactly ``enc`` (the processor's output for this batch):
+    the number of image tokens per image, or False."""
+    import torch
+
+    key = _image_key(images)
+    try:
+        table = _CHECKED.setdefault(processor, {})
+    except TypeError:  # a processor that cannot be weakly referenced: no shortcuts
+        return
+    if key is None or key in table:
+        return
+    image_id = getattr(processor, "image_token_id", None)
+    image_processor = getattr(processor, "image_processor", None)
+    table[key] = False
+    if image_id is None or image_processor is None or set(enc) != {"input_ids", "attention_mask", "pixel_values"}:
+        return
+    counts = (enc["input_ids"] == image_id).sum(1).tolist()
+    if len(set(counts)) != 1 or counts[0] < 1:
+        return
+    expanded = _tokenize_expanded(processor, texts, counts)
+    pixels = _batched_pixels(image_processor, images)
+    if expanded is None or pixels is None:
+        return
+    ids, mask = expanded
+    same = (ids.shape == enc["input_ids"].shape and torch.equal(ids, enc["input_ids"].cpu())
+            and torch.equal(mask, enc["attention_mask"].cpu()) and pixels.shape == enc["pixel_values"].shape
+            and pixels.dtype == enc["pixel_values"].dtype and torch.equal(pixels, enc["pixel_values"].cpu()))
+    if same:
+        table[key] = counts[0]
 
 
 # ---------------------------------------------------------------- reply token sequences
@@ -322,17 +420,21 @@ class Prompts:
     image_inputs: dict
     prefix_cache: object = None
     prefix_len: int = 0
+    image_tokens: list | None = None   # per row, where the ids are the text's with the placeholder
+                                       # repeated (the processor shortcut, checked)
 
 
-def plain_prompts(model, processor, messages, images, texts=None, encoded=None) -> Prompts:
+def plain_prompts(model, processor, messages, images, texts=None, encoded=None, shortcuts: bool = False) -> Prompts:
     """Plain prompts; with ``encoded`` (from :func:`encode_images`, for the same images in
     the same order) the image inputs are replaced by those encoder outputs, so the vision
-    tower does not run again."""
-    enc = _model_inputs(model, processor, messages, images, texts)
+    tower does not run again. ``shortcuts``: the processor's output may come from the checked
+    shortcuts (same tensors, see :func:`_check_shortcuts`)."""
+    enc = _model_inputs(model, processor, messages, images, texts, shortcuts)
     rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     if encoded is not None:
         rest = encoded.replace(rest)
-    return Prompts(enc["input_ids"], enc["attention_mask"], rest)
+    n = _CHECKED.get(processor, {}).get(_image_key(images)) if shortcuts else None
+    return Prompts(enc["input_ids"], enc["attention_mask"], rest, image_tokens=[n] * len(images) if n else None)
 
 
 @dataclass
@@ -430,7 +532,9 @@ def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts |
         out = fn(**inputs, return_dict=True)
     encoded = EncodedImages(keys, inputs, {"image": out})
     image_id = getattr(processor, "image_token_id", None)
-    if (image_id is not None and prompts_ is not None and texts is not None
+    if prompts_ is not None and prompts_.image_tokens is not None and set(image_inputs) == set(keys):
+        encoded.image_tokens = list(prompts_.image_tokens)   # checked when the prompts were made
+    elif (image_id is not None and prompts_ is not None and texts is not None
             and set(image_inputs) == set(keys) and all(t.count(processor.image_token) == 1 for t in texts)):
         counts = (prompts_.input_ids == image_id).sum(1).tolist()
         expanded = _tokenize_expanded(processor, texts, counts)
@@ -507,7 +611,8 @@ def _tails(texts, placeholder, head_text, tok, check_whole: bool = True) -> list
     return out
 
 
-def shared_prefix(model, processor, messages, images, texts=None) -> tuple[SharedPrefix | None, Prompts]:
+def shared_prefix(model, processor, messages, images, texts=None,
+                  shortcuts: bool = False) -> tuple[SharedPrefix | None, Prompts]:
     """``(prefix, prompts)`` for a batch: the batch as prompts on a shared prefix when that
     is exact, else ``(None, plain prompts)``.
 
@@ -521,16 +626,17 @@ def shared_prefix(model, processor, messages, images, texts=None) -> tuple[Share
     import torch
 
     texts = texts if texts is not None else chat_texts(processor, messages)
-    plain = plain_prompts(model, processor, messages, images, texts)
     placeholder = getattr(processor, "image_token", None)
-    if not placeholder or _model_type(model) in _MROPE_MODEL_TYPES:
+    tails = None
+    if placeholder and _model_type(model) not in _MROPE_MODEL_TYPES:
+        # checked against the processor's own ids below; a text-first template fails here
+        tails = _tails(texts, placeholder, texts[0].split(placeholder)[0], _tokenizer(processor), check_whole=False)
+    plain = plain_prompts(model, processor, messages, images, texts, shortcuts=shortcuts)
+    if tails is None:
         return None, plain
     head = texts[0].split(placeholder)[0]
-    tok = _tokenizer(processor)
-    # checked against the processor's own ids below
-    tails = _tails(texts, placeholder, head, tok, check_whole=False)
     B, T = plain.input_ids.shape
-    if tails is None or any(getattr(v, "shape", (0,))[:2] == (B, T) for v in plain.image_inputs.values()):
+    if any(getattr(v, "shape", (0,))[:2] == (B, T) for v in plain.image_inputs.values()):
         return None, plain
     rows = [ids[m.bool()].tolist() for ids, m in zip(plain.input_ids, plain.attention_mask)]
     heads = {tuple(r[: len(r) - len(t)]) for r, t in zip(rows, tails) if r[len(r) - len(t):] == t}
@@ -619,9 +725,10 @@ def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int
     every option is scored from that pass, the rest on its KV cache, by one of:
 
     * ``"tree"`` (default where the attention takes a custom mask: sdpa, eager): all
-      options' tokens go in ONE continuation per row, each option seeing the prompt and its
-      own earlier tokens only (a block-diagonal causal mask, positions restarting after the
-      prompt for each option). One small forward; the cache is copied once.
+      options' tokens go in ONE continuation per row as a prefix tree (tokens that options
+      share are fed once), each token seeing the prompt and its own ancestors only (a
+      tree-shaped causal mask, positions counted from the end of the prompt along the
+      branch). One small forward; the cache is copied once.
     * ``"expand"`` (other attention kernels, e.g. flash-attention): the cache is repeated
       to B x k rows for a chunk of ``option_chunk`` options (all by default) and each row
       is fed its option (right padded; padding after a token cannot change it under a
@@ -658,32 +765,50 @@ def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int
 
 
 def _continue_tree(model, cache, mask, pos, option_ids, rest, attn):
-    """Options' tokens after the first, all in one row per question (see score_options_on)."""
+    """Options' tokens after the first, all in one row per question (see score_options_on).
+
+    The fed tokens form a prefix tree: options that start alike share those tokens (all of
+    " 0%" ... " 100%" start with the same space token on the embedded default), so each
+    distinct prefix is fed once and sees the prompt and its own ancestors only."""
     import torch
 
     dev, B, T = mask.device, mask.shape[0], mask.shape[1]
-    fed = [option_ids[k][:-1] for k in rest]       # the last token is predicted, never fed
-    owner = torch.tensor([j for j, f in enumerate(fed) for _ in f], device=dev)
-    offset = torch.tensor([i for f in fed for i in range(len(f))], device=dev)
-    S = owner.numel()
-    # token s sees token t of the continuation iff same option and t not after s
-    own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])     # (S, S)
+    node: dict[tuple, int] = {}                     # fed prefix -> its place in the row
+    fed, parent, depth = [], [], []
+    for k in rest:
+        ids = option_ids[k]
+        for i in range(1, len(ids)):                # the last token is predicted, never fed
+            key = tuple(ids[:i])
+            if key not in node:
+                node[key] = len(fed)
+                fed.append(ids[i - 1])
+                parent.append(node.get(key[:-1], -1))
+                depth.append(i - 1)
+    S = len(fed)
+    # token s sees token t of the continuation iff t is s or one of its ancestors
+    own = torch.eye(S, dtype=torch.bool)
+    for s_, p_ in enumerate(parent):                # parents come before their children
+        if p_ >= 0:
+            own[s_] |= own[p_]
+    own = own.to(dev)
     allowed = torch.cat([mask.bool()[:, None, :].expand(B, S, T), own.expand(B, S, S)], -1)[:, None]
     if attn == "eager":  # eager attention adds its mask to the scores
         dtype = _device_dtype(model)[1] or torch.float32
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
     o = model(
-        input_ids=torch.tensor([t for f in fed for t in f], device=dev).expand(B, S),
+        input_ids=torch.tensor(fed, device=dev).expand(B, S),
         attention_mask=allowed,
-        position_ids=pos[:, -1:] + 1 + offset[None, :],
+        position_ids=pos[:, -1:] + 1 + torch.tensor(depth, device=dev)[None, :],
         cache=cache,
         use_cache=True,
     )
     lp = o.logits.float().log_softmax(-1).cpu()                                       # (B, S, V)
-    targets = torch.tensor([t for k in rest for t in option_ids[k][1:]])             # what each fed token predicts
-    per_token = lp.gather(-1, targets.expand(B, S)[..., None]).squeeze(-1)            # (B, S)
+    # option k's token i (i >= 1) is predicted at the node of its prefix ids[:i]
+    at, target, owner = zip(*[(node[tuple(option_ids[k][:i])], option_ids[k][i], k)
+                              for k in rest for i in range(1, len(option_ids[k]))])
+    per_token = lp[:, list(at)].gather(-1, torch.tensor(target).expand(B, -1)[..., None]).squeeze(-1)
     add = torch.zeros(B, len(option_ids), dtype=torch.float32)
-    add.index_add_(1, torch.tensor(rest)[owner.cpu()], per_token)
+    add.index_add_(1, torch.tensor(owner), per_token)
     return add
 
 
@@ -784,9 +909,10 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     answer_msgs = [prompts.answer_messages(it.question, config=pc) for it in items]
     answer_texts = chat_texts(processor, answer_msgs)
     if config.share_prefix:
-        prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images, answer_texts)
+        prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images, answer_texts, shortcuts=True)
     else:
-        prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images, answer_texts)
+        prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images, answer_texts,
+                                                     shortcuts=True)
     # no shared prefix (e.g. the question comes before the image): at least encode the
     # images once for the answer and every confidence prompt
     encoded = None

@@ -72,6 +72,12 @@ def tiny():
     return models.build_tiny_vlm(models.TinyVLMConfig(image_first=True))
 
 
+@pytest.fixture(scope="module")
+def tiny_text_first():
+    """The embedded default's layout (question before the image): no shared prefix."""
+    return models.build_tiny_vlm(models.TinyVLMConfig())
+
+
 def _images(bench, items):
     return [bench.image_loader(it.image_id) for it in items]
 
@@ -370,3 +376,76 @@ def test_accelerate_two_processes_equal_one(tiny, tmp_path):
            [(r["question_id"], r["framing"], r["readout"]) for r in rows_one]
     _same_results(rows_two, rows_one)
     json.dumps(rows_two)  # plain JSON all the way
+
+
+# -------------------------------------------------------------- processor shortcuts
+def _noise_images(n, hw=(64, 64), seed=1):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_processor_shortcuts_are_taken_only_where_they_reproduce_the_processor(tiny, monkeypatch):
+    """The fast path's shortcut for the processor (one array op for the pixels, the text
+    tokenized as written) is checked against the processor on the first batch of an image
+    size, used afterwards with the same tensors, and refused where it differs."""
+    model, proc = tiny
+    ev._CHECKED.pop(proc, None)
+    msgs = [prompts.answer_messages(q) for q in ("Is there a star?", "Is the large red square left of the blue star?",
+                                                 "Is there a circle in the image?")]
+    first = ev.plain_prompts(model, proc, msgs, _noise_images(3), shortcuts=True)   # runs the processor, checks
+    assert ev._CHECKED[proc] == {((64, 64), "RGB"): 64} and first.image_tokens == [64] * 3
+
+    images = _noise_images(3, seed=2)
+    ref = ev.plain_prompts(model, proc, msgs[::-1], images)
+    with monkeypatch.context() as m:   # from now on the processor is not called at all
+        m.setattr(ev, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
+        fast = ev.plain_prompts(model, proc, msgs[::-1], images, shortcuts=True)
+    assert torch.equal(fast.input_ids, ref.input_ids) and torch.equal(fast.attention_mask, ref.attention_mask)
+    assert torch.equal(fast.image_inputs["pixel_values"], ref.image_inputs["pixel_values"])
+    assert fast.attention_mask.sum(1).unique().numel() > 1, "left padding is exercised"
+
+    # 48 x 64 images: the processor resizes them, the shortcut would not: checked and refused
+    tall = _noise_images(3, hw=(48, 64))
+    p = ev.plain_prompts(model, proc, msgs, tall, shortcuts=True)
+    assert ev._CHECKED[proc][((64, 48), "RGB")] is False and p.image_tokens is None
+    ref = ev.plain_prompts(model, proc, msgs, tall)
+    assert torch.equal(p.input_ids, ref.input_ids)
+    assert torch.equal(p.image_inputs["pixel_values"], ref.image_inputs["pixel_values"])
+    # images of mixed sizes have no key: the processor runs, nothing is recorded
+    before = dict(ev._CHECKED[proc])
+    mixed = _noise_images(2) + tall[:1]
+    p = ev.plain_prompts(model, proc, msgs, mixed, shortcuts=True)
+    assert ev._CHECKED[proc] == before and p.image_tokens is None
+
+
+def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_text_first, monkeypatch):
+    """elicit_batch on same-size images (where the shortcuts are taken: the answer prompts
+    skip the processor, the confidence prompts the image processor and the vision tower)
+    gives the one-at-a-time answers, generated confidences and option scores."""
+    model, proc = tiny_text_first
+    ev._CHECKED.pop(proc, None)
+    questions = ["Is there a star?", "Is the large red square left of the small blue star in the image?",
+                 "Is there a circle in the image?", "Are there two squares?"]
+    images = _noise_images(8, seed=3)
+    from csp_utils.benchmarks import Benchmark, QAItem
+
+    items = [QAItem(f"q{i}", f"im{i}", questions[i % 4], "yes", "pope-test", "existence", []) for i in range(8)]
+    bench = Benchmark("pope-test", "pope", items, lambda k: images[int(k[2:])], "yes")
+    cfg = ev.EvalConfig(batch_size=4, max_new_tokens=5, confidence_max_new_tokens=5, options=(0, 40, 100))
+    parse = ev.answer_parser(bench)
+    rows = ev.elicit_batch(model, proc, items[:4], images[:4], cfg, "t", parse)   # checks the shortcut
+    assert ev._CHECKED[proc] == {((64, 64), "RGB"): 64}
+    with monkeypatch.context() as m:  # takes it: no processor call for answers or confidences
+        m.setattr(ev, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
+        rows += ev.elicit_batch(model, proc, items[4:], images[4:], cfg, "t", parse)
+    option_ids = ev.option_token_ids(proc, cfg.options)
+    by_key = {(r["question_id"], r["readout"]): r for r in rows}
+    for it, im in zip(items, images):
+        naive = ev.elicit_naive(model, proc, it, im, cfg, parse)
+        gen, single = by_key[(it.question_id, "generated")], by_key[(it.question_id, "single_pass")]
+        assert gen["raw_answer"] == naive["raw_answer"] and gen["raw_confidence"] == naive["raw_confidence"]
+        msgs = [prompts.confidence_messages(it.question, gen["response"])]
+        ref = ev.score_options_reference(model, proc, msgs, [im], option_ids)[0]
+        np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
