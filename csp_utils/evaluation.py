@@ -15,8 +15,9 @@ ways:
   ``" 80%"`` -> ``["Ġ", "80", "%"]`` for the embedded model), so a number that spans
   several tokens is scored as the sum of all its token log-probs, ``%`` included; with
   ``EvalConfig.include_end=True`` the end-of-turn token (the template's, else EOS) is added,
-  which also charges an option for "stopping there". The prompt is run once per batch and
-  its KV cache is reused for all options (see :func:`score_options`). The softmax over the
+  which also charges an option for "stopping there". The prompt and all options are run
+  in one forward per batch, the options as a prefix tree behind the prompt (see
+  :func:`score_options_on`). The softmax over the
   options' log-likelihoods is the distribution; ``confidence`` is its expectation and
   ``confidence_argmax`` its mode.
 
@@ -25,8 +26,9 @@ are run once per batch and their KV cache is reused by the answer prompts and ev
 confidence prompt of the same images (:func:`shared_prefix`, used where it is exact, else
 each prompt runs whole, with the vision encoder run once per batch for all its prompts and,
 where the tokenizer alone reproduces the processor, the image processor too:
-:func:`encode_images`); options are scored in one extra forward on the prompt's cache
-(:func:`score_options_on`). ``scripts/bench_elicitation.py`` compares this with the naive
+:func:`encode_images`; the processor itself is replaced by a batched equivalent once that
+reproduced its output exactly: :func:`_check_shortcuts`); the confidence prompt and every
+option go in one forward (:func:`score_options_on`). ``scripts/bench_elicitation.py`` compares this with the naive
 loop. Every shortcut is tested against the one-question-at-a-time computation.
 
 The "internal" confidence is the model's probability of its own yes/no answer at the step
@@ -498,10 +500,12 @@ def _left_padded(rows: list[list[int]], tok):
     import torch
 
     L = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (L - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
+    ids = np.full((len(rows), L), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=np.int64)
+    mask = np.zeros((len(rows), L), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts | None = None,
@@ -710,7 +714,7 @@ def score_options(model, processor, messages, images, option_ids, option_chunk: 
     """Log-likelihood (B, K) of each option's tokens as the reply to each conversation.
 
     Models with multimodal RoPE (Qwen2-VL family) use :func:`score_options_reference`;
-    all others :func:`score_options_on` (prompt once, options on its KV cache).
+    all others :func:`score_options_on` (prompt and options in one forward).
     """
     if _model_type(model) in _MROPE_MODEL_TYPES:
         return score_options_reference(model, processor, messages, images, option_ids)
@@ -720,19 +724,18 @@ def score_options(model, processor, messages, images, option_ids, option_chunk: 
 
 def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int | None = None,
                      method: str | None = None):
-    """Option log-likelihoods for prompts: the prompts run once (left padded, positions
-    that skip the padding; on a shared prefix only the text after it); the first token of
-    every option is scored from that pass, the rest on its KV cache, by one of:
+    """Option log-likelihoods for prompts (left padded, positions that skip the padding; on
+    a shared prefix only the text after it), by one of:
 
-    * ``"tree"`` (default where the attention takes a custom mask: sdpa, eager): all
-      options' tokens go in ONE continuation per row as a prefix tree (tokens that options
-      share are fed once), each token seeing the prompt and its own ancestors only (a
-      tree-shaped causal mask, positions counted from the end of the prompt along the
-      branch). One small forward; the cache is copied once.
-    * ``"expand"`` (other attention kernels, e.g. flash-attention): the cache is repeated
-      to B x k rows for a chunk of ``option_chunk`` options (all by default) and each row
-      is fed its option (right padded; padding after a token cannot change it under a
-      causal mask). Memory grows k x the prompt's cache.
+    * ``"tree"`` (default where the attention takes a custom mask: sdpa, eager): ONE
+      forward per batch over the prompt followed by all options' tokens as a prefix tree
+      (tokens that options share are fed once). Prompt tokens see the prompt causally; each
+      tree token sees the prompt and its own ancestors only, at positions counted from the
+      end of the prompt along its branch. No KV cache is built.
+    * ``"expand"`` (other attention kernels, e.g. flash-attention): the prompt runs once
+      and its KV cache is repeated to B x k rows for a chunk of ``option_chunk`` options
+      (all by default); each row is fed its option (right padded; padding after a token
+      cannot change it under a causal mask). Memory grows k x the prompt's cache.
 
     Both equal :func:`score_options_reference` within float error (tested).
     """
@@ -742,10 +745,12 @@ def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int
     method = method or ("tree" if attn in ("sdpa", "eager") else "expand")
     if method not in ("tree", "expand"):
         raise ValueError(f"method must be 'tree' or 'expand', got {method!r}")
-    mask, pos = p.attention_mask, position_ids_from_mask(p.attention_mask)
-    B, K = mask.shape[0], len(option_ids)
-    scores = torch.zeros(B, K, dtype=torch.float32)
     with torch.no_grad():
+        if method == "tree":
+            return _score_tree(model, p, option_ids, attn).numpy().astype(np.float64)
+        mask, pos = p.attention_mask, position_ids_from_mask(p.attention_mask)
+        B, K = mask.shape[0], len(option_ids)
+        scores = torch.zeros(B, K, dtype=torch.float32)
         if p.prefix_cache is None:
             out = model(input_ids=p.input_ids, attention_mask=mask, position_ids=pos, **p.image_inputs,
                         use_cache=True, **_keeps_last_logits_only(model))
@@ -757,59 +762,76 @@ def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int
         for k, ids in enumerate(option_ids):
             scores[:, k] = first[:, ids[0]]
         rest = [k for k, ids in enumerate(option_ids) if len(ids) > 1]
-        if rest and method == "tree":
-            scores += _continue_tree(model, _cache_of(out), mask, pos, option_ids, rest, attn)
-        elif rest:
+        if rest:
             scores += _continue_expand(model, processor, _cache_of(out), mask, pos, option_ids, rest, option_chunk)
     return scores.numpy().astype(np.float64)
 
 
-def _continue_tree(model, cache, mask, pos, option_ids, rest, attn):
-    """Options' tokens after the first, all in one row per question (see score_options_on).
-
-    The fed tokens form a prefix tree: options that start alike share those tokens (all of
-    " 0%" ... " 100%" start with the same space token on the embedded default), so each
-    distinct prefix is fed once and sees the prompt and its own ancestors only."""
-    import torch
-
-    dev, B, T = mask.device, mask.shape[0], mask.shape[1]
-    node: dict[tuple, int] = {}                     # fed prefix -> its place in the row
-    fed, parent, depth = [], [], []
-    for k in rest:
-        ids = option_ids[k]
-        for i in range(1, len(ids)):                # the last token is predicted, never fed
+def _option_tree(option_ids):
+    """The options' fed tokens (all but each option's last) as a prefix tree:
+    ``(tokens, parent, depth, node)``, ``node[prefix]`` = the place in ``tokens`` of the
+    token that ends that prefix; parents come before their children."""
+    node: dict[tuple, int] = {}
+    tokens, parent, depth = [], [], []
+    for ids in option_ids:
+        for i in range(1, len(ids)):
             key = tuple(ids[:i])
             if key not in node:
-                node[key] = len(fed)
-                fed.append(ids[i - 1])
+                node[key] = len(tokens)
+                tokens.append(ids[i - 1])
                 parent.append(node.get(key[:-1], -1))
                 depth.append(i - 1)
-    S = len(fed)
-    # token s sees token t of the continuation iff t is s or one of its ancestors
-    own = torch.eye(S, dtype=torch.bool)
-    for s_, p_ in enumerate(parent):                # parents come before their children
+    return tokens, parent, depth, node
+
+
+def _score_tree(model, p: Prompts, option_ids, attn):
+    """See score_options_on, ``"tree"``: (B, K) float32 log-likelihoods."""
+    import torch
+
+    mask = p.attention_mask
+    dev, B, T = mask.device, mask.shape[0], mask.shape[1]
+    P = p.prefix_len if p.prefix_cache is not None else 0   # already in the prefix cache
+    tokens, parent, depth, node = _option_tree(option_ids)
+    S, Q = len(tokens), T - P                                # tree tokens, prompt tokens fed
+    # who sees whom: keys are [prompt (T, prefix included) | tree (S)], queries [prompt[P:] | tree]
+    keys = mask.bool()
+    causal = torch.ones(Q, T, dtype=torch.bool, device=dev).tril(P)
+    # a left-padding token also sees itself, so that no row is all masked (sdpa would give
+    # NaN there, and NaN times a zero weight is still NaN); its output is never read
+    itself = torch.zeros(Q, T, dtype=torch.bool, device=dev)
+    itself[torch.arange(Q), P + torch.arange(Q)] = True
+    prompt_rows = causal[None] & (keys[:, None, :] | itself[None])
+    anc = torch.eye(S, dtype=torch.bool)
+    for s_, p_ in enumerate(parent):
         if p_ >= 0:
-            own[s_] |= own[p_]
-    own = own.to(dev)
-    allowed = torch.cat([mask.bool()[:, None, :].expand(B, S, T), own.expand(B, S, S)], -1)[:, None]
+            anc[s_] |= anc[p_]
+    allowed = torch.cat([
+        torch.cat([prompt_rows, torch.zeros(B, Q, S, dtype=torch.bool, device=dev)], 2),
+        torch.cat([keys[:, None, :].expand(B, S, T), anc.to(dev).expand(B, S, S)], 2),
+    ], 1)[:, None]                                                                    # (B, 1, Q+S, T+S)
     if attn == "eager":  # eager attention adds its mask to the scores
         dtype = _device_dtype(model)[1] or torch.float32
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-    o = model(
-        input_ids=torch.tensor(fed, device=dev).expand(B, S),
+    pos = position_ids_from_mask(mask)
+    tree_pos = pos[:, -1:] + 1 + torch.tensor(depth, dtype=pos.dtype, device=dev)[None, :]
+    kwargs = {} if p.prefix_cache is None else dict(cache=_fork_cache(p.prefix_cache))
+    out = model(
+        input_ids=torch.cat([p.input_ids[:, P:], torch.tensor(tokens, dtype=p.input_ids.dtype, device=dev).expand(B, S)], 1),
         attention_mask=allowed,
-        position_ids=pos[:, -1:] + 1 + torch.tensor(depth, device=dev)[None, :],
-        cache=cache,
-        use_cache=True,
+        position_ids=torch.cat([pos[:, P:], tree_pos], 1),
+        use_cache=p.prefix_cache is not None,
+        **(p.image_inputs if p.prefix_cache is None else {}),
+        **kwargs,
+        **({"logits_to_keep": S + 1} if _keeps_last_logits_only(model) else {}),
     )
-    lp = o.logits.float().log_softmax(-1).cpu()                                       # (B, S, V)
-    # option k's token i (i >= 1) is predicted at the node of its prefix ids[:i]
-    at, target, owner = zip(*[(node[tuple(option_ids[k][:i])], option_ids[k][i], k)
-                              for k in rest for i in range(1, len(option_ids[k]))])
+    lp = out.logits[:, -(S + 1):].float().log_softmax(-1).cpu()      # [last prompt token | tree]
+    # option k's token i is predicted at the last prompt token (i = 0) or at its prefix's node
+    at, target, owner = zip(*[(0 if i == 0 else 1 + node[tuple(ids[:i])], ids[i], k)
+                              for k, ids in enumerate(option_ids) for i in range(len(ids))])
     per_token = lp[:, list(at)].gather(-1, torch.tensor(target).expand(B, -1)[..., None]).squeeze(-1)
-    add = torch.zeros(B, len(option_ids), dtype=torch.float32)
-    add.index_add_(1, torch.tensor(owner), per_token)
-    return add
+    scores = torch.zeros(B, len(option_ids), dtype=torch.float32)
+    scores.index_add_(1, torch.tensor(owner), per_token)
+    return scores
 
 
 def _continue_expand(model, processor, base_cache, mask, pos, option_ids, rest, option_chunk):

@@ -5,7 +5,7 @@ Same model, same questions, same images:
 * naive loop: one question at a time, ``generate`` the answer, then ``generate`` the
   confidence reply (third person) and parse it;
 * fast path: answers generated in batches (left padding, KV cache) and the confidence
-  read in a single pass (options 0%..100% scored on the prompt's reused KV cache).
+  read in a single pass (the prompt and options 0%..100% as a prefix tree, one forward).
 
 It prints both throughputs (questions/s), their ratio (goal: >= 10x on the embedded
 default) and how often the two paths gave the same answer (they should always).
