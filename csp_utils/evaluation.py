@@ -251,6 +251,15 @@ def _model_inputs(model, processor, messages, images, texts=None, shortcuts: boo
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # processor -> {image key: tokens or False}
 
 
+def _checked_tokens(processor, images):
+    """Image tokens per image for which the shortcuts were checked on this processor and
+    these images' key; None if not checked, False if they differed."""
+    try:
+        return _CHECKED.get(processor, {}).get(_image_key(images))
+    except TypeError:  # a processor that cannot be weakly referenced or hashed: never checked
+        return None
+
+
 def _image_key(images):
     """(size, mode) shared by every image of the batch, or None (mixed sizes, not PIL)."""
     from PIL import Image
@@ -285,7 +294,7 @@ def _shortcut_inputs(processor, texts, images):
     for this processor and image key; else None."""
     import transformers
 
-    n = _CHECKED.get(processor, {}).get(_image_key(images))
+    n = _checked_tokens(processor, images)
     if not n:
         return None
     expanded = _tokenize_expanded(processor, texts, [n] * len(texts))
@@ -435,7 +444,9 @@ def plain_prompts(model, processor, messages, images, texts=None, encoded=None, 
     rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     if encoded is not None:
         rest = encoded.replace(rest)
-    n = _CHECKED.get(processor, {}).get(_image_key(images)) if shortcuts else None
+    n = _checked_tokens(processor, images) if shortcuts else None
+    if n and not bool(((enc["input_ids"] == processor.image_token_id).sum(1) == n).all()):
+        n = None
     return Prompts(enc["input_ids"], enc["attention_mask"], rest, image_tokens=[n] * len(images) if n else None)
 
 
