@@ -544,7 +544,9 @@ def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts |
 
     inputs = {k: image_inputs[k] for k in keys}
     with torch.no_grad():
-        out = fn(**inputs, return_dict=True)
+        out = _encode_distinct(base, fn, inputs["pixel_values"]) if keys == ("pixel_values",) else None
+        if out is None:
+            out = fn(**inputs, return_dict=True)
     encoded = EncodedImages(keys, inputs, {"image": out})
     image_id = getattr(processor, "image_token_id", None)
     if prompts_ is not None and prompts_.image_tokens is not None and set(image_inputs) == set(keys):
@@ -559,6 +561,81 @@ def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts |
                     and torch.equal(mask, prompts_.attention_mask):
                 encoded.image_tokens = counts
     return encoded
+
+
+# POPE asks six questions per image and AMBER several, and benchmarks list them together, so
+# a batch holds few distinct images: the vision encoder runs on each once. Whether the
+# encoder's output is one entry per image (so that it can be given back per row) is checked
+# once per model against encoding the whole batch.
+_DISTINCT_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> bool
+
+
+class _NotPerImage(Exception):
+    pass
+
+
+def _distinct_rows(x) -> tuple[list[int], list[int]]:
+    """The first row of each distinct value of ``x`` (exact, by bytes) and, for every row,
+    the place of its value among them."""
+    first, place, inverse = [], {}, []
+    for i, row in enumerate(x.detach().reshape(x.shape[0], -1).cpu().numpy()):
+        key = row.tobytes()
+        if key not in place:
+            place[key] = len(first)
+            first.append(i)
+        inverse.append(place[key])
+    return first, inverse
+
+
+def _per_row(out, inverse: list[int], n: int):
+    """The encoder output of ``n`` distinct images given back one entry per batch row."""
+    import torch
+
+    index = torch.tensor(inverse)
+
+    def pick(v):
+        if v is None:
+            return None
+        if torch.is_tensor(v) and v.ndim and v.shape[0] == n:
+            return v[index.to(v.device)]
+        if isinstance(v, list) and len(v) == n:
+            return [v[i] for i in inverse]
+        if isinstance(v, tuple):
+            return tuple(pick(x) for x in v)
+        raise _NotPerImage
+
+    return type(out)(**{k: pick(v) for k, v in out.items()})
+
+
+def _close(a, b) -> bool:
+    import torch
+
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if hasattr(a, "keys") and hasattr(b, "keys"):
+        return set(a.keys()) == set(b.keys()) and all(_close(a[k], b[k]) for k in a.keys())
+    return a is None and b is None
+
+
+def _encode_distinct(base, fn, pixel_values):
+    """``fn`` (the model's image encoder) on each distinct image of the batch once, its output
+    given back per row; None where no image repeats or this model's output is not one entry
+    per image."""
+    first, inverse = _distinct_rows(pixel_values)
+    ok = _DISTINCT_OK.get(base)
+    if len(first) == pixel_values.shape[0] or ok is False:
+        return None
+    try:
+        out = _per_row(fn(pixel_values=pixel_values[first], return_dict=True), inverse, len(first))
+    except _NotPerImage:
+        out = None
+    if ok is None:   # first batch with a repeated image: compare with encoding every row
+        full = fn(pixel_values=pixel_values, return_dict=True)
+        _DISTINCT_OK[base] = out is not None and _close(out, full)
+        return out if _DISTINCT_OK[base] else full
+    return out
 
 
 @dataclass

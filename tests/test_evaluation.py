@@ -428,7 +428,7 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
     ev._CHECKED.pop(proc, None)
     questions = ["Is there a star?", "Is the large red square left of the small blue star in the image?",
                  "Is there a circle in the image?", "Are there two squares?"]
-    images = _noise_images(8, seed=3)
+    images = [im for im in _noise_images(4, seed=3) for _ in (0, 1)]   # each image asked twice, as in POPE
     from csp_utils.benchmarks import Benchmark, QAItem
 
     items = [QAItem(f"q{i}", f"im{i}", questions[i % 4], "yes", "pope-test", "existence", []) for i in range(8)]
@@ -437,6 +437,7 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
     parse = ev.answer_parser(bench)
     rows = ev.elicit_batch(model, proc, items[:4], images[:4], cfg, "t", parse)   # checks the shortcut
     assert ev._CHECKED[proc] == {((64, 64), "RGB"): 64}
+    assert ev._DISTINCT_OK.get(model) is True, "repeated images were encoded once, checked against all rows"
     with monkeypatch.context() as m:  # takes it: no processor call for answers or confidences
         m.setattr(ev, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
         rows += ev.elicit_batch(model, proc, items[4:], images[4:], cfg, "t", parse)
@@ -449,3 +450,41 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
         msgs = [prompts.confidence_messages(it.question, gen["response"])]
         ref = ev.score_options_reference(model, proc, msgs, [im], option_ids)[0]
         np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
+
+
+def test_vision_encoder_runs_once_per_distinct_image(tiny_text_first):
+    """Rows with the same image get the encoder output of one run on it: the same as encoding
+    every row; an encoder whose output is not one entry per image is run on every row."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    model, proc = tiny_text_first
+    imgs = _noise_images(3, seed=5)
+    batch = [imgs[0], imgs[1], imgs[0], imgs[2], imgs[1]]
+    pixels = proc.image_processor(batch, return_tensors="pt")["pixel_values"]
+    assert ev._distinct_rows(pixels) == ([0, 1, 3], [0, 1, 0, 2, 1])
+    fn = model.model.get_image_features
+    calls = []
+
+    def counted(pixel_values, return_dict=True):
+        calls.append(pixel_values.shape[0])
+        return fn(pixel_values=pixel_values, return_dict=True)
+
+    key = object.__new__(type(model))   # a fresh key: not yet checked
+    out = ev._encode_distinct(key, counted, pixels)
+    assert calls == [3, 5] and ev._DISTINCT_OK[key] is True   # once on the distinct images, once to check
+    full = fn(pixel_values=pixels, return_dict=True)
+    assert ev._close(out, full)
+    torch.testing.assert_close(out.pooler_output[2], full.pooler_output[0])
+    calls.clear()
+    ev._encode_distinct(key, counted, pixels)
+    assert calls == [3]                                          # checked: the distinct images only
+    assert ev._encode_distinct(key, counted, pixels[[0, 1, 3]]) is None   # nothing repeats: caller encodes all
+
+    def batch_summary(pixel_values, return_dict=True):  # one output for the whole batch, not per image
+        return BaseModelOutputWithPooling(last_hidden_state=pixel_values.mean(0, keepdim=True))
+
+    other = object.__new__(type(model))
+    out = ev._encode_distinct(other, batch_summary, pixels)
+    assert ev._DISTINCT_OK[other] is False
+    torch.testing.assert_close(out.last_hidden_state, pixels.mean(0, keepdim=True))
+    assert ev._encode_distinct(other, batch_summary, pixels) is None
