@@ -10,7 +10,7 @@ Same model, same questions, same images:
 It prints both throughputs (questions/s), their ratio (goal: >= 10x on the embedded
 default) and how often the two paths gave the same answer (they should always).
 
-    python scripts/bench_elicitation.py [--model embedded|PATH] [--n 64] [--batch-size 32]
+    python scripts/bench_elicitation.py [--model embedded|PATH] [--n 256] [--batch-size 128]
 
 The model is the embedded default when it has been built (``models.default_model_dir()``),
 else a random tiny LLaVA of the same architecture; the output says which.
@@ -54,8 +54,8 @@ def questions(n: int):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="embedded", help="'embedded' (default) or a model folder / hub id")
-    ap.add_argument("--n", type=int, default=128, help="questions timed on each path")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--n", type=int, default=256, help="questions timed on each path")
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; on a shared machine 1 avoids oversubscription)")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per path, alternating naive and fast")

@@ -488,3 +488,27 @@ def test_vision_encoder_runs_once_per_distinct_image(tiny_text_first):
     assert ev._DISTINCT_OK[other] is False
     torch.testing.assert_close(out.last_hidden_state, pixels.mean(0, keepdim=True))
     assert ev._encode_distinct(other, batch_summary, pixels) is None
+
+
+def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
+    """scripts/bench_elicitation.py on a few questions: it runs both paths on the embedded
+    default, they give the same answers, and it prints the ratio of their throughputs."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "bench_elicitation.py"
+    spec = importlib.util.spec_from_file_location("bench_elicitation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = torch.get_num_threads()
+    try:
+        out = bench.main(["--n", "6", "--batch-size", "4", "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    text = capsys.readouterr().out
+    assert "embedded default (trained" in out["model"]
+    assert out["same_answers"] == 1.0
+    # one run per path: the ratio is the fast throughput over the naive one
+    assert out["ratio"] == pytest.approx(out["fast_qps"] / out["naive_qps"]) and out["ratio"] > 0
+    for line in ("naive loop :", "fast path  :", "ratio      :"):
+        assert line in text
