@@ -98,6 +98,26 @@ def package_versions() -> dict:
     return versions
 
 
+def machine_info() -> dict:
+    """The host, recorded because float results depend on it: torch picks its CPU kernels by
+    instruction set (AVX2 vs AVX-512), so the same code and seed give results that agree to
+    float error, not byte for byte, across machines."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or None
+    try:  # the model name is in /proc/cpuinfo on Linux; platform.processor() is often empty
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def run_study(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
               only: list[str] | None = None, force: bool = False, log_output: bool = False,
               overrides: dict | None = None) -> Path:
@@ -115,7 +135,7 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(name=name, params=params, params_hash=_hash(params), git_commit=git_commit(),
-                    packages=package_versions())
+                    packages=package_versions(), machine=machine_info())
     manifest.setdefault("timings_s", {})
 
     # chain hashes so a changed early stage invalidates every later one; the chain starts

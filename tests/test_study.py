@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from csp_utils import study
@@ -42,6 +43,9 @@ def test_every_stage_ran_and_left_a_marker(smoke_run):
         assert (smoke_run / "notebooks" / f"{stage}.ipynb").stat().st_size > 0
         assert stage in manifest["timings_s"]
     assert manifest["params_hash"] and manifest["packages"]["torch"].startswith("2.13")
+    # the host's instruction set decides torch's CPU kernels, hence the last float digits
+    assert manifest["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert manifest["machine"]["cpu_count"] >= 1 and manifest["machine"]["machine"]
     assert "failed" not in manifest
 
 
