@@ -106,12 +106,11 @@ def machine_info() -> dict:
 
     import torch
 
-    cpu = platform.processor() or None
-    try:  # the model name is in /proc/cpuinfo on Linux; platform.processor() is often empty
+    try:  # the model name is in /proc/cpuinfo on Linux; platform.processor() is often empty there
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        cpu = platform.processor() or None
     return {"system": platform.system(), "machine": platform.machine(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
