@@ -17,6 +17,10 @@
 * **World sets**: the same protocols on the procedural world (``scenes.py``), with image
   loaders that render scenes from memory.
 
+The official POPE (COCO) and AMBER discriminative files ship inside the package
+(:data:`BENCHMARK_DIR`, :func:`pope_dir`, :func:`amber_dir`; licences and attribution in
+its README); images do not.
+
 Task metrics come from :func:`csp_utils.metrics.task_metrics`.
 """
 
@@ -34,6 +38,20 @@ from PIL import Image
 
 from csp_utils import scenes as world
 from csp_utils.metrics import task_metrics
+
+# The official files, vendored unchanged (checksums in SHA256SUMS beside them).
+BENCHMARK_DIR = Path(__file__).resolve().parent / "data" / "benchmarks"
+
+
+def pope_dir() -> Path:
+    """The vendored POPE (COCO) folder: ``coco_pope_{random,popular,adversarial}.json``."""
+    return BENCHMARK_DIR / "pope"
+
+
+def amber_dir() -> Path:
+    """The vendored AMBER folder: ``annotations.json`` + ``query_discriminative*.json``."""
+    return BENCHMARK_DIR / "amber"
+
 
 POPE_KINDS = ("random", "popular", "adversarial")
 AMBER_KINDS = ("existence", "attribute", "relation")
@@ -333,7 +351,7 @@ _AMBER_QUERY_FILES = {
 
 
 def _find(amber_dir: Path, name: str) -> Path | None:
-    # the shared copy keeps files flat; the official repository keeps data/ and data/query/
+    # the vendored copy keeps files flat; the official repository keeps data/ and data/query/
     for d in (amber_dir, amber_dir / "data", amber_dir / "data" / "query", amber_dir / "query"):
         if (d / name).is_file():
             return d / name

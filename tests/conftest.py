@@ -10,16 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded, ever
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-BENCHMARKS = Path(os.environ.get("CSP_BENCHMARKS", SHARED / "benchmarks"))
-
 
 @pytest.fixture(scope="session")
 def benchmarks_dir() -> Path:
-    if not BENCHMARKS.exists():
-        pytest.fail(f"official benchmark files not found at {BENCHMARKS}; set CSP_BENCHMARKS")
-    return BENCHMARKS
+    """The official POPE / AMBER files vendored in the package (``pope/``, ``amber/``)."""
+    from csp_utils import benchmarks
+
+    return benchmarks.BENCHMARK_DIR
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ import io
 import json
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,43 @@ from PIL import Image
 
 from csp_utils import benchmarks as B
 from csp_utils import scenes as W
+
+
+# ------------------------------------------------------------- the vendored official files
+def test_vendored_files_are_inside_the_package_and_unchanged():
+    import hashlib
+
+    import csp_utils
+
+    package = Path(csp_utils.__file__).resolve().parent
+    assert B.BENCHMARK_DIR.is_relative_to(package)
+    assert (B.pope_dir(), B.amber_dir()) == (B.BENCHMARK_DIR / "pope", B.BENCHMARK_DIR / "amber")
+    sums = {}
+    for line in (B.BENCHMARK_DIR / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        sums[name] = digest
+    on_disk = {f"{p.parent.name}/{p.name}" for d in (B.pope_dir(), B.amber_dir()) for p in d.iterdir()}
+    assert on_disk == set(sums)  # every vendored file is checked, nothing unlisted beside them
+    assert {"pope/LICENSE", "amber/LICENSE"} <= on_disk
+    for name, digest in sums.items():
+        assert hashlib.sha256((B.BENCHMARK_DIR / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_loaders_read_the_vendored_folders():
+    for kind in B.POPE_KINDS:
+        assert len(B.load_pope(B.pope_dir(), None, split_name=kind).items) == 3000
+    amber = B.load_amber(B.amber_dir(), None)
+    assert {k: len(b.items) for k, b in amber.items()} == {"existence": 4924, "attribute": 7628, "relation": 1664}
+
+
+def test_paper_params_use_the_vendored_folders():
+    # notebooks run with the repository as working directory, so relative folders resolve there
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    suite = yaml.safe_load((repo / "params" / "paper.yaml").read_text())["stages"]["05_evaluate"]["suite"]
+    assert (repo / suite["pope_dir"]).resolve() == B.pope_dir()
+    assert (repo / suite["amber_dir"]).resolve() == B.amber_dir()
 
 
 # ------------------------------------------------------------------------ official POPE
