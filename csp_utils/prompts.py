@@ -151,7 +151,9 @@ _BOUND_AFTER = _re.compile(
 _PROPORTION_AFTER = _re.compile(r"\s*of\s+(?!the\s+time\b|confidence\b|certainty\b)\w")
 _DOUBT_AFTER = _re.compile(r"\s*(?:of\s+)?(?:uncertain\w*|unsure|doubt\w*|unlikely|risk)\b")
 _CLAUSE_END = _re.compile(r"[!?;\n\d]|\.(?!\d)|\b(?:but|though|although|however|yet|while|whereas)\b")
-_ERROR_WORD = _re.compile(r"\b(?:wrong|incorrect|mistaken|inaccurate|erroneous|errors?|false|hallucinat\w*)\b")
+_ERROR_WORD = _re.compile(
+    r"\b(?:wrong|incorrect|mistaken|mistakes?|inaccurate|erroneous|errors?|false|hallucinat\w*)\b"
+)
 _NEGATION_WORD = _re.compile(r"\b(?:not|no|never|nothing)\b|n't\b")
 _SENTENCE_BREAK = _re.compile(r"[!?;\n]|\.(?!\d)")
 _FOLLOW_OK = _re.compile(
@@ -215,12 +217,13 @@ class _Candidate:
 
 def _candidates(s: str):
     """Every number in ``s`` read as a score ("8/10"), a percent or a bare number, with
-    ranges ("80-90%", "between 80 and 90%") joined; digits glued to letters are skipped."""
+    ranges ("80-90%", "between 80 and 90%") joined; digits glued to Latin letters ("v2",
+    "2nd") are skipped, while CJK text, written without spaces, keeps its numbers."""
     pos = 0
     while (m := _NUMBER.search(s, pos)) is not None:
         start = m.start()
         before = s[start - 1] if start else " "
-        if before.isalnum() or before in "_.":
+        if (before.isascii() and before.isalnum()) or before in "_.":
             pos = m.end()
             continue
         negative = before in _SIGNS and not (start > 1 and s[start - 2].isalnum())
@@ -236,7 +239,7 @@ def _candidates(s: str):
         pct = _PERCENT_AFTER.match(s, cand.end)
         if cand.kind == "bare" and pct is not None:
             cand.kind, cand.end = "percent", pct.end()
-        elif cand.kind == "bare" and cand.end < len(s) and s[cand.end].isalpha():
+        elif cand.kind == "bare" and cand.end < len(s) and s[cand.end].isascii() and s[cand.end].isalpha():
             pos = cand.end
             continue  # "2nd", "3d"
         pos = cand.end

@@ -232,6 +232,7 @@ def test_negated_and_bounding_percents_are_not_the_confidence(reply, expected):
         ("There is a 20% chance the answer is wrong.", 0.8),
         ("a 20% chance the answer is incorrect", 0.8),
         ("10% chance of error", 0.9),
+        ("a 10% chance of a mistake", 0.9),
         ("I am 30% sure the model's answer is incorrect.", 0.7),
         ("The model is 90% likely to be wrong.", 0.1),
         ("I'm 95% sure the answer isn't wrong.", None),      # a double negative: not read
@@ -277,6 +278,7 @@ def test_numbers_that_are_not_confidences(reply, expected):
         ("\uff18\uff15\uff05", 0.85),     # full-width digits and percent sign
         ("85\uff05", 0.85),
         ("85\u066a", 0.85),                # Arabic percent sign
+        ("\u6211\u670985%\u7684\u628a\u63e1", 0.85),  # Chinese, no spaces around the number
         ("ninety percent", 0.9),
         ("seventy-five percent", 0.75),
         ("Seventy five per cent", 0.75),
@@ -312,6 +314,20 @@ def test_result_is_always_a_fraction_or_none():
     for percent in range(0, 101):
         for text in (f"{percent}%", f"{percent} percent", f"Confidence: {percent}%"):
             assert parse_confidence(text) == pytest.approx(percent / 100)
+
+
+def test_any_text_gives_a_fraction_or_none():
+    # garbage from an untrained model must neither raise nor leave [0, 1]
+    import random
+
+    rng = random.Random(0)
+    pieces = ["85", "0.9", "7", "100", "250", "-", "\u2212", "%", "\uff05", "/", "10", "out of", " to ", "and",
+              "between", "confidence", ":", " ", "\n", "1.", "scale", "(0-100)", "not", "at least", "wrong",
+              "no", "ninety", "percent", ",", "5", "is", "of the image", "\u7f6e\u4fe1\u5ea6", "**", "x"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        got = parse_confidence(text)
+        assert got is None or 0.0 <= got <= 1.0, (text, got)
 
 
 @pytest.mark.parametrize(
