@@ -100,7 +100,7 @@ _NUMBER = _re.compile(_N)
 _PERCENT_AFTER = _re.compile(_PCT)
 _SCORE = _re.compile(rf"(?P<a>{_N})\s*(?:/|out\s+of)\s*(?P<b>{_N})(?![\d/])")
 _SCORE_SCALES = (5.0, 10.0, 100.0)
-_RANGE = _re.compile(rf"(?P<a>{_N})(?:{_PCT})?\s*(?P<sep>-|\u2013|\u2014|to\b|and\b)\s*(?P<b>{_N})")
+_RANGE = _re.compile(rf"(?P<a>{_N})(?P<pa>{_PCT})?\s*(?P<sep>-|\u2013|\u2014|to\b|and\b)\s*(?P<b>{_N})")
 _SIGNS = "-\u2212"
 
 # spelled-out numbers, read only before "percent" / "out of" and after "out of"
@@ -230,6 +230,8 @@ def _candidates(s: str):
         score, rng = _SCORE.match(s, start), _RANGE.match(s, start)
         if rng is not None and rng.group("sep") == "and" and not _re.search(r"between\s*$", s[:start]):
             rng = None
+        if rng is not None and rng.group("pa") and not _PERCENT_AFTER.match(s, rng.end()):
+            rng = None  # "80% - 5 cats": a percent, then something else
         if score is not None and float(score.group("b")) in _SCORE_SCALES:
             cand = _Candidate(start, score.end(), "score", float(score.group("a")), float(score.group("b")))
         elif rng is not None:

@@ -288,6 +288,7 @@ def test_numbers_that_are_not_confidences(reply, expected):
         ("I have one dog, ninety percent sure", 0.9),  # only a number before "percent" is read
         ("80%-90%", 0.85),
         ("80% - 90%", 0.85),
+        ("Yes, 80% - 5 objects are visible.", 0.8),
         ("between 80% and 90%", 0.85),
         ("Between 70 and 80 percent.", 0.75),
         ("I like cats and 90% of dogs", None),    # a proportion, and "and" is no range
