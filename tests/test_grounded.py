@@ -282,3 +282,18 @@ def test_grounded_evaluation_set():
             assert not changed.any()
     again = G.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
     assert all((np.asarray(b.image_loader(q)) == np.asarray(again.image_loader(q))).all() for q in ids[::7])
+
+
+def test_notebook_builds_grounded_rows(tmp_path):
+    import papermill as pm
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    pm.execute_notebook(str(REPO / "notebooks" / "02_build_perturbed_dataset.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters=dict(run_dir=str(run), n_scenes=10, levels=[10, 50, 100], targets="grounded",
+                                        shard_size=20, temperature_holdout=0.5),
+                        cwd=str(REPO), progress_bar=False, kernel_name="python3")
+    report = json.loads((run / "dataset" / "build_report.json").read_text())
+    assert report["targets"] == "grounded" and report["rows"] == 80 and report["flip_rows"] == 40
+    assert (run / "figures").exists()
