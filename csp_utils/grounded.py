@@ -35,7 +35,7 @@ import shutil
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -287,7 +287,7 @@ def shard_rows(scene_list: Sequence[world.Scene], questions: dict, grounder, mod
                config: PD.BuildConfig, options: GroundedOptions, world_config: world.WorldConfig,
                stats: Counter) -> list[dict]:
     """Rows (without the dataset-wide targets) of a run of scenes: plan, noise, answer in batches."""
-    noise_cfg = replace(config.effective_noise(), noise="local")
+    noise_cfg = config.effective_noise()
     levels = noised_levels(config)
     seed = noise_cfg.seed
     planned = []
@@ -473,6 +473,9 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
                          "(never evaluation images, never the natural degradations)")
     options = options_of(config)
     noised_levels(config)
+    if config.effective_noise().noise != "local":
+        raise ValueError("grounded rows noise the asked object or a distractor: BuildConfig.noise.noise must be "
+                         f"'local', got {config.effective_noise().noise!r}")
     world_config = world_config or world.WorldConfig(image_size=scene_list[0].image.shape[0])
     grounder = AnnotationGrounder.from_scenes(scene_list)
     grounder_name = f"grounded[{PD._grounder_fingerprint(grounder)}; model {_fingerprint(model)}; " \
@@ -611,8 +614,8 @@ def noise_on_of(question_id: str) -> str | None:
     return parts[-2] if len(parts) >= 3 and parts[-2] in NOISE_ON else None
 
 
-def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10, 40, 70), start: int = GROUNDED_EVAL_START,
-                                 seed: int = 0, questions_per_scene: int = 4, noise_gamma: float | None = None,
+def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10, 40, 70),
+                                 start: int = GROUNDED_EVAL_START, seed: int = 0, questions_per_scene: int = 4, noise_gamma: float | None = None,
                                  image_size: int = 64, name: str = "grounded-perturbed"):
     """Eval-split scenes ``start .. start + n_images - 1`` with both gold labels: every question
     clean, and at each level with noise on its objects (where present) and on a distractor.

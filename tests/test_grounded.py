@@ -242,6 +242,10 @@ def test_grounded_config_and_inputs_are_checked(tiny_vlm, tmp_path):
     with pytest.raises(ValueError, match="below 100"):
         G.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "z",
                                  PD.BuildConfig(levels=(100,), targets="grounded"))
+    with pytest.raises(ValueError, match="local"):
+        G.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "w",
+                                 PD.BuildConfig(levels=(10, 100), targets="grounded",
+                                                noise=PD.NoiseConfig(noise="global")))
 
 
 def test_paper_build_is_unchanged(tmp_path):
