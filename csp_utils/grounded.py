@@ -568,6 +568,15 @@ def _write_shard(shard_dir: Path, index: int, rows: list[dict], record: dict) ->
     return final
 
 
+def _noise_on_bright(noise_on, on_bright) -> dict[str, float]:
+    """Per noise target: the share of rows whose noised pixels cover a bright object."""
+    t: dict[str, list[bool]] = {}
+    for n, b in zip(noise_on, on_bright):
+        if n != "none":
+            t.setdefault(n, []).append(bool(b))
+    return {k: round(sum(v) / len(v), 4) for k, v in sorted(t.items())}
+
+
 def grounded_report(ds, shard_stats, fin_stats, config, options, grounder_name, chash, T, t_info, cells) -> dict:
     total = Counter()
     for st in shard_stats:
@@ -598,6 +607,7 @@ def grounded_report(ds, shard_stats, fin_stats, config, options, grounder_name, 
         "base_accuracy": accuracy_table(ds),
         "cells": cells,
         "bright_balance": bright_balance(ds["bright_scene"], noise_on, options.bright_tolerance),
+        "noise_on_bright_share": _noise_on_bright(noise_on, ds["noise_on_bright"]),
         "shards": len(shard_stats),
         "time_s": {"shards_total": round(sum(st["seconds"] for st in shard_stats), 3),
                    "answers": round(total["answer_seconds_x1000"] / 1000, 3)},

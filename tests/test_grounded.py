@@ -221,6 +221,8 @@ def test_build_report_carries_the_bright_check(built):
     b = report["bright_balance"]
     clean = [x for x, n in zip(ds["bright_scene"], ds["noise_on"]) if n == "none"]
     assert b["clean_share"] == pytest.approx(np.mean(clean), abs=1e-4) and b["ok"]
+    key = [x for x, n in zip(ds["noise_on_bright"], ds["noise_on"]) if n == "key"]
+    assert report["noise_on_bright_share"]["key"] == pytest.approx(np.mean(key), abs=1e-4)
     for i in range(len(ds)):
         if i % 7 == 0:
             assert ds["bright_scene"][i] == G.is_bright_scene(_scene(ds["image_id"][i]))
