@@ -57,6 +57,7 @@ from .perturbation import NoiseConfig, validate_levels
 from .prompts import FRAMINGS, confidence_text, format_confidence
 
 FAILURE_POLICIES = ("skip", "global", "clean")
+TARGETS = ("paper", "grounded")
 FORMAT_VERSION = 1  # bump when the row layout or the noise changes: old folders then refuse to resume
 _SHARD_PREFIX = "shard-"
 # Test hook: raise after this many shards are written (exercises resume without a subprocess).
@@ -86,6 +87,8 @@ class BuildConfig:
     seed: int | None = None                 # noise seed; None = noise.seed
     grounder: str = "annotations"           # grounder spec for make_grounder when none is passed
     png_compress_level: int = 1             # noised pixels barely compress: at 512 px level 1 is 3x faster than PIL's 6 for 9% more bytes
+    targets: str = "paper"                  # "paper": target = noise level | "grounded": the base model's own answers (grounded.py)
+    grounded: Any = None                    # grounded.GroundedOptions (or its dict) when targets == "grounded"
 
     def __post_init__(self):
         if isinstance(self.noise, dict):  # read back from JSON / YAML
@@ -98,6 +101,15 @@ class BuildConfig:
             raise ValueError(f"failure_policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}")
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"targets must be one of {TARGETS}, got {self.targets!r}")
+        if self.targets == "paper" and self.grounded is not None:
+            raise ValueError("grounded options were given with targets='paper'; set targets='grounded' or drop them")
+        if self.targets == "grounded":
+            from .grounded import GroundedOptions
+
+            if self.grounded is None or isinstance(self.grounded, dict):
+                self.grounded = GroundedOptions(**(self.grounded or {}))
 
     def effective_noise(self) -> NoiseConfig:
         """The NoiseConfig the build uses: BuildConfig's levels / seed, where given, win."""
@@ -113,6 +125,8 @@ class BuildConfig:
         d["noise"] = asdict(self.effective_noise())
         d["levels"], d["seed"] = list(d["noise"]["levels"]), d["noise"]["seed"]
         d["noise"]["levels"] = list(d["noise"]["levels"])
+        if self.targets == "paper":  # the paper build's config (and so its hash) stays what it was
+            del d["targets"], d["grounded"]
         return d
 
 
@@ -198,7 +212,9 @@ def world_source(scenes, questions_per_scene: int = 4, seed: int = 0) -> Source:
                     image_id=scene.scene_id, objects=list(qa.objects),
                 )
 
-    return Source(items, None, f"world({len(scenes)} scenes x {questions_per_scene})", scenes=scenes)
+    source = Source(items, None, f"world({len(scenes)} scenes x {questions_per_scene})", scenes=scenes)
+    source.questions_per_scene, source.question_seed = questions_per_scene, seed  # grounded builds redraw them
+    return source
 
 
 def jsonl_source(path, image_folder) -> Source:
@@ -458,7 +474,7 @@ def _check_state(out_dir: Path, chash: str, config: BuildConfig, grounder_name: 
 
 
 def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed", config: BuildConfig | None = None,
-                            vocabulary=None, progress: bool = True):
+                            vocabulary=None, progress: bool = True, model=None, processor=None):
     """Build (or resume, or just load) the perturbed dataset in ``out_dir``; returns the merged Dataset.
 
     ``source`` yields SourceItem or (sample_id, image, question, answer[, image_id]) tuples in a
@@ -468,11 +484,16 @@ def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed"
     key-object extraction for items that do not carry their key objects. A ``noise="global"``
     build (the ablation) still grounds every sample, so that the failure policy keeps the same
     samples as the local build it is compared with.
+
+    ``config.targets == "grounded"`` builds grounded rows instead (``grounded.build_grounded_dataset``):
+    it needs a ``world_source`` and the base ``model`` / ``processor`` whose answers it records.
     """
     from datasets import concatenate_datasets, load_from_disk
     from tqdm.auto import tqdm
 
     config = config or BuildConfig()
+    if config.targets == "grounded":
+        return _build_grounded(source, grounder, out_dir, config, progress, model, processor)
     if grounder is None:
         from .grounding import make_grounder
 
@@ -572,6 +593,20 @@ def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed"
     # The shards only serve resuming: once the merged copy is complete they would double the disk use.
     shutil.rmtree(shard_dir, ignore_errors=True)
     return result
+
+
+def _build_grounded(source, grounder, out_dir, config: BuildConfig, progress: bool, model, processor):
+    from .grounded import build_grounded_dataset
+
+    if getattr(source, "scenes", None) is None or not hasattr(source, "questions_per_scene"):
+        raise ValueError("targets='grounded' needs a world_source(...) (scenes with exact object masks)")
+    if model is None or processor is None:
+        raise ValueError("targets='grounded' records the base model's own answers: pass model= and processor=")
+    if grounder is not None or config.grounder != "annotations":
+        raise ValueError("targets='grounded' grounds with the scenes' own annotations; pass no grounder")
+    return build_grounded_dataset(source.scenes, model, processor, out_dir, config,
+                                  questions_per_scene=source.questions_per_scene,
+                                  question_seed=source.question_seed, progress=progress)
 
 
 def build_report(shard_stats: list[dict], config: BuildConfig, grounder_name: str, chash: str, source_name: str) -> dict:
