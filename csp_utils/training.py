@@ -216,6 +216,10 @@ def load_perturbed_dataset(dataset):
                 f"no saved datasets.Dataset at {path} or {path / 'dataset'} "
                 "(build it with perturbed_dataset.build_perturbed_dataset)"
             )
+        from csp_utils.perturbed_dataset import DIGESTS_FILE, verify_dataset_folder
+
+        if (found / DIGESTS_FILE).exists():  # the builder's output: refuse a damaged copy, naming the file
+            verify_dataset_folder(found)
         ds = datasets.load_from_disk(str(found))
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{found} holds a DatasetDict ({list(ds)}); pass the split to train on")
