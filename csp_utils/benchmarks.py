@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from csp_utils import scenes as world
+from csp_utils.images import to_rgb
 from csp_utils.metrics import task_metrics
 
 POPE_KINDS = ("random", "popular", "adversarial")
@@ -152,7 +153,7 @@ def _file_loader(folder, family: str, source: str) -> Callable[[str], Image.Imag
                 f"holding the images{_IMAGE_HINT.get(family, '')}, or call check_images() to list what is missing"
             )
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)  # transparency onto white, as everywhere (csp_utils.images)
 
     return load
 

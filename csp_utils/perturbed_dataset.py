@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from . import perturbation
+from .images import to_rgb
 from .perturbation import NoiseConfig, validate_levels
 from .prompts import FRAMINGS, confidence_text, format_confidence
 
@@ -151,19 +152,21 @@ def config_hash(config: BuildConfig, grounder_name: str) -> str:
 @dataclass
 class SourceItem:
     sample_id: str
-    image: Any                              # PIL image, uint8 (H, W, 3) array, or a zero-argument loader
+    image: Any                              # PIL image, uint8 (H, W[, 3 | 4]) array, or a zero-argument loader
     question: str
     answer: str
     image_id: str | None = None             # lets the annotation grounder find its masks
     objects: list[str] | None = None        # key objects, when the source knows them (world questions)
 
     def load_image(self) -> Image.Image:
+        """The image as RGB; transparency (PIL or array) is composited onto white (``csp_utils.images``)."""
         img = self.image() if callable(self.image) else self.image
-        if isinstance(img, np.ndarray):
-            img = Image.fromarray(img)
-        if not isinstance(img, Image.Image):
+        if not isinstance(img, (Image.Image, np.ndarray)):
             raise TypeError(f"sample {self.sample_id!r}: image must be a PIL image or uint8 array, got {type(img)}")
-        return img.convert("RGB")
+        try:
+            return to_rgb(img)
+        except ValueError as e:
+            raise ValueError(f"sample {self.sample_id!r}: {e}") from None
 
 
 def as_source_item(item) -> SourceItem:

@@ -103,6 +103,16 @@ def test_check_images_decodes_every_image_and_names_each_bad_one(tmp_path):
     b.check_images(progress=False)
 
 
+def test_benchmark_images_with_transparency_load_composited_onto_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    b = B.load_pope(_pope_file(tmp_path, [_pope_row(1, "a.png")], "t_random.json"), tmp_path)
+    arr = np.asarray(b.image_loader("a.png"))
+    assert (arr[:2] == [200, 0, 0]).all() and (arr[2:] == 255).all()
+
+
 def test_duplicate_question_ids_are_refused_at_load(tmp_path, benchmarks_dir):
     rows = [_pope_row(1), _pope_row(2), _pope_row(1, label="no"), _pope_row(3), _pope_row(3)]
     path = _pope_file(tmp_path, rows)

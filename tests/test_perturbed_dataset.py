@@ -428,3 +428,21 @@ def test_a_damaged_merged_dataset_is_refused_on_load_and_rebuilt_by_the_builder(
     assert "damaged" in capsys.readouterr().out
     assert PD.dataset_sha256(ds) == reference
     assert PD.dataset_sha256(PD.load_perturbed_dataset(tmp_path / "b")) == reference
+
+
+def test_rgba_sources_pil_or_array_give_the_rows_of_their_white_composite(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
+
+    rgba = np.dstack([_img(0), np.zeros((H, W), np.uint8)])
+    rgba[:, : W // 2, 3] = 255  # the left half opaque, the right half transparent
+    white = convert_to_rgb(Image.fromarray(rgba), return_numpy=True)
+
+    def build(name, image):
+        item = SourceItem("toy-000", image, "Is there a red circle in the image?", "Yes", image_id="img-0",
+                          objects=["red circle"])
+        return PD.build_perturbed_dataset([item], StubGrounder(), tmp_path / name, _cfg(), progress=False)
+
+    ref = PD.dataset_sha256(build("rgb", white))
+    assert PD.dataset_sha256(build("pil", Image.fromarray(rgba))) == ref
+    assert PD.dataset_sha256(build("array", rgba)) == ref
+    assert PD.dataset_sha256(build("loader", lambda: Image.fromarray(rgba))) == ref
