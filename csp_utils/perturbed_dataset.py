@@ -423,9 +423,12 @@ def _finished_shards(shard_dir: Path) -> list[Path]:
     for p in shard_dir.glob("*.tmp"):
         shutil.rmtree(p, ignore_errors=True)
     shards = sorted(p for p in shard_dir.iterdir() if p.is_dir() and p.name.startswith(_SHARD_PREFIX))
-    for i, p in enumerate(shards):  # shards are written in order; a gap means a damaged folder
+    for i, p in enumerate(shards):  # shards are written in order: a gap means a shard was deleted
         if p.name != f"{_SHARD_PREFIX}{i:05d}":
-            raise RuntimeError(f"{shard_dir}: expected {_SHARD_PREFIX}{i:05d}, found {p.name}; the folder is damaged")
+            print(f"[perturbed dataset] {shard_dir}: {_SHARD_PREFIX}{i:05d} is missing; rebuilding from it "
+                  f"(the {len(shards) - i} shard(s) after it are built again, in source order)", flush=True)
+            _drop_shards_from(shards, i)
+            return shards[:i]
     return shards
 
 

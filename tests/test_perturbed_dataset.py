@@ -353,7 +353,7 @@ def test_finished_shards_record_the_sha256_of_their_files(tmp_path, monkeypatch)
                                    for p in (shards / "shard-00000" / "data").rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "stats"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "stats", "deleted"])
 def test_a_damaged_shard_is_rebuilt_on_resume(tmp_path, monkeypatch, capsys, damage):
     reference = PD.dataset_sha256(_build(tmp_path / "ref"))
     shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
@@ -362,13 +362,15 @@ def test_a_damaged_shard_is_rebuilt_on_resume(tmp_path, monkeypatch, capsys, dam
         _flip_byte(arrow)
     elif damage == "truncate":
         arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
-    else:
+    elif damage == "stats":
         (shards / "shard-00001" / "shard_stats.json").write_text("{")
+    else:  # the whole shard folder deleted by hand, a later one kept
+        (shards / "shard-00001").rename(shards / "shard-00002")
     capsys.readouterr()
     grounder = StubGrounder()
     ds = PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     out = capsys.readouterr().out
-    assert "shard-00001" in out and "damaged" in out and "shard-00000" not in out
+    assert "shard-00001" in out and ("damaged" in out or "missing" in out) and "shard-00000" not in out
     assert grounder.calls == 5  # shard 0 kept; shard 1 (samples 4..7: 4 ghost, 7 a "No") and 8, 9 built again
     assert PD.dataset_sha256(ds) == reference
 
