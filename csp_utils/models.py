@@ -412,9 +412,9 @@ def load_vlm(
     ``allow_partial=True``; an adapter whose folder records another base model
     (``csp_base.json``, :func:`base_fingerprint`) is refused unless ``allow_base_mismatch=True``.
     """
+    name_or_path = resolve_model_name(name_or_path)  # before importing transformers: a bad name fails in ms
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    name_or_path = resolve_model_name(name_or_path)
     processor = AutoProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     model, info = AutoModelForImageTextToText.from_pretrained(
         name_or_path,
