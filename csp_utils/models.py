@@ -322,7 +322,7 @@ BASE_RECORD = "csp_base.json"  # in an adapter folder: which base model it was t
 _FINGERPRINT_VALUES = 64
 
 
-def base_fingerprint(model) -> str:
+def base_fingerprint(model) -> str | None:
     """A cheap digest of a model's base weights, computed from the loaded model itself.
 
     sha256 over every tensor of the state dict, in name order: its name, shape and first
@@ -330,7 +330,8 @@ def base_fingerprint(model) -> str:
     it touches, so another base with the same shapes gets another digest, while the cost
     stays at a few values per tensor (no pass over 7B weights). Rounding to bfloat16 makes a
     float32 and a bfloat16 load of one checkpoint agree. A PEFT model is digested as its base:
-    adapter tensors are skipped and wrapped layers keep their original names.
+    adapter tensors are skipped and wrapped layers keep their original names. None when some
+    weights are offloaded (on the meta device): their values are not in memory to digest.
     """
     import hashlib
 
@@ -346,10 +347,9 @@ def base_fingerprint(model) -> str:
     with torch.no_grad():
         for name in sorted(entries):
             t = entries[name]
+            if t.is_meta:
+                return None
             h.update(f"{name}{tuple(t.shape)}".encode())
-            if t.is_meta:  # offloaded: only the shape is known here
-                h.update(b"meta")
-                continue
             head = t.detach().reshape(-1)[:_FINGERPRINT_VALUES]
             head = head.to(torch.bfloat16).float() if head.is_floating_point() else head.long()
             h.update(head.cpu().numpy().tobytes())
@@ -377,12 +377,17 @@ def check_adapter_base(model, adapter_dir, allow_base_mismatch: bool = False) ->
                       "the base it is put on; make sure it was trained on this one", stacklevel=3)
         return
     record = json.loads(path.read_text())
-    if record.get("fingerprint") == base_fingerprint(model):
+    recorded, now = record.get("fingerprint"), base_fingerprint(model)
+    if recorded is None or now is None:
+        warnings.warn(f"adapter {adapter_dir}: the base model's weights are offloaded (meta device) at "
+                      f"{'training' if recorded is None else 'loading'}, so the base cannot be checked against "
+                      f"{record.get('base_model')!r}", stacklevel=3)
+        return
+    if recorded == now:
         return
     base_now = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     msg = (f"adapter {adapter_dir} was trained on base model {record.get('base_model')!r} (fingerprint "
-           f"{str(record.get('fingerprint'))[:12]}...), but the base it is put on ({base_now}) has other weights "
-           f"(fingerprint {base_fingerprint(model)[:12]}...)")
+           f"{recorded[:12]}...), but the base it is put on ({base_now}) has other weights (fingerprint {now[:12]}...)")
     if not allow_base_mismatch:
         raise AdapterBaseMismatchError(f"{msg}. Load the base it was trained on, or pass allow_base_mismatch=True "
                                        "to put it on this one anyway.")

@@ -486,3 +486,16 @@ def test_an_adapter_is_refused_on_another_base_unless_overridden(two_bases, tmp_
     with pytest.warns(UserWarning, match="records no base model"):
         loaded, _ = models.load_vlm(b, adapter=foreign)
     assert isinstance(loaded, PeftModel)
+
+
+def test_an_offloaded_base_is_not_fingerprinted_and_the_check_warns(two_bases, monkeypatch):
+    a, _, adapter = two_bases
+    model = models.load_vlm(a)[0]
+    with torch.device("meta"):
+        meta = torch.empty(3)
+    state = dict(model.state_dict())
+    state[next(iter(state))] = meta
+    monkeypatch.setattr(model, "state_dict", lambda: state)
+    assert models.base_fingerprint(model) is None
+    with pytest.warns(UserWarning, match="offloaded"):
+        models.check_adapter_base(model, adapter)
