@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from csp_utils import scenes as world
+from csp_utils.images import to_rgb
 from csp_utils.metrics import task_metrics
 
 # The official files, vendored unchanged (checksums in SHA256SUMS beside them).
@@ -87,11 +88,24 @@ class Benchmark:
     positive_class: str    # "yes" for POPE, "no" for AMBER
     image_root: str | None = None   # folder of image files (official sets); None for the world
 
+    def __post_init__(self):
+        refuse_duplicate_ids(self.items, f"benchmark {self.name!r}")
+
     def image_ids(self) -> list[str]:
         return list(dict.fromkeys(it.image_id for it in self.items))
 
-    def check_images(self) -> None:
-        """Raise FileNotFoundError up front if any image of the benchmark cannot be found."""
+    def check_images(self, progress: bool = True) -> None:
+        """Check up front that every image of the benchmark exists and decodes.
+
+        Every image is opened and fully decoded (``Image.load``), not just its header: a
+        truncated or garbled JPEG passes a header check and fails only mid-evaluation. The
+        official sets are small (POPE 500 COCO images, AMBER 1,004), so this takes seconds;
+        ``progress`` shows a bar. Raises FileNotFoundError naming the missing files, or
+        :class:`BadImageError` naming every file that does not decode (with PIL's reason).
+        World sets render their scenes through the loader instead.
+        """
+        from tqdm.auto import tqdm
+
         ids = self.image_ids()
         if self.image_root is None:
             for i in ids:
@@ -103,11 +117,39 @@ class Benchmark:
         root = Path(self.image_root)
         missing = [i for i in ids if not (root / i).is_file()]
         if missing:
+            shown = (f"all {len(ids)}" if len(missing) == len(ids)
+                     else f"{len(missing)} of {len(ids)}: {', '.join(missing)}")
             raise FileNotFoundError(
-                f"{len(missing)} of {len(ids)} images of {self.name} are missing from {root} "
-                f"(first: {', '.join(missing[:3])}); pass image_folder= the folder holding them"
+                f"images of {self.name} missing from {root} ({shown}); pass image_folder= the folder holding them"
                 f"{_IMAGE_HINT.get(self.family, '')}"
             )
+        bad = []
+        for i in tqdm(ids, desc=f"checking {self.name} images", unit="image", disable=not progress):
+            try:
+                with Image.open(root / i) as im:
+                    im.load()
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+                bad.append(f"{i} ({type(e).__name__}: {e})")
+        if bad:
+            raise BadImageError(
+                f"{len(bad)} of {len(ids)} images of {self.name} in {root} do not decode:\n  " + "\n  ".join(bad)
+                + "\nReplace these files with intact copies (download them again)"
+                f"{_IMAGE_HINT.get(self.family, '')}, or remove their questions from the set."
+            )
+
+
+class BadImageError(ValueError):
+    """Image files that exist but do not decode."""
+
+
+def refuse_duplicate_ids(items: Sequence[QAItem], source: str) -> None:
+    """Question ids key answers and results: a repeated id would make one answer stand for two questions."""
+    counts = Counter(it.question_id for it in items)
+    dup = [q for q, c in counts.items() if c > 1]
+    if dup:
+        shown = ", ".join(f"{q!r} (x{counts[q]})" for q in dup[:20]) + (f" and {len(dup) - 20} more" if len(dup) > 20 else "")
+        raise ValueError(f"{source}: {len(dup)} question id(s) occur more than once: {shown}; "
+                         "question ids must be unique, fix or remove the repeated questions")
 
 
 _IMAGE_HINT = {"pope": " (COCO val2014 for the coco_pope files)", "amber": " (AMBER's image folder)"}
@@ -129,7 +171,7 @@ def _file_loader(folder, family: str, source: str) -> Callable[[str], Image.Imag
                 f"holding the images{_IMAGE_HINT.get(family, '')}, or call check_images() to list what is missing"
             )
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return to_rgb(im)  # transparency onto white, as everywhere (csp_utils.images)
 
     return load
 
@@ -242,6 +284,7 @@ def load_pope(path_or_file, image_folder, split_name: str | None = None) -> Benc
         qid = str(row.get("question_id", row.get("id", i + 1)))
         m = _POPE_Q.match(q.strip())
         items.append(QAItem(qid, image, q, label, f"pope-{kind}", "existence", [m.group(1)] if m else []))
+    refuse_duplicate_ids(items, source)
     if source.startswith("<"):  # a file object without a name
         name = f"pope-{kind}"
     else:
@@ -267,10 +310,14 @@ def score_pope(items: Sequence[QAItem], answers) -> dict:
     """Accuracy, precision, recall, F1 (positive = yes), yes_ratio (share of predicted yes).
 
     ``answers``: raw replies, in item order or keyed by question_id; parsed with :func:`pope_parse`.
+    A ``None`` reply (no reply at all) is not text the official rule can read: it counts as
+    unanswered, i.e. wrong and neither "yes" nor "no" (as AMBER's unscorable replies), and
+    ``unanswered`` reports how many there were. Every real reply is scored by the official rule.
     """
     replies = _answers_for(items, answers)
-    preds = [pope_parse(a) for a in replies]
+    preds = ["unanswered" if a is None else pope_parse(a) for a in replies]
     out = task_metrics([it.label for it in items], preds, positive="yes")
+    out["unanswered"] = sum(a is None for a in replies)
     out["rule"] = "pope-official"
     return out
 
@@ -409,6 +456,7 @@ def load_amber(amber_dir, image_folder, types: Sequence[str] = AMBER_KINDS) -> d
             label = str(ann["truth"]).strip().lower()
             items.append(QAItem(str(qid), q["image"], q["query"], label, f"amber-{t}", t,
                                 _amber_objects(q["query"], typ), typ[1]))
+        refuse_duplicate_ids(items, str(qpath))
         out[t] = Benchmark(f"amber-{t}", "amber", items, _file_loader(image_folder, "amber", str(qpath)), "no",
                            _root(image_folder))
     return out
@@ -448,6 +496,8 @@ def normalize_yes_no(reply: str) -> str | None:
 
 
 def _amber_pred(reply, normalization: str) -> str:
+    if reply is None:  # no reply at all: unscorable under either rule (str(None) would read as a negation)
+        return "other"
     if normalization == "official":  # inference.py: exact string comparison
         r = reply
     else:

@@ -486,10 +486,22 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
     state = PD._check_state(out_dir, chash, config, grounder_name)
     if state.get("complete") and final_dir.exists():
         shutil.rmtree(shard_dir, ignore_errors=True)
-        return PD.load_perturbed_dataset(out_dir)
+        problem = PD._dataset_problem(final_dir)
+        if problem is None:
+            return PD.load_perturbed_dataset(out_dir)
+        print(f"[grounded dataset] {final_dir} is damaged ({problem}): rebuilding it", flush=True)
+        shutil.rmtree(final_dir)
+        (out_dir / "state.json").unlink()
+        state = PD._check_state(out_dir, chash, config, grounder_name)
 
     shard_dir.mkdir(parents=True, exist_ok=True)
     done = PD._finished_shards(shard_dir)
+    damaged = PD._damaged_shards(done)
+    if damaged:  # rebuilt from the first damaged shard on: answers and noise are deterministic
+        PD._report_damage(damaged, done)
+        first = done.index(damaged[0][0])
+        PD._drop_shards_from(done, first)
+        done = done[:first]
     shard_stats = [json.loads((p / "shard_stats.json").read_text()) for p in done]
     state = {"config_hash": chash, "config": config.to_dict(), "grounder": grounder_name, "complete": False,
              "shards": len(done), "source_samples_done": sum(s["counts"]["source_samples"] for s in shard_stats)}
@@ -520,7 +532,7 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
         stats["source_samples"] += len(ids)
         stats["scenes"] += len(groups[index])
         record = {"counts": dict(stats), "ids_digest": PD._ids_digest(ids), "seconds": time.perf_counter() - t0}
-        _write_shard(shard_dir, index, rows, record)
+        PD._write_shard(shard_dir, index, rows, record, features=_shard_features())
         shard_stats.append(record)
         state.update(shards=index + 1, source_samples_done=state["source_samples_done"] + len(ids))
         PD._write_json_atomic(out_dir / "state.json", state)
@@ -529,7 +541,12 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
             raise PD.InjectedFailure(f"{PD.FAIL_AFTER_SHARDS_ENV}={fail_after}: stopping after shard {index}")
     bar.close()
 
-    shards = [load_from_disk(str(p / "data")) for p in PD._finished_shards(shard_dir) if (p / "data").exists()]
+    finished = PD._finished_shards(shard_dir)
+    damaged = PD._damaged_shards(finished)  # changed while later shards were built
+    if damaged:
+        raise PD.DamagedDataError(f"{out_dir}: shard(s) {', '.join(f'{p.name} ({why})' for p, why in damaged)} "
+                                  "changed during the build; rerun to rebuild them")
+    shards = [load_from_disk(str(p / "data")) for p in finished if (p / "data").exists()]
     merged = concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     fin_stats = Counter()
     final, T, t_info, cells = finalize(merged, options, fin_stats)
@@ -537,6 +554,7 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
     shutil.rmtree(tmp_final, ignore_errors=True)
     with PD._quiet_datasets():
         final.save_to_disk(str(tmp_final))
+    (tmp_final / PD.DIGESTS_FILE).write_text(json.dumps(PD._file_digests(tmp_final), indent=2, sort_keys=True))
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp_final, final_dir)
     result = PD.load_perturbed_dataset(out_dir)
@@ -551,21 +569,6 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
     PD._write_json_atomic(out_dir / "state.json", state)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return result
-
-
-def _write_shard(shard_dir: Path, index: int, rows: list[dict], record: dict) -> Path:
-    from datasets import Dataset
-
-    final = shard_dir / f"{PD._SHARD_PREFIX}{index:05d}"
-    tmp = shard_dir / f"{PD._SHARD_PREFIX}{index:05d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if rows:
-        with PD._quiet_datasets():
-            Dataset.from_list(rows, features=_shard_features()).save_to_disk(str(tmp / "data"))
-    (tmp / "shard_stats.json").write_text(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp, final)
-    return final
 
 
 def _noise_on_bright(noise_on, on_bright) -> dict[str, float]:

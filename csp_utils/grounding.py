@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from .images import to_rgb
 from .keyobjects import Vocabulary, coco_vocabulary, get_vocabulary, singularize
 
 STATUSES = ("ok", "no_detection", "empty_mask", "no_objects")
@@ -180,7 +181,7 @@ class DinoSamGrounder:
         import torch
 
         phrases = _clean_phrases(phrases)
-        image = image.convert("RGB")
+        image = to_rgb(image)  # transparency onto white, as everywhere (csp_utils.images)
         proc = self.detector_processor
         inputs = proc(images=image, text=dino_prompt(phrases), return_tensors="pt")
         n_tokens, max_len = inputs["input_ids"].shape[1], self.detector.config.max_text_len
@@ -221,7 +222,7 @@ class DinoSamGrounder:
         """Union of SAM's best mask per box; all boxes in ONE forward pass (one image embedding)."""
         import torch
 
-        image = image.convert("RGB")
+        image = to_rgb(image)  # transparency onto white, as everywhere (csp_utils.images)
         proc = self.segmenter_processor
         inputs = proc(images=image, input_boxes=[[list(map(float, b)) for b in boxes]], return_tensors="pt")
         pixel_values = inputs["pixel_values"].to(self.device, self.dtype or torch.float32)

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import to_rgb_array
+
 SCHEDULES = ("geometric", "linear")
 NOISE_KINDS = ("local", "global")
 DEFAULT_LEVELS = tuple(range(0, 101, 10))  # integer percents, as everywhere in data and config
@@ -150,16 +152,9 @@ def sample_noise(shape: tuple[int, ...], seed: int, key: str) -> torch.Tensor:
 
 
 def _as_uint8_rgb(image) -> np.ndarray:
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got {arr.dtype}")
-    if arr.ndim == 2:  # grey: noise it as RGB so every output has one layout
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3) uint8 or a PIL image, got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr)
+    # grey is noised as RGB so every output has one layout; RGBA (PIL or array) is composited
+    # onto white, as transformers' processors do (csp_utils.images)
+    arr = np.ascontiguousarray(to_rgb_array(image))
     # PIL hands out read-only buffers, which torch.from_numpy warns about; the copy is one image.
     return arr if arr.flags.writeable else arr.copy()
 
@@ -172,6 +167,9 @@ def _as_mask(mask, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"mask shape {m.shape} does not match the image's (H, W) = {shape}")
     if m.dtype != np.bool_:
         raise ValueError(f"mask must be a bool array, got {m.dtype}")
+    if not m.any():  # noise on no pixel would label the unchanged image with every confidence
+        raise ValueError("mask is empty (no pixel is True): there is nothing to perturb. Treat it as a grounding "
+                         "failure (perturbed_dataset applies its failure_policy), or use noise='global'")
     return m
 
 
@@ -242,7 +240,7 @@ def perturb_levels_array(
     n_levels, noisy = len(levels), np.flatnonzero(steps > 0)
 
     src = torch.from_numpy(img)
-    if noisy.size == 0 or not mask.any():
+    if noisy.size == 0:
         return src[None].repeat(n_levels, 1, 1, 1).numpy()
     coef = noise_coefficients(abar(steps[noisy], config))
     # eps is drawn for the whole image whatever the mask, so local and global share it and a
@@ -275,7 +273,11 @@ def perturb_levels(
 ) -> list[Image.Image]:
     """Perturbed copies of ``image`` at each confidence in ``levels`` (integer percents), in order.
 
+    ``image``: a PIL image or a uint8 array (H, W[, 1 | 3 | 4]); transparency is composited onto
+    white (``csp_utils.images``), for PIL images and arrays alike.
     ``mask`` is the (H, W) bool key-object mask (ignored, and may be None, for noise="global").
+    An empty mask raises ValueError: perturbing no pixel would return the unchanged image
+    at every confidence.
     ``key`` identifies the sample (e.g. its sample id): with ``config.seed`` it fixes eps, so the
     same sample always gets the same images. All levels come from one vectorised operation.
     """

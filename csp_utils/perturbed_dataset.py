@@ -8,10 +8,12 @@ On disk (``out_dir``)::
 
     shards/shard-00000/    while building, one per ``shard_size`` *source* samples: ``data/``
                            (``Dataset.save_to_disk``; absent when the shard has no rows) and
-                           ``shard_stats.json`` (counts, digest of the sample ids, seconds);
-                           removed once the merged dataset is complete
+                           ``shard_stats.json`` (counts, digest of the sample ids, seconds, and
+                           the sha256 of every file under ``data/``); removed once the merged
+                           dataset is complete
     state.json             config hash and progress (rewritten atomically after each shard)
-    dataset/               the merged dataset (concatenate_datasets of the shards, in order)
+    dataset/               the merged dataset (concatenate_datasets of the shards, in order), with
+                           ``csp_sha256.json``: the sha256 of each of its files
     build_report.json      counts per level, kept / skipped, grounding failures, time, config, sha256
 
 A shard becomes visible only by an atomic rename of a finished folder, so a killed build
@@ -19,6 +21,14 @@ leaves either a whole shard or none. Rerun with the same arguments, the build sk
 source samples of the finished shards and goes on; since each sample's noise depends only on
 (seed, sample id), the merged dataset is the same as an uninterrupted build's
 (``dataset_sha256``). A folder built with another config is refused.
+
+Damaged files are never used. Every finished shard's files are checked against the digests
+recorded when it was written, on resuming and again before merging; a shard that fails (a
+changed byte, a truncated or missing file, unreadable stats) is rebuilt from the source, with
+a printed line naming it, together with the shards after it (shards are built in source order).
+A shard that is still damaged after one rebuild is refused with ``DamagedDataError`` naming it.
+The merged dataset is checked the same way whenever it is loaded (``load_perturbed_dataset``):
+a damaged copy is refused, naming the file; ``build_perturbed_dataset`` on that folder rebuilds it.
 
 Rows (DESIGN.md, refined): ``sample_id`` ("<source_id>@<ccc>", unique per row), ``source_id``
 (the source sample), ``image_id``, ``image`` (HF Image), ``question``, ``answer``,
@@ -53,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from . import perturbation
+from .images import to_rgb
 from .perturbation import NoiseConfig, validate_levels
 from .prompts import FRAMINGS, confidence_text, format_confidence
 
@@ -60,12 +71,17 @@ FAILURE_POLICIES = ("skip", "global", "clean")
 TARGETS = ("paper", "grounded")
 FORMAT_VERSION = 1  # bump when the row layout or the noise changes: old folders then refuse to resume
 _SHARD_PREFIX = "shard-"
+DIGESTS_FILE = "csp_sha256.json"  # in the merged dataset folder: sha256 of each of its files
 # Test hook: raise after this many shards are written (exercises resume without a subprocess).
 FAIL_AFTER_SHARDS_ENV = "CSP_BUILD_FAIL_AFTER_SHARDS"
 
 
 class ConfigMismatchError(RuntimeError):
     """out_dir holds a build made with another config (or another source)."""
+
+
+class DamagedDataError(RuntimeError):
+    """A shard or the merged dataset differs from the digests recorded when it was written."""
 
 
 class InjectedFailure(RuntimeError):
@@ -150,19 +166,21 @@ def config_hash(config: BuildConfig, grounder_name: str) -> str:
 @dataclass
 class SourceItem:
     sample_id: str
-    image: Any                              # PIL image, uint8 (H, W, 3) array, or a zero-argument loader
+    image: Any                              # PIL image, uint8 (H, W[, 3 | 4]) array, or a zero-argument loader
     question: str
     answer: str
     image_id: str | None = None             # lets the annotation grounder find its masks
     objects: list[str] | None = None        # key objects, when the source knows them (world questions)
 
     def load_image(self) -> Image.Image:
+        """The image as RGB; transparency (PIL or array) is composited onto white (``csp_utils.images``)."""
         img = self.image() if callable(self.image) else self.image
-        if isinstance(img, np.ndarray):
-            img = Image.fromarray(img)
-        if not isinstance(img, Image.Image):
+        if not isinstance(img, (Image.Image, np.ndarray)):
             raise TypeError(f"sample {self.sample_id!r}: image must be a PIL image or uint8 array, got {type(img)}")
-        return img.convert("RGB")
+        try:
+            return to_rgb(img)
+        except ValueError as e:
+            raise ValueError(f"sample {self.sample_id!r}: {e}") from None
 
 
 def as_source_item(item) -> SourceItem:
@@ -421,9 +439,12 @@ def _finished_shards(shard_dir: Path) -> list[Path]:
     for p in shard_dir.glob("*.tmp"):
         shutil.rmtree(p, ignore_errors=True)
     shards = sorted(p for p in shard_dir.iterdir() if p.is_dir() and p.name.startswith(_SHARD_PREFIX))
-    for i, p in enumerate(shards):  # shards are written in order; a gap means a damaged folder
+    for i, p in enumerate(shards):  # shards are written in order: a gap means a shard was deleted
         if p.name != f"{_SHARD_PREFIX}{i:05d}":
-            raise RuntimeError(f"{shard_dir}: expected {_SHARD_PREFIX}{i:05d}, found {p.name}; the folder is damaged")
+            print(f"[perturbed dataset] {shard_dir}: {_SHARD_PREFIX}{i:05d} is missing; rebuilding from it "
+                  f"(the {len(shards) - i} shard(s) after it are built again, in source order)", flush=True)
+            _drop_shards_from(shards, i)
+            return shards[:i]
     return shards
 
 
@@ -441,7 +462,8 @@ def _quiet_datasets():
             ds_logging.enable_progress_bar()
 
 
-def _write_shard(shard_dir: Path, index: int, rows: list[dict], stats: dict) -> Path:
+def _write_shard(shard_dir: Path, index: int, rows: list[dict], stats: dict, features=None) -> Path:
+    """Write a shard; ``stats`` gains ``files``, the sha256 of every file under ``data/``."""
     from datasets import Dataset
 
     final = shard_dir / f"{_SHARD_PREFIX}{index:05d}"
@@ -450,10 +472,71 @@ def _write_shard(shard_dir: Path, index: int, rows: list[dict], stats: dict) -> 
     tmp.mkdir(parents=True)
     if rows:  # datasets cannot reload a saved empty dataset: an empty shard holds only its stats
         with _quiet_datasets():
-            Dataset.from_list(rows, features=_features()).save_to_disk(str(tmp / "data"))
+            Dataset.from_list(rows, features=features or _features()).save_to_disk(str(tmp / "data"))
+    stats["files"] = _file_digests(tmp / "data")
     (tmp / "shard_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
     os.replace(tmp, final)  # the shard exists only once it is whole
     return final
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_digests(folder: Path) -> dict[str, str]:
+    """{path relative to folder: sha256} of every file under ``folder`` ({} when it does not exist)."""
+    if not folder.is_dir():
+        return {}
+    return {p.relative_to(folder).as_posix(): _sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _digest_problem(folder: Path, recorded: dict[str, str]) -> str | None:
+    """The first recorded file under ``folder`` that is missing or changed, or None. Files added
+    later are not checked: datasets writes its cache files beside a loaded dataset's own."""
+    for name, digest in sorted(recorded.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        actual = _sha256_file(path)
+        if actual != digest:
+            return f"{name} differs from the file written (sha256 {actual[:12]}..., recorded {digest[:12]}...)"
+    return None
+
+
+def _shard_problem(shard: Path) -> str | None:
+    """Why a finished shard cannot be used (unreadable stats, no digests, a changed file), or None."""
+    try:
+        stats = json.loads((shard / "shard_stats.json").read_text())
+        _ = stats["counts"]["source_samples"], stats["ids_digest"]  # the keys resume needs
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"shard_stats.json is unreadable ({type(e).__name__}: {e})"
+    if "files" not in stats:
+        return "shard_stats.json records no file digests (written by an older version)"
+    problem = _digest_problem(shard / "data", stats["files"])
+    return f"data/{problem}" if problem else None
+
+
+def _damaged_shards(shards: list[Path]) -> list[tuple[Path, str]]:
+    return [(p, problem) for p in shards if (problem := _shard_problem(p)) is not None]
+
+
+def _drop_shards_from(shards: list[Path], first: int) -> None:
+    """Remove shards ``first``.. from the last one down, so a kill midway leaves a gapless prefix."""
+    for p in reversed(shards[first:]):
+        shutil.rmtree(p)
+
+
+def _report_damage(damaged: list[tuple[Path, str]], done: list[Path]) -> None:
+    first = done.index(damaged[0][0])
+    names = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+    later = len(done) - first - 1
+    print(f"[perturbed dataset] damaged shard(s), not used ({names}). Rebuilding from {damaged[0][0].name}"
+          + (f" (with the {later} shard(s) after it, built in source order)" if later else ""), flush=True)
 
 
 def _check_state(out_dir: Path, chash: str, config: BuildConfig, grounder_name: str) -> dict:
@@ -474,7 +557,8 @@ def _check_state(out_dir: Path, chash: str, config: BuildConfig, grounder_name: 
 
 
 def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed", config: BuildConfig | None = None,
-                            vocabulary=None, progress: bool = True, model=None, processor=None):
+                            vocabulary=None, progress: bool = True, model=None, processor=None, *,
+                            _rebuilt: bool = False):
     """Build (or resume, or just load) the perturbed dataset in ``out_dir``; returns the merged Dataset.
 
     ``source`` yields SourceItem or (sample_id, image, question, answer[, image_id]) tuples in a
@@ -505,10 +589,23 @@ def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed"
     state = _check_state(out_dir, chash, config, grounder_name)
     if state.get("complete") and final_dir.exists():
         shutil.rmtree(shard_dir, ignore_errors=True)  # a build killed just after completing
-        return load_perturbed_dataset(out_dir)
+        problem = _dataset_problem(final_dir)
+        if problem is None:
+            return load_perturbed_dataset(out_dir)
+        # the shards are gone once the merged copy is complete: a damaged copy means a full rebuild
+        print(f"[perturbed dataset] {final_dir} is damaged ({problem}): rebuilding it from the source", flush=True)
+        shutil.rmtree(final_dir)
+        state = {}
+        (out_dir / "state.json").unlink()
 
     shard_dir.mkdir(parents=True, exist_ok=True)
     done = _finished_shards(shard_dir)
+    damaged = _damaged_shards(done)
+    if damaged:
+        _report_damage(damaged, done)
+        first = done.index(damaged[0][0])
+        _drop_shards_from(done, first)
+        done = done[:first]
     shard_stats = [json.loads((p / "shard_stats.json").read_text()) for p in done]
     state = {"config_hash": chash, "config": config.to_dict(), "grounder": grounder_name, "complete": False,
              "shards": len(done), "source_samples_done": sum(s["counts"]["source_samples"] for s in shard_stats)}
@@ -567,7 +664,19 @@ def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed"
         flush()
     bar.close()
 
-    shards = [load_from_disk(str(p / "data")) for p in _finished_shards(shard_dir) if (p / "data").exists()]
+    finished = _finished_shards(shard_dir)
+    damaged = _damaged_shards(finished)  # a shard may have been changed while later ones were built
+    if damaged:
+        if _rebuilt:
+            raise DamagedDataError(
+                f"{out_dir}: shard(s) {', '.join(f'{p.name} ({why})' for p, why in damaged)} are damaged again "
+                "right after being rebuilt: something keeps changing files in this folder; check the disk")
+        if iter(source) is source:  # a one-shot iterator cannot yield the damaged shards' samples again
+            raise DamagedDataError(
+                f"{out_dir}: shard(s) {', '.join(f'{p.name} ({why})' for p, why in damaged)} were damaged during "
+                "the build and the source is a one-shot iterator; rerun with the same source to rebuild them")
+        return build_perturbed_dataset(source, grounder, out_dir, config, vocabulary, progress, _rebuilt=True)
+    shards = [load_from_disk(str(p / "data")) for p in finished if (p / "data").exists()]
     tmp_final = out_dir / "dataset.tmp"
     shutil.rmtree(tmp_final, ignore_errors=True)
     if shards:
@@ -576,6 +685,7 @@ def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed"
     else:
         tmp_final.mkdir()
         (tmp_final / "EMPTY").write_text("the build produced no rows; see ../build_report.json\n")
+    (tmp_final / DIGESTS_FILE).write_text(json.dumps(_file_digests(tmp_final), indent=2, sort_keys=True))
     shutil.rmtree(final_dir, ignore_errors=True)
     os.replace(tmp_final, final_dir)
     result = load_perturbed_dataset(out_dir)
@@ -644,7 +754,7 @@ def build_report(shard_stats: list[dict], config: BuildConfig, grounder_name: st
 
 
 def load_perturbed_dataset(out_dir):
-    """The merged dataset of a finished build."""
+    """The merged dataset of a finished build, its files checked against their recorded digests."""
     from datasets import load_from_disk
 
     from datasets import Dataset
@@ -652,9 +762,34 @@ def load_perturbed_dataset(out_dir):
     final = Path(out_dir) / "dataset"
     if not final.exists():
         raise FileNotFoundError(f"{final} not found: the build in {out_dir} has not finished")
+    verify_dataset_folder(final)
     if (final / "EMPTY").exists():
         return Dataset.from_dict({k: [] for k in _features()}, features=_features())
     return load_from_disk(str(final))
+
+
+def _dataset_problem(final: Path) -> str | None:
+    record = final / DIGESTS_FILE
+    if not record.exists():
+        return None  # a folder from an older version: nothing to check against (warned on load)
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        return f"{DIGESTS_FILE} is unreadable ({e})"
+    return _digest_problem(final, recorded)
+
+
+def verify_dataset_folder(final) -> None:
+    """Refuse a merged dataset folder whose files differ from the digests written with it."""
+    final = Path(final)
+    if not (final / DIGESTS_FILE).exists():
+        warnings.warn(f"{final} records no file digests ({DIGESTS_FILE}): it cannot be checked for damage; "
+                      "rebuild it with build_perturbed_dataset to get them", stacklevel=2)
+        return
+    problem = _dataset_problem(final)
+    if problem is not None:
+        raise DamagedDataError(f"the perturbed dataset in {final} is damaged: {problem}. Delete {final} and run "
+                               "build_perturbed_dataset again on its folder (it rebuilds a damaged copy by itself)")
 
 
 def dataset_sha256(ds) -> str:

@@ -216,6 +216,10 @@ def load_perturbed_dataset(dataset):
                 f"no saved datasets.Dataset at {path} or {path / 'dataset'} "
                 "(build it with perturbed_dataset.build_perturbed_dataset)"
             )
+        from csp_utils.perturbed_dataset import DIGESTS_FILE, verify_dataset_folder
+
+        if (found / DIGESTS_FILE).exists():  # the builder's output: refuse a damaged copy, naming the file
+            verify_dataset_folder(found)
         ds = datasets.load_from_disk(str(found))
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{found} holds a DatasetDict ({list(ds)}); pass the split to train on")
@@ -826,6 +830,7 @@ def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, 
                 "train_metrics": metrics, "versions": _versions(), **(extra or {}),
             }
             (adapter_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str))
+            models.write_base_record(adapter_dir, trainer.model, _base_name(base_model))  # load_vlm checks it
         _barrier()
     return TrainResult(stage=stage, adapter_dir=adapter_dir, log_csv=log_csv, checkpoint_dir=ckpt_dir,
                        completed=completed, global_step=state.global_step, n_examples=n_examples,
@@ -1037,6 +1042,7 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
 
     set_seed(cfg.seed)  # LoRA A starts random: seed it, as SFTTrainer does, so runs repeat exactly
     if init_adapter is not None:
+        models.check_adapter_base(model, init_adapter)  # an SFT adapter of another base is refused
         model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(model, cfg.lora))

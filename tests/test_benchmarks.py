@@ -93,20 +93,97 @@ def test_pope_missing_image_error(benchmarks_dir, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         b.image_loader(name)
     assert name in str(e.value) and "image_folder" in str(e.value) and str(tmp_path) in str(e.value)
-    with pytest.raises(FileNotFoundError, match=r"500 of 500 images .* missing"):
+    with pytest.raises(FileNotFoundError, match=r"missing .*all 500"):
         b.check_images()
     Image.new("RGB", (8, 6), (255, 0, 0)).save(tmp_path / name)
     img = b.image_loader(name)
     assert img.mode == "RGB" and img.size == (8, 6)
-    for i in b.image_ids():  # all present: the up-front check passes
+    for i in b.image_ids():  # all present and decodable: the up-front check passes
         if i != name:
-            (tmp_path / i).touch()
-    b.check_images()
+            Image.new("RGB", (4, 4)).save(tmp_path / i, format="JPEG")
+    b.check_images(progress=False)
     nofolder = B.load_pope(benchmarks_dir / "pope" / "coco_pope_random.json", None)
     with pytest.raises(FileNotFoundError, match="image_folder"):
         nofolder.image_loader(name)
     with pytest.raises(FileNotFoundError, match="image_folder"):
         nofolder.check_images()
+
+
+def _pope_file(tmp_path, rows, name="dup_random.json"):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _pope_row(qid, image="a.jpg", label="yes"):
+    return {"question_id": qid, "image": image, "text": "Is there a dog in the image?", "label": label}
+
+
+def test_check_images_decodes_every_image_and_names_each_bad_one(tmp_path):
+    images = ["ok.jpg", "truncated.jpg", "garbage.jpg", "ok2.png"]
+    path = _pope_file(tmp_path, [_pope_row(i + 1, im) for i, im in enumerate(images)], "t_random.json")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "ok.jpg", quality=90)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok2.png")
+    good = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])  # the header is intact
+    (tmp_path / "garbage.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    b = B.load_pope(path, tmp_path)
+    with pytest.raises(B.BadImageError) as e:
+        b.check_images(progress=False)
+    msg = str(e.value)
+    assert "truncated.jpg" in msg and "garbage.jpg" in msg and "2 of 4" in msg
+    assert "ok.jpg (" not in msg and "ok2.png" not in msg
+    with pytest.raises(OSError):  # what evaluation would otherwise meet mid-run
+        b.image_loader("truncated.jpg")
+    (tmp_path / "truncated.jpg").write_bytes(good)
+    (tmp_path / "garbage.jpg").write_bytes(good)
+    b.check_images(progress=False)
+
+
+def test_benchmark_images_with_transparency_load_composited_onto_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    b = B.load_pope(_pope_file(tmp_path, [_pope_row(1, "a.png")], "t_random.json"), tmp_path)
+    arr = np.asarray(b.image_loader("a.png"))
+    assert (arr[:2] == [200, 0, 0]).all() and (arr[2:] == 255).all()
+
+
+def test_duplicate_question_ids_are_refused_at_load(tmp_path, benchmarks_dir):
+    rows = [_pope_row(1), _pope_row(2), _pope_row(1, label="no"), _pope_row(3), _pope_row(3)]
+    path = _pope_file(tmp_path, rows)
+    with pytest.raises(ValueError, match=r"dup_random.json.*'1' \(x2\), '3' \(x2\)"):
+        B.load_pope(path, tmp_path)
+    # AMBER: a query file that repeats an id
+    (tmp_path / "amber").mkdir()
+    (tmp_path / "amber" / "annotations.json").symlink_to(benchmarks_dir / "amber" / "annotations.json")
+    queries = json.loads((benchmarks_dir / "amber" / "query_discriminative-existence.json").read_text())[:5]
+    (tmp_path / "amber" / "query_discriminative-existence.json").write_text(json.dumps(queries + queries[1:2]))
+    with pytest.raises(ValueError, match=f"'{queries[1]['id']}' \\(x2\\)"):
+        B.load_amber(tmp_path / "amber", tmp_path, types=("existence",))
+    # sets built in code (the world's) go through the same check
+    item = B.QAItem("q1", "s1", "Is there a star in the image?", "yes", "pope-random", "existence", ["star"])
+    with pytest.raises(ValueError, match="'q1'"):
+        B.Benchmark("pope-random", "pope", [item, item], lambda i: None, "yes")
+
+
+def test_score_pope_counts_a_missing_reply_as_unanswered():
+    items = [B.QAItem(str(i), "img", "Is there a cat in the image?", lab, "pope-random", "existence", ["cat"])
+             for i, lab in enumerate(["yes", "yes", "no", "no"])]
+    m = B.score_pope(items, ["Yes", None, "No", None])
+    # pred yes, -, no, -: the two missing replies are wrong and not "yes"
+    assert m["unanswered"] == 2 and m["n_other"] == 2
+    assert m["accuracy"] == pytest.approx(2 / 4) and m["yes_ratio"] == pytest.approx(1 / 4)
+    assert m["precision"] == pytest.approx(1.0) and m["recall"] == pytest.approx(1 / 2)
+    # real replies keep the official rule, quirks included: "" and "None" are read as "yes"
+    real = B.score_pope(items, ["Yes", "", "No", "None"])
+    assert real["unanswered"] == 0 and real["yes_ratio"] == pytest.approx(3 / 4)
+    # AMBER too: a missing reply is unscorable under both rules (not a "no" through str(None))
+    amber_items = [B.QAItem("1", "i", "q", "no", "amber-existence", "existence", [])]
+    for rule in ("official", "lenient"):
+        assert B.score_amber(amber_items, [None], normalization=rule)["overall"]["accuracy"] == 0.0
 
 
 def test_pope_parse_official_rule():
@@ -130,6 +207,7 @@ def test_score_pope_hand_case():
     assert m["accuracy"] == pytest.approx(4 / 6) and m["precision"] == pytest.approx(2 / 3)
     assert m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
     assert m["yes_ratio"] == pytest.approx(3 / 6) and m["positive_class"] == "yes" and m["rule"] == "pope-official"
+    assert m["unanswered"] == 0
     assert B.score_pope(items, {it.question_id: a for it, a in zip(items, answers)}) == m
     with pytest.raises(ValueError, match="answers"):
         B.score_pope(items, answers[:5])

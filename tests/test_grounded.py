@@ -201,6 +201,26 @@ def test_build_is_deterministic_and_resumes(tiny_vlm, tmp_path, monkeypatch, bui
         _build(model, processor, tmp_path / "again", clean_share=0.75)
 
 
+def test_damaged_shard_is_rebuilt_not_used(tiny_vlm, tmp_path, monkeypatch, built, capsys):
+    model, processor = tiny_vlm
+    _, report, _ = built
+    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "1")
+    with pytest.raises(PD.InjectedFailure):
+        _build(model, processor, tmp_path, temperature_holdout=0.6)
+    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
+    arrow = next((tmp_path / "shards").glob("*/data/*.arrow"))
+    data = bytearray(arrow.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    arrow.write_bytes(bytes(data))
+    again = _build(model, processor, tmp_path, temperature_holdout=0.6)
+    assert "damaged shard" in capsys.readouterr().out
+    assert PD.dataset_sha256(again) == report["sha256"]
+    # a damaged merged copy is rebuilt as well
+    final_arrow = next((tmp_path / "dataset").glob("*.arrow"))
+    final_arrow.write_bytes(final_arrow.read_bytes()[:-10])
+    assert PD.dataset_sha256(_build(model, processor, tmp_path, temperature_holdout=0.6)) == report["sha256"]
+
+
 def test_heldout_scenes_are_a_share_of_the_training_scenes():
     ids = [scenes.scene_id("csp", i) for i in range(2000)]
     share = np.mean([G.is_heldout(s, 0, 0.2) for s in ids])

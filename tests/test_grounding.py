@@ -75,6 +75,17 @@ def test_dino_statuses(open_grounder, image, monkeypatch):
     assert (r.status, r.mask, r.boxes) == ("no_detection", None, [])
 
 
+def test_dino_sam_composites_transparency_onto_white(open_grounder, image):
+    rgba = np.dstack([np.asarray(image), np.full((H, W), 255, np.uint8)])
+    rgba[:, W // 2:, 3] = 0  # the right half transparent
+    white = np.asarray(image).copy()
+    white[:, W // 2:] = 255
+    from_rgba = open_grounder.ground(Image.fromarray(rgba), ["dog"])
+    from_white = open_grounder.ground(Image.fromarray(white), ["dog"])
+    assert from_rgba.boxes == from_white.boxes and np.array_equal(from_rgba.mask, from_white.mask)
+    assert from_rgba.boxes != open_grounder.ground(image, ["dog"]).boxes  # the alpha was not just dropped
+
+
 def test_boxes_only_detector_from_ready_objects(open_grounder, image):
     boxes_only = DinoSamGrounder(open_grounder.detector, None, detector_processor=open_grounder.detector_processor,
                                  box_threshold=0.0, text_threshold=0.0, max_boxes=3, name="dino+boxes")

@@ -368,3 +368,134 @@ def test_loader_refuses_pickled_weights(tiny_vlm, tmp_path):
 def test_loader_explains_a_folder_that_is_not_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.load_vlm(tmp_path)
+
+
+# ------------------------------------------------------------------ names, weights, bases
+@pytest.mark.timeout(60)  # transformers' own retries took minutes to give up
+@pytest.mark.parametrize("name", ["embeded", "./models/tiny", "~/no/such/model", "/no/such/abs/model", "org/not-cached"])
+def test_a_name_that_is_no_folder_and_not_cached_fails_at_once_offline(name):
+    with pytest.raises(models.ModelNotFoundError) as e:
+        models.load_vlm(name)
+    msg = str(e.value)
+    assert "does not exist" in msg and '"embedded"' in msg and "existing folder" in msg and "cache" in msg
+    assert "Repo id must be" not in msg
+    if name == "embeded":
+        assert 'Did you mean "embedded"' in msg
+
+
+@pytest.mark.timeout(60)
+def test_a_name_that_is_no_folder_fails_at_once_when_the_hub_is_unreachable(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    with pytest.raises(models.ModelNotFoundError, match="does not exist.*unreachable"):
+        models.load_vlm("embeded")
+
+
+def test_a_hub_id_in_the_local_cache_is_accepted(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert models.resolve_model_name("org/tiny") == "org/tiny"
+    with pytest.raises(models.ModelNotFoundError):
+        models.resolve_model_name("org/other")
+
+
+def _edit_weights(folder, drop=None, add=None):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    if drop:
+        key = next(k for k in tensors if drop in k)
+        del tensors[key]
+    if add:
+        tensors[add] = torch.zeros(3)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_or_unexpected_weights_are_refused_unless_a_partial_load_is_asked(tiny_vlm, tmp_path):
+    model, proc = tiny_vlm
+    missing = models.save_vlm(model, proc, tmp_path / "missing")
+    _edit_weights(missing, drop="layers.0.self_attn.q_proj.weight")
+    with pytest.raises(models.PartialWeightsError, match=r"1 weight\(s\) missing.*layers\.0\.self_attn\.q_proj\.weight"):
+        models.load_vlm(missing)
+    with pytest.warns(UserWarning, match="partial load.*q_proj"):
+        loaded, _ = models.load_vlm(missing, allow_partial=True)
+    assert loaded is not None
+    extra = models.save_vlm(model, proc, tmp_path / "extra")
+    _edit_weights(extra, add="stray.weight")
+    with pytest.raises(models.PartialWeightsError, match="not in the model.*stray.weight"):
+        models.load_vlm(extra)
+    models.load_vlm(models.save_vlm(model, proc, tmp_path / "whole"))  # a whole checkpoint loads as before
+
+
+@pytest.fixture(scope="module")
+def two_bases(tiny_vlm, tmp_path_factory):
+    """Two saved bases with the same shapes and other weights, and a LoRA adapter made on the first."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("bases")
+    model, proc = tiny_vlm
+    a = models.save_vlm(model, proc, root / "a")
+    other, _ = models.build_tiny_vlm(models.TinyVLMConfig(seed=1), processor=proc)
+    b = models.save_vlm(other, proc, root / "b")
+    base, _ = models.load_vlm(a)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(root / "adapter")
+    models.write_base_record(root / "adapter", peft_model, str(a))
+    return a, b, root / "adapter"
+
+
+def test_the_base_fingerprint_ignores_adapters_and_dtype_but_not_weights(two_bases):
+    from peft import PeftModel
+
+    a, b, adapter = two_bases
+    fp = models.base_fingerprint(models.load_vlm(a)[0])
+    assert json.loads((adapter / models.BASE_RECORD).read_text())["fingerprint"] == fp  # made on the PEFT model
+    assert models.base_fingerprint(PeftModel.from_pretrained(models.load_vlm(a)[0], adapter)) == fp
+    assert models.base_fingerprint(models.load_vlm(a, dtype=torch.bfloat16)[0]) == fp
+    assert models.base_fingerprint(models.load_vlm(b)[0]) != fp
+
+
+def test_an_adapter_is_refused_on_another_base_unless_overridden(two_bases, tmp_path, recwarn):
+    import shutil
+
+    from peft import PeftModel
+
+    a, b, adapter = two_bases
+    loaded, _ = models.load_vlm(a, adapter=adapter)  # its own base: no warning
+    assert isinstance(loaded, PeftModel)
+    assert not [w for w in recwarn if models.BASE_RECORD in str(w.message) or "fingerprint" in str(w.message)]
+    with pytest.raises(models.AdapterBaseMismatchError, match=f"trained on base model '{a}'.*allow_base_mismatch"):
+        models.load_vlm(b, adapter=adapter)
+    with pytest.warns(UserWarning, match="allow_base_mismatch=True"):
+        loaded, _ = models.load_vlm(b, adapter=adapter, allow_base_mismatch=True)
+    assert isinstance(loaded, PeftModel)
+    foreign = shutil.copytree(adapter, tmp_path / "foreign")  # an adapter made elsewhere: no record
+    (foreign / models.BASE_RECORD).unlink()
+    with pytest.warns(UserWarning, match="records no base model"):
+        loaded, _ = models.load_vlm(b, adapter=foreign)
+    assert isinstance(loaded, PeftModel)
+
+
+def test_an_offloaded_base_is_not_fingerprinted_and_the_check_warns(two_bases, monkeypatch):
+    a, _, adapter = two_bases
+    model = models.load_vlm(a)[0]
+    with torch.device("meta"):
+        meta = torch.empty(3)
+    state = dict(model.state_dict())
+    state[next(iter(state))] = meta
+    monkeypatch.setattr(model, "state_dict", lambda: state)
+    assert models.base_fingerprint(model) is None
+    with pytest.warns(UserWarning, match="offloaded"):
+        models.check_adapter_base(model, adapter)

@@ -131,13 +131,45 @@ def test_deterministic_per_sample_and_different_across_samples_and_seeds():
     assert P.sample_seed(0, "abc") == 1000760207710228441
 
 
-def test_empty_mask_and_grey_images():
+def test_an_empty_mask_is_refused_and_grey_images_are_noised_as_rgb():
     img = _image()
-    out = P.perturb_levels_array(img, np.zeros(img.shape[:2], bool), (0, 50), key="e")
-    assert all(np.array_equal(a, img) for a in out)
+    empty = np.zeros(img.shape[:2], bool)
+    for call in (lambda: P.perturb_levels_array(img, empty, (0, 50), key="e"),
+                 lambda: P.perturb_levels(img, empty, (0,), key="e"), lambda: P.perturb(img, empty, 40, key="e")):
+        with pytest.raises(ValueError, match="mask is empty"):
+            call()
+    whole = P.perturb_levels_array(img, None, (0,), NoiseConfig(noise="global"), key="e")  # no mask needed
+    assert not np.array_equal(whole[0], img)
     grey = img[:, :, 0]
     out = P.perturb_levels_array(grey, _mask(), (0,), key="e")
     assert out.shape == (1,) + img.shape
+    assert np.array_equal(P.perturb_levels_array(grey[:, :, None], _mask(), (0,), key="e"), out)
+
+
+def _rgba():
+    rgba = np.dstack([_image(), np.zeros(_image().shape[:2], np.uint8)])
+    rgba[:, :32, 3] = 255   # left half opaque
+    rgba[:, 32:48, 3] = 128  # then half transparent; the right quarter fully transparent
+    return rgba
+
+
+def test_rgba_pil_images_and_arrays_are_composited_onto_white_alike():
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    rgba = _rgba()
+    pil = Image.fromarray(rgba)
+    assert pil.mode == "RGBA"
+    expected = convert_to_rgb(pil, return_numpy=True)  # transformers' processors' rule
+    assert np.array_equal(expected[:, :32], _image()[:, :32])  # opaque: unchanged
+    assert (expected[:, 48:] == 255).all()                      # transparent: white, not the stored colour
+    assert not np.array_equal(expected[:, 48:], _image()[:, 48:])
+    m = _mask()
+    from_pil = P.perturb_levels_array(pil, m, (100, 30), key="a")
+    from_arr = P.perturb_levels_array(rgba, m, (100, 30), key="a")
+    assert np.array_equal(from_pil, from_arr)
+    assert np.array_equal(from_pil[0], expected)
+    assert np.array_equal(from_pil[1], P.perturb_levels_array(expected, m, (30,), key="a")[0])
 
 
 def test_show_levels_returns_a_figure():

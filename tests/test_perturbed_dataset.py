@@ -320,3 +320,131 @@ def test_duplicate_sample_ids_are_refused(tmp_path):
     items = list(toy_items(3)) + [next(toy_items(1))]
     with pytest.raises(ValueError, match="duplicate sample id 'toy-000'"):
         PD.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+
+
+# ---------------------------------------------------------------------------- damaged files
+
+
+def _arrow(shard: Path) -> Path:
+    return next((shard / "data").glob("*.arrow"))
+
+
+def _flip_byte(path: Path, offset=None) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _two_shards_then_stop(tmp, monkeypatch):
+    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "2")
+    with pytest.raises(PD.InjectedFailure):
+        _build(tmp)
+    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
+    return tmp / "shards"
+
+
+def test_finished_shards_record_the_sha256_of_their_files(tmp_path, monkeypatch):
+    shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
+    stats = json.loads((shards / "shard-00000" / "shard_stats.json").read_text())
+    arrow = _arrow(shards / "shard-00000")
+    assert stats["files"][f"{arrow.name}"] == PD._sha256_file(arrow)
+    assert set(stats["files"]) == {p.relative_to(shards / "shard-00000" / "data").as_posix()
+                                   for p in (shards / "shard-00000" / "data").rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "stats", "deleted"])
+def test_a_damaged_shard_is_rebuilt_on_resume(tmp_path, monkeypatch, capsys, damage):
+    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
+    shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
+    arrow = _arrow(shards / "shard-00001")
+    if damage == "flip":
+        _flip_byte(arrow)
+    elif damage == "truncate":
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    elif damage == "stats":
+        (shards / "shard-00001" / "shard_stats.json").write_text("{")
+    else:  # the whole shard folder deleted by hand, a later one kept
+        (shards / "shard-00001").rename(shards / "shard-00002")
+    capsys.readouterr()
+    grounder = StubGrounder()
+    ds = PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    out = capsys.readouterr().out
+    assert "shard-00001" in out and ("damaged" in out or "missing" in out) and "shard-00000" not in out
+    assert grounder.calls == 5  # shard 0 kept; shard 1 (samples 4..7: 4 ghost, 7 a "No") and 8, 9 built again
+    assert PD.dataset_sha256(ds) == reference
+
+
+def test_an_old_shard_without_digests_is_rebuilt(tmp_path, monkeypatch, capsys):
+    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
+    shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
+    stats_path = shards / "shard-00000" / "shard_stats.json"
+    stats = json.loads(stats_path.read_text())
+    del stats["files"]
+    stats_path.write_text(json.dumps(stats))
+    ds = PD.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    assert "shard-00000" in capsys.readouterr().out
+    assert PD.dataset_sha256(ds) == reference
+
+
+class DamagingGrounder(StubGrounder):
+    """Flips a byte of shard 0's arrow file on the call for sample ``at`` (every build while ``times`` lasts)."""
+
+    def __init__(self, shard_dir: Path, at: int, times: int = 1):
+        super().__init__()
+        self.shard_dir, self.at, self.times = shard_dir, at, times
+
+    def ground(self, image, phrases, image_id=None):
+        if image_id == f"img-{self.at}" and self.times > 0:
+            self.times -= 1
+            _flip_byte(_arrow(self.shard_dir / "shard-00000"))
+        return super().ground(image, phrases, image_id)
+
+
+def test_a_shard_damaged_during_the_build_is_rebuilt_before_merging(tmp_path, capsys):
+    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
+    grounder = DamagingGrounder(tmp_path / "b" / "shards", at=8)
+    ds = PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    assert "shard-00000" in capsys.readouterr().out
+    assert PD.dataset_sha256(ds) == reference
+
+
+def test_a_shard_damaged_again_after_its_rebuild_is_refused_by_name(tmp_path):
+    grounder = DamagingGrounder(tmp_path / "b" / "shards", at=8, times=2)
+    with pytest.raises(PD.DamagedDataError, match="shard-00000"):
+        PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    assert not (tmp_path / "b" / "dataset").exists()
+
+
+def test_a_damaged_merged_dataset_is_refused_on_load_and_rebuilt_by_the_builder(tmp_path, capsys):
+    reference = PD.dataset_sha256(_build(tmp_path / "b"))
+    arrow = next((tmp_path / "b" / "dataset").glob("*.arrow"))
+    _flip_byte(arrow)
+    with pytest.raises(PD.DamagedDataError, match=arrow.name):
+        PD.load_perturbed_dataset(tmp_path / "b")
+    from csp_utils import training
+
+    with pytest.raises(PD.DamagedDataError, match=arrow.name):
+        training.load_perturbed_dataset(tmp_path / "b")
+    ds = PD.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    assert "damaged" in capsys.readouterr().out
+    assert PD.dataset_sha256(ds) == reference
+    assert PD.dataset_sha256(PD.load_perturbed_dataset(tmp_path / "b")) == reference
+
+
+def test_rgba_sources_pil_or_array_give_the_rows_of_their_white_composite(tmp_path):
+    from transformers.image_transforms import convert_to_rgb
+
+    rgba = np.dstack([_img(0), np.zeros((H, W), np.uint8)])
+    rgba[:, : W // 2, 3] = 255  # the left half opaque, the right half transparent
+    white = convert_to_rgb(Image.fromarray(rgba), return_numpy=True)
+
+    def build(name, image):
+        item = SourceItem("toy-000", image, "Is there a red circle in the image?", "Yes", image_id="img-0",
+                          objects=["red circle"])
+        return PD.build_perturbed_dataset([item], StubGrounder(), tmp_path / name, _cfg(), progress=False)
+
+    ref = PD.dataset_sha256(build("rgb", white))
+    assert PD.dataset_sha256(build("pil", Image.fromarray(rgba))) == ref
+    assert PD.dataset_sha256(build("array", rgba)) == ref
+    assert PD.dataset_sha256(build("loader", lambda: Image.fromarray(rgba))) == ref

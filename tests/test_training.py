@@ -560,3 +560,18 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     print(f"held-out Spearman(verbalized confidence, level) = {rho:.3f}")
     assert rho > 0.4
     assert expected[levels == 100].mean() > expected[levels == 0].mean() + 0.1
+
+
+def test_saved_adapters_record_their_base_and_refuse_another(work, tmp_path):
+    run = tmp_path / "run"
+    result = training.train_sft(work / "base", work / "dataset", run, small_configs(steps=1).sft)
+    record = json.loads((result.adapter_dir / models.BASE_RECORD).read_text())
+    assert record["base_model"] == str(work / "base")
+    assert record["fingerprint"] == models.base_fingerprint(load_base(work)[0])
+    model, processor = models.build_tiny_vlm(models.TinyVLMConfig(seed=1))  # same shapes, other weights
+    other = models.save_vlm(model, processor, tmp_path / "other")
+    with pytest.raises(models.AdapterBaseMismatchError, match="trained on base model"):
+        models.load_vlm(other, adapter=result.adapter_dir)
+    with pytest.raises(models.AdapterBaseMismatchError):  # SimPO after SFT starts from the SFT adapter
+        training.train_simpo(other, work / "dataset", run, small_configs(steps=1).simpo,
+                             init_adapter=result.adapter_dir, name="sft_simpo_other")
