@@ -38,7 +38,7 @@ FIT_SETS = ("calibration", "train-sample")
 @dataclass
 class SuiteConfig:
     n_pope_images: int = 300          # per POPE set, 6 questions each, as POPE
-    n_amber_images: int = 300         # per AMBER kind
+    n_amber_images: int = 400         # per AMBER kind
     n_transfer_images: int = 150      # per transfer kind
     n_calibration_images: int = 100   # held-out split for the temperature baseline
     n_train_images: int = 100         # base-split scenes for the constant baseline
