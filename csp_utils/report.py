@@ -104,6 +104,14 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
     if ab is not None and len(ab):
         for metric in sorted(set(ab["metric"])):
             sub = ab[ab["metric"] == metric]
+            cl = sub["cluster"].iloc[0] if "cluster" in sub else "question"
+            for unit, suffix in (("pooled-clean", ""), ("pooled-transfer", "_transfer")):
+                if unit in set(sub["set"]):
+                    save(plots.ablation_bars(sub[sub["set"] == unit], title=f"Ablations: {plots.metric_label(metric)}, "
+                                             f"{unit.replace('-', ' ')} sets\n(95% bootstrap interval, by {cl})"),
+                         f"ablation_{metric}{suffix}")
+            if "pooled-clean" in set(sub["set"]):
+                continue
             agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
                                                       high=("high", "mean")).reset_index()
             agg["metric"] = metric
