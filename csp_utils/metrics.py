@@ -293,9 +293,11 @@ def cluster_codes(ids) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), np.asarray(uniq)
 
 
-def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = (10, 15)) -> dict[str, np.ndarray]:
-    """ECE (one key per bin count: ``ece`` for 10, ``ece15`` ...), adaptive ECE, Brier and AUROC of
-    B cluster resamples at once.
+def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = (10, 15),
+                          adaptive: bool = True) -> dict[str, np.ndarray]:
+    """ECE (one key per bin count: ``ece`` for 10, ``ece15`` ...), adaptive ECE (unless
+    ``adaptive=False``, which saves a third of the time on continuous confidences), Brier and
+    AUROC of B cluster resamples at once.
 
     ``codes`` (n,): each row's cluster; ``counts`` (B, C): how often each cluster was drawn
     (:func:`resample_counts`). ECE and Brier come from per-cluster sums (per-bin confidence
@@ -315,7 +317,7 @@ def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = 
     B, C = K.shape
     if codes.size and codes.max() >= C:
         raise ValueError(f"cluster code {codes.max()} out of range for {C} clusters in counts")
-    keys = [_ece_key(k) for k in n_bins] + ["adaptive_ece", "brier", "auroc"]
+    keys = [_ece_key(k) for k in n_bins] + (["adaptive_ece"] if adaptive else []) + ["brier", "auroc"]
     ok = ~np.isnan(conf)
     if not ok.any():
         return {k: np.full(B, np.nan) for k in keys}
@@ -330,24 +332,26 @@ def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = 
             out[_ece_key(nb)] = np.abs(K @ gap.reshape(C, nb)).sum(1) / n
         out["brier"] = K @ per_cluster((c - y) ** 2) / n
         # AUROC and adaptive ECE need ranks: right / all rows at each distinct confidence
-        u, inv = np.unique(c, return_inverse=True)
-        U = u.size
-        cell = k_ * U + inv.ravel()
+        order = np.argsort(c, kind="stable")
+        cs = c[order]
+        starts = np.flatnonzero(np.concatenate([[True], cs[1:] != cs[:-1]]))
+        u, U = cs[starts], starts.size
         if C * U <= 4_000_000:  # per-cluster table times counts
+            cell = k_[order] * U + np.repeat(np.arange(U), np.diff(np.append(starts, cs.size)))
             count = K @ np.bincount(cell, minlength=C * U).reshape(C, U).astype(float)
-            right = K @ np.bincount(cell, weights=y, minlength=C * U).reshape(C, U)
-        else:
-            W = K[:, k_]
-            idx_v = (np.arange(B)[:, None] * U + inv.ravel()[None, :]).ravel()
-            count = np.bincount(idx_v, weights=W.ravel(), minlength=B * U).reshape(B, U)
-            right = np.bincount(idx_v, weights=(W * y).ravel(), minlength=B * U).reshape(B, U)
+            right = K @ np.bincount(cell, weights=y[order], minlength=C * U).reshape(C, U)
+        else:  # rows in confidence order, weighted per resample, summed per distinct value
+            K0 = np.concatenate([K, np.zeros((B, 1))], axis=1)   # column C: weight 0 for wrong rows
+            count = np.add.reduceat(K[:, k_[order]], starts, axis=1)
+            right = np.add.reduceat(K0[:, np.where(y[order] == 1, k_[order], C)], starts, axis=1)
         first_rank = np.cumsum(count, 1) - count
-        nb = n_bins[0]
-        vbin = np.minimum((first_rank * nb // np.maximum(n, 1)[:, None]).astype(np.int64), nb - 1)
-        flat = (np.arange(B)[:, None] * nb + vbin).ravel()
-        conf_sum = np.bincount(flat, weights=(count * u).ravel(), minlength=B * nb).reshape(B, nb)
-        acc_sum = np.bincount(flat, weights=right.ravel(), minlength=B * nb).reshape(B, nb)
-        out["adaptive_ece"] = np.abs(acc_sum - conf_sum).sum(1) / n
+        if adaptive:
+            nb = n_bins[0]
+            vbin = np.minimum(np.floor(first_rank * nb / np.maximum(n, 1)[:, None]).astype(np.int64), nb - 1)
+            flat = (np.arange(B)[:, None] * nb + vbin).ravel()
+            conf_sum = np.bincount(flat, weights=(count * u).ravel(), minlength=B * nb).reshape(B, nb)
+            acc_sum = np.bincount(flat, weights=right.ravel(), minlength=B * nb).reshape(B, nb)
+            out["adaptive_ece"] = np.abs(acc_sum - conf_sum).sum(1) / n
         n_pos = right.sum(1)
         n_neg = n - n_pos
         rank_sum = (right * (first_rank + (count + 1) / 2.0)).sum(1)   # midranks, as _midranks
@@ -374,15 +378,15 @@ def interval(values: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
 
 def cluster_bootstrap(conf, correct, clusters, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
                       cluster: str = "image", n_bins: Sequence[int] = (10, 15)) -> dict[str, tuple]:
-    """``{metric: (point, low, high)}`` for ECE (per bin count), adaptive ECE, Brier, AUROC.
+    """``{metric: (point, low, high)}`` for ECE (per bin count), Brier, AUROC.
 
     ``cluster="image"`` resamples the ids in ``clusters`` with replacement and keeps all of
     their rows; ``"question"`` resamples rows one by one. Missing confidences are left out.
     """
     conf = np.asarray(conf, dtype=float).ravel()
     codes, uniq = _codes_for(clusters, conf.size, cluster)
-    boots = resampled_calibration(conf, correct, codes, resample_counts(len(uniq), n_boot, seed), n_bins)
-    point = resampled_calibration(conf, correct, codes, np.ones((1, len(uniq))), n_bins)
+    boots = resampled_calibration(conf, correct, codes, resample_counts(len(uniq), n_boot, seed), n_bins, adaptive=False)
+    point = resampled_calibration(conf, correct, codes, np.ones((1, len(uniq))), n_bins, adaptive=False)
     return {k: (float(point[k][0]), *interval(boots[k], alpha)) for k in boots}
 
 

@@ -37,6 +37,7 @@ from . import metrics  # noqa: E402
 FONT = 11  # axis labels and titles; ticks and annotations use FONT - 1 (never below 10)
 BAR_COLOR = "#1f5fa8"
 GAP_COLOR = "#d62728"
+BETTER_COLOR = "#2ca02c"
 PALETTE = plt.get_cmap("tab10")
 
 
@@ -221,7 +222,7 @@ def metric_intervals(df: pd.DataFrame, metrics_=("ece", "ece15", "brier", "auroc
     if df.empty:
         raise ValueError("metric_intervals got no rows for the requested sets")
     models = list(dict.fromkeys(df["model"]))
-    fig, axes = plt.subplots(len(units), len(metrics_), figsize=(3.4 * len(metrics_) + 1.8, 0.32 * len(models) * len(units) + 1.6),
+    fig, axes = plt.subplots(len(units), len(metrics_), figsize=(3.4 * len(metrics_) + 1.8, (0.22 * len(models) + 0.5) * len(units) + 1.2),
                              sharey=True, squeeze=False)
     for i, unit in enumerate(units):
         sub = df[df["set"] == unit]
@@ -249,7 +250,7 @@ def paired_differences(df: pd.DataFrame, metrics_=("ece", "brier", "auroc"), tit
     """Forest plot of paired differences (method - reference) with intervals, one panel per metric.
 
     ``df``: a paired table (``set, method, reference, metric, diff, diff_low, diff_high``).
-    A dashed line marks 0; filled markers: the interval excludes 0.
+    A dashed line marks 0; filled markers: the interval excludes 0 (green: better, red: worse).
     """
     need = {"set", "method", "reference", "metric", "diff", "diff_low", "diff_high"}
     if missing := need - set(df.columns):
@@ -265,13 +266,15 @@ def paired_differences(df: pd.DataFrame, metrics_=("ece", "brier", "auroc"), tit
         y = np.array([labels.index(f"{r.set}: {r.method} - {r.reference}") for r in sub.itertuples()])
         v, low, high = (sub[k].to_numpy(float) for k in ("diff", "diff_low", "diff_high"))
         sig = (low > 0) | (high < 0)
+        better = (high < 0) if metrics.LOWER_IS_BETTER.get(metric, True) else (low > 0)
         ax.errorbar(v, y, xerr=[np.nan_to_num(v - low).clip(min=0), np.nan_to_num(high - v).clip(min=0)],
                     fmt="none", ecolor="black", capsize=2, lw=1)
-        ax.scatter(v[sig], y[sig], color=GAP_COLOR, zorder=3, s=18)
+        ax.scatter(v[sig & better], y[sig & better], color=BETTER_COLOR, zorder=3, s=18)
+        ax.scatter(v[sig & ~better], y[sig & ~better], color=GAP_COLOR, zorder=3, s=18)
         ax.scatter(v[~sig], y[~sig], facecolor="white", edgecolor="black", zorder=3, s=18)
         ax.axvline(0, color="grey", ls="--", lw=0.8)
-        better = "lower is better" if metrics.LOWER_IS_BETTER.get(metric, True) else "higher is better"
-        ax.set_title(f"Δ {metric_label(metric)}\n({better})", fontsize=FONT)
+        direction = "lower is better" if metrics.LOWER_IS_BETTER.get(metric, True) else "higher is better"
+        ax.set_title(f"Δ {metric_label(metric)}\n({direction})", fontsize=FONT)
         _style(ax)
     axes[0, 0].set_yticks(range(len(labels)), labels)
     axes[0, 0].invert_yaxis()

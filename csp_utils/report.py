@@ -89,10 +89,13 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         if pooled:
             save(plots.metric_intervals(main, units=pooled, title=f"Pooled sets (95% intervals, resampling by {cl})"),
                  "metrics_pooled")
-        per_set = [u for u in dict.fromkeys(main["set"]) if u not in POOLED]
-        if per_set:
-            save(plots.metric_intervals(main, units=per_set, title=f"Per set (95% intervals, resampling by {cl})"),
-                 "metrics_per_set")
+        groups = {"clean": [u for u in experiment.CLEAN_SETS if u in set(main["set"])],
+                  "transfer": sorted(u for u in set(main["set"]) if u.startswith("transfer-"))}
+        for name, units in groups.items():
+            if units:
+                save(plots.metric_intervals(main, units=units, title=f"{name.capitalize()} sets "
+                                                                     f"(95% intervals, resampling by {cl})"),
+                     f"metrics_{name}_sets")
     paired = _read(results_dir, "paired.csv")
     if paired is not None and len(paired):
         sub = paired[(paired["method"] == after) & paired["set"].isin(POOLED)]

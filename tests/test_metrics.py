@@ -370,7 +370,7 @@ def test_cluster_bootstrap_is_wider_when_questions_share_their_image():
     width = lambda r: r["brier"][2] - r["brier"][1]  # noqa: E731
     assert width(by_image) > 1.8 * width(by_question)
     assert by_image["brier"][0] == pytest.approx(M.brier(conf, correct))
-    assert set(by_image) == {"ece", "ece15", "adaptive_ece", "brier", "auroc"}
+    assert set(by_image) == {"ece", "ece15", "brier", "auroc"}
     with pytest.raises(ValueError, match="cluster"):
         M.cluster_bootstrap(conf, correct, images, cluster="scene")
     with pytest.raises(ValueError, match="ids"):
@@ -385,7 +385,7 @@ def test_cluster_bootstrap_is_fast():
     for conf in (rng.choice(np.arange(11) / 10, n), rng.random(n)):
         start = time.perf_counter()
         M.cluster_bootstrap(conf, correct, images, n_boot=1000)
-        assert time.perf_counter() - start < 5.0   # five metrics; about 0.5 s on one free core
+        assert time.perf_counter() - start < 5.0   # four metrics; 0.05 s (verbalized) to 0.8 s (continuous) when busy
 
 
 @pytest.mark.parametrize("metric,low,high,expect", [

@@ -203,6 +203,12 @@ def test_paired_differences_marks_intervals_that_exclude_zero(tmp_path):
     dots = [c for c in fig.axes[1].collections if isinstance(c, matplotlib.collections.PathCollection)]
     filled = [c for c in dots if c.get_offsets().shape[0] and tuple(c.get_facecolor()[0][:3]) != (1.0, 1.0, 1.0)]
     assert sum(c.get_offsets().shape[0] for c in filled) == 1   # only the AUROC interval below 0 is marked
+    assert tuple(next(c for c in filled if c.get_offsets().shape[0]).get_facecolor()[0][:3]) == \
+        matplotlib.colors.to_rgb(plots.GAP_COLOR)                # below 0 is worse for AUROC
+    brier_dots = [c for c in fig.axes[0].collections if isinstance(c, matplotlib.collections.PathCollection)]
+    brier_red = [c for c in brier_dots if c.get_offsets().shape[0]
+                 and tuple(c.get_facecolor()[0][:3]) == matplotlib.colors.to_rgb(plots.GAP_COLOR)]
+    assert sum(c.get_offsets().shape[0] for c in brier_red) == 2  # both Brier intervals above 0: worse
     assert "pooled-clean: sft_simpo - base" in all_texts(fig)
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "paired"))
     with pytest.raises(ValueError, match="missing"):
