@@ -1,6 +1,8 @@
 """Confidence baselines that plant nothing, to judge CSP against.
 
 - ``constant``: every answer gets the base model's accuracy on its training questions.
+- ``answer_constant``: that accuracy given the model's own answer (one value after "yes",
+  one after "no"): a confidence that knows nothing about the image.
 - ``internal``: the model's own probability of the answer it gave (yes/no token probability).
 - ``temperature``: that probability temperature-scaled (Guo et al. 2017), T fitted on a
   held-out split by minimising the negative log-likelihood of correctness.
@@ -18,6 +20,16 @@ def constant_confidence(n: int, accuracy: float) -> np.ndarray:
     if not 0.0 <= accuracy <= 1.0:
         raise ValueError(f"accuracy must be a fraction in [0, 1], got {accuracy}")
     return np.full(n, float(accuracy))
+
+
+def answer_conditioned_accuracy(answers, correct) -> dict[str, float]:
+    """Training accuracy per own answer: ``{"yes": acc, "no": acc}``; an answer absent from
+    the training rows (or neither yes nor no) gets no entry, so the caller picks its fallback."""
+    a = np.array([str(x).strip().lower() for x in answers], dtype=object)
+    y = np.asarray(correct, dtype=float)
+    if a.size != y.size or a.size == 0:
+        raise ValueError(f"answers and correct need equal, non-zero lengths; got {a.size} and {y.size}")
+    return {k: float(y[a == k].mean()) for k in ("yes", "no") if np.any(a == k)}
 
 
 def _answer_logit(p_answer: np.ndarray) -> np.ndarray:

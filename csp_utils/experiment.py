@@ -1,8 +1,13 @@
 """The study's evaluation matrix: benchmark suite, models x sets, baselines, headline tables.
 
-Scene index ranges of the eval split keep every set apart (POPE, AMBER, transfer, the
-held-out calibration split used to fit the temperature baseline); the base model's own
-training split ("base") only serves the constant baseline's training accuracy.
+Every evaluation set draws its scenes from its own index range of the eval split, so no
+image is in two sets (POPE random / popular / adversarial, the AMBER kinds, each transfer
+set, the held-out calibration split that fits the temperature baseline, the perturbed set);
+:func:`check_disjoint` proves it for a built suite. The base model's own training split
+("base") only serves the constant baselines' training accuracy.
+
+Intervals are bootstrap intervals over images by default (``cluster="image"``): all the
+questions about one image move together, since they share its evidence.
 """
 
 from __future__ import annotations
@@ -16,19 +21,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from csp_utils import baselines, benchmarks, scenes as world
+from csp_utils import baselines, benchmarks, metrics, scenes as world
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
-# first index of each eval-split range: sets never share a scene
-_STARTS = {"pope": 0, "amber": 100_000, "calibration": 400_000, "perturbed": 500_000}
+POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in world.DEGRADATIONS)}
+# first index of each set's eval-split range; make_scenes takes consecutive indices, pope_scenes
+# skips scenes with < 3 categories (about 4 of 5), so a range of 30,000 holds > 5,000 POPE images
+_STARTS = {"pope-random": 0, "pope-popular": 30_000, "pope-adversarial": 60_000,
+           "amber-existence": 100_000, "amber-attribute": 130_000, "amber-relation": 160_000,
+           "calibration": 400_000, "perturbed": 500_000}
 _TRANSFER_START, _TRANSFER_STRIDE = 200_000, 20_000
+# sets that only serve the baselines (never reported)
+FIT_SETS = ("calibration", "train-sample")
 
 
 @dataclass
 class SuiteConfig:
-    n_pope_images: int = 100          # 6 questions each, as POPE
-    n_amber_images: int = 100
-    n_transfer_images: int = 100
+    n_pope_images: int = 300          # per POPE set, 6 questions each, as POPE
+    n_amber_images: int = 450         # per AMBER kind (relation keeps about 2 in 3 after balancing)
+    n_transfer_images: int = 150      # per transfer kind
     n_calibration_images: int = 100   # held-out split for the temperature baseline
     n_train_images: int = 100         # base-split scenes for the constant baseline
     n_perturbed_images: int = 40      # held-out CSP-perturbed scenes (confidence vs level)
@@ -112,16 +123,14 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
     suite: dict[str, benchmarks.Benchmark] = official_sets(cfg, want)
     if cfg.official_only:
         return suite
-    if any(want(f"pope-{k}") for k in benchmarks.POPE_KINDS):
-        pope = benchmarks.pope_scenes(cfg.n_pope_images, wc, split="eval", start=_STARTS["pope"])
-        for kind in benchmarks.POPE_KINDS:
-            if want(f"pope-{kind}"):
-                suite[f"pope-{kind}"] = benchmarks.build_world_pope(pope, kind, seed=cfg.seed)
-    if any(want(f"amber-{k}") for k in benchmarks.AMBER_KINDS):
-        amber = world.make_scenes("eval", cfg.n_amber_images, wc, start=_STARTS["amber"])
-        for kind in benchmarks.AMBER_KINDS:
-            if want(f"amber-{kind}"):
-                suite[f"amber-{kind}"] = benchmarks.build_world_amber(amber, kind, seed=cfg.seed)
+    for kind in benchmarks.POPE_KINDS:
+        if want(f"pope-{kind}"):
+            pope = benchmarks.pope_scenes(cfg.n_pope_images, wc, split="eval", start=_STARTS[f"pope-{kind}"])
+            suite[f"pope-{kind}"] = benchmarks.build_world_pope(pope, kind, seed=cfg.seed)
+    for kind in benchmarks.AMBER_KINDS:
+        if want(f"amber-{kind}"):
+            amber = world.make_scenes("eval", cfg.n_amber_images, wc, start=_STARTS[f"amber-{kind}"])
+            suite[f"amber-{kind}"] = benchmarks.build_world_amber(amber, kind, seed=cfg.seed)
     for kind in cfg.transfer_kinds:
         if want(f"transfer-{kind}"):
             suite[f"transfer-{kind}"] = transfer_benchmark(kind, cfg)
@@ -136,7 +145,44 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
                                                      benchmarks.scene_image_loader(train), "yes")
     if want("perturbed"):
         suite["perturbed"] = perturbed_benchmark(cfg)
+    check_disjoint(suite)
     return suite
+
+
+_SCENE_RE = re.compile(r"^(base|csp|eval)-\d{6}")
+
+
+def scene_of(image_id: str) -> str:
+    """The clean world scene behind an image or question id (``eval-000042~blur-0.70`` and
+    ``eval-000042-pope-random-0@c40`` -> ``eval-000042``); other ids (official files) are their own."""
+    m = _SCENE_RE.match(str(image_id))
+    return m.group(0) if m else str(image_id)
+
+
+def check_disjoint(suite: dict[str, benchmarks.Benchmark]) -> None:
+    """Raise ValueError if a world scene is in two sets (a degraded or perturbed image counts
+    as its clean scene), or if an evaluation set uses a scene of a training split (base / csp).
+
+    Official files are left out: their POPE variants share COCO images by design.
+    """
+    owner: dict[str, str] = {}
+    for name, bench in suite.items():
+        if bench.image_root is not None:
+            continue
+        for image in {scene_of(i) for i in bench.image_ids()}:
+            split = image.split("-", 1)[0]
+            if name != "train-sample" and split in ("base", "csp"):
+                raise ValueError(f"set {name!r} uses {image}, a scene of the {split!r} training split")
+            if image in owner:
+                raise ValueError(f"image {image} is in both {owner[image]!r} and {name!r}: evaluation sets must "
+                                 "not share images; shrink the SuiteConfig sizes or move the ranges apart")
+            owner[image] = name
+
+
+def set_descriptions(suite: dict[str, benchmarks.Benchmark]) -> dict[str, dict]:
+    """Per set: family, positive class, question and image counts and the image ids it used."""
+    return {name: {"family": b.family, "positive_class": b.positive_class, "n_questions": len(b.items),
+                   "n_images": len(b.image_ids()), "image_ids": b.image_ids()} for name, b in suite.items()}
 
 
 def official_sets(cfg: SuiteConfig, want=lambda name: True) -> dict[str, benchmarks.Benchmark]:
@@ -198,13 +244,19 @@ def load_rows(results_dir) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- baselines
+BASELINES = ("constant", "answer_constant", "internal", "temperature")
+
+
 def baseline_rows(rows: list[dict], base: str = "base", calibration_set: str = "calibration",
                   train_set: str = "train-sample", framing: str = "third", readout: str = "single_pass") -> list[dict]:
-    """Rows of the three baselines that plant nothing, on the base model's own answers.
+    """Rows of the baselines that plant nothing, on the base model's own answers.
 
     Answers are the base model's, so accuracy is the base's; only the confidence differs:
-    ``constant`` (its accuracy on its training questions), ``internal`` (its yes/no token
-    probability), ``temperature`` (that probability scaled, T fitted on the calibration set).
+    ``constant`` (its accuracy on its training questions), ``answer_constant`` (that accuracy
+    given its own answer: one value after "yes", one after "no"; an answer without training
+    rows of its own, or one that is neither, gets the overall training accuracy),
+    ``internal`` (its yes/no token probability), ``temperature`` (that probability scaled,
+    T fitted on the calibration set).
     """
     own = [r for r in rows if r["model"] == base and r["framing"] == framing and r["readout"] == readout]
     train = [r for r in own if r["set"] == train_set]
@@ -212,23 +264,31 @@ def baseline_rows(rows: list[dict], base: str = "base", calibration_set: str = "
     if not train or not calib:
         raise ValueError(f"baselines need the {base!r} model's rows on {train_set!r} and {calibration_set!r}")
     train_acc = float(np.mean([r["correct"] for r in train]))
+    by_answer = baselines.answer_conditioned_accuracy([r["answer"] for r in train], [r["correct"] for r in train])
     temperature = baselines.fit_temperature([r["internal_prob"] for r in calib], [r["correct"] for r in calib])
     out = []
     for r in own:
         if r["set"] in (train_set, calibration_set):
             continue
         p = r["internal_prob"]
-        for name, conf in (("constant", train_acc), ("internal", p),
-                           ("temperature", None if p is None else float(baselines.temperature_scale(p, temperature)))):
+        answer = str(r["answer"]).strip().lower()
+        confs = {"constant": (train_acc, {"train_accuracy": train_acc}),
+                 "answer_constant": (by_answer.get(answer, train_acc),
+                                     {"train_accuracy_given_" + k: v for k, v in by_answer.items()}),
+                 "internal": (p, {"temperature": 1.0}),
+                 "temperature": (None if p is None else float(baselines.temperature_scale(p, temperature)),
+                                 {"temperature": temperature})}
+        for name in BASELINES:
+            conf, param = confs[name]
             out.append({**r, "model": f"baseline:{name}", "framing": "-", "readout": "-", "confidence": conf,
-                        "raw_confidence": None, "baseline_param": {"train_accuracy": train_acc,
-                                                                   "temperature": temperature}[
-                            "train_accuracy" if name == "constant" else "temperature"]})
+                        "raw_confidence": None, "baseline_param": json.dumps(param)})
     return out
 
 
 # ------------------------------------------------------------------ headline numbers
-HEADLINE = ("accuracy", "ece", "adaptive_ece", "brier", "auroc")
+HEADLINE = ("accuracy", "ece", "ece15", "brier", "auroc")
+CALIBRATION_METRICS = ("ece", "ece15", "adaptive_ece", "brier", "auroc")
+PAIRED_METRICS = ("accuracy", "ece", "ece15", "brier", "auroc")
 
 
 def model_group(name: str) -> str:
@@ -241,6 +301,15 @@ def positive_class(set_name: str) -> str:
     return "no" if set_name.startswith(("amber", "official-amber")) else "yes"
 
 
+def image_of(row) -> str:
+    """A row's bootstrap cluster: the world scene behind its image (its question id when the
+    row has no image id, as in older per-question files)."""
+    image = row.get("image_id") if hasattr(row, "get") else None
+    if image is None or (isinstance(image, float) and math.isnan(image)):
+        image = row["question_id"]
+    return scene_of(image)
+
+
 def _f1(truth: np.ndarray, pred: np.ndarray) -> float:
     tp = float(np.sum(truth & pred))
     denom = float(np.sum(truth) + np.sum(pred))
@@ -249,123 +318,247 @@ def _f1(truth: np.ndarray, pred: np.ndarray) -> float:
 
 def _metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> dict:
     """``truth``/``pred``: bool arrays, True = the set's positive class."""
-    from csp_utils import metrics
-
     ok = ~np.isnan(conf)
     c, y = conf[ok], correct[ok]
     out = {"accuracy": float(correct.mean()) if correct.size else math.nan, "f1": _f1(truth, pred),
            "coverage": float(ok.mean()) if ok.size else math.nan}
     if c.size == 0:
-        return out | {k: math.nan for k in ("ece", "adaptive_ece", "brier", "auroc")}
-    return out | {"ece": metrics.ece(c, y), "adaptive_ece": metrics.adaptive_ece(c, y),
+        return out | {k: math.nan for k in CALIBRATION_METRICS}
+    return out | {"ece": metrics.ece(c, y), "ece15": metrics.ece(c, y, 15), "adaptive_ece": metrics.adaptive_ece(c, y),
                   "brier": metrics.brier(c, y), "auroc": metrics.auroc(c, y)}
 
 
 def _resampled_metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-                             weights: np.ndarray, n_bins: int = 10) -> dict[str, np.ndarray]:
-    """:func:`_metric_values` of B resamples at once; ``weights`` (B, n): how often each row
-    was drawn. Every metric only needs, per resample, the count of rows at each distinct
-    confidence that were right / wrong, so one bincount replaces B sorts (equal to the
-    row-by-row computation within float rounding; tested)."""
-    from csp_utils import metrics
-
-    W = weights.astype(np.int64)
-    B = W.shape[0]
-    total = W.sum(1)
+                             codes: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`_metric_values` of B cluster resamples at once: ``codes`` (n,) each row's cluster,
+    ``counts`` (B, C) how often each cluster was drawn. Task metrics from per-cluster sums
+    times the counts; calibration metrics from :func:`metrics.resampled_calibration`."""
+    K = counts.astype(float)
+    C = K.shape[1]
+    per = lambda w: K @ np.bincount(codes, weights=np.asarray(w, dtype=float), minlength=C)  # noqa: E731
+    total = per(np.ones(codes.size))
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {"accuracy": W @ correct / total,
-               "f1": 2.0 * (W @ (truth & pred)) / (W @ truth.astype(np.int64) + W @ pred.astype(np.int64))}
+        out = {"accuracy": per(correct) / total,
+               "f1": 2.0 * per(truth & pred) / (per(truth) + per(pred))}
         out["f1"] = np.where(np.isnan(out["f1"]), 0.0, out["f1"])
-        ok = ~np.isnan(conf)
-        out["coverage"] = W @ ok / total
-        u, inv = np.unique(conf[ok], return_inverse=True)
-        y = correct[ok].astype(np.int64)
-        U, Wk = len(u), W[:, ok]
-        if U == 0:
-            return out | {k: np.full(B, math.nan) for k in ("ece", "adaptive_ece", "brier", "auroc")}
-        # tab[b, v, k]: rows of resample b with the v-th distinct confidence and correct == k
-        flat = (np.arange(B)[:, None] * 2 * U + (2 * inv.ravel() + y)[None, :]).ravel()
-        tab = np.bincount(flat, weights=Wk.ravel(), minlength=B * 2 * U).reshape(B, U, 2).round().astype(np.int64)
-        right, count = tab[..., 1], tab.sum(-1)
-        n = count.sum(1)
-
-        def binned_gap(value_bin):  # sum over bins of |right - sum of confidences| / n
-            idx = (np.arange(B)[:, None] * n_bins + value_bin).ravel()
-            conf_sum = np.bincount(idx, weights=(count * u).ravel(), minlength=B * n_bins).reshape(B, n_bins)
-            acc_sum = np.bincount(idx, weights=right.ravel().astype(float), minlength=B * n_bins).reshape(B, n_bins)
-            return np.abs(acc_sum - conf_sum).sum(1) / n
-
-        out["ece"] = binned_gap(np.broadcast_to(metrics.bin_index(u, n_bins), (B, U)))
-        first_rank = np.cumsum(count, 1) - count                     # as adaptive_bin_index, per resample
-        out["adaptive_ece"] = binned_gap(np.minimum(first_rank * n_bins // np.maximum(n, 1)[:, None], n_bins - 1))
-        out["brier"] = (right * (u - 1.0) ** 2 + (count - right) * u ** 2).sum(1) / n
-        n_pos = right.sum(1)
-        n_neg = n - n_pos
-        midrank = first_rank + (count + 1) / 2.0                     # as metrics._midranks
-        auroc = ((right * midrank).sum(1) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-        out["auroc"] = np.where((n_pos == 0) | (n_neg == 0), math.nan, auroc)
-    return out
+        out["coverage"] = per(~np.isnan(conf)) / total
+    # adaptive ECE: point estimate only (the tables report 10- and 15-bin ECE with intervals)
+    return out | metrics.resampled_calibration(conf, correct, codes, counts, (10, 15), adaptive=False)
 
 
-def headline_table(rows: list[dict], n_boot: int = 300, alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
-    """Per (model group, set, framing, read-out): metrics with bootstrap intervals.
-
-    Seeds of one model are pooled; the bootstrap resamples *questions* (all of a question's
-    rows across seeds move together), so intervals reflect which questions were asked.
-    The spread across seeds is reported separately (``seeds``, ``ece_seed_min/max``).
-    """
+def _frame(rows) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     df["group"] = df["model"].map(model_group)
     df["conf"] = pd.to_numeric(df["confidence"], errors="coerce").astype(float)
     df["ok"] = df["correct"].astype(float)
+    ids = df["image_id"].where(df["image_id"].notna(), df["question_id"]) if "image_id" in df else df["question_id"]
+    df["image"] = ids.astype(str).map(scene_of)
+    df["pos"] = df["set"].map(positive_class)
+    df["truth"] = (df["label"].astype(str).str.strip().str.lower() == df["pos"]).to_numpy()
+    df["pred"] = (df["answer"].astype(str).str.strip().str.lower() == df["pos"]).to_numpy()
+    return df
+
+
+def _units(df: pd.DataFrame, pools: dict | None):
+    """(unit name, its rows): every set, then every pool of the sets present."""
+    for set_, g in df.groupby("set", sort=False):
+        yield set_, g
+    for pool, members in (pools or {}).items():
+        g = df[df["set"].isin(members)]
+        if g["set"].nunique() >= 1 and len(g):
+            yield pool, g
+
+
+def _codes(g: pd.DataFrame, key: str, uniq) -> np.ndarray:
+    return pd.Index(uniq).get_indexer(g[key])
+
+
+def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+                   cluster: str = "image", pools: dict | None = POOLS) -> pd.DataFrame:
+    """Per (model group, set or pool, framing, read-out): metrics with bootstrap intervals.
+
+    ``cluster="image"`` resamples images (all their questions, and all seeds' rows of them,
+    move together); ``"question"`` resamples questions. The ``cluster`` column says which.
+    Seeds of one model are pooled; their spread is reported separately (``seeds``,
+    ``ece_seed_min/max``). Pools (``pooled-clean``, ``pooled-transfer``) gather the rows of
+    their member sets and resample the images of all of them at once. ``image_share`` is the
+    between-image share of the confidence variance (:func:`metrics.image_variance_share`), the
+    mean over seeds.
+    """
+    if cluster not in metrics.CLUSTERS:
+        raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
+    df = _frame(rows)
+    if df.empty:
+        return df
+    key = "image" if cluster == "image" else "question_id"
     out = []
     rng = np.random.default_rng(seed)
-    for (group, set_, framing, readout), g in df.groupby(["group", "set", "framing", "readout"], sort=False):
-        codes, uniq = pd.factorize(g["question_id"])
-        conf, correct = g["conf"].to_numpy(), g["ok"].to_numpy()
-        pos = positive_class(set_)
-        truth, pred = (g["label"] == pos).to_numpy(), (g["answer"] == pos).to_numpy()
-        point = _metric_values(conf, correct, truth, pred)
-        # resample questions: a row is drawn as often as its question is
-        drawn = np.stack([np.bincount(rng.integers(0, len(uniq), len(uniq)), minlength=len(uniq))
-                          for _ in range(n_boot)])
-        boots = _resampled_metric_values(conf, correct, truth, pred, drawn[:, codes])
-        rec = {"model": group, "set": set_, "framing": framing, "readout": readout, "positive_class": pos,
-               "n_questions": len(uniq), "seeds": g["model"].nunique()}
-        for k, v in point.items():
-            vals = boots[k][~np.isnan(boots[k])]
-            rec[k] = v
-            rec[f"{k}_low"] = float(np.quantile(vals, alpha / 2)) if vals.size else math.nan
-            rec[f"{k}_high"] = float(np.quantile(vals, 1 - alpha / 2)) if vals.size else math.nan
-        if rec["seeds"] > 1:
-            per_seed = [_metric_values(s["conf"].to_numpy(), s["ok"].to_numpy(), (s["label"] == pos).to_numpy(),
-                                       (s["answer"] == pos).to_numpy())["ece"] for _, s in g.groupby("model")]
-            rec["ece_seed_min"], rec["ece_seed_max"] = float(np.min(per_seed)), float(np.max(per_seed))
-        out.append(rec)
+    for unit, gu in _units(df, pools):
+        for (group, framing, readout), g in gu.groupby(["group", "framing", "readout"], sort=False):
+            uniq = pd.unique(g[key])
+            conf, correct, truth, pred = g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy()
+            point = _metric_values(conf, correct, truth, pred)
+            boots = _resampled_metric_values(conf, correct, truth, pred, _codes(g, key, uniq),
+                                             metrics.resample_counts(len(uniq), n_boot, rng))
+            pos = sorted(set(g["pos"]))
+            rec = {"model": group, "set": unit, "framing": framing, "readout": readout,
+                   "positive_class": pos[0] if len(pos) == 1 else "per set",
+                   "n_questions": g["question_id"].nunique(), "n_images": g["image"].nunique(),
+                   "n_sets": g["set"].nunique(), "seeds": g["model"].nunique(), "cluster": cluster}
+            for k, v in point.items():
+                rec[k] = v
+                rec[f"{k}_low"], rec[f"{k}_high"] = metrics.interval(boots[k], alpha) if k in boots else (math.nan,) * 2
+            # per seed, then averaged: seeds disagreeing about an image is not within-image variation
+            shares = [metrics.image_variance_share(s["conf"].to_numpy(), s["image"].to_numpy())
+                      for _, s in g.groupby("model")]
+            rec["image_share"] = float(np.mean(shares)) if not np.all(np.isnan(shares)) else math.nan
+            if rec["seeds"] > 1:
+                per_seed = [_metric_values(s["conf"].to_numpy(), s["ok"].to_numpy(), s["truth"].to_numpy(),
+                                           s["pred"].to_numpy())["ece"] for _, s in g.groupby("model")]
+                rec["ece_seed_min"], rec["ece_seed_max"] = float(np.min(per_seed)), float(np.max(per_seed))
+            out.append(rec)
     return pd.DataFrame(out)
 
 
+def paired_table(rows: list[dict], framing: str = "third", readout: str = "single_pass", n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0, cluster: str = "image", pools: dict | None = POOLS,
+                 base: str = "base") -> pd.DataFrame:
+    """Every method against every baseline and against ``base``, on the same resamples.
+
+    Methods are the model groups at (``framing``, ``readout``); references are the
+    ``baseline:*`` groups and the base model. Per set and pool and metric: ``diff`` =
+    method - reference, its percentile interval over resamples drawn once per set (each
+    resample scores both on the same images), and ``verdict`` (better / worse / level by
+    whether the interval excludes 0; lower is better for ECE and Brier, higher for AUROC
+    and accuracy). Both must have answered the same questions.
+    """
+    if cluster not in metrics.CLUSTERS:
+        raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
+    df = _frame(rows)
+    if df.empty:
+        return pd.DataFrame()
+    df = df[((df["framing"] == framing) & (df["readout"] == readout)) | df["group"].str.startswith("baseline:")]
+    key = "image" if cluster == "image" else "question_id"
+    out = []
+    rng = np.random.default_rng(seed)
+    for unit, gu in _units(df, pools):
+        groups = list(dict.fromkeys(gu["group"]))
+        refs = [g for g in groups if g.startswith("baseline:")] + ([base] if base in groups else [])
+        methods = [g for g in groups if not g.startswith("baseline:")]
+        if not refs or not methods:
+            continue
+        uniq = pd.unique(gu[key])
+        counts = metrics.resample_counts(len(uniq), n_boot, rng)
+        point, boots, qids = {}, {}, {}
+        for name in dict.fromkeys(methods + refs):
+            g = gu[gu["group"] == name]
+            arrays = (g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
+            point[name] = _metric_values(*arrays)
+            boots[name] = _resampled_metric_values(*arrays, _codes(g, key, uniq), counts)
+            qids[name] = frozenset(g["question_id"])
+        for m in methods:
+            for r in refs:
+                if m == r:
+                    continue
+                if qids[m] != qids[r]:
+                    raise ValueError(f"{unit}: {m!r} and {r!r} answered different questions "
+                                     f"({len(qids[m] ^ qids[r])} differ); pair them on the same set")
+                for k in PAIRED_METRICS:
+                    lo, hi = metrics.interval(boots[m][k] - boots[r][k], alpha)
+                    out.append({"set": unit, "method": m, "reference": r, "metric": k,
+                                "method_value": point[m][k], "reference_value": point[r][k],
+                                "diff": point[m][k] - point[r][k], "diff_low": lo, "diff_high": hi,
+                                "verdict": metrics.verdict(lo, hi, k), "cluster": cluster,
+                                "n_images": gu["image"].nunique(), "framing": framing, "readout": readout})
+    return pd.DataFrame(out)
+
+
+def strongest_baseline(headline: pd.DataFrame, pool: str = "pooled-clean", metric: str = "brier") -> str:
+    """The baseline with the lowest ``metric`` on ``pool`` (fixed before any method is compared);
+    without that pool, the lowest mean over the sets present."""
+    b = headline[headline["model"].str.startswith("baseline:")]
+    if b.empty:
+        raise ValueError("no baseline rows in the headline table: compute experiment.baseline_rows first")
+    on_pool = b[b["set"] == pool]
+    scores = (on_pool.set_index("model")[metric] if len(on_pool)
+              else b[~b["set"].isin(list(POOLS) + ["perturbed"])].groupby("model")[metric].mean())
+    return str(scores.idxmin())
+
+
+def _fmt(r, k, digits=3):
+    v, lo, hi = r.get(k), r.get(f"{k}_low"), r.get(f"{k}_high")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if lo == lo and hi == hi else f"{v:.{digits}f}"
+
+
+def _main(df: pd.DataFrame, framing: str, readout: str) -> pd.DataFrame:
+    return df[((df["framing"] == framing) & (df["readout"] == readout)) | (df["framing"] == "-")]
+
+
+def _diff_cell(paired: pd.DataFrame | None, set_, method, reference, metric) -> str:
+    if paired is None or paired.empty or method == reference:
+        return "—"
+    p = paired[(paired["set"] == set_) & (paired["method"] == method) & (paired["reference"] == reference)
+               & (paired["metric"] == metric)]
+    if p.empty:
+        return "—"
+    r = p.iloc[0]
+    return f"{r['diff']:+.3f} [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}] {r['verdict']}"
+
+
 def markdown_table(df: pd.DataFrame, framing: str = "third", readout: str = "single_pass",
-                   sets: tuple = CLEAN_SETS) -> str:
-    """The README's results table: one row per model/baseline x set, intervals in brackets."""
-    keep = df[((df["framing"] == framing) & (df["readout"] == readout)) | (df["framing"] == "-")]
+                   sets: tuple = CLEAN_SETS, paired: pd.DataFrame | None = None,
+                   reference: str | None = None) -> str:
+    """Results table: one row per model/baseline x set, intervals in brackets.
+
+    With ``paired`` and ``reference`` (e.g. the strongest baseline), two more columns give
+    each row's paired Brier and AUROC difference against it, with interval and verdict.
+    """
+    keep = _main(df, framing, readout)
     keep = keep[keep["set"].isin(sets)]
-
-    def fmt(r, k, digits=3):
-        v, lo, hi = r[k], r.get(f"{k}_low"), r.get(f"{k}_high")
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "n/a"
-        return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if lo == lo and hi == hi else f"{v:.{digits}f}"
-
-    lines = ["| set | model | accuracy | F1 (positive) | ECE | adaptive ECE | Brier | AUROC | coverage |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    cl = ", ".join(sorted(set(keep["cluster"]))) if "cluster" in keep else "question"
+    ref = f" vs {reference}" if reference else ""
+    head = ["set", "model", "accuracy", "F1 (positive)", "ECE10", "ECE15", "Brier", "AUROC", "coverage",
+            "image share"] + ([f"ΔBrier{ref}", f"ΔAUROC{ref}"] if reference else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for set_ in sets:
         for _, r in keep[keep["set"] == set_].iterrows():
-            f1s = f"{fmt(r, 'f1')} ({r['positive_class']})"
-            lines.append(f"| {set_} | {r['model']} | {fmt(r, 'accuracy')} | {f1s} | {fmt(r, 'ece')} | "
-                         f"{fmt(r, 'adaptive_ece')} | {fmt(r, 'brier')} | {fmt(r, 'auroc')} | {r['coverage']:.2f} |")
+            cells = [set_, r["model"], _fmt(r, "accuracy"), f"{_fmt(r, 'f1')} ({r['positive_class']})",
+                     _fmt(r, "ece"), _fmt(r, "ece15"), _fmt(r, "brier"), _fmt(r, "auroc"), f"{r['coverage']:.2f}",
+                     "n/a" if r.get("image_share") != r.get("image_share") else f"{r.get('image_share', math.nan):.2f}"]
+            if reference:
+                cells += [_diff_cell(paired, set_, r["model"], reference, k) for k in ("brier", "auroc")]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"95% percentile bootstrap intervals, resampling by {cl} "
+                 f"({framing} person, {readout.replace('_', ' ')} read-out for the models).")
+    return "\n".join(lines)
+
+
+def paired_markdown(paired: pd.DataFrame, sets=None, methods=None, metrics_=("ece", "ece15", "brier", "auroc", "accuracy")) -> str:
+    """Paired differences (method - reference) as a table: one row per set x method x reference."""
+    if paired is None or paired.empty:
+        return "_no paired differences_"
+    p = paired
+    if sets is not None:
+        p = p[p["set"].isin(sets)]
+    if methods is not None:
+        p = p[p["method"].isin(methods)]
+    head = ["set", "method", "reference"] + [{"ece": "ΔECE10", "ece15": "ΔECE15", "brier": "ΔBrier",
+                                              "auroc": "ΔAUROC", "accuracy": "Δaccuracy"}[m] for m in metrics_]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = list(dict.fromkeys(p["set"]))
+    for set_ in order:
+        sp = p[p["set"] == set_]
+        for (m, r), _ in sp.groupby(["method", "reference"], sort=False):
+            lines.append("| " + " | ".join([set_, m, r] + [_diff_cell(sp, set_, m, r, k) for k in metrics_]) + " |")
+    cl = ", ".join(sorted(set(p["cluster"]))) if len(p) else "image"
+    lines += ["", f"Difference = method - reference on the same bootstrap resamples (by {cl}), 95% interval; "
+                  "verdict: better / worse when the interval excludes 0 (lower ECE and Brier, higher AUROC "
+                  "and accuracy are better), level otherwise."]
     return "\n".join(lines)
 
 
@@ -416,7 +609,7 @@ def summary_table(rows: list[dict], n_bins: int = 10) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-FIGURE_COLUMNS = ("model", "set", "framing", "readout", "question_id", "label", "answer", "correct",
+FIGURE_COLUMNS = ("model", "set", "framing", "readout", "question_id", "image_id", "label", "answer", "correct",
                   "confidence", "internal_prob")
 
 

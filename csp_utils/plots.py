@@ -37,6 +37,7 @@ from . import metrics  # noqa: E402
 FONT = 11  # axis labels and titles; ticks and annotations use FONT - 1 (never below 10)
 BAR_COLOR = "#1f5fa8"
 GAP_COLOR = "#d62728"
+BETTER_COLOR = "#2ca02c"
 PALETTE = plt.get_cmap("tab10")
 
 
@@ -47,7 +48,7 @@ def _style(ax) -> None:
 
 
 # ----------------------------------------------------------------------- saving
-METRIC_LABELS = {"ece": "ECE", "adaptive_ece": "adaptive ECE", "mce": "MCE", "brier": "Brier score",
+METRIC_LABELS = {"ece": "ECE (10 bins)", "ece15": "ECE (15 bins)", "adaptive_ece": "adaptive ECE", "mce": "MCE", "brier": "Brier score",
                  "auroc": "AUROC", "accuracy": "accuracy", "f1": "F1"}
 
 
@@ -200,6 +201,83 @@ def ablation_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
         _style(ax)
     axes[0, 0].set_yticks(range(len(names)), [str(n) for n in names])
     axes[0, 0].invert_yaxis()  # first variant on top
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
+    fig.tight_layout()
+    return fig
+
+
+def metric_intervals(df: pd.DataFrame, metrics_=("ece", "ece15", "brier", "auroc"), units=None,
+                     title: str | None = None) -> Figure:
+    """Dot and whisker per model, one row of panels per set (or pool), one column per metric.
+
+    ``df``: a headline table (``model, set, <metric>, <metric>_low, <metric>_high``), one
+    row per model and set. Models keep their order of first appearance.
+    """
+    need = {"model", "set"} | {f"{m}{x}" for m in metrics_ for x in ("", "_low", "_high")}
+    if missing := need - set(df.columns):
+        raise ValueError(f"metric_intervals needs columns {sorted(need)}; missing {sorted(missing)}")
+    units = list(units) if units is not None else list(dict.fromkeys(df["set"]))
+    df = df[df["set"].isin(units)]
+    if df.empty:
+        raise ValueError("metric_intervals got no rows for the requested sets")
+    models = list(dict.fromkeys(df["model"]))
+    fig, axes = plt.subplots(len(units), len(metrics_), figsize=(3.4 * len(metrics_) + 1.8, (0.22 * len(models) + 0.5) * len(units) + 1.2),
+                             sharey=True, squeeze=False)
+    for i, unit in enumerate(units):
+        sub = df[df["set"] == unit]
+        y = np.array([models.index(m) for m in sub["model"]])
+        for j, metric in enumerate(metrics_):
+            ax = axes[i, j]
+            v = sub[metric].to_numpy(float)
+            lo = np.nan_to_num(v - sub[f"{metric}_low"].to_numpy(float), nan=0.0).clip(min=0)
+            hi = np.nan_to_num(sub[f"{metric}_high"].to_numpy(float) - v, nan=0.0).clip(min=0)
+            ax.errorbar(v, y, xerr=[lo, hi], fmt="o", color=BAR_COLOR, ecolor="black", capsize=2, ms=4, lw=1)
+            if i == 0:
+                ax.set_title(metric_label(metric), fontsize=FONT)
+            if j == 0:
+                ax.set_ylabel(unit, fontsize=FONT - 1)
+            _style(ax)
+        axes[i, 0].set_yticks(range(len(models)), [str(m) for m in models])
+    axes[0, 0].invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
+    fig.tight_layout()
+    return fig
+
+
+def paired_differences(df: pd.DataFrame, metrics_=("ece", "brier", "auroc"), title: str | None = None) -> Figure:
+    """Forest plot of paired differences (method - reference) with intervals, one panel per metric.
+
+    ``df``: a paired table (``set, method, reference, metric, diff, diff_low, diff_high``).
+    A dashed line marks 0; filled markers: the interval excludes 0 (green: better, red: worse).
+    """
+    need = {"set", "method", "reference", "metric", "diff", "diff_low", "diff_high"}
+    if missing := need - set(df.columns):
+        raise ValueError(f"paired_differences needs columns {sorted(need)}; missing {sorted(missing)}")
+    df = df[df["metric"].isin(metrics_)]
+    if df.empty:
+        raise ValueError("paired_differences got no rows for the requested metrics")
+    labels = list(dict.fromkeys(f"{r.set}: {r.method} - {r.reference}" for r in df.itertuples()))
+    fig, axes = plt.subplots(1, len(metrics_), figsize=(3.6 * len(metrics_) + 3.5, 0.3 * len(labels) + 1.8),
+                             sharey=True, squeeze=False)
+    for ax, metric in zip(axes[0], metrics_):
+        sub = df[df["metric"] == metric]
+        y = np.array([labels.index(f"{r.set}: {r.method} - {r.reference}") for r in sub.itertuples()])
+        v, low, high = (sub[k].to_numpy(float) for k in ("diff", "diff_low", "diff_high"))
+        sig = (low > 0) | (high < 0)
+        better = (high < 0) if metrics.LOWER_IS_BETTER.get(metric, True) else (low > 0)
+        ax.errorbar(v, y, xerr=[np.nan_to_num(v - low).clip(min=0), np.nan_to_num(high - v).clip(min=0)],
+                    fmt="none", ecolor="black", capsize=2, lw=1)
+        ax.scatter(v[sig & better], y[sig & better], color=BETTER_COLOR, zorder=3, s=18)
+        ax.scatter(v[sig & ~better], y[sig & ~better], color=GAP_COLOR, zorder=3, s=18)
+        ax.scatter(v[~sig], y[~sig], facecolor="white", edgecolor="black", zorder=3, s=18)
+        ax.axvline(0, color="grey", ls="--", lw=0.8)
+        direction = "lower is better" if metrics.LOWER_IS_BETTER.get(metric, True) else "higher is better"
+        ax.set_title(f"Δ {metric_label(metric)}\n({direction})", fontsize=FONT)
+        _style(ax)
+    axes[0, 0].set_yticks(range(len(labels)), labels)
+    axes[0, 0].invert_yaxis()
     if title:
         fig.suptitle(title, fontsize=FONT + 1)
     fig.tight_layout()

@@ -1,8 +1,8 @@
 """Figures and the README table, regenerated from saved results only (never by training).
 
 ``make_figures(results_dir, figures_dir)`` reads the compact files that the evaluation and
-ablation notebooks write (``headline.csv``, ``per_question.csv.gz``, ``ablation.csv``,
-``train_logs/*.csv``) and writes every figure as PNG + PDF. ``publish_results`` copies those
+ablation notebooks write (``headline.csv``, ``per_question.csv.gz``, ``paired.csv``,
+``ablation.csv``, ``train_logs/*.csv``) and writes every figure as PNG + PDF. ``publish_results`` copies those
 compact files next to the repository's ``figures/`` so a fresh clone regenerates the figures.
 """
 
@@ -16,8 +16,9 @@ import pandas as pd
 
 from csp_utils import plots
 
-COMPACT = ("headline.csv", "summary.csv", "per_question.csv.gz", "level_spearman.csv", "ablation.csv",
-           "timings.json", "base_model.json")
+COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
+           "ablation.csv", "timings.json", "base_model.json")
+POOLED = ("pooled-clean", "pooled-transfer")
 
 MAIN_COMBO = ("third", "single_pass")   # framing and read-out shown in the before/after figures
 
@@ -80,10 +81,40 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
                 save(plots.internal_vs_verbalized(g["internal_prob"], g["confidence"], g["correct"].astype(int),
                                                   title=f"{name}: internal vs verbalized"),
                      f"internal_vs_verbalized_{name}")
+    head = _read(results_dir, "headline.csv")
+    if head is not None and "ece15" in head.columns:
+        main = head[((head["framing"] == MAIN_COMBO[0]) & (head["readout"] == MAIN_COMBO[1])) | (head["framing"] == "-")]
+        cl = ", ".join(sorted(set(main["cluster"])))
+        pooled = [u for u in POOLED if u in set(main["set"])]
+        if pooled:
+            save(plots.metric_intervals(main, units=pooled, title=f"Pooled sets (95% intervals, resampling by {cl})"),
+                 "metrics_pooled")
+        groups = {"clean": [u for u in experiment.CLEAN_SETS if u in set(main["set"])],
+                  "transfer": sorted(u for u in set(main["set"]) if u.startswith("transfer-"))}
+        for name, units in groups.items():
+            if units:
+                save(plots.metric_intervals(main, units=units, title=f"{name.capitalize()} sets "
+                                                                     f"(95% intervals, resampling by {cl})"),
+                     f"metrics_{name}_sets")
+    paired = _read(results_dir, "paired.csv")
+    if paired is not None and len(paired):
+        sub = paired[(paired["method"] == after) & paired["set"].isin(POOLED)]
+        if len(sub):
+            save(plots.paired_differences(sub, title=f"{after} minus each reference, pooled sets "
+                                                     f"(same resamples, by {sub['cluster'].iloc[0]})"),
+                 "paired_differences_pooled")
     ab = _read(results_dir, "ablation.csv")
     if ab is not None and len(ab):
         for metric in sorted(set(ab["metric"])):
             sub = ab[ab["metric"] == metric]
+            cl = sub["cluster"].iloc[0] if "cluster" in sub else "question"
+            for unit, suffix in (("pooled-clean", ""), ("pooled-transfer", "_transfer")):
+                if unit in set(sub["set"]):
+                    save(plots.ablation_bars(sub[sub["set"] == unit], title=f"Ablations: {plots.metric_label(metric)}, "
+                                             f"{unit.replace('-', ' ')} sets\n(95% bootstrap interval, by {cl})"),
+                         f"ablation_{metric}{suffix}")
+            if "pooled-clean" in set(sub["set"]):
+                continue
             agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
                                                       high=("high", "mean")).reset_index()
             agg["metric"] = metric
@@ -137,33 +168,60 @@ def publish_results(results_dir, dest) -> list[Path]:
     return copied
 
 
-def results_markdown(results_dir) -> str:
-    from csp_utils import experiment
-
-    head = _read(Path(results_dir), "headline.csv")
+def _tables(results_dir):
+    results_dir = Path(results_dir)
+    head = _read(results_dir, "headline.csv")
     if head is None:
         raise FileNotFoundError(f"{results_dir}/headline.csv not found: run the evaluation notebook first")
-    sets = experiment.CLEAN_SETS + tuple(sorted(s for s in set(head["set"]) if s.startswith("transfer-")))
-    return experiment.markdown_table(head, *MAIN_COMBO, sets=sets)
+    paired = _read(results_dir, "paired.csv")
+    return head, paired
 
 
-def ece_verdicts(results_dir, after: str = "sft_simpo") -> pd.DataFrame:
-    """Per set: did CSP lower ECE against the base and each baseline? (interval-aware)."""
-    head = _read(Path(results_dir), "headline.csv")
-    if head is None:
+def results_markdown(results_dir, after: str = "sft_simpo", base: str = "base") -> str:
+    """The README's first-screen table: pooled clean and pooled transfer x (the base model, the
+    CSP model ``after``, every baseline), with paired differences against the strongest
+    baseline (lowest pooled clean Brier, chosen by :func:`experiment.strongest_baseline`)."""
+    from csp_utils import experiment
+
+    head, paired = _tables(results_dir)
+    strongest = experiment.strongest_baseline(head)
+    keep = head[head["model"].isin([base, after]) | head["model"].str.startswith("baseline:")]
+    sets = tuple(u for u in POOLED if u in set(head["set"]))
+    table = experiment.markdown_table(keep, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest)
+    return (f"{table}\n\nStrongest baseline (lowest pooled clean Brier): `{strongest}`. "
+            "Per-set results and every paired difference: [docs/results.md](docs/results.md).")
+
+
+def results_document(results_dir, after: str = "sft_simpo") -> str:
+    """``docs/results.md``: the full per-set table and every paired difference, generated."""
+    from csp_utils import experiment
+
+    head, paired = _tables(results_dir)
+    strongest = experiment.strongest_baseline(head)
+    sets = tuple(dict.fromkeys([u for u in POOLED if u in set(head["set"])]
+                               + [s for s in experiment.CLEAN_SETS if s in set(head["set"])]
+                               + sorted(s for s in set(head["set"]) if s.startswith(("transfer-", "coco-", "official-")))
+                               + (["perturbed"] if "perturbed" in set(head["set"]) else [])))
+    parts = ["# Results (generated)", "",
+             "Written by `notebooks/07_figures.ipynb` from `figures/results/`; do not edit by hand. "
+             "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md).", "",
+             f"Strongest baseline (lowest pooled clean Brier): `{strongest}`.", "",
+             "## Every model and baseline, per set and pooled", "",
+             experiment.markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest)]
+    if paired is not None and len(paired):
+        parts += ["", f"## Paired differences: {after} against the base model and each baseline", "",
+                  experiment.paired_markdown(paired, sets=sets, methods=[after]),
+                  "", "## Paired differences: every other model", "",
+                  experiment.paired_markdown(paired[paired["method"] != after], sets=sets)]
+    return "\n".join(parts) + "\n"
+
+
+def paired_verdicts(results_dir, after: str = "sft_simpo") -> pd.DataFrame:
+    """``after`` against the base model and each baseline, per set and pool: paired
+    differences in ECE, Brier, AUROC and accuracy with intervals and verdicts."""
+    paired = _read(Path(results_dir), "paired.csv")
+    if paired is None or paired.empty:
         return pd.DataFrame()
-    main = head[((head["framing"] == MAIN_COMBO[0]) & (head["readout"] == MAIN_COMBO[1])) | (head["framing"] == "-")]
-    out = []
-    for set_, g in main.groupby("set"):
-        csp = g[g["model"] == after]
-        if csp.empty:
-            continue
-        c = csp.iloc[0]
-        for _, other in g[g["model"] != after].iterrows():
-            verdict = ("lower" if c["ece_high"] < other["ece_low"] else
-                       "higher" if c["ece_low"] > other["ece_high"] else "overlapping intervals")
-            out.append({"set": set_, "against": other["model"], "csp_ece": c["ece"], "other_ece": other["ece"],
-                        "csp_auroc": c["auroc"], "other_auroc": other["auroc"],
-                        "csp_accuracy": c["accuracy"], "other_accuracy": other["accuracy"], "ece_verdict": verdict})
-    return pd.DataFrame(out)
-
+    sub = paired[paired["method"] == after]
+    return sub.pivot_table(index=["set", "reference"], columns="metric", values=["diff", "verdict"],
+                           aggfunc="first", sort=False)

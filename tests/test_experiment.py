@@ -90,14 +90,15 @@ def test_resampled_metrics_equal_row_by_row_metrics(case):
     if case == "one_class":
         correct[:] = 1.0
     truth, pred = rng.random(n) < 0.5, rng.random(n) < 0.5
-    codes = rng.integers(0, 40, n)                               # rows grouped into 40 questions
+    codes = rng.integers(0, 40, n)                               # rows grouped into 40 images
     drawn = np.stack([np.bincount(rng.integers(0, 40, 40), minlength=40) for _ in range(25)])
-    fast = experiment._resampled_metric_values(conf, correct, truth, pred, drawn[:, codes])
+    fast = experiment._resampled_metric_values(conf, correct, truth, pred, codes, drawn)
     for b in range(len(drawn)):
         idx = np.repeat(np.arange(n), drawn[b, codes])
         slow = experiment._metric_values(conf[idx], correct[idx], truth[idx], pred[idx])
-        for k, v in slow.items():
-            assert fast[k][b] == pytest.approx(v, abs=1e-12, nan_ok=True), (case, b, k)
+        assert set(slow) - set(fast) == {"adaptive_ece"}          # a point estimate only
+        for k in fast:
+            assert fast[k][b] == pytest.approx(slow[k], abs=1e-12, nan_ok=True), (case, b, k)
 
 
 def test_baseline_rows_use_the_base_models_answers():
@@ -106,7 +107,8 @@ def test_baseline_rows_use_the_base_models_answers():
     rows = (_rows("base", "train-sample", 100, 0.8, 0.95) + _rows("base", "calibration", 300, 0.75, 0.95, seed=2)
             + _rows("base", "pope-random", 50, 0.7, 0.95, seed=3))
     out = experiment.baseline_rows(rows)
-    assert {r["model"] for r in out} == {"baseline:constant", "baseline:internal", "baseline:temperature"}
+    assert {r["model"] for r in out} == {"baseline:constant", "baseline:answer_constant", "baseline:internal",
+                                         "baseline:temperature"}
     const = [r for r in out if r["model"] == "baseline:constant"]
     acc = np.mean([r["correct"] for r in rows if r["set"] == "train-sample"])
     assert len(const) == 50 and all(r["confidence"] == pytest.approx(acc) for r in const)
@@ -114,3 +116,186 @@ def test_baseline_rows_use_the_base_models_answers():
     assert all(t < 0.9 for t in temp)  # overconfident 0.9 scaled down towards the held-out accuracy
     with pytest.raises(ValueError, match="calibration"):
         experiment.baseline_rows(_rows("base", "pope-random", 5, 0.5, 0.5))
+
+
+def test_answer_constant_is_training_accuracy_given_the_own_answer():
+    from csp_utils import experiment
+
+    train = _rows("base", "train-sample", 8, 1.0, 0.9)
+    for r, (answer, ok) in zip(train, [("yes", 1), ("yes", 1), ("yes", 1), ("yes", 0),
+                                       ("no", 1), ("no", 0), ("no", 0), ("no", 0)]):
+        r.update(answer=answer, correct=bool(ok))
+    test = _rows("base", "pope-random", 3, 1.0, 0.9, seed=3)
+    for r, answer in zip(test, ["yes", "no", "unclear"]):
+        r["answer"] = answer
+    out = experiment.baseline_rows(train + _rows("base", "calibration", 50, 0.7, 0.9) + test)
+    conf = [r["confidence"] for r in out if r["model"] == "baseline:answer_constant"]
+    assert conf == pytest.approx([0.75, 0.25, 0.5])  # after "yes", after "no", else overall training accuracy
+
+
+def _image_rows(model, set_, n_images, per_image, seed=0, conf_fn=None, image_prefix="eval-0"):
+    """Rows whose correctness is shared within an image (the case a question bootstrap gets wrong)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_images):
+        image = f"{image_prefix}{i:05d}"
+        ok = bool(rng.random() < 0.7)
+        for q in range(per_image):
+            conf = conf_fn(ok, rng) if conf_fn else 0.7
+            rows.append({"model": model, "set": set_, "framing": "third", "readout": "single_pass",
+                         "question_id": f"{image}-{set_}-{q}", "image_id": image, "label": "yes",
+                         "answer": "yes" if ok else "no", "correct": ok, "confidence": conf, "internal_prob": 0.9})
+    return rows
+
+
+def test_image_bootstrap_is_wider_than_question_bootstrap_for_clustered_rows():
+    from csp_utils import experiment
+
+    rows = _image_rows("m", "pope-random", 60, 6, conf_fn=lambda ok, rng: 0.9 if rng.random() < 0.5 else 0.6)
+    img = experiment.headline_table(rows, n_boot=400, seed=0, cluster="image").iloc[0]
+    que = experiment.headline_table(rows, n_boot=400, seed=0, cluster="question").iloc[0]
+    assert img["cluster"] == "image" and que["cluster"] == "question"
+    assert img["n_images"] == 60 and img["n_questions"] == 360
+    for k in ("accuracy", "brier"):
+        assert img[f"{k}_high"] - img[f"{k}_low"] > 1.8 * (que[f"{k}_high"] - que[f"{k}_low"]), k
+    assert img["brier"] == que["brier"]
+    with pytest.raises(ValueError, match="cluster"):
+        experiment.headline_table(rows, cluster="scene")
+
+
+def test_headline_pools_sets_and_reports_image_share():
+    from csp_utils import experiment, metrics
+
+    rows = (_image_rows("m", "pope-random", 20, 6, conf_fn=lambda ok, rng: 0.9 if ok else 0.5)
+            + _image_rows("m", "amber-existence", 10, 2, seed=1, image_prefix="eval-1")
+            + _image_rows("m", "transfer-blur", 10, 6, seed=2, image_prefix="eval-2"))
+    table = experiment.headline_table(rows, n_boot=50, seed=0)
+    clean = table[table["set"] == "pooled-clean"].iloc[0]
+    assert clean["n_images"] == 30 and clean["n_questions"] == 140 and clean["n_sets"] == 2
+    pooled = [r for r in rows if r["set"] != "transfer-blur"]
+    conf = np.array([r["confidence"] for r in pooled])
+    ok = np.array([r["correct"] for r in pooled], dtype=float)
+    assert clean["brier"] == pytest.approx(metrics.brier(conf, ok))
+    assert table[table["set"] == "pooled-transfer"].iloc[0]["n_images"] == 10
+    pope = table[table["set"] == "pope-random"].iloc[0]
+    assert pope["image_share"] == pytest.approx(1.0)   # confidence set per image
+
+
+def test_paired_table_same_resamples_and_verdicts():
+    from csp_utils import experiment
+
+    good = lambda ok, rng: 0.95 if ok else 0.2  # noqa: E731
+    rows = _image_rows("csp@s0", "pope-random", 80, 6, conf_fn=good) + _image_rows("base", "pope-random", 80, 6)
+    rows += [{**r, "model": "baseline:constant", "framing": "-", "readout": "-", "confidence": 0.7}
+             for r in _image_rows("x", "pope-random", 80, 6)]
+    paired = experiment.paired_table(rows, n_boot=300, seed=0)
+    get = lambda m, r, k: paired[(paired["set"] == "pope-random") & (paired["method"] == m)  # noqa: E731
+                                 & (paired["reference"] == r) & (paired["metric"] == k)].iloc[0]
+    assert get("csp", "base", "brier")["verdict"] == "better" and get("csp", "base", "auroc")["verdict"] == "better"
+    assert get("csp", "base", "accuracy")["diff"] == 0 and get("csp", "base", "accuracy")["verdict"] == "level"
+    # the base model and the constant give the same confidence: zero difference on every resample
+    same = get("base", "baseline:constant", "brier")
+    assert same["diff"] == 0 and same["diff_low"] == 0 and same["diff_high"] == 0 and same["verdict"] == "level"
+    assert set(paired["reference"]) == {"base", "baseline:constant"}
+    with pytest.raises(ValueError, match="different questions"):
+        experiment.paired_table(rows[:-6], n_boot=10)
+
+
+def test_paired_interval_is_narrower_than_the_unpaired_one():
+    """Both methods move with the images: the paired difference cancels the image effect."""
+    from csp_utils import experiment
+
+    rows = _image_rows("a", "pope-random", 100, 6, conf_fn=lambda ok, rng: 0.8 if ok else 0.4)
+    rows += [{**r, "model": "base", "confidence": r["confidence"] + 0.05} for r in rows]
+    head = experiment.headline_table(rows, n_boot=400, seed=0)
+    head = head[head["set"] == "pope-random"].set_index("model")
+    paired = experiment.paired_table(rows, n_boot=400, seed=0)
+    p = paired[(paired["metric"] == "brier") & (paired["method"] == "a") & (paired["set"] == "pope-random")].iloc[0]
+    unpaired = (head.loc["a", "brier_high"] - head.loc["a", "brier_low"]) + (head.loc["base", "brier_high"]
+                                                                              - head.loc["base", "brier_low"])
+    assert p["diff_high"] - p["diff_low"] < 0.5 * unpaired
+
+
+def test_strongest_baseline_is_the_lowest_pooled_clean_brier():
+    import pandas as pd
+    from csp_utils import experiment
+
+    head = pd.DataFrame({"model": ["baseline:constant", "baseline:internal", "baseline:internal", "base"],
+                         "set": ["pooled-clean", "pooled-clean", "pooled-transfer", "pooled-clean"],
+                         "brier": [0.14, 0.12, 0.5, 0.01]})
+    assert experiment.strongest_baseline(head) == "baseline:internal"
+    with pytest.raises(ValueError, match="baseline"):
+        experiment.strongest_baseline(head[head["model"] == "base"])
+
+
+SMALL = dict(n_pope_images=4, n_amber_images=4, n_transfer_images=2, n_calibration_images=3, n_train_images=3,
+             n_perturbed_images=1, perturbed_levels=(0, 100))
+
+
+def test_suite_sets_share_no_image_with_each_other_or_a_training_split():
+    from csp_utils import experiment, scenes
+
+    suite = experiment.build_suite(experiment.SuiteConfig(**SMALL))
+    desc = experiment.set_descriptions(suite)
+    assert set(desc) == set(suite)
+    seen = {}
+    for name, d in desc.items():
+        assert d["image_ids"] and d["n_images"] == len(d["image_ids"])
+        # a degraded or perturbed image counts as its clean scene
+        own = {scenes.parse_scene_id(experiment.scene_of(i))[:2] for i in d["image_ids"]}
+        if name == "train-sample":
+            assert {split for split, _ in own} == {"base"}
+            continue
+        assert {split for split, _ in own} == {"eval"}, name   # never base (pretraining) or csp (CSP training)
+        for key in own:
+            assert key not in seen, (name, seen.get(key))
+            seen[key] = name
+    # the three POPE sets draw their images from different ranges
+    pope = [{experiment.scene_of(i) for i in desc[f"pope-{k}"]["image_ids"]} for k in ("random", "popular", "adversarial")]
+    assert not (pope[0] & pope[1]) and not (pope[1] & pope[2]) and not (pope[0] & pope[2])
+
+
+def test_check_disjoint_names_the_sets_sharing_an_image():
+    from csp_utils import benchmarks, experiment
+
+    scene_list = benchmarks.pope_scenes(2)
+    shared = {k: benchmarks.build_world_pope(scene_list, k) for k in ("random", "popular")}
+    with pytest.raises(ValueError, match="'random'|'popular'|pope"):
+        experiment.check_disjoint(shared)
+    train = benchmarks.build_world_pope(benchmarks.pope_scenes(1, split="csp"), "random")
+    with pytest.raises(ValueError, match="training split"):
+        experiment.check_disjoint({"pope-random": train})
+
+
+def test_default_sizes():
+    """POPE sets hold >= 300 images each at the default, in the config and the params file."""
+    import yaml
+    from pathlib import Path
+    from csp_utils import experiment
+
+    assert experiment.SuiteConfig().n_pope_images >= 300
+    params = yaml.safe_load((Path(__file__).parents[1] / "params" / "default.yaml").read_text())
+    for stage in ("05_evaluate", "06_ablations"):
+        assert params["stages"][stage]["suite"]["n_pope_images"] >= 300, stage
+
+
+def test_compact_markdown_table_and_results_document(tmp_path):
+    from csp_utils import experiment, report
+
+    rows = []
+    for set_, prefix in (("pope-random", "eval-0"), ("transfer-blur", "eval-2")):
+        rows += _image_rows("base", set_, 20, 6, image_prefix=prefix)
+        rows += _image_rows("sft_simpo@s0", set_, 20, 6, conf_fn=lambda ok, rng: 0.9 if ok else 0.3, image_prefix=prefix)
+        for b, c in (("constant", 0.7), ("internal", 0.8)):
+            rows += [{**r, "model": f"baseline:{b}", "framing": "-", "readout": "-", "confidence": c}
+                     for r in _image_rows("x", set_, 20, 6, image_prefix=prefix)]
+    rows += _image_rows("sft@s0", "pope-random", 20, 6) + _image_rows("sft@s0", "transfer-blur", 20, 6, image_prefix="eval-2")
+    experiment.headline_table(rows, n_boot=50).to_csv(tmp_path / "headline.csv", index=False)
+    experiment.paired_table(rows, n_boot=50).to_csv(tmp_path / "paired.csv", index=False)
+    table = report.results_markdown(tmp_path)
+    body = [line for line in table.splitlines() if line.startswith("| pooled")]
+    assert 0 < len(body) <= 12 and not any("| sft |" in line for line in body)   # headline models only
+    assert "ΔBrier vs baseline:constant" in table and "resampling by image" in table
+    assert any("better" in line for line in body if "sft_simpo" in line)
+    doc = report.results_document(tmp_path)
+    assert "| pope-random | sft |" in doc and "## Paired differences" in doc

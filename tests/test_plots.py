@@ -3,6 +3,7 @@
 from types import SimpleNamespace
 
 import matplotlib
+import matplotlib.collections
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,7 +93,7 @@ def test_ablation_bars(tmp_path):
     )
     fig = plots.ablation_bars(df, title="ablations")
     assert isinstance(fig, Figure) and len(fig.axes) == 2
-    assert [ax.get_title() for ax in fig.axes] == ["ECE", "AUROC"]
+    assert [ax.get_title() for ax in fig.axes] == ["ECE (10 bins)", "AUROC"]
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "abl"))
     with pytest.raises(ValueError, match="missing"):
         plots.ablation_bars(df.drop(columns="low"))
@@ -164,3 +165,51 @@ def test_saved_figures_are_byte_reproducible(tmp_path):
     b = plots.save_figure(fig, tmp_path / "b")
     for x, y in zip(a, b):
         assert x.read_bytes() == y.read_bytes()
+
+
+def _headline():
+    rows = []
+    for unit in ("pooled-clean", "pooled-transfer"):
+        for i, model in enumerate(("base", "sft_simpo", "baseline:temperature")):
+            r = {"model": model, "set": unit}
+            for k, v in (("ece", 0.05), ("ece15", 0.06), ("brier", 0.15), ("auroc", 0.6)):
+                r |= {k: v + 0.01 * i, f"{k}_low": v, f"{k}_high": v + 0.03}
+            rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def test_metric_intervals(tmp_path):
+    fig = plots.metric_intervals(_headline(), title="pooled")
+    assert isinstance(fig, Figure) and len(fig.axes) == 8   # 2 sets x 4 metrics
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["ECE (10 bins)", "ECE (15 bins)", "Brier score", "AUROC"]
+    assert {"base", "sft_simpo", "baseline:temperature"} <= set(all_texts(fig))
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "intervals"))
+    one = plots.metric_intervals(_headline(), units=["pooled-transfer"])
+    assert len(one.axes) == 4
+    with pytest.raises(ValueError, match="missing"):
+        plots.metric_intervals(_headline().drop(columns="auroc_low"))
+    with pytest.raises(ValueError, match="no rows"):
+        plots.metric_intervals(_headline(), units=["pope-random"])
+
+
+def test_paired_differences_marks_intervals_that_exclude_zero(tmp_path):
+    df = pd.DataFrame({"set": ["pooled-clean"] * 4, "method": ["sft_simpo"] * 4,
+                       "reference": ["base", "base", "baseline:temperature", "baseline:temperature"],
+                       "metric": ["brier", "auroc", "brier", "auroc"], "diff": [0.03, -0.02, 0.07, -0.3],
+                       "diff_low": [0.02, -0.05, 0.06, -0.35], "diff_high": [0.04, 0.01, 0.09, -0.25]})
+    fig = plots.paired_differences(df, metrics_=("brier", "auroc"))
+    assert len(fig.axes) == 2 and "lower is better" in fig.axes[0].get_title()
+    assert "higher is better" in fig.axes[1].get_title()
+    dots = [c for c in fig.axes[1].collections if isinstance(c, matplotlib.collections.PathCollection)]
+    filled = [c for c in dots if c.get_offsets().shape[0] and tuple(c.get_facecolor()[0][:3]) != (1.0, 1.0, 1.0)]
+    assert sum(c.get_offsets().shape[0] for c in filled) == 1   # only the AUROC interval below 0 is marked
+    assert tuple(next(c for c in filled if c.get_offsets().shape[0]).get_facecolor()[0][:3]) == \
+        matplotlib.colors.to_rgb(plots.GAP_COLOR)                # below 0 is worse for AUROC
+    brier_dots = [c for c in fig.axes[0].collections if isinstance(c, matplotlib.collections.PathCollection)]
+    brier_red = [c for c in brier_dots if c.get_offsets().shape[0]
+                 and tuple(c.get_facecolor()[0][:3]) == matplotlib.colors.to_rgb(plots.GAP_COLOR)]
+    assert sum(c.get_offsets().shape[0] for c in brier_red) == 2  # both Brier intervals above 0: worse
+    assert "pooled-clean: sft_simpo - base" in all_texts(fig)
+    assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "paired"))
+    with pytest.raises(ValueError, match="missing"):
+        plots.paired_differences(df.drop(columns="diff_low"))

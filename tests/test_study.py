@@ -76,7 +76,7 @@ def test_stage_outputs(smoke_run):
     # 06: ablation table over the variants
     ab = pd.read_csv(smoke_run / "results" / "ablation.csv")
     assert {"SFT + SimPO", "SFT only", "SimPO only", "base"} <= set(ab["name"])
-    assert {"ece", "auroc", "accuracy"} == set(ab["metric"])
+    assert {"ece", "ece15", "brier", "auroc", "accuracy"} == set(ab["metric"])
     # 07: every figure regenerated from results
     for stem in ("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level", "ablation_ece"):
         assert (figs / f"{stem}.png").stat().st_size > 0 and (figs / f"{stem}.pdf").exists(), stem
