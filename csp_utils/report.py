@@ -225,3 +225,90 @@ def paired_verdicts(results_dir, after: str = "sft_simpo") -> pd.DataFrame:
     sub = paired[paired["method"] == after]
     return sub.pivot_table(index=["set", "reference"], columns="metric", values=["diff", "verdict"],
                            aggfunc="first", sort=False)
+
+
+MAX_NOTEBOOK_IMAGE_BYTES = 2_000_000   # a published notebook should open quickly in a browser
+
+
+def _image_bytes(nb: dict) -> int:
+    """Bytes of base64 images in a notebook's outputs and widget state."""
+    def walk(node):
+        if isinstance(node, dict):
+            return sum(len("".join(v)) if k.startswith("image/") and isinstance(v, (str, list)) else walk(v)
+                       for k, v in node.items())
+        if isinstance(node, list):
+            return sum(walk(v) for v in node)
+        return 0
+
+    return walk(nb.get("cells", [])) + walk(nb.get("metadata", {}).get("widgets", {}))
+
+
+def _downscale_png(b64: str, scale: float) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(base64.b64decode(b64)))
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    buf = io.BytesIO()
+    img.resize(size, Image.LANCZOS).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _shrink_notebook(nb: dict, max_image_bytes: int) -> list[str]:
+    """Keep a notebook's embedded images under ``max_image_bytes``: first drop the widget
+    state (interactive copies of plots the notebook also shows statically), then downscale
+    the PNG outputs. Returns what was done, for the caller to report."""
+    actions = []
+    if _image_bytes(nb) > max_image_bytes and "widgets" in nb.get("metadata", {}):
+        del nb["metadata"]["widgets"]
+        actions.append("dropped widget state")
+    size = _image_bytes(nb)
+    if size > max_image_bytes:
+        scale = 0.95 * (max_image_bytes / size) ** 0.5   # PNG bytes shrink about with the pixel count
+        for cell in nb.get("cells", []):
+            for out in cell.get("outputs", []):
+                data = out.get("data", {})
+                if "image/png" in data:
+                    png = data["image/png"]
+                    data["image/png"] = _downscale_png("".join(png) if isinstance(png, list) else png, scale)
+        actions.append(f"downscaled PNG outputs by {scale:.2f}")
+    return actions
+
+
+def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX_NOTEBOOK_IMAGE_BYTES) -> dict:
+    """Copy a run's executed notebooks, outputs included, to ``dest`` so a reader can open
+    them without running anything.
+
+    Only finished stages are published (those with ``markers/<stage>.json``): a failed stage's
+    partial copy, or the notebook running this call, is left out and named in the result.
+    Notebooks in ``dest`` of stages the run no longer has are removed, so ``dest`` mirrors the
+    run. Returns ``{"written": {name: bytes}, "skipped": [names], "shrunk": {name: [actions]}}``.
+    """
+    import json
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    source = run_dir / "notebooks"
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} not found: run_dir must be a study run folder "
+                                f"(python -m csp_utils.study params/default.yaml)")
+    if dest.resolve() == source.resolve() or dest.resolve() == (Path(__file__).resolve().parents[1] / "notebooks"):
+        raise ValueError(f"dest {dest} would overwrite the source notebooks; give a separate folder such as docs/notebooks")
+    dest.mkdir(parents=True, exist_ok=True)
+    written, skipped, shrunk = {}, [], {}
+    for path in sorted(source.glob("*.ipynb")):
+        if not (run_dir / "markers" / f"{path.stem}.json").exists():
+            skipped.append(path.name)
+            continue
+        nb = json.loads(path.read_text())
+        actions = _shrink_notebook(nb, max_image_bytes)
+        if actions:
+            shrunk[path.name] = actions
+        out = dest / path.name
+        out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        written[path.name] = out.stat().st_size
+    for old in dest.glob("*.ipynb"):
+        if old.name not in written:
+            old.unlink()
+    return {"written": written, "skipped": skipped, "shrunk": shrunk}

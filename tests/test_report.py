@@ -1,0 +1,75 @@
+"""Publishing a run's executed notebooks for readers."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from csp_utils import report
+
+
+def _png_b64(side: int, seed: int = 0) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _notebook(png: str, widgets: bool = False) -> dict:
+    nb = {"cells": [{"cell_type": "code", "source": "plot()", "metadata": {}, "execution_count": 1,
+                     "outputs": [{"output_type": "display_data", "metadata": {},
+                                  "data": {"image/png": png, "text/plain": "<Figure>"}}]}],
+          "metadata": {"kernelspec": {"name": "python3"}}, "nbformat": 4, "nbformat_minor": 5}
+    if widgets:
+        nb["metadata"]["widgets"] = {"state": {"w": {"outputs": [{"data": {"image/png": png}}]}}}
+    return nb
+
+
+def _fake_run(tmp_path, notebooks: dict, finished: set) -> "Path":
+    run = tmp_path / "runs" / "default"
+    (run / "notebooks").mkdir(parents=True)
+    (run / "markers").mkdir()
+    for name, nb in notebooks.items():
+        (run / "notebooks" / f"{name}.ipynb").write_text(json.dumps(nb))
+        if name in finished:
+            (run / "markers" / f"{name}.json").write_text("{}")
+    return run
+
+
+def test_publish_copies_finished_notebooks_with_outputs(tmp_path):
+    small = _png_b64(16)
+    run = _fake_run(tmp_path, {"00_world": _notebook(small), "07_figures": _notebook(small)}, finished={"00_world"})
+    dest = tmp_path / "docs" / "notebooks"
+    (dest).mkdir(parents=True)
+    (dest / "03_gone.ipynb").write_text("{}")   # a stage the run no longer has
+    out = report.publish_notebooks(run, dest)
+    assert sorted(p.name for p in dest.glob("*.ipynb")) == ["00_world.ipynb"]
+    assert out["skipped"] == ["07_figures.ipynb"] and out["shrunk"] == {}
+    assert out["written"] == {"00_world.ipynb": (dest / "00_world.ipynb").stat().st_size}
+    published = json.loads((dest / "00_world.ipynb").read_text())
+    assert published["cells"][0]["outputs"][0]["data"]["image/png"] == small
+
+
+def test_publish_shrinks_notebooks_over_the_image_budget(tmp_path):
+    big = _png_b64(256)                          # noise compresses badly: ~200 kB per copy
+    run = _fake_run(tmp_path, {"01_explorer": _notebook(big, widgets=True)}, finished={"01_explorer"})
+    budget = len(big) // 2
+    out = report.publish_notebooks(run, tmp_path / "pub", max_image_bytes=budget)
+    nb = json.loads((tmp_path / "pub" / "01_explorer.ipynb").read_text())
+    assert "widgets" not in nb["metadata"]
+    assert out["shrunk"]["01_explorer.ipynb"][0] == "dropped widget state"
+    png = nb["cells"][0]["outputs"][0]["data"]["image/png"]
+    assert len(png) <= budget
+    width = Image.open(io.BytesIO(base64.b64decode(png))).width
+    assert 100 <= width < 256                    # downscaled, still a readable figure
+
+
+def test_publish_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        report.publish_notebooks(tmp_path, tmp_path / "pub")
+    run = _fake_run(tmp_path, {}, finished=set())
+    with pytest.raises(ValueError, match="overwrite"):
+        report.publish_notebooks(run, run / "notebooks")
