@@ -315,7 +315,7 @@ def write_pope_file(rows: Iterable[dict], path) -> Path:
     return path
 
 
-__all__ = ["POPE_KINDS", "make_source", "resize_source", "grounder_spec", "load_instances", "coco_number", "pope_eval_images", "check_no_eval_overlap",
+__all__ = ["POPE_KINDS", "make_source", "record_source", "resize_source", "grounder_spec", "load_instances", "coco_number", "pope_eval_images", "check_no_eval_overlap",
            "pope_questions", "processor_image_size", "image_processor_size", "resize_shortest_edge",
            "ResizedAnnotationGrounder", "annotation_grounder", "coco_source", "write_pope_file"]
 
@@ -390,3 +390,23 @@ def make_source(source: str, *, base_model="embedded", seed: int = 0, image_size
     if grounder in ("annotations", "boxes"):
         raise ValueError("a jsonl source carries no annotations: use a dino_sam grounder")
     return resize_source(PD.jsonl_source(jsonl, jsonl_images, on_error=on_error), size), None, size
+
+
+def record_source(out_dir, record: dict) -> dict:
+    """Write ``record`` (the source's name and report) to ``out_dir/source_report.json``; refuse
+    when ``out_dir`` already holds a build from a source with another record. The builder's
+    own config check cannot see the source (how many images, which size), so without this a
+    changed source would silently get the old dataset back."""
+    out_dir = Path(out_dir)
+    path = out_dir / "source_report.json"
+    record = json.loads(json.dumps(record))  # as it reads back
+    if (out_dir / "state.json").exists() and path.exists():
+        old = json.loads(path.read_text())
+        if old != record:
+            raise ValueError(f"{out_dir} holds a build from another source: {old.get('source')!r} "
+                             f"(image size {old.get('image_size')}), now {record.get('source')!r} "
+                             f"(image size {record.get('image_size')}). Use another `dataset` folder name, "
+                             "or delete this one to rebuild.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record

@@ -198,3 +198,14 @@ def test_hf_malformed_rows_are_counted(tmp_path):
     src = PD.hf_source(ds, on_error="report")
     assert [it.sample_id for it in src] == ["hf-0000000", "hf-0000004"]
     assert src.report["malformed_by_reason"] == {"missing_image": 1, "empty_field": 2}
+
+
+def test_a_build_folder_refuses_another_source(tmp_path):
+    out = tmp_path / "dataset"
+    first = {"source": "coco-pope-random(2 images x 3+3, size 336)", "image_size": 336, "questions": 12}
+    assert coco.record_source(out, first) == first
+    coco.record_source(out, first)  # before any build: rewritten freely
+    (out / "state.json").write_text("{}")  # a build has started here
+    coco.record_source(out, first)  # the same source resumes
+    with pytest.raises(ValueError, match="another source.*size 336.*now.*size 224"):
+        coco.record_source(out, {**first, "source": "coco-pope-random(2 images x 3+3, size 224)", "image_size": 224})
