@@ -218,13 +218,20 @@ def results_path(results_dir, model: str, set_name: str) -> Path:
     return Path(results_dir) / model.replace("/", "_") / f"{set_name}.jsonl"
 
 
-def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=None, sets: list[str] | None = None):
-    """Every model on every set; resumable (finished rows are skipped by ``evaluation``)."""
+def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=None, sets: list[str] | None = None,
+                    load_kwargs: dict | None = None):
+    """Every model on every set; resumable (finished rows are skipped by ``evaluation``).
+    ``load_kwargs`` go to ``models.load_vlm`` (e.g. ``{"dtype": "bfloat16", "device_map": "auto"}``)."""
+    import torch
+
     from csp_utils import evaluation, models
 
+    kwargs = {k: v for k, v in (load_kwargs or {}).items() if v is not None}
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     paths = []
     for spec in specs:
-        model, processor = models.load_vlm(spec.base_model, adapter=spec.adapter)
+        model, processor = models.load_vlm(spec.base_model, adapter=spec.adapter, **kwargs)
         for name, bench in suite.items():
             if sets is not None and name not in sets:
                 continue

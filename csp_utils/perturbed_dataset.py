@@ -235,36 +235,84 @@ def world_source(scenes, questions_per_scene: int = 4, seed: int = 0) -> Source:
     return source
 
 
-def jsonl_source(path, image_folder) -> Source:
-    """A JSONL file of {"image": file name, "question", "answer"[, "id", "image_id"]} lines.
+SOURCE_ERRORS = ("raise", "report")
 
-    Every line is checked when the source is made (fields present, image file exists), so a
-    bad line fails at once with its line number, not hours into a build.
+
+def _bad_row(on_error: str, malformed: list, where: str, reason: str, message: str, error=ValueError):
+    """A malformed row: raise (``on_error="raise"``) or record it for the source's report."""
+    if on_error == "raise":
+        raise error(f"{where}: {message}")
+    malformed.append({"where": where, "reason": reason, "message": message})
+
+
+def _source_report(n_rows: int, malformed: list) -> dict:
+    return {"rows": n_rows, "malformed": len(malformed),
+            "malformed_by_reason": dict(Counter(m["reason"] for m in malformed)),
+            "malformed_rows": malformed[:50]}  # the first ones, to fix the file with
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in SOURCE_ERRORS:
+        raise ValueError(f"on_error must be one of {SOURCE_ERRORS}, got {on_error!r}")
+
+
+def jsonl_source(path, image_folder, on_error: str = "raise") -> Source:
+    """A JSONL file of (image, question, answer) rows, as RLAIF-style data come.
+
+    Schema, one JSON object per line::
+
+        {"image": "<file name under image_folder>", "question": "...", "answer": "...",
+         "id": "<unique sample id>"            (optional; else "question_id", else "<file stem>-<line>"),
+         "image_id": "..."                     (optional; what the annotation grounder looks up, default: image),
+         "objects": ["key object", ...]}       (optional; else extracted from question and answer)
+
+    Every line is checked when the source is made (valid JSON object, the three fields present
+    as non-empty strings, ``objects`` a list of strings, the image file exists, ids unique), so
+    a bad line fails at once with its line number, not hours into a build. ``on_error="report"``
+    leaves malformed lines out instead and counts them in ``source.report`` (line, reason):
+    never dropped silently. Blank lines are not rows.
     """
+    _check_on_error(on_error)
     path, image_folder = Path(path), Path(image_folder)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL source not found: {path}")
-    records = []
+    records, malformed, seen = [], [], set()
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                _bad_row(on_error, malformed, where, "invalid_json", f"not valid JSON ({e})")
+                continue
+            if not isinstance(rec, dict):
+                _bad_row(on_error, malformed, where, "not_an_object", f"expected a JSON object, got {type(rec).__name__}")
+                continue
             missing = [k for k in ("image", "question", "answer") if k not in rec]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; each line needs image, question, answer")
+                _bad_row(on_error, malformed, where, "missing_field",
+                         f"missing field(s) {missing}; each line needs image, question, answer")
+                continue
+            empty = [k for k in ("image", "question", "answer") if not isinstance(rec[k], str) or not rec[k].strip()]
+            if empty:
+                _bad_row(on_error, malformed, where, "empty_field", f"field(s) {empty} must be non-empty strings")
+                continue
+            objects = rec.get("objects")
+            if objects is not None and not (isinstance(objects, list) and all(isinstance(o, str) for o in objects)):
+                _bad_row(on_error, malformed, where, "bad_objects", f"'objects' must be a list of strings, got {objects!r}")
+                continue
             img_path = image_folder / rec["image"]
             if not img_path.is_file():
-                raise FileNotFoundError(f"{path}:{lineno}: image {rec['image']!r} not found in {image_folder}")
+                _bad_row(on_error, malformed, where, "image_not_found",
+                         f"image {rec['image']!r} not found in {image_folder}", FileNotFoundError)
+                continue
             sid = str(rec.get("id", rec.get("question_id", f"{path.stem}-{lineno:06d}")))
+            if sid in seen:  # ids seed the noise: a duplicate is never kept, whatever on_error says
+                raise ValueError(f"{where}: duplicate sample id {sid!r}; ids must be unique (they seed the noise)")
+            seen.add(sid)
             records.append((sid, img_path, rec))
-    ids = [r[0] for r in records]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i, c in Counter(ids).items() if c > 1)
-        raise ValueError(f"{path}: duplicate sample id {dup!r}; ids must be unique (they seed the noise)")
 
     def items():
         for sid, img_path, rec in records:
@@ -274,14 +322,24 @@ def jsonl_source(path, image_folder) -> Source:
                 objects=rec.get("objects"),
             )
 
-    return Source(items, len(records), f"jsonl({path.name})")
+    source = Source(items, len(records), f"jsonl({path.name})")
+    source.report = _source_report(len(records), malformed)
+    return source
 
 
 def hf_source(dataset, image_col: str = "image", question_col: str = "question", answer_col: str | None = None,
-              id_col: str | None = None, prefix: str = "hf") -> Source:
-    """A Hugging Face dataset. ``answer_col=None`` takes "answer", else "chosen": for RLAIF-V-style
-    preference data the chosen response serves as the answer. ``id_col=None`` takes "id" or
-    "idx" when present, else ``{prefix}-{row index}``."""
+              id_col: str | None = None, prefix: str = "hf", on_error: str = "raise") -> Source:
+    """A Hugging Face dataset of (image, question, answer) rows.
+
+    Columns: ``image_col`` (an ``Image`` feature, a path, or a PIL image), ``question_col``,
+    ``answer_col`` (None takes "answer", else "chosen": for RLAIF-V-style preference data the
+    chosen response serves as the answer), ``id_col`` (None takes "id", "idx" or
+    "question_id" when present, else ``{prefix}-{row index}``). Rows whose question or answer
+    is missing / empty or whose image is missing are malformed: ``on_error="raise"`` stops at
+    the first, ``"report"`` leaves them out and counts them in ``source.report``. The text
+    columns and image presence are checked up front (images are not decoded for it).
+    """
+    _check_on_error(on_error)
     cols = list(dataset.column_names)
     if answer_col is None:
         answer_col = next((c for c in ("answer", "chosen") if c in cols), None)
@@ -301,13 +359,39 @@ def hf_source(dataset, image_col: str = "image", question_col: str = "question",
             return Image.open(value)
         return value
 
+    # checked once up front, without decoding images
+    from datasets import Image as HFImage
+
+    raw = dataset
+    if isinstance(dataset.features.get(image_col), HFImage):
+        raw = dataset.cast_column(image_col, HFImage(decode=False))
+    images, questions, answers = raw[image_col], raw[question_col], raw[answer_col]
+    ids = raw[id_col] if id_col else [f"{prefix}-{i:07d}" for i in range(len(raw))]
+    keep, malformed, seen = [], [], set()
+    for i, (img, q, a, sid) in enumerate(zip(images, questions, answers, ids)):
+        where = f"row {i}"
+        bad = [c for c, v in ((question_col, q), (answer_col, a)) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            _bad_row(on_error, malformed, where, "empty_field", f"column(s) {bad} must be non-empty strings")
+            continue
+        if img is None or (isinstance(img, dict) and not img.get("bytes") and not img.get("path")):
+            _bad_row(on_error, malformed, where, "missing_image", f"column {image_col!r} holds no image")
+            continue
+        if str(sid) in seen:
+            raise ValueError(f"{where}: duplicate sample id {sid!r}; ids must be unique (they seed the noise)")
+        seen.add(str(sid))
+        keep.append(i)
+
     def items():
-        for i, rec in enumerate(dataset):
+        for i in keep:
+            rec = dataset[i]
             sid = str(rec[id_col]) if id_col else f"{prefix}-{i:07d}"
             yield SourceItem(sample_id=sid, image=load(rec[image_col]), question=str(rec[question_col]),
                              answer=str(rec[answer_col]), image_id=sid)
 
-    return Source(items, len(dataset), f"hf({answer_col})")
+    source = Source(items, len(keep), f"hf({answer_col})")
+    source.report = _source_report(len(keep), malformed)
+    return source
 
 
 # ---------------------------------------------------------------------------------------
