@@ -178,6 +178,17 @@ def build_tiny_vlm(cfg: TinyVLMConfig | None = None, processor=None):
 # --------------------------------------------------------------------------- loading
 
 EMBEDDED = "embedded"  # the name that means "the project's own tiny default"
+# Further bases that ship in the package (never built on demand), by name -> data folder.
+SHIPPED_MODELS = {"embedded-noconf": "tiny_llava_noconf"}   # trained without confidence turns
+
+
+def shipped_model_path(name: str) -> Path:
+    """The folder of a shipped base named in SHIPPED_MODELS."""
+    path = Path(__file__).parent / "data" / SHIPPED_MODELS[name]
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{name!r} should ship at {path} but is missing; reinstall the package "
+                                f"(its csp_meta.json records the command that trains it).")
+    return path
 
 
 def default_model_dir() -> Path:
@@ -223,6 +234,8 @@ def load_vlm(
 
     if str(name_or_path) == EMBEDDED:
         name_or_path = embedded_model_path()
+    elif str(name_or_path) in SHIPPED_MODELS:
+        name_or_path = shipped_model_path(str(name_or_path))
     local = Path(name_or_path)
     if local.exists() and not (local / "config.json").exists():
         raise FileNotFoundError(f"{local} has no config.json: not a transformers model folder.")

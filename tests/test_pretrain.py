@@ -392,3 +392,65 @@ def test_error_breakdown_script_counts_every_question(tiny_run, tiny_cfg):
     assert sum(c for c, _ in out["by_shape"].values()) == n
     assert sum(c for c, _ in out["yes_by_area"].values()) == out["answer"]["yes"][0]
     assert all(0.0 <= a <= 1.0 for g in out.values() for _, a in g.values())
+
+
+# ----------------------------------------------------------------------------- init_from
+def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tiny_cfg, tmp_path):
+    """Vision tower + projector from a trained folder, the language model from its own init."""
+    import torch
+
+    from csp_utils import models
+
+    cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), init_parts=("vision_tower", "projector"),
+                              vision_steps=0, overconfident_fraction=0.0)
+    assert cfg.fingerprint() != dataclasses.replace(cfg, init_parts=("vision_tower",)).fingerprint()
+    loaded = {}
+    real_load = pretrain._load_parts
+
+    def spy(model, folder, parts):
+        out = real_load(model, folder, parts)
+        loaded.update({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    seen = []
+    pretrain._load_parts = spy
+    try:
+        path = pretrain.pretrain(tmp_path / "init", cfg, on_step=lambda stage, step, loss: seen.append(stage))
+    finally:
+        pretrain._load_parts = real_load
+    assert set(seen) == {"joint"}, "the tower comes from init_from: no vision stage"
+    src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()
+    fresh = models.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()
+    for k, v in loaded.items():
+        if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            assert torch.equal(v, src[k]), f"{k} was not taken from init_from"
+        elif k.startswith("model.language_model.layers."):
+            assert torch.equal(v, fresh[k]) and not torch.equal(v, src[k]), f"{k} was not left fresh"
+    final = models.load_vlm(path, dtype=torch.float32)[0].state_dict()
+    assert all(torch.equal(final[k], src[k]) for k in src if k.startswith("model.vision_tower.")), "tower stays frozen"
+    meta = json.loads((path / "csp_meta.json").read_text())
+    assert meta["init_from"]["sha256"] == json.loads((tiny_run / "csp_meta.json").read_text())["sha256"]
+    assert meta["init_from"]["parts"] == ["vision_tower", "projector"]
+    assert meta["config"]["overconfident_fraction"] == 0.0 and "no confidence turns" in meta["name"]
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(init_parts=("tower",)), "unknown"),
+    (dict(init_parts=()), "go together"),
+    (dict(vision_steps=4), "vision_steps=0"),
+    (dict(warm_start=PretrainConfig.tiny().to_dict()), "replaces warm_start"),
+])
+def test_init_from_options_are_checked_before_training(tiny_cfg, tmp_path, over, match):
+    cfg = dataclasses.replace(tiny_cfg, init_from="somewhere", init_parts=("vision_tower",), vision_steps=0)
+    with pytest.raises(ValueError, match=match):
+        pretrain.pretrain(tmp_path / "never", dataclasses.replace(cfg, **over))
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_set_overrides_config_fields_as_json():
+    assert pretrain._parse_sets(["lr=0.002", "existence_phase_steps=1500", "overconfident_levels=[70, 80]"]) == \
+        {"lr": 0.002, "existence_phase_steps": 1500, "overconfident_levels": (70, 80)}
+    with pytest.raises(ValueError, match="FIELD one of"):
+        pretrain._parse_sets(["learning_rate=0.1"])
+    with pytest.raises(ValueError, match="not JSON"):
+        pretrain._parse_sets(["lr=fast"])
