@@ -1619,7 +1619,8 @@ def _parse_sets(items: Sequence[str]) -> dict:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_command(argv: Sequence[str]):
+    """``(args, config)`` of a command line (``python -m csp_utils.pretrain`` arguments)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m csp_utils.pretrain", description=__doc__.split("\n\n")[0])
@@ -1639,7 +1640,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="retrain even if a complete model exists")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = PretrainConfig.tiny(progress=True) if args.tiny else PretrainConfig()
     over = {"joint_steps": args.steps, "vision_steps": args.vision_steps, "seed": args.seed,
             "overconfident_fraction": args.overconfident_fraction, "num_threads": args.threads,
@@ -1656,7 +1656,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, **over)
     if cfg.max_joint_steps < cfg.joint_steps:
         cfg = dataclasses.replace(cfg, max_joint_steps=cfg.joint_steps)
-    command = "python -m csp_utils.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+    return args, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, cfg = parse_command(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    command = "python -m csp_utils.pretrain " + " ".join(argv)
     path = build_default_model(args.out, cfg, force=args.force, command=command.strip())
     meta = json.loads((Path(path) / META_FILE).read_text())
     print(json.dumps({"path": str(path), "sha256": meta["sha256"], "eval": meta["eval"]}, indent=2))

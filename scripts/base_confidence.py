@@ -6,7 +6,7 @@ eval-split scenes and on the same scenes heavily degraded, through ``csp_utils.e
                                       [--severity 1.0] [--out runs/base_confidence]
 
 Per model and condition: accuracy, "yes" ratio, the confidence distribution (mean, std,
-5/50/95th percentiles, share >= 85%), its ECE / Brier / AUROC against correctness, and the
+5/50/95th percentiles, share >= 85%, mean probability of the top option), its ECE / Brier / AUROC against correctness, and the
 AUROC of the internal yes/no probability; pooled over conditions, the AUROC of each
 confidence (does it fall where the evidence is poor?).
 """
@@ -55,6 +55,8 @@ def summarize(rows: list[dict]) -> dict:
         "confidence_mean": round(float(conf.mean()), 4), "confidence_std": round(float(conf.std()), 4),
         "confidence_p5_p50_p95": [round(float(v), 4) for v in q],
         "share_confidence_ge_85": round(float((conf >= 0.85).mean()), 4),
+        # how peaked the option distribution is (1/11 = uniform over 0%..100%)
+        "top_option_prob_mean": round(float(np.mean([max(r["option_probs"]) for r in rows])), 4),
         "ece10": round(float(metrics.ece(conf, correct, 10)), 4),
         "brier": round(float(metrics.brier(conf, correct)), 4),
         "auroc": round(float(metrics.auroc(conf, correct)), 4),

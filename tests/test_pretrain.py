@@ -454,3 +454,40 @@ def test_cli_set_overrides_config_fields_as_json():
         pretrain._parse_sets(["learning_rate=0.1"])
     with pytest.raises(ValueError, match="not JSON"):
         pretrain._parse_sets(["lr=fast"])
+
+
+# ----------------------------------------------------------------------------- shipped bases
+NOCONF = SHIPPED.parent / "tiny_llava_noconf"
+
+
+@pytest.mark.parametrize("folder", [SHIPPED, NOCONF], ids=["embedded", "embedded-noconf"])
+def test_shipped_command_gives_the_recorded_config(folder):
+    """The command in csp_meta.json parses to the config the model was trained with."""
+    import shlex
+
+    meta = json.loads((folder / "csp_meta.json").read_text())
+    words = shlex.split(meta["command"])
+    assert words[:3] == ["python", "-m", "csp_utils.pretrain"]
+    args, cfg = pretrain.parse_command(words[3:])
+    assert cfg.fingerprint() == meta["config_fingerprint"]
+    assert cfg.seed == meta["seed"]
+
+
+def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_turns():
+    from csp_utils import models
+
+    meta = json.loads((NOCONF / "csp_meta.json").read_text())
+    assert pretrain.sha256_file(NOCONF / "model.safetensors") == meta["sha256"]
+    assert pretrain.is_complete(NOCONF)
+    assert not (NOCONF / pretrain.CHECKPOINT_DIR).exists()
+    cfg = PretrainConfig.from_dict(meta["config"])
+    assert cfg.fingerprint() == meta["config_fingerprint"]
+    assert cfg.overconfident_fraction == 0.0 and cfg.warm_start is None
+    assert cfg.mix()[pretrain.KINDS.index("confidence")] == 0.0
+    # its tower (and what else it names) came from the embedded default, as that ships now
+    assert meta["init_from"]["sha256"] == json.loads((SHIPPED / "csp_meta.json").read_text())["sha256"]
+    assert "lm_head" not in meta["init_from"]["parts"]
+    model, _ = models.load_vlm("embedded-noconf")
+    assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
+    first = models.load_vlm("embedded")[0].state_dict()
+    assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in model.state_dict().items()}
