@@ -117,6 +117,9 @@ class PretrainConfig:
     # without confidence turns can reuse a tower without inheriting a language model's answers.
     init_from: str | None = None
     init_parts: tuple[str, ...] = ()
+    # with "embeddings": tokens no pool example contains keep their fresh embedding (a
+    # model's answers to prompts this pool never shows are read and written through them)
+    init_fresh_unseen_tokens: bool = False
     joint_steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
@@ -197,6 +200,8 @@ class PretrainConfig:
             raise ValueError("init_from and init_parts go together: name the model folder and the parts it gives")
         if self.init_from and self.warm_start is not None:
             raise ValueError("init_from replaces warm_start: set warm_start=None (CLI: --init-from does)")
+        if self.init_fresh_unseen_tokens and "embeddings" not in self.init_parts:
+            raise ValueError("init_fresh_unseen_tokens needs 'embeddings' in init_parts (else all are fresh)")
         if "vision_tower" in self.init_parts and self.vision_steps > 0:
             raise ValueError("init_parts has vision_tower: set vision_steps=0 (a trained tower would be overwritten)")
 
@@ -236,8 +241,8 @@ class PretrainConfig:
             d.pop("warm_start", None)
         for c in (d, d.get("warm_start") or {}):  # without init_from, configs hash as they did before it
             if not c.get("init_from"):
-                c.pop("init_from", None)
-                c.pop("init_parts", None)
+                for k in ("init_from", "init_parts", "init_fresh_unseen_tokens"):
+                    c.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     @classmethod
@@ -961,6 +966,16 @@ def _load_parts(model, folder, parts: Sequence[str]) -> dict:
     return {"path": str(folder), "parts": list(parts), "sha256": sha256_file(path), "tensors": len(weights)}
 
 
+def _refresh_unseen_tokens(model, fresh, seen_ids: np.ndarray) -> int:
+    """Put the ``fresh`` embedding back on every token not in ``seen_ids``; returns how many."""
+    import torch
+
+    unseen = np.setdiff1d(np.arange(fresh.shape[0]), np.unique(seen_ids))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[torch.from_numpy(unseen)] = fresh[torch.from_numpy(unseen)]
+    return int(len(unseen))
+
+
 def _load_optimizer(optimizer, folder: Path) -> None:
     import torch
 
@@ -1280,7 +1295,10 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
         if ws_cfg is not None and state["step"] == 0:
             _load_language(model, ws_dir)
         if cfg.init_from and state["step"] == 0:
+            fresh = model.get_input_embeddings().weight.detach().clone()
             state["init_from"] = _load_parts(model, cfg.init_from, cfg.init_parts)
+            if cfg.init_fresh_unseen_tokens:
+                state["init_from"]["fresh_tokens"] = _refresh_unseen_tokens(model, fresh, pool.ids)
         pad = processor.tokenizer.pad_token_id
         w_cat, w_col = _patch_class_weights(n_cat, n_col, cfg.vision_background_weight)
         features = _vision_features(model, pool, codec) if cfg.freeze_vision else None

@@ -491,3 +491,32 @@ def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_t
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
     first = models.load_vlm("embedded")[0].state_dict()
     assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(tiny_run, tiny_cfg, tmp_path):
+    import torch
+
+    from csp_utils import models
+
+    cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), vision_steps=0, joint_steps=2,
+                              init_parts=("vision_tower", "projector", "embeddings", "language_layers"),
+                              init_fresh_unseen_tokens=True)
+    path = pretrain.pretrain(tmp_path / "fresh_tokens", cfg)
+    key = "model.language_model.embed_tokens.weight"
+    src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()[key]
+    fresh = models.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()[key]
+    got = models.load_vlm(path, dtype=torch.float32)[0].state_dict()[key]
+    processor = models.build_processor(cfg.model)
+    pool = pretrain.build_pool(cfg, pretrain.ChatEncoder(processor), pretrain.ImageCodec(processor), progress=False)
+    seen = np.zeros(len(got), bool)
+    seen[np.unique(pool.ids)] = True
+    assert 0 < seen.sum() < len(seen)
+    # unseen rows never get a gradient; AdamW's decoupled weight decay only scales them
+    torch.testing.assert_close(got[~seen], fresh[~seen], rtol=1e-4, atol=0.0)
+    assert not torch.equal(got[~seen], src[~seen])
+    moved = (got[seen] - src[seen]).abs().max()   # seen rows: the source's, then trained
+    assert float(moved) < float((fresh[seen] - src[seen]).abs().max())
+    meta = json.loads((path / "csp_meta.json").read_text())
+    assert meta["init_from"]["fresh_tokens"] == int((~seen).sum())
+    with pytest.raises(ValueError, match="needs 'embeddings'"):
+        dataclasses.replace(cfg, init_parts=("vision_tower",)).check_init()
