@@ -520,3 +520,11 @@ def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(ti
     assert meta["init_from"]["fresh_tokens"] == int((~seen).sum())
     with pytest.raises(ValueError, match="needs 'embeddings'"):
         dataclasses.replace(cfg, init_parts=("vision_tower",)).check_init()
+
+
+def test_a_missing_shipped_base_is_a_clear_error(monkeypatch):
+    from csp_utils import models
+
+    monkeypatch.setitem(models.SHIPPED_MODELS, "embedded-missing", "no_such_folder")
+    with pytest.raises(FileNotFoundError, match="embedded-missing.*no_such_folder"):
+        models.load_vlm("embedded-missing")
