@@ -38,6 +38,9 @@ ends with the same weights as an uninterrupted run. CLI::
 
 The command-line overrides apply to the last round; the first is built (or reused) as
 configured in ``warm_start``, under ``DIR/_warm_start`` (removed when the model is done).
+``--init-from DIR --init-parts ...`` starts from parts of a finished model instead (no
+``warm_start``), ``--set FIELD=JSON`` sets any other field; docs/base_models.md shows the
+command that built the base without confidence turns.
 """
 
 from __future__ import annotations
