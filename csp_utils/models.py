@@ -179,6 +179,17 @@ def build_tiny_vlm(cfg: TinyVLMConfig | None = None, processor=None):
 # --------------------------------------------------------------------------- loading
 
 EMBEDDED = "embedded"  # the name that means "the project's own tiny default"
+# Further bases that ship in the package (never built on demand), by name -> data folder.
+SHIPPED_MODELS = {"embedded-noconf": "tiny_llava_noconf"}   # trained without confidence turns
+
+
+def shipped_model_path(name: str) -> Path:
+    """The folder of a shipped base named in SHIPPED_MODELS."""
+    path = Path(__file__).parent / "data" / SHIPPED_MODELS[name]
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{name!r} should ship at {path} but is missing; reinstall the package "
+                                f"(its csp_meta.json records the command that trains it).")
+    return path
 
 
 def default_model_dir() -> Path:
@@ -218,7 +229,8 @@ class AdapterBaseMismatchError(ValueError):
 
 
 def _accepted_names() -> str:
-    return (f'"{EMBEDDED}" (the project\'s tiny default), an existing folder written by save_pretrained (with '
+    return (f'"{EMBEDDED}" (the project\'s tiny default), {", ".join(repr(n) for n in SHIPPED_MODELS)} (the shipped '
+            "base without planted confidence), an existing folder written by save_pretrained (with "
             "config.json), or a Hugging Face hub id such as llava-hf/llava-1.5-7b-hf that is in the local cache "
             "(or downloadable while online)")
 
@@ -275,13 +287,15 @@ def resolve_model_name(name_or_path) -> str:
     name = str(name_or_path)
     if name == EMBEDDED:
         return str(embedded_model_path())
+    if name in SHIPPED_MODELS:
+        return str(shipped_model_path(name))
     local = Path(name).expanduser()
     if local.exists():
         if not (local / "config.json").exists():
             raise FileNotFoundError(f"{local} has no config.json: not a transformers model folder.")
         return str(local)
-    close = difflib.get_close_matches(name, [EMBEDDED], n=1, cutoff=0.75)
-    hint = f' Did you mean "{EMBEDDED}"?' if close else ""
+    close = difflib.get_close_matches(name, [EMBEDDED, *SHIPPED_MODELS], n=1, cutoff=0.75)
+    hint = f' Did you mean "{close[0]}"?' if close else ""
     head = f"{name!r}: the local path {local.resolve()} does not exist"
     looks_like_path = name.startswith((".", "~", "/", os.sep)) or local.is_absolute() or not _is_repo_id(name)
     if looks_like_path:

@@ -38,6 +38,9 @@ ends with the same weights as an uninterrupted run. CLI::
 
 The command-line overrides apply to the last round; the first is built (or reused) as
 configured in ``warm_start``, under ``DIR/_warm_start`` (removed when the model is done).
+``--init-from DIR --init-parts ...`` starts from parts of a finished model instead (no
+``warm_start``), ``--set FIELD=JSON`` sets any other field; docs/base_models.md shows the
+command that built the base without confidence turns.
 """
 
 from __future__ import annotations
@@ -71,6 +74,14 @@ MODEL_FILE = "model.safetensors"
 # Example kinds of the joint stage, in the order of PretrainConfig's mix weights.
 KINDS = ("caption", "yes_no", "short", "confidence")
 # Fields that change how a run is executed or reported, never what it computes.
+# Parts of a LLaVA that ``init_from`` can give, by state-dict key prefix.
+INIT_PARTS = {
+    "vision_tower": ("model.vision_tower.",),
+    "projector": ("model.multi_modal_projector.",),
+    "embeddings": ("model.language_model.embed_tokens.",),
+    "language_layers": ("model.language_model.layers.", "model.language_model.norm."),
+    "lm_head": ("lm_head.",),
+}
 RUNTIME_FIELDS = ("checkpoint_every", "stop_after_steps", "num_threads", "progress", "keep_checkpoint", "log_every")
 
 
@@ -104,6 +115,14 @@ class PretrainConfig:
     # ``warm_start`` (a PretrainConfig dict: the first round) trains, built first into
     # <out>/_warm_start or reused there, and puts them on this round's tower.
     warm_start: dict | None = field(default_factory=lambda: PretrainConfig.first_round().to_dict())
+    # Or start from parts of a finished model folder (INIT_PARTS; "vision_tower" replaces
+    # stage 1, so it needs vision_steps=0). Parts left out start fresh, so a base trained
+    # without confidence turns can reuse a tower without inheriting a language model's answers.
+    init_from: str | None = None
+    init_parts: tuple[str, ...] = ()
+    # with "embeddings": tokens no pool example contains keep their fresh embedding (a
+    # model's answers to prompts this pool never shows are read and written through them)
+    init_fresh_unseen_tokens: bool = False
     joint_steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
@@ -175,6 +194,20 @@ class PretrainConfig:
         base.update(overrides)
         return cls(**base)
 
+    def check_init(self) -> None:
+        """Early errors for an inconsistent ``init_from`` / ``init_parts``."""
+        unknown = set(self.init_parts) - set(INIT_PARTS)
+        if unknown:
+            raise ValueError(f"init_parts {sorted(unknown)} unknown; choose from {list(INIT_PARTS)}")
+        if bool(self.init_from) != bool(self.init_parts):
+            raise ValueError("init_from and init_parts go together: name the model folder and the parts it gives")
+        if self.init_from and self.warm_start is not None:
+            raise ValueError("init_from replaces warm_start: set warm_start=None (CLI: --init-from does)")
+        if self.init_fresh_unseen_tokens and "embeddings" not in self.init_parts:
+            raise ValueError("init_fresh_unseen_tokens needs 'embeddings' in init_parts (else all are fresh)")
+        if "vision_tower" in self.init_parts and self.vision_steps > 0:
+            raise ValueError("init_parts has vision_tower: set vision_steps=0 (a trained tower would be overwritten)")
+
     def warm_start_config(self) -> "PretrainConfig | None":
         """The warm-start round's config, with this run's runtime knobs."""
         if self.warm_start is None:
@@ -209,13 +242,17 @@ class PretrainConfig:
             d.pop(k, None)
         if d.get("warm_start") is None:  # configs from before the field hash as they did
             d.pop("warm_start", None)
+        for c in (d, d.get("warm_start") or {}):  # without init_from, configs hash as they did before it
+            if not c.get("init_from"):
+                for k in ("init_from", "init_parts", "init_fresh_unseen_tokens"):
+                    c.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PretrainConfig":
         d = dict(d)
         d["model"] = TinyVLMConfig(**d.get("model", {}))
-        for k in ("betas", "overconfident_levels", "eval_variants"):
+        for k in ("betas", "overconfident_levels", "eval_variants", "init_parts"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -915,6 +952,33 @@ def _load_language(model, folder: Path) -> None:
         raise RuntimeError(f"warm start {folder} does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
+def _load_parts(model, folder, parts: Sequence[str]) -> dict:
+    """Copy ``parts`` (INIT_PARTS) of the trained model in ``folder`` into ``model``; returns
+    the source's identity for the meta."""
+    import torch
+
+    from csp_utils import models
+
+    src, _ = models.load_vlm(folder, dtype=torch.float32)
+    prefixes = tuple(p for part in parts for p in INIT_PARTS[part])
+    weights = {k: v for k, v in src.state_dict().items() if k.startswith(prefixes)}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or not weights:
+        raise RuntimeError(f"init_from {folder} does not fit the model: unexpected {unexpected}")
+    path = Path(folder) / MODEL_FILE
+    return {"path": str(folder), "parts": list(parts), "sha256": sha256_file(path), "tensors": len(weights)}
+
+
+def _refresh_unseen_tokens(model, fresh, seen_ids: np.ndarray) -> int:
+    """Put the ``fresh`` embedding back on every token not in ``seen_ids``; returns how many."""
+    import torch
+
+    unseen = np.setdiff1d(np.arange(fresh.shape[0]), np.unique(seen_ids))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[torch.from_numpy(unseen)] = fresh[torch.from_numpy(unseen)]
+    return int(len(unseen))
+
+
 def _load_optimizer(optimizer, folder: Path) -> None:
     import torch
 
@@ -1097,6 +1161,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
     from csp_utils import scenes as sc
 
     cfg = config or PretrainConfig()
+    cfg.check_init()
     out = Path(out_dir)
     ckpt = out / CHECKPOINT_DIR
     t_start = time.time()
@@ -1153,6 +1218,8 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
     n_cat, n_col = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
 
     # ------------------------------------------------------------- stage 1: vision tower
+    if state["stage"] == "vision" and cfg.vision_steps <= 0:
+        state.update(stage="joint", step=0)  # the tower comes from init_from (or stays random)
     if state["stage"] == "vision":
         heads = _Heads.build(cfg.model.vision_hidden, n_cat, n_col, cfg.seed)
         params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
@@ -1207,8 +1274,6 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
                 return None
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 checkpoint(heads, opt)
-        if cfg.vision_steps <= 0:
-            state.update(stage="joint", step=0)
         del heads, opt, vdata
         if state["stage"] == "joint" and _should_stop(cfg, state):
             return None
@@ -1232,6 +1297,11 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
                 _load_optimizer(opt, folder)
         if ws_cfg is not None and state["step"] == 0:
             _load_language(model, ws_dir)
+        if cfg.init_from and state["step"] == 0:
+            fresh = model.get_input_embeddings().weight.detach().clone()
+            state["init_from"] = _load_parts(model, cfg.init_from, cfg.init_parts)
+            if cfg.init_fresh_unseen_tokens:
+                state["init_from"]["fresh_tokens"] = _refresh_unseen_tokens(model, fresh, pool.ids)
         pad = processor.tokenizer.pad_token_id
         w_cat, w_col = _patch_class_weights(n_cat, n_col, cfg.vision_background_weight)
         features = _vision_features(model, pool, codec) if cfg.freeze_vision else None
@@ -1332,7 +1402,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
     report = evaluate_pretrained(model, processor, cfg)
     train_s = state.get("elapsed_s", 0.0)
     meta = {
-        "name": "csp_utils embedded tiny LLaVA",
+        "name": "csp_utils embedded tiny LLaVA" + ("" if cfg.overconfident_fraction else " (no confidence turns)"),
         "command": command or _default_command(cfg),
         "seed": cfg.seed,
         "config": cfg.to_dict(),
@@ -1345,6 +1415,7 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "train_wall_s": round(train_s, 1),
         "warm_start": _warm_start_summary(ws_dir) if ws_cfg is not None else None,
+        "init_from": state.get("init_from"),
         "eval": report,
         "history": state["history"],
         "versions": _versions(),
@@ -1553,7 +1624,24 @@ def build_default_model(out_dir=None, config: PretrainConfig | None = None, forc
 
 
 # --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
+def _parse_sets(items: Sequence[str]) -> dict:
+    """``FIELD=JSON`` overrides of PretrainConfig fields (scalars and lists)."""
+    names = {f.name for f in dataclasses.fields(PretrainConfig)} - {"model", "world", "warm_start"}
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--set {item!r}: expected FIELD=JSON with FIELD one of {sorted(names)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--set {item!r}: the value is not JSON ({e}); quote strings as '\"text\"'") from None
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def parse_command(argv: Sequence[str]):
+    """``(args, config)`` of a command line (``python -m csp_utils.pretrain`` arguments)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m csp_utils.pretrain", description=__doc__.split("\n\n")[0])
@@ -1564,12 +1652,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--overconfident-fraction", type=float, default=None)
     ap.add_argument("--gate", type=float, default=None, help="accuracy gate (<= 0 disables)")
+    ap.add_argument("--init-from", default=None, help="start from parts of this trained model folder (no warm_start)")
+    ap.add_argument("--init-parts", default=None, help=f"comma-separated, of {','.join(INIT_PARTS)}")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="any PretrainConfig field, value as JSON (e.g. --set lr=0.002)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (learns nothing)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="retrain even if a complete model exists")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     cfg = PretrainConfig.tiny(progress=True) if args.tiny else PretrainConfig()
     over = {"joint_steps": args.steps, "vision_steps": args.vision_steps, "seed": args.seed,
             "overconfident_fraction": args.overconfident_fraction, "num_threads": args.threads,
@@ -1579,10 +1670,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["gate_accuracy"] = args.gate if args.gate > 0 else None
     if args.no_progress:
         over["progress"] = False
+    if args.init_from is not None:
+        over.update(init_from=args.init_from, warm_start=None,
+                    init_parts=tuple(p for p in (args.init_parts or "").split(",") if p))
+    over.update(_parse_sets(args.set))
     cfg = dataclasses.replace(cfg, **over)
     if cfg.max_joint_steps < cfg.joint_steps:
         cfg = dataclasses.replace(cfg, max_joint_steps=cfg.joint_steps)
-    command = "python -m csp_utils.pretrain " + " ".join(sys.argv[1:] if argv is None else argv)
+    return args, cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, cfg = parse_command(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    command = "python -m csp_utils.pretrain " + " ".join(argv)
     path = build_default_model(args.out, cfg, force=args.force, command=command.strip())
     meta = json.loads((Path(path) / META_FILE).read_text())
     print(json.dumps({"path": str(path), "sha256": meta["sha256"], "eval": meta["eval"]}, indent=2))

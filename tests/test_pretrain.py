@@ -392,3 +392,139 @@ def test_error_breakdown_script_counts_every_question(tiny_run, tiny_cfg):
     assert sum(c for c, _ in out["by_shape"].values()) == n
     assert sum(c for c, _ in out["yes_by_area"].values()) == out["answer"]["yes"][0]
     assert all(0.0 <= a <= 1.0 for g in out.values() for _, a in g.values())
+
+
+# ----------------------------------------------------------------------------- init_from
+def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tiny_cfg, tmp_path):
+    """Vision tower + projector from a trained folder, the language model from its own init."""
+    import torch
+
+    from csp_utils import models
+
+    cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), init_parts=("vision_tower", "projector"),
+                              vision_steps=0, overconfident_fraction=0.0)
+    assert cfg.fingerprint() != dataclasses.replace(cfg, init_parts=("vision_tower",)).fingerprint()
+    loaded = {}
+    real_load = pretrain._load_parts
+
+    def spy(model, folder, parts):
+        out = real_load(model, folder, parts)
+        loaded.update({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    seen = []
+    pretrain._load_parts = spy
+    try:
+        path = pretrain.pretrain(tmp_path / "init", cfg, on_step=lambda stage, step, loss: seen.append(stage))
+    finally:
+        pretrain._load_parts = real_load
+    assert set(seen) == {"joint"}, "the tower comes from init_from: no vision stage"
+    src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()
+    fresh = models.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()
+    for k, v in loaded.items():
+        if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+            assert torch.equal(v, src[k]), f"{k} was not taken from init_from"
+        elif k.startswith("model.language_model.layers."):
+            assert torch.equal(v, fresh[k]) and not torch.equal(v, src[k]), f"{k} was not left fresh"
+    final = models.load_vlm(path, dtype=torch.float32)[0].state_dict()
+    assert all(torch.equal(final[k], src[k]) for k in src if k.startswith("model.vision_tower.")), "tower stays frozen"
+    meta = json.loads((path / "csp_meta.json").read_text())
+    assert meta["init_from"]["sha256"] == json.loads((tiny_run / "csp_meta.json").read_text())["sha256"]
+    assert meta["init_from"]["parts"] == ["vision_tower", "projector"]
+    assert meta["config"]["overconfident_fraction"] == 0.0 and "no confidence turns" in meta["name"]
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(init_parts=("tower",)), "unknown"),
+    (dict(init_parts=()), "go together"),
+    (dict(vision_steps=4), "vision_steps=0"),
+    (dict(warm_start=PretrainConfig.tiny().to_dict()), "replaces warm_start"),
+])
+def test_init_from_options_are_checked_before_training(tiny_cfg, tmp_path, over, match):
+    cfg = dataclasses.replace(tiny_cfg, init_from="somewhere", init_parts=("vision_tower",), vision_steps=0)
+    with pytest.raises(ValueError, match=match):
+        pretrain.pretrain(tmp_path / "never", dataclasses.replace(cfg, **over))
+    assert not (tmp_path / "never").exists()
+
+
+def test_cli_set_overrides_config_fields_as_json():
+    assert pretrain._parse_sets(["lr=0.002", "existence_phase_steps=1500", "overconfident_levels=[70, 80]"]) == \
+        {"lr": 0.002, "existence_phase_steps": 1500, "overconfident_levels": (70, 80)}
+    with pytest.raises(ValueError, match="FIELD one of"):
+        pretrain._parse_sets(["learning_rate=0.1"])
+    with pytest.raises(ValueError, match="not JSON"):
+        pretrain._parse_sets(["lr=fast"])
+
+
+# ----------------------------------------------------------------------------- shipped bases
+NOCONF = SHIPPED.parent / "tiny_llava_noconf"
+
+
+@pytest.mark.parametrize("folder", [SHIPPED, NOCONF], ids=["embedded", "embedded-noconf"])
+def test_shipped_command_gives_the_recorded_config(folder):
+    """The command in csp_meta.json parses to the config the model was trained with."""
+    import shlex
+
+    meta = json.loads((folder / "csp_meta.json").read_text())
+    words = shlex.split(meta["command"])
+    assert words[:3] == ["python", "-m", "csp_utils.pretrain"]
+    args, cfg = pretrain.parse_command(words[3:])
+    assert cfg.fingerprint() == meta["config_fingerprint"]
+    assert cfg.seed == meta["seed"]
+
+
+def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_turns():
+    from csp_utils import models
+
+    meta = json.loads((NOCONF / "csp_meta.json").read_text())
+    assert pretrain.sha256_file(NOCONF / "model.safetensors") == meta["sha256"]
+    assert pretrain.is_complete(NOCONF)
+    assert not (NOCONF / pretrain.CHECKPOINT_DIR).exists()
+    cfg = PretrainConfig.from_dict(meta["config"])
+    assert cfg.fingerprint() == meta["config_fingerprint"]
+    assert cfg.overconfident_fraction == 0.0 and cfg.warm_start is None
+    assert cfg.mix()[pretrain.KINDS.index("confidence")] == 0.0
+    # its tower (and what else it names) came from the embedded default, as that ships now
+    assert meta["init_from"]["sha256"] == json.loads((SHIPPED / "csp_meta.json").read_text())["sha256"]
+    assert "lm_head" not in meta["init_from"]["parts"]
+    model, _ = models.load_vlm("embedded-noconf")
+    assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
+    first = models.load_vlm("embedded")[0].state_dict()
+    assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(tiny_run, tiny_cfg, tmp_path):
+    import torch
+
+    from csp_utils import models
+
+    cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), vision_steps=0, joint_steps=2,
+                              init_parts=("vision_tower", "projector", "embeddings", "language_layers"),
+                              init_fresh_unseen_tokens=True)
+    path = pretrain.pretrain(tmp_path / "fresh_tokens", cfg)
+    key = "model.language_model.embed_tokens.weight"
+    src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()[key]
+    fresh = models.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()[key]
+    got = models.load_vlm(path, dtype=torch.float32)[0].state_dict()[key]
+    processor = models.build_processor(cfg.model)
+    pool = pretrain.build_pool(cfg, pretrain.ChatEncoder(processor), pretrain.ImageCodec(processor), progress=False)
+    seen = np.zeros(len(got), bool)
+    seen[np.unique(pool.ids)] = True
+    assert 0 < seen.sum() < len(seen)
+    # unseen rows never get a gradient; AdamW's decoupled weight decay only scales them
+    torch.testing.assert_close(got[~seen], fresh[~seen], rtol=1e-4, atol=0.0)
+    assert not torch.equal(got[~seen], src[~seen])
+    moved = (got[seen] - src[seen]).abs().max()   # seen rows: the source's, then trained
+    assert float(moved) < float((fresh[seen] - src[seen]).abs().max())
+    meta = json.loads((path / "csp_meta.json").read_text())
+    assert meta["init_from"]["fresh_tokens"] == int((~seen).sum())
+    with pytest.raises(ValueError, match="needs 'embeddings'"):
+        dataclasses.replace(cfg, init_parts=("vision_tower",)).check_init()
+
+
+def test_a_missing_shipped_base_is_a_clear_error(monkeypatch):
+    from csp_utils import models
+
+    monkeypatch.setitem(models.SHIPPED_MODELS, "embedded-missing", "no_such_folder")
+    with pytest.raises(FileNotFoundError, match="embedded-missing.*no_such_folder"):
+        models.load_vlm("embedded-missing")
