@@ -46,9 +46,9 @@ def test_paper_params_use_the_vendored_folders():
     import yaml
 
     repo = Path(__file__).resolve().parents[1]
-    suite = yaml.safe_load((repo / "params" / "paper.yaml").read_text())["stages"]["05_evaluate"]["suite"]
-    assert (repo / suite["pope_dir"]).resolve() == B.pope_dir()
-    assert (repo / suite["amber_dir"]).resolve() == B.amber_dir()
+    params = yaml.safe_load((repo / "params" / "paper.yaml").read_text())  # study-wide, so --set reaches them
+    assert (repo / params["pope_dir"]).resolve() == B.pope_dir()
+    assert (repo / params["amber_dir"]).resolve() == B.amber_dir()
 
 
 # ------------------------------------------------------------------------ official POPE
