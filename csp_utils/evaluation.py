@@ -1019,6 +1019,29 @@ def _response_text(raw: str, parsed: str | None, how: str) -> str:
     return raw
 
 
+def config_for_adapter(config: EvalConfig, adapter_dir=None, adapter_scope: str | None = None,
+                       layout: str | None = None) -> EvalConfig:
+    """``config`` for one model: explicit ``adapter_scope`` / ``layout`` win; otherwise an
+    adapter's own training record decides (its prompt layout, and a confidence-only scope for
+    adapters trained on grounded targets, whose training never taught the answer turn);
+    otherwise ``config``'s own values."""
+    import dataclasses
+
+    from csp_utils import training
+
+    record = {}
+    path = Path(adapter_dir) / training.CONFIG_FILE if adapter_dir is not None else None
+    if path is not None and path.exists():
+        record = json.loads(path.read_text())
+    if adapter_scope is None:
+        grounded = record.get("confidence_target") in training.GROUNDED_TARGETS
+        adapter_scope = "confidence" if grounded else config.adapter_scope
+    layout = layout or record.get("layout") or config.layout
+    if adapter_dir is None:
+        adapter_scope = config.adapter_scope
+    return dataclasses.replace(config, adapter_scope=adapter_scope, layout=layout)
+
+
 def has_adapter(model) -> bool:
     """True for a PEFT model whose adapter can be switched off for a turn."""
     return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")

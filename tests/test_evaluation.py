@@ -584,3 +584,19 @@ def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
     assert out["ratio"] == pytest.approx(out["fast_qps"] / out["naive_qps"]) and out["ratio"] > 0
     for line in ("naive loop :", "fast path  :", "ratio      :"):
         assert line in text
+
+
+def test_adapters_trained_on_grounded_targets_are_evaluated_confidence_only(tmp_path):
+    cfg = ev.EvalConfig(layout="single_turn")
+    grounded, paper = tmp_path / "grounded", tmp_path / "paper"
+    for folder, record in ((grounded, {"confidence_target": "internal", "layout": "follow_up"}),
+                           (paper, {"confidence_target": "paper", "layout": "single_turn"})):
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps(record))
+    got = ev.config_for_adapter(cfg, grounded)
+    assert (got.adapter_scope, got.layout) == ("confidence", "follow_up")
+    got = ev.config_for_adapter(cfg, paper)
+    assert (got.adapter_scope, got.layout) == ("all", "single_turn")
+    assert ev.config_for_adapter(cfg, paper, adapter_scope="confidence").adapter_scope == "confidence"
+    assert ev.config_for_adapter(cfg, None, layout="question_first").layout == "question_first"
+    assert ev.config_for_adapter(cfg, grounded, layout="single_turn").layout == "single_turn"
