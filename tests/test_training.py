@@ -696,3 +696,17 @@ def test_option_loss_has_gradients_and_training_writes_an_adapter(work, tmp_path
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in tensors.items())  # B moved from zero
     logged = training.read_training_log(result.log_csv)
     assert logged and all(r["loss"] is not None and 0 <= r["loss"] <= 1 for r in logged)  # a Brier score
+
+
+def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path):
+    cfg = small_configs(steps=2)
+    for stage in (cfg.sft, cfg.simpo):
+        stage.confidence_target, stage.layout = "cell", "follow_up"
+    cfg.sft.loss = "brier"
+    results = training.train_regime("sft_simpo", str(work / "base"), make_grounded_dataset(n=8), tmp_path, cfg)
+    assert all(r.completed for r in results.values()) and set(results) == {"sft", "sft_simpo"}
+    record = json.loads((results["sft_simpo"].adapter_dir / training.CONFIG_FILE).read_text())
+    assert record["layout"] == "follow_up" and record["confidence_target"] == "cell"
+    assert record["n_examples"] == 8 and record["n_dropped_pairs"] == 0
+    logged = training.read_training_log(results["sft_simpo"].log_csv)
+    assert logged[-1]["margin"] is not None
