@@ -79,7 +79,7 @@ REGIMES = ("sft", "simpo", "sft_simpo")
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
 GROUNDED_TARGETS = ("correct", "cell", "internal")
 CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
-LOSSES = ("ce", "brier")
+LOSSES = ("ce", "brier", "soft_ce")
 CONFIG_FILE = "training_config.json"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc",
                "chosen_logp", "rejected_logp", "mean_token_accuracy")
@@ -159,6 +159,7 @@ class SFTConfigCSP(_StageConfig):
 
     replay_fraction: float = 0.0
     loss: str = "ce"                       # "ce" (reply cross-entropy) | "brier" (expected Brier over options)
+                                           # | "soft_ce" (option cross-entropy to a two-point target)
     # trl's fused LM head scores only the reply positions, in tiles, and logs token accuracy and
     # entropy: it saves memory on large vocabularies (a 7B LLaVA's 32k) but costs ~30% per step
     # on CPU and small models. False: the model's own cross-entropy, same loss value.
@@ -783,19 +784,42 @@ def option_losses(logliks, targets, options: Sequence[int], loss: str):
 
     ``"brier"``: expected Brier score under the softmax over options,
     ``sum_k p_k (o_k - y)^2``. ``"ce"``: minus the log-likelihood of the option nearest
-    the target (the reply cross-entropy of "c%", summed over its tokens)."""
+    the target (the reply cross-entropy of "c%", summed over its tokens). ``"soft_ce"``:
+    cross-entropy of the softmax over options to the target distribution that splits its
+    mass between the two options around y so that its mean is y (73% -> 0.7 on 70%, 0.3 on
+    80%); unlike the expected Brier score, whose gradient vanishes once the option
+    distribution is (nearly) one-hot, its gradient is p - q."""
     import torch
 
     o = torch.tensor([x / 100 for x in options], dtype=logliks.dtype, device=logliks.device)
     y = targets.to(logliks.dtype)
     if loss == "brier":
         return (logliks.softmax(-1) * (o[None, :] - y[:, None]) ** 2).sum(-1)
+    if loss == "soft_ce":
+        return -(two_point_targets(y, o) * logliks.log_softmax(-1)).sum(-1)
     if loss == "ce":
         # in whole percents, so that ties are exact and go to the lower option (argmin takes the first)
         percent = torch.tensor(list(options), dtype=logliks.dtype, device=logliks.device)
         nearest = (percent[None, :] - (100 * y).round()[:, None]).abs().argmin(-1)
         return -logliks.gather(1, nearest[:, None]).squeeze(1)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def two_point_targets(y, o):
+    """(B, K) distributions over sorted options ``o`` with mean ``y``: the mass sits on the
+    two options around each y (all of it on an option y equals)."""
+    import torch
+
+    if bool(((o[1:] - o[:-1]) <= 0).any()):
+        raise ValueError("options must be sorted and distinct")
+    y = y.clamp(float(o[0]), float(o[-1]))
+    hi = torch.searchsorted(o, y).clamp(1, len(o) - 1)         # o[hi - 1] <= y <= o[hi]
+    lo = hi - 1
+    w_hi = (y - o[lo]) / (o[hi] - o[lo])
+    q = torch.zeros(y.shape[0], len(o), dtype=y.dtype, device=y.device)
+    q.scatter_(1, lo[:, None], (1 - w_hi)[:, None])
+    q.scatter_add_(1, hi[:, None], w_hi[:, None])
+    return q
 
 
 def _option_trainer_class():

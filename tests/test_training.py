@@ -608,6 +608,17 @@ def test_grounded_targets_follow_the_schema():
         training.SFTConfigCSP(layout="two_turn")
 
 
+def test_two_point_targets_put_the_mass_around_the_target_with_its_mean():
+    o = torch.tensor([x / 100 for x in prompts.CONFIDENCE_LEVELS])
+    y = torch.tensor([0.73, 0.0, 1.0, 0.5, 0.05])
+    q = training.two_point_targets(y, o)
+    torch.testing.assert_close(q.sum(1), torch.ones(5))
+    torch.testing.assert_close(q @ o, y)
+    assert q[0, 7] == pytest.approx(0.7) and q[0, 8] == pytest.approx(0.3)
+    assert q[1, 0] == 1 and q[2, 10] == 1 and q[3, 5] == pytest.approx(1.0)
+    assert int((q > 0).sum()) == 2 + 1 + 1 + 1 + 2
+
+
 def test_grounded_simpo_pairs_choose_the_nearest_and_reject_the_farthest_option():
     assert training.nearest_and_farthest_option(73) == (70, 0)
     assert training.nearest_and_farthest_option(12) == (10, 100)
@@ -642,7 +653,7 @@ def hand_option_losses(model, processor, examples, layout):
 
     option_ids = evaluation.option_token_ids(processor, prompts.CONFIDENCE_LEVELS)
     o = np.array(prompts.CONFIDENCE_LEVELS) / 100
-    brier, ce = [], []
+    brier, ce, soft = [], [], []
     for ex in examples:
         msgs = prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=layout)
         ll = evaluation.score_options_reference(model, processor, [msgs], [ex["image"].convert("RGB")], option_ids)[0]
@@ -651,7 +662,11 @@ def hand_option_losses(model, processor, examples, layout):
         y = ex["target"] / 100
         brier.append(float((p * (o - y) ** 2).sum()))
         ce.append(float(-ll[prompts.CONFIDENCE_LEVELS.index(training.nearest_and_farthest_option(ex["target"])[0])]))
-    return np.array(brier), np.array(ce)
+        lo = ex["target"] // 10  # the two options around the target, weighted so that their mean is it
+        w = (ex["target"] - 10 * lo) / 10
+        logp = ll - ll.max() - np.log(np.exp(ll - ll.max()).sum())
+        soft.append(float(-(1 - w) * logp[lo] - (w * logp[lo + 1] if w else 0.0)))
+    return np.array(brier), np.array(ce), np.array(soft)
 
 
 @pytest.mark.parametrize("layout", ["single_turn", "follow_up", "question_first"])
@@ -673,10 +688,12 @@ def test_brier_option_loss_equals_a_hand_computation_and_sees_the_image(work, tm
     model.eval()
     with torch.no_grad():
         loss, out = trainer.compute_loss(model, batch, return_outputs=True)
-        brier, ce = hand_option_losses(model, processor, examples, layout)
+        brier, ce, soft_ce = hand_option_losses(model, processor, examples, layout)
     assert abs(float(loss) - brier.mean()) < 1e-5, (float(loss), brier)
     ce_loss = training.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "ce")
     np.testing.assert_allclose(ce_loss.numpy(), ce, atol=1e-4, rtol=0)
+    soft = training.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "soft_ce")
+    np.testing.assert_allclose(soft.numpy(), soft_ce, atol=1e-4, rtol=0)
 
     other = Image.fromarray(np.random.RandomState(99).randint(0, 255, (64, 64, 3), dtype=np.uint8))
     with torch.no_grad():
