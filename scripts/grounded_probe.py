@@ -3,8 +3,9 @@ confidence-only adapter to follow the base model's own correctness?
 
     python scripts/grounded_probe.py [--out runs/grounded_probe] [--threads 1]
         [--train-scenes 600] [--eval-scenes 150] [--flip-share 0.15]
-        [--layouts single_turn follow_up question_first] [--losses ce brier]
+        [--layouts single_turn follow_up question_first] [--losses ce brier soft_ce]
         [--target internal] [--steps 300] [--lr 1e-3] [--r 16] [--batch 16] [--seed 0]
+        [--rows-dir DIR] [--no-probe]
 
 1. Training rows in the grounded schema, all clean: world POPE-style questions (random
    negatives) on csp-split scenes, the base model's own greedy answer quoted, the target
@@ -103,6 +104,22 @@ def to_dataset(rows):
     import datasets
 
     return datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+
+
+def cached_rows(model, processor, args, out: Path):
+    """The training rows, built once per (scenes, flip share, seed) under ``out/train_rows``."""
+    import datasets
+
+    key = {"train_scenes": args.train_scenes, "flip_share": args.flip_share, "seed": args.seed}
+    folder, meta = out / "train_rows", out / "train_rows.json"
+    if meta.exists() and json.loads(meta.read_text()).get("key") == key:
+        ds = datasets.load_from_disk(str(folder))
+        return [dict(r) for r in ds], json.loads(meta.read_text())["stats"], ds
+    rows, stats = grounded_rows(model, processor, args.train_scenes, args.flip_share, args.seed)
+    ds = to_dataset(rows)
+    ds.save_to_disk(str(folder))
+    meta.write_text(json.dumps({"key": key, "stats": stats}))
+    return rows, stats, ds
 
 
 def eval_sets(n_scenes: int, seed: int):
@@ -213,7 +230,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-scenes", type=int, default=150)
     ap.add_argument("--flip-share", type=float, default=0.15)
     ap.add_argument("--layouts", nargs="+", default=["single_turn", "follow_up", "question_first"])
-    ap.add_argument("--losses", nargs="+", default=["ce", "brier"])
+    ap.add_argument("--losses", nargs="+", default=["ce", "brier", "soft_ce"])
     ap.add_argument("--target", default="internal", choices=["correct", "cell", "internal"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -221,6 +238,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-probe", action="store_true")
+    ap.add_argument("--rows-dir", default=None, help="where the training rows are cached (default: --out)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -234,9 +252,8 @@ def main(argv=None) -> dict:
     t0 = time.time()
     base, proc = models.load_vlm("embedded", dtype=torch.float32)
     base.eval()
-    rows, data_stats = grounded_rows(base, proc, args.train_scenes, args.flip_share, args.seed)
-    ds = to_dataset(rows)
-    data_stats["build_s"] = round(time.time() - t0, 1)
+    rows, data_stats, ds = cached_rows(base, proc, args, Path(args.rows_dir) if args.rows_dir else out)
+    data_stats.setdefault("build_s", round(time.time() - t0, 1))
     print(f"[data] {data_stats}", flush=True)
 
     suite = eval_sets(args.eval_scenes, args.seed)
