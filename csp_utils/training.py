@@ -1422,13 +1422,13 @@ def make_configs(preset: str = "tiny_default", sft: dict | None = None, simpo: d
     return configs
 
 
-def pair_margins(model, processor, pairs, batch_size: int = 16):
+def pair_margins(model, processor, pairs, batch_size: int = 16, layout: str = "single_turn"):
     """Per preference pair: mean reply log-prob of chosen minus rejected, each scored with
     its image (the quantity SimPO widens). Returns a float numpy array."""
     import numpy as np
     import torch
 
-    collate = SimPOCollator(processor)
+    collate = SimPOCollator(processor, layout)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -1444,7 +1444,7 @@ def pair_margins(model, processor, pairs, batch_size: int = 16):
 
 
 def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max_pairs: int | None = 512,
-                 batch_size: int = 16, seed: int = 0, run_dir=None):
+                 batch_size: int = 16, seed: int = 0, run_dir=None, layout: str = "single_turn"):
     """Chosen-over-rejected margins on the training pairs, one row per model.
 
     ``adapters``: {label: adapter folder, or None for the base model itself}. At most
@@ -1459,13 +1459,13 @@ def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max
         model, processor = models.load_vlm(base_model)
         measured = (cached_measured_targets(model, processor, ds, run_dir) if run_dir is not None
                     else measured_accuracy_targets(model, processor, ds))
-    pairs, _ = simpo_pairs(ds, target, measured)
+    pairs, _ = simpo_pairs(ds, target, measured, layout)
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = pairs.select(sorted(random.Random(seed).sample(range(len(pairs)), max_pairs)))
     rows = []
     for label, adapter in adapters.items():
         model, processor = models.load_vlm(base_model, adapter=adapter)
-        m = pair_margins(model, processor, pairs, batch_size)
+        m = pair_margins(model, processor, pairs, batch_size, layout)
         rows.append({"model": label, "pairs": len(m), "mean_margin": float(np.mean(m)),
                      "median_margin": float(np.median(m)), "chosen_preferred": float(np.mean(m > 0))})
     return pd.DataFrame(rows)
