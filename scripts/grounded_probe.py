@@ -2,9 +2,9 @@
 confidence-only adapter to follow the base model's own correctness?
 
     python scripts/grounded_probe.py [--out runs/grounded_probe] [--threads 1]
-        [--train-scenes 600] [--eval-scenes 150] [--flip-share 0.15]
+        [--train-scenes 600] [--eval-scenes 100] [--flip-share 0.0]
         [--layouts single_turn follow_up question_first] [--losses ce brier soft_ce]
-        [--target internal] [--steps 300] [--lr 1e-3] [--r 16] [--batch 16] [--seed 0]
+        [--target internal] [--steps 200] [--lr 5e-3] [--r 16] [--batch 16] [--seed 0]
         [--rows-dir DIR] [--no-probe]
 
 1. Training rows in the grounded schema, all clean: world POPE-style questions (random
@@ -227,13 +227,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/grounded_probe")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--train-scenes", type=int, default=600)
-    ap.add_argument("--eval-scenes", type=int, default=150)
-    ap.add_argument("--flip-share", type=float, default=0.15)
+    ap.add_argument("--eval-scenes", type=int, default=100)
+    ap.add_argument("--flip-share", type=float, default=0.0)
     ap.add_argument("--layouts", nargs="+", default=["single_turn", "follow_up", "question_first"])
     ap.add_argument("--losses", nargs="+", default=["ce", "brier", "soft_ce"])
     ap.add_argument("--target", default="internal", choices=["correct", "cell", "internal"])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
