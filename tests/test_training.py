@@ -727,3 +727,23 @@ def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path)
     assert record["n_examples"] == 8 and record["n_dropped_pairs"] == 0
     logged = training.read_training_log(results["sft_simpo"].log_csv)
     assert logged[-1]["margin"] is not None
+
+
+@pytest.mark.slow
+def test_grounded_probe_script_runs_on_the_embedded_model(tmp_path):
+    """The experiment script end to end at toy size: rows, one adapter, confidence-only
+    evaluation (answers stay the base model's), baselines and the probe."""
+    if not (models.default_model_dir() / "model.safetensors").exists():
+        pytest.skip("the embedded default model is not built (python -m csp_utils.pretrain)")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import grounded_probe
+    finally:
+        sys.path.pop(0)
+    res = grounded_probe.main(["--out", str(tmp_path), "--train-scenes", "20", "--eval-scenes", "8", "--steps", "3",
+                               "--layouts", "follow_up", "--losses", "soft_ce", "--flip-share", "0.2"])
+    run = res["runs"]["follow_up-soft_ce-internal"]
+    assert run["answers_equal_base"] and run["steps"] == 3
+    assert res["data"]["n_flip"] == round(0.2 * res["data"]["n_answered"])
+    assert set(res["probe"]) == {"answer_prompt", "follow_up"}
+    assert (tmp_path / "results.md").exists()
