@@ -31,6 +31,16 @@ reproduced its output exactly: :func:`_check_shortcuts`); the confidence prompt 
 option go in one forward (:func:`score_options_on`). ``scripts/bench_elicitation.py`` compares this with the naive
 loop. Every shortcut is tested against the one-question-at-a-time computation.
 
+Prompt layout: ``EvalConfig.layout`` picks the confidence conversation
+(:func:`csp_utils.prompts.confidence_messages`: the paper's ``"single_turn"``, ``"follow_up"``
+after the model's own answer, or ``"question_first"``), exactly as training builds it.
+
+Confidence-only adapters: with ``EvalConfig.adapter_scope="confidence"`` and a PEFT model,
+the answer turn runs with the adapter disabled (``model.disable_adapter()``), so answers and
+the internal probability are the base model's, and only the confidence prompts see the
+adapter. Nothing computed under one is reused under the other (prefix caches, encoded
+images). ``"all"`` (the default) lets the adapted model answer too.
+
 The "internal" confidence is the model's probability of its own yes/no answer at the step
 where "Yes" and "No" first differ (the first answer token for every template we know):
 ``internal_prob`` is the softmax restricted to the Yes/No tokens (``p(own) / (p(yes) +
@@ -83,6 +93,7 @@ import numpy as np
 from csp_utils import prompts
 
 READOUTS = ("generated", "single_pass")
+ADAPTER_SCOPES = ("all", "confidence")
 
 # Models whose text positions are not one number per token (multimodal RoPE). For them the
 # cached option scoring would need the model's own position bookkeeping, so options are
@@ -106,6 +117,8 @@ class EvalConfig:
     seed: int = 0
     prompt_config: prompts.PromptConfig | None = None
     progress: bool = True
+    layout: str = "single_turn"     # confidence conversation: prompts.LAYOUTS
+    adapter_scope: str = "all"      # "confidence": the answer turn runs with the adapter disabled
 
     def __post_init__(self):
         self.framings = tuple(self.framings)
@@ -123,6 +136,9 @@ class EvalConfig:
             raise ValueError(f"response must be 'raw' or 'parsed', got {self.response!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        prompts.check_layout(self.layout)
+        if self.adapter_scope not in ADAPTER_SCOPES:
+            raise ValueError(f"adapter_scope must be one of {ADAPTER_SCOPES}, got {self.adapter_scope!r}")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -1003,13 +1019,52 @@ def _response_text(raw: str, parsed: str | None, how: str) -> str:
     return raw
 
 
+def config_for_adapter(config: EvalConfig, adapter_dir=None, adapter_scope: str | None = None,
+                       layout: str | None = None) -> EvalConfig:
+    """``config`` for one model: explicit ``adapter_scope`` / ``layout`` win; otherwise an
+    adapter's own training record decides (its prompt layout, and a confidence-only scope for
+    adapters trained on grounded targets, whose training never taught the answer turn);
+    otherwise ``config``'s own values."""
+    import dataclasses
+
+    from csp_utils import training
+
+    record = {}
+    path = Path(adapter_dir) / training.CONFIG_FILE if adapter_dir is not None else None
+    if path is not None and path.exists():
+        record = json.loads(path.read_text())
+    if adapter_scope is None:
+        grounded = record.get("confidence_target") in training.GROUNDED_TARGETS
+        adapter_scope = "confidence" if grounded else config.adapter_scope
+    layout = layout or record.get("layout") or config.layout
+    if adapter_dir is None:
+        adapter_scope = config.adapter_scope
+    return dataclasses.replace(config, adapter_scope=adapter_scope, layout=layout)
+
+
+def has_adapter(model) -> bool:
+    """True for a PEFT model whose adapter can be switched off for a turn."""
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+def _answer_context(model, config: EvalConfig):
+    """The context the answer turn runs in: the base model for a confidence-only adapter."""
+    import contextlib
+
+    if config.adapter_scope == "confidence" and has_adapter(model):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
+
+
 def elicit_batch(model, processor, items, images, config: EvalConfig, model_name: str, parse,
                  option_ids=None, yn=None) -> list[dict]:
     """All rows (framing x read-out) for one batch of questions, in a fixed order.
 
     With ``config.share_prefix`` the template head + image is run once for the batch and
     every prompt (answer and confidence) continues from its cache, where that is exact
-    (:func:`shared_prefix`); otherwise each prompt runs whole.
+    (:func:`shared_prefix`); otherwise each prompt runs whole. With a confidence-only
+    adapter the answer turn runs on the base model and the confidence prompts get their
+    own prefix / encoded images, computed with the adapter.
     """
     pc = config.prompt_config
     if option_ids is None and "single_pass" in config.readouts:
@@ -1018,28 +1073,43 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
 
     answer_msgs = [prompts.answer_messages(it.question, config=pc) for it in items]
     answer_texts = chat_texts(processor, answer_msgs)
-    if config.share_prefix:
-        prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images, answer_texts, shortcuts=True)
-    else:
-        prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images, answer_texts,
-                                                     shortcuts=True)
-    # no shared prefix (e.g. the question comes before the image): at least encode the
-    # images once for the answer and every confidence prompt
-    encoded = None
-    if prefix is None and config.reuse_image_features and _model_type(model) not in _MROPE_MODEL_TYPES:
-        encoded = encode_images(model, answer_prompts.image_inputs, processor, answer_prompts, answer_texts)
-        if encoded is not None:
-            answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
-    raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
+    separate = config.adapter_scope == "confidence" and has_adapter(model)
+    with _answer_context(model, config):
+        if config.share_prefix:
+            prefix, answer_prompts = shared_prefix(model, processor, answer_msgs, images, answer_texts,
+                                                   shortcuts=True)
+        else:
+            prefix, answer_prompts = None, plain_prompts(model, processor, answer_msgs, images, answer_texts,
+                                                         shortcuts=True)
+        # no shared prefix (e.g. the question comes before the image): at least encode the
+        # images once for the answer and every confidence prompt
+        encoded = None
+        if prefix is None and config.reuse_image_features and _model_type(model) not in _MROPE_MODEL_TYPES:
+            encoded = encode_images(model, answer_prompts.image_inputs, processor, answer_prompts, answer_texts)
+            if encoded is not None:
+                answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
+        raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
     parsed = [parse(r) for r in raw]
     internal = internal_probs(logits, new_ids, parsed, yn)
     responses = [_response_text(r, p, config.response) for r, p in zip(raw, parsed)]
+    if separate:  # computed by the base model: the adapter's confidence prompts need their own
+        prefix = encoded = None
 
     rows: dict[tuple[int, str, str], dict] = {}
     for framing in config.framings:
-        msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc)
+        msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc, layout=config.layout)
                 for it, resp in zip(items, responses)]
         conf_prompts = prefix.prompts(msgs) if prefix is not None else None
+        if conf_prompts is None and separate and prefix is None and encoded is None:
+            conf_texts = chat_texts(processor, msgs)
+            if config.share_prefix:
+                prefix, conf_prompts = shared_prefix(model, processor, msgs, images, conf_texts, shortcuts=True)
+            else:
+                conf_prompts = plain_prompts(model, processor, msgs, images, conf_texts, shortcuts=True)
+            if prefix is None and config.reuse_image_features and _model_type(model) not in _MROPE_MODEL_TYPES:
+                encoded = encode_images(model, conf_prompts.image_inputs, processor, conf_prompts, conf_texts)
+                if encoded is not None:
+                    conf_prompts.image_inputs = encoded.replace(conf_prompts.image_inputs)
         if conf_prompts is None:
             conf_prompts = encoded.text_prompts(processor, msgs) if encoded is not None else None
         if conf_prompts is None:
@@ -1309,7 +1379,8 @@ def elicit_naive(model, processor, item, image, config: EvalConfig, parse, frami
     (raw,), _, _ = generate_replies(model, processor, [prompts.answer_messages(item.question, config=pc)],
                                     [image], config.max_new_tokens)
     parsed = parse(raw)
-    msgs = prompts.confidence_messages(item.question, _response_text(raw, parsed, config.response), framing=framing, config=pc)
+    msgs = prompts.confidence_messages(item.question, _response_text(raw, parsed, config.response), framing=framing,
+                                       config=pc, layout=config.layout)
     (conf,), _, _ = generate_replies(model, processor, [msgs], [image], config.confidence_max_new_tokens)
     return {"question_id": item.question_id, "raw_answer": raw, "answer": parsed,
             "raw_confidence": conf, "confidence": prompts.parse_confidence(conf)}

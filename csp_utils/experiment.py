@@ -212,6 +212,8 @@ class ModelSpec:
     name: str                       # e.g. "base", "sft_simpo@s1"
     base_model: str = "embedded"
     adapter: str | None = None      # PEFT adapter folder
+    adapter_scope: str | None = None  # "all" | "confidence"; None: the adapter's record decides
+    layout: str | None = None         # confidence prompt layout; None: the adapter's record decides
 
 
 def results_path(results_dir, model: str, set_name: str) -> Path:
@@ -232,11 +234,13 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
     paths = []
     for spec in specs:
         model, processor = models.load_vlm(spec.base_model, adapter=spec.adapter, **kwargs)
+        cfg = evaluation.config_for_adapter(config or evaluation.EvalConfig(), spec.adapter, spec.adapter_scope,
+                                            spec.layout)
         for name, bench in suite.items():
             if sets is not None and name not in sets:
                 continue
             paths.append(evaluation.evaluate(model, processor, bench, results_path(results_dir, spec.name, name),
-                                             spec.name, config))
+                                             spec.name, cfg))
         del model
     return paths
 

@@ -1,7 +1,15 @@
 """Prompt templates and chat messages for answers and verbalized confidence.
 
-The confidence question is one user turn that carries the image. Third person is the
-paper's wording and the default; first person is kept for the comparison.
+Third person is the paper's wording and the default; first person is kept for the
+comparison. The confidence question comes in one of three layouts (training rows and the
+evaluation build it with the same :func:`confidence_messages`):
+
+* ``"single_turn"`` (the paper's): one user turn with the image and the confidence template.
+* ``"follow_up"``: the answer conversation (answer prompt with the image, the quoted answer
+  as the assistant's reply), then a text-only user turn asking how certain that answer is,
+  so the states the model had when it answered are in context.
+* ``"question_first"``: one user turn whose text ends with the question, so that the image
+  tokens follow the question as closely as the chat template allows (as in the answer prompt).
 """
 
 from __future__ import annotations
@@ -16,7 +24,16 @@ THIRD_PERSON_TEMPLATE = (
 FIRST_PERSON_TEMPLATE = (
     "You were asked: {query}, Your answer was {response}. How certain are you about your answer?"
 )
+FOLLOW_UP_THIRD_TEMPLATE = "How certain are you that the model's answer is correct?"
+FOLLOW_UP_FIRST_TEMPLATE = "How certain are you that your answer is correct?"
+QUESTION_FIRST_THIRD_TEMPLATE = (
+    "Model's answer was {response}. How certain are you about model's answer to this question? {query}"
+)
+QUESTION_FIRST_FIRST_TEMPLATE = (
+    "Your answer was {response}. How certain are you about your answer to this question? {query}"
+)
 FRAMINGS = ("third", "first")
+LAYOUTS = ("single_turn", "follow_up", "question_first")
 CONFIDENCE_LEVELS = tuple(range(0, 101, 10))  # integer percents
 
 
@@ -25,21 +42,36 @@ class PromptConfig:
     answer_template: str = ANSWER_TEMPLATE
     third_person_template: str = THIRD_PERSON_TEMPLATE
     first_person_template: str = FIRST_PERSON_TEMPLATE
+    follow_up_third_template: str = FOLLOW_UP_THIRD_TEMPLATE
+    follow_up_first_template: str = FOLLOW_UP_FIRST_TEMPLATE
+    question_first_third_template: str = QUESTION_FIRST_THIRD_TEMPLATE
+    question_first_first_template: str = QUESTION_FIRST_FIRST_TEMPLATE
 
-    def confidence_template(self, framing: str) -> str:
-        if framing == "third":
-            return self.third_person_template
-        if framing == "first":
-            return self.first_person_template
-        raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+    def confidence_template(self, framing: str, layout: str = "single_turn") -> str:
+        check_layout(layout)
+        if framing not in FRAMINGS:
+            raise ValueError(f"framing must be one of {FRAMINGS}, got {framing!r}")
+        if layout == "follow_up":
+            return self.follow_up_third_template if framing == "third" else self.follow_up_first_template
+        if layout == "question_first":
+            return self.question_first_third_template if framing == "third" else self.question_first_first_template
+        return self.third_person_template if framing == "third" else self.first_person_template
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
 
 
 def answer_text(query: str, config: PromptConfig | None = None) -> str:
     return (config or PromptConfig()).answer_template.format(query=query)
 
 
-def confidence_text(query: str, response: str, framing: str = "third", config: PromptConfig | None = None) -> str:
-    return (config or PromptConfig()).confidence_template(framing).format(query=query, response=response)
+def confidence_text(query: str, response: str, framing: str = "third", config: PromptConfig | None = None,
+                    layout: str = "single_turn") -> str:
+    """The text of the (last) user turn that asks for confidence."""
+    return (config or PromptConfig()).confidence_template(framing, layout).format(query=query, response=response)
 
 
 def format_confidence(percent: int) -> str:
@@ -66,9 +98,19 @@ def answer_messages(query: str, answer: str | None = None, config: PromptConfig 
 
 
 def confidence_messages(
-    query: str, response: str, confidence: str | None = None, framing: str = "third", config: PromptConfig | None = None
+    query: str, response: str, confidence: str | None = None, framing: str = "third", config: PromptConfig | None = None,
+    layout: str = "single_turn",
 ) -> list[dict]:
-    msgs = [user_turn(confidence_text(query, response, framing, config))]
+    """The confidence conversation in ``layout`` (see the module docstring), with the
+    assistant's ``confidence`` reply appended when given. One image slot in every layout."""
+    text = confidence_text(query, response, framing, config, layout)
+    if layout == "follow_up":
+        msgs = answer_messages(query, response, config) + [user_turn(text, with_image=False)]
+    elif layout == "question_first":
+        # text, then the image: the question ends the text right before the image tokens
+        msgs = [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image"}]}]
+    else:
+        msgs = [user_turn(text)]
     if confidence is not None:
         msgs.append(assistant_turn(confidence))
     return msgs

@@ -25,6 +25,20 @@ Confidence targets: ``"paper"`` (the perturbation level c, CSP's own) or ``"meas
 (the base model's accuracy in each (level, own answer) cell of the training data, rounded
 to an integer percent; the prompt then carries the model's own answer, because the cell is
 keyed by it). ``shared/notes/stack.md`` explains why the second is worth comparing.
+Grounded datasets (rows quote the base model's own answer, or its flip, and carry
+``correct``, ``cell_acc`` and ``internal_p``) give three more: ``"correct"`` (100 x correct),
+``"cell"`` (the measured accuracy of the row's (level, answer, kind) cell) and ``"internal"``
+(the base model's temperature-scaled internal probability of the quoted answer, the
+distillation baseline).
+
+Option losses. With ``loss="brier"``, a grounded target, or a ``layout`` other than the
+paper's single turn, stage 1 scores every confidence option (0%, 10%, ..., 100%) exactly as
+the evaluation's single-pass read-out does (summed token log-likelihood of each option as the
+reply, all options as a prefix tree behind the prompt in one forward, softmax over options)
+and minimises either the expected Brier score ``sum_k p_k (o_k - y)^2`` (ConfTuner-style; y
+the target fraction; proper, so its optimum is the calibrated distribution) or, for
+``loss="ce"``, the reply cross-entropy of the option nearest the target (summed over its
+tokens). The paper's path (paper/measured target, single turn, ``ce``) stays trl's SFTTrainer.
 
 Regimes and artefacts, inside the run folder (DESIGN.md)::
 
@@ -63,7 +77,9 @@ from csp_utils import models, prompts
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
-CONFIDENCE_TARGETS = ("paper", "measured")
+GROUNDED_TARGETS = ("correct", "cell", "internal")
+CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
+LOSSES = ("ce", "brier", "soft_ce")
 CONFIG_FILE = "training_config.json"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc",
                "chosen_logp", "rejected_logp", "mean_token_accuracy")
@@ -97,6 +113,9 @@ class _StageConfig:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     confidence_target: str = "paper"       # "paper" (level c) | "measured" (base model's cell accuracy)
+                                           # | grounded rows: "correct" | "cell" | "internal"
+    layout: str = "single_turn"            # confidence prompt layout: prompts.LAYOUTS
+    framing: str | None = None             # None: the dataset's framing column (else "third")
     learning_rate: float = 1e-3
     num_train_epochs: float = 1.0
     max_steps: int = -1                    # > 0 overrides num_train_epochs
@@ -124,6 +143,9 @@ class _StageConfig:
             self.lora.target_parts = tuple(self.lora.target_parts)
         if self.confidence_target not in CONFIDENCE_TARGETS:
             raise ValueError(f"confidence_target must be one of {CONFIDENCE_TARGETS}, got {self.confidence_target!r}")
+        prompts.check_layout(self.layout)
+        if self.framing is not None and self.framing not in prompts.FRAMINGS:
+            raise ValueError(f"framing must be None or one of {prompts.FRAMINGS}, got {self.framing!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -136,6 +158,8 @@ class SFTConfigCSP(_StageConfig):
     turns (the ``t == 0`` rows: unperturbed images) so the model keeps answering well."""
 
     replay_fraction: float = 0.0
+    loss: str = "ce"                       # "ce" (reply cross-entropy) | "brier" (expected Brier over options)
+                                           # | "soft_ce" (option cross-entropy to a two-point target)
     # trl's fused LM head scores only the reply positions, in tiles, and logs token accuracy and
     # entropy: it saves memory on large vocabularies (a 7B LLaVA's 32k) but costs ~30% per step
     # on CPU and small models. False: the model's own cross-entropy, same loss value.
@@ -145,6 +169,14 @@ class SFTConfigCSP(_StageConfig):
         super().__post_init__()
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+
+    @property
+    def uses_option_loss(self) -> bool:
+        """True when stage 1 trains on the option distribution (see the module docstring)."""
+        return (self.loss == "brier" or self.layout != "single_turn"
+                or self.confidence_target in GROUNDED_TARGETS)
 
 
 @dataclass
@@ -197,9 +229,15 @@ def paper_llava7b() -> TrainingConfigs:
 # --------------------------------------------------------------------------- data
 
 REQUIRED_COLUMNS = ("image", "question", "answer", "confidence", "confidence_prompt")
+# a grounded dataset's columns that training reads (the row schema of the grounded builder)
+GROUNDED_COLUMNS = ("image", "question", "answer", "correct", "cell_acc", "internal_p")
 
 
-def load_perturbed_dataset(dataset):
+def required_columns(target: str | None = None) -> tuple[str, ...]:
+    return GROUNDED_COLUMNS if target in GROUNDED_TARGETS else REQUIRED_COLUMNS
+
+
+def load_perturbed_dataset(dataset, target: str | None = None):
     """A ``datasets.Dataset`` from itself or a folder: the saved dataset itself, or the
     builder's ``out_dir`` (``{run_dir}/dataset``) holding it under ``dataset/``."""
     import datasets
@@ -223,9 +261,10 @@ def load_perturbed_dataset(dataset):
         ds = datasets.load_from_disk(str(found))
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{found} holds a DatasetDict ({list(ds)}); pass the split to train on")
-    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
+    missing = [c for c in required_columns(target) if c not in ds.column_names]
     if missing:
-        raise ValueError(f"the perturbed dataset lacks columns {missing}; it has {ds.column_names}")
+        what = "a grounded dataset" if target in GROUNDED_TARGETS else "the perturbed dataset"
+        raise ValueError(f"{what} lacks columns {missing} (confidence target {target!r}); it has {ds.column_names}")
     if len(ds) == 0:
         raise ValueError("the perturbed dataset is empty")
     return ds
@@ -365,6 +404,48 @@ def confidence_examples(ds, target: str, measured: MeasuredTargets | None = None
     return texts, list(measured.targets)
 
 
+def grounded_targets(ds, target: str) -> list[int]:
+    """Per row of a grounded dataset, the target as an integer percent: ``correct`` ->
+    100 x correct, ``cell`` -> cell_acc, ``internal`` -> round(100 x internal_p). The data
+    already states each value for the QUOTED answer (flip rows included)."""
+    if target == "correct":
+        values = [100 * int(c) for c in ds["correct"]]
+    elif target == "cell":
+        values = [int(c) for c in ds["cell_acc"]]
+    elif target == "internal":
+        values = [int(round(100 * float(p))) for p in ds["internal_p"]]
+    else:
+        raise ValueError(f"grounded targets are {GROUNDED_TARGETS}, got {target!r}")
+    bad = [i for i, v in enumerate(values) if not 0 <= v <= 100]
+    if bad:
+        raise ValueError(f"target {target!r} lies outside 0..100 at rows {bad[:5]} (values {[values[i] for i in bad[:5]]})")
+    return values
+
+
+def option_examples(ds, target: str, measured: MeasuredTargets | None = None,
+                    framing: str | None = None) -> dict[str, list]:
+    """Columns ``question``, ``response`` (the quoted answer), ``framing`` and ``target``
+    (integer percent) per row: what a confidence conversation in any layout is built from."""
+    if target in GROUNDED_TARGETS:
+        responses, percents = [str(a) for a in ds["answer"]], grounded_targets(ds, target)
+    elif target == "paper":
+        responses, percents = [str(a) for a in ds["answer"]], [int(c) for c in ds["confidence"]]
+    else:
+        if measured is None:
+            raise ValueError("confidence_target='measured' needs the base model's measured targets")
+        responses, percents = list(measured.own_answers), list(measured.targets)
+    framings = ([framing] * len(ds) if framing is not None
+                else [f or "third" for f in ds["framing"]] if "framing" in ds.column_names else ["third"] * len(ds))
+    return {"question": list(ds["question"]), "response": responses, "framing": framings, "target": percents}
+
+
+def nearest_and_farthest_option(percent: int, options=prompts.CONFIDENCE_LEVELS) -> tuple[int, int]:
+    """(option nearest ``percent``, option farthest from it); ties go to the lower option."""
+    nearest = min(options, key=lambda o: (abs(o - percent), o))
+    farthest = max(options, key=lambda o: (abs(o - percent), -o))
+    return nearest, farthest
+
+
 def _image_table(ds, indices: list[int], columns: dict[str, list]):
     """The dataset's images at ``indices`` with new columns beside them: a plain
     ``datasets.Dataset`` (trl's SFTTrainer takes nothing else). Without reordering no
@@ -407,10 +488,22 @@ def sft_rows(ds, target: str = "paper", measured: MeasuredTargets | None = None,
     return _image_table(ds, indices, {"messages": messages}), n_replay
 
 
-def simpo_pairs(ds, target: str = "paper", measured: MeasuredTargets | None = None):
+def simpo_pairs(ds, target: str = "paper", measured: MeasuredTargets | None = None, layout: str = "single_turn",
+                framing: str | None = None):
     """Preference pairs ``{"image", "prompt", "chosen", "rejected"}`` (chosen "c%", rejected
     "(100-c)%", same prompt, same image) and the number of rows dropped because both
-    replies are the same text (c = 50)."""
+    replies are the same text (c = 50).
+
+    Grounded targets and other layouts: pairs ``{"image", "question", "response", "framing",
+    "chosen", "rejected"}`` whose chosen reply is the option nearest the target and the
+    rejected one the option farthest from it (so SimPO sharpens what the option loss
+    taught instead of mirroring the target); nothing is dropped."""
+    if target in GROUNDED_TARGETS or layout != "single_turn":
+        cols = option_examples(ds, target, measured, framing)
+        near_far = [nearest_and_farthest_option(p) for p in cols.pop("target")]
+        cols["chosen"] = [prompts.format_confidence(n) for n, _ in near_far]
+        cols["rejected"] = [prompts.format_confidence(f) for _, f in near_far]
+        return _image_table(ds, list(range(len(ds))), cols), 0
     texts, percents = confidence_examples(ds, target, measured)
     keep, chosen, rejected, prompt = [], [], [], []
     for i, (text, p) in enumerate(zip(texts, percents)):
@@ -521,19 +614,25 @@ class SimPOCollator:
     values reach both halves; labels are -100 outside the assistant's reply."""
 
     processor: Any
+    layout: str = "single_turn"
 
     def __call__(self, examples: list[dict]) -> dict:
         convs = []
         for key in ("chosen", "rejected"):
             for ex in examples:
-                user = _with_image([prompts.user_turn(ex["prompt"])], ex["image"].convert("RGB"))
-                convs.append(user + [prompts.assistant_turn(ex[key])])
+                if "response" in ex:  # pairs in any layout, built from question and quoted answer
+                    msgs = prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"],
+                                                       layout=self.layout)
+                else:
+                    msgs = [prompts.user_turn(ex["prompt"])]
+                convs.append(_with_image(msgs, ex["image"].convert("RGB")) + [prompts.assistant_turn(ex[key])])
         return collate_conversations(self.processor, convs)
 
 
 def collate_conversations(processor, convs: list[list[dict]]) -> dict:
     """Tokenize conversations (images inside) the way trl's VLM collator does: right
-    padding, no extra special tokens, labels only on the assistant's ``{% generation %}``."""
+    padding, no extra special tokens, labels only on the LAST assistant turn's
+    ``{% generation %}`` (earlier assistant turns, such as a quoted answer, are context)."""
     assistant_masks_from_lists()
     out = processor.apply_chat_template(
         convs, tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
@@ -541,10 +640,26 @@ def collate_conversations(processor, convs: list[list[dict]]) -> dict:
     out = dict(out)
     labels = out["input_ids"].clone()
     labels[out["attention_mask"] == 0] = -100
-    labels[out.pop("assistant_masks") == 0] = -100
+    labels[_last_span(out.pop("assistant_masks")) == 0] = -100
     if (labels != -100).sum(1).min() == 0:
         raise ValueError("a conversation has no assistant tokens: does the chat template mark {% generation %}?")
     out["labels"] = labels
+    return out
+
+
+def _last_span(mask):
+    """The last contiguous run of ones in each row of a 0/1 mask; zeros elsewhere."""
+    import torch
+
+    mask = torch.as_tensor(mask).long()
+    out = torch.zeros_like(mask)
+    for i, row in enumerate(mask.tolist()):
+        end = max((j for j, v in enumerate(row) if v), default=-1)
+        start = end
+        while start > 0 and row[start - 1]:
+            start -= 1
+        if end >= 0:
+            out[i, start:end + 1] = 1
     return out
 
 
@@ -627,7 +742,148 @@ def __getattr__(name: str):
     # `from csp_utils.training import SimPOTrainer` works, yet importing the module stays light.
     if name == "SimPOTrainer":
         return _simpo_trainer_class()
+    if name == "OptionLossTrainer":
+        return _option_trainer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- option losses
+
+
+@dataclass
+class OptionCollator:
+    """Confidence prompts in ``layout`` (generation prompt, no reply), each with its image,
+    left padded as the evaluation batches them; ``targets`` are fractions in [0, 1]."""
+
+    processor: Any
+    layout: str = "single_turn"
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        from csp_utils import evaluation
+
+        msgs = [prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=self.layout)
+                for ex in examples]
+        enc = dict(evaluation.encode(self.processor, msgs, [ex["image"].convert("RGB") for ex in examples]))
+        enc["targets"] = torch.tensor([ex["target"] / 100 for ex in examples], dtype=torch.float32)
+        return enc
+
+
+def option_logliks(model, batch: dict, option_ids):
+    """(B, K) summed token log-likelihood of each option as the reply, with gradients: the
+    evaluation's single-pass scoring (prefix tree behind the prompt, one forward)."""
+    from csp_utils import evaluation
+
+    rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")}
+    p = evaluation.Prompts(batch["input_ids"], batch["attention_mask"], rest)
+    attn = evaluation._attn_implementation(model)
+    if attn not in ("sdpa", "eager"):
+        raise ValueError(f"option losses need an attention that takes a custom mask (sdpa, eager), not {attn!r}")
+    return evaluation._score_tree(model, p, option_ids, attn).to(batch["input_ids"].device)
+
+
+def option_losses(logliks, targets, options: Sequence[int], loss: str):
+    """Per-row loss from option log-likelihoods (B, K) and target fractions (B,).
+
+    ``"brier"``: expected Brier score under the softmax over options,
+    ``sum_k p_k (o_k - y)^2``. ``"ce"``: minus the log-likelihood of the option nearest
+    the target (the reply cross-entropy of "c%", summed over its tokens). ``"soft_ce"``:
+    cross-entropy of the softmax over options to the target distribution that splits its
+    mass between the two options around y so that its mean is y (73% -> 0.7 on 70%, 0.3 on
+    80%); unlike the expected Brier score, whose gradient vanishes once the option
+    distribution is (nearly) one-hot, its gradient is p - q."""
+    import torch
+
+    o = torch.tensor([x / 100 for x in options], dtype=logliks.dtype, device=logliks.device)
+    y = targets.to(logliks.dtype)
+    if loss == "brier":
+        return (logliks.softmax(-1) * (o[None, :] - y[:, None]) ** 2).sum(-1)
+    if loss == "soft_ce":
+        return -(two_point_targets(y, o) * logliks.log_softmax(-1)).sum(-1)
+    if loss == "ce":
+        # in whole percents, so that ties are exact and go to the lower option (argmin takes the first)
+        percent = torch.tensor(list(options), dtype=logliks.dtype, device=logliks.device)
+        nearest = (percent[None, :] - (100 * y).round()[:, None]).abs().argmin(-1)
+        return -logliks.gather(1, nearest[:, None]).squeeze(1)
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def two_point_targets(y, o):
+    """(B, K) distributions over sorted options ``o`` with mean ``y``: the mass sits on the
+    two options around each y (all of it on an option y equals)."""
+    import torch
+
+    if bool(((o[1:] - o[:-1]) <= 0).any()):
+        raise ValueError("options must be sorted and distinct")
+    y = y.clamp(float(o[0]), float(o[-1]))
+    hi = torch.searchsorted(o, y).clamp(1, len(o) - 1)         # o[hi - 1] <= y <= o[hi]
+    lo = hi - 1
+    w_hi = (y - o[lo]) / (o[hi] - o[lo])
+    q = torch.zeros(y.shape[0], len(o), dtype=y.dtype, device=y.device)
+    q.scatter_(1, lo[:, None], (1 - w_hi)[:, None])
+    q.scatter_add_(1, hi[:, None], w_hi[:, None])
+    return q
+
+
+def _option_trainer_class():
+    """Defined on first use so that importing this module stays free of transformers."""
+    global OptionLossTrainer
+    if "OptionLossTrainer" in globals():
+        return OptionLossTrainer
+    import torch  # noqa: F811
+    from transformers import Trainer
+
+    class OptionLossTrainer(Trainer):
+        """``transformers.Trainer`` with a loss on the single-pass option distribution
+        (batches from ``OptionCollator``; see :func:`option_losses`)."""
+
+        loss_is_scaled_for_ga = False
+
+        def __init__(self, *args, loss: str = "brier", option_ids=None, options=prompts.CONFIDENCE_LEVELS,
+                     **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_kind, self.option_ids, self.options = loss, option_ids, tuple(options)
+            self._metrics: dict[str, list[float]] = {}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            targets = inputs["targets"]
+            ll = option_logliks(model, inputs, self.option_ids)
+            loss = option_losses(ll, targets, self.options, self.loss_kind).mean()
+            with torch.no_grad():
+                o = torch.tensor([x / 100 for x in self.options], device=ll.device)
+                expect = ll.softmax(-1) @ o
+                stats = torch.stack([((expect - targets) ** 2).mean(), expect.mean()])
+                stats = self.accelerator.gather(stats[None]).mean(0).tolist()
+            for key, value in zip(("brier_of_expectation", "mean_expectation"), stats):
+                self._metrics.setdefault(key, []).append(value)
+            return (loss, {"option_logliks": ll}) if return_outputs else loss
+
+        def log(self, logs: dict, start_time=None):
+            if "loss" in logs and self._metrics:
+                logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+                self._metrics = {}
+            super().log(logs, start_time)
+
+    return OptionLossTrainer
+
+
+def option_rows(ds, target: str, measured: MeasuredTargets | None = None, framing: str | None = None):
+    """Training rows ``{"image", "question", "response", "framing", "target"}`` for the option losses."""
+    return _image_table(ds, list(range(len(ds))), option_examples(ds, target, measured, framing))
+
+
+def build_option_trainer(model, processor, rows, cfg: SFTConfigCSP, output_dir, callbacks: Sequence = ()):
+    """The option-loss trainer over ``rows`` for an already PEFT-wrapped ``model``."""
+    from transformers import TrainingArguments
+
+    from csp_utils import evaluation
+
+    args = TrainingArguments(**_trainer_kwargs(cfg, output_dir), ddp_find_unused_parameters=False)
+    return _option_trainer_class()(
+        model=model, args=args, train_dataset=rows, data_collator=OptionCollator(processor, cfg.layout),
+        processing_class=processor, callbacks=list(callbacks), loss=cfg.loss,
+        option_ids=evaluation.option_token_ids(processor, prompts.CONFIDENCE_LEVELS))
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -986,7 +1242,7 @@ def build_simpo_trainer(model, processor, pairs, cfg: SimPOConfigCSP, output_dir
 
     # All LoRA weights take part in every forward, so DDP need not search for unused ones.
     args = TrainingArguments(**_trainer_kwargs(cfg, output_dir), ddp_find_unused_parameters=False)
-    return _simpo_trainer_class()(model=model, args=args, train_dataset=pairs, data_collator=SimPOCollator(processor),
+    return _simpo_trainer_class()(model=model, args=args, train_dataset=pairs, data_collator=SimPOCollator(processor, cfg.layout),
                                   processing_class=processor, callbacks=list(callbacks),
                                   beta=cfg.beta, simpo_gamma=cfg.simpo_gamma)
 
@@ -998,20 +1254,36 @@ def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, 
     cfg = config or tiny_default().sft
     run_dir = Path(run_dir)
     _state()
-    ds = load_perturbed_dataset(dataset)
+    ds = load_perturbed_dataset(dataset, cfg.confidence_target)
     ckpt_dir, log_csv, last, done = _run_state("sft", name, cfg, base_model, ds, None, run_dir, resume)
     if done is not None:
         return done
 
     model, processor = _load_base(base_model, cfg.dtype)
     measured = _measured_if_asked(cfg, model, processor, ds, measured, run_dir)
-    rows, n_replay = sft_rows(ds, cfg.confidence_target, measured, cfg.replay_fraction, cfg.seed)
-    trainer = build_sft_trainer(model, processor, rows, cfg, ckpt_dir, [csv_log_callback(log_csv), *callbacks])
+    logs = [csv_log_callback(log_csv), *callbacks]
+    if cfg.uses_option_loss:
+        if cfg.replay_fraction > 0:
+            raise ValueError("replay_fraction applies to the paper's SFT path only; the option losses train the "
+                             "confidence turn alone (evaluate with adapter_scope='confidence')")
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        rows, n_replay = option_rows(ds, cfg.confidence_target, measured, cfg.framing), 0
+        set_seed(cfg.seed)  # LoRA A starts random
+        model = get_peft_model(model, lora_config(model, cfg.lora))
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        trainer = build_option_trainer(model, processor, rows, cfg, ckpt_dir, logs)
+    else:
+        rows, n_replay = sft_rows(ds, cfg.confidence_target, measured, cfg.replay_fraction, cfg.seed)
+        trainer = build_sft_trainer(model, processor, rows, cfg, ckpt_dir, logs)
     out = trainer.train(resume_from_checkpoint=last)
     return _finish(trainer, "sft", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,
                    n_examples=len(rows), train_output=out,
                    extra={"confidence_target": cfg.confidence_target,
-                          "n_replay": n_replay})
+                          "n_replay": n_replay, "layout": cfg.layout,
+                          "loss": cfg.loss if cfg.uses_option_loss else "ce"})
 
 
 def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = None, *,
@@ -1027,7 +1299,7 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
     run_dir = Path(run_dir)
     _state()
     name = name or ("sft_simpo" if init_adapter else "simpo_only")
-    ds = load_perturbed_dataset(dataset)
+    ds = load_perturbed_dataset(dataset, cfg.confidence_target)
     if init_adapter is not None and not (Path(init_adapter) / "adapter_config.json").exists():
         raise FileNotFoundError(f"{init_adapter} is not a PEFT adapter folder (no adapter_config.json)")
     ckpt_dir, log_csv, last, done = _run_state("simpo", name, cfg, base_model, ds, init_adapter, run_dir, resume)
@@ -1036,7 +1308,7 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
 
     model, processor = _load_base(base_model, cfg.dtype)
     measured = _measured_if_asked(cfg, model, processor, ds, measured, run_dir)
-    pairs, dropped = simpo_pairs(ds, cfg.confidence_target, measured)
+    pairs, dropped = simpo_pairs(ds, cfg.confidence_target, measured, cfg.layout, cfg.framing)
 
     from transformers import set_seed
 
@@ -1053,7 +1325,7 @@ def train_simpo(base_model, dataset, run_dir, config: SimPOConfigCSP | None = No
     return _finish(trainer, "simpo", cfg, run_dir, name, ckpt_dir, log_csv, base_model=base_model, ds=ds,
                    n_examples=len(pairs), n_dropped=dropped, train_output=out,
                    extra={"init_adapter": str(init_adapter) if init_adapter else None,
-                          "confidence_target": cfg.confidence_target,
+                          "confidence_target": cfg.confidence_target, "layout": cfg.layout,
                           "beta": cfg.beta, "simpo_gamma": cfg.simpo_gamma})
 
 
@@ -1096,7 +1368,7 @@ def train_regime(regime: str, base_model, dataset, out_dir, configs: TrainingCon
     configs = configs or tiny_default()
     run_dir = Path(out_dir)
     _state()
-    ds = load_perturbed_dataset(dataset)
+    ds = load_perturbed_dataset(dataset, configs.sft.confidence_target)
     sft_name, simpo_name = "sft" + tag, REGIME_ADAPTERS[regime][-1] + tag
     sft_dir = run_dir / "adapters" / sft_name
     train_sft_now = regime == "sft" or (
@@ -1156,13 +1428,13 @@ def make_configs(preset: str = "tiny_default", sft: dict | None = None, simpo: d
     return configs
 
 
-def pair_margins(model, processor, pairs, batch_size: int = 16):
+def pair_margins(model, processor, pairs, batch_size: int = 16, layout: str = "single_turn"):
     """Per preference pair: mean reply log-prob of chosen minus rejected, each scored with
     its image (the quantity SimPO widens). Returns a float numpy array."""
     import numpy as np
     import torch
 
-    collate = SimPOCollator(processor)
+    collate = SimPOCollator(processor, layout)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -1178,7 +1450,7 @@ def pair_margins(model, processor, pairs, batch_size: int = 16):
 
 
 def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max_pairs: int | None = 512,
-                 batch_size: int = 16, seed: int = 0, run_dir=None):
+                 batch_size: int = 16, seed: int = 0, run_dir=None, layout: str = "single_turn"):
     """Chosen-over-rejected margins on the training pairs, one row per model.
 
     ``adapters``: {label: adapter folder, or None for the base model itself}. At most
@@ -1187,19 +1459,19 @@ def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max
     import numpy as np
     import pandas as pd
 
-    ds = load_perturbed_dataset(dataset)
+    ds = load_perturbed_dataset(dataset, target)
     measured = None
     if target == "measured":
         model, processor = models.load_vlm(base_model)
         measured = (cached_measured_targets(model, processor, ds, run_dir) if run_dir is not None
                     else measured_accuracy_targets(model, processor, ds))
-    pairs, _ = simpo_pairs(ds, target, measured)
+    pairs, _ = simpo_pairs(ds, target, measured, layout)
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = pairs.select(sorted(random.Random(seed).sample(range(len(pairs)), max_pairs)))
     rows = []
     for label, adapter in adapters.items():
         model, processor = models.load_vlm(base_model, adapter=adapter)
-        m = pair_margins(model, processor, pairs, batch_size)
+        m = pair_margins(model, processor, pairs, batch_size, layout)
         rows.append({"model": label, "pairs": len(m), "mean_margin": float(np.mean(m)),
                      "median_margin": float(np.median(m)), "chosen_preferred": float(np.mean(m > 0))})
     return pd.DataFrame(rows)

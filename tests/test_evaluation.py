@@ -328,6 +328,78 @@ def test_config_is_checked():
         ev.EvalConfig(readouts=("telepathy",))
     with pytest.raises(ValueError, match="options"):
         ev.EvalConfig(options=(0, 150))
+    with pytest.raises(ValueError, match="layout"):
+        ev.EvalConfig(layout="sideways")
+    with pytest.raises(ValueError, match="adapter_scope"):
+        ev.EvalConfig(adapter_scope="answer")
+
+
+# ------------------------------------------------------------------ prompt layouts
+@pytest.mark.parametrize("layout,which", [("follow_up", "tiny"), ("question_first", "tiny"),
+                                          ("follow_up", "tiny_text_first")])
+def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, request):
+    model, proc = request.getfixturevalue(which)
+    bench = make_benchmark(5)
+    items, images = bench.items, _images(bench, bench.items)
+    cfg = ev.EvalConfig(readouts=("single_pass",), batch_size=5, max_new_tokens=6, layout=layout)
+    rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", ev.answer_parser(bench))
+    option_ids = ev.option_token_ids(proc, cfg.options)
+    for it, im, row in zip(items, images, rows):
+        msgs = prompts.confidence_messages(it.question, row["raw_answer"], layout=layout)
+        if layout == "follow_up":  # the model's own answer turn, then the confidence question
+            assert msgs[:2] == prompts.answer_messages(it.question, row["raw_answer"]) and len(msgs) == 3
+        ref = ev.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
+        np.testing.assert_allclose(row["option_logliks"], ref, atol=1e-4, rtol=0)
+    single = ev.elicit_batch(model, proc, items, images, ev.EvalConfig(readouts=("single_pass",), batch_size=5,
+                             max_new_tokens=6), "tiny", ev.answer_parser(bench))
+    assert any(abs(a["confidence"] - b["confidence"]) > 1e-4 for a, b in zip(rows, single))
+
+
+# ------------------------------------------------------------------ confidence-only adapters
+def _with_random_adapter(model, scale: float):
+    """``model`` (a copy) under a LoRA whose B is random, so the adapter changes its outputs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_text_first"])
+def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
+    base, proc = request.getfixturevalue(which)
+    adapted = _with_random_adapter(base, 0.5)
+    bench = make_benchmark(8)
+    items, images, parse = bench.items, _images(bench, bench.items), ev.answer_parser(bench)
+    cfg = dict(framings=("third", "first"), batch_size=8, max_new_tokens=6, confidence_max_new_tokens=4,
+               layout="follow_up")
+    base_rows = ev.elicit_batch(base, proc, items, images, ev.EvalConfig(**cfg), "m", parse)
+    conf_rows = ev.elicit_batch(adapted, proc, items, images, ev.EvalConfig(**cfg, adapter_scope="confidence"),
+                                "m", parse)
+    all_rows = ev.elicit_batch(adapted, proc, items, images, ev.EvalConfig(**cfg, adapter_scope="all"), "m", parse)
+    for b, c in zip(base_rows, conf_rows):
+        assert c["raw_answer"] == b["raw_answer"] and c["answer"] == b["answer"]
+        assert c["internal_prob"] == pytest.approx(b["internal_prob"], abs=1e-5)
+    # the adapter, left on, answers differently here: the check above can fail
+    assert any(a["raw_answer"] != b["raw_answer"] for a, b in zip(all_rows, base_rows))
+    # the confidence is the adapter's, on the base model's own answer
+    option_ids = ev.option_token_ids(proc, prompts.CONFIDENCE_LEVELS)
+    singles = [r for r in conf_rows if r["readout"] == "single_pass"]
+    for r in singles:
+        msgs = prompts.confidence_messages(r["question"], r["raw_answer"], framing=r["framing"], layout="follow_up")
+        im = images[[it.question_id for it in items].index(r["question_id"])]
+        with torch.no_grad():
+            ref = ev.score_options_reference(adapted, proc, [msgs], [im], option_ids)[0]
+        np.testing.assert_allclose(r["option_logliks"], ref, atol=1e-4, rtol=0)
+    base_singles = [r for r in base_rows if r["readout"] == "single_pass"]
+    assert any(abs(a["confidence"] - b["confidence"]) > 1e-3 for a, b in zip(singles, base_singles))
 
 
 # ----------------------------------------------------------------- two processes
@@ -512,3 +584,19 @@ def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
     assert out["ratio"] == pytest.approx(out["fast_qps"] / out["naive_qps"]) and out["ratio"] > 0
     for line in ("naive loop :", "fast path  :", "ratio      :"):
         assert line in text
+
+
+def test_adapters_trained_on_grounded_targets_are_evaluated_confidence_only(tmp_path):
+    cfg = ev.EvalConfig(layout="single_turn")
+    grounded, paper = tmp_path / "grounded", tmp_path / "paper"
+    for folder, record in ((grounded, {"confidence_target": "internal", "layout": "follow_up"}),
+                           (paper, {"confidence_target": "paper", "layout": "single_turn"})):
+        folder.mkdir()
+        (folder / "training_config.json").write_text(json.dumps(record))
+    got = ev.config_for_adapter(cfg, grounded)
+    assert (got.adapter_scope, got.layout) == ("confidence", "follow_up")
+    got = ev.config_for_adapter(cfg, paper)
+    assert (got.adapter_scope, got.layout) == ("all", "single_turn")
+    assert ev.config_for_adapter(cfg, paper, adapter_scope="confidence").adapter_scope == "confidence"
+    assert ev.config_for_adapter(cfg, None, layout="question_first").layout == "question_first"
+    assert ev.config_for_adapter(cfg, grounded, layout="single_turn").layout == "single_turn"

@@ -575,3 +575,190 @@ def test_saved_adapters_record_their_base_and_refuse_another(work, tmp_path):
     with pytest.raises(models.AdapterBaseMismatchError):  # SimPO after SFT starts from the SFT adapter
         training.train_simpo(other, work / "dataset", run, small_configs(steps=1).simpo,
                              init_adapter=result.adapter_dir, name="sft_simpo_other")
+
+
+# --------------------------------------------------------------------------- grounded rows, option losses
+
+
+def make_grounded_rows(n: int = 6, seed: int = 3) -> list[dict]:
+    """Rows with the grounded dataset's columns: quoted answers (some flipped), targets of
+    every kind, questions of different lengths (left padding is exercised)."""
+    rng = np.random.RandomState(seed)
+    questions = ["Is there a circle?", "Is the large red square left of the small blue star in the image?",
+                 "Is there a star in this image?"]
+    rows = []
+    for i in range(n):
+        own = "Yes" if i % 2 == 0 else "No"
+        flipped = i % 3 == 2
+        answer = ("No" if own == "Yes" else "Yes") if flipped else own
+        label = "yes" if i % 4 < 2 else "no"
+        p = float(rng.uniform(0.05, 0.95))
+        rows.append(dict(
+            image=Image.fromarray(rng.randint(0, 255, (64, 64, 3), dtype=np.uint8)), sample_id=f"g{i}",
+            source_id=f"src{i // 2}", image_id=f"scene{i // 2}", question=questions[i % 3], label=label,
+            kind="existence", level=100 if i % 2 else 40, noise_on="none" if i % 2 else "distractor",
+            answer=answer, own_answer=own, flipped=flipped, correct=int(answer.lower() == label),
+            internal_p=p, cell_acc=int(rng.randint(0, 101))))
+    return rows
+
+
+def make_grounded_dataset(**kw):
+    return datasets.Dataset.from_list(make_grounded_rows(**kw)).cast_column("image", datasets.Image())
+
+
+def test_grounded_targets_follow_the_schema():
+    ds = make_grounded_dataset()
+    assert training.grounded_targets(ds, "correct") == [100 * c for c in ds["correct"]]
+    assert training.grounded_targets(ds, "cell") == list(ds["cell_acc"])
+    assert training.grounded_targets(ds, "internal") == [round(100 * p) for p in ds["internal_p"]]
+    cols = training.option_examples(ds, "internal")
+    assert cols["response"] == list(ds["answer"]) and cols["framing"] == ["third"] * len(ds)
+    with pytest.raises(ValueError, match="lacks columns.*internal_p"):
+        training.load_perturbed_dataset(ds.remove_columns(["internal_p"]), "internal")
+    with pytest.raises(ValueError, match="outside 0..100"):
+        training.grounded_targets(datasets.Dataset.from_list([{**make_grounded_rows(1)[0], "cell_acc": 120}]), "cell")
+    with pytest.raises(ValueError, match="loss must be one of"):
+        training.SFTConfigCSP(loss="mse")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        training.SFTConfigCSP(layout="two_turn")
+
+
+def test_two_point_targets_put_the_mass_around_the_target_with_its_mean():
+    o = torch.tensor([x / 100 for x in prompts.CONFIDENCE_LEVELS])
+    y = torch.tensor([0.73, 0.0, 1.0, 0.5, 0.05])
+    q = training.two_point_targets(y, o)
+    torch.testing.assert_close(q.sum(1), torch.ones(5))
+    torch.testing.assert_close(q @ o, y)
+    assert q[0, 7] == pytest.approx(0.7) and q[0, 8] == pytest.approx(0.3)
+    assert q[1, 0] == 1 and q[2, 10] == 1 and q[3, 5] == pytest.approx(1.0)
+    assert int((q > 0).sum()) == 2 + 1 + 1 + 1 + 2
+
+
+def test_grounded_simpo_pairs_choose_the_nearest_and_reject_the_farthest_option():
+    assert training.nearest_and_farthest_option(73) == (70, 0)
+    assert training.nearest_and_farthest_option(12) == (10, 100)
+    assert training.nearest_and_farthest_option(50) == (50, 0)
+    assert training.nearest_and_farthest_option(100) == (100, 0)
+    ds = make_grounded_dataset()
+    pairs, dropped = training.simpo_pairs(ds, "internal", layout="follow_up")
+    assert dropped == 0 and len(pairs) == len(ds)
+    for row, p in zip(pairs, ds["internal_p"]):
+        near, far = training.nearest_and_farthest_option(round(100 * p))
+        assert (row["chosen"], row["rejected"]) == (f"{near}%", f"{far}%")
+
+
+def test_follow_up_pairs_label_only_the_confidence_reply(work):
+    _, processor = load_base(work)
+    pairs, _ = training.simpo_pairs(make_grounded_dataset(), "correct", layout="follow_up")
+    batch = training.SimPOCollator(processor, "follow_up")([pairs[0], pairs[1]])
+    tok = processor.tokenizer
+    for i, ex in enumerate([pairs[0], pairs[1]] * 2):
+        kept = batch["labels"][i] != -100
+        reply = ex["chosen"] if i < 2 else ex["rejected"]
+        # the quoted answer is an assistant turn too, but context only
+        assert tok.decode(batch["input_ids"][i][kept]) == f" {reply}{tok.eos_token}"
+        assert f" {ex['response']}{tok.eos_token}" in tok.decode(batch["input_ids"][i][~kept])
+
+
+def hand_option_losses(model, processor, examples, layout):
+    """Per example: the 11 option log-likelihoods from plain per-option forwards (one
+    conversation, one option, no padding, no tree), softmax, expected Brier; and minus the
+    log-likelihood of the option nearest the target."""
+    from csp_utils import evaluation
+
+    option_ids = evaluation.option_token_ids(processor, prompts.CONFIDENCE_LEVELS)
+    o = np.array(prompts.CONFIDENCE_LEVELS) / 100
+    brier, ce, soft = [], [], []
+    for ex in examples:
+        msgs = prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=layout)
+        ll = evaluation.score_options_reference(model, processor, [msgs], [ex["image"].convert("RGB")], option_ids)[0]
+        p = np.exp(ll - ll.max())
+        p /= p.sum()
+        y = ex["target"] / 100
+        brier.append(float((p * (o - y) ** 2).sum()))
+        ce.append(float(-ll[prompts.CONFIDENCE_LEVELS.index(training.nearest_and_farthest_option(ex["target"])[0])]))
+        lo = ex["target"] // 10  # the two options around the target, weighted so that their mean is it
+        w = (ex["target"] - 10 * lo) / 10
+        logp = ll - ll.max() - np.log(np.exp(ll - ll.max()).sum())
+        soft.append(float(-(1 - w) * logp[lo] - (w * logp[lo + 1] if w else 0.0)))
+    return np.array(brier), np.array(ce), np.array(soft)
+
+
+@pytest.mark.parametrize("layout", ["single_turn", "follow_up", "question_first"])
+def test_brier_option_loss_equals_a_hand_computation_and_sees_the_image(work, tmp_path, layout):
+    from peft import get_peft_model
+
+    model, processor = load_base(work)
+    cfg = dataclass_replace(small_configs().sft, loss="brier", confidence_target="internal", layout=layout)
+    model = get_peft_model(model, training.lora_config(model, cfg.lora))
+    with torch.no_grad():  # non-zero LoRA B so the adapter takes part in the check
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    rows = training.option_rows(make_grounded_dataset(), "internal")
+    trainer = training.build_option_trainer(model, processor, rows, cfg, tmp_path)
+    examples = [rows[i] for i in (0, 1, 2, 5)]
+    batch = trainer.data_collator(examples)
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "the test needs prompts of mixed lengths"
+    model.eval()
+    with torch.no_grad():
+        loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+        brier, ce, soft_ce = hand_option_losses(model, processor, examples, layout)
+    assert abs(float(loss) - brier.mean()) < 1e-5, (float(loss), brier)
+    ce_loss = training.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "ce")
+    np.testing.assert_allclose(ce_loss.numpy(), ce, atol=1e-4, rtol=0)
+    soft = training.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "soft_ce")
+    np.testing.assert_allclose(soft.numpy(), soft_ce, atol=1e-4, rtol=0)
+
+    other = Image.fromarray(np.random.RandomState(99).randint(0, 255, (64, 64, 3), dtype=np.uint8))
+    with torch.no_grad():
+        loss2 = trainer.compute_loss(model, trainer.data_collator([{**examples[0], "image": other}] + examples[1:]))
+    assert abs(float(loss2) - float(loss)) > 1e-6
+
+
+def test_option_loss_has_gradients_and_training_writes_an_adapter(work, tmp_path):
+    ds = make_grounded_dataset(n=8)
+    cfg = dataclass_replace(small_configs(steps=3).sft, loss="brier", confidence_target="internal",
+                            layout="follow_up", learning_rate=5e-3)
+    result = training.train_sft(work / "base", ds, tmp_path, cfg)
+    assert result.completed and result.global_step == 3
+    record = json.loads((result.adapter_dir / training.CONFIG_FILE).read_text())
+    assert record["layout"] == "follow_up" and record["loss"] == "brier" and record["confidence_target"] == "internal"
+    tensors = adapter_tensors(result.adapter_dir)
+    assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in tensors.items())  # B moved from zero
+    logged = training.read_training_log(result.log_csv)
+    assert logged and all(r["loss"] is not None and 0 <= r["loss"] <= 1 for r in logged)  # a Brier score
+
+
+def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path):
+    cfg = small_configs(steps=2)
+    for stage in (cfg.sft, cfg.simpo):
+        stage.confidence_target, stage.layout = "cell", "follow_up"
+    cfg.sft.loss = "brier"
+    results = training.train_regime("sft_simpo", str(work / "base"), make_grounded_dataset(n=8), tmp_path, cfg)
+    assert all(r.completed for r in results.values()) and set(results) == {"sft", "sft_simpo"}
+    record = json.loads((results["sft_simpo"].adapter_dir / training.CONFIG_FILE).read_text())
+    assert record["layout"] == "follow_up" and record["confidence_target"] == "cell"
+    assert record["n_examples"] == 8 and record["n_dropped_pairs"] == 0
+    logged = training.read_training_log(results["sft_simpo"].log_csv)
+    assert logged[-1]["margin"] is not None
+
+
+@pytest.mark.slow
+def test_grounded_probe_script_runs_on_the_embedded_model(tmp_path):
+    """The experiment script end to end at toy size: rows, one adapter, confidence-only
+    evaluation (answers stay the base model's), baselines and the probe."""
+    if not (models.default_model_dir() / "model.safetensors").exists():
+        pytest.skip("the embedded default model is not built (python -m csp_utils.pretrain)")
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import grounded_probe
+    finally:
+        sys.path.pop(0)
+    res = grounded_probe.main(["--out", str(tmp_path), "--train-scenes", "20", "--eval-scenes", "8", "--steps", "3",
+                               "--layouts", "follow_up", "--losses", "soft_ce", "--flip-share", "0.2"])
+    run = res["runs"]["follow_up-soft_ce-internal"]
+    assert run["answers_equal_base"] and run["steps"] == 3
+    assert res["data"]["n_flip"] == round(0.2 * res["data"]["n_answered"])
+    assert set(res["probe"]) == {"answer_prompt", "follow_up"}
+    assert (tmp_path / "results.md").exists()
