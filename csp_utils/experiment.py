@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from csp_utils import baselines, benchmarks, metrics, scenes as world
+from csp_utils import baselines, benchmarks, grounded, metrics, scenes as world
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
 POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in world.DEGRADATIONS)}
@@ -33,6 +33,7 @@ _STARTS = {"pope-random": 0, "pope-popular": 30_000, "pope-adversarial": 60_000,
 _TRANSFER_START, _TRANSFER_STRIDE = 200_000, 20_000
 # sets that only serve the baselines (never reported)
 FIT_SETS = ("calibration", "train-sample")
+GROUNDED_SET = "grounded-perturbed"   # tells "confidence follows the noise" from "follows correctness"
 
 
 @dataclass
@@ -46,6 +47,8 @@ class SuiteConfig:
     transfer_kinds: tuple = world.DEGRADATIONS
     transfer_severity: float = 0.7
     perturbed_levels: tuple = (0, 20, 40, 60, 80, 100)
+    n_grounded_images: int = 0        # held-out scenes, both labels, noise on the asked object or a distractor
+    grounded_levels: tuple = (10, 40, 70)
     noise_gamma: float | None = None  # None: perturbation's default
     seed: int = 0
     image_size: int = 64
@@ -145,6 +148,10 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
                                                      benchmarks.scene_image_loader(train), "yes")
     if want("perturbed"):
         suite["perturbed"] = perturbed_benchmark(cfg)
+    if want(GROUNDED_SET) and cfg.n_grounded_images:
+        suite[GROUNDED_SET] = grounded.grounded_perturbed_benchmark(
+            cfg.n_grounded_images, cfg.grounded_levels, seed=cfg.seed, noise_gamma=cfg.noise_gamma,
+            image_size=cfg.image_size, name=GROUNDED_SET)
     check_disjoint(suite)
     return suite
 
@@ -593,14 +600,24 @@ def save_json(obj, path) -> Path:
 
 
 # ------------------------------------------------------------- notebook conveniences
+def model_names(entries) -> list[str]:
+    """The names results carry: ``"LABEL=ADAPTER"`` entries are reported as LABEL."""
+    return [str(e).split("=", 1)[0] for e in entries]
+
+
 def model_specs(run_dir, base_model: str, names) -> list[ModelSpec]:
-    """``"base"`` is the base model itself; any other name is the adapter ``adapters/<name>``."""
+    """``"base"`` is the base model itself; any other name is the adapter ``adapters/<name>``,
+    reported under that name, or ``"LABEL=ADAPTER"``: the adapter ``adapters/ADAPTER`` reported
+    as LABEL (e.g. ``"grounded@s0=sft@g0"``: one SFT stage's adapter, named for its method)."""
     specs = []
-    for name in names:
-        if name == "base":
+    for entry in names:
+        name, _, folder = str(entry).partition("=")
+        if not name or (_ and not folder):
+            raise ValueError(f"model entry {entry!r}: expected NAME or LABEL=ADAPTER")
+        if name == "base" and not folder:
             specs.append(ModelSpec("base", base_model, None))
             continue
-        adapter = Path(run_dir) / "adapters" / name
+        adapter = Path(run_dir) / "adapters" / (folder or name)
         if not (adapter / "adapter_config.json").exists():
             raise FileNotFoundError(f"model {name!r}: no PEFT adapter at {adapter}; run the training notebooks first")
         specs.append(ModelSpec(name, base_model, str(adapter)))
@@ -636,6 +653,27 @@ def level_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     df = df[df["set"] == "perturbed"].copy()
     df["level"] = df["question_id"].map(level_of)
     return df
+
+
+def noise_table(rows: list[dict] | pd.DataFrame, framing: str = "third", readout: str = "single_pass") -> pd.DataFrame:
+    """The grounded perturbed set per model and noise target (none / key / distractor): accuracy,
+    mean confidence, ECE, Brier and AUROC. Confidence that follows correctness drops with key noise
+    only where answers go wrong, and stays up under distractor noise."""
+    from csp_utils import metrics
+
+    df = pd.DataFrame(rows)
+    df = df[(df["set"] == GROUNDED_SET) & df["framing"].isin([framing, "-"]) & df["readout"].isin([readout, "-"])]
+    df = df.dropna(subset=["confidence"])
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(noise_on=df["question_id"].map(grounded.noise_on_of))
+    out = []
+    for (model, noise_on), g in df.groupby(["model", "noise_on"]):
+        conf, correct = g["confidence"].to_numpy(float), g["correct"].to_numpy(int)
+        out.append({"model": model, "noise_on": noise_on, "n": len(g), "accuracy": correct.mean(),
+                    "confidence": conf.mean(), "ece": metrics.ece(conf, correct), "brier": metrics.brier(conf, correct),
+                    "auroc": metrics.auroc(conf, correct) if 0 < correct.sum() < len(correct) else math.nan})
+    return pd.DataFrame(out)
 
 
 def level_spearman(df: pd.DataFrame) -> pd.DataFrame:

@@ -165,6 +165,8 @@ def publish_results(results_dir, dest) -> list[Path]:
     if (results_dir / "train_logs").exists():
         shutil.copytree(results_dir / "train_logs", dest / "train_logs", dirs_exist_ok=True)
         copied.append(dest / "train_logs")
+    for sub in sorted(p for p in results_dir.iterdir() if p.is_dir() and (p / "headline.csv").exists()):
+        copied += publish_results(sub, dest / sub.name)  # another base model's evaluation
     return copied
 
 
@@ -177,42 +179,80 @@ def _tables(results_dir):
     return head, paired
 
 
-def results_markdown(results_dir, after: str = "sft_simpo", base: str = "base") -> str:
-    """The README's first-screen table: pooled clean and pooled transfer x (the base model, the
-    CSP model ``after``, every baseline), with paired differences against the strongest
-    baseline (lowest pooled clean Brier, chosen by :func:`experiment.strongest_baseline`)."""
+def _plain_markdown(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in df.itertuples(index=False)])
+
+
+def _bases(results) -> dict[str, Path]:
+    """``results``: one results folder, or {base-model label: its results folder}."""
+    return {k: Path(v) for k, v in results.items()} if isinstance(results, dict) else {"": Path(results)}
+
+
+def results_markdown(results, methods=("sft_simpo",)) -> str:
+    """The README's first-screen table, at most 12 rows: pooled clean and pooled transfer x each
+    base model x (each CSP method in ``methods``, the strongest baseline), with paired Brier and
+    AUROC differences against that baseline (lowest pooled clean Brier, chosen per base model by
+    :func:`experiment.strongest_baseline` before any method is looked at)."""
     from csp_utils import experiment
 
-    head, paired = _tables(results_dir)
-    strongest = experiment.strongest_baseline(head)
-    keep = head[head["model"].isin([base, after]) | head["model"].str.startswith("baseline:")]
-    sets = tuple(u for u in POOLED if u in set(head["set"]))
-    table = experiment.markdown_table(keep, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest)
-    return (f"{table}\n\nStrongest baseline (lowest pooled clean Brier): `{strongest}`. "
-            "Per-set results and every paired difference: [docs/results.md](docs/results.md).")
+    head_cols = ["set", "base model", "model", "accuracy", "ECE10", "Brier", "AUROC", "ΔBrier vs strongest",
+                 "ΔAUROC vs strongest"]
+    lines = ["| " + " | ".join(head_cols) + " |", "|" + "---|" * len(head_cols)]
+    clusters, notes = set(), []
+    tables = {label: _tables(folder) for label, folder in _bases(results).items()}
+    for set_ in POOLED:
+        for label, (head, paired) in tables.items():
+            strongest = experiment.strongest_baseline(head)
+            main = experiment._main(head, *MAIN_COMBO)
+            main = main[main["set"] == set_]
+            clusters |= set(main.get("cluster", pd.Series(dtype=str)))
+            for model in [m for m in methods if m in set(main["model"])] + [strongest]:
+                r = main[main["model"] == model].iloc[0]
+                lines.append("| " + " | ".join([set_, label or "base", model, experiment._fmt(r, "accuracy"),
+                                                experiment._fmt(r, "ece"), experiment._fmt(r, "brier"),
+                                                experiment._fmt(r, "auroc")]
+                                               + [experiment._diff_cell(paired, set_, model, strongest, k)
+                                                  for k in ("brier", "auroc")]) + " |")
+        if set_ == POOLED[0]:
+            notes = [f"`{label or 'base'}`: `{experiment.strongest_baseline(h)}`" for label, (h, _) in tables.items()]
+    return ("\n".join(lines) + f"\n\n95% percentile bootstrap intervals resampling by {', '.join(sorted(clusters))}; "
+            f"{MAIN_COMBO[0]} person, {MAIN_COMBO[1].replace('_', ' ')} read-out; seeds pooled. Strongest baseline "
+            f"(lowest pooled clean Brier) per base model: {', '.join(notes)}. Every set, model and paired difference: "
+            "[docs/results.md](docs/results.md).")
 
 
-def results_document(results_dir, after: str = "sft_simpo") -> str:
-    """``docs/results.md``: the full per-set table and every paired difference, generated."""
+def results_document(results, methods=("sft_simpo",)) -> str:
+    """``docs/results.md``: per base model, the full per-set table and every paired difference."""
     from csp_utils import experiment
 
-    head, paired = _tables(results_dir)
-    strongest = experiment.strongest_baseline(head)
-    sets = tuple(dict.fromkeys([u for u in POOLED if u in set(head["set"])]
-                               + [s for s in experiment.CLEAN_SETS if s in set(head["set"])]
-                               + sorted(s for s in set(head["set"]) if s.startswith(("transfer-", "coco-", "official-")))
-                               + (["perturbed"] if "perturbed" in set(head["set"]) else [])))
     parts = ["# Results (generated)", "",
              "Written by `notebooks/07_figures.ipynb` from `figures/results/`; do not edit by hand. "
-             "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md).", "",
-             f"Strongest baseline (lowest pooled clean Brier): `{strongest}`.", "",
-             "## Every model and baseline, per set and pooled", "",
-             experiment.markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest)]
-    if paired is not None and len(paired):
-        parts += ["", f"## Paired differences: {after} against the base model and each baseline", "",
-                  experiment.paired_markdown(paired, sets=sets, methods=[after]),
-                  "", "## Paired differences: every other model", "",
-                  experiment.paired_markdown(paired[paired["method"] != after], sets=sets)]
+             "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md)."]
+    for label, folder in _bases(results).items():
+        head, paired = _tables(folder)
+        strongest = experiment.strongest_baseline(head)
+        sets = tuple(dict.fromkeys([u for u in POOLED if u in set(head["set"])]
+                                   + [s for s in experiment.CLEAN_SETS if s in set(head["set"])]
+                                   + sorted(s for s in set(head["set"]) if s.startswith(("transfer-", "coco-", "official-")))
+                                   + [s for s in ("perturbed", experiment.GROUNDED_SET) if s in set(head["set"])]))
+        title = f"base model `{label}`" if label else "the base model"
+        parts += ["", f"## {title.capitalize()}: every model and baseline, per set and pooled", "",
+                  f"Strongest baseline (lowest pooled clean Brier): `{strongest}`.", "",
+                  experiment.markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest)]
+        noise = _read(folder, "grounded_perturbed.csv")
+        if noise is not None and len(noise):
+            parts += ["", f"### {title.capitalize()}: the grounded perturbed set by noise target", "",
+                      "Confidence that follows correctness falls under noise on the asked object only where the "
+                      "answers go wrong, and stays up under noise on a distractor.", "",
+                      _plain_markdown(noise.round(3))]
+        if paired is not None and len(paired):
+            shown = [m for m in methods if m in set(paired["method"])]
+            parts += ["", f"### {title.capitalize()}: paired differences of {', '.join(shown)} against the base "
+                          "model and each baseline", "",
+                      experiment.paired_markdown(paired, sets=sets, methods=shown),
+                      "", f"### {title.capitalize()}: paired differences of every other model", "",
+                      experiment.paired_markdown(paired[~paired["method"].isin(shown)], sets=sets)]
     return "\n".join(parts) + "\n"
 
 

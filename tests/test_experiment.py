@@ -295,7 +295,16 @@ def test_compact_markdown_table_and_results_document(tmp_path):
     table = report.results_markdown(tmp_path)
     body = [line for line in table.splitlines() if line.startswith("| pooled")]
     assert 0 < len(body) <= 12 and not any("| sft |" in line for line in body)   # headline models only
-    assert "ΔBrier vs baseline:constant" in table and "resampling by image" in table
+    assert "`baseline:constant`" in table and "resampling by image" in table
     assert any("better" in line for line in body if "sft_simpo" in line)
     doc = report.results_document(tmp_path)
-    assert "| pope-random | sft |" in doc and "## Paired differences" in doc
+    assert "| pope-random | sft |" in doc and "paired differences of sft_simpo" in doc
+    # two base models, two methods: still at most 12 rows, each base model with its own strongest baseline
+    (tmp_path / "other").mkdir()
+    for name in ("headline.csv", "paired.csv"):
+        (tmp_path / "other" / name).write_bytes((tmp_path / name).read_bytes())
+    both = {"planted": tmp_path, "noconf": tmp_path / "other"}
+    body = [line for line in report.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
+            if line.startswith("| pooled")]
+    assert len(body) == 12 and sum("| noconf |" in line for line in body) == 6
+    assert "## Base model `noconf`" in report.results_document(both)
