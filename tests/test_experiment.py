@@ -274,9 +274,11 @@ def test_default_sizes():
     from csp_utils import experiment
 
     assert experiment.SuiteConfig().n_pope_images >= 300
-    params = yaml.safe_load((Path(__file__).parents[1] / "params" / "default.yaml").read_text())
-    for stage in ("05_evaluate", "06_ablations"):
-        assert params["stages"][stage]["suite"]["n_pope_images"] >= 300, stage
+    folder = Path(__file__).parents[1] / "params"
+    for name, stages in (("default", ("05_evaluate", "05_evaluate@noconf")), ("full", ("05_evaluate", "06_ablations"))):
+        params = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        for stage in stages:
+            assert params["stages"][stage]["suite"]["n_pope_images"] >= 300, (name, stage)
 
 
 def test_compact_markdown_table_and_results_document(tmp_path):
