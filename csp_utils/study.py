@@ -312,6 +312,12 @@ def _matches(run_dir: Path, rel: str) -> list[Path]:
     return [path] if path.exists() or path.is_symlink() else []
 
 
+def _derived_cache(path: Path) -> bool:
+    """``datasets`` writes ``cache-<fingerprint>.arrow`` beside a saved dataset that a reader
+    maps or filters: the reader's derived files, not a change to the dataset."""
+    return path.name.startswith("cache-") and path.suffix == ".arrow"
+
+
 def output_digest(run_dir: Path, rel: str) -> str | None:
     """A file's sha256; a folder's (or a pattern's) over its files' relative paths and digests;
     None when nothing is there."""
@@ -320,7 +326,8 @@ def output_digest(run_dir: Path, rel: str) -> str | None:
         return None
     if found == [run_dir / rel] and found[0].is_file():
         return _file_hash(found[0])
-    files = sorted(f for p in found for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+    files = sorted(f for p in found for f in ([p] if p.is_file() else p.rglob("*"))
+                   if f.is_file() and not _derived_cache(f))
     return _hash([(str(f.relative_to(run_dir)), _file_hash(f)) for f in files])
 
 

@@ -1,7 +1,9 @@
 """The smoke chain: every notebook, in order, through the study driver, on one tiny model.
 
 Run once per test session (module fixture); the tests then check the files each stage
-wrote, the stage markers (a rerun skips), and that a failing notebook stops the chain.
+wrote, the stage markers (a rerun skips), and that a failing notebook stops the chain. The
+driver's rules (keys, clearing, resuming, the lock, timeouts) are tested on tiny notebooks,
+and parameter checks against the real notebooks without running them.
 """
 
 import json
@@ -422,3 +424,18 @@ def test_relative_run_folders_resolve_under_the_repository():
         first = next(c for c in cells[i + 1:] if c["cell_type"] == "code")
         source = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
         assert "run_dir = resolve_run_dir(run_dir)" in source, book.name
+
+
+def test_folder_digests_see_changes_but_not_the_caches_of_readers(tmp_path):
+    folder = tmp_path / "dataset" / "dataset"
+    folder.mkdir(parents=True)
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    first = study.output_digest(tmp_path, "dataset")
+    (folder / "cache-5ea600d91a8e3924.arrow").write_bytes(b"mapped by a reader")
+    assert study.output_digest(tmp_path, "dataset") == first
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rowz")
+    assert study.output_digest(tmp_path, "dataset") != first
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (folder / "extra.json").write_text("{}")
+    assert study.output_digest(tmp_path, "dataset") != first
+    assert study.output_digest(tmp_path, "missing") is None
