@@ -260,34 +260,40 @@ def _check_no_overlap(stages: list[Stage]) -> None:
                 raise ValueError(f"stages {a} and {b} write overlapping paths {pa!r} and {pb!r}; rename one")
 
 
+def _cell_timeout(stage: str, given: dict) -> int:
+    timeout = given.get("cell_timeout", spec_of(stage).cell_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise ValueError(f"stage {stage}: cell_timeout must be a positive number of seconds, got {timeout!r}")
+    return timeout
+
+
+def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str]) -> Stage:
+    """One stage resolved; ``owner``: output path -> the earlier stage that writes it (updated)."""
+    parameters = stage_parameters(params, stage, defaults)
+    check_stage_parameters(stage, parameters, defaults)
+    full = {**defaults, **parameters}
+    spec = spec_of(stage)
+    outputs = list(dict.fromkeys(spec.outputs(full)))
+    shared = [p for p in outputs if p in owner]
+    mine = [p for p in outputs if p not in owner]
+    reads = spec.inputs(full) + shared
+    inputs = list(dict.fromkeys(writer for path in reads for out, writer in owner.items()
+                                if "*" not in out and (_within(out, path) or _within(path, out))))
+    owner.update({p: stage for p in mine})
+    return Stage(stage, parameters, mine, shared, list(spec.scratch(full)), inputs, spec.uses_model,
+                 _cell_timeout(stage, params["stages"][stage] or {}))
+
+
 def plan_study(params: dict) -> list[Stage]:
     """Every stage, checked and resolved, in chain order; raises before anything runs."""
     defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
     declared = set().union(*defaults.values()) if defaults else set()
-    for name, value in _global_parameters(params).items():
+    for name in _global_parameters(params):
         if name not in declared:
             raise ValueError(f"global parameter {name!r} is declared by no notebook; known: "
                              + ", ".join(sorted(declared - set(DRIVER_PARAMETERS))))
-    plan, owner = [], {}
-    for stage, given in params["stages"].items():
-        given = given or {}
-        timeout = given.get("cell_timeout", spec_of(stage).cell_timeout)
-        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
-            raise ValueError(f"stage {stage}: cell_timeout must be a positive number of seconds, got {timeout!r}")
-        parameters = stage_parameters(params, stage, defaults[stage])
-        check_stage_parameters(stage, parameters, defaults[stage])
-        full = {**defaults[stage], **parameters}
-        spec = spec_of(stage)
-        outputs = list(dict.fromkeys(spec.outputs(full)))
-        shared = [p for p in outputs if p in owner]
-        mine = [p for p in outputs if p not in owner]
-        reads = [p for p in spec.inputs(full)] + shared
-        inputs = list(dict.fromkeys(
-            owner_stage for path in reads for out, owner_stage in owner.items()
-            if "*" not in out and (_within(out, path) or _within(path, out))))
-        owner.update({p: stage for p in mine})
-        plan.append(Stage(stage, parameters, mine, shared, list(spec.scratch(full)), inputs,
-                          spec.uses_model, timeout))
+    owner: dict[str, str] = {}
+    plan = [_plan_stage(stage, params, defaults[stage], owner) for stage in params["stages"]]
     _check_no_overlap(plan)
     return plan
 
