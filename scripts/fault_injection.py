@@ -174,8 +174,8 @@ def kill_chain(params, work, model, reference, kill_stages, seconds, rng) -> lis
         at = running[-1].split("]")[1].split(":")[0].strip() if running else stage
         ended = driver.proc.poll() is not None
         driver.kill_tree()
-        rows.append([f"kill -9 in {stage} at {delay:.1f} s", f"killed while {at} ran" + (" (driver had ended)" if ended else ""),
-                     None, None])
+        outcome = f"killed while {at} ran" + (" (driver had ended)" if ended else "")
+        rows.append([f"kill -9 in {stage} at {delay:.1f} s", outcome, None, None])
     rc, text = run_to_end(params, name, work, model)
     same, detail = compare(work / name, reference) if rc == 0 else (False, f"rerun exit {rc}: {text[-300:]}")
     resumed = text.count("resuming an interrupted run")
@@ -227,7 +227,7 @@ def dataset_flipped(params, work, model, reference, name="shared") -> list[tuple
     rebuild is killed once its first shard is finished, a byte of that shard is flipped, and the
     build resumed: the damaged shard must be rebuilt or refused, never used."""
     run = work / name
-    _flip_byte(sorted((run / "dataset" / "dataset").glob("*.arrow"))[0])
+    _flip_byte(sorted((run / "dataset" / "dataset").glob("data-*.arrow"))[0])  # not a reader's cache-*.arrow
     driver = Driver(params, name, work, model)
     noticed = driver.wait_for(r"02_build_perturbed_dataset: outputs changed or missing: dataset", timeout=600)
     first_shard = run / "dataset" / "shards" / "shard-00000"
@@ -241,7 +241,7 @@ def dataset_flipped(params, work, model, reference, name="shared") -> list[tuple
     if not caught:
         rows.append(("shard byte flipped mid-build", "the build finished before a shard could be damaged", "-", "FAIL"))
         return rows
-    shard_file = sorted((first_shard / "data").glob("*.arrow"))[0]
+    shard_file = sorted((first_shard / "data").glob("data-*.arrow"))[0]
     _flip_byte(shard_file)
     rc, text = run_to_end(params, name, work, model)
     if rc != 0:
@@ -256,6 +256,11 @@ def dataset_flipped(params, work, model, reference, name="shared") -> list[tuple
     rows.append(("shard byte flipped mid-build", f"exit 0; {said}", detail + ("" if same else ": damaged shard used"),
                  "PASS" if same else "FAIL"))
     return rows
+
+
+def _short(stage: str) -> str:
+    """``04_train_simpo@simpo_only`` -> ``04@simpo_only``."""
+    return stage.split("_")[0] + ("@" + stage.split("@")[1] if "@" in stage else "")
 
 
 def _max_step(log: Path) -> int | None:
@@ -285,7 +290,7 @@ def parameter_changed(params, work, model, reference, stage, key, name="shared")
     back = [s for s in stages_of(params) if f"[study] {s}: changed" in text2]
     ok = rc == 0 and stage in reran and same and back == reran
     return (f"parameter changed ({stage} {key} {original} -> {original + 1}, then back)",
-            f"exit {rc}; rerun: {', '.join(s.split('_')[0] + ('@' + s.split('@')[1] if '@' in s else '') for s in reran)}; "
+            f"exit {rc}; rerun: {', '.join(_short(s) for s in reran)}; "
             f"{effect}; back: exit {rc2}, same stages rerun: {back == reran}",
             f"changed back: {detail}", "PASS" if ok else "FAIL")
 

@@ -321,7 +321,8 @@ def test_the_lock_is_taken_atomically(tmp_path):
 
 
 def test_a_hanging_cell_fails_naming_the_stage_and_cell(toy):
-    with pytest.raises(SystemExit, match=r"12_hang failed: cell \d+ of the executed copy \('import time'\) ran past the cell limit of 3 s"):
+    limit = r"12_hang failed: cell \d+ of the executed copy \('import time'\) ran past the cell limit of 3 s"
+    with pytest.raises(SystemExit, match=limit):
         toy({"12_hang": {}})
     with pytest.raises(SystemExit, match="limit of 1 s"):
         toy({"12_hang": {"cell_timeout": 1}})
