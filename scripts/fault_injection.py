@@ -327,13 +327,16 @@ def main(argv=None) -> int:
     rows = kill_chain(SMOKE, work, model, reference, kill_stages, seconds, random.Random(args.seed))
     print(f"[fault] kill cases done at {time.time() - t0:.0f} s", flush=True)
     rows.append(second)
-    shutil.copytree(reference, work / "shared")  # the damage cases start from a finished run
+    shutil.copytree(reference, work / "shared")  # the damage cases start from a finished run (moved: same keys)
     rows.append(output_deleted(SMOKE, work, model, reference))
     rows += dataset_flipped(SMOKE, work, model, reference)
+    shutil.copytree(reference, work / "changed")  # its own copy: a failed case above must not cascade
     if args.quick:
-        rows.append(parameter_changed(SMOKE, work, model, reference, "04_train_simpo@simpo_only", "max_steps"))
+        rows.append(parameter_changed(SMOKE, work, model, reference, "04_train_simpo@simpo_only", "max_steps",
+                                      name="changed"))
     else:
-        rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "n_scenes"))
+        rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "n_scenes",
+                                      name="changed"))
     print(f"\n{'case':<44} | {'outcome':<70} | {'equal to an uninterrupted run or clear refusal':<50} | result")
     for case, outcome, detail, verdict in rows:
         print(f"{case:<44} | {outcome:<70} | {detail:<50} | {verdict}")
