@@ -245,9 +245,9 @@ def dataset_flipped(params, work, model, reference, name="shared") -> list[tuple
     _flip_byte(shard_file)
     rc, text = run_to_end(params, name, work, model)
     if rc != 0:
-        last = text.strip().splitlines()[-3:]
+        said = [ln for ln in text.splitlines() if "failed:" in ln] or text.strip().splitlines()[-1:]
         refused = "shard-00000" in text
-        rows.append(("shard byte flipped mid-build", f"exit {rc}: {' '.join(last)[:150]}",
+        rows.append(("shard byte flipped mid-build", f"exit {rc}: {said[-1].strip()[:150]}",
                      "clear refusal naming the shard" if refused else "failed without naming the shard",
                      "PASS" if refused else "FAIL"))
         return rows
