@@ -4,23 +4,40 @@
     python -m csp_utils.study params/smoke.yaml --name smoke  # minutes
     python -m csp_utils.study params/default.yaml --only 07_figures
 
-A params YAML holds global parameters (``base_model``, ``seed``, ...) passed to every
-notebook and a ``stages`` mapping of per-notebook parameters. A stage key ``NAME@TAG`` runs
-notebook ``NAME`` again with other parameters (e.g. ``03_train_sft@s1`` for a second seed). Each finished stage leaves
-``markers/<stage>.json`` with the hash of its parameters, its notebook and the markers of the
-stages before it, starting from the base model's identity (:func:`model_fingerprint`); a rerun skips stages whose marker matches and resumes from the first that
-does not. A failing notebook stops the chain; its executed copy is kept and the error shown.
+A params YAML holds global parameters (``base_model``, ``seed``, ...) and a ``stages`` mapping
+of per-notebook parameters. A stage key ``NAME@TAG`` runs notebook ``NAME`` again with other
+parameters (e.g. ``03_train_sft@s1`` for a second seed). Each notebook gets only the global
+parameters its parameters cell declares; every name and type is checked against that cell
+before anything runs. The reserved stage key ``cell_timeout`` (seconds) overrides the stage's
+default limit per cell (:data:`STAGES`); a cell that runs longer fails the stage.
+
+What each notebook writes and reads inside the run folder is declared in :data:`STAGES`. A
+stage's key hashes its parameters (not the run folder's location), its notebook's code cells,
+the package source, the base model's fingerprint where the stage loads the model, and the
+keys and output digests of the stages whose outputs it reads. A finished stage leaves
+``markers/<stage>.json`` with its key and the digest of every output; a rerun skips it while
+both still match. Otherwise its outputs are removed and it runs from scratch, except that a
+stage interrupted with the same key (``markers/<stage>.running.json``) resumes from its partial
+outputs. One driver at a time holds ``<run>/.lock``. A failing notebook stops the chain; its
+executed copy is kept and the error shown.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
+import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -28,7 +45,179 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
+PACKAGE = Path(__file__).resolve().parent
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy", "papermill")
+RESERVED = ("cell_timeout",)  # stage keys read by the driver, never passed to the notebook
+DRIVER_PARAMETERS = ("run_dir",)
+HOUR = 3600
+
+
+# ------------------------------------------------------------------ stage declarations
+def _nothing(p: dict) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What one notebook writes and reads, as paths under the run folder built from its
+    parameters (notebook defaults filled in). A path may end in a ``*`` pattern."""
+    outputs: Callable[[dict], list[str]]
+    inputs: Callable[[dict], list[str]] = _nothing  # the stages declaring these as outputs are read
+    scratch: Callable[[dict], list[str]] = _nothing  # resume state: cleared with the outputs, not digested
+    uses_model: bool = False  # loads base_model (others are not passed it)
+    cell_timeout: int = 600  # seconds per cell
+    # parameter -> accepted types, where the default says too little (None) or too much (a str
+    # that may also be a dict); None stays accepted where it is the default
+    types: dict = field(default_factory=dict)
+
+
+def _figures(*stems: str) -> list[str]:
+    return [f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")]
+
+
+def _matrix(models) -> list[str]:
+    return [f"results/matrix/{m.replace('/', '_')}" for m in dict.fromkeys(models)]
+
+
+def _adapters(models) -> list[str]:
+    return [f"adapters/{m}" for m in dict.fromkeys(models) if m != "base"]
+
+
+def _simpo_name(p: dict) -> str:
+    return ("sft_simpo" if p["regime"] == "sft_simpo" else "simpo_only") + p["tag"]
+
+
+def _ablation_models(p: dict) -> list[str]:
+    return [*p["variants"].values(), p["reference"]]
+
+
+def _figures_outputs(p: dict) -> list[str]:
+    if p["figures_dir"] is not None:  # published outside the run folder: not the driver's to clear
+        return []
+    return _figures("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level",
+                    "ablation_accuracy", "ablation_ece", "ablation_auroc", "perturbation_grid_scenes",
+                    "internal_vs_verbalized_*", "training_*")
+
+
+NUMBER = (int, float)
+TRAINING_TYPES = {"learning_rate": NUMBER, "num_train_epochs": NUMBER, "max_steps": (int,), "lora_r": (int,),
+                  "lora_alpha": NUMBER, "per_device_train_batch_size": (int,), "gradient_accumulation_steps": (int,)}
+
+STAGES: dict[str, StageSpec] = {
+    "00_world_and_benchmarks": StageSpec(
+        outputs=lambda p: ["results/benchmark_composition.csv", *_figures(
+            "world_scenes", "world_variants", "benchmark_balance", "category_frequencies",
+            "reliability_illustrative")]),
+    "01_perturbation_explorer": StageSpec(outputs=lambda p: _figures("perturbation_grid")),
+    "02_build_perturbed_dataset": StageSpec(
+        outputs=lambda p: [p["dataset"], *_figures(f"{p['dataset']}_levels")],
+        cell_timeout=2 * HOUR, types={"grounder": (str, dict), "levels": (list,), "noise_gamma": NUMBER,
+                                      "t_max": (int,), "schedule": (str,)}),
+    "03_train_sft": StageSpec(
+        outputs=lambda p: [f"adapters/sft{p['tag']}", f"train_logs/sft{p['tag']}.csv",
+                           *_figures(f"train_sft{p['tag']}")],
+        inputs=lambda p: [p["dataset"]],
+        scratch=lambda p: [f"checkpoints/sft{p['tag']}", f"merged/sft{p['tag']}"],
+        uses_model=True, cell_timeout=8 * HOUR, types=TRAINING_TYPES),
+    "04_train_simpo": StageSpec(
+        outputs=lambda p: [f"adapters/{_simpo_name(p)}", f"train_logs/{_simpo_name(p)}.csv",
+                           f"train_logs/margins_{_simpo_name(p)}.csv", *_figures(f"train_{_simpo_name(p)}")],
+        inputs=lambda p: [p["dataset"]] + ([f"adapters/sft{p['tag']}"] if p["regime"] == "sft_simpo" else []),
+        scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
+        uses_model=True, cell_timeout=8 * HOUR, types={**TRAINING_TYPES, "beta": NUMBER, "simpo_gamma": NUMBER}),
+    "05_evaluate": StageSpec(
+        outputs=lambda p: [*_matrix(p["models"]), "results/summary.csv", "results/headline.csv",
+                           "results/per_question.csv.gz", "results/level_spearman.csv",
+                           *_figures("reliability_pope_adversarial_preview")],
+        inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR, types={"sets": (list,)}),
+    "06_ablations": StageSpec(
+        outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv",
+                           *_figures("ablation_ece_preview", "ablation_auroc_preview")],
+        inputs=lambda p: _adapters(_ablation_models(p)), uses_model=True, cell_timeout=8 * HOUR,
+        types={"sets": (list,)}),
+    "07_figures": StageSpec(
+        outputs=lambda p: (["results/train_logs"] if p["results_dir"] is None else []) + _figures_outputs(p),
+        inputs=lambda p: (["results"] if p["results_dir"] is None else []) + ["train_logs"],
+        cell_timeout=HOUR, types=dict.fromkeys(("results_dir", "figures_dir", "publish_results", "readme"), (str,))),
+}
+
+
+# ------------------------------------------------------------------ run folders
+def resolve_run_dir(run_dir) -> Path:
+    """A relative run folder lives under the repository (``runs/dev`` -> ``<repo>/runs/dev``),
+    wherever the caller runs: the driver, or a notebook opened in JupyterLab from notebooks/."""
+    path = Path(run_dir).expanduser()
+    return path if path.is_absolute() else REPO / path
+
+
+def notebook_of(stage: str) -> Path:
+    """``03_train_sft@s1`` -> notebooks/03_train_sft.ipynb."""
+    return NOTEBOOKS / f"{stage.split('@')[0]}.ipynb"
+
+
+def spec_of(stage: str) -> StageSpec:
+    return STAGES[stage.split("@")[0]]
+
+
+# ------------------------------------------------------------------ parameter checks
+_ANY = object()  # a default that is not a literal: any value is accepted
+
+
+def notebook_defaults(notebook: Path) -> dict:
+    """The parameters cell's names and default values (papermill's inspection)."""
+    from papermill.inspection import inspect_notebook
+
+    defaults = {}
+    for name, info in inspect_notebook(str(notebook)).items():
+        try:
+            defaults[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            defaults[name] = _ANY
+    return defaults
+
+
+def _accepted(default, declared: tuple = ()) -> tuple:
+    """Types a value may have: the declared ones (and None where it is the default), else the
+    default's, where a float takes an int; None or a non-literal default without a
+    declaration takes anything."""
+    if declared:
+        return tuple(declared) + ((type(None),) if default is None else ())
+    if default is None or default is _ANY:
+        return (object,)
+    return {float: NUMBER, list: (list, tuple)}.get(type(default), (type(default),))
+
+
+def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> None:
+    """A bool is never taken for a number, though Python counts it as an int."""
+    types = _accepted(default, declared)
+    is_bool_as_number = isinstance(value, bool) and bool not in types and object not in types
+    if is_bool_as_number or not isinstance(value, types):
+        raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the notebook's "
+                         f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
+
+
+def check_stage_parameters(stage: str, given: dict, defaults: dict) -> None:
+    valid = sorted(set(defaults) - set(DRIVER_PARAMETERS))
+    for name, value in given.items():
+        if name in DRIVER_PARAMETERS:
+            raise ValueError(f"stage {stage}: {name!r} is set by the driver (the run folder); remove it")
+        if name not in defaults:
+            raise ValueError(f"stage {stage}: unknown parameter {name!r}; {notebook_of(stage).name} takes: "
+                             + ", ".join(valid))
+        check_value(stage, name, value, defaults[name], spec_of(stage).types.get(name, ()))
+
+
+# ------------------------------------------------------------------ the plan
+@dataclass
+class Stage:
+    name: str
+    parameters: dict  # what papermill gets, run_dir aside
+    outputs: list[str]  # paths under the run folder this stage owns
+    shared: list[str]  # outputs an earlier stage owns too: read and added to, never cleared here
+    scratch: list[str]
+    inputs: list[str]  # the stages whose outputs it reads
+    uses_model: bool
+    cell_timeout: int
 
 
 def load_params(path: str | Path) -> dict:
@@ -41,32 +230,130 @@ def load_params(path: str | Path) -> dict:
     for stage in params["stages"]:
         if not notebook_of(stage).exists():
             raise ValueError(f"{path}: stage {stage!r} has no notebook {notebook_of(stage)}")
+        if stage.split("@")[0] not in STAGES:
+            raise ValueError(f"{path}: notebook {stage.split('@')[0]!r} has no declaration in study.STAGES")
     return params
 
 
-def notebook_of(stage: str) -> Path:
-    """``03_train_sft@s1`` -> notebooks/03_train_sft.ipynb."""
-    return NOTEBOOKS / f"{stage.split('@')[0]}.ipynb"
+def _global_parameters(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in ("stages", "name")}
 
 
+def stage_parameters(params: dict, stage: str, defaults: dict) -> dict:
+    """The globals the notebook declares (``base_model`` only where the stage loads it), then
+    the stage's own parameters, reserved keys removed."""
+    use = {k: v for k, v in _global_parameters(params).items()
+           if k in defaults and (k != "base_model" or spec_of(stage).uses_model)}
+    own = {k: v for k, v in (params["stages"][stage] or {}).items() if k not in RESERVED}
+    return {**use, **own}
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _check_no_overlap(stages: list[Stage]) -> None:
+    owned = [(s.name, p) for s in stages for p in s.outputs + s.scratch if "*" not in p]
+    for i, (a, pa) in enumerate(owned):
+        for b, pb in owned[i + 1:]:
+            if a != b and pa != pb and (_within(pa, pb) or _within(pb, pa)):
+                raise ValueError(f"stages {a} and {b} write overlapping paths {pa!r} and {pb!r}; rename one")
+
+
+def _cell_timeout(stage: str, given: dict) -> int:
+    timeout = given.get("cell_timeout", spec_of(stage).cell_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise ValueError(f"stage {stage}: cell_timeout must be a positive number of seconds, got {timeout!r}")
+    return timeout
+
+
+def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str]) -> Stage:
+    """One stage resolved; ``owner``: output path -> the earlier stage that writes it (updated)."""
+    parameters = stage_parameters(params, stage, defaults)
+    check_stage_parameters(stage, parameters, defaults)
+    full = {**defaults, **parameters}
+    spec = spec_of(stage)
+    outputs = list(dict.fromkeys(spec.outputs(full)))
+    shared = [p for p in outputs if p in owner]
+    mine = [p for p in outputs if p not in owner]
+    reads = spec.inputs(full) + shared
+    inputs = list(dict.fromkeys(writer for path in reads for out, writer in owner.items()
+                                if "*" not in out and (_within(out, path) or _within(path, out))))
+    owner.update({p: stage for p in mine})
+    return Stage(stage, parameters, mine, shared, list(spec.scratch(full)), inputs, spec.uses_model,
+                 _cell_timeout(stage, params["stages"][stage] or {}))
+
+
+def plan_study(params: dict) -> list[Stage]:
+    """Every stage, checked and resolved, in chain order; raises before anything runs."""
+    defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
+    declared = set().union(*defaults.values()) if defaults else set()
+    for name in _global_parameters(params):
+        if name not in declared:
+            raise ValueError(f"global parameter {name!r} is declared by no notebook; known: "
+                             + ", ".join(sorted(declared - set(DRIVER_PARAMETERS))))
+    owner: dict[str, str] = {}
+    plan = [_plan_stage(stage, params, defaults[stage], owner) for stage in params["stages"]]
+    _check_no_overlap(plan)
+    return plan
+
+
+# ------------------------------------------------------------------ digests and keys
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
-def stage_parameters(params: dict, stage: str, run_dir: Path) -> dict:
-    """Global parameters, then the stage's own; ``run_dir`` always points at the run folder."""
-    glob = {k: v for k, v in params.items() if k not in ("stages", "name")}
-    return {**glob, **(params["stages"][stage] or {}), "run_dir": str(run_dir)}
+def _matches(run_dir: Path, rel: str) -> list[Path]:
+    if "*" in rel:
+        return sorted(run_dir.glob(rel))
+    path = run_dir / rel
+    return [path] if path.exists() or path.is_symlink() else []
+
+
+def _derived_cache(path: Path) -> bool:
+    """``datasets`` writes ``cache-<fingerprint>.arrow`` beside a saved dataset that a reader
+    maps or filters: the reader's derived files, not a change to the dataset."""
+    return path.name.startswith("cache-") and path.suffix == ".arrow"
+
+
+def output_digest(run_dir: Path, rel: str) -> str | None:
+    """A file's sha256; a folder's (or a pattern's) over its files' relative paths and digests;
+    None when nothing is there."""
+    found = _matches(run_dir, rel)
+    if not found:
+        return None
+    if found == [run_dir / rel] and found[0].is_file():
+        return _file_hash(found[0])
+    files = sorted(f for p in found for f in ([p] if p.is_file() else p.rglob("*"))
+                   if f.is_file() and not _derived_cache(f))
+    return _hash([(str(f.relative_to(run_dir)), _file_hash(f)) for f in files])
+
+
+def code_digest(notebook: Path) -> str:
+    """The notebook's code cells only: markdown edits and saved outputs change nothing."""
+    cells = json.loads(notebook.read_text())["cells"]
+    return _hash(["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+                  for c in cells if c["cell_type"] == "code"])
+
+
+def package_digest() -> str:
+    """Every module of the package: a stage runs whatever it imports, so any source change counts."""
+    return _hash([(str(p.relative_to(PACKAGE)), _file_hash(p)) for p in sorted(PACKAGE.rglob("*.py"))])
 
 
 def model_fingerprint(base_model) -> str:
     """What identifies the base model's weights, so that a retrained or replaced model
-    invalidates every stage: the checksum in ``csp_meta.json`` (the embedded default), else
-    the names, sizes and mtimes of a local folder's weight and config files, else the hub id."""
+    invalidates every stage that loads it: the checksum in ``csp_meta.json`` (the embedded
+    default), else the names, sizes and mtimes of a local folder's weight and config files,
+    else the hub id."""
     from csp_utils import models
 
     name = str(base_model)
@@ -80,6 +367,142 @@ def model_fingerprint(base_model) -> str:
     return name  # a hub id (or an embedded model not built yet)
 
 
+def key_parts(stage: Stage, package: str, markers: dict[str, dict | None]) -> dict:
+    """What the stage's result depends on; ``markers``: the current marker of each stage it reads."""
+    parts = {"parameters": _hash(stage.parameters), "notebook": code_digest(notebook_of(stage.name)),
+             "package": package,
+             "inputs": _hash({name: [(m or {}).get("key"), (m or {}).get("produced")]
+                              for name, m in sorted(markers.items())})}
+    if stage.uses_model:
+        parts["model"] = model_fingerprint(stage.parameters.get("base_model", "embedded"))
+    return parts
+
+
+# ------------------------------------------------------------------ markers
+def _marker_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "markers" / f"{stage}.json"
+
+
+def _running_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / "markers" / f"{stage}.running.json"
+
+
+def read_marker(run_dir: Path, stage: str) -> dict | None:
+    path = _marker_path(run_dir, stage)
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)  # a killed driver leaves the old file or the new one
+
+
+def changed_outputs(run_dir: Path, marker: dict) -> list[str]:
+    return [rel for rel, digest in marker.get("outputs", {}).items() if output_digest(run_dir, rel) != digest]
+
+
+def stage_state(run_dir: Path, stage: Stage, key: str, parts: dict) -> tuple[str, str]:
+    """("done" | "resume" | "fresh", why)."""
+    marker = read_marker(run_dir, stage.name)
+    if marker and marker.get("key") == key:
+        changed = changed_outputs(run_dir, marker)
+        if not changed:
+            return "done", "up to date"
+        return "fresh", "outputs changed or missing: " + ", ".join(changed)
+    running = _running_path(run_dir, stage.name)
+    if running.exists() and json.loads(running.read_text()).get("key") == key:
+        return "resume", "resuming an interrupted run with the same key"
+    if marker:
+        old = marker.get("key_parts", {})
+        return "fresh", "changed: " + (", ".join(k for k in parts if old.get(k) != parts[k]) or "key")
+    if running.exists():
+        return "fresh", "an interrupted run had another key"
+    return "fresh", "not run yet"
+
+
+def clear_outputs(run_dir: Path, stage: Stage) -> None:
+    """Remove what the stage wrote before, so a rerun never builds on another key's files."""
+    for rel in stage.outputs + stage.scratch:
+        for path in _matches(run_dir, rel):
+            print(f"[study] {stage.name}: removing old {path.relative_to(run_dir)}", flush=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+# ------------------------------------------------------------------ the run folder lock
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLocked(SystemExit):
+    pass
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """``<run>/.lock`` (pid and host), created atomically: one driver per run folder. A lock
+    whose process is gone on this host is taken over; any other lock refuses."""
+    lock = run_dir / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _take_over_if_stale(lock, me["host"])
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise RunLocked(f"[study] could not take the lock {lock}; another driver keeps taking it")
+    try:
+        yield
+    finally:
+        try:
+            if json.loads(lock.read_text()) == me:
+                lock.unlink()
+        except (OSError, json.JSONDecodeError):
+            pass
+
+
+def _take_over_if_stale(lock: Path, host: str) -> None:
+    try:
+        text = lock.read_text()
+        holder = json.loads(text)
+    except FileNotFoundError:
+        return  # released meanwhile: try again
+    except json.JSONDecodeError:
+        holder, text = {}, None  # being written, or damaged
+    pid, where = holder.get("pid"), holder.get("host")
+    if text is None or where != host or _pid_alive(int(pid)):
+        raise RunLocked(f"[study] run folder {lock.parent} is in use by pid {pid} on host {where} "
+                        f"(lock file {lock}). Wait for that driver to finish; if it is not running any more, "
+                        "remove the lock file.")
+    aside = lock.with_name(f".lock.stale-{os.getpid()}")
+    try:
+        os.rename(lock, aside)  # atomic: of two drivers taking over, one gets the stale lock
+    except FileNotFoundError:
+        return
+    if aside.read_text() != text:  # a live driver's lock replaced the stale one meanwhile: put it back
+        os.rename(aside, lock)
+        return
+    aside.unlink()
+    print(f"[study] taking over a stale lock of pid {pid} (no such process on {host})", flush=True)
+
+
+# ------------------------------------------------------------------ provenance
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -102,8 +525,6 @@ def machine_info() -> dict:
     """The host, recorded because float results depend on it: torch picks its CPU kernels by
     instruction set (AVX2 vs AVX-512), so the same code and seed give results that agree to
     float error, not byte for byte, across machines."""
-    import os
-
     import torch
 
     try:  # the model name is in /proc/cpuinfo on Linux; platform.processor() is often empty there
@@ -117,71 +538,145 @@ def machine_info() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+# ------------------------------------------------------------------ running
+def _timed_out_cell(out_nb: Path) -> str:
+    """The last cell that started in the executed copy: the one that hit the limit."""
+    try:
+        cells = json.loads(out_nb.read_text())["cells"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return "unknown cell"
+    started = [(i, c) for i, c in enumerate(cells) if (c.get("metadata", {}).get("papermill") or {}).get("start_time")]
+    if not started:
+        return "unknown cell"
+    i, cell = started[-1]
+    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    return f"cell {i} of the executed copy ({source.strip().splitlines()[0][:60] if source.strip() else 'empty'!r})"
+
+
+def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool) -> None:
+    """Run the notebook; a failing cell or one past the stage's time limit stops the study."""
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    try:
+        pm.execute_notebook(str(notebook_of(stage.name)), str(out_nb),
+                            parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
+                            progress_bar=False, log_output=log_output, kernel_name="python3",
+                            execution_timeout=stage.cell_timeout)
+    except pm.PapermillExecutionError as err:
+        raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", out_nb) from None
+    except CellTimeoutError:
+        raise StageFailed(stage.name, f"{_timed_out_cell(out_nb)} ran past the cell limit of "
+                          f"{stage.cell_timeout} s (set cell_timeout for this stage to change it)", out_nb) from None
+    except DeadKernelError as err:
+        raise StageFailed(stage.name, f"the kernel died: {err}", out_nb) from None
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, error: str, notebook: Path):
+        super().__init__(f"{stage}: {error}")
+        self.stage, self.error, self.notebook = stage, error, notebook
+
+
+def finish_stage(run_dir: Path, stage: Stage, key: str, parts: dict, seconds: float) -> None:
+    """Record the outputs' digests; check the shared ones still hold what their owner recorded."""
+    for owner in _owners_of_shared(run_dir, stage):
+        changed = [p for p in changed_outputs(run_dir, owner) if p in stage.shared]
+        if changed:
+            raise StageFailed(stage.name, f"it added to {', '.join(changed)}, an output of {owner['stage']} "
+                              "that both stages write; give both the same settings (e.g. the same suite) "
+                              "so that the shared results agree", run_dir / "notebooks" / f"{stage.name}.ipynb")
+    outputs = {rel: output_digest(run_dir, rel) for rel in stage.outputs}
+    _write_json(_marker_path(run_dir, stage.name),
+                {"stage": stage.name, "key": key, "key_parts": parts, "produced": _hash(outputs),
+                 "outputs": outputs, "reads": stage.inputs, "seconds": seconds, "parameters": stage.parameters})
+    _running_path(run_dir, stage.name).unlink(missing_ok=True)
+
+
+def _owners_of_shared(run_dir: Path, stage: Stage) -> list[dict]:
+    markers = [read_marker(run_dir, name) for name in stage.inputs]
+    return [m for m in markers if m and any(p in m.get("outputs", {}) for p in stage.shared)]
+
+
+def _check_only(only, plan: list[Stage]) -> None:
+    names = [s.name for s in plan]
+    unknown = [s for s in only or [] if s not in names]
+    if unknown:
+        raise ValueError(f"--only: no stage {', '.join(map(repr, unknown))} in this study; stages: {', '.join(names)}")
+
+
+def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Stage], str, Path]:
+    params = load_params(params_path)
+    params.update(overrides or {})
+    plan = plan_study(params)
+    name = name or params.get("name") or Path(params_path).stem
+    return params, plan, name, resolve_run_dir(Path(runs_root) / name).resolve()
+
+
 def run_study(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
               only: list[str] | None = None, force: bool = False, log_output: bool = False,
               overrides: dict | None = None) -> Path:
-    """Run the chain; ``overrides`` replace global parameters (e.g. ``{"base_model": path}``)."""
-    import papermill as pm
-
-    params = load_params(params_path)
-    params.update(overrides or {})
-    name = name or params.get("name") or Path(params_path).stem
-    run_dir = (Path(runs_root) / name).resolve()
+    """Run the chain; ``overrides`` replace global parameters (e.g. ``{"base_model": path}``).
+    Everything is checked before the first stage starts."""
+    params, plan, name, run_dir = prepare_run(params_path, name, runs_root, overrides)
+    _check_only(only, plan)
     (run_dir / "markers").mkdir(parents=True, exist_ok=True)
     (run_dir / "notebooks").mkdir(exist_ok=True)
-    (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with run_lock(run_dir):
+        _run_locked(params, plan, name, run_dir, only, force, log_output)
+    return run_dir
 
+
+def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output: bool) -> None:
+    (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(name=name, params=params, params_hash=_hash(params), git_commit=git_commit(),
-                    packages=package_versions(), machine=machine_info())
+                    packages=package_versions(), machine=machine_info(),
+                    base_model_fingerprint=model_fingerprint(params.get("base_model", "embedded")))
     manifest.setdefault("timings_s", {})
-
-    # chain hashes so a changed early stage invalidates every later one; the chain starts
-    # from the base model's identity so that new weights invalidate everything
-    upstream = model_fingerprint(params.get("base_model", "embedded"))
-    manifest["base_model_fingerprint"] = upstream
-    for stage in params["stages"]:
-        notebook = notebook_of(stage)
-        parameters = stage_parameters(params, stage, run_dir)
-        key = _hash({"parameters": parameters, "notebook": _file_hash(notebook), "upstream": upstream})
-        upstream = key
-        marker = run_dir / "markers" / f"{stage}.json"
-        selected = only is None or stage in only
-        if not selected or (not force and marker.exists() and json.loads(marker.read_text()).get("hash") == key):
-            print(f"[study] {stage}: {'skipped (up to date)' if selected else 'not selected'}")
+    package = package_digest()
+    for stage in plan:
+        if only is not None and stage.name not in only:
+            print(f"[study] {stage.name}: not selected")
             continue
-        marker.unlink(missing_ok=True)
-        out_nb = run_dir / "notebooks" / f"{stage}.ipynb"
-        print(f"[study] {stage}: running -> {out_nb}", flush=True)
+        parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
+        key = _hash(parts)
+        state, why = stage_state(run_dir, stage, key, parts)
+        if state == "done" and not force:
+            print(f"[study] {stage.name}: skipped (up to date)")
+            continue
+        print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
+        if state != "resume" or force:
+            _marker_path(run_dir, stage.name).unlink(missing_ok=True)
+            clear_outputs(run_dir, stage)
+        _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
+        out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
+        print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
         t0 = time.time()
         try:
-            pm.execute_notebook(str(notebook), str(out_nb), parameters=parameters, cwd=str(REPO),
-                                progress_bar=False, log_output=log_output, kernel_name="python3")
-        except pm.PapermillExecutionError as err:
-            manifest["failed"] = {"stage": stage, "error": f"{err.ename}: {err.evalue}", "notebook": str(out_nb)}
-            manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
-            raise SystemExit(
-                f"[study] stage {stage} failed: {err.ename}: {err.evalue}\n"
-                f"        executed copy kept at {out_nb}"
-            ) from None
-        seconds = round(time.time() - t0, 1)
-        manifest["timings_s"][stage] = seconds
+            execute_stage(stage, run_dir, out_nb, log_output)
+            seconds = round(time.time() - t0, 1)
+            finish_stage(run_dir, stage, key, parts, seconds)
+        except StageFailed as err:
+            manifest["failed"] = {"stage": err.stage, "error": err.error, "notebook": str(err.notebook)}
+            _write_json(manifest_path, manifest)
+            raise SystemExit(f"[study] stage {err.stage} failed: {err.error}\n"
+                             f"        executed copy kept at {err.notebook}") from None
+        manifest["timings_s"][stage.name] = seconds
         manifest.pop("failed", None)
-        marker.write_text(json.dumps({"stage": stage, "hash": key, "seconds": seconds, "parameters": parameters}, indent=2))
-        manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
-        print(f"[study] {stage}: done in {seconds:.0f} s", flush=True)
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
-    return run_dir
+        _write_json(manifest_path, manifest)
+        print(f"[study] {stage.name}: done in {seconds:.0f} s", flush=True)
+    _write_json(manifest_path, manifest)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("params", nargs="?", default=str(REPO / "params" / "default.yaml"))
     ap.add_argument("--name", help="run folder name under --runs-root (default: the params' name)")
-    ap.add_argument("--runs-root", default="runs")
+    ap.add_argument("--runs-root", default="runs", help="relative paths are under the repository")
     ap.add_argument("--only", nargs="*", help="run only these stages (others keep their markers)")
-    ap.add_argument("--force", action="store_true", help="rerun stages even when their marker matches")
+    ap.add_argument("--force", action="store_true", help="rerun stages from scratch even when up to date")
     ap.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override global parameters, e.g. --set base_model=/path/to/model (values are YAML)")
@@ -192,7 +687,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
-    run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides)
+    try:
+        run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"[study] {err}") from None
     print(f"[study] run folder: {run_dir}")
 
 

@@ -1,10 +1,15 @@
 """The smoke chain: every notebook, in order, through the study driver, on one tiny model.
 
 Run once per test session (module fixture); the tests then check the files each stage
-wrote, the stage markers (a rerun skips), and that a failing notebook stops the chain.
+wrote, the stage markers (a rerun skips), and that a failing notebook stops the chain. The
+driver's rules (keys, clearing, resuming, the lock, timeouts) are tested on tiny notebooks,
+and parameter checks against the real notebooks without running them.
 """
 
 import json
+import os
+import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -39,7 +44,7 @@ def test_every_stage_ran_and_left_a_marker(smoke_run):
     manifest = json.loads((smoke_run / "manifest.json").read_text())
     for stage in params["stages"]:
         marker = json.loads((smoke_run / "markers" / f"{stage}.json").read_text())
-        assert marker["stage"] == stage and len(marker["hash"]) == 16
+        assert marker["stage"] == stage and len(marker["key"]) == 16 and marker["outputs"]
         assert (smoke_run / "notebooks" / f"{stage}.ipynb").stat().st_size > 0
         assert stage in manifest["timings_s"]
     assert manifest["params_hash"] and manifest["packages"]["torch"].startswith("2.13")
@@ -132,3 +137,306 @@ def test_params_files_name_existing_notebooks():
     for path in sorted((REPO / "params").glob("*.yaml")):
         params = study.load_params(path)
         assert params["stages"], path
+
+
+# ---------------------------------------------------------------- the driver on tiny notebooks
+MAKE = '''import os
+from pathlib import Path
+from csp_utils.study import resolve_run_dir
+run_dir = resolve_run_dir(run_dir)
+out = run_dir / name
+out.mkdir(parents=True, exist_ok=True)
+crash_at = int(os.environ.get("CSP_TEST_CRASH_AT", "-1"))
+for i in range(n):
+    part = out / f"part-{i}.txt"
+    if part.exists():
+        continue  # resumable, as the real stages are
+    if i == crash_at:
+        raise RuntimeError("interrupted")
+    part.write_text(f"{i}\\n")
+    with open(run_dir / "built.log", "a") as f:
+        f.write(f"{name}/{i}\\n")
+'''
+USE = '''from csp_utils.study import resolve_run_dir
+run_dir = resolve_run_dir(run_dir)
+parts = sorted((run_dir / name).glob("part-*.txt"))
+(run_dir / out).write_text("".join(p.read_text() for p in parts))
+'''
+
+
+def _notebook(path: Path, parameters: str, code: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# a stage"), cell, nbformat.v4.new_code_cell(code)]
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture
+def toy(tmp_path, monkeypatch):
+    """Two tiny notebooks (10 builds parts, 11 reads them) and a hanging one, declared like the real ones."""
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    _notebook(books / "10_make.ipynb", 'run_dir = "runs/dev"\nseed = 0\nname = "data"\nn = 2\nrate = 0.5', MAKE)
+    _notebook(books / "11_use.ipynb", 'run_dir = "runs/dev"\nname = "data"\nout = "summary.txt"', USE)
+    _notebook(books / "12_hang.ipynb", 'run_dir = "runs/dev"\nseed = 0', "import time\ntime.sleep(60)")
+    monkeypatch.setattr(study, "NOTEBOOKS", books)
+    monkeypatch.setattr(study, "STAGES", {
+        "10_make": study.StageSpec(outputs=lambda p: [p["name"]]),
+        "11_use": study.StageSpec(outputs=lambda p: [p["out"]], inputs=lambda p: [p["name"]]),
+        "12_hang": study.StageSpec(outputs=lambda p: [], cell_timeout=3),
+    })
+
+    def run(stages: dict, **kw):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump({"name": "toy", "seed": 0, "stages": stages}, sort_keys=False))
+        return study.run_study(path, runs_root=kw.pop("runs_root", tmp_path / "runs"), **kw)
+
+    return run
+
+
+def _built(run_dir: Path) -> list[str]:
+    log = run_dir / "built.log"
+    return log.read_text().split() if log.exists() else []
+
+
+def test_a_changed_stage_rebuilds_from_scratch_and_its_readers_rerun(toy, capsys):
+    run = toy({"10_make": {"n": 3}, "11_use": {}})
+    assert (run / "summary.txt").read_text() == "0\n1\n2\n"
+    run = toy({"10_make": {"n": 2}, "11_use": {}})
+    out = capsys.readouterr().out
+    assert not (run / "data" / "part-2.txt").exists()  # the old output is gone, not reused
+    assert _built(run) == ["data/0", "data/1", "data/2", "data/0", "data/1"]
+    assert (run / "summary.txt").read_text() == "0\n1\n"
+    assert "10_make: changed: parameters" in out and "11_use: changed: inputs" in out
+    toy({"10_make": {"n": 2}, "11_use": {}})
+    assert capsys.readouterr().out.count("skipped (up to date)") == 2
+
+
+def test_an_interrupted_stage_resumes_only_with_the_same_key(toy, monkeypatch):
+    monkeypatch.setenv("CSP_TEST_CRASH_AT", "1")
+    with pytest.raises(SystemExit, match="10_make failed.*interrupted"):
+        toy({"10_make": {"n": 2}})
+    monkeypatch.delenv("CSP_TEST_CRASH_AT")
+    run = toy({"10_make": {"n": 2}})
+    assert _built(run) == ["data/0", "data/1"]  # part 0 kept: same key, resumed
+    monkeypatch.setenv("CSP_TEST_CRASH_AT", "1")
+    with pytest.raises(SystemExit):
+        toy({"10_make": {"n": 3}})  # a new key clears the outputs first, then is interrupted
+    assert _built(run) == ["data/0", "data/1", "data/0"]
+    monkeypatch.delenv("CSP_TEST_CRASH_AT")
+    toy({"10_make": {"n": 4}})  # another key again: the partial outputs of n=3 are not resumed
+    assert _built(run)[3:] == ["data/0", "data/1", "data/2", "data/3"]
+    assert not (run / "markers" / "10_make.running.json").exists()
+
+
+def test_deleted_or_changed_outputs_are_rebuilt(toy, capsys):
+    run = toy({"10_make": {}, "11_use": {}})
+    marker = json.loads((run / "markers" / "10_make.json").read_text())
+    assert set(marker["outputs"]) == {"data"} and len(marker["outputs"]["data"]) == 16
+    (run / "summary.txt").unlink()
+    toy({"10_make": {}, "11_use": {}})
+    out = capsys.readouterr().out
+    assert "10_make: skipped" in out and "11_use: outputs changed or missing: summary.txt" in out
+    assert (run / "summary.txt").read_text() == "0\n1\n"
+    (run / "data" / "part-1.txt").write_text("9\n")  # changed by hand
+    toy({"10_make": {}, "11_use": {}})
+    out = capsys.readouterr().out
+    assert "10_make: outputs changed or missing: data" in out
+    assert (run / "data" / "part-1.txt").read_text() == "1\n"
+    # rebuilt byte for byte: what 11 read is unchanged, so it stays up to date
+    assert "11_use: skipped (up to date)" in out
+
+
+def test_keys_ignore_markdown_saved_outputs_and_the_run_folders_location(toy, tmp_path, capsys):
+    import nbformat
+
+    run = toy({"10_make": {}, "11_use": {}})
+    book = study.NOTEBOOKS / "10_make.ipynb"
+    before = study.code_digest(book)
+    nb = nbformat.read(str(book), as_version=4)
+    nb.cells[0].source = "# edited in JupyterLab"
+    nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="saved output")]
+    nb.cells[2].execution_count = 7
+    nbformat.write(nb, str(book))
+    assert study.code_digest(book) == before
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(run.parent), moved)
+    capsys.readouterr()
+    toy({"10_make": {}, "11_use": {}}, runs_root=moved)
+    assert capsys.readouterr().out.count("skipped (up to date)") == 2
+    nb.cells[2].source += "\n# a code change"
+    nbformat.write(nb, str(book))
+    toy({"10_make": {}, "11_use": {}}, runs_root=moved)
+    out = capsys.readouterr().out
+    assert "10_make: changed: notebook" in out and "11_use: changed: inputs" in out
+
+
+def test_a_package_change_reruns_the_stages(toy, monkeypatch, capsys):
+    toy({"10_make": {}})
+    monkeypatch.setattr(study, "package_digest", lambda: "another-source")
+    toy({"10_make": {}})
+    assert "10_make: changed: package" in capsys.readouterr().out
+
+
+def test_only_the_declared_readers_depend_on_a_stage(toy, capsys):
+    run = toy({"10_make": {}, "10_make@b": {"name": "other"}, "11_use": {}})
+    assert json.loads((run / "markers" / "11_use.json").read_text())["reads"] == ["10_make"]
+    toy({"10_make": {}, "10_make@b": {"name": "other", "n": 1}, "11_use": {}})
+    out = capsys.readouterr().out
+    assert "10_make@b: changed: parameters" in out and "11_use: skipped (up to date)" in out
+
+
+def test_a_second_driver_refuses_and_a_stale_lock_is_taken_over(toy, tmp_path, capsys):
+    import socket
+    import subprocess
+
+    run_dir = tmp_path / "runs" / "toy"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        with pytest.raises(SystemExit, match=f"in use by pid {holder.pid}"):
+            toy({"10_make": {}})
+        assert not (run_dir / "markers" / "10_make.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    toy({"10_make": {}})  # the holder is gone: its lock is stale
+    assert f"taking over a stale lock of pid {holder.pid}" in capsys.readouterr().out
+    assert not (run_dir / ".lock").exists()  # released at the end
+
+
+def test_the_lock_is_taken_atomically(tmp_path):
+    with study.run_lock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(SystemExit, match=f"in use by pid {os.getpid()}"):
+            with study.run_lock(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_hanging_cell_fails_naming_the_stage_and_cell(toy):
+    limit = r"12_hang failed: cell \d+ of the executed copy \('import time'\) ran past the cell limit of 3 s"
+    with pytest.raises(SystemExit, match=limit):
+        toy({"12_hang": {}})
+    with pytest.raises(SystemExit, match="limit of 1 s"):
+        toy({"12_hang": {"cell_timeout": 1}})
+
+
+def test_healthy_runs_pass_each_notebook_only_what_it_declares(toy, caplog):
+    with caplog.at_level("WARNING"):
+        run = toy({"10_make": {"rate": 1}, "11_use": {}})  # int where a float is expected
+    assert "Passed unknown parameter" not in caplog.text
+    assert "seed" not in json.loads((run / "markers" / "11_use.json").read_text())["parameters"]
+
+
+def test_the_study_params_pass_only_declared_parameters():
+    for path in sorted((REPO / "params").glob("*.yaml")):
+        for stage in study.plan_study(study.load_params(path)):
+            declared = study.notebook_defaults(REPO / "notebooks" / f"{stage.name.split('@')[0]}.ipynb")
+            assert set(stage.parameters) <= set(declared), (path.name, stage.name)
+
+
+def _smoke(**changes) -> dict:
+    params = yaml.safe_load(SMOKE.read_text())
+    for stage, values in changes.items():
+        params["stages"][stage] = {**(params["stages"][stage] or {}), **values}
+    return params
+
+
+@pytest.mark.parametrize("params, message", [
+    (_smoke(**{"03_train_sft": {"max_stpes": 2}}), "03_train_sft: unknown parameter 'max_stpes'.*max_steps"),
+    (_smoke(**{"03_train_sft": {"max_steps": "two"}}), "'max_steps' = 'two' is a str.*int or NoneType"),
+    (_smoke(**{"04_train_simpo": {"max_steps": 2.5}}), "'max_steps' = 2.5 is a float"),
+    (_smoke(**{"00_world_and_benchmarks": {"n_scenes": True}}), "'n_scenes' = True is a bool"),
+    (_smoke(**{"03_train_sft": {"replay_fraction": "half"}}), "'replay_fraction' = 'half' is a str.*int or float"),
+    (_smoke(**{"02_build_perturbed_dataset": {"include_negatives": 1}}), "'include_negatives' = 1 is a int"),
+    (_smoke(**{"05_evaluate": {"models": "base"}}), "'models' = 'base' is a str.*list"),
+    (_smoke(**{"03_train_sft": {"run_dir": "/tmp/x"}}), "set by the driver"),
+    (_smoke(**{"03_train_sft": {"cell_timeout": "long"}}), "cell_timeout must be a positive"),
+    ({**_smoke(), "sed": 0}, "global parameter 'sed' is declared by no notebook"),
+])
+def test_parameters_are_checked_against_the_notebooks_before_anything_runs(params, message):
+    with pytest.raises(ValueError, match=message):
+        study.plan_study(params)
+
+
+def test_accepted_parameter_values():
+    ok = _smoke(**{"03_train_sft": {"replay_fraction": 0, "learning_rate": 1e-3, "lora_r": 8, "cell_timeout": 60,
+                                    "max_steps": None},
+                   "05_evaluate": {"sets": ["pope-random"]},
+                   "02_build_perturbed_dataset": {"grounder": {"detector": "d", "segmenter": "s"}}})
+    plan = {s.name: s for s in study.plan_study(ok)}
+    assert plan["03_train_sft"].cell_timeout == 60 and "cell_timeout" not in plan["03_train_sft"].parameters
+    assert "base_model" not in plan["02_build_perturbed_dataset"].parameters  # it loads no model
+    assert plan["03_train_sft"].parameters["base_model"] == "embedded"
+
+
+def test_only_with_an_unknown_stage_refuses(tmp_path):
+    with pytest.raises(ValueError, match="--only: no stage '07_figurse'.*07_figures"):
+        study.run_study(SMOKE, runs_root=tmp_path, only=["07_figurse"])
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_stage_declarations_follow_the_notebooks():
+    plan = {s.name: s for s in study.plan_study(study.load_params(REPO / "params" / "default.yaml"))}
+    assert plan["03_train_sft@s1"].inputs == ["02_build_perturbed_dataset@s1"]
+    assert plan["04_train_simpo@s1"].inputs == ["02_build_perturbed_dataset@s1", "03_train_sft@s1"]
+    assert plan["04_train_simpo@only"].inputs == ["02_build_perturbed_dataset"]
+    assert "adapters/simpo_only@s0" in plan["04_train_simpo@only"].outputs
+    assert "checkpoints/sft@s0" in plan["03_train_sft"].scratch
+    assert set(plan["05_evaluate"].inputs) == {"03_train_sft", "04_train_simpo@only", "04_train_simpo",
+                                               "04_train_simpo@s1", "04_train_simpo@s2"}
+    # the ablations reuse the evaluation's rows for shared models, so they read that stage
+    assert "05_evaluate" in plan["06_ablations"].inputs and "results/matrix/base" in plan["06_ablations"].shared
+    assert {"05_evaluate", "06_ablations", "03_train_sft@s2"} <= set(plan["07_figures"].inputs)
+    assert "00_world_and_benchmarks" not in plan["02_build_perturbed_dataset"].inputs
+
+
+def test_overlapping_outputs_are_refused():
+    params = _smoke(**{"02_build_perturbed_dataset": {"dataset": "results"}})
+    with pytest.raises(ValueError, match="overlapping paths"):
+        study.plan_study(params)
+
+
+def test_every_parameters_cell_parses_fully():
+    """papermill skips a parameters line it cannot parse (and then warns about that name)."""
+    import ast
+
+    for book in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(book.read_text())["cells"]
+        cell = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
+        source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        names = {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets}
+        assert set(study.notebook_defaults(book)) == names, book.name
+
+
+def test_relative_run_folders_resolve_under_the_repository():
+    assert study.resolve_run_dir("runs/dev") == REPO / "runs" / "dev"
+    assert study.resolve_run_dir("/tmp/x") == Path("/tmp/x")
+    for book in sorted((REPO / "notebooks").glob("*.ipynb")):
+        cells = json.loads(book.read_text())["cells"]
+        i = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+        first = next(c for c in cells[i + 1:] if c["cell_type"] == "code")
+        source = "".join(first["source"]) if isinstance(first["source"], list) else first["source"]
+        assert "run_dir = resolve_run_dir(run_dir)" in source, book.name
+
+
+def test_folder_digests_see_changes_but_not_the_caches_of_readers(tmp_path):
+    folder = tmp_path / "dataset" / "dataset"
+    folder.mkdir(parents=True)
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    first = study.output_digest(tmp_path, "dataset")
+    (folder / "cache-5ea600d91a8e3924.arrow").write_bytes(b"mapped by a reader")
+    assert study.output_digest(tmp_path, "dataset") == first
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rowz")
+    assert study.output_digest(tmp_path, "dataset") != first
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (folder / "extra.json").write_text("{}")
+    assert study.output_digest(tmp_path, "dataset") != first
+    assert study.output_digest(tmp_path, "missing") is None

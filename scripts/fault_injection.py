@@ -1,0 +1,348 @@
+"""Run the smoke chain under faults and check each ends equal to an uninterrupted run, or in a
+clear refusal.
+
+    python scripts/fault_injection.py --quick            # kill points in 3 stages, a cheaper parameter change
+    python scripts/fault_injection.py                    # a kill point in every stage
+    python scripts/fault_injection.py --model PATH       # reuse a tiny model instead of training one
+
+Cases: ``kill -9`` of the driver and its kernel at a random moment in a stage (then resumed), a
+second driver started on the same run folder at once, an output deleted, a byte flipped in a
+finished dataset shard, a parameter changed between runs (and changed back). The second
+driver is started against the reference run itself, which must then hold no row twice. Results are
+compared by the evaluation result files (``results/matrix/*/*.jsonl``): the same rows, equal
+ids and answers, floats within 1e-5. Prints one table row per case; exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "params" / "smoke.yaml"
+TOLERANCE = 1e-5
+
+
+# ------------------------------------------------------------------ the driver as a process
+class Driver:
+    """``python -m csp_utils.study`` in its own session; its output lines arrive on a queue."""
+
+    def __init__(self, params: Path, name: str, work: Path, model: Path):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "TRANSFORMERS_VERBOSITY": "error", "MPLBACKEND": "Agg"}
+        cmd = [sys.executable, "-m", "csp_utils.study", str(params), "--name", name, "--runs-root", str(work),
+               "--set", f"base_model={model}"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> str | None:
+        """The first line matching ``pattern``, or None when the driver ended or time ran out."""
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                line = self.lines.get(timeout=max(0.1, end - time.time()))
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            if re.search(pattern, line):
+                return line
+        return None
+
+    def finish(self, timeout: float = 3600) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        time.sleep(0.2)  # let the reader thread drain
+        return rc
+
+    def text(self) -> str:
+        return "".join(self.output)
+
+    def kill_tree(self) -> None:
+        """SIGKILL the driver and every process under it (the kernel runs in its own session)."""
+        victims = [self.proc.pid] + _descendants(self.proc.pid)
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def run_to_end(params: Path, name: str, work: Path, model: Path) -> tuple[int, str]:
+    driver = Driver(params, name, work, model)
+    rc = driver.finish()
+    return rc, driver.text()
+
+
+# ------------------------------------------------------------------ comparing results
+def _rows(run: Path) -> tuple[dict[tuple, dict], int]:
+    """Every result row by (file, model, question, framing, readout), and how many keys repeat."""
+    rows, repeated = {}, 0
+    for path in sorted((run / "results" / "matrix").glob("*/*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                key = (path.parent.name, path.stem, r["model"], r["question_id"], r["framing"], r["readout"])
+                repeated += key in rows
+                rows[key] = r
+    return rows, repeated
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None:
+            return a is b
+        return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= TOLERANCE
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def compare(run: Path, reference: Path) -> tuple[bool, str]:
+    (got, got_repeated), (want, want_repeated) = _rows(run), _rows(reference)
+    if not want or want_repeated:
+        return False, f"the reference has {len(want)} rows, {want_repeated} repeated"
+    if got_repeated:
+        return False, f"{got_repeated} rows written twice"
+    if got.keys() != want.keys():
+        return False, f"rows differ: {len(got.keys() - want.keys())} extra, {len(want.keys() - got.keys())} missing"
+    bad = [k for k in want if not _same(got[k], want[k])]
+    if bad:
+        return False, f"{len(bad)} of {len(want)} rows differ (first: {bad[0]})"
+    return True, f"equal ({len(want)} rows)"
+
+
+# ------------------------------------------------------------------ the cases
+def stages_of(params: Path) -> list[str]:
+    return list(yaml.safe_load(params.read_text())["stages"])
+
+
+def kill_chain(params, work, model, reference, kill_stages, seconds, rng) -> list[tuple]:
+    """One run folder: for each stage in turn, start the driver and kill -9 it (with its kernel)
+    at a random moment while that stage runs; then run to the end and compare."""
+    rows, name = [], "killed"
+    for stage in kill_stages:
+        driver = Driver(params, name, work, model)
+        if not driver.wait_for(rf"\[study\] {re.escape(stage)}: running", timeout=1800):
+            driver.finish()
+            rows.append((f"kill -9 in {stage}", "stage never started: " + driver.text()[-200:], "-", "FAIL"))
+            continue
+        delay = rng.uniform(0.5, max(1.0, 0.9 * seconds.get(stage, 10)))
+        time.sleep(delay)
+        running = [ln for ln in driver.output if ": running" in ln]
+        at = running[-1].split("]")[1].split(":")[0].strip() if running else stage
+        ended = driver.proc.poll() is not None
+        driver.kill_tree()
+        outcome = f"killed while {at} ran" + (" (driver had ended)" if ended else "")
+        rows.append([f"kill -9 in {stage} at {delay:.1f} s", outcome, None, None])
+    rc, text = run_to_end(params, name, work, model)
+    same, detail = compare(work / name, reference) if rc == 0 else (False, f"rerun exit {rc}: {text[-300:]}")
+    resumed = text.count("resuming an interrupted run")
+    took_over = "taking over a stale lock" in text
+    for row in rows:
+        if row[2] is None:
+            row[2], row[3] = detail, "PASS" if same else "FAIL"
+    rows.append(("rerun after the kills", f"exit {rc}; {resumed} stage(s) resumed; stale lock taken over: {took_over}",
+                 detail, "PASS" if same else "FAIL"))
+    return [tuple(r) for r in rows]
+
+
+def reference_with_second_driver(params, work, model) -> tuple[tuple, Path]:
+    """The uninterrupted reference run, with a second driver started on its folder at once."""
+    first = Driver(params, "reference", work, model)
+    if not first.wait_for(r"\[study\] .*: running", timeout=600):
+        raise SystemExit("the reference run never started a stage:\n" + first.text())
+    second = Driver(params, "reference", work, model)
+    rc2 = second.finish(timeout=300)
+    refused = rc2 != 0 and f"in use by pid {first.proc.pid}" in second.text()
+    rc1 = first.finish()
+    if rc1 != 0:
+        raise SystemExit("the uninterrupted reference run failed:\n" + first.text())
+    rows, repeated = _rows(work / "reference")
+    last = (second.text().strip().splitlines() or ["(no output)"])[-1]
+    row = ("second driver at once", f"second exits {rc2}: {last[:120]}; first exits {rc1}",
+           f"refusal naming pid {first.proc.pid}; first run: {len(rows)} rows, {repeated} written twice",
+           "PASS" if refused and not repeated and rows else "FAIL")
+    return row, work / "reference"
+
+
+def output_deleted(params, work, model, reference, name="shared") -> tuple:
+    shutil.rmtree(work / name / "adapters" / "sft@s0")
+    rc, text = run_to_end(params, name, work, model)
+    reran = [s for s in stages_of(params) if f"[study] {s}: outputs changed or missing" in text]
+    same, detail = compare(work / name, reference) if rc == 0 else (False, f"exit {rc}")
+    return ("output deleted (adapters/sft@s0)", f"exit {rc}; rebuilt: {', '.join(reran) or 'none'}", detail,
+            "PASS" if same and "03_train_sft" in reran else "FAIL")
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def dataset_flipped(params, work, model, reference, name="shared") -> list[tuple]:
+    """A byte flipped in the finished dataset: the driver must see it and rebuild the stage. The
+    rebuild is killed once its first shard is finished, a byte of that shard is flipped, and the
+    build resumed: the damaged shard must be rebuilt or refused, never used."""
+    run = work / name
+    _flip_byte(sorted((run / "dataset" / "dataset").glob("data-*.arrow"))[0])  # not a reader's cache-*.arrow
+    driver = Driver(params, name, work, model)
+    noticed = driver.wait_for(r"02_build_perturbed_dataset: outputs changed or missing: dataset", timeout=600)
+    first_shard = run / "dataset" / "shards" / "shard-00000"
+    end = time.time() + 600
+    while not first_shard.exists() and driver.proc.poll() is None and time.time() < end:
+        time.sleep(0.05)
+    caught = first_shard.exists() and not (run / "dataset" / "build_report.json").exists()
+    driver.kill_tree()
+    rows = [("finished dataset byte flipped", "driver: " + (noticed.strip()[8:90] if noticed else "not noticed"),
+             "rebuilt from scratch (compared below)", "PASS" if noticed else "FAIL")]
+    if not caught:
+        rows.append(("shard byte flipped mid-build", "the build finished before a shard could be damaged", "-", "FAIL"))
+        return rows
+    shard_file = sorted((first_shard / "data").glob("data-*.arrow"))[0]
+    _flip_byte(shard_file)
+    rc, text = run_to_end(params, name, work, model)
+    if rc != 0:
+        said = [ln for ln in text.splitlines() if "failed:" in ln] or text.strip().splitlines()[-1:]
+        refused = "shard-00000" in text
+        rows.append(("shard byte flipped mid-build", f"exit {rc}: {said[-1].strip()[:150]}",
+                     "clear refusal naming the shard" if refused else "failed without naming the shard",
+                     "PASS" if refused else "FAIL"))
+        return rows
+    same, detail = compare(run, reference)
+    said = "rebuilt (the build reported the damaged shard)" if "shard-00000" in text else "resumed"
+    rows.append(("shard byte flipped mid-build", f"exit 0; {said}", detail + ("" if same else ": damaged shard used"),
+                 "PASS" if same else "FAIL"))
+    return rows
+
+
+def _short(stage: str) -> str:
+    """``04_train_simpo@simpo_only`` -> ``04@simpo_only``."""
+    return stage.split("_")[0] + ("@" + stage.split("@")[1] if "@" in stage else "")
+
+
+def _max_step(log: Path) -> int | None:
+    import csv
+
+    steps = [int(float(r["step"])) for r in csv.DictReader(log.open()) if r.get("step")] if log.exists() else []
+    return max(steps, default=None)
+
+
+def parameter_changed(params, work, model, reference, stage, key, name="shared") -> tuple:
+    """A stage parameter changed: its outputs must be rebuilt (not reused) and its readers rerun;
+    changed back, everything must again equal the reference."""
+    changed = yaml.safe_load(params.read_text())
+    original = changed["stages"][stage][key]
+    changed["stages"][stage][key] = original + 1
+    path = work / "changed.yaml"
+    path.write_text(yaml.safe_dump(changed, sort_keys=False))
+    rc, text = run_to_end(path, name, work, model)
+    reran = [s for s in stages_of(params) if f"[study] {s}: changed" in text]
+    if stage.startswith("02"):
+        ds = json.loads((work / name / "dataset" / "build_report.json").read_text()) if rc == 0 else {}
+        effect = f"dataset kept {ds.get('kept_samples')} samples"
+    else:
+        effect = f"last training step {_max_step(work / name / 'train_logs' / 'simpo_only@s0.csv')}"
+    rc2, text2 = run_to_end(params, name, work, model)
+    same, detail = compare(work / name, reference) if rc2 == 0 else (False, f"exit {rc2} changing back")
+    back = [s for s in stages_of(params) if f"[study] {s}: changed" in text2]
+    ok = rc == 0 and stage in reran and same and back == reran
+    return (f"parameter changed ({stage} {key} {original} -> {original + 1}, then back)",
+            f"exit {rc}; rerun: {', '.join(_short(s) for s in reran)}; "
+            f"{effect}; back: exit {rc2}, same stages rerun: {back == reran}",
+            f"changed back: {detail}", "PASS" if ok else "FAIL")
+
+
+# ------------------------------------------------------------------ main
+def build_model(work: Path) -> Path:
+    from csp_utils import pretrain
+
+    folder = work / "model" / "tiny"
+    if not (folder / "csp_meta.json").exists():
+        cfg = pretrain.PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
+        pretrain.build_default_model(folder, cfg)
+    return folder
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/csp_fault_injection", help="scratch folder (emptied first)")
+    ap.add_argument("--model", help="a tiny model folder (default: train one, as the tests do)")
+    ap.add_argument("--quick", action="store_true", help="kill points in 3 stages instead of every stage")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.time()
+    model = Path(args.model) if args.model else build_model(work)
+    second, reference = reference_with_second_driver(SMOKE, work, model)
+    seconds = json.loads((reference / "manifest.json").read_text())["timings_s"]
+    print(f"[fault] reference run: {sum(seconds.values()):.0f} s; stages {seconds}", flush=True)
+    stages = stages_of(SMOKE)
+    kill_stages = ["02_build_perturbed_dataset", "03_train_sft", "05_evaluate"] if args.quick else stages
+    rows = kill_chain(SMOKE, work, model, reference, kill_stages, seconds, random.Random(args.seed))
+    print(f"[fault] kill cases done at {time.time() - t0:.0f} s", flush=True)
+    rows.append(second)
+    shutil.copytree(reference, work / "shared")  # the damage cases start from a finished run (moved: same keys)
+    rows.append(output_deleted(SMOKE, work, model, reference))
+    rows += dataset_flipped(SMOKE, work, model, reference)
+    shutil.copytree(reference, work / "changed")  # its own copy: a failed case above must not cascade
+    if args.quick:
+        rows.append(parameter_changed(SMOKE, work, model, reference, "04_train_simpo@simpo_only", "max_steps",
+                                      name="changed"))
+    else:
+        rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "n_scenes",
+                                      name="changed"))
+    print(f"\n{'case':<44} | {'outcome':<70} | {'equal to an uninterrupted run or clear refusal':<50} | result")
+    for case, outcome, detail, verdict in rows:
+        print(f"{case:<44} | {outcome:<70} | {detail:<50} | {verdict}")
+    print(f"\n[fault] {sum(r[3] == 'PASS' for r in rows)}/{len(rows)} pass in {time.time() - t0:.0f} s")
+    return 0 if all(r[3] == "PASS" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
