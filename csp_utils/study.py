@@ -75,12 +75,15 @@ def _figures(*stems: str) -> list[str]:
     return [f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")]
 
 
-def _matrix(models) -> list[str]:
-    return [f"results/matrix/{m.replace('/', '_')}" for m in dict.fromkeys(models)]
+def _matrix(models, results: str = "results") -> list[str]:
+    """Result folders of model entries ("NAME" or "LABEL=ADAPTER": results carry the label)."""
+    labels = [str(m).split("=", 1)[0] for m in models]
+    return [f"{results}/matrix/{m.replace('/', '_')}" for m in dict.fromkeys(labels)]
 
 
 def _adapters(models) -> list[str]:
-    return [f"adapters/{m}" for m in dict.fromkeys(models) if m != "base"]
+    folders = [str(m).split("=", 1)[-1] for m in models if m != "base"]
+    return [f"adapters/{m}" for m in dict.fromkeys(folders)]
 
 
 def _simpo_name(p: dict) -> str:
@@ -95,8 +98,8 @@ def _figures_outputs(p: dict) -> list[str]:
     if p["figures_dir"] is not None:  # published outside the run folder: not the driver's to clear
         return []
     return _figures("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level",
-                    "ablation_accuracy", "ablation_ece", "ablation_auroc", "perturbation_grid_scenes",
-                    "internal_vs_verbalized_*", "training_*")
+                    "ablation_*", "perturbation_grid_scenes", "internal_vs_verbalized_*", "training_*",
+                    "metrics_*", "paired_differences_pooled") + [f"figures/{sub}" for sub in p["more_results"].values()]
 
 
 NUMBER = (int, float)
@@ -111,8 +114,12 @@ STAGES: dict[str, StageSpec] = {
     "01_perturbation_explorer": StageSpec(outputs=lambda p: _figures("perturbation_grid")),
     "02_build_perturbed_dataset": StageSpec(
         outputs=lambda p: [p["dataset"], *_figures(f"{p['dataset']}_levels")],
+        uses_model=True,  # grounded rows record its answers; photographs take its input size
         cell_timeout=2 * HOUR, types={"grounder": (str, dict), "levels": (list,), "noise_gamma": NUMBER,
-                                      "t_max": (int,), "schedule": (str,)}),
+                                      "t_max": (int,), "schedule": (str,), "image_size": (str, int),
+                                      "n_images": (int,), **dict.fromkeys(
+                                          ("coco_instances", "coco_train_images", "pope_dir", "jsonl",
+                                           "jsonl_images", "detector", "segmenter"), (str,))}),
     "03_train_sft": StageSpec(
         outputs=lambda p: [f"adapters/sft{p['tag']}", f"train_logs/sft{p['tag']}.csv",
                            *_figures(f"train_sft{p['tag']}")],
@@ -126,10 +133,14 @@ STAGES: dict[str, StageSpec] = {
         scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
         uses_model=True, cell_timeout=8 * HOUR, types={**TRAINING_TYPES, "beta": NUMBER, "simpo_gamma": NUMBER}),
     "05_evaluate": StageSpec(
-        outputs=lambda p: [*_matrix(p["models"]), "results/summary.csv", "results/headline.csv",
-                           "results/per_question.csv.gz", "results/level_spearman.csv",
+        outputs=lambda p: [*_matrix(p["models"], p["results"]),
+                           *(f"{p['results']}/{name}" for name in (
+                               "sets.json", "summary.csv", "headline.csv", "paired.csv", "per_question.csv.gz",
+                               "level_spearman.csv", "grounded_perturbed.csv")),
                            *_figures("reliability_pope_adversarial_preview")],
-        inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR, types={"sets": (list,)}),
+        inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR,
+        types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict),
+               **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
     "06_ablations": StageSpec(
         outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv",
                            *_figures("ablation_ece_preview", "ablation_auroc_preview")],
@@ -138,7 +149,8 @@ STAGES: dict[str, StageSpec] = {
     "07_figures": StageSpec(
         outputs=lambda p: (["results/train_logs"] if p["results_dir"] is None else []) + _figures_outputs(p),
         inputs=lambda p: (["results"] if p["results_dir"] is None else []) + ["train_logs"],
-        cell_timeout=HOUR, types=dict.fromkeys(("results_dir", "figures_dir", "publish_results", "readme"), (str,))),
+        cell_timeout=HOUR, types=dict.fromkeys(("results_dir", "figures_dir", "publish_results", "readme",
+                                                "results_doc", "publish_notebooks"), (str,))),
 }
 
 
@@ -357,7 +369,8 @@ def model_fingerprint(base_model) -> str:
     from csp_utils import models
 
     name = str(base_model)
-    folder = models.default_model_dir() if name == models.EMBEDDED else Path(name).expanduser()
+    folder = (models.default_model_dir() if name == models.EMBEDDED else models.shipped_model_path(name)
+              if name in models.SHIPPED_MODELS else Path(name).expanduser())
     meta = folder / "csp_meta.json"
     if meta.exists():
         return json.loads(meta.read_text()).get("sha256") or _file_hash(meta)
