@@ -600,6 +600,12 @@ def save_json(obj, path) -> Path:
 
 
 # ------------------------------------------------------------- notebook conveniences
+def results_suffix(results: str) -> str:
+    """File-name suffix of an evaluation's own figures: "" for "results", "_noconf" for "results/noconf"."""
+    parts = Path(results).parts
+    return "" if parts == ("results",) else "_" + "_".join(parts[1:] if parts[0] == "results" else parts)
+
+
 def model_names(entries) -> list[str]:
     """The names results carry: ``"LABEL=ADAPTER"`` entries are reported as LABEL."""
     return [str(e).split("=", 1)[0] for e in entries]

@@ -86,6 +86,12 @@ def _adapters(models) -> list[str]:
     return [f"adapters/{m}" for m in dict.fromkeys(folders)]
 
 
+def _preview(p: dict) -> list[str]:
+    from csp_utils.experiment import results_suffix
+
+    return _figures(f"reliability_pope_adversarial_preview{results_suffix(p['results'])}")
+
+
 def _simpo_name(p: dict) -> str:
     return ("sft_simpo" if p["regime"] == "sft_simpo" else "simpo_only") + p["tag"]
 
@@ -137,7 +143,7 @@ STAGES: dict[str, StageSpec] = {
                            *(f"{p['results']}/{name}" for name in (
                                "sets.json", "summary.csv", "headline.csv", "paired.csv", "per_question.csv.gz",
                                "level_spearman.csv", "grounded_perturbed.csv")),
-                           *_figures("reliability_pope_adversarial_preview")],
+                           *_preview(p)],
         inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR,
         types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict),
                **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
