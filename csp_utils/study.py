@@ -104,7 +104,9 @@ def _figures_outputs(p: dict) -> list[str]:
     if p["figures_dir"] is not None:  # published outside the run folder: not the driver's to clear
         return []
     return _figures("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level",
-                    "ablation_*", "perturbation_grid_scenes", "internal_vs_verbalized_*", "training_*",
+                    *(f"ablation_{m}{unit}" for m in ("accuracy", "ece", "ece15", "brier", "auroc")
+                      for unit in ("", "_transfer")),
+                    "perturbation_grid_scenes", "internal_vs_verbalized_*", "training_*",
                     "metrics_*", "paired_differences_pooled") + [f"figures/{sub}" for sub in p["more_results"].values()]
 
 
