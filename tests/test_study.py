@@ -376,7 +376,8 @@ def test_accepted_parameter_values():
                    "02_build_perturbed_dataset": {"grounder": {"detector": "d", "segmenter": "s"}}})
     plan = {s.name: s for s in study.plan_study(ok)}
     assert plan["03_train_sft"].cell_timeout == 60 and "cell_timeout" not in plan["03_train_sft"].parameters
-    assert "base_model" not in plan["02_build_perturbed_dataset"].parameters  # it loads no model
+    assert "base_model" not in plan["00_world_and_benchmarks"].parameters  # it loads no model
+    assert plan["02_build_perturbed_dataset"].parameters["base_model"] == "embedded"  # grounded rows need it
     assert plan["03_train_sft"].parameters["base_model"] == "embedded"
 
 
@@ -387,17 +388,25 @@ def test_only_with_an_unknown_stage_refuses(tmp_path):
 
 
 def test_stage_declarations_follow_the_notebooks():
-    plan = {s.name: s for s in study.plan_study(study.load_params(REPO / "params" / "default.yaml"))}
+    plan = {s.name: s for s in study.plan_study(study.load_params(REPO / "params" / "full.yaml"))}
     assert plan["03_train_sft@s1"].inputs == ["02_build_perturbed_dataset@s1"]
     assert plan["04_train_simpo@s1"].inputs == ["02_build_perturbed_dataset@s1", "03_train_sft@s1"]
     assert plan["04_train_simpo@only"].inputs == ["02_build_perturbed_dataset"]
     assert "adapters/simpo_only@s0" in plan["04_train_simpo@only"].outputs
     assert "checkpoints/sft@s0" in plan["03_train_sft"].scratch
-    assert set(plan["05_evaluate"].inputs) == {"03_train_sft", "04_train_simpo@only", "04_train_simpo",
-                                               "04_train_simpo@s1", "04_train_simpo@s2"}
+    # LABEL=ADAPTER entries: rows under the label, the adapter's stage read
+    assert "results/matrix/grounded@s0" in plan["05_evaluate"].outputs
+    assert set(plan["05_evaluate"].inputs) == {"04_train_simpo", "04_train_simpo@s1", "04_train_simpo@s2",
+                                               "03_train_sft@g0", "03_train_sft@g1", "03_train_sft@g2",
+                                               "03_train_sft@d0"}
+    # a second base model's evaluation writes its own results folder and figure
+    assert "results/noconf/matrix/base" in plan["05_evaluate@noconf"].outputs
+    assert "figures/reliability_pope_adversarial_preview_noconf.png" in plan["05_evaluate@noconf"].outputs
+    assert "03_train_sft@gn0" in plan["05_evaluate@noconf"].inputs
+    assert plan["02_build_perturbed_dataset@grounded_noconf"].parameters["base_model"] == "embedded-noconf"
     # the ablations reuse the evaluation's rows for shared models, so they read that stage
     assert "05_evaluate" in plan["06_ablations"].inputs and "results/matrix/base" in plan["06_ablations"].shared
-    assert {"05_evaluate", "06_ablations", "03_train_sft@s2"} <= set(plan["07_figures"].inputs)
+    assert {"05_evaluate", "05_evaluate@noconf", "06_ablations", "03_train_sft@s2"} <= set(plan["07_figures"].inputs)
     assert "00_world_and_benchmarks" not in plan["02_build_perturbed_dataset"].inputs
 
 
