@@ -2,6 +2,7 @@
 paper build left as it was. One small build with the tiny random model serves most tests."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -313,13 +314,12 @@ def test_grounded_evaluation_set():
 def test_notebook_builds_grounded_rows(tmp_path):
     import papermill as pm
 
-    from conftest import REPO
-
+    repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
-    pm.execute_notebook(str(REPO / "notebooks" / "02_build_perturbed_dataset.ipynb"), str(tmp_path / "out.ipynb"),
+    pm.execute_notebook(str(repo / "notebooks" / "02_build_perturbed_dataset.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=dict(run_dir=str(run), n_scenes=10, levels=[10, 50, 100], targets="grounded",
                                         shard_size=20, temperature_holdout=0.5),
-                        cwd=str(REPO), progress_bar=False, kernel_name="python3")
+                        cwd=str(repo), progress_bar=False, kernel_name="python3")
     report = json.loads((run / "dataset" / "build_report.json").read_text())
     assert report["targets"] == "grounded" and report["rows"] == 80 and report["flip_rows"] == 40
     assert (run / "figures").exists()
