@@ -18,8 +18,10 @@ keys and output digests of the stages whose outputs it reads. A finished stage l
 ``markers/<stage>.json`` with its key and the digest of every output; a rerun skips it while
 both still match. Otherwise its outputs are removed and it runs from scratch, except that a
 stage interrupted with the same key (``markers/<stage>.running.json``) resumes from its partial
-outputs. One driver at a time holds ``<run>/.lock``. A failing notebook stops the chain; its
-executed copy is kept and the error shown.
+outputs. One driver at a time holds ``<run>/.lock``. With ``jobs: N`` (or ``--jobs N``) up to N
+stages run at once, each in its own process with cores / N threads, a stage starting as soon as
+the stages it reads have finished. A failing notebook stops the chain (stages already running
+finish); its executed copy is kept and the error shown.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ import socket
 import subprocess
 import sys
 import time
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -49,6 +53,7 @@ PACKAGE = Path(__file__).resolve().parent
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy", "papermill")
 RESERVED = ("cell_timeout",)  # stage keys read by the driver, never passed to the notebook
 DRIVER_PARAMETERS = ("run_dir",)
+DRIVER_KEYS = ("stages", "name", "jobs")  # top-level params read by the driver, never passed to a notebook
 HOUR = 3600
 
 
@@ -256,7 +261,7 @@ def load_params(path: str | Path) -> dict:
 
 
 def _global_parameters(params: dict) -> dict:
-    return {k: v for k, v in params.items() if k not in ("stages", "name")}
+    return {k: v for k, v in params.items() if k not in DRIVER_KEYS}
 
 
 def stage_parameters(params: dict, stage: str, defaults: dict) -> dict:
@@ -574,13 +579,13 @@ def _timed_out_cell(out_nb: Path) -> str:
     return f"cell {i} of the executed copy ({source.strip().splitlines()[0][:60] if source.strip() else 'empty'!r})"
 
 
-def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool) -> None:
+def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, notebook: Path | None = None) -> None:
     """Run the notebook; a failing cell or one past the stage's time limit stops the study."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     try:
-        pm.execute_notebook(str(notebook_of(stage.name)), str(out_nb),
+        pm.execute_notebook(str(notebook or notebook_of(stage.name)), str(out_nb),
                             parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
                             progress_bar=False, log_output=log_output, kernel_name="python3",
                             execution_timeout=stage.cell_timeout)
@@ -597,6 +602,9 @@ class StageFailed(Exception):
     def __init__(self, stage: str, error: str, notebook: Path):
         super().__init__(f"{stage}: {error}")
         self.stage, self.error, self.notebook = stage, error, notebook
+
+    def __reduce__(self):  # crosses the process boundary of a parallel run
+        return StageFailed, (self.stage, self.error, self.notebook)
 
 
 def finish_stage(run_dir: Path, stage: Stage, key: str, parts: dict, seconds: float) -> None:
@@ -634,21 +642,87 @@ def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Sta
     return params, plan, name, resolve_run_dir(Path(runs_root) / name).resolve()
 
 
+def check_jobs(jobs) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive whole number of stages run at once, got {jobs!r}")
+    return jobs
+
+
 def run_study(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
               only: list[str] | None = None, force: bool = False, log_output: bool = False,
-              overrides: dict | None = None) -> Path:
-    """Run the chain; ``overrides`` replace global parameters (e.g. ``{"base_model": path}``).
-    Everything is checked before the first stage starts."""
+              overrides: dict | None = None, jobs: int | None = None) -> Path:
+    """Run the chain; ``overrides`` replace global parameters (e.g. ``{"base_model": path}``);
+    ``jobs`` (default: the params' ``jobs``, else 1) stages run at once where none reads another's
+    outputs. Everything is checked before the first stage starts."""
     params, plan, name, run_dir = prepare_run(params_path, name, runs_root, overrides)
+    jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
     _check_only(only, plan)
     (run_dir / "markers").mkdir(parents=True, exist_ok=True)
     (run_dir / "notebooks").mkdir(exist_ok=True)
     with run_lock(run_dir):
-        _run_locked(params, plan, name, run_dir, only, force, log_output)
+        _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
     return run_dir
 
 
-def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output: bool) -> None:
+def threads_per_job(jobs: int) -> int:
+    """Cores per concurrent stage: more torch threads than cores slows every stage many-fold."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // jobs)
+
+
+def _execute_in_worker(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, threads: int,
+                       notebook: Path) -> None:
+    """Runs in a worker process; the notebook's kernel inherits the thread limits set here."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    execute_stage(stage, run_dir, out_nb, log_output, notebook)
+
+
+class _Inline:
+    """A one-slot executor that runs the stage in this process (``jobs == 1``)."""
+
+    def __init__(self, log_output: bool):
+        self.log_output = log_output
+
+    def submit(self, stage: Stage, run_dir: Path, out_nb: Path) -> Future:
+        future: Future = Future()
+        try:
+            execute_stage(stage, run_dir, out_nb, self.log_output)
+            future.set_result(None)
+        except StageFailed as err:
+            future.set_exception(err)
+        return future
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _Pool:
+    """Up to ``jobs`` stages at once, each in its own process with ``cores // jobs`` threads."""
+
+    def __init__(self, jobs: int, log_output: bool):
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.log_output, self.threads = log_output, threads_per_job(jobs)
+
+    def submit(self, stage: Stage, run_dir: Path, out_nb: Path) -> Future:
+        return self.pool.submit(_execute_in_worker, stage, run_dir, out_nb, self.log_output, self.threads,
+                                notebook_of(stage.name))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _ready(stage: Stage, finished: set[str], running: list[Stage], names: set[str]) -> bool:
+    """Every stage it reads has finished, and no running stage writes a path it writes."""
+    if any(name in names and name not in finished for name in stage.inputs):
+        return False
+    mine = stage.outputs + stage.shared + stage.scratch
+    return not any(_within(a, b) or _within(b, a) for other in running
+                   for a in other.outputs + other.shared + other.scratch for b in mine)
+
+
+def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output: bool, jobs: int = 1) -> None:
+    """Run the selected stages, up to ``jobs`` at once, each as soon as the stages it reads are done."""
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     manifest_path = run_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -657,37 +731,72 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                     base_model_fingerprint=model_fingerprint(params.get("base_model", "embedded")))
     manifest.setdefault("timings_s", {})
     package = package_digest()
+    names = {s.name for s in plan}
+    finished: set[str] = set()
     for stage in plan:
         if only is not None and stage.name not in only:
             print(f"[study] {stage.name}: not selected")
-            continue
-        parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
-        key = _hash(parts)
-        state, why = stage_state(run_dir, stage, key, parts)
-        if state == "done" and not force:
-            print(f"[study] {stage.name}: skipped (up to date)")
-            continue
-        print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
-        if state != "resume" or force:
-            _marker_path(run_dir, stage.name).unlink(missing_ok=True)
-            clear_outputs(run_dir, stage)
-        _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
-        out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
-        print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
-        t0 = time.time()
-        try:
-            execute_stage(stage, run_dir, out_nb, log_output)
-            seconds = round(time.time() - t0, 1)
-            finish_stage(run_dir, stage, key, parts, seconds)
-        except StageFailed as err:
-            manifest["failed"] = {"stage": err.stage, "error": err.error, "notebook": str(err.notebook)}
-            _write_json(manifest_path, manifest)
-            raise SystemExit(f"[study] stage {err.stage} failed: {err.error}\n"
-                             f"        executed copy kept at {err.notebook}") from None
-        manifest["timings_s"][stage.name] = seconds
-        manifest.pop("failed", None)
+            finished.add(stage.name)
+    waiting = [s for s in plan if s.name not in finished]
+    running: dict[Future, tuple[Stage, str, dict, float]] = {}
+    failed: StageFailed | None = None
+    executor = _Inline(log_output) if jobs == 1 else _Pool(jobs, log_output)
+    wall0 = time.time()
+    try:
+        while waiting or running:
+            launched = True
+            while launched and failed is None and len(running) < jobs:
+                launched = False
+                for stage in waiting:
+                    if not _ready(stage, finished, [r[0] for r in running.values()], names):
+                        continue
+                    waiting.remove(stage)
+                    launched = True
+                    parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
+                    key = _hash(parts)
+                    state, why = stage_state(run_dir, stage, key, parts)
+                    if state == "done" and not force:
+                        print(f"[study] {stage.name}: skipped (up to date)")
+                        finished.add(stage.name)
+                        break
+                    print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
+                    if state != "resume" or force:
+                        _marker_path(run_dir, stage.name).unlink(missing_ok=True)
+                        clear_outputs(run_dir, stage)
+                    _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
+                    out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
+                    print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
+                    running[executor.submit(stage, run_dir, out_nb)] = (stage, key, parts, time.time())
+                    break
+            if not running:
+                if waiting and failed is None:
+                    raise RuntimeError("stages wait on each other: " + ", ".join(s.name for s in waiting))
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, key, parts, t0 = running.pop(future)
+                seconds = round(time.time() - t0, 1)
+                try:
+                    future.result()
+                    finish_stage(run_dir, stage, key, parts, seconds)
+                except StageFailed as err:
+                    failed = failed or err
+                    print(f"[study] {stage.name}: failed", flush=True)
+                    continue
+                finished.add(stage.name)
+                manifest["timings_s"][stage.name] = seconds
+                _write_json(manifest_path, manifest)
+                print(f"[study] {stage.name}: done in {seconds:.0f} s", flush=True)
+    finally:
+        executor.shutdown()
+    if failed is not None:
+        manifest["failed"] = {"stage": failed.stage, "error": failed.error, "notebook": str(failed.notebook)}
         _write_json(manifest_path, manifest)
-        print(f"[study] {stage.name}: done in {seconds:.0f} s", flush=True)
+        raise SystemExit(f"[study] stage {failed.stage} failed: {failed.error}\n"
+                         f"        executed copy kept at {failed.notebook}") from None
+    manifest.pop("failed", None)
+    manifest["jobs"] = jobs
+    manifest["wall_s"] = round(time.time() - wall0, 1)
     _write_json(manifest_path, manifest)
 
 
@@ -699,6 +808,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="*", help="run only these stages (others keep their markers)")
     ap.add_argument("--force", action="store_true", help="rerun stages from scratch even when up to date")
     ap.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    ap.add_argument("--jobs", type=int, help="stages run at once (default: the params' jobs, else 1); "
+                    "each gets cores / jobs threads")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override global parameters, e.g. --set base_model=/path/to/model (values are YAML)")
     args = ap.parse_args(argv)
@@ -709,7 +820,8 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     try:
-        run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides)
+        run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides,
+                            args.jobs)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"[study] {err}") from None
     print(f"[study] run folder: {run_dir}")

@@ -163,6 +163,15 @@ parts = sorted((run_dir / name).glob("part-*.txt"))
 (run_dir / out).write_text("".join(p.read_text() for p in parts))
 '''
 
+SLOW = '''import json, os, time
+from csp_utils.study import resolve_run_dir
+run_dir = resolve_run_dir(run_dir)
+start = time.time()
+time.sleep(seconds)
+(run_dir / f"{name}.json").write_text(json.dumps({"start": start, "end": time.time(),
+                                                  "threads": os.environ.get("OMP_NUM_THREADS")}))
+'''
+
 
 def _notebook(path: Path, parameters: str, code: str) -> None:
     import nbformat
@@ -184,11 +193,13 @@ def toy(tmp_path, monkeypatch):
     _notebook(books / "10_make.ipynb", 'run_dir = "runs/dev"\nseed = 0\nname = "data"\nn = 2\nrate = 0.5', MAKE)
     _notebook(books / "11_use.ipynb", 'run_dir = "runs/dev"\nname = "data"\nout = "summary.txt"', USE)
     _notebook(books / "12_hang.ipynb", 'run_dir = "runs/dev"\nseed = 0', "import time\ntime.sleep(60)")
+    _notebook(books / "13_slow.ipynb", 'run_dir = "runs/dev"\nseed = 0\nname = "slow"\nseconds = 3', SLOW)
     monkeypatch.setattr(study, "NOTEBOOKS", books)
     monkeypatch.setattr(study, "STAGES", {
         "10_make": study.StageSpec(outputs=lambda p: [p["name"]]),
         "11_use": study.StageSpec(outputs=lambda p: [p["out"]], inputs=lambda p: [p["name"]]),
         "12_hang": study.StageSpec(outputs=lambda p: [], cell_timeout=3),
+        "13_slow": study.StageSpec(outputs=lambda p: [p["name"] + ".json"]),
     })
 
     def run(stages: dict, **kw):
@@ -452,3 +463,43 @@ def test_folder_digests_see_changes_but_not_the_caches_of_readers(tmp_path):
     (folder / "extra.json").write_text("{}")
     assert study.output_digest(tmp_path, "dataset") != first
     assert study.output_digest(tmp_path, "missing") is None
+
+
+def _intervals(run: Path, *names: str) -> list[dict]:
+    return [json.loads((run / f"{n}.json").read_text()) for n in names]
+
+
+def test_jobs_run_independent_stages_at_once_with_a_share_of_the_cores(toy, capsys):
+    stages = {"13_slow@a": {"name": "a"}, "13_slow@b": {"name": "b"}, "10_make": {}, "11_use": {}}
+    run = toy(stages, jobs=2)
+    a, b = _intervals(run, "a", "b")
+    assert a["start"] < b["end"] and b["start"] < a["end"]  # they overlapped
+    assert a["threads"] == b["threads"] == str(study.threads_per_job(2))
+    assert (run / "summary.txt").read_text() == "0\n1\n"  # 11 waited for 10
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["jobs"] == 2 and manifest["wall_s"] < sum(manifest["timings_s"].values())
+    toy(stages, jobs=2)
+    assert capsys.readouterr().out.count("skipped (up to date)") == 4
+
+
+def test_one_job_runs_stages_one_after_another(toy):
+    run = toy({"13_slow@a": {"name": "a", "seconds": 1}, "13_slow@b": {"name": "b", "seconds": 1}})
+    a, b = _intervals(run, "a", "b")
+    assert a["end"] <= b["start"]
+    assert json.loads((run / "manifest.json").read_text())["jobs"] == 1
+
+
+def test_a_failing_stage_in_a_parallel_run_stops_the_chain_after_the_running_ones(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CSP_TEST_CRASH_AT", "0")
+    with pytest.raises(SystemExit, match="10_make failed.*interrupted"):
+        toy({"10_make": {}, "13_slow@a": {"name": "a", "seconds": 2}, "11_use": {}}, jobs=2)
+    run = tmp_path / "runs" / "toy"
+    assert (run / "markers" / "13_slow@a.json").exists()  # the stage already running finished
+    assert not (run / "summary.txt").exists()  # the reader of the failed stage never started
+    assert json.loads((run / "manifest.json").read_text())["failed"]["stage"] == "10_make"
+
+
+def test_jobs_must_be_a_positive_whole_number(toy):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="jobs must be a positive whole number"):
+            toy({"10_make": {}}, jobs=bad)
