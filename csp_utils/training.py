@@ -1047,10 +1047,21 @@ def _prepare_checkpoints(ckpt_dir: Path, key: str, resume: bool) -> str | None:
 _BOOKKEEPING = ("logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers")
 
 
+def _adapter_digest(adapter) -> str | None:
+    """The adapter's weights, not its folder: a moved run folder still resumes its checkpoints."""
+    if adapter is None:
+        return None
+    h = hashlib.sha256()
+    for f in sorted(Path(adapter).glob("*.safetensors")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _run_key(stage: str, cfg, base_model, ds, init_adapter) -> str:
     computed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _BOOKKEEPING}
     blob = json.dumps({"stage": stage, "config": computed, "base": _base_name(base_model),
-                       "dataset": _dataset_key(ds), "init": str(init_adapter)}, sort_keys=True, default=str)
+                       "dataset": _dataset_key(ds), "init": _adapter_digest(init_adapter)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -762,3 +762,15 @@ def test_grounded_probe_script_runs_on_the_embedded_model(tmp_path):
     assert res["data"]["n_flip"] == round(0.2 * res["data"]["n_answered"])
     assert set(res["probe"]) == {"answer_prompt", "follow_up"}
     assert (tmp_path / "results.md").exists()
+
+
+def test_the_checkpoint_key_names_the_init_adapter_by_its_weights_not_its_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b, c = (tmp_path / n for n in ("run1/adapters/sft", "moved/adapters/sft", "other"))
+    for folder, value in ((a, 1.0), (b, 1.0), (c, 2.0)):
+        folder.mkdir(parents=True)
+        save_file({"w": torch.full((2,), value)}, str(folder / "adapter_model.safetensors"))
+    assert training._adapter_digest(a) == training._adapter_digest(b)  # same weights, another folder
+    assert training._adapter_digest(a) != training._adapter_digest(c)
+    assert training._adapter_digest(None) is None
