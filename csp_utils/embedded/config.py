@@ -183,9 +183,11 @@ class PretrainConfig:
         d = self.to_dict()
         for k in RUNTIME_FIELDS:
             d.pop(k, None)
-        if d.get("warm_start") is None:  # configs from before the field hash as they did
+        # Unused optional fields stay out of the hash, so the fingerprints the shipped models
+        # record (and the first round's, ca61b4593ef83d9d) keep matching their configs.
+        if d.get("warm_start") is None:
             d.pop("warm_start", None)
-        for c in (d, d.get("warm_start") or {}):  # without init_from, configs hash as they did before it
+        for c in (d, d.get("warm_start") or {}):
             if not c.get("init_from"):
                 for k in ("init_from", "init_parts", "init_fresh_unseen_tokens"):
                     c.pop(k, None)
