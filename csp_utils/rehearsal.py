@@ -68,7 +68,7 @@ _AMBER_FILES = {"existence": "query_discriminative-existence.json",
 
 def rehearsal_llava_config():
     """LLaVA-1.5's shape at toy width: 336 px, patch 14, image first in the prompt."""
-    from .models import TinyVLMConfig
+    from .embedded.build import TinyVLMConfig
 
     return TinyVLMConfig(image_size=336, patch_size=14, vision_hidden=32, vision_layers=2, vision_heads=2,
                          vision_intermediate=64, text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64,
@@ -143,7 +143,8 @@ def make_rehearsal_kit(folder, models: bool = True) -> Path:
 
     if models:
         from . import grounding
-        from .models import build_tiny_vlm, save_vlm
+        from .embedded.build import build_tiny_vlm
+        from .models import save_vlm
 
         model, processor = build_tiny_vlm(rehearsal_llava_config())
         save_vlm(model, processor, folder / "models" / "llava", meta={"kind": "rehearsal: random weights"})

@@ -27,10 +27,11 @@ DEGRADED = ("blur", "low_light", "occlusion", "small")
 
 def conditions(n_scenes: int, severity: float) -> dict:
     """{"clean": Benchmark, kind: Benchmark}: the same eval scenes, clean and degraded."""
-    from csp_utils import benchmarks, pretrain
+    from csp_utils import benchmarks
     from csp_utils import scenes as world
+    from csp_utils.embedded.config import PretrainConfig, world_config
 
-    wc = pretrain._world_config(pretrain.PretrainConfig())
+    wc = world_config(PretrainConfig())
     clean = benchmarks.pope_scenes(n_scenes, wc, split="eval")
     out = {"clean": benchmarks.build_world_pope(clean, "random")}
     for kind in DEGRADED:

@@ -28,11 +28,11 @@ def error_breakdown(model, processor, scenes) -> dict:
     """{"answer": {...}, "yes_by_area": {...}, "by_shape": {...}}: each key -> [n, accuracy]."""
     import numpy as np
 
-    from csp_utils import pretrain
+    from csp_utils.embedded import report
 
-    sets = pretrain.pope_sets(scenes)
+    sets = report.pope_sets(scenes)
     items = [it for v in sets.values() for it in v]
-    probs = pretrain.unique_probabilities(model, processor, items, pretrain._by_id(scenes))
+    probs = report.unique_probabilities(model, processor, items, report.images_by_id(scenes))
     by_id = {s.scene_id: s for s in scenes}
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for it, p in zip(items, probs):
@@ -55,13 +55,14 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from csp_utils import benchmarks, models, pretrain
+    from csp_utils import benchmarks, models
+    from csp_utils.embedded.config import PretrainConfig, world_config
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = models.load_vlm(args.model)
     model.eval()
-    scenes = benchmarks.pope_scenes(args.scenes, pretrain._world_config(pretrain.PretrainConfig()), split="eval")
+    scenes = benchmarks.pope_scenes(args.scenes, world_config(PretrainConfig()), split="eval")
     out = error_breakdown(model, processor, scenes)
     print(json.dumps(out, indent=1))
     return out

@@ -29,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def load_model(name: str):
     from csp_utils import models
+    from csp_utils.embedded import build
 
     if name != "embedded":
         model, processor = models.load_vlm(name)
@@ -37,7 +38,7 @@ def load_model(name: str):
     if (path / "model.safetensors").exists():
         model, processor = models.load_vlm("embedded")
         return model, processor, f"embedded default (trained, {path})"
-    model, processor = models.build_tiny_vlm(models.TinyVLMConfig())
+    model, processor = build.build_tiny_vlm(build.TinyVLMConfig())
     return model, processor, f"random tiny LLaVA (no embedded default at {path}; same architecture, untrained)"
 
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from csp_utils import models, prompts, training  # noqa: E402
+from csp_utils.embedded import build  # noqa: E402
 
 
 def synthetic_dataset(n: int, image_size: int, seed: int = 0):
@@ -203,8 +204,8 @@ def main(argv=None) -> None:
         base, processor = models.load_vlm(args.base_model, dtype=torch.float32)
         image_size = processor.image_processor.crop_size["height"]
     else:
-        base, processor = models.build_tiny_vlm(models.TinyVLMConfig())
-        image_size = models.TinyVLMConfig().image_size
+        base, processor = build.build_tiny_vlm(build.TinyVLMConfig())
+        image_size = build.TinyVLMConfig().image_size
     ds = synthetic_dataset(args.rows, image_size)
     stages = ["sft", "simpo"] if args.stage == "both" else [args.stage]
     print(f"device {device}, torch threads {torch.get_num_threads()}, {args.steps} steps "

@@ -297,12 +297,13 @@ def parameter_changed(params, work, model, reference, stage, key, name="shared")
 
 # ------------------------------------------------------------------ main
 def build_model(work: Path) -> Path:
-    from csp_utils import pretrain
+    from csp_utils.embedded.config import PretrainConfig
+    from csp_utils.embedded.train import build_default_model
 
     folder = work / "model" / "tiny"
     if not (folder / "csp_meta.json").exists():
-        cfg = pretrain.PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
-        pretrain.build_default_model(folder, cfg)
+        cfg = PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
+        build_default_model(folder, cfg)
     return folder
 
 

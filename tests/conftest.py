@@ -22,6 +22,6 @@ def benchmarks_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_vlm():
     """A randomly initialised tiny LLaVA + processor (fast; shared by the session)."""
-    from csp_utils import models
+    from csp_utils.embedded import build
 
-    return models.build_tiny_vlm(models.TinyVLMConfig())
+    return build.build_tiny_vlm(build.TinyVLMConfig())

@@ -18,6 +18,7 @@ import torch
 
 from csp_utils import evaluation as ev
 from csp_utils import models, prompts
+from csp_utils.embedded import build
 
 # The same benchmark is built here and inside the `accelerate launch` script below.
 BENCH_SRC = textwrap.dedent(
@@ -69,13 +70,13 @@ def tiny():
     """A random tiny LLaVA with LLaVA-1.5's image-first layout, so that the shared-prefix
     shortcut (taken for image-first templates only) is exercised; the default text-first
     layout takes the whole-prompt path, tested in test_loader."""
-    return models.build_tiny_vlm(models.TinyVLMConfig(image_first=True))
+    return build.build_tiny_vlm(build.TinyVLMConfig(image_first=True))
 
 
 @pytest.fixture(scope="module")
 def tiny_text_first():
     """The embedded default's layout (question before the image): no shared prefix."""
-    return models.build_tiny_vlm(models.TinyVLMConfig())
+    return build.build_tiny_vlm(build.TinyVLMConfig())
 
 
 def _images(bench, items):

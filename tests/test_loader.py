@@ -13,6 +13,7 @@ from PIL import Image
 
 from csp_utils import evaluation as ev
 from csp_utils import models, prompts
+from csp_utils.embedded import build
 from csp_utils.benchmarks import Benchmark, QAItem
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +42,7 @@ def bpe_tokenizer(special_tokens, **kwargs):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(models._tokenizer_corpus(), trainer=trainer)
+    bpe.train_from_iterator(build._tokenizer_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, padding_side="left", **kwargs)
 
 
@@ -122,7 +123,7 @@ def llama_tokenizer():
     bpe = Tokenizer(tok_models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]  # Llama's byte tokens
-    bpe.train_from_iterator(models._tokenizer_corpus(),
+    bpe.train_from_iterator(build._tokenizer_corpus(),
                             trainer=trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False))
     data = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in data["merges"]]
@@ -445,7 +446,7 @@ def two_bases(tiny_vlm, tmp_path_factory):
     root = tmp_path_factory.mktemp("bases")
     model, proc = tiny_vlm
     a = models.save_vlm(model, proc, root / "a")
-    other, _ = models.build_tiny_vlm(models.TinyVLMConfig(seed=1), processor=proc)
+    other, _ = build.build_tiny_vlm(build.TinyVLMConfig(seed=1), processor=proc)
     b = models.save_vlm(other, proc, root / "b")
     base, _ = models.load_vlm(a)
     torch.manual_seed(1)

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csp_utils import pretrain, prompts
-from csp_utils.pretrain import PretrainConfig
+from csp_utils import prompts
+from csp_utils.embedded import build, checkpoint, cli, config, data, losses, report, train
+from csp_utils.embedded.config import PretrainConfig
 
-SHIPPED = Path(pretrain.__file__).parent / "data" / "tiny_llava"
+SHIPPED = Path(build.__file__).parents[1] / "data" / "tiny_llava"
 
 
 def _weights(folder):
@@ -37,16 +38,14 @@ def tiny_cfg():
 def tiny_run(tmp_path_factory, tiny_cfg):
     """One uninterrupted tiny run through the public rebuild path."""
     out = tmp_path_factory.mktemp("pretrain") / "model"
-    path = pretrain.build_default_model(out, tiny_cfg)
+    path = train.build_default_model(out, tiny_cfg)
     return Path(path)
 
 
 @pytest.fixture(scope="module")
 def parts(tiny_cfg):
-    from csp_utils import models
-
-    processor = models.build_processor(tiny_cfg.model)
-    return processor, pretrain.ChatEncoder(processor), pretrain.ImageCodec(processor)
+    processor = build.build_processor(tiny_cfg.model)
+    return processor, data.ChatEncoder(processor), data.ImageCodec(processor)
 
 
 # ----------------------------------------------------------------------------- rebuild path
@@ -55,19 +54,19 @@ def test_rebuild_path_gives_a_loadable_complete_folder(tiny_run, tiny_cfg):
 
     from csp_utils import models
 
-    assert not (tiny_run / pretrain.CHECKPOINT_DIR).exists(), "checkpoints are removed after a finished run"
+    assert not (tiny_run / checkpoint.CHECKPOINT_DIR).exists(), "checkpoints are removed after a finished run"
     meta = json.loads((tiny_run / "csp_meta.json").read_text())
-    assert meta["sha256"] == pretrain.sha256_file(tiny_run / "model.safetensors")
+    assert meta["sha256"] == checkpoint.sha256_file(tiny_run / "model.safetensors")
     assert meta["seed"] == tiny_cfg.seed and meta["command"]
     assert meta["steps"]["vision"] == tiny_cfg.vision_steps and meta["steps"]["joint"] == tiny_cfg.joint_steps
     assert "clean" in meta["eval"]["pope_accuracy"]
-    assert pretrain.is_complete(tiny_run, tiny_cfg)
+    assert checkpoint.is_complete(tiny_run, tiny_cfg)
 
     model, processor = models.load_vlm(tiny_run)
     assert processor.tokenizer.padding_side == "left"
     img = np.zeros((64, 64, 3), np.uint8)
     items = [_item("Is there a circle in the image?", "yes"), _item("Is there a star in this image?", "no")]
-    acc = pretrain.yes_no_accuracy(model, processor, items, [img, img], batch_size=2)
+    acc = report.yes_no_accuracy(model, processor, items, [img, img], batch_size=2)
     assert 0.0 <= acc <= 1.0
     text = processor.apply_chat_template(prompts.answer_messages(items[0].question), add_generation_prompt=True,
                                          tokenize=False)
@@ -81,10 +80,10 @@ def test_complete_folder_is_reused_and_a_corrupt_one_is_not(tiny_run, tiny_cfg, 
     def boom(*a, **k):
         raise AssertionError("a complete folder must be reused, not retrained")
 
-    monkeypatch.setattr(pretrain, "pretrain", boom)
-    assert pretrain.build_default_model(tiny_run, tiny_cfg) == tiny_run
+    monkeypatch.setattr(train, "pretrain", boom)
+    assert train.build_default_model(tiny_run, tiny_cfg) == tiny_run
     with pytest.raises(ValueError, match="another configuration"):
-        pretrain.build_default_model(tiny_run, dataclasses.replace(tiny_cfg, seed=1))
+        train.build_default_model(tiny_run, dataclasses.replace(tiny_cfg, seed=1))
 
     import shutil
 
@@ -93,14 +92,14 @@ def test_complete_folder_is_reused_and_a_corrupt_one_is_not(tiny_run, tiny_cfg, 
     meta = json.loads((broken / "csp_meta.json").read_text())
     meta["sha256"] = "0" * 64
     (broken / "csp_meta.json").write_text(json.dumps(meta))
-    assert not pretrain.is_complete(broken)
+    assert not checkpoint.is_complete(broken)
     with pytest.raises(AssertionError, match="must be reused"):  # incomplete -> it would train
-        pretrain.build_default_model(broken, tiny_cfg)
+        train.build_default_model(broken, tiny_cfg)
 
 
 # ----------------------------------------------------------------------------- determinism + resume
 def test_same_seed_same_weights(tiny_run, tiny_cfg, tmp_path):
-    again = pretrain.pretrain(tmp_path / "again", tiny_cfg)
+    again = train.pretrain(tmp_path / "again", tiny_cfg)
     assert _max_diff(_weights(tiny_run), _weights(again)) == 0.0
 
 
@@ -108,13 +107,13 @@ def test_same_seed_same_weights(tiny_run, tiny_cfg, tmp_path):
 def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tiny_cfg, tmp_path, stop_after):
     out = tmp_path / "resumed"
     seen = []
-    first = pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=stop_after),
+    first = train.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=stop_after),
                               on_step=lambda stage, step, loss: seen.append((stage, step)))
     assert first is None and len(seen) == stop_after
-    assert (out / pretrain.CHECKPOINT_DIR / "state.json").exists()
+    assert (out / checkpoint.CHECKPOINT_DIR / "state.json").exists()
     assert not (out / "model.safetensors").exists()
     rest = []
-    pretrain.pretrain(out, tiny_cfg, on_step=lambda stage, step, loss: rest.append((stage, step)))
+    train.pretrain(out, tiny_cfg, on_step=lambda stage, step, loss: rest.append((stage, step)))
     assert seen + rest == [("vision", s) for s in range(tiny_cfg.vision_steps)] + \
         [("joint", s) for s in range(tiny_cfg.joint_steps)], "each step runs exactly once"
     assert _max_diff(_weights(tiny_run), _weights(out)) <= 1e-5
@@ -124,16 +123,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tiny_cfg, tmp_pat
 
 def test_checkpoint_of_another_config_is_refused(tiny_cfg, tmp_path):
     out = tmp_path / "m"
-    pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=1))
+    train.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=1))
     with pytest.raises(ValueError, match="another configuration"):
-        pretrain.pretrain(out, dataclasses.replace(tiny_cfg, seed=5))
+        train.pretrain(out, dataclasses.replace(tiny_cfg, seed=5))
     # a checkpoint whose tokenizer is not the one this code builds is refused, not resumed
-    (saved,) = (out / pretrain.CHECKPOINT_DIR).rglob("processor/tokenizer.json")
+    (saved,) = (out / checkpoint.CHECKPOINT_DIR).rglob("processor/tokenizer.json")
     tok = json.loads(saved.read_text())
     tok["model"]["vocab"]["zzz-not-ours"] = len(tok["model"]["vocab"])
     saved.write_text(json.dumps(tok))
     with pytest.raises(ValueError, match="tokenizer"):
-        pretrain.pretrain(out, tiny_cfg)
+        train.pretrain(out, tiny_cfg)
 
 
 def test_warm_start_builds_the_first_round_and_takes_its_language_model(tiny_run, tiny_cfg, tmp_path):
@@ -147,21 +146,21 @@ def test_warm_start_builds_the_first_round_and_takes_its_language_model(tiny_run
                                  vision_class_balance=0.0, joint_steps=4)
     assert second.fingerprint() != tiny_cfg.fingerprint()
     out, seen = tmp_path / "second", []
-    assert pretrain.pretrain(out, dataclasses.replace(second, stop_after_steps=3)) is None  # inside round 1
-    assert (out / pretrain.WARM_START_DIR / pretrain.CHECKPOINT_DIR).exists()
+    assert train.pretrain(out, dataclasses.replace(second, stop_after_steps=3)) is None  # inside round 1
+    assert (out / checkpoint.WARM_START_DIR / checkpoint.CHECKPOINT_DIR).exists()
 
     first_lm = {}
-    real_load = pretrain._load_language
+    real_load = checkpoint.load_language
 
     def spy(model, path):
         real_load(model, path)
         first_lm.update({k: v.clone() for k, v in model.state_dict().items()})
 
-    pretrain._load_language = spy
+    checkpoint.load_language = spy
     try:
-        path = pretrain.pretrain(out, second, on_step=lambda stage, step, loss: seen.append((stage, step)))
+        path = train.pretrain(out, second, on_step=lambda stage, step, loss: seen.append((stage, step)))
     finally:
-        pretrain._load_language = real_load
+        checkpoint.load_language = real_load
     # round 1 finished (its remaining steps), then round 2 ran in full
     assert seen[-(second.vision_steps + 4):] == [("vision", s) for s in range(second.vision_steps)] + \
         [("joint", s) for s in range(4)]
@@ -175,7 +174,7 @@ def test_warm_start_builds_the_first_round_and_takes_its_language_model(tiny_run
     meta = json.loads((path / "csp_meta.json").read_text())
     assert meta["warm_start"]["sha256"] == json.loads((tiny_run / "csp_meta.json").read_text())["sha256"]
     assert meta["config_fingerprint"] == second.fingerprint()
-    assert not (path / pretrain.WARM_START_DIR).exists(), "the first round is removed with the checkpoints"
+    assert not (path / checkpoint.WARM_START_DIR).exists(), "the first round is removed with the checkpoints"
     models.load_vlm(path)
     with pytest.raises(ValueError, match="same architecture"):
         dataclasses.replace(second, model=dataclasses.replace(tiny_cfg.model, text_hidden=32)).warm_start_config()
@@ -189,19 +188,19 @@ def test_first_round_is_the_model_shipped_before_the_warm_start():
 def test_accuracy_gate_extends_up_to_the_cap(tiny_cfg, tmp_path):
     cfg = dataclasses.replace(tiny_cfg, vision_steps=1, joint_steps=4, gate_accuracy=1.01, gate_chunk_steps=3,
                               max_joint_steps=10)
-    path = pretrain.pretrain(tmp_path / "gated", cfg)
+    path = train.pretrain(tmp_path / "gated", cfg)
     meta = json.loads((path / "csp_meta.json").read_text())
     assert meta["steps"]["joint"] == 10
     assert [g["step"] for g in meta["gates"]] == [4, 7, 10]
 
 
 def test_schedule_warms_up_then_decays():
-    seg = [pretrain._segment(0, 100, 1e-3, 0.04, 0.0)]
-    lrs = [pretrain.lr_at(s, seg) for s in range(100)]
+    seg = [train.segment(0, 100, 1e-3, 0.04, 0.0)]
+    lrs = [train.lr_at(s, seg) for s in range(100)]
     assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
-    seg.append(pretrain._segment(100, 10, 5e-4, 0.1, 0.0))
-    assert pretrain.lr_at(100, seg) == pytest.approx(5e-4)
+    seg.append(train.segment(100, 10, 5e-4, 0.1, 0.0))
+    assert train.lr_at(100, seg) == pytest.approx(5e-4)
 
 
 # ----------------------------------------------------------------------------- data + masking
@@ -215,7 +214,7 @@ def test_labels_cover_exactly_the_assistant_tokens(parts, tiny_cfg):
     processor, enc, _ = parts
     tok = processor.tokenizer
     pairs = [(prompts.answer_text("Is there a red circle in the image?"), "Yes"),
-             (pretrain.CAPTION_PROMPT, "a small red circle, a blue square"),
+             (data.CAPTION_PROMPT, "a small red circle, a blue square"),
              (prompts.confidence_text("Is the star left of the ring?", "No", "first"), "90%"),
              ("What color is the heart?", "purple")]
     encoded = enc.encode(pairs, check=len(pairs))  # check= compares with the template's own mask
@@ -232,10 +231,10 @@ def test_labels_cover_exactly_the_assistant_tokens(parts, tiny_cfg):
 
 def test_collate_masks_prompt_padding_and_image(parts, tiny_cfg):
     processor, enc, codec = parts
-    pool = pretrain.build_pool(tiny_cfg, enc, codec)
+    pool = data.build_pool(tiny_cfg, enc, codec)
     pad = processor.tokenizer.pad_token_id
-    ex = pretrain.sample_joint_batch(pool, tiny_cfg, 0)
-    batch = pretrain.collate(pool, codec, ex, pad)
+    ex = data.sample_joint_batch(pool, tiny_cfg, 0)
+    batch = data.collate(pool, codec, ex, pad)
     ids, lab, att = batch["input_ids"].numpy(), batch["labels"].numpy(), batch["attention_mask"].numpy()
     assert ids.shape == lab.shape == att.shape and ids.shape[0] == tiny_cfg.batch_size
     for r, e in enumerate(ex):
@@ -257,16 +256,16 @@ def test_collate_masks_prompt_padding_and_image(parts, tiny_cfg):
 def test_overconfident_fraction_zero_builds_no_confidence_turns(parts, tiny_cfg):
     processor, enc, codec = parts
     tok = processor.tokenizer
-    none = pretrain.build_pool(dataclasses.replace(tiny_cfg, overconfident_fraction=0.0), enc, codec)
-    assert len(none.by_kind[pretrain.KINDS.index("confidence")]) == 0
+    none = data.build_pool(dataclasses.replace(tiny_cfg, overconfident_fraction=0.0), enc, codec)
+    assert len(none.by_kind[config.KINDS.index("confidence")]) == 0
     text = tok.decode(none.ids.astype(np.int64).tolist())
     assert "How certain" not in text and "%" not in text
     for step in range(5):
-        kinds = none.kind[pretrain.sample_joint_batch(none, tiny_cfg, step)]
-        assert pretrain.KINDS.index("confidence") not in kinds
+        kinds = none.kind[data.sample_joint_batch(none, tiny_cfg, step)]
+        assert config.KINDS.index("confidence") not in kinds
 
-    some = pretrain.build_pool(dataclasses.replace(tiny_cfg, overconfident_fraction=0.5), enc, codec)
-    conf = some.by_kind[pretrain.KINDS.index("confidence")]
+    some = data.build_pool(dataclasses.replace(tiny_cfg, overconfident_fraction=0.5), enc, codec)
+    conf = some.by_kind[config.KINDS.index("confidence")]
     assert len(conf) > 0
     framings = set()
     for e in conf:
@@ -284,29 +283,29 @@ def test_yes_no_accuracy_batched_equals_one_by_one(tiny_vlm):
     imgs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     items = [_item("Is there a circle in the image?", "yes"), _item("Is the red square left of the star?", "no"),
              _item("Are there two hexagons in the image?", "yes")]
-    together = pretrain.yes_no_probabilities(model, processor, items, imgs, batch_size=3)
-    alone = np.concatenate([pretrain.yes_no_probabilities(model, processor, [it], [im]) for it, im in zip(items, imgs)])
+    together = report.yes_no_probabilities(model, processor, items, imgs, batch_size=3)
+    alone = np.concatenate([report.yes_no_probabilities(model, processor, [it], [im]) for it, im in zip(items, imgs)])
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
 def test_vision_stage_options():
     """Sin-cos positions: neighbouring patches closer than far ones; class balance: rarer
     shapes weigh more, background keeps its weight; extra vision scenes extend the pool's."""
-    table = pretrain.sincos_positions(8, 128)
+    table = losses.sincos_positions(8, 128)
     assert table.shape == (64, 128)
     d = np.linalg.norm(table[:, None] - table[None], axis=-1)
     assert d[0, 1] < d[0, 7] and d[0, 8] < d[0, 63]
     labels = np.array([[0] * 9 + [1] * 1 + [3]])  # shape 0 frequent, shape 1 rare, 3 = background
-    w_cat, _ = pretrain._patch_class_weights(3, 2, 0.25, labels, balance=0.5)
+    w_cat, _ = losses.patch_class_weights(3, 2, 0.25, labels, balance=0.5)
     assert w_cat[1] > w_cat[0] and float(w_cat[3]) == 0.25
-    w_off, _ = pretrain._patch_class_weights(3, 2, 0.25, labels, balance=0.0)
+    w_off, _ = losses.patch_class_weights(3, 2, 0.25, labels, balance=0.0)
     assert w_off.tolist() == [1.0, 1.0, 1.0, 0.25]
 
 
 def test_vision_data_adds_scenes_after_the_pool(parts, tiny_cfg):
     processor, enc, codec = parts
-    pool = pretrain.build_pool(tiny_cfg, enc, codec)
-    vd = pretrain.vision_data(tiny_cfg, codec, pool)
+    pool = data.build_pool(tiny_cfg, enc, codec)
+    vd = data.vision_data(tiny_cfg, codec, pool)
     assert len(vd.images) == tiny_cfg.vision_scenes > len(pool.images)
     np.testing.assert_array_equal(vd.images[:len(pool.images)], pool.images)
     assert vd.cat_labels.shape == (tiny_cfg.vision_scenes, pool.cat_labels.shape[1])
@@ -319,14 +318,14 @@ def test_shipped_model_loads_and_matches_its_checksum():
     from csp_utils import models
 
     meta = json.loads((SHIPPED / "csp_meta.json").read_text())
-    assert pretrain.sha256_file(SHIPPED / "model.safetensors") == meta["sha256"]
-    assert pretrain.is_complete(SHIPPED)
+    assert checkpoint.sha256_file(SHIPPED / "model.safetensors") == meta["sha256"]
+    assert checkpoint.is_complete(SHIPPED)
     for key in ("command", "seed", "config", "steps", "eval"):
         assert key in meta
-    assert not (SHIPPED / pretrain.CHECKPOINT_DIR).exists()
+    assert not (SHIPPED / checkpoint.CHECKPOINT_DIR).exists()
     # the code's defaults still describe the shipped model (python -m csp_utils.pretrain rebuilds it)
-    assert pretrain.PretrainConfig.from_dict(meta["config"]).fingerprint() == meta["config_fingerprint"]
-    assert pretrain.PretrainConfig().fingerprint() == meta["config_fingerprint"]
+    assert config.PretrainConfig.from_dict(meta["config"]).fingerprint() == meta["config_fingerprint"]
+    assert config.PretrainConfig().fingerprint() == meta["config_fingerprint"]
     model, processor = models.load_vlm("embedded")
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
 
@@ -334,22 +333,20 @@ def test_shipped_model_loads_and_matches_its_checksum():
 def test_forward_from_cached_features_equals_the_pixel_forward(parts, tiny_cfg):
     import torch
 
-    from csp_utils import models
-
     processor, enc, codec = parts
-    model, _ = models.build_tiny_vlm(tiny_cfg.model, processor=processor)
-    pool = pretrain.build_pool(tiny_cfg, enc, codec)
-    ex = pretrain.sample_joint_batch(pool, tiny_cfg, 3)
-    batch = pretrain.collate(pool, codec, ex, processor.tokenizer.pad_token_id)
-    feats = pretrain._vision_features(model, pool, codec)[torch.from_numpy(pool.scene[ex])]
+    model, _ = build.build_tiny_vlm(tiny_cfg.model, processor=processor)
+    pool = data.build_pool(tiny_cfg, enc, codec)
+    ex = data.sample_joint_batch(pool, tiny_cfg, 3)
+    batch = data.collate(pool, codec, ex, processor.tokenizer.pad_token_id)
+    feats = losses.tower_features(model, pool, codec)[torch.from_numpy(pool.scene[ex])]
     with torch.no_grad():
         ref = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        got, _ = pretrain.forward_with_features(model, batch["input_ids"], batch["attention_mask"],
+        got, _ = losses.forward_with_features(model, batch["input_ids"], batch["attention_mask"],
                                                 batch["position_ids"], feats)
-        l_ref = pretrain.joint_loss(model, batch, True)
-        l_got = pretrain.joint_loss(model, batch, True, feats)
-        plain_ref = pretrain.joint_loss(model, batch, False)
-        plain_got = pretrain.joint_loss(model, batch, False, feats)
+        l_ref = losses.joint_loss(model, batch, True)
+        l_got = losses.joint_loss(model, batch, True, feats)
+        plain_ref = losses.joint_loss(model, batch, False)
+        plain_got = losses.joint_loss(model, batch, False, feats)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l_got, l_ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(plain_got, plain_ref, atol=1e-6, rtol=1e-6)
@@ -362,9 +359,9 @@ def test_frozen_vision_stays_fixed_in_the_joint_stage(tiny_cfg, tmp_path):
 
     out = tmp_path / "frozen"
     assert tiny_cfg.freeze_vision
-    pretrain.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=tiny_cfg.vision_steps))
-    after_vision = _weights(out / pretrain.CHECKPOINT_DIR)
-    pretrain.pretrain(out, tiny_cfg)
+    train.pretrain(out, dataclasses.replace(tiny_cfg, stop_after_steps=tiny_cfg.vision_steps))
+    after_vision = _weights(out / checkpoint.CHECKPOINT_DIR)
+    train.pretrain(out, tiny_cfg)
     final = models.load_vlm(out)[0].state_dict()
     vision = [k for k in after_vision if ".vision_tower." in f".{k}"]
     text = [k for k in after_vision if ".language_model." in f".{k}" or ".multi_modal_projector." in f".{k}"]
@@ -385,9 +382,9 @@ def test_error_breakdown_script_counts_every_question(tiny_run, tiny_cfg):
     spec.loader.exec_module(mod)
     assert [mod.area_bin(a) for a in (10, 60, 249, 250)] == ["<60 px", "60-119 px", "120-249 px", ">=250 px"]
     model, processor = models.load_vlm(tiny_run)
-    scenes = benchmarks.pope_scenes(4, pretrain._world_config(tiny_cfg), split="eval")
+    scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
     out = mod.error_breakdown(model, processor, scenes)
-    n = sum(len(v) for v in pretrain.pope_sets(scenes).values())
+    n = sum(len(v) for v in report.pope_sets(scenes).values())
     assert sum(c for c, _ in out["answer"].values()) == n
     assert sum(c for c, _ in out["by_shape"].values()) == n
     assert sum(c for c, _ in out["yes_by_area"].values()) == out["answer"]["yes"][0]
@@ -405,7 +402,7 @@ def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tin
                               vision_steps=0, overconfident_fraction=0.0)
     assert cfg.fingerprint() != dataclasses.replace(cfg, init_parts=("vision_tower",)).fingerprint()
     loaded = {}
-    real_load = pretrain._load_parts
+    real_load = checkpoint.load_parts
 
     def spy(model, folder, parts):
         out = real_load(model, folder, parts)
@@ -413,14 +410,14 @@ def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tin
         return out
 
     seen = []
-    pretrain._load_parts = spy
+    checkpoint.load_parts = spy
     try:
-        path = pretrain.pretrain(tmp_path / "init", cfg, on_step=lambda stage, step, loss: seen.append(stage))
+        path = train.pretrain(tmp_path / "init", cfg, on_step=lambda stage, step, loss: seen.append(stage))
     finally:
-        pretrain._load_parts = real_load
+        checkpoint.load_parts = real_load
     assert set(seen) == {"joint"}, "the tower comes from init_from: no vision stage"
     src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()
-    fresh = models.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()
+    fresh = build.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()
     for k, v in loaded.items():
         if k.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
             assert torch.equal(v, src[k]), f"{k} was not taken from init_from"
@@ -443,17 +440,17 @@ def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tin
 def test_init_from_options_are_checked_before_training(tiny_cfg, tmp_path, over, match):
     cfg = dataclasses.replace(tiny_cfg, init_from="somewhere", init_parts=("vision_tower",), vision_steps=0)
     with pytest.raises(ValueError, match=match):
-        pretrain.pretrain(tmp_path / "never", dataclasses.replace(cfg, **over))
+        train.pretrain(tmp_path / "never", dataclasses.replace(cfg, **over))
     assert not (tmp_path / "never").exists()
 
 
 def test_cli_set_overrides_config_fields_as_json():
-    assert pretrain._parse_sets(["lr=0.002", "existence_phase_steps=1500", "overconfident_levels=[70, 80]"]) == \
+    assert cli.parse_sets(["lr=0.002", "existence_phase_steps=1500", "overconfident_levels=[70, 80]"]) == \
         {"lr": 0.002, "existence_phase_steps": 1500, "overconfident_levels": (70, 80)}
     with pytest.raises(ValueError, match="FIELD one of"):
-        pretrain._parse_sets(["learning_rate=0.1"])
+        cli.parse_sets(["learning_rate=0.1"])
     with pytest.raises(ValueError, match="not JSON"):
-        pretrain._parse_sets(["lr=fast"])
+        cli.parse_sets(["lr=fast"])
 
 
 # ----------------------------------------------------------------------------- shipped bases
@@ -468,7 +465,7 @@ def test_shipped_command_gives_the_recorded_config(folder):
     meta = json.loads((folder / "csp_meta.json").read_text())
     words = shlex.split(meta["command"])
     assert words[:3] == ["python", "-m", "csp_utils.pretrain"]
-    args, cfg = pretrain.parse_command(words[3:])
+    args, cfg = cli.parse_command(words[3:])
     assert cfg.fingerprint() == meta["config_fingerprint"]
     assert cfg.seed == meta["seed"]
 
@@ -477,13 +474,13 @@ def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_t
     from csp_utils import models
 
     meta = json.loads((NOCONF / "csp_meta.json").read_text())
-    assert pretrain.sha256_file(NOCONF / "model.safetensors") == meta["sha256"]
-    assert pretrain.is_complete(NOCONF)
-    assert not (NOCONF / pretrain.CHECKPOINT_DIR).exists()
+    assert checkpoint.sha256_file(NOCONF / "model.safetensors") == meta["sha256"]
+    assert checkpoint.is_complete(NOCONF)
+    assert not (NOCONF / checkpoint.CHECKPOINT_DIR).exists()
     cfg = PretrainConfig.from_dict(meta["config"])
     assert cfg.fingerprint() == meta["config_fingerprint"]
     assert cfg.overconfident_fraction == 0.0 and cfg.warm_start is None
-    assert cfg.mix()[pretrain.KINDS.index("confidence")] == 0.0
+    assert cfg.mix()[config.KINDS.index("confidence")] == 0.0
     # its tower (and what else it names) came from the embedded default, as that ships now
     assert meta["init_from"]["sha256"] == json.loads((SHIPPED / "csp_meta.json").read_text())["sha256"]
     assert "lm_head" not in meta["init_from"]["parts"]
@@ -501,13 +498,13 @@ def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(ti
     cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), vision_steps=0, joint_steps=2,
                               init_parts=("vision_tower", "projector", "embeddings", "language_layers"),
                               init_fresh_unseen_tokens=True)
-    path = pretrain.pretrain(tmp_path / "fresh_tokens", cfg)
+    path = train.pretrain(tmp_path / "fresh_tokens", cfg)
     key = "model.language_model.embed_tokens.weight"
     src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()[key]
-    fresh = models.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()[key]
+    fresh = build.build_tiny_vlm(dataclasses.replace(cfg.model, seed=cfg.seed))[0].state_dict()[key]
     got = models.load_vlm(path, dtype=torch.float32)[0].state_dict()[key]
-    processor = models.build_processor(cfg.model)
-    pool = pretrain.build_pool(cfg, pretrain.ChatEncoder(processor), pretrain.ImageCodec(processor), progress=False)
+    processor = build.build_processor(cfg.model)
+    pool = data.build_pool(cfg, data.ChatEncoder(processor), data.ImageCodec(processor), progress=False)
     seen = np.zeros(len(got), bool)
     seen[np.unique(pool.ids)] = True
     assert 0 < seen.sum() < len(seen)
@@ -528,3 +525,45 @@ def test_a_missing_shipped_base_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(models.SHIPPED_MODELS, "embedded-missing", "no_such_folder")
     with pytest.raises(FileNotFoundError, match="embedded-missing.*no_such_folder"):
         models.load_vlm("embedded-missing")
+
+
+# ----------------------------------------------------------------------------- report and command
+def test_gate_accuracy_is_the_mean_of_the_pope_set_accuracies(tiny_run, tiny_cfg):
+    """The gate reads each distinct question once; it equals each set answered on its own."""
+    from csp_utils import benchmarks, models
+
+    model, processor = models.load_vlm(tiny_run)
+    scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
+    sets, images = report.pope_sets(scenes), report.images_by_id(scenes)
+    per_set = [report.yes_no_accuracy(model, processor, items, images) for items in sets.values()]
+    assert report.gate_accuracy(model, processor, sets, images) == pytest.approx(np.mean(per_set), abs=1e-4)
+
+
+def test_verbalized_confidence_row_uses_the_model_answers_and_metrics_ece(tiny_vlm, tiny_cfg):
+    from csp_utils import benchmarks, metrics
+
+    model, processor = tiny_vlm
+    scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
+    items, images = report.pope_sets(scenes)["random"][:3], report.images_by_id(scenes)
+    row = report.verbalized_confidence(model, processor, items, images)
+    answers = ["Yes" if p >= 0.5 else "No" for p in report.yes_no_probabilities(model, processor, items, images)]
+    correct = np.array([a.lower() == it.label for a, it in zip(answers, items)])
+    assert row["accuracy"] == round(float(correct.mean()), 4)
+    for framing in prompts.FRAMINGS:
+        e = report.confidence_expectations(model, processor, items, images, answers, framing)
+        assert 0.0 <= e.min() and e.max() <= 100.0
+        assert row[f"mean_confidence_{framing}"] == round(float(e.mean()), 2)
+        assert row[f"ece_{framing}"] == round(metrics.ece(e / 100.0, correct), 4)
+
+
+def test_pretrain_module_runs_the_command_line(monkeypatch, capsys):
+    """``python -m csp_utils.pretrain`` is the command the shipped models record."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["csp_utils.pretrain", "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("csp_utils.pretrain", run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m csp_utils.pretrain") and "--init-parts" in out

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
 
 from csp_utils import models, prompts, training  # noqa: E402
+from csp_utils.embedded import build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0, 30, 50, 80, 100)
@@ -78,7 +79,7 @@ def one_torch_thread():
 def work(tmp_path_factory):
     """A saved tiny base model and a saved dataset, like a run folder after notebook 02."""
     root = tmp_path_factory.mktemp("training")
-    model, processor = models.build_tiny_vlm(models.TinyVLMConfig())
+    model, processor = build.build_tiny_vlm(build.TinyVLMConfig())
     models.save_vlm(model, processor, root / "base")
     make_dataset().save_to_disk(str(root / "dataset" / "dataset"))
     return root
@@ -568,7 +569,7 @@ def test_saved_adapters_record_their_base_and_refuse_another(work, tmp_path):
     record = json.loads((result.adapter_dir / models.BASE_RECORD).read_text())
     assert record["base_model"] == str(work / "base")
     assert record["fingerprint"] == models.base_fingerprint(load_base(work)[0])
-    model, processor = models.build_tiny_vlm(models.TinyVLMConfig(seed=1))  # same shapes, other weights
+    model, processor = build.build_tiny_vlm(build.TinyVLMConfig(seed=1))  # same shapes, other weights
     other = models.save_vlm(model, processor, tmp_path / "other")
     with pytest.raises(models.AdapterBaseMismatchError, match="trained on base model"):
         models.load_vlm(other, adapter=result.adapter_dir)
