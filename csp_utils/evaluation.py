@@ -130,264 +130,6 @@ class EvalConfig:
             raise ValueError(f"adapter_scope must be one of {ADAPTER_SCOPES}, got {self.adapter_scope!r}")
 
 
-
-# --------------------------------------------------------------------------- answers
-def answer_parser(benchmark) -> Callable[[str], str | None]:
-    """The benchmark's own rule for reading a yes/no reply."""
-    family = getattr(benchmark, "family", None)
-    return lambda text: prompts.parse_yes_no(text, family=family)
-
-
-def _response_text(raw: str, parsed: str | None, how: str) -> str:
-    if how == "parsed" and parsed in ("yes", "no"):
-        return parsed.capitalize()
-    return raw
-
-
-def config_for_adapter(config: EvalConfig, adapter_dir=None, adapter_scope: str | None = None,
-                       layout: str | None = None) -> EvalConfig:
-    """``config`` for one model: explicit ``adapter_scope`` / ``layout`` win; otherwise an
-    adapter's own training record decides (its prompt layout, and a confidence-only scope for
-    adapters trained on grounded targets, whose training never taught the answer turn);
-    otherwise ``config``'s own values."""
-    record = {}
-    path = Path(adapter_dir) / training.CONFIG_FILE if adapter_dir is not None else None
-    if path is not None and path.exists():
-        record = json.loads(path.read_text())
-    if adapter_scope is None:
-        grounded = record.get("confidence_target") in training.GROUNDED_TARGETS
-        adapter_scope = "confidence" if grounded else config.adapter_scope
-    layout = layout or record.get("layout") or config.layout
-    if adapter_dir is None:
-        adapter_scope = config.adapter_scope
-    return dataclasses.replace(config, adapter_scope=adapter_scope, layout=layout)
-
-
-def has_adapter(model) -> bool:
-    """True for a PEFT model whose adapter can be switched off for a turn."""
-    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
-
-
-def answers_on_base(model, config: EvalConfig) -> bool:
-    """True when the answer turn runs on the base model (a confidence-only adapter)."""
-    return config.adapter_scope == "confidence" and has_adapter(model)
-
-
-def _answer_context(model, config: EvalConfig):
-    """The context the answer turn runs in: the base model for a confidence-only adapter."""
-    return model.disable_adapter() if answers_on_base(model, config) else contextlib.nullcontext()
-
-
-def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn):
-    """Greedy answers, parsed answers and internal probabilities of one batch."""
-    answer_msgs = [prompts.answer_messages(it.question, config=config.prompt_config) for it in items]
-    answer_texts = chat_texts(processor, answer_msgs)
-    with _answer_context(model, config):
-        if config.share_prefix:
-            prefix, answer_prompts = engine.shared_prefix(model, processor, answer_msgs, images, answer_texts,
-                                                          shortcuts=True)
-        else:
-            prefix, answer_prompts = None, engine.plain_prompts(model, processor, answer_msgs, images, answer_texts,
-                                                                shortcuts=True)
-        # no shared prefix (e.g. the question comes before the image): at least encode the
-        # images once for the answer and every confidence prompt
-        encoded = None
-        if prefix is None and config.reuse_image_features and not engine.uses_mrope(model):
-            encoded = engine.encode_images(model, answer_prompts.image_inputs, processor, answer_prompts, answer_texts)
-            if encoded is not None:
-                answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
-        raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
-    parsed = [parse(r) for r in raw]
-    internal = engine.internal_probs(logits, new_ids, parsed, yn)
-    return raw, parsed, internal, prefix, encoded
-
-
-def elicit_batch(model, processor, items, images, config: EvalConfig, model_name: str, parse,
-                 option_ids=None, yn=None, answers: list[dict] | None = None) -> list[dict]:
-    """All rows (framing x read-out) for one batch of questions, in a fixed order.
-
-    With ``config.share_prefix`` the template head + image is run once for the batch and
-    every prompt (answer and confidence) continues from its cache, where that is exact
-    (:func:`engine.shared_prefix`); otherwise each prompt runs whole. With a confidence-only
-    adapter the answer turn runs on the base model and the confidence prompts get their
-    own prefix / encoded images, computed with the adapter; ``answers`` (one dict of
-    :data:`ANSWER_FIELDS` per item, see :func:`load_answers`) then stand in for that turn.
-    """
-    pc = config.prompt_config
-    if option_ids is None and "single_pass" in config.readouts:
-        option_ids = option_token_ids(processor, config.options, config.include_end)
-    separate = answers_on_base(model, config)
-    if answers is not None:
-        if not separate:
-            raise ValueError("answers can stand in only for the answer turn of a confidence-only adapter "
-                             "(adapter_scope='confidence' on a PEFT model)")
-        if len(answers) != len(items):
-            raise ValueError(f"{len(answers)} answers for {len(items)} questions")
-        raw = [a["raw_answer"] for a in answers]
-        parsed = [a["answer"] for a in answers]
-        internal = [(a["internal_prob"], a["internal_prob_raw"]) for a in answers]
-        prefix = encoded = None
-    else:
-        raw, parsed, internal, prefix, encoded = _answer_turn(model, processor, items, images, config, parse,
-                                                              yn or yes_no_tokens(processor))
-    responses = [_response_text(r, p, config.response) for r, p in zip(raw, parsed)]
-    if separate:  # computed by the base model: the adapter's confidence prompts need their own
-        prefix = encoded = None
-
-    rows: dict[tuple[int, str, str], dict] = {}
-    for framing in config.framings:
-        msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc, layout=config.layout)
-                for it, resp in zip(items, responses)]
-        conf_prompts = prefix.prompts(msgs) if prefix is not None else None
-        if conf_prompts is None and separate and prefix is None and encoded is None:
-            conf_texts = chat_texts(processor, msgs)
-            if config.share_prefix:
-                prefix, conf_prompts = engine.shared_prefix(model, processor, msgs, images, conf_texts, shortcuts=True)
-            else:
-                conf_prompts = engine.plain_prompts(model, processor, msgs, images, conf_texts, shortcuts=True)
-            if prefix is None and config.reuse_image_features and not engine.uses_mrope(model):
-                encoded = engine.encode_images(model, conf_prompts.image_inputs, processor, conf_prompts, conf_texts)
-                if encoded is not None:
-                    conf_prompts.image_inputs = encoded.replace(conf_prompts.image_inputs)
-        if conf_prompts is None:
-            conf_prompts = encoded.text_prompts(processor, msgs) if encoded is not None else None
-        if conf_prompts is None:
-            conf_prompts = engine.plain_prompts(model, processor, msgs, images, encoded=encoded)
-        for readout in config.readouts:
-            if readout == "generated":
-                texts, _, _ = generate_on(model, processor, conf_prompts, config.confidence_max_new_tokens)
-                extra = [dict(raw_confidence=t, confidence=prompts.parse_confidence(t)) for t in texts]
-            else:
-                extra = _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config)
-            for i, it in enumerate(items):
-                rows[(i, framing, readout)] = _row(it, model_name, framing, readout, raw[i], parsed[i],
-                                                   responses[i], internal[i], extra[i])
-    return [rows[(i, f, r)] for i in range(len(items)) for f in config.framings for r in config.readouts]
-
-
-def _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config: EvalConfig) -> list[dict]:
-    """The single-pass read-out's row fields for a batch of confidence prompts."""
-    if engine.uses_mrope(model):
-        ll = engine.score_options_reference(model, processor, msgs, images, option_ids)
-    else:
-        ll = engine.score_options_on(model, processor, conf_prompts, option_ids, config.option_chunk)
-    probs, expect, arg = engine.option_distribution(ll, config.options)
-    return [
-        dict(
-            raw_confidence=prompts.format_confidence(int(round(a * 100))),
-            confidence=float(e),
-            confidence_argmax=float(a),
-            options=list(config.options),
-            option_probs=[float(x) for x in pr],
-            option_logliks=[float(x) for x in lls],
-        )
-        for pr, e, a, lls in zip(probs, expect, arg, ll)
-    ]
-
-
-def _row(item, model_name, framing, readout, raw, parsed, response, internal, extra) -> dict:
-    row = {
-        "question_id": item.question_id,
-        "image_id": item.image_id,
-        "set": item.set,
-        "kind": getattr(item, "kind", None),
-        "model": model_name,
-        "framing": framing,
-        "readout": readout,
-        "question": item.question,
-        "label": item.label,
-        "raw_answer": raw,
-        "answer": parsed,
-        "correct": parsed == str(item.label).strip().lower(),
-        "response": response,
-        "raw_confidence": None,
-        "confidence": None,
-        "confidence_argmax": None,
-        "options": None,
-        "option_probs": None,
-        "option_logliks": None,
-        "internal_prob": internal[0],
-        "internal_prob_raw": internal[1],
-    }
-    row.update(extra)
-    return row
-
-
-# -------------------------------------------------------------------- results on disk
-def load_results(path) -> list[dict]:
-    """Rows of a results file; a truncated last line (interrupted write) is ignored."""
-    rows, _ = _read_rows(Path(path))
-    return rows
-
-
-def _read_rows(path: Path) -> tuple[list[dict], bool]:
-    """(rows, clean): clean is False when a line could not be read (it is left out)."""
-    if not path.exists():
-        return [], True
-    rows, clean = [], True
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            if not line.endswith("\n"):
-                clean = False  # the last write was cut short
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                clean = False
-    return rows, clean
-
-
-def _key(row) -> tuple:
-    return (row["model"], row["question_id"], row["framing"], row["readout"])
-
-
-def _complete_rows(rows, model_name, combos) -> tuple[list[dict], set[str]]:
-    """Keep other models' rows and this model's complete questions; return (rows, done ids)."""
-    need = set(combos)
-    have: dict[str, set] = {}
-    for r in rows:
-        if r.get("model") == model_name:
-            have.setdefault(r["question_id"], set()).add((r["framing"], r["readout"]))
-    done = {q for q, s in have.items() if need <= s}
-    keep, seen = [], set()
-    for r in rows:
-        if r.get("model") == model_name and (r["question_id"] not in done or _key(r) in seen):
-            continue
-        seen.add(_key(r))
-        keep.append(r)
-    return keep, done
-
-
-def _write_rows(path: Path, rows) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, allow_nan=False) + "\n")
-    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
-
-
-def _prepare_resume(path: Path, model_name, combos) -> set[str]:
-    """Done question ids in ``path``; rewrites it first if it holds broken or partial rows."""
-    rows, clean = _read_rows(path)
-    keep, done = _complete_rows(rows, model_name, combos)
-    if not clean or len(keep) != len(rows):
-        _write_rows(path, keep)
-    return done
-
-
-def _append(path: Path, rows) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def shard_path(out: Path, index: int, count: int) -> Path:
-    return out.with_name(f"{out.stem}.shard{index}of{count}{out.suffix}")
-
-
 # ------------------------------------------------------------------------- evaluate
 def evaluate(model, processor, benchmark, out_jsonl, model_name: str, config: EvalConfig | None = None,
              answers_from: tuple | None = None) -> Path:
@@ -517,6 +259,263 @@ def _merge(out: Path, shards: list[Path], ids: list[str], model_name, combos) ->
     _write_rows(out, others + ours)
     for s in shards:
         s.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ one batch of questions
+def config_for_adapter(config: EvalConfig, adapter_dir=None, adapter_scope: str | None = None,
+                       layout: str | None = None) -> EvalConfig:
+    """``config`` for one model: explicit ``adapter_scope`` / ``layout`` win; otherwise an
+    adapter's own training record decides (its prompt layout, and a confidence-only scope for
+    adapters trained on grounded targets, whose training never taught the answer turn);
+    otherwise ``config``'s own values."""
+    record = {}
+    path = Path(adapter_dir) / training.CONFIG_FILE if adapter_dir is not None else None
+    if path is not None and path.exists():
+        record = json.loads(path.read_text())
+    if adapter_scope is None:
+        grounded = record.get("confidence_target") in training.GROUNDED_TARGETS
+        adapter_scope = "confidence" if grounded else config.adapter_scope
+    layout = layout or record.get("layout") or config.layout
+    if adapter_dir is None:
+        adapter_scope = config.adapter_scope
+    return dataclasses.replace(config, adapter_scope=adapter_scope, layout=layout)
+
+
+def elicit_batch(model, processor, items, images, config: EvalConfig, model_name: str, parse,
+                 option_ids=None, yn=None, answers: list[dict] | None = None) -> list[dict]:
+    """All rows (framing x read-out) for one batch of questions, in a fixed order.
+
+    With ``config.share_prefix`` the template head + image is run once for the batch and
+    every prompt (answer and confidence) continues from its cache, where that is exact
+    (:func:`engine.shared_prefix`); otherwise each prompt runs whole. With a confidence-only
+    adapter the answer turn runs on the base model and the confidence prompts get their
+    own prefix / encoded images, computed with the adapter; ``answers`` (one dict of
+    :data:`ANSWER_FIELDS` per item, see :func:`load_answers`) then stand in for that turn.
+    """
+    pc = config.prompt_config
+    if option_ids is None and "single_pass" in config.readouts:
+        option_ids = option_token_ids(processor, config.options, config.include_end)
+    separate = answers_on_base(model, config)
+    if answers is not None:
+        if not separate:
+            raise ValueError("answers can stand in only for the answer turn of a confidence-only adapter "
+                             "(adapter_scope='confidence' on a PEFT model)")
+        if len(answers) != len(items):
+            raise ValueError(f"{len(answers)} answers for {len(items)} questions")
+        raw = [a["raw_answer"] for a in answers]
+        parsed = [a["answer"] for a in answers]
+        internal = [(a["internal_prob"], a["internal_prob_raw"]) for a in answers]
+        prefix = encoded = None
+    else:
+        raw, parsed, internal, prefix, encoded = _answer_turn(model, processor, items, images, config, parse,
+                                                              yn or yes_no_tokens(processor))
+    responses = [_response_text(r, p, config.response) for r, p in zip(raw, parsed)]
+    if separate:  # computed by the base model: the adapter's confidence prompts need their own
+        prefix = encoded = None
+
+    rows: dict[tuple[int, str, str], dict] = {}
+    for framing in config.framings:
+        msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc, layout=config.layout)
+                for it, resp in zip(items, responses)]
+        conf_prompts = prefix.prompts(msgs) if prefix is not None else None
+        if conf_prompts is None and separate and prefix is None and encoded is None:
+            conf_texts = chat_texts(processor, msgs)
+            if config.share_prefix:
+                prefix, conf_prompts = engine.shared_prefix(model, processor, msgs, images, conf_texts, shortcuts=True)
+            else:
+                conf_prompts = engine.plain_prompts(model, processor, msgs, images, conf_texts, shortcuts=True)
+            if prefix is None and config.reuse_image_features and not engine.uses_mrope(model):
+                encoded = engine.encode_images(model, conf_prompts.image_inputs, processor, conf_prompts, conf_texts)
+                if encoded is not None:
+                    conf_prompts.image_inputs = encoded.replace(conf_prompts.image_inputs)
+        if conf_prompts is None:
+            conf_prompts = encoded.text_prompts(processor, msgs) if encoded is not None else None
+        if conf_prompts is None:
+            conf_prompts = engine.plain_prompts(model, processor, msgs, images, encoded=encoded)
+        for readout in config.readouts:
+            if readout == "generated":
+                texts, _, _ = generate_on(model, processor, conf_prompts, config.confidence_max_new_tokens)
+                extra = [dict(raw_confidence=t, confidence=prompts.parse_confidence(t)) for t in texts]
+            else:
+                extra = _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config)
+            for i, it in enumerate(items):
+                rows[(i, framing, readout)] = _row(it, model_name, framing, readout, raw[i], parsed[i],
+                                                   responses[i], internal[i], extra[i])
+    return [rows[(i, f, r)] for i in range(len(items)) for f in config.framings for r in config.readouts]
+
+
+def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn):
+    """Greedy answers, parsed answers and internal probabilities of one batch."""
+    answer_msgs = [prompts.answer_messages(it.question, config=config.prompt_config) for it in items]
+    answer_texts = chat_texts(processor, answer_msgs)
+    with _answer_context(model, config):
+        if config.share_prefix:
+            prefix, answer_prompts = engine.shared_prefix(model, processor, answer_msgs, images, answer_texts,
+                                                          shortcuts=True)
+        else:
+            prefix, answer_prompts = None, engine.plain_prompts(model, processor, answer_msgs, images, answer_texts,
+                                                                shortcuts=True)
+        # no shared prefix (e.g. the question comes before the image): at least encode the
+        # images once for the answer and every confidence prompt
+        encoded = None
+        if prefix is None and config.reuse_image_features and not engine.uses_mrope(model):
+            encoded = engine.encode_images(model, answer_prompts.image_inputs, processor, answer_prompts, answer_texts)
+            if encoded is not None:
+                answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
+        raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
+    parsed = [parse(r) for r in raw]
+    internal = engine.internal_probs(logits, new_ids, parsed, yn)
+    return raw, parsed, internal, prefix, encoded
+
+
+def _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config: EvalConfig) -> list[dict]:
+    """The single-pass read-out's row fields for a batch of confidence prompts."""
+    if engine.uses_mrope(model):
+        ll = engine.score_options_reference(model, processor, msgs, images, option_ids)
+    else:
+        ll = engine.score_options_on(model, processor, conf_prompts, option_ids, config.option_chunk)
+    probs, expect, arg = engine.option_distribution(ll, config.options)
+    return [
+        dict(
+            raw_confidence=prompts.format_confidence(int(round(a * 100))),
+            confidence=float(e),
+            confidence_argmax=float(a),
+            options=list(config.options),
+            option_probs=[float(x) for x in pr],
+            option_logliks=[float(x) for x in lls],
+        )
+        for pr, e, a, lls in zip(probs, expect, arg, ll)
+    ]
+
+
+def _row(item, model_name, framing, readout, raw, parsed, response, internal, extra) -> dict:
+    row = {
+        "question_id": item.question_id,
+        "image_id": item.image_id,
+        "set": item.set,
+        "kind": getattr(item, "kind", None),
+        "model": model_name,
+        "framing": framing,
+        "readout": readout,
+        "question": item.question,
+        "label": item.label,
+        "raw_answer": raw,
+        "answer": parsed,
+        "correct": parsed == str(item.label).strip().lower(),
+        "response": response,
+        "raw_confidence": None,
+        "confidence": None,
+        "confidence_argmax": None,
+        "options": None,
+        "option_probs": None,
+        "option_logliks": None,
+        "internal_prob": internal[0],
+        "internal_prob_raw": internal[1],
+    }
+    row.update(extra)
+    return row
+
+
+def answer_parser(benchmark) -> Callable[[str], str | None]:
+    """The benchmark's own rule for reading a yes/no reply."""
+    family = getattr(benchmark, "family", None)
+    return lambda text: prompts.parse_yes_no(text, family=family)
+
+
+def _response_text(raw: str, parsed: str | None, how: str) -> str:
+    if how == "parsed" and parsed in ("yes", "no"):
+        return parsed.capitalize()
+    return raw
+
+
+def has_adapter(model) -> bool:
+    """True for a PEFT model whose adapter can be switched off for a turn."""
+    return callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config")
+
+
+def answers_on_base(model, config: EvalConfig) -> bool:
+    """True when the answer turn runs on the base model (a confidence-only adapter)."""
+    return config.adapter_scope == "confidence" and has_adapter(model)
+
+
+def _answer_context(model, config: EvalConfig):
+    """The context the answer turn runs in: the base model for a confidence-only adapter."""
+    return model.disable_adapter() if answers_on_base(model, config) else contextlib.nullcontext()
+
+
+# -------------------------------------------------------------------- results on disk
+def load_results(path) -> list[dict]:
+    """Rows of a results file; a truncated last line (interrupted write) is ignored."""
+    rows, _ = _read_rows(Path(path))
+    return rows
+
+
+def _read_rows(path: Path) -> tuple[list[dict], bool]:
+    """(rows, clean): clean is False when a line could not be read (it is left out)."""
+    if not path.exists():
+        return [], True
+    rows, clean = [], True
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if not line.endswith("\n"):
+                clean = False  # the last write was cut short
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                clean = False
+    return rows, clean
+
+
+def _key(row) -> tuple:
+    return (row["model"], row["question_id"], row["framing"], row["readout"])
+
+
+def _complete_rows(rows, model_name, combos) -> tuple[list[dict], set[str]]:
+    """Keep other models' rows and this model's complete questions; return (rows, done ids)."""
+    need = set(combos)
+    have: dict[str, set] = {}
+    for r in rows:
+        if r.get("model") == model_name:
+            have.setdefault(r["question_id"], set()).add((r["framing"], r["readout"]))
+    done = {q for q, s in have.items() if need <= s}
+    keep, seen = [], set()
+    for r in rows:
+        if r.get("model") == model_name and (r["question_id"] not in done or _key(r) in seen):
+            continue
+        seen.add(_key(r))
+        keep.append(r)
+    return keep, done
+
+
+def _write_rows(path: Path, rows) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # atomic: a crash leaves the old file or the new one
+
+
+def _prepare_resume(path: Path, model_name, combos) -> set[str]:
+    """Done question ids in ``path``; rewrites it first if it holds broken or partial rows."""
+    rows, clean = _read_rows(path)
+    keep, done = _complete_rows(rows, model_name, combos)
+    if not clean or len(keep) != len(rows):
+        _write_rows(path, keep)
+    return done
+
+
+def _append(path: Path, rows) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def shard_path(out: Path, index: int, count: int) -> Path:
+    return out.with_name(f"{out.stem}.shard{index}of{count}{out.suffix}")
 
 
 # -------------------------------------------------------------------------- summary
