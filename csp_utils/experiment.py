@@ -228,9 +228,16 @@ def results_path(results_dir, model: str, set_name: str) -> Path:
 
 
 def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=None, sets: list[str] | None = None,
-                    load_kwargs: dict | None = None):
+                    load_kwargs: dict | None = None, reuse_answers: bool = True):
     """Every model on every set; resumable (finished rows are skipped by ``evaluation``).
-    ``load_kwargs`` go to ``models.load_vlm`` (e.g. ``{"dtype": "bfloat16", "device_map": "auto"}``)."""
+    ``load_kwargs`` go to ``models.load_vlm`` (e.g. ``{"dtype": "bfloat16", "device_map": "auto"}``).
+
+    ``reuse_answers``: a confidence-only adapter takes its answer-turn fields from the rows of
+    the first confidence-only adapter evaluated before it in this call on the same base model
+    with the same PEFT config (:func:`answer_key`), instead of generating the same answers
+    again. Only sets that both evaluations run from the start here qualify, so the answers come
+    from the same batches as a new generation would: the rows are identical either way.
+    """
     import torch
 
     from csp_utils import evaluation, models
@@ -239,17 +246,34 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
     if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     paths = []
+    sources: dict[tuple, tuple[Path, str]] = {}   # (answer key, set) -> (results file, model)
     for spec in specs:
         model, processor = models.load_vlm(spec.base_model, adapter=spec.adapter, **kwargs)
         cfg = evaluation.config_for_adapter(config or evaluation.EvalConfig(), spec.adapter, spec.adapter_scope,
                                             spec.layout)
+        key = answer_key(spec, cfg) if reuse_answers else None
         for name, bench in suite.items():
             if sets is not None and name not in sets:
                 continue
-            paths.append(evaluation.evaluate(model, processor, bench, results_path(results_dir, spec.name, name),
-                                             spec.name, cfg))
+            path = results_path(results_dir, spec.name, name)
+            fresh = key is not None and not evaluation.load_results(path)
+            source = sources.get((key, name)) if fresh else None
+            paths.append(evaluation.evaluate(model, processor, bench, path, spec.name, cfg, answers_from=source))
+            if fresh and source is None:
+                sources[(key, name)] = (path, spec.name)
         del model
     return paths
+
+
+def answer_key(spec: ModelSpec, cfg) -> tuple | None:
+    """What decides a confidence-only adapter's answer turn beyond the evaluation config it
+    shares with the other models of one call: the base model and the PEFT config (which
+    modules are wrapped shapes the float path even with the adapter disabled, so the base
+    model's own rows can differ in the last bits and are never used). None for any other model."""
+    if spec.adapter is None or cfg.adapter_scope != "confidence":
+        return None
+    peft_config = json.loads((Path(spec.adapter) / "adapter_config.json").read_text())
+    return spec.base_model, json.dumps(peft_config, sort_keys=True)
 
 
 def load_rows(results_dir) -> list[dict]:

@@ -235,19 +235,19 @@ def model_answers(model, processor, questions: Sequence[str], images: Sequence, 
     """
     import torch
 
-    from . import evaluation, prompts
+    from . import engine, prompts
 
-    yn = evaluation.yes_no_tokens(processor)
+    yn = engine.yes_no_tokens(processor)
     c = len(yn.prefix)
     raw_all, own_all, p_all, fallback = [], [], [], 0
     for s in range(0, len(questions), batch_size):
         qs, ims = list(questions[s:s + batch_size]), list(images[s:s + batch_size])
         msgs = [prompts.answer_messages(q) for q in qs]
-        texts = evaluation.chat_texts(processor, msgs)
-        _, p = evaluation.shared_prefix(model, processor, msgs, ims, texts, shortcuts=True)
-        raw, new_ids, logits = evaluation.generate_on(model, processor, p, max(max_new_tokens, c + 1))
+        texts = engine.chat_texts(processor, msgs)
+        _, p = engine.shared_prefix(model, processor, msgs, ims, texts, shortcuts=True)
+        raw, new_ids, logits = engine.generate_on(model, processor, p, max(max_new_tokens, c + 1))
         parsed = [prompts.parse_yes_no(r) for r in raw]
-        internal = evaluation.internal_probs(logits, new_ids, parsed, yn)
+        internal = engine.internal_probs(logits, new_ids, parsed, yn)
         probs = torch.softmax(logits[c].float(), -1) if c < len(logits) else None
         for i, (r, a, (p_own, _)) in enumerate(zip(raw, parsed, internal)):
             if p_own is None:  # unparsed (or off the yes/no path): the decision step decides

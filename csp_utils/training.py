@@ -761,11 +761,11 @@ class OptionCollator:
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        from csp_utils import evaluation
+        from csp_utils import engine
 
         msgs = [prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=self.layout)
                 for ex in examples]
-        enc = dict(evaluation.encode(self.processor, msgs, [ex["image"].convert("RGB") for ex in examples]))
+        enc = dict(engine.encode(self.processor, msgs, [ex["image"].convert("RGB") for ex in examples]))
         enc["targets"] = torch.tensor([ex["target"] / 100 for ex in examples], dtype=torch.float32)
         return enc
 
@@ -773,14 +773,14 @@ class OptionCollator:
 def option_logliks(model, batch: dict, option_ids):
     """(B, K) summed token log-likelihood of each option as the reply, with gradients: the
     evaluation's single-pass scoring (prefix tree behind the prompt, one forward)."""
-    from csp_utils import evaluation
+    from csp_utils import engine
 
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")}
-    p = evaluation.Prompts(batch["input_ids"], batch["attention_mask"], rest)
-    attn = evaluation._attn_implementation(model)
+    p = engine.Prompts(batch["input_ids"], batch["attention_mask"], rest)
+    attn = engine._attn_implementation(model)
     if attn not in ("sdpa", "eager"):
         raise ValueError(f"option losses need an attention that takes a custom mask (sdpa, eager), not {attn!r}")
-    return evaluation._score_tree(model, p, option_ids, attn).to(batch["input_ids"].device)
+    return engine._score_tree(model, p, option_ids, attn).to(batch["input_ids"].device)
 
 
 def option_losses(logliks, targets, options: Sequence[int], loss: str):
@@ -877,13 +877,13 @@ def build_option_trainer(model, processor, rows, cfg: SFTConfigCSP, output_dir, 
     """The option-loss trainer over ``rows`` for an already PEFT-wrapped ``model``."""
     from transformers import TrainingArguments
 
-    from csp_utils import evaluation
+    from csp_utils import engine
 
     args = TrainingArguments(**_trainer_kwargs(cfg, output_dir), ddp_find_unused_parameters=False)
     return _option_trainer_class()(
         model=model, args=args, train_dataset=rows, data_collator=OptionCollator(processor, cfg.layout),
         processing_class=processor, callbacks=list(callbacks), loss=cfg.loss,
-        option_ids=evaluation.option_token_ids(processor, prompts.CONFIDENCE_LEVELS))
+        option_ids=engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS))
 
 
 # --------------------------------------------------------------------------- callbacks

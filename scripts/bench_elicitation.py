@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
 
     import torch
 
+    from csp_utils import engine
     from csp_utils import evaluation as ev
 
     if args.threads:
@@ -87,8 +88,8 @@ def main(argv=None) -> dict:
         return [ev.elicit_naive(model, processor, it, im, config, parse) for it, im in zip(items, images)]
 
     def fast_path():
-        option_ids = ev.option_token_ids(processor, config.options)
-        yn = ev.yes_no_tokens(processor)
+        option_ids = engine.option_token_ids(processor, config.options)
+        yn = engine.yes_no_tokens(processor)
         rows = []
         for s in range(0, len(items), config.batch_size):
             rows += ev.elicit_batch(model, processor, items[s:s + config.batch_size], images[s:s + config.batch_size],

@@ -45,18 +45,17 @@ EVAL_SETS = ("pope-random", "pope-adversarial")
 def own_answers(model, processor, items, images, batch_size: int = 64):
     """(own answer "Yes"/"No"/None, internal probability of it) per item, from the
     evaluation's answer path (one generated token suffices: the first answer token)."""
-    from csp_utils import evaluation as ev
-    from csp_utils import prompts
+    from csp_utils import engine, prompts
 
-    yn = ev.yes_no_tokens(processor)
+    yn = engine.yes_no_tokens(processor)
     out = []
     for s in range(0, len(items), batch_size):
         its, ims = items[s:s + batch_size], images[s:s + batch_size]
         msgs = [prompts.answer_messages(it.question) for it in its]
-        p = ev.plain_prompts(model, processor, msgs, ims, shortcuts=True)
-        raw, new, logits = ev.generate_on(model, processor, p, len(yn.prefix) + 1)
+        p = engine.plain_prompts(model, processor, msgs, ims, shortcuts=True)
+        raw, new, logits = engine.generate_on(model, processor, p, len(yn.prefix) + 1)
         parsed = [prompts.parse_yes_no(r, "pope") for r in raw]
-        internal = ev.internal_probs(logits, new, parsed, yn)
+        internal = engine.internal_probs(logits, new, parsed, yn)
         out += [(a.capitalize() if a else None, q[0]) for a, q in zip(parsed, internal)]
     return out
 
@@ -130,13 +129,14 @@ def eval_sets(n_scenes: int, seed: int):
 
 
 def elicit(model, processor, bench, layout: str, scope: str, batch_size: int = 64):
+    from csp_utils import engine
     from csp_utils import evaluation as ev
 
     cfg = ev.EvalConfig(readouts=("single_pass",), layout=layout, adapter_scope=scope, batch_size=batch_size,
                         max_new_tokens=4, progress=False)
     parse = ev.answer_parser(bench)
-    option_ids = ev.option_token_ids(processor, cfg.options)
-    yn = ev.yes_no_tokens(processor)
+    option_ids = engine.option_token_ids(processor, cfg.options)
+    yn = engine.yes_no_tokens(processor)
     rows = []
     model.eval()
     for s in range(0, len(bench.items), batch_size):
@@ -162,15 +162,15 @@ def last_hidden(model, processor, msgs_list, images, batch_size: int = 64):
     """(N, layers + 1, H) hidden states at the last prompt position (generation prompt on)."""
     import torch
 
-    from csp_utils import evaluation as ev
+    from csp_utils import engine
 
     out = []
     with torch.no_grad():
         for s in range(0, len(msgs_list), batch_size):
-            p = ev.plain_prompts(model, processor, msgs_list[s:s + batch_size], images[s:s + batch_size],
-                                 shortcuts=True)
+            p = engine.plain_prompts(model, processor, msgs_list[s:s + batch_size], images[s:s + batch_size],
+                                     shortcuts=True)
             o = model(input_ids=p.input_ids, attention_mask=p.attention_mask,
-                      position_ids=ev.position_ids_from_mask(p.attention_mask), **p.image_inputs,
+                      position_ids=engine.position_ids_from_mask(p.attention_mask), **p.image_inputs,
                       output_hidden_states=True, use_cache=False, logits_to_keep=1)
             out.append(torch.stack([h[:, -1] for h in o.hidden_states], 1).float())
     return torch.cat(out)

@@ -1,9 +1,10 @@
-"""Elicitation and evaluation on a random tiny LLaVA: the batched fast path equals the
+"""The evaluation protocol on a random tiny LLaVA: the batched fast path equals the
 one-question-at-a-time computation, resume equals an uninterrupted run, 2 processes equal 1.
 
 Random weights are right here: these are equivalence tests, not quality tests.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from csp_utils import evaluation as ev
-from csp_utils import models, prompts
+from csp_utils import engine, models, prompts
 from csp_utils.embedded import build
 
 # The same benchmark is built here and inside the `accelerate launch` script below.
@@ -83,43 +84,6 @@ def _images(bench, items):
     return [bench.image_loader(it.image_id) for it in items]
 
 
-# --------------------------------------------------------------------------- tokens
-def test_option_tokens_follow_the_chat_template(tiny):
-    _, proc = tiny
-    tok = proc.tokenizer
-    ids = ev.option_token_ids(proc, [0, 10, 100])
-    assert [tok.decode(i) for i in ids] == [" 0%", " 10%", " 100%"]  # the template's leading space
-    assert all(len(i) > 1 for i in ids)                            # numbers span several tokens
-    with_end = ev.option_token_ids(proc, [0, 10, 100], include_end=True)
-    assert all(w[:-1] == i and w[-1] == tok.eos_token_id for w, i in zip(with_end, ids))
-    yn = ev.yes_no_tokens(proc)
-    assert tok.decode(yn.yes).strip() == "Yes" and tok.decode(yn.no).strip() == "No"
-
-
-def test_option_distribution():
-    probs, expect, arg = ev.option_distribution([[0.0, math.log(3.0)], [-1e9, 0.0]], [20, 80])
-    assert probs[0] == pytest.approx([0.25, 0.75])
-    assert expect == pytest.approx([0.25 * 0.2 + 0.75 * 0.8, 0.8])
-    assert arg.tolist() == [0.8, 0.8]
-
-
-def test_expanded_tokenization_equals_the_processors_ids(tiny):
-    """Confidence prompts on encoded images are tokenized as written, the image token
-    repeated in the ids: the same ids and mask as the processor's expanded text, and
-    no prompt at all (None) where a text does not hold exactly one placeholder."""
-    model, proc = tiny
-    ph = proc.image_token
-    texts = ev.chat_texts(proc, [prompts.confidence_messages(q, a) for q, a in
-                                 [("Is there a red star?", "Yes"), ("Is there a circle in the image?", "No")]])
-    ids, mask = ev._tokenize_expanded(proc, texts, [64, 64])
-    ref = proc.tokenizer([t.replace(ph, ph * 64) for t in texts], padding=True, padding_side="left",
-                         return_tensors="pt")
-    assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
-    assert mask[0].sum() != mask[1].sum(), "the texts differ in length: left padding is exercised"
-    assert ev._tokenize_expanded(proc, [texts[0] + ph, texts[1]], [64, 64]) is None
-    assert ev._tokenize_expanded(proc, [texts[0].replace(ph, ""), texts[1]], [64, 64]) is None
-
-
 # ------------------------------------------------------------------ fast == one by one
 @pytest.mark.parametrize("shortcut", ["shared_prefix", "encoded_images", "none"])
 def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
@@ -132,37 +96,37 @@ def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
     parse = ev.answer_parser(bench)
     answer_msgs = [prompts.answer_messages(it.question) for it in items]
     if shortcut == "shared_prefix":  # the shortcut under test is really taken for this model
-        prefix, _ = ev.shared_prefix(model, proc, answer_msgs, images)
+        prefix, _ = engine.shared_prefix(model, proc, answer_msgs, images)
         assert prefix is not None and prefix.ids.numel() > 64  # template head + the 64 image tokens
     if shortcut == "encoded_images":
-        p = ev.plain_prompts(model, proc, answer_msgs, images)
-        enc = ev.encode_images(model, p.image_inputs, proc, p, ev.chat_texts(proc, answer_msgs))
+        p = engine.plain_prompts(model, proc, answer_msgs, images)
+        enc = engine.encode_images(model, p.image_inputs, proc, p, engine.chat_texts(proc, answer_msgs))
         assert enc is not None and enc.keys == ("pixel_values",)
         # the tokenizer alone reproduces the processor here, so confidence prompts skip the image processor
         assert enc.image_tokens == [64] * len(items)
         conf_msgs = [prompts.confidence_messages(it.question, "Yes") for it in items]
-        fast, ref = enc.text_prompts(proc, conf_msgs), ev.plain_prompts(model, proc, conf_msgs, images)
+        fast, ref = enc.text_prompts(proc, conf_msgs), engine.plain_prompts(model, proc, conf_msgs, images)
         assert torch.equal(fast.input_ids, ref.input_ids) and torch.equal(fast.attention_mask, ref.attention_mask)
         # prompts of other images are refused, not silently given these features
         with pytest.raises(ValueError, match="pixel_values"):
-            ev.plain_prompts(model, proc, answer_msgs[::-1], images[::-1], encoded=enc)
+            engine.plain_prompts(model, proc, answer_msgs[::-1], images[::-1], encoded=enc)
     rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", parse)
     assert len(rows) == len(items) * 2 * 2
     lengths = proc(text=[proc.apply_chat_template(prompts.answer_messages(it.question), add_generation_prompt=True)
                          for it in items], images=[[im] for im in images], padding=False)["input_ids"]
     assert len({len(x) for x in lengths}) > 1, "the test needs prompts of mixed lengths (left padding)"
 
-    option_ids = ev.option_token_ids(proc, cfg.options)
-    yn = ev.yes_no_tokens(proc)
+    option_ids = engine.option_token_ids(proc, cfg.options)
+    yn = engine.yes_no_tokens(proc)
     by_key = {(r["question_id"], r["framing"], r["readout"]): r for r in rows}
     for it, im in zip(items, images):
-        (raw,), new, logits = ev.generate_replies(model, proc, [prompts.answer_messages(it.question)], [im], 6)
+        (raw,), new, logits = engine.generate_replies(model, proc, [prompts.answer_messages(it.question)], [im], 6)
         parsed = parse(raw)
-        (internal, internal_raw), = ev.internal_probs(logits, new, [parsed], yn)
+        (internal, internal_raw), = engine.internal_probs(logits, new, [parsed], yn)
         for framing in cfg.framings:
             msgs = prompts.confidence_messages(it.question, raw, framing=framing)
-            (conf,), _, _ = ev.generate_replies(model, proc, [msgs], [im], 6)
-            ref = ev.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
+            (conf,), _, _ = engine.generate_replies(model, proc, [msgs], [im], 6)
+            ref = engine.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
             gen = by_key[(it.question_id, framing, "generated")]
             single = by_key[(it.question_id, framing, "single_pass")]
             for r in (gen, single):
@@ -172,72 +136,9 @@ def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
             assert gen["raw_confidence"] == conf
             assert gen["confidence"] == prompts.parse_confidence(conf)
             np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
-            probs, expect, _ = ev.option_distribution(ref, cfg.options)
+            probs, expect, _ = engine.option_distribution(ref, cfg.options)
             assert single["confidence"] == pytest.approx(float(expect), abs=1e-4)
             assert sum(single["option_probs"]) == pytest.approx(1.0)
-
-
-def test_option_scoring_variants_agree(tiny):
-    """Every way of scoring options gives the one-question-one-option numbers: the tree
-    continuation (sdpa and eager masks), the expanded cache (chunked or not), on a shared
-    prefix or on whole prompts, with or without the end token."""
-    model, proc = tiny
-    bench = make_benchmark(3)
-    images = _images(bench, bench.items)
-    answers = ["Yes", "No", "Yes, there is."]
-    msgs = [prompts.confidence_messages(it.question, a) for it, a in zip(bench.items, answers)]
-    prefix, _ = ev.shared_prefix(model, proc, [prompts.answer_messages(it.question) for it in bench.items], images)
-    on_prefix = prefix.prompts(msgs)
-    assert on_prefix is not None and on_prefix.prefix_len == prefix.ids.numel()
-    plain = ev.plain_prompts(model, proc, msgs, images)
-    for include_end in (False, True):
-        ids = ev.option_token_ids(proc, [0, 30, 55, 100], include_end)
-        ref = ev.score_options_reference(model, proc, msgs, images, ids)
-        for p in (plain, on_prefix):
-            for kwargs in (dict(method="tree"), dict(method="expand"), dict(method="expand", option_chunk=1)):
-                np.testing.assert_allclose(ev.score_options_on(model, proc, p, ids, **kwargs), ref, atol=1e-4, rtol=0,
-                                           err_msg=str(kwargs))
-    before = ev._attn_implementation(model)
-    try:
-        model.set_attn_implementation("eager")
-        np.testing.assert_allclose(ev.score_options_on(model, proc, on_prefix, ids, method="tree"), ref,
-                                   atol=1e-4, rtol=0)
-    finally:
-        model.set_attn_implementation(before)
-
-
-def test_generation_on_a_shared_prefix_equals_whole_prompts(tiny):
-    model, proc = tiny
-    bench = make_benchmark(4)
-    images = _images(bench, bench.items)
-    answer_msgs = [prompts.answer_messages(it.question) for it in bench.items]
-    prefix, on_prefix = ev.shared_prefix(model, proc, answer_msgs, images)
-    a_texts, a_ids, a_logits = ev.generate_on(model, proc, on_prefix, 5)
-    b_texts, b_ids, b_logits = ev.generate_replies(model, proc, answer_msgs, images, 5)
-    assert a_texts == b_texts and torch.equal(a_ids, b_ids)
-    torch.testing.assert_close(a_logits[0], b_logits[0], atol=1e-4, rtol=0)
-    # the prefix is reusable: a second use gives the same as the first (generation did not grow it)
-    assert ev.generate_on(model, proc, on_prefix, 5)[0] == a_texts
-    # a conversation whose head differs cannot use it
-    other = [[prompts.assistant_turn("Hi"), prompts.user_turn("Is there a star?")]] * 4
-    assert prefix.prompts(other) is None
-
-
-def test_internal_prob_is_the_yes_no_softmax_of_the_first_answer_token(tiny):
-    model, proc = tiny
-    bench = make_benchmark(2)
-    it, im = bench.items[1], _images(bench, bench.items[1:2])[0]
-    yn = ev.yes_no_tokens(proc)
-    enc = ev.encode(proc, [prompts.answer_messages(it.question)], [im])
-    with torch.no_grad():
-        p = torch.softmax(model(**enc).logits[0, -1].float(), -1)
-    p_yes, p_no = float(p[yn.yes].sum()), float(p[yn.no].sum())
-    _, new, logits = ev.generate_replies(model, proc, [prompts.answer_messages(it.question)], [im], 2)
-    for answer, own in (("yes", p_yes), ("no", p_no)):
-        (restricted, raw), = ev.internal_probs(logits, new, [answer], yn)
-        assert raw == pytest.approx(own, rel=1e-4)
-        assert restricted == pytest.approx(own / (p_yes + p_no), rel=1e-4)
-    assert ev.internal_probs(logits, new, [None], yn) == [(None, None)]  # unparsed answer: no internal prob
 
 
 # -------------------------------------------------------------------- evaluate + resume
@@ -344,12 +245,12 @@ def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, re
     items, images = bench.items, _images(bench, bench.items)
     cfg = ev.EvalConfig(readouts=("single_pass",), batch_size=5, max_new_tokens=6, layout=layout)
     rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", ev.answer_parser(bench))
-    option_ids = ev.option_token_ids(proc, cfg.options)
+    option_ids = engine.option_token_ids(proc, cfg.options)
     for it, im, row in zip(items, images, rows):
         msgs = prompts.confidence_messages(it.question, row["raw_answer"], layout=layout)
         if layout == "follow_up":  # the model's own answer turn, then the confidence question
             assert msgs[:2] == prompts.answer_messages(it.question, row["raw_answer"]) and len(msgs) == 3
-        ref = ev.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
+        ref = engine.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
         np.testing.assert_allclose(row["option_logliks"], ref, atol=1e-4, rtol=0)
     single = ev.elicit_batch(model, proc, items, images, ev.EvalConfig(readouts=("single_pass",), batch_size=5,
                              max_new_tokens=6), "tiny", ev.answer_parser(bench))
@@ -357,7 +258,7 @@ def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, re
 
 
 # ------------------------------------------------------------------ confidence-only adapters
-def _with_random_adapter(model, scale: float):
+def _with_random_adapter(model, scale: float, seed: int = 0):
     """``model`` (a copy) under a LoRA whose B is random, so the adapter changes its outputs."""
     import copy
 
@@ -365,7 +266,7 @@ def _with_random_adapter(model, scale: float):
 
     peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"]))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -391,16 +292,73 @@ def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
     # the adapter, left on, answers differently here: the check above can fail
     assert any(a["raw_answer"] != b["raw_answer"] for a, b in zip(all_rows, base_rows))
     # the confidence is the adapter's, on the base model's own answer
-    option_ids = ev.option_token_ids(proc, prompts.CONFIDENCE_LEVELS)
+    option_ids = engine.option_token_ids(proc, prompts.CONFIDENCE_LEVELS)
     singles = [r for r in conf_rows if r["readout"] == "single_pass"]
     for r in singles:
         msgs = prompts.confidence_messages(r["question"], r["raw_answer"], framing=r["framing"], layout="follow_up")
         im = images[[it.question_id for it in items].index(r["question_id"])]
         with torch.no_grad():
-            ref = ev.score_options_reference(adapted, proc, [msgs], [im], option_ids)[0]
+            ref = engine.score_options_reference(adapted, proc, [msgs], [im], option_ids)[0]
         np.testing.assert_allclose(r["option_logliks"], ref, atol=1e-4, rtol=0)
     base_singles = [r for r in base_rows if r["readout"] == "single_pass"]
     assert any(abs(a["confidence"] - b["confidence"]) > 1e-3 for a, b in zip(singles, base_singles))
+
+
+# ------------------------------------------------- answers of another confidence-only adapter
+def _confidence_only_config(layout: str, **kw) -> "ev.EvalConfig":
+    return ev.EvalConfig(framings=("third", "first"), batch_size=4, max_new_tokens=6, confidence_max_new_tokens=4,
+                         layout=layout, adapter_scope="confidence", progress=False, **kw)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_text_first"])
+@pytest.mark.parametrize("layout", ["single_turn", "follow_up"])
+def test_answers_taken_from_another_confidence_only_adapter_equal_generated_ones(which, layout, request, tmp_path,
+                                                                                monkeypatch):
+    """Rows made with the answer turn taken from another confidence-only adapter's rows are
+    byte for byte the rows made by generating it (same batches for the confidence prompts)."""
+    base, proc = request.getfixturevalue(which)
+    first, second = _with_random_adapter(base, 0.5, seed=0), _with_random_adapter(base, 0.5, seed=1)
+    bench, cfg = make_benchmark(10), _confidence_only_config(layout)
+    source = ev.evaluate(first, proc, bench, tmp_path / "first.jsonl", "first", cfg)
+    made = ev.load_results(ev.evaluate(second, proc, bench, tmp_path / "made.jsonl", "second", cfg))
+    with monkeypatch.context() as m:   # the answer turn must not run at all
+        m.setattr(ev, "_answer_turn", lambda *a, **k: pytest.fail("the answer turn ran although answers were given"))
+        taken = ev.load_results(ev.evaluate(second, proc, bench, tmp_path / "taken.jsonl", "second", cfg,
+                                            answers_from=(source, "first")))
+    assert [json.dumps(r) for r in taken] == [json.dumps(r) for r in made]
+    # the adapters' confidences differ, so the rows are not trivially the source's
+    assert any(a["option_logliks"] != b["option_logliks"]
+               for a, b in zip(ev.load_results(source), made) if a["readout"] == "single_pass")
+
+
+def test_answers_from_are_refused_where_they_could_mismatch(tiny, tmp_path):
+    """Missing, unreadable, inconsistent or differently made source rows, and a model that
+    answers for itself, are refused with an error naming the problem."""
+    base, proc = tiny
+    adapter = _with_random_adapter(base, 0.5)
+    bench, cfg = make_benchmark(6), _confidence_only_config("follow_up")
+    source = ev.evaluate(adapter, proc, bench, tmp_path / "source.jsonl", "first", cfg)
+    lines = source.read_text().splitlines(keepends=True)
+
+    def refused(text, match, config=cfg, model=adapter, name="first"):
+        path = tmp_path / "edited.jsonl"
+        path.write_text(text)
+        out = tmp_path / "out.jsonl"
+        out.unlink(missing_ok=True)
+        with pytest.raises(ValueError, match=match):
+            ev.evaluate(model, proc, bench, out, "second", config, answers_from=(path, name))
+
+    refused("".join(lines), "no other rows", name="other")   # another model's name: no rows
+    refused("".join(lines[4:]), "no first rows for 1 questions")     # one question (4 rows) missing
+    refused("".join(lines) + lines[0][:-5], "could not be read")     # a cut last line
+    row = json.loads(lines[0])
+    refused("".join([json.dumps({**row, "response": row["response"] + "!"}) + "\n"] + lines[1:]), "disagree")
+    refused("".join(json.dumps({**json.loads(x), "question": "Is there a cat?"}) + "\n" for x in lines),
+            "not the one asked here")
+    changed = [json.dumps({**json.loads(x), "response": json.loads(x)["response"] + "!"}) + "\n" for x in lines]
+    refused("".join(changed), "response mode")
+    refused("".join(lines), "confidence-only adapter", model=base)
+    refused("".join(lines), "confidence-only adapter", config=dataclasses.replace(cfg, adapter_scope="all"))
 
 
 # ----------------------------------------------------------------- two processes
@@ -459,46 +417,12 @@ def _noise_images(n, hw=(64, 64), seed=1):
     return [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def test_processor_shortcuts_are_taken_only_where_they_reproduce_the_processor(tiny, monkeypatch):
-    """The fast path's shortcut for the processor (one array op for the pixels, the text
-    tokenized as written) is checked against the processor on the first batch of an image
-    size, used afterwards with the same tensors, and refused where it differs."""
-    model, proc = tiny
-    ev._CHECKED.pop(proc, None)
-    msgs = [prompts.answer_messages(q) for q in ("Is there a star?", "Is the large red square left of the blue star?",
-                                                 "Is there a circle in the image?")]
-    first = ev.plain_prompts(model, proc, msgs, _noise_images(3), shortcuts=True)   # runs the processor, checks
-    assert ev._CHECKED[proc] == {((64, 64), "RGB"): 64} and first.image_tokens == [64] * 3
-
-    images = _noise_images(3, seed=2)
-    ref = ev.plain_prompts(model, proc, msgs[::-1], images)
-    with monkeypatch.context() as m:   # from now on the processor is not called at all
-        m.setattr(ev, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
-        fast = ev.plain_prompts(model, proc, msgs[::-1], images, shortcuts=True)
-    assert torch.equal(fast.input_ids, ref.input_ids) and torch.equal(fast.attention_mask, ref.attention_mask)
-    assert torch.equal(fast.image_inputs["pixel_values"], ref.image_inputs["pixel_values"])
-    assert fast.attention_mask.sum(1).unique().numel() > 1, "left padding is exercised"
-
-    # 48 x 64 images: the processor resizes them, the shortcut would not: checked and refused
-    tall = _noise_images(3, hw=(48, 64))
-    p = ev.plain_prompts(model, proc, msgs, tall, shortcuts=True)
-    assert ev._CHECKED[proc][((64, 48), "RGB")] is False and p.image_tokens is None
-    ref = ev.plain_prompts(model, proc, msgs, tall)
-    assert torch.equal(p.input_ids, ref.input_ids)
-    assert torch.equal(p.image_inputs["pixel_values"], ref.image_inputs["pixel_values"])
-    # images of mixed sizes have no key: the processor runs, nothing is recorded
-    before = dict(ev._CHECKED[proc])
-    mixed = _noise_images(2) + tall[:1]
-    p = ev.plain_prompts(model, proc, msgs, mixed, shortcuts=True)
-    assert ev._CHECKED[proc] == before and p.image_tokens is None
-
-
 def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_text_first, monkeypatch):
     """elicit_batch on same-size images (where the shortcuts are taken: the answer prompts
     skip the processor, the confidence prompts the image processor and the vision tower)
     gives the one-at-a-time answers, generated confidences and option scores."""
     model, proc = tiny_text_first
-    ev._CHECKED.pop(proc, None)
+    engine._CHECKED.pop(proc, None)
     questions = ["Is there a star?", "Is the large red square left of the small blue star in the image?",
                  "Is there a circle in the image?", "Are there two squares?"]
     images = [im for im in _noise_images(4, seed=3) for _ in (0, 1)]   # each image asked twice, as in POPE
@@ -509,58 +433,20 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
     cfg = ev.EvalConfig(batch_size=4, max_new_tokens=5, confidence_max_new_tokens=5, options=(0, 40, 100))
     parse = ev.answer_parser(bench)
     rows = ev.elicit_batch(model, proc, items[:4], images[:4], cfg, "t", parse)   # checks the shortcut
-    assert ev._CHECKED[proc] == {((64, 64), "RGB"): 64}
-    assert ev._DISTINCT_OK.get(model) is True, "repeated images were encoded once, checked against all rows"
+    assert engine._CHECKED[proc] == {((64, 64), "RGB"): 64}
+    assert engine._DISTINCT_OK.get(model) is True, "repeated images were encoded once, checked against all rows"
     with monkeypatch.context() as m:  # takes it: no processor call for answers or confidences
-        m.setattr(ev, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
+        m.setattr(engine, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
         rows += ev.elicit_batch(model, proc, items[4:], images[4:], cfg, "t", parse)
-    option_ids = ev.option_token_ids(proc, cfg.options)
+    option_ids = engine.option_token_ids(proc, cfg.options)
     by_key = {(r["question_id"], r["readout"]): r for r in rows}
     for it, im in zip(items, images):
         naive = ev.elicit_naive(model, proc, it, im, cfg, parse)
         gen, single = by_key[(it.question_id, "generated")], by_key[(it.question_id, "single_pass")]
         assert gen["raw_answer"] == naive["raw_answer"] and gen["raw_confidence"] == naive["raw_confidence"]
         msgs = [prompts.confidence_messages(it.question, gen["response"])]
-        ref = ev.score_options_reference(model, proc, msgs, [im], option_ids)[0]
+        ref = engine.score_options_reference(model, proc, msgs, [im], option_ids)[0]
         np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
-
-
-def test_vision_encoder_runs_once_per_distinct_image(tiny_text_first):
-    """Rows with the same image get the encoder output of one run on it: the same as encoding
-    every row; an encoder whose output is not one entry per image is run on every row."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    model, proc = tiny_text_first
-    imgs = _noise_images(3, seed=5)
-    batch = [imgs[0], imgs[1], imgs[0], imgs[2], imgs[1]]
-    pixels = proc.image_processor(batch, return_tensors="pt")["pixel_values"]
-    assert ev._distinct_rows(pixels) == ([0, 1, 3], [0, 1, 0, 2, 1])
-    fn = model.model.get_image_features
-    calls = []
-
-    def counted(pixel_values, return_dict=True):
-        calls.append(pixel_values.shape[0])
-        return fn(pixel_values=pixel_values, return_dict=True)
-
-    key = object.__new__(type(model))   # a fresh key: not yet checked
-    out = ev._encode_distinct(key, counted, pixels)
-    assert calls == [3, 5] and ev._DISTINCT_OK[key] is True   # once on the distinct images, once to check
-    full = fn(pixel_values=pixels, return_dict=True)
-    assert ev._close(out, full)
-    torch.testing.assert_close(out.pooler_output[2], full.pooler_output[0])
-    calls.clear()
-    ev._encode_distinct(key, counted, pixels)
-    assert calls == [3]                                          # checked: the distinct images only
-    assert ev._encode_distinct(key, counted, pixels[[0, 1, 3]]) is None   # nothing repeats: caller encodes all
-
-    def batch_summary(pixel_values, return_dict=True):  # one output for the whole batch, not per image
-        return BaseModelOutputWithPooling(last_hidden_state=pixel_values.mean(0, keepdim=True))
-
-    other = object.__new__(type(model))
-    out = ev._encode_distinct(other, batch_summary, pixels)
-    assert ev._DISTINCT_OK[other] is False
-    torch.testing.assert_close(out.last_hidden_state, pixels.mean(0, keepdim=True))
-    assert ev._encode_distinct(other, batch_summary, pixels) is None
 
 
 def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):

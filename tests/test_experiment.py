@@ -310,3 +310,69 @@ def test_compact_markdown_table_and_results_document(tmp_path):
             if line.startswith("| pooled")]
     assert len(body) == 12 and sum("| noconf |" in line for line in body) == 6
     assert "## Base model `noconf`" in report.results_document(both)
+
+
+# ------------------------------------------------------- evaluating confidence-only adapters
+def _tiny_base_and_adapters(tmp_path, n_adapters: int):
+    """A tiny model's folder and LoRA adapters with random B (same PEFT config) on it."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from csp_utils import models
+
+    model, proc = models.build_tiny_vlm(models.TinyVLMConfig(image_first=True))
+    base = models.save_vlm(model, proc, tmp_path / "base")
+    folders = []
+    for seed in range(n_adapters):
+        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=[
+            "q_proj", "v_proj", "up_proj", "down_proj", "linear_1"]))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)
+        peft_model.save_pretrained(tmp_path / f"adapter{seed}")
+        folders.append(str(tmp_path / f"adapter{seed}"))
+    return str(base), folders
+
+
+def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unchanged(tmp_path, monkeypatch):
+    """The second confidence-only adapter takes the first one's answers (never the base
+    model's, never a file written before the call); every file equals a run without reuse."""
+    import torch
+
+    from csp_utils import evaluation, experiment
+    from test_evaluation import make_benchmark
+
+    torch.set_num_threads(1)
+    base, (a0, a1) = _tiny_base_and_adapters(tmp_path, 2)
+    specs = [experiment.ModelSpec("base", base),
+             experiment.ModelSpec("c0", base, a0, adapter_scope="confidence", layout="follow_up"),
+             experiment.ModelSpec("c1", base, a1, adapter_scope="confidence", layout="follow_up")]
+    suite = {"pope-test": make_benchmark(6), "amber-test": make_benchmark(5, family="amber")}
+    cfg = evaluation.EvalConfig(batch_size=4, max_new_tokens=6, confidence_max_new_tokens=4, progress=False)
+    calls = []
+    evaluate = evaluation.evaluate
+
+    def spy(model, processor, bench, path, name, config, answers_from=None):
+        calls.append((name, bench.name, None if answers_from is None else answers_from[1]))
+        return evaluate(model, processor, bench, path, name, config, answers_from=answers_from)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    reused = experiment.evaluate_models(specs, suite, tmp_path / "reuse", cfg)
+    assert [c for c in calls if c[2] is not None] == [("c1", "pope-test", "c0"), ("c1", "amber-test", "c0")]
+    calls.clear()
+    made = experiment.evaluate_models(specs, suite, tmp_path / "made", cfg, reuse_answers=False)
+    assert all(c[2] is None for c in calls)
+    assert [p.read_bytes() for p in reused] == [p.read_bytes() for p in made]
+
+    # a file that held rows before the call is no source: the batches it was made in are unknown
+    calls.clear()
+    partial = experiment.results_path(tmp_path / "again", "c0", "pope-test")
+    partial.parent.mkdir(parents=True)
+    made_c0 = experiment.results_path(tmp_path / "made", "c0", "pope-test").read_text().splitlines(keepends=True)
+    partial.write_text("".join(made_c0[:2]))
+    experiment.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
+    assert calls and all(c[2] is None for c in calls)

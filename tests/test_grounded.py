@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csp_utils import baselines, evaluation, grounded as G, perturbed_dataset as PD, prompts, scenes, training
+from csp_utils import baselines, engine, grounded as G, perturbed_dataset as PD, prompts, scenes, training
 from csp_utils.experiment import level_of
 
 LEVELS = (10, 40, 70, 100)
@@ -165,8 +165,8 @@ def _reference_answer(model, processor, question, image):
     """One question at a time: the greedy reply, parsed, else the yes/no decision at its first step."""
     import torch
 
-    yn = evaluation.yes_no_tokens(processor)
-    (raw,), new_ids, logits = evaluation.generate_replies(model, processor, [prompts.answer_messages(question)],
+    yn = engine.yes_no_tokens(processor)
+    (raw,), new_ids, logits = engine.generate_replies(model, processor, [prompts.answer_messages(question)],
                                                           [image], 4)
     p = torch.softmax(logits[len(yn.prefix)][0], -1)
     p_yes = float(p[yn.yes].sum() / (p[yn.yes].sum() + p[yn.no].sum()))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from csp_utils import evaluation as ev
-from csp_utils import models, prompts
+from csp_utils import engine, models, prompts
 from csp_utils.embedded import build
 from csp_utils.benchmarks import Benchmark, QAItem
 
@@ -66,7 +66,7 @@ def elicit_end_to_end(model, processor, tmp_path, name, shares_prefix=True):
     one-question-one-option reference on the same confidence prompts."""
     bench = benchmark()
     answer_msgs = [prompts.answer_messages(it.question) for it in bench.items]
-    prefix, _ = ev.shared_prefix(model, processor, answer_msgs, [bench.image_loader(it.image_id) for it in bench.items])
+    prefix, _ = engine.shared_prefix(model, processor, answer_msgs, [bench.image_loader(it.image_id) for it in bench.items])
     assert (prefix is not None) == shares_prefix, "the template head + image is reused where that is exact"
     cfg = ev.EvalConfig(framings=("third", "first"), batch_size=4, max_new_tokens=4, confidence_max_new_tokens=4,
                         options=(0, 25, 50, 75, 100), progress=False)
@@ -79,8 +79,8 @@ def elicit_end_to_end(model, processor, tmp_path, name, shares_prefix=True):
     third = [r for r in single if r["framing"] == "third"]
     msgs = [prompts.confidence_messages(r["question"], r["response"], framing="third") for r in third]
     images = [bench.image_loader(r["image_id"]) for r in third]
-    ids = ev.option_token_ids(processor, cfg.options)
-    ref = ev.score_options_reference(model, processor, msgs, images, ids)
+    ids = engine.option_token_ids(processor, cfg.options)
+    ref = engine.score_options_reference(model, processor, msgs, images, ids)
     np.testing.assert_allclose([r["option_logliks"] for r in third], ref, atol=1e-4, rtol=0)
     summary = ev.summarize(rows, bench.positive_class)
     assert {s["readout"] for s in summary} == {"generated", "single_pass"}
@@ -169,7 +169,7 @@ def test_llava15_like_round_trip(tmp_path):
     assert text == "USER: <image>\nIs there a cat? Answer with Yes or No. ASSISTANT:"
     # the reply as the template writes it: "ASSISTANT: 85% " -> the option is "85%", then EOS
     tok = proc.tokenizer
-    ids = ev.reply_tokens(proc, "85%", include_end=True)
+    ids = engine.reply_tokens(proc, "85%", include_end=True)
     assert tok.decode(ids[:-1]).strip() == "85%" and ids[-1] == tok.eos_token_id
     elicit_end_to_end(model, proc, tmp_path, "llava15")
 
@@ -219,7 +219,7 @@ def test_idefics3_round_trip(tmp_path):
     model, proc = models.load_vlm(tmp_path / "idefics3")
     assert type(model).__name__ == "Idefics3ForConditionalGeneration"
     assert type(proc.image_processor).__name__ == "Idefics3ImageProcessorPil"  # no torchvision needed
-    ids = ev.reply_tokens(proc, "85%", include_end=True)
+    ids = engine.reply_tokens(proc, "85%", include_end=True)
     assert proc.tokenizer.convert_ids_to_tokens(ids[-1]) == "<end_of_utterance>"  # the template's end of turn
     elicit_end_to_end(model, proc, tmp_path, "idefics3")
 
@@ -232,14 +232,14 @@ def test_idefics3_round_trip(tmp_path):
     rng = np.random.default_rng(2)
     images = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in [(30, 60, 3), (60, 60, 3), (60, 20, 3)]]
     questions = ["Is there a cat?", "Is the big red square left of the star?", "Is there?"]
-    prefix, plain = ev.shared_prefix(model, proc, [prompts.answer_messages(q) for q in questions], images)
+    prefix, plain = engine.shared_prefix(model, proc, [prompts.answer_messages(q) for q in questions], images)
     assert prefix is None and len(set(plain.attention_mask.sum(1).tolist())) == 3
     msgs = [prompts.confidence_messages(q, a) for q, a in zip(questions, ["Yes", "No", "Maybe"])]
-    ids = ev.option_token_ids(proc, [0, 50, 100])
-    np.testing.assert_allclose(ev.score_options(model, proc, msgs, images, ids),
-                               ev.score_options_reference(model, proc, msgs, images, ids), atol=1e-4, rtol=0)
-    assert ev.generate_replies(model, proc, msgs, images, 4)[0] == \
-        [ev.generate_replies(model, proc, [m], [im], 4)[0][0] for m, im in zip(msgs, images)]
+    ids = engine.option_token_ids(proc, [0, 50, 100])
+    np.testing.assert_allclose(engine.score_options(model, proc, msgs, images, ids),
+                               engine.score_options_reference(model, proc, msgs, images, ids), atol=1e-4, rtol=0)
+    assert engine.generate_replies(model, proc, msgs, images, 4)[0] == \
+        [engine.generate_replies(model, proc, [m], [im], 4)[0][0] for m, im in zip(msgs, images)]
 
 
 # --------------------------------------------------------------------------- Qwen2-VL
@@ -318,7 +318,7 @@ def test_adapter_folder(tiny_vlm, tmp_path):
     assert isinstance(loaded, PeftModel)
     bench = benchmark(2)
     images = [bench.image_loader(it.image_id) for it in bench.items]
-    enc = ev.encode(lproc, [prompts.answer_messages(it.question) for it in bench.items], images)
+    enc = engine.encode(lproc, [prompts.answer_messages(it.question) for it in bench.items], images)
     plain, _ = models.load_vlm(base_dir)
     with torch.no_grad():
         a, b, c = (m(**enc).logits for m in (loaded, peft_model, plain))

@@ -527,7 +527,7 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     verbalized confidence on *held-out* perturbed images rises with the level (Spearman)."""
     from scipy.stats import spearmanr
 
-    from csp_utils import evaluation, grounding, perturbed_dataset, scenes
+    from csp_utils import engine, grounding, perturbed_dataset, scenes
 
     if not (models.default_model_dir() / "model.safetensors").exists():
         pytest.skip("the embedded default model is not built (python -m csp_utils.pretrain)")
@@ -546,15 +546,15 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
 
     model, processor = models.load_vlm("embedded", adapter=tmp_path / "run" / "adapters" / "sft")
     options = list(range(0, 101, 10))
-    option_ids = evaluation.option_token_ids(processor, options)
+    option_ids = engine.option_token_ids(processor, options)
     expected = []
     for start in range(0, len(heldout), 32):
         rows = heldout.select(range(start, min(start + 32, len(heldout))))
         messages = [prompts.confidence_messages(q, a) for q, a in zip(rows["question"], rows["answer"])]
         with torch.no_grad():
-            ll = evaluation.score_options(model, processor, messages, [im.convert("RGB") for im in rows["image"]],
+            ll = engine.score_options(model, processor, messages, [im.convert("RGB") for im in rows["image"]],
                                           option_ids)
-        expected += list(evaluation.option_distribution(np.asarray(ll), options)[1])
+        expected += list(engine.option_distribution(np.asarray(ll), options)[1])
     levels = np.asarray(heldout["confidence"])
     expected = np.asarray(expected)
     rho = spearmanr(expected, levels).correlation
@@ -665,14 +665,14 @@ def hand_option_losses(model, processor, examples, layout):
     """Per example: the 11 option log-likelihoods from plain per-option forwards (one
     conversation, one option, no padding, no tree), softmax, expected Brier; and minus the
     log-likelihood of the option nearest the target."""
-    from csp_utils import evaluation
+    from csp_utils import engine
 
-    option_ids = evaluation.option_token_ids(processor, prompts.CONFIDENCE_LEVELS)
+    option_ids = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS)
     o = np.array(prompts.CONFIDENCE_LEVELS) / 100
     brier, ce, soft = [], [], []
     for ex in examples:
         msgs = prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=layout)
-        ll = evaluation.score_options_reference(model, processor, [msgs], [ex["image"].convert("RGB")], option_ids)[0]
+        ll = engine.score_options_reference(model, processor, [msgs], [ex["image"].convert("RGB")], option_ids)[0]
         p = np.exp(ll - ll.max())
         p /= p.sum()
         y = ex["target"] / 100
