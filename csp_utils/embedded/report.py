@@ -27,7 +27,7 @@ from csp_utils.embedded.checkpoint import META_FILE, MODEL_FILE, sha256_file
 from csp_utils.embedded.config import PretrainConfig, world_config
 from csp_utils.embedded.data import ChatEncoder, ImageCodec, patch_label_rows
 from csp_utils.embedded.losses import patch_features
-from csp_utils.evaluation import position_ids_from_mask
+from csp_utils.engine import position_ids_from_mask
 
 HELDOUT_SEED = 20260  # held-out questions do not depend on the training seed
 
