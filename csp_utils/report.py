@@ -30,15 +30,15 @@ def _read(results_dir: Path, name: str) -> pd.DataFrame | None:
 
 def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "base",
                              combo=MAIN_COMBO):
-    """One figure: per set, the base model's diagram above the CSP model's."""
-    groups = {}
-    for set_ in sets:
-        for name in (before, after):
+    """One figure: a row of reliability diagrams per model (base above CSP), a column per set."""
+    cells = {}
+    for name in (before, after):
+        for set_ in sets:
             g = pq[(pq["set"] == set_) & (pq["model"].map(lambda m: m.split("@")[0]) == name)
                    & (pq["framing"] == combo[0]) & (pq["readout"] == combo[1])].dropna(subset=["confidence"])
             if len(g):
-                groups[f"{set_}\n{name}"] = (g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy())
-    return plots.reliability_grid(groups, ncols=2, suptitle=f"Before / after CSP ({combo[0]} person, {combo[1]})")
+                cells.setdefault(name, {})[set_] = (g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy())
+    return plots.reliability_matrix(cells, suptitle=f"Before / after CSP ({combo[0]} person, {combo[1]})")
 
 
 def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbation_grid: bool = True) -> list[Path]:
@@ -126,11 +126,8 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
     logs = sorted((results_dir / "train_logs").glob("*.csv")) if (results_dir / "train_logs").exists() else []
     # train_logs/ also holds margin tables and measured targets: curves are the files with a step column
     logs = [p for p in logs if p.read_text().split("\n", 1)[0].split(",")[0] == "step"]
-    if logs:
-        from csp_utils import training
-
-        for log in logs:
-            save(training.plot_training_curves(log), f"training_{log.stem}")
+    for log in logs:
+        save(plots.training_curves(log, title=log.stem), f"training_{log.stem}")
     if perturbation_grid:
         save(perturbation_grid_figure(), "perturbation_grid_scenes")
     return written
