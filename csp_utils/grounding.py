@@ -574,7 +574,7 @@ def make_grounder(spec: dict | str | Grounder = "annotations", scenes=None) -> G
 # tiny random models for tests and benchmarks
 #
 # Real architectures at toy sizes, random weights, built from configs (no download). Three
-# pitfalls (shared/notes/stack.md): GroundingDINO needs decoder_layers >= 2 (weight tying);
+# pitfalls: GroundingDINO needs decoder_layers >= 2 (weight tying);
 # a BERT tokenizer must get vocab= as a dict (vocab_file= is silently ignored in 5.x);
 # SAM's vision num_pos_feats must equal the prompt encoder's hidden_size // 2. The Pil image
 # processors are built explicitly: no torchvision in the CPU environment.

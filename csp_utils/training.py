@@ -2,7 +2,7 @@
 
 Stage 1, SFT. The model reads a perturbed image and the (third-person by default)
 confidence prompt and learns to say the target ``"c%"``; the loss covers the assistant's
-reply only. trl's ``SFTTrainer`` does the work (see ``shared/notes/stack.md``): rows are
+reply only. trl's ``SFTTrainer`` does the work: rows are
 ``{"image": PIL, "messages": [user(image + prompt), assistant("c%")]}``, ``max_length=None``
 so image tokens are never truncated, ``assistant_only_loss=True`` masks everything outside
 the chat template's ``{% generation %}`` block.
@@ -24,7 +24,8 @@ Defaults, from the SimPO paper's search ranges (beta in [2.0, 2.5], gamma/beta i
 Confidence targets: ``"paper"`` (the perturbation level c, CSP's own) or ``"measured"``
 (the base model's accuracy in each (level, own answer) cell of the training data, rounded
 to an integer percent; the prompt then carries the model's own answer, because the cell is
-keyed by it). ``shared/notes/stack.md`` explains why the second is worth comparing.
+keyed by it). The second is worth comparing: answers to "no" questions stay right under strong
+noise, so the level alone overstates how often a noised answer is wrong.
 Grounded datasets (rows quote the base model's own answer, or its flip, and carry
 ``correct``, ``cell_acc`` and ``internal_p``) give three more: ``"correct"`` (100 x correct),
 ``"cell"`` (the measured accuracy of the row's (level, answer, kind) cell) and ``"internal"``
