@@ -129,8 +129,8 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     if hax is not None:
         share = table["count"].to_numpy() / c.size
         hax.bar(left, share, width=width, align="edge", color="0.6", edgecolor="black", linewidth=0.8)
-        hax.axvline(c.mean(), color="black", ls="--", lw=1.2, label="Avg. confidence")
-        hax.axvline(y.mean(), color=BAR_COLOR, ls="-", lw=1.5, label="Accuracy")
+        hax.axvline(c.mean(), color="black", ls="--", lw=1.2, label="Mean confidence")
+        hax.axvline(y.mean(), color=BAR_COLOR, ls="-", lw=1.5, label="Mean accuracy")
         if legend:
             hax.set_ylim(0, min(1.0, share.max()) * 1.8)  # headroom for the legend
             hax.legend(loc="upper left", ncol=2, fontsize=FONT - 1, frameon=True, framealpha=0.9,
@@ -172,7 +172,9 @@ def reliability_grid(
     n = len(groups)
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
-    width, height = 3.0 * ncols, 3.6 * nrows + 0.5
+    legend_cols = min(5, 2 * ncols - 1)  # as wide as the panels, no wider
+    legend_rows = -(-5 // legend_cols)
+    width, height = 3.0 * ncols, 3.6 * nrows + 0.3 + 0.3 * legend_rows
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     handles: dict = {}
     for ax, (name, data) in zip(axes.flat, groups.items()):
@@ -181,15 +183,15 @@ def reliability_grid(
             continue
         for a in _draw_reliability(ax, *data, n_bins, title=name, legend=False):
             for h, label in zip(*a.get_legend_handles_labels()):
-                handles.setdefault(("Histogram: " if a is not ax else "") + label, h)
+                handles.setdefault(label, h)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 5),
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=max(1, min(len(handles), legend_cols)),
                fontsize=FONT - 1, frameon=False)
     top = 1 - (0.75 if suptitle else 0.35) / height  # in inches from the top, whatever the grid's height
     if suptitle:
         fig.suptitle(suptitle, fontsize=FONT + 1, y=1 - 0.15 / height)
-    fig.subplots_adjust(wspace=0.45, hspace=0.45, top=top, bottom=0.95 / height)
+    fig.subplots_adjust(wspace=0.45, hspace=0.45, top=top, bottom=(0.75 + 0.3 * legend_rows) / height)
     return fig
 
 
