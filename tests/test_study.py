@@ -76,7 +76,11 @@ def test_stage_outputs(smoke_run):
         assert (adapter / "adapter_config.json").exists(), name
         assert (adapter / "adapter_model.safetensors").exists(), name
         assert (adapter / "training_config.json").exists(), name
-    assert list((smoke_run / "train_logs").glob("*.csv"))
+    logs = sorted(p.stem for p in (smoke_run / "train_logs").glob("*.csv") if not p.stem.startswith("margins_"))
+    assert logs
+    # each log's curves are drawn once, by notebook 07, from the log
+    assert sorted(p.stem.removeprefix("training_") for p in figs.glob("training_*.png")) == logs
+    assert not list(figs.glob("train_*"))
     # 05: per-question results, summaries with every combination, baselines
     head = pd.read_csv(smoke_run / "results" / "headline.csv")
     assert {"base", "sft_simpo", "baseline:constant", "baseline:internal", "baseline:temperature"} <= set(head["model"])
