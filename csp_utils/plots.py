@@ -1,4 +1,4 @@
-"""The reliability diagram and the study's figures. Every function returns a Figure.
+"""Reliability diagrams and the study's figures. Every function returns a Figure.
 
 Inputs are plain arrays or pandas DataFrames; confidences are fractions in [0, 1]
 (divide data percents by 100). Missing confidences (None/NaN) are dropped where a plot
@@ -77,11 +77,10 @@ def save_figure(fig: Figure, path_without_suffix: str | os.PathLike) -> tuple[Pa
 
 
 # ------------------------------------------------------------ reliability diagram
-def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = None, hist: bool = True,
-                      legend: bool = True) -> list:
+def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = None) -> list:
     """Guo et al. (2017) style panel into ``ax``, with the confidence histogram beneath.
 
-    Returns the axes drawn on (panel, histogram); ``legend=False`` leaves the legends to the caller.
+    Returns the axes drawn on (panel, histogram); their legend entries are the caller's to place.
     """
     c, y, coverage = metrics.drop_missing(conf, correct)
     ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1.2, label="Perfect calibration", zorder=3)
@@ -91,18 +90,17 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     _style(ax)
     if title:
         ax.set_title(title, fontsize=FONT)
-    hax = None
-    if hist:  # the histogram axis shares x and takes over the "Confidence" label
-        hax = make_axes_locatable(ax).append_axes("bottom", size="32%", pad=0.12, sharex=ax)
-        hax.set_ylabel("Share", fontsize=FONT)
-        hax.set_xlabel("Confidence", fontsize=FONT)
-        _style(hax)
-        ax.tick_params(labelbottom=False)
-    else:
-        ax.set_xlabel("Confidence", fontsize=FONT)
+    # the histogram axis shares x and takes over the "Confidence" label
+    hax = make_axes_locatable(ax).append_axes("bottom", size="32%", pad=0.12, sharex=ax)
+    hax.set_ylabel("Share", fontsize=FONT)
+    hax.set_xlabel("Confidence", fontsize=FONT)
+    hax.set_ylim(0, 1.0)
+    hax.set_xticks([0, 0.5, 1])  # a small panel: fewer ticks, so the labels stay apart
+    _style(hax)
+    ax.tick_params(labelbottom=False)
     if c.size == 0:  # a model that never gave a parsable confidence still gets a panel
         ax.text(0.5, 0.5, "no parsed confidences\n(coverage 0%)", ha="center", va="center", fontsize=FONT)
-        return [a for a in (ax, hax) if a is not None]
+        return [ax, hax]
 
     table = metrics.reliability_table(c, y, n_bins)
     full = table["count"].to_numpy() > 0
@@ -117,8 +115,6 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     lo, hi = np.minimum(acc, mean_conf), np.maximum(acc, mean_conf)
     ax.bar(left[full], (hi - lo)[full], bottom=lo[full], width=width, align="edge", color=GAP_COLOR,
            alpha=0.3, edgecolor=GAP_COLOR, hatch="//", linewidth=0.8, label="Gap", zorder=2)
-    if legend:
-        ax.legend(loc="upper left", fontsize=FONT - 1, frameon=False)
 
     text = f"ECE = {100 * metrics.ece(c, y, n_bins):.1f}%\nn = {c.size}"
     if coverage < 1.0:
@@ -126,32 +122,11 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     ax.text(0.97, 0.04, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=FONT - 1,
             bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"), zorder=4)
 
-    if hax is not None:
-        share = table["count"].to_numpy() / c.size
-        hax.bar(left, share, width=width, align="edge", color="0.6", edgecolor="black", linewidth=0.8)
-        hax.axvline(c.mean(), color="black", ls="--", lw=1.2, label="Mean confidence")
-        hax.axvline(y.mean(), color=BAR_COLOR, ls="-", lw=1.5, label="Mean accuracy")
-        if legend:
-            hax.set_ylim(0, min(1.0, share.max()) * 1.8)  # headroom for the legend
-            hax.legend(loc="upper left", ncol=2, fontsize=FONT - 1, frameon=True, framealpha=0.9,
-                       edgecolor="none", borderpad=0.2, handlelength=1.5)
-        else:  # a small panel in a grid: fewer ticks, so the labels stay apart
-            hax.set_ylim(0, 1.0)
-            hax.set_xticks([0, 0.5, 1])
-    return [a for a in (ax, hax) if a is not None]
-
-
-def reliability_diagram(conf, correct, n_bins: int = 10, title: str | None = None, ax=None) -> Figure:
-    """Reliability diagram (Guo et al. 2017): per-bin accuracy bars, the gap to the
-    diagonal hatched in red, the diagonal, a confidence histogram beneath, ECE printed.
-
-    Bins follow :func:`metrics.bin_index`. Missing confidences are dropped and the coverage
-    printed. With ``ax`` given, the panel (and its histogram) is drawn there.
-    """
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.8, 5.6))
-    _draw_reliability(ax, conf, correct, n_bins, title)
-    return ax.figure
+    share = table["count"].to_numpy() / c.size
+    hax.bar(left, share, width=width, align="edge", color="0.6", edgecolor="black", linewidth=0.8)
+    hax.axvline(c.mean(), color="black", ls="--", lw=1.2, label="Mean confidence")
+    hax.axvline(y.mean(), color=BAR_COLOR, ls="-", lw=1.5, label="Mean accuracy")
+    return [ax, hax]
 
 
 def reliability_grid(
@@ -174,14 +149,14 @@ def reliability_grid(
     nrows = -(-n // ncols)
     legend_cols = min(5, 2 * ncols - 1)  # as wide as the panels, no wider
     legend_rows = -(-5 // legend_cols)
-    width, height = 3.0 * ncols, 3.6 * nrows + 0.3 + 0.3 * legend_rows
+    width, height = 3.0 * ncols, 3.6 * nrows + 0.3 + 0.22 * legend_rows
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     handles: dict = {}
     for ax, (name, data) in zip(axes.flat, groups.items()):
         if data is None:
             ax.set_visible(False)
             continue
-        for a in _draw_reliability(ax, *data, n_bins, title=name, legend=False):
+        for a in _draw_reliability(ax, *data, n_bins, title=name):
             for h, label in zip(*a.get_legend_handles_labels()):
                 handles.setdefault(label, h)
     for ax in list(axes.flat)[n:]:
@@ -191,7 +166,7 @@ def reliability_grid(
     top = 1 - (0.75 if suptitle else 0.35) / height  # in inches from the top, whatever the grid's height
     if suptitle:
         fig.suptitle(suptitle, fontsize=FONT + 1, y=1 - 0.15 / height)
-    fig.subplots_adjust(wspace=0.45, hspace=0.45, top=top, bottom=(0.75 + 0.3 * legend_rows) / height)
+    fig.subplots_adjust(wspace=0.45, hspace=0.45, top=top, bottom=(0.7 + 0.22 * legend_rows) / height)
     return fig
 
 
@@ -599,7 +574,6 @@ def composition_bars(df: pd.DataFrame, by: str = "set", hue: str = "label", titl
 
 __all__ = [
     "save_figure",
-    "reliability_diagram",
     "reliability_grid",
     "reliability_matrix",
     "ablation_bars",

@@ -32,8 +32,8 @@ def test_backend_is_noninteractive():
     assert matplotlib.get_backend().lower() == "agg"  # MPLBACKEND=Agg from conftest is respected
 
 
-def test_reliability_diagram(tmp_path):
-    fig = plots.reliability_diagram(CONF, CORRECT, n_bins=10, title="demo")
+def test_reliability_panel(tmp_path):
+    fig = plots.reliability_grid({"demo": (CONF, CORRECT)}, n_bins=10)
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 2  # bars + histogram beneath
     labels = {ax.get_xlabel() for ax in fig.axes} | {ax.get_ylabel() for ax in fig.axes}
@@ -46,18 +46,14 @@ def test_reliability_diagram(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
 
 
-def test_reliability_diagram_into_given_axes_with_missing():
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots()
+def test_reliability_panel_with_missing_confidences():
     conf = list(CONF[:20]) + [None] * 5
-    out = plots.reliability_diagram(conf, CORRECT[:25], n_bins=15, ax=ax)
-    assert out is fig
+    fig = plots.reliability_grid({"with missing": (conf, CORRECT[:25])}, n_bins=15)
     assert any("coverage = 80%" in t for t in all_texts(fig))
 
 
 def test_save_figure_keeps_dots_and_strips_known_suffix(tmp_path):
-    fig = plots.reliability_diagram(CONF, CORRECT)
+    fig = plots.reliability_grid({"demo": (CONF, CORRECT)})
     png, pdf = plots.save_figure(fig, tmp_path / "ece_0.5")
     assert png.name == "ece_0.5.png" and pdf.name == "ece_0.5.pdf"
     png, pdf = plots.save_figure(fig, str(tmp_path / "x.png"))
@@ -206,7 +202,7 @@ def test_saved_figures_are_byte_reproducible(tmp_path):
     """The committed figures change only when what they show changes (no timestamps)."""
     import time
 
-    fig = plots.reliability_diagram(CONF, CORRECT)
+    fig = plots.reliability_grid({"demo": (CONF, CORRECT)})
     a = plots.save_figure(fig, tmp_path / "a")
     time.sleep(1.1)  # a PDF CreationDate would differ by now
     b = plots.save_figure(fig, tmp_path / "b")
