@@ -8,13 +8,17 @@ compact files next to the repository's ``figures/`` so a fresh clone regenerates
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
-from csp_utils import plots
+from csp_utils import benchmarks, experiment, grounding, perturbation, plots
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
            "ablation.csv", "timings.json", "base_model.json")
@@ -43,17 +47,13 @@ def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "
 
 def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbation_grid: bool = True) -> list[Path]:
     """Every figure of the study from saved results; returns the PNG paths written."""
-    from csp_utils import experiment
-
     results_dir, figures_dir = Path(results_dir), Path(figures_dir)
     written: list[Path] = []
 
     def save(fig, name):
         png, _ = plots.save_figure(fig, figures_dir / name)
         written.append(png)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        plots.plt.close(fig)  # pyplot comes through plots, which picks the backend first
 
     pq_path = results_dir / "per_question.csv.gz"
     if pq_path.exists():
@@ -135,8 +135,6 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
 
 def perturbation_grid_figure(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int = 0):
     """The CSP perturbation of a few held-out scenes' key objects (deterministic, no model)."""
-    from csp_utils import benchmarks, grounding, perturbation
-
     scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
     grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
     images, titles = [], []
@@ -191,8 +189,6 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
     base model x (each CSP method in ``methods``, the strongest baseline), with paired Brier and
     AUROC differences against that baseline (lowest pooled clean Brier, chosen per base model by
     :func:`experiment.strongest_baseline` before any method is looked at)."""
-    from csp_utils import experiment
-
     head_cols = ["set", "base model", "model", "accuracy", "ECE10", "Brier", "AUROC", "ΔBrier vs strongest",
                  "ΔAUROC vs strongest"]
     lines = ["| " + " | ".join(head_cols) + " |", "|" + "---|" * len(head_cols)]
@@ -221,8 +217,6 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
 
 def results_document(results, methods=("sft_simpo",)) -> str:
     """``docs/results.md``: per base model, the full per-set table and every paired difference."""
-    from csp_utils import experiment
-
     parts = ["# Results (generated)", "",
              "Written by `notebooks/07_figures.ipynb` from `figures/results/`; do not edit by hand. "
              "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md)."]
@@ -281,11 +275,6 @@ def _image_bytes(nb: dict) -> int:
 
 
 def _downscale_png(b64: str, scale: float) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
     img = Image.open(io.BytesIO(base64.b64decode(b64)))
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     buf = io.BytesIO()
@@ -323,8 +312,6 @@ def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX
     Notebooks in ``dest`` of stages the run no longer has are removed, so ``dest`` mirrors the
     run. Returns ``{"written": {name: bytes}, "skipped": [names], "shrunk": {name: [actions]}}``.
     """
-    import json
-
     run_dir, dest = Path(run_dir), Path(dest)
     source = run_dir / "notebooks"
     if not source.is_dir():
