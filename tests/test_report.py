@@ -1,8 +1,9 @@
-"""Publishing a run's executed notebooks for readers."""
+"""The figures made from saved results, and publishing a run's executed notebooks for readers."""
 
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
