@@ -16,12 +16,6 @@ from scipy.optimize import minimize_scalar
 _EPS = 1e-6
 
 
-def constant_confidence(n: int, accuracy: float) -> np.ndarray:
-    if not 0.0 <= accuracy <= 1.0:
-        raise ValueError(f"accuracy must be a fraction in [0, 1], got {accuracy}")
-    return np.full(n, float(accuracy))
-
-
 def answer_conditioned_accuracy(answers, correct) -> dict[str, float]:
     """Training accuracy per own answer: ``{"yes": acc, "no": acc}``; an answer absent from
     the training rows (or neither yes nor no) gets no entry, so the caller picks its fallback."""
@@ -62,11 +56,3 @@ def fit_temperature(p_answer, correct, bounds=(0.05, 20.0)) -> float:
 
     res = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
     return float(np.exp(res.x))
-
-
-def split_holdout(n: int, fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (fit, apply): a deterministic held-out split for fitting the temperature."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    k = max(1, int(round(n * fraction)))
-    return np.sort(order[:k]), np.sort(order[k:])

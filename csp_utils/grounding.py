@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from . import scenes as world
 from .images import to_rgb
 from .keyobjects import Vocabulary, coco_vocabulary, get_vocabulary, singularize
 
@@ -319,13 +320,9 @@ class AnnotationGrounder:
                 for o in sc.objects]
             categories |= {o.category for o in sc.objects}
             modifiers |= {o.color for o in sc.objects} | {o.size for o in sc.objects}
-        try:  # the world's whole vocabulary, so that an absent category is still understood
-            from csp_utils import scenes as world
-
-            categories |= set(world.CATEGORIES)
-            modifiers |= set(world.COLORS) | set(getattr(world, "SIZES", ()))
-        except ImportError:
-            pass
+        # the world's whole vocabulary, so that an absent category is still understood
+        categories |= set(world.CATEGORIES)
+        modifiers |= set(world.COLORS) | set(world.SIZES)
         vocab = Vocabulary(sorted(categories), name="scene-annotations", modifiers=sorted(modifiers))
         return cls(records, vocab, name=name)
 
@@ -574,7 +571,7 @@ def make_grounder(spec: dict | str | Grounder = "annotations", scenes=None) -> G
 # tiny random models for tests and benchmarks
 #
 # Real architectures at toy sizes, random weights, built from configs (no download). Three
-# pitfalls (shared/notes/stack.md): GroundingDINO needs decoder_layers >= 2 (weight tying);
+# pitfalls: GroundingDINO needs decoder_layers >= 2 (weight tying);
 # a BERT tokenizer must get vocab= as a dict (vocab_file= is silently ignored in 5.x);
 # SAM's vision num_pos_feats must equal the prompt encoder's hidden_size // 2. The Pil image
 # processors are built explicitly: no torchvision in the CPU environment.

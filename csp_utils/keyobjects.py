@@ -25,7 +25,7 @@ Choices worth knowing:
 - An attribute / action question yields its subject only ("Does the man play the piano?"
   -> "man"); AMBER's attribute set is about the subject's state.
 - The default vocabulary is COCO's 80 classes + AMBER's 340 objects + the object world's
-  categories and colour / size modifiers (when ``csp_utils.scenes`` is importable).
+  categories and colour / size modifiers.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
+
+from . import scenes
 
 VOCAB_DIR = Path(__file__).resolve().parent / "data" / "vocab"
 
@@ -243,24 +245,13 @@ def amber_vocabulary() -> Vocabulary:
 @functools.lru_cache(maxsize=None)
 def world_vocabulary() -> Vocabulary:
     """The object world's categories, with its colours and sizes as modifiers."""
-    try:
-        from csp_utils import scenes
-    except ImportError as err:
-        raise ImportError("world_vocabulary needs csp_utils.scenes (CATEGORIES, COLORS); "
-                          f"it could not be imported: {err}") from err
-    sizes = getattr(scenes, "SIZES", ("small", "large"))
-    return Vocabulary(list(scenes.CATEGORIES), name="world", modifiers=list(scenes.COLORS) + list(sizes))
+    return Vocabulary(list(scenes.CATEGORIES), name="world", modifiers=list(scenes.COLORS) + list(scenes.SIZES))
 
 
 @functools.lru_cache(maxsize=None)
 def default_vocabulary() -> Vocabulary:
-    """COCO + AMBER, plus the object world when ``csp_utils.scenes`` is importable."""
-    parts = [coco_vocabulary(), amber_vocabulary()]
-    try:
-        parts.append(world_vocabulary())
-    except ImportError:  # the world module is optional for benchmark-only use
-        pass
-    return parts[0].merge(*parts[1:], name="default")
+    """COCO + AMBER + the object world."""
+    return coco_vocabulary().merge(amber_vocabulary(), world_vocabulary(), name="default")
 
 
 VOCABULARIES = {"coco": coco_vocabulary, "amber": amber_vocabulary, "world": world_vocabulary,

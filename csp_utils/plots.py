@@ -1,4 +1,4 @@
-"""The reliability diagram and the study's figures. Every function returns a Figure.
+"""Reliability diagrams and the study's figures. Every function returns a Figure.
 
 Inputs are plain arrays or pandas DataFrames; confidences are fractions in [0, 1]
 (divide data percents by 100). Missing confidences (None/NaN) are dropped where a plot
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
 from . import metrics  # noqa: E402
@@ -39,6 +40,8 @@ BAR_COLOR = "#1f5fa8"
 GAP_COLOR = "#d62728"
 BETTER_COLOR = "#2ca02c"
 PALETTE = plt.get_cmap("tab10")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", ":", "-.")
 
 
 def _style(ax) -> None:
@@ -74,8 +77,11 @@ def save_figure(fig: Figure, path_without_suffix: str | os.PathLike) -> tuple[Pa
 
 
 # ------------------------------------------------------------ reliability diagram
-def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = None, hist: bool = True) -> None:
-    """Guo et al. (2017) style panel into ``ax``, with the confidence histogram beneath."""
+def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = None) -> list:
+    """Guo et al. (2017) style panel into ``ax``, with the confidence histogram beneath.
+
+    Returns the axes drawn on (panel, histogram); their legend entries are the caller's to place.
+    """
     c, y, coverage = metrics.drop_missing(conf, correct)
     ax.plot([0, 1], [0, 1], ls="--", color="0.45", lw=1.2, label="Perfect calibration", zorder=3)
     ax.set_xlim(0, 1)
@@ -84,18 +90,17 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     _style(ax)
     if title:
         ax.set_title(title, fontsize=FONT)
-    hax = None
-    if hist:  # the histogram axis shares x and takes over the "Confidence" label
-        hax = make_axes_locatable(ax).append_axes("bottom", size="32%", pad=0.12, sharex=ax)
-        hax.set_ylabel("Share", fontsize=FONT)
-        hax.set_xlabel("Confidence", fontsize=FONT)
-        _style(hax)
-        ax.tick_params(labelbottom=False)
-    else:
-        ax.set_xlabel("Confidence", fontsize=FONT)
+    # the histogram axis shares x and takes over the "Confidence" label
+    hax = make_axes_locatable(ax).append_axes("bottom", size="32%", pad=0.12, sharex=ax)
+    hax.set_ylabel("Share", fontsize=FONT)
+    hax.set_xlabel("Confidence", fontsize=FONT)
+    hax.set_ylim(0, 1.0)
+    hax.set_xticks([0, 0.5, 1])  # a small panel: fewer ticks, so the labels stay apart
+    _style(hax)
+    ax.tick_params(labelbottom=False)
     if c.size == 0:  # a model that never gave a parsable confidence still gets a panel
         ax.text(0.5, 0.5, "no parsed confidences\n(coverage 0%)", ha="center", va="center", fontsize=FONT)
-        return
+        return [ax, hax]
 
     table = metrics.reliability_table(c, y, n_bins)
     full = table["count"].to_numpy() > 0
@@ -110,7 +115,6 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     lo, hi = np.minimum(acc, mean_conf), np.maximum(acc, mean_conf)
     ax.bar(left[full], (hi - lo)[full], bottom=lo[full], width=width, align="edge", color=GAP_COLOR,
            alpha=0.3, edgecolor=GAP_COLOR, hatch="//", linewidth=0.8, label="Gap", zorder=2)
-    ax.legend(loc="upper left", fontsize=FONT - 1, frameon=False)
 
     text = f"ECE = {100 * metrics.ece(c, y, n_bins):.1f}%\nn = {c.size}"
     if coverage < 1.0:
@@ -118,27 +122,11 @@ def _draw_reliability(ax, conf, correct, n_bins: int = 10, title: str | None = N
     ax.text(0.97, 0.04, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=FONT - 1,
             bbox=dict(boxstyle="round", facecolor="white", edgecolor="0.7"), zorder=4)
 
-    if hax is not None:
-        share = table["count"].to_numpy() / c.size
-        hax.bar(left, share, width=width, align="edge", color="0.6", edgecolor="black", linewidth=0.8)
-        hax.axvline(c.mean(), color="black", ls="--", lw=1.2, label="Avg. confidence")
-        hax.axvline(y.mean(), color=BAR_COLOR, ls="-", lw=1.5, label="Accuracy")
-        hax.set_ylim(0, min(1.0, share.max()) * 1.8)  # headroom for the legend
-        hax.legend(loc="upper left", ncol=2, fontsize=FONT - 1, frameon=True, framealpha=0.9,
-                   edgecolor="none", borderpad=0.2, handlelength=1.5)
-
-
-def reliability_diagram(conf, correct, n_bins: int = 10, title: str | None = None, ax=None) -> Figure:
-    """Reliability diagram (Guo et al. 2017): per-bin accuracy bars, the gap to the
-    diagonal hatched in red, the diagonal, a confidence histogram beneath, ECE printed.
-
-    Bins follow :func:`metrics.bin_index`. Missing confidences are dropped and the coverage
-    printed. With ``ax`` given, the panel (and its histogram) is drawn there.
-    """
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(4.8, 5.6))
-    _draw_reliability(ax, conf, correct, n_bins, title)
-    return ax.figure
+    share = table["count"].to_numpy() / c.size
+    hax.bar(left, share, width=width, align="edge", color="0.6", edgecolor="black", linewidth=0.8)
+    hax.axvline(c.mean(), color="black", ls="--", lw=1.2, label="Mean confidence")
+    hax.axvline(y.mean(), color=BAR_COLOR, ls="-", lw=1.5, label="Mean accuracy")
+    return [ax, hax]
 
 
 def reliability_grid(
@@ -147,26 +135,52 @@ def reliability_grid(
     ncols: int | None = None,
     suptitle: str | None = None,
 ) -> Figure:
-    """One reliability panel per entry of ``groups`` (title -> (conf, correct)), in order.
+    """One reliability panel per entry of ``groups`` (title -> (conf, correct)), in order,
+    filling rows of ``ncols`` panels; one legend for the whole figure, beneath the panels.
+    An entry of ``None`` keeps its place in the grid empty.
 
-    For before/after per set, pass e.g. ``{"random: base": ..., "random: CSP": ...}`` with
-    ``ncols=2``.
+    For sets x models, pass the entries model by model with ``ncols`` = number of sets
+    (:func:`reliability_matrix` does this from a nested mapping).
     """
     if not groups:
         raise ValueError("groups is empty: pass {title: (conf, correct)}")
     n = len(groups)
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 5.4 * nrows), squeeze=False)
-    for ax, (name, (conf, correct)) in zip(axes.flat, groups.items()):
-        _draw_reliability(ax, conf, correct, n_bins, title=name)
+    legend_cols = min(5, 2 * ncols - 1)  # as wide as the panels, no wider
+    legend_rows = -(-5 // legend_cols)
+    width, height = 3.0 * ncols, 3.6 * nrows + 0.3 + 0.22 * legend_rows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
+    handles: dict = {}
+    for ax, (name, data) in zip(axes.flat, groups.items()):
+        if data is None:
+            ax.set_visible(False)
+            continue
+        for a in _draw_reliability(ax, *data, n_bins, title=name):
+            for h, label in zip(*a.get_legend_handles_labels()):
+                handles.setdefault(label, h)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    height = 5.4 * nrows
-    if suptitle:  # placed in inches from the top: a fraction of a tall grid leaves a gap
-        fig.suptitle(suptitle, fontsize=FONT + 1, y=1 - 0.2 / height)
-    fig.subplots_adjust(wspace=0.35, hspace=0.35, top=1 - (0.95 if suptitle else 0.35) / height)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=max(1, min(len(handles), legend_cols)),
+               fontsize=FONT - 1, frameon=False)
+    top = 1 - (0.75 if suptitle else 0.35) / height  # in inches from the top, whatever the grid's height
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=FONT + 1, y=1 - 0.15 / height)
+    fig.subplots_adjust(wspace=0.45, hspace=0.45, top=top, bottom=(0.7 + 0.22 * legend_rows) / height)
     return fig
+
+
+def reliability_matrix(cells: Mapping[str, Mapping[str, tuple[Sequence, Sequence]]], n_bins: int = 10,
+                       suptitle: str | None = None) -> Figure:
+    """Reliability panels as a grid: one row per model, one column per set.
+
+    ``cells``: {model: {set: (conf, correct)}}; a set a model lacks leaves its panel empty.
+    """
+    if not cells:
+        raise ValueError("cells is empty: pass {model: {set: (conf, correct)}}")
+    sets = list(dict.fromkeys(s for row in cells.values() for s in row))
+    groups = {f"{set_}\n{model}": row.get(set_) for model, row in cells.items() for set_ in sets}
+    return reliability_grid(groups, n_bins, ncols=len(sets), suptitle=suptitle)
 
 
 # --------------------------------------------------------------------- study figures
@@ -190,10 +204,12 @@ def ablation_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
         sub = df[df["metric"] == metric]
         y = np.array([ypos[n] for n in sub["name"]])
         v = sub["value"].to_numpy(float)
-        low = np.nan_to_num(v - sub["low"].to_numpy(float), nan=0.0).clip(min=0)
-        high = np.nan_to_num(sub["high"].to_numpy(float) - v, nan=0.0).clip(min=0)
+        low = (v - sub["low"].to_numpy(float)).clip(min=0)
+        high = (sub["high"].to_numpy(float) - v).clip(min=0)
         ax.barh(y, v, color=[PALETTE(i % 10) for i in y], alpha=0.85, edgecolor="black", linewidth=0.6)
-        ax.errorbar(v, y, xerr=[low, high], fmt="none", ecolor="black", capsize=3, lw=1)
+        has = ~(np.isnan(low) | np.isnan(high))  # a zero-length whisker would still draw its caps
+        ax.errorbar(v[has], y[has], xerr=[low[has], high[has]], fmt="none", ecolor="black", capsize=3, lw=1)
+        high = np.nan_to_num(high, nan=0.0)
         for yi, vi, hi in zip(y, v, high):
             ax.text(vi + hi, yi, f" {vi:.3f}", va="center", fontsize=FONT - 1)
         ax.set_title(metric_label(metric), fontsize=FONT)
@@ -305,7 +321,9 @@ def confidence_vs_level(
     for i, model in enumerate(dict.fromkeys(df["model"])):
         s = stats[stats["model"] == model]
         x, m, sd = s["level"].to_numpy(float), s["mean"].to_numpy(float), s["std"].fillna(0).to_numpy(float)
-        ax.plot(x, m, marker="o", color=PALETTE(i % 10), lw=1.8, label=str(model))
+        # a line style and marker per model: a line lying under another stays visible
+        ax.plot(x, m, marker=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)], color=PALETTE(i % 10),
+                lw=1.8, ms=6, mfc="none" if i % 2 else PALETTE(i % 10), label=str(model))
         ax.fill_between(x, m - sd, m + sd, color=PALETTE(i % 10), alpha=0.18)
     if diagonal:
         lo = float(min(df["level"].min(), df["confidence"].min()))
@@ -358,6 +376,45 @@ def internal_vs_verbalized(internal, verbalized, correct=None, title: str | None
     head = f"{title}\n" if title else ""
     ax.set_title(f"{head}Spearman \u03c1 = {rho:.2f} (p = {p:.2g}, n = {a.size})", fontsize=FONT)
     _style(ax)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(csv_paths, title: str | None = None) -> Figure:
+    """Loss and learning rate per optimiser step for every training log; the SimPO margin and
+    reward accuracy where logged.
+
+    ``csv_paths``: one training-log CSV (a ``step`` column) or several, one line each, labelled
+    by file stem. Steps are whole numbers, and so are the x-axis ticks.
+    """
+    if isinstance(csv_paths, (str, os.PathLike)):
+        csv_paths = [csv_paths]
+    missing = [str(p) for p in csv_paths if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no training log at {missing}")
+    logs = {Path(p).stem: pd.read_csv(p) for p in csv_paths}
+    panels = [("loss", "loss"), ("lr", "learning rate")]
+    if any("margin" in log and log["margin"].notna().any() for log in logs.values()):
+        panels += [("margin", "margin (mean logp chosen - rejected)"), ("reward_acc", "reward accuracy")]
+    ncols = 2
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, panels):
+        for stem, log in logs.items():
+            pts = log[["step", key]].dropna() if key in log else log.iloc[:0]
+            if len(pts):
+                ax.plot(pts["step"], pts[key], marker="o", ms=2.5, lw=1.4, label=stem)
+        ax.set_xlabel("step", fontsize=FONT)
+        ax.set_ylabel(label, fontsize=FONT)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.grid(alpha=0.3)
+        _style(ax)
+        if len(logs) > 1:
+            ax.legend(fontsize=FONT - 1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
     fig.tight_layout()
     return fig
 
@@ -517,11 +574,12 @@ def composition_bars(df: pd.DataFrame, by: str = "set", hue: str = "label", titl
 
 __all__ = [
     "save_figure",
-    "reliability_diagram",
     "reliability_grid",
+    "reliability_matrix",
     "ablation_bars",
     "confidence_vs_level",
     "internal_vs_verbalized",
+    "training_curves",
     "image_grid",
     "scene_grid",
     "count_bars",

@@ -8,13 +8,16 @@ compact files next to the repository's ``figures/`` so a fresh clone regenerates
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+from PIL import Image
 
-from csp_utils import plots
+from csp_utils import benchmarks, experiment, grounding, perturbation, plots
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
            "ablation.csv", "timings.json", "base_model.json")
@@ -30,30 +33,26 @@ def _read(results_dir: Path, name: str) -> pd.DataFrame | None:
 
 def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "base",
                              combo=MAIN_COMBO):
-    """One figure: per set, the base model's diagram above the CSP model's."""
-    groups = {}
-    for set_ in sets:
-        for name in (before, after):
+    """One figure: a row of reliability diagrams per model (base above CSP), a column per set."""
+    cells = {}
+    for name in (before, after):
+        for set_ in sets:
             g = pq[(pq["set"] == set_) & (pq["model"].map(lambda m: m.split("@")[0]) == name)
                    & (pq["framing"] == combo[0]) & (pq["readout"] == combo[1])].dropna(subset=["confidence"])
             if len(g):
-                groups[f"{set_}\n{name}"] = (g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy())
-    return plots.reliability_grid(groups, ncols=2, suptitle=f"Before / after CSP ({combo[0]} person, {combo[1]})")
+                cells.setdefault(name, {})[set_] = (g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy())
+    return plots.reliability_matrix(cells, suptitle=f"Before / after CSP ({combo[0]} person, {combo[1]})")
 
 
 def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbation_grid: bool = True) -> list[Path]:
     """Every figure of the study from saved results; returns the PNG paths written."""
-    from csp_utils import experiment
-
     results_dir, figures_dir = Path(results_dir), Path(figures_dir)
     written: list[Path] = []
 
     def save(fig, name):
         png, _ = plots.save_figure(fig, figures_dir / name)
         written.append(png)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        plots.plt.close(fig)  # pyplot comes through plots, which picks the backend first
 
     pq_path = results_dir / "per_question.csv.gz"
     if pq_path.exists():
@@ -126,11 +125,8 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
     logs = sorted((results_dir / "train_logs").glob("*.csv")) if (results_dir / "train_logs").exists() else []
     # train_logs/ also holds margin tables and measured targets: curves are the files with a step column
     logs = [p for p in logs if p.read_text().split("\n", 1)[0].split(",")[0] == "step"]
-    if logs:
-        from csp_utils import training
-
-        for log in logs:
-            save(training.plot_training_curves(log), f"training_{log.stem}")
+    for log in logs:
+        save(plots.training_curves(log, title=log.stem), f"training_{log.stem}")
     if perturbation_grid:
         save(perturbation_grid_figure(), "perturbation_grid_scenes")
     return written
@@ -138,8 +134,6 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
 
 def perturbation_grid_figure(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int = 0):
     """The CSP perturbation of a few held-out scenes' key objects (deterministic, no model)."""
-    from csp_utils import benchmarks, grounding, perturbation
-
     scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
     grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
     images, titles = [], []
@@ -194,8 +188,6 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
     base model x (each CSP method in ``methods``, the strongest baseline), with paired Brier and
     AUROC differences against that baseline (lowest pooled clean Brier, chosen per base model by
     :func:`experiment.strongest_baseline` before any method is looked at)."""
-    from csp_utils import experiment
-
     head_cols = ["set", "base model", "model", "accuracy", "ECE10", "Brier", "AUROC", "ΔBrier vs strongest",
                  "ΔAUROC vs strongest"]
     lines = ["| " + " | ".join(head_cols) + " |", "|" + "---|" * len(head_cols)]
@@ -224,8 +216,6 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
 
 def results_document(results, methods=("sft_simpo",)) -> str:
     """``docs/results.md``: per base model, the full per-set table and every paired difference."""
-    from csp_utils import experiment
-
     parts = ["# Results (generated)", "",
              "Written by `notebooks/07_figures.ipynb` from `figures/results/`; do not edit by hand. "
              "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md)."]
@@ -284,11 +274,6 @@ def _image_bytes(nb: dict) -> int:
 
 
 def _downscale_png(b64: str, scale: float) -> str:
-    import base64
-    import io
-
-    from PIL import Image
-
     img = Image.open(io.BytesIO(base64.b64decode(b64)))
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     buf = io.BytesIO()
@@ -326,8 +311,6 @@ def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX
     Notebooks in ``dest`` of stages the run no longer has are removed, so ``dest`` mirrors the
     run. Returns ``{"written": {name: bytes}, "skipped": [names], "shrunk": {name: [actions]}}``.
     """
-    import json
-
     run_dir, dest = Path(run_dir), Path(dest)
     source = run_dir / "notebooks"
     if not source.is_dir():

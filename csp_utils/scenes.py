@@ -152,16 +152,6 @@ class Scene:
 
 
 # ------------------------------------------------------------------------- statistics
-def category_prior(config: WorldConfig = WorldConfig()) -> dict[str, float]:
-    """Probability that one object draw yields each category (before repeats)."""
-    z = _zipf(len(CATEGORIES), config.zipf_exponent)
-    p = (1.0 - config.theme_strength) * z
-    for members in THEMES.values():
-        idx = [CATEGORIES.index(c) for c in members]
-        p[idx] += config.theme_strength / len(THEMES) * z[idx] / z[idx].sum()
-    return dict(zip(CATEGORIES, p.tolist()))
-
-
 def world_statistics(scenes: Sequence[Scene]) -> dict:
     """Empirical statistics of a set of scenes (what POPE's popular/adversarial use).
 

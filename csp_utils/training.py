@@ -2,7 +2,7 @@
 
 Stage 1, SFT. The model reads a perturbed image and the (third-person by default)
 confidence prompt and learns to say the target ``"c%"``; the loss covers the assistant's
-reply only. trl's ``SFTTrainer`` does the work (see ``shared/notes/stack.md``): rows are
+reply only. trl's ``SFTTrainer`` does the work: rows are
 ``{"image": PIL, "messages": [user(image + prompt), assistant("c%")]}``, ``max_length=None``
 so image tokens are never truncated, ``assistant_only_loss=True`` masks everything outside
 the chat template's ``{% generation %}`` block.
@@ -24,7 +24,8 @@ Defaults, from the SimPO paper's search ranges (beta in [2.0, 2.5], gamma/beta i
 Confidence targets: ``"paper"`` (the perturbation level c, CSP's own) or ``"measured"``
 (the base model's accuracy in each (level, own answer) cell of the training data, rounded
 to an integer percent; the prompt then carries the model's own answer, because the cell is
-keyed by it). ``shared/notes/stack.md`` explains why the second is worth comparing.
+keyed by it). The second is worth comparing: answers to "no" questions stay right under strong
+noise, so the level alone overstates how often a noised answer is wrong.
 Grounded datasets (rows quote the base model's own answer, or its flip, and carry
 ``correct``, ``cell_acc`` and ``internal_p``) give three more: ``"correct"`` (100 x correct),
 ``"cell"`` (the measured accuracy of the row's (level, answer, kind) cell) and ``"internal"``
@@ -65,14 +66,13 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from csp_utils import models, prompts
+from csp_utils import models, plots, prompts
 
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
@@ -1492,44 +1492,6 @@ def margin_table(base_model, dataset, adapters: dict, target: str = "paper", max
 
 
 def plot_training_curves(csv_paths, title: str | None = None):
-    """Loss and learning rate for every log; SimPO margin and reward accuracy where logged.
-
-    ``csv_paths``: one CSV or several (one line each, labelled by file stem)."""
-    import matplotlib.pyplot as plt
-
-    if isinstance(csv_paths, (str, os.PathLike)):
-        csv_paths = [csv_paths]
-    missing = [str(p) for p in csv_paths if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f"no training log at {missing}")
-    logs = {Path(p).stem: read_training_log(p) for p in csv_paths}
-    panels = [("loss", "loss"), ("lr", "learning rate")]
-    if any(r.get("margin") is not None for rows in logs.values() for r in rows):
-        panels += [("margin", "margin (mean logp chosen - rejected)"), ("reward_acc", "reward accuracy")]
-    ncols = 2
-    nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, panels):
-        for stem, rows in logs.items():
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", ms=2.5, lw=1.4, label=stem)
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        if len(logs) > 1:
-            ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def save_training_curves(csv_paths, path_without_suffix, title: str | None = None):
-    """Plot and write PNG + PDF (through ``plots.save_figure``)."""
-    from csp_utils import plots
-
-    fig = plot_training_curves(csv_paths, title)
-    return fig, plots.save_figure(fig, path_without_suffix)
+    """Loss and learning rate per step for every log; SimPO margin and reward accuracy where
+    logged (:func:`plots.training_curves`)."""
+    return plots.training_curves(csv_paths, title)

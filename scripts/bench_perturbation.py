@@ -1,4 +1,4 @@
-"""How much does CSP's perturbation cost? Two ratios, measured in one run (issue 4, "Speed").
+"""How much does CSP's perturbation cost? Two ratios, measured in one run.
 
 (a) producing all 11 confidence levels of one image (eps draw + vectorised noise + PIL images)
     relative to ONE GroundingDINO -> SAM grounding pass of the same image (goal <= 1.3x).

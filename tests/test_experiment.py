@@ -23,15 +23,6 @@ def test_temperature_one_is_identity_and_errors():
     np.testing.assert_allclose(baselines.temperature_scale(p, 1.0), p, rtol=1e-6)
     with pytest.raises(ValueError, match="equal"):
         baselines.fit_temperature([0.5, 0.6], [1])
-    with pytest.raises(ValueError, match="accuracy"):
-        baselines.constant_confidence(3, 1.5)
-
-
-def test_split_holdout_disjoint_and_deterministic():
-    a, b = baselines.split_holdout(100, 0.3, seed=1)
-    assert len(a) == 30 and len(b) == 70 and not set(a) & set(b)
-    a2, _ = baselines.split_holdout(100, 0.3, seed=1)
-    assert np.array_equal(a, a2)
 
 
 def test_suite_takes_the_official_files(benchmarks_dir, tmp_path):

@@ -32,8 +32,8 @@ def test_backend_is_noninteractive():
     assert matplotlib.get_backend().lower() == "agg"  # MPLBACKEND=Agg from conftest is respected
 
 
-def test_reliability_diagram(tmp_path):
-    fig = plots.reliability_diagram(CONF, CORRECT, n_bins=10, title="demo")
+def test_reliability_panel(tmp_path):
+    fig = plots.reliability_grid({"demo": (CONF, CORRECT)}, n_bins=10)
     assert isinstance(fig, Figure)
     assert len(fig.axes) == 2  # bars + histogram beneath
     labels = {ax.get_xlabel() for ax in fig.axes} | {ax.get_ylabel() for ax in fig.axes}
@@ -46,18 +46,14 @@ def test_reliability_diagram(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
 
 
-def test_reliability_diagram_into_given_axes_with_missing():
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots()
+def test_reliability_panel_with_missing_confidences():
     conf = list(CONF[:20]) + [None] * 5
-    out = plots.reliability_diagram(conf, CORRECT[:25], n_bins=15, ax=ax)
-    assert out is fig
+    fig = plots.reliability_grid({"with missing": (conf, CORRECT[:25])}, n_bins=15)
     assert any("coverage = 80%" in t for t in all_texts(fig))
 
 
 def test_save_figure_keeps_dots_and_strips_known_suffix(tmp_path):
-    fig = plots.reliability_diagram(CONF, CORRECT)
+    fig = plots.reliability_grid({"demo": (CONF, CORRECT)})
     png, pdf = plots.save_figure(fig, tmp_path / "ece_0.5")
     assert png.name == "ece_0.5.png" and pdf.name == "ece_0.5.pdf"
     png, pdf = plots.save_figure(fig, str(tmp_path / "x.png"))
@@ -76,9 +72,32 @@ def test_reliability_grid_including_empty_group(tmp_path):
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "grid"))
     with pytest.raises(ValueError):
         plots.reliability_grid({})
-    # a tall grid (the study's: 6 sets x before/after) keeps its title close to the panels
+    # a tall grid keeps its title close to the panels
     tall = plots.reliability_grid({f"set {i}": (CONF, CORRECT) for i in range(12)}, ncols=2, suptitle="before / after")
     assert (1 - tall.subplotpars.top) * tall.get_figheight() < 1.0  # inches above the first row
+
+
+def _panel_titles(fig):
+    return [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+
+
+def test_reliability_matrix_rows_are_models_and_columns_sets():
+    sets = ["pope-random", "pope-popular", "amber-existence"]
+    cells = {"base": {s: (CONF, CORRECT) for s in sets}, "sft_simpo": {s: (CONF[::-1], CORRECT) for s in sets[:2]}}
+    fig = plots.reliability_matrix(cells, suptitle="before / after")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == 5
+    grid = {ax.get_title(): ax.get_subplotspec() for ax in panels}
+    assert {grid[f"{s}\nbase"].rowspan.start for s in sets} == {0}        # one row per model
+    assert [grid[f"{s}\nbase"].colspan.start for s in sets] == [0, 1, 2]  # one column per set
+    assert grid["pope-random\nsft_simpo"].rowspan.start == 1
+    empty = [ax for ax in fig.axes if not ax.get_visible()]                # a set the model lacks stays empty
+    assert [(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in empty] == [(1, 2)]
+    # one legend for the figure, none on a panel to cover bars or lines
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)
+    assert fig.get_figwidth() < 3.5 * len(sets) and fig.get_figheight() < 9  # panels of a page's grid
+    with pytest.raises(ValueError, match="empty"):
+        plots.reliability_matrix({})
 
 
 def test_ablation_bars(tmp_path):
@@ -93,6 +112,11 @@ def test_ablation_bars(tmp_path):
     )
     fig = plots.ablation_bars(df, title="ablations")
     assert isinstance(fig, Figure) and len(fig.axes) == 2
+    ax = fig.axes[0]
+    bar_centres = [p.get_y() + p.get_height() / 2 for p in ax.patches]
+    whiskers = [seg for c in ax.collections for seg in c.get_segments()]
+    assert [seg[0, 1] for seg in whiskers] == bar_centres[:2]               # centred; a NaN interval draws none
+    assert [tuple(seg[:, 0]) for seg in whiskers] == [(0.03, 0.07), (0.06, 0.1)]
     assert [ax.get_title() for ax in fig.axes] == ["ECE (10 bins)", "AUROC"]
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "abl"))
     with pytest.raises(ValueError, match="missing"):
@@ -109,6 +133,10 @@ def test_confidence_vs_level(tmp_path):
     )
     fig = plots.confidence_vs_level(df, xlabel="Target level (%)", ylabel="Confidence (%)")
     assert isinstance(fig, Figure)
+    base, csp = fig.axes[0].lines[:2]
+    # a line drawn under another still shows: each model has its own line style and marker
+    assert (base.get_linestyle(), base.get_marker()) != (csp.get_linestyle(), csp.get_marker())
+    assert base.get_linestyle() != csp.get_linestyle() and base.get_marker() != csp.get_marker()
     assert fig.axes[0].get_xlabel() == "Target level (%)"
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "lvl"))
 
@@ -155,11 +183,26 @@ def test_count_and_composition_bars(tmp_path):
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "comp"))
 
 
+def test_training_curves_have_integer_steps(tmp_path):
+    sft, simpo = tmp_path / "sft.csv", tmp_path / "sft_simpo.csv"
+    sft.write_text("step,loss,lr,margin,reward_acc\n1,2.0,0.0,,\n2,1.5,1e-4,,\n3,1.2,5e-5,,\n")
+    simpo.write_text("step,loss,lr,margin,reward_acc\n1,0.7,0.0,0.1,0.5\n3,0.6,1e-4,0.3,0.75\n")
+    fig = plots.training_curves([sft, simpo], title="curves")
+    assert len([ax for ax in fig.axes if ax.lines]) == 4   # loss, lr, margin, reward accuracy
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+    only_sft = plots.training_curves(sft)
+    assert len(only_sft.axes) == 2
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        plots.training_curves(tmp_path / "missing.csv")
+
+
 def test_saved_figures_are_byte_reproducible(tmp_path):
     """The committed figures change only when what they show changes (no timestamps)."""
     import time
 
-    fig = plots.reliability_diagram(CONF, CORRECT)
+    fig = plots.reliability_grid({"demo": (CONF, CORRECT)})
     a = plots.save_figure(fig, tmp_path / "a")
     time.sleep(1.1)  # a PDF CreationDate would differ by now
     b = plots.save_figure(fig, tmp_path / "b")

@@ -1,8 +1,9 @@
-"""Publishing a run's executed notebooks for readers."""
+"""The figures made from saved results, and publishing a run's executed notebooks for readers."""
 
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,3 +74,28 @@ def test_publish_refuses_a_folder_that_is_not_a_run(tmp_path):
     run = _fake_run(tmp_path, {}, finished=set())
     with pytest.raises(ValueError, match="overwrite"):
         report.publish_notebooks(run, run / "notebooks")
+
+
+def test_reliability_before_after_is_a_grid_of_models_by_sets():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    sets = ["pope-random", "pope-popular", "amber-existence"]
+    rows = [{"set": s, "model": m, "framing": "third", "readout": "single_pass",
+             "confidence": c, "correct": int(rng.random() < c)}
+            for s in sets for m in ("base", "sft_simpo@s0", "sft_simpo@s1", "baseline:temperature")
+            for c in rng.integers(0, 11, 40) / 10]
+    fig = report.reliability_before_after(pd.DataFrame(rows), sets, after="sft_simpo")
+    cells = {ax.get_title(): ax.get_subplotspec() for ax in fig.axes if ax.get_title()}
+    assert len(cells) == 6                                   # two models (seeds pooled) x three sets
+    assert [cells[f"{s}\nbase"].colspan.start for s in sets] == [0, 1, 2]
+    assert {cells[f"{s}\nsft_simpo"].rowspan.start for s in sets} == {1}
+
+
+def test_make_figures_writes_one_curve_per_training_log(tmp_path):
+    logs = tmp_path / "results" / "train_logs"
+    logs.mkdir(parents=True)
+    (logs / "sft@s0.csv").write_text("step,loss,lr\n1,2.0,0.0\n5,1.0,1e-4\n")
+    (logs / "margins_sft_simpo@s0.csv").write_text("split,margin\ntrain,0.3\n")  # a table, not a curve
+    written = report.make_figures(tmp_path / "results", tmp_path / "figures", perturbation_grid=False)
+    assert [p.name for p in written] == ["training_sft@s0.png"]

@@ -96,8 +96,6 @@ def test_splits_disjoint(eval_scenes):
 
 
 def test_frequency_skew_and_cooccurrence(eval_scenes):
-    prior = W.category_prior()
-    assert abs(sum(prior.values()) - 1) < 1e-9 and prior[W.CATEGORIES[0]] > 3 * prior[W.CATEGORIES[-1]]
     st = W.world_statistics(eval_scenes)
     freq = st["image_frequency"]
     top, bottom = W.CATEGORIES[:4], W.CATEGORIES[-4:]

@@ -523,7 +523,7 @@ def test_two_processes_write_a_loadable_adapter(work, tmp_path):
 
 @pytest.mark.slow
 def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
-    """Issue 5's "done when": after SFT on a world perturbed dataset, the embedded model's
+    """After SFT on a world perturbed dataset, the embedded model's
     verbalized confidence on *held-out* perturbed images rises with the level (Spearman)."""
     from scipy.stats import spearmanr
 
