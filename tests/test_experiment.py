@@ -312,8 +312,9 @@ def _tiny_base_and_adapters(tmp_path, n_adapters: int):
     from peft import LoraConfig, get_peft_model
 
     from csp_utils import models
+    from csp_utils.embedded import build
 
-    model, proc = models.build_tiny_vlm(models.TinyVLMConfig(image_first=True))
+    model, proc = build.build_tiny_vlm(build.TinyVLMConfig(image_first=True))
     base = models.save_vlm(model, proc, tmp_path / "base")
     folders = []
     for seed in range(n_adapters):
