@@ -716,3 +716,22 @@ def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
         rho, p = metrics.spearman(g["level"], g["confidence"]) if len(g) >= 3 else (math.nan, math.nan)
         out.append({"model": model, "framing": framing, "readout": readout, "spearman_level": rho, "p": p, "n": len(g)})
     return pd.DataFrame(out)
+
+
+def paired_against(rows: list[dict], reference: str, framing: str = "third", readout: str = "single_pass",
+                   n_boot: int = 1000, seed: int = 0, cluster: str = "image", pools: dict | None = POOLS) -> pd.DataFrame:
+    """Every other model against ``reference`` (an ablation's full variant), on the same resamples.
+
+    Model names are taken whole (``@`` is not read as a seed here): each variant is its own model."""
+    named = [{**r, "model": str(r["model"]).replace("@", "#")} for r in rows
+             if not str(r["model"]).startswith("baseline:")]
+    ref = reference.replace("@", "#")
+    if ref not in {r["model"] for r in named}:
+        raise ValueError(f"reference {reference!r} has no rows; models: {sorted({r['model'] for r in rows})}")
+    table = paired_table(named, framing, readout, n_boot, seed=seed, cluster=cluster, pools=pools, base=ref)
+    if table.empty:
+        return table
+    table = table[table["reference"] == ref].copy()
+    for col in ("method", "reference"):
+        table[col] = table[col].str.replace("#", "@")
+    return table.reset_index(drop=True)

@@ -368,3 +368,21 @@ def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unch
     partial.write_text("".join(made_c0[:2]))
     experiment.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
     assert calls and all(c[2] is None for c in calls)
+
+
+def test_paired_against_compares_each_variant_with_the_reference_on_the_same_resamples():
+    from csp_utils import experiment
+
+    ref = _rows("full@g0", "pope-random", 300, 0.7, 0.7, seed=1)
+    worse = _rows("variant@x", "pope-random", 300, 0.7, 0.99, seed=1)      # same answers, overconfident
+    same = [{**r, "model": "variant@y"} for r in ref]                        # identical confidences
+    for rows in (ref, worse, same):
+        for i, r in enumerate(rows):
+            r["image_id"] = f"img{i // 6}"
+    table = experiment.paired_against(ref + worse + same, "full@g0", n_boot=300, pools=None)
+    ece = table[table["metric"] == "ece"].set_index("method")
+    assert set(ece.index) == {"variant@x", "variant@y"} and set(ece["reference"]) == {"full@g0"}
+    assert ece.loc["variant@x", "verdict"] == "worse" and ece.loc["variant@x", "diff"] > 0.2
+    assert ece.loc["variant@y", "diff"] == 0 and ece.loc["variant@y", "verdict"] == "level"
+    with pytest.raises(ValueError, match="reference 'nope' has no rows"):
+        experiment.paired_against(ref, "nope")
