@@ -1379,11 +1379,12 @@ def train_regime(regime: str, base_model, dataset, out_dir, configs: TrainingCon
     configs = configs or tiny_default()
     run_dir = Path(out_dir)
     _state()
-    ds = load_perturbed_dataset(dataset, configs.sft.confidence_target)
     sft_name, simpo_name = "sft" + tag, REGIME_ADAPTERS[regime][-1] + tag
     sft_dir = run_dir / "adapters" / sft_name
     train_sft_now = regime == "sft" or (
         regime == "sft_simpo" and (sft_adapter == "retrain" or not adapter_complete(sft_dir)))
+    # the rows are read for the first stage trained here: SimPO alone reads them with its own target
+    ds = load_perturbed_dataset(dataset, (configs.sft if train_sft_now else configs.simpo).confidence_target)
     if regime == "sft_simpo" and sft_adapter == "require" and not adapter_complete(sft_dir):
         raise FileNotFoundError(f"regime 'sft_simpo' starts from the SFT adapter, and {sft_dir} holds none: "
                                 "train it first (notebook 03, or regime 'sft')")

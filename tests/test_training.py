@@ -775,3 +775,14 @@ def test_the_checkpoint_key_names_the_init_adapter_by_its_weights_not_its_folder
     assert training._adapter_digest(a) == training._adapter_digest(b)  # same weights, another folder
     assert training._adapter_digest(a) != training._adapter_digest(c)
     assert training._adapter_digest(None) is None
+
+
+def test_simpo_from_an_existing_sft_adapter_reads_the_rows_with_simpos_own_target(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(training, "load_perturbed_dataset", lambda ds, target: seen.setdefault("target", target))
+    monkeypatch.setattr(training, "adapter_complete", lambda folder: True)  # notebook 03 already trained SFT
+    monkeypatch.setattr(training, "train_simpo", lambda *a, **k: "trained")
+    cfg = training.make_configs("tiny_default", simpo={"confidence_target": "correct", "layout": "follow_up"})
+    assert cfg.sft.confidence_target == "paper"
+    out = training.train_regime("sft_simpo", "embedded", tmp_path / "grounded", tmp_path, cfg, sft_adapter="require")
+    assert seen["target"] == "correct" and out == {"sft_simpo": "trained"}
