@@ -69,6 +69,8 @@ class StageSpec:
     # parameter -> accepted types, where the default says too little (None) or too much (a str
     # that may also be a dict); None stays accepted where it is the default
     types: dict = field(default_factory=dict)
+    # the parameter a stage key NAME@TAG sets to its default plus "@TAG" unless the stage gives it
+    tagged: str | None = None
 
 
 def _figures(*stems: str) -> list[str]:
@@ -111,8 +113,6 @@ def _figures_outputs(p: dict) -> list[str]:
 
 
 NUMBER = (int, float)
-TRAINING_TYPES = {"learning_rate": NUMBER, "num_train_epochs": NUMBER, "max_steps": (int,), "lora_r": (int,),
-                  "lora_alpha": NUMBER, "per_device_train_batch_size": (int,), "gradient_accumulation_steps": (int,)}
 
 STAGES: dict[str, StageSpec] = {
     "00_world_and_benchmarks": StageSpec(
@@ -123,23 +123,21 @@ STAGES: dict[str, StageSpec] = {
     "02_build_perturbed_dataset": StageSpec(
         outputs=lambda p: [p["dataset"], *_figures(f"{p['dataset']}_levels")],
         uses_model=True,  # grounded rows record its answers; photographs take its input size
-        cell_timeout=2 * HOUR, types={"grounder": (str, dict), "levels": (list,), "noise_gamma": NUMBER,
-                                      "t_max": (int,), "schedule": (str,), "image_size": (str, int),
-                                      "n_images": (int,), **dict.fromkeys(
-                                          ("coco_instances", "coco_train_images", "pope_dir", "jsonl",
-                                           "jsonl_images", "detector", "segmenter"), (str,))}),
+        cell_timeout=2 * HOUR, tagged="dataset", types=dict.fromkeys(
+            ("coco_instances", "coco_train_images", "pope_dir", "jsonl", "jsonl_images", "detector", "segmenter"),
+            (str,))),
     "03_train_sft": StageSpec(
         outputs=lambda p: [f"adapters/sft{p['tag']}", f"train_logs/sft{p['tag']}.csv",
                            *_figures(f"train_sft{p['tag']}")],
         inputs=lambda p: [p["dataset"]],
         scratch=lambda p: [f"checkpoints/sft{p['tag']}", f"merged/sft{p['tag']}"],
-        uses_model=True, cell_timeout=8 * HOUR, types=TRAINING_TYPES),
+        uses_model=True, cell_timeout=8 * HOUR, tagged="tag"),
     "04_train_simpo": StageSpec(
         outputs=lambda p: [f"adapters/{_simpo_name(p)}", f"train_logs/{_simpo_name(p)}.csv",
                            f"train_logs/margins_{_simpo_name(p)}.csv", *_figures(f"train_{_simpo_name(p)}")],
         inputs=lambda p: [p["dataset"]] + ([f"adapters/sft{p['tag']}"] if p["regime"] == "sft_simpo" else []),
         scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
-        uses_model=True, cell_timeout=8 * HOUR, types={**TRAINING_TYPES, "beta": NUMBER, "simpo_gamma": NUMBER}),
+        uses_model=True, cell_timeout=8 * HOUR, tagged="tag"),
     "05_evaluate": StageSpec(
         outputs=lambda p: [*_matrix(p["models"], p["results"]),
                            *(f"{p['results']}/{name}" for name in (
@@ -261,10 +259,14 @@ def _global_parameters(params: dict) -> dict:
 
 def stage_parameters(params: dict, stage: str, defaults: dict) -> dict:
     """The globals the notebook declares (``base_model`` only where the stage loads it), then
-    the stage's own parameters, reserved keys removed."""
+    the stage's own parameters, reserved keys removed; a stage key ``NAME@TAG`` fills its
+    notebook's tagged parameter (:attr:`StageSpec.tagged`) where the stage does not give it."""
     use = {k: v for k, v in _global_parameters(params).items()
            if k in defaults and (k != "base_model" or spec_of(stage).uses_model)}
     own = {k: v for k, v in (params["stages"][stage] or {}).items() if k not in RESERVED}
+    tagged = spec_of(stage).tagged
+    if "@" in stage and tagged in defaults and tagged not in own:
+        own[tagged] = f"{defaults[tagged]}@{stage.split('@', 1)[1]}"
     return {**use, **own}
 
 
