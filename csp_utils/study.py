@@ -4,8 +4,8 @@
     python -m csp_utils.study params/smoke.yaml --name smoke  # minutes
     python -m csp_utils.study params/default.yaml --only 07_figures
 
-A params YAML holds global parameters (``base_model``, ``seed``, ...) and a ``stages`` mapping
-of per-notebook parameters. A stage key ``NAME@TAG`` runs notebook ``NAME`` again with other
+A params YAML holds global parameters (``base_model``, data folders, ...) and a ``stages``
+mapping of per-notebook parameters. A stage key ``NAME@TAG`` runs notebook ``NAME`` again with other
 parameters (e.g. ``03_train_sft@s1`` for a second seed). Each notebook gets only the global
 parameters its parameters cell declares; every name and type is checked against that cell
 before anything runs. The reserved stage key ``cell_timeout`` (seconds) overrides the stage's
