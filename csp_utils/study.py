@@ -146,6 +146,13 @@ def _evaluation_configs() -> dict:
     return {"suite": experiment.SuiteConfig, "scoring": evaluation.EvalConfig, "boot": (experiment.headline_table, ("rows",))}
 
 
+def _ablation_configs() -> dict:
+    from csp_utils import evaluation
+
+    # the notebook's framing and readout parameters set these
+    return {**_evaluation_configs(), "scoring": (evaluation.EvalConfig, ("framings", "readouts"))}
+
+
 STAGES: dict[str, StageSpec] = {
     "00_world_and_benchmarks": StageSpec(
         outputs=lambda p: ["results/benchmark_composition.csv", *_figures(
@@ -184,7 +191,7 @@ STAGES: dict[str, StageSpec] = {
         outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv",
                            *_figures("ablation_ece_preview", "ablation_auroc_preview")],
         inputs=lambda p: _adapters(_ablation_models(p)), uses_model=True, cell_timeout=8 * HOUR,
-        configs=_evaluation_configs, types={"sets": (list,)}),
+        configs=_ablation_configs, types={"sets": (list,)}),
     "07_figures": StageSpec(
         outputs=lambda p: (["results/train_logs"] if p["results_dir"] is None else []) + _figures_outputs(p),
         inputs=lambda p: (["results"] if p["results_dir"] is None else []) + ["train_logs"],

@@ -474,6 +474,7 @@ def test_a_stage_key_names_its_adapters_and_datasets_unless_given():
     ({"05_evaluate": {"scoring": {"batch": 8}}}, "unknown key 'batch' in scoring.*EvalConfig"),
     ({"05_evaluate": {"suite": {"n_pope": 2}}}, "unknown key 'n_pope' in suite.*SuiteConfig"),
     ({"06_ablations": {"boot": {"n_bootstrap": 2}}}, "unknown key 'n_bootstrap' in boot.*n_boot"),
+    ({"06_ablations": {"scoring": {"framings": ["first"]}}}, "unknown key 'framings' in scoring"),  # set by framing
 ])
 def test_config_dicts_are_checked_against_their_dataclasses(changes, message):
     with pytest.raises(ValueError, match=message):
