@@ -356,7 +356,7 @@ def grounder_spec(grounder, detector=None, segmenter=None):
     return spec
 
 
-def make_source(source: str, *, base_model="embedded", seed: int = 0, image_size="auto", n_scenes: int = 200,
+def make_source(source: str = "world", *, base_model="embedded", seed: int = 0, image_size="auto", n_scenes: int = 200,
                 questions_per_scene: int = 4, coco_instances=None, coco_train_images=None, pope_kind: str = "random",
                 n_images: int | None = None, eval_images=None, jsonl=None, jsonl_images=None,
                 on_error: str = "raise", grounder="annotations"):

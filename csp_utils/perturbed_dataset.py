@@ -99,7 +99,7 @@ class BuildConfig:
     framing: str = "third"                  # confidence prompt: "third" (paper) | "first"
     failure_policy: str = "skip"            # grounding failed: "skip" | "global" (whole image) | "clean" (kept at 100%)
     include_negatives: bool = False         # "No" answers: their key objects are absent, nothing to perturb
-    shard_size: int = 200                   # source samples per shard (x levels rows)
+    shard_size: int = 100                   # source samples per shard (x levels rows)
     seed: int | None = None                 # noise seed; None = noise.seed
     grounder: str = "annotations"           # grounder spec for make_grounder when none is passed
     png_compress_level: int = 1             # noised pixels barely compress: at 512 px level 1 is 3x faster than PIL's 6 for 9% more bytes

@@ -4,8 +4,8 @@
     python -m csp_utils.study params/smoke.yaml --name smoke  # minutes
     python -m csp_utils.study params/default.yaml --only 07_figures
 
-A params YAML holds global parameters (``base_model``, ``seed``, ...) and a ``stages`` mapping
-of per-notebook parameters. A stage key ``NAME@TAG`` runs notebook ``NAME`` again with other
+A params YAML holds global parameters (``base_model``, data folders, ...) and a ``stages``
+mapping of per-notebook parameters. A stage key ``NAME@TAG`` runs notebook ``NAME`` again with other
 parameters (e.g. ``03_train_sft@s1`` for a second seed). Each notebook gets only the global
 parameters its parameters cell declares; every name and type is checked against that cell
 before anything runs. The reserved stage key ``cell_timeout`` (seconds) overrides the stage's
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -74,6 +76,12 @@ class StageSpec:
     # parameter -> accepted types, where the default says too little (None) or too much (a str
     # that may also be a dict); None stays accepted where it is the default
     types: dict = field(default_factory=dict)
+    # the parameter a stage key NAME@TAG sets to its default plus "@TAG" unless the stage gives it
+    tagged: str | None = None
+    # config-dict parameter (a dotted path for a nested dict) -> the dataclass or function whose
+    # fields or keywords it takes (or that and the names the notebook sets itself); checked by
+    # name and by the type of each default
+    configs: Callable[[], dict] = dict
 
 
 def _figures(*stems: str) -> list[str]:
@@ -116,8 +124,39 @@ def _figures_outputs(p: dict) -> list[str]:
 
 
 NUMBER = (int, float)
-TRAINING_TYPES = {"learning_rate": NUMBER, "num_train_epochs": NUMBER, "max_steps": (int,), "lora_r": (int,),
-                  "lora_alpha": NUMBER, "per_device_train_batch_size": (int,), "gradient_accumulation_steps": (int,)}
+
+
+def _build_configs() -> dict:
+    from csp_utils import coco, grounded, perturbation, perturbed_dataset
+
+    # the notebook passes the model, the seed, the grounder and the study-wide files itself
+    data = (coco.make_source, ("base_model", "seed", "grounder", "coco_instances", "coco_train_images", "eval_images",
+                               "jsonl", "jsonl_images"))
+    return {"data": data, "build": perturbed_dataset.BuildConfig, "build.noise": perturbation.NoiseConfig,
+            "build.grounded": grounded.GroundedOptions}
+
+
+def _training_configs(name: str) -> Callable[[], dict]:
+    def configs() -> dict:
+        from csp_utils import training
+
+        stage = training.SFTConfigCSP if name == "sft" else training.SimPOConfigCSP
+        return {name: stage, f"{name}.lora": training.LoraSettings}
+    return configs
+
+
+def _evaluation_configs() -> dict:
+    from csp_utils import evaluation, experiment
+
+    return {"suite": experiment.SuiteConfig, "scoring": evaluation.EvalConfig, "boot": (experiment.headline_table, ("rows",))}
+
+
+def _ablation_configs() -> dict:
+    from csp_utils import evaluation
+
+    # the notebook's framing and readout parameters set these
+    return {**_evaluation_configs(), "scoring": (evaluation.EvalConfig, ("framings", "readouts"))}
+
 
 STAGES: dict[str, StageSpec] = {
     "00_world_and_benchmarks": StageSpec(
@@ -128,37 +167,36 @@ STAGES: dict[str, StageSpec] = {
     "02_build_perturbed_dataset": StageSpec(
         outputs=lambda p: [p["dataset"], *_figures(f"{p['dataset']}_levels")],
         uses_model=True,  # grounded rows record its answers; photographs take its input size
-        cell_timeout=2 * HOUR, types={"grounder": (str, dict), "levels": (list,), "noise_gamma": NUMBER,
-                                      "t_max": (int,), "schedule": (str,), "image_size": (str, int),
-                                      "n_images": (int,), **dict.fromkeys(
-                                          ("coco_instances", "coco_train_images", "pope_dir", "jsonl",
-                                           "jsonl_images", "detector", "segmenter"), (str,))}),
+        cell_timeout=2 * HOUR, tagged="dataset", configs=_build_configs, types={
+            "build.grounder": (str, dict), "data.image_size": (str, int, type(None)), **dict.fromkeys(
+                ("coco_instances", "coco_train_images", "pope_dir", "jsonl", "jsonl_images", "detector", "segmenter"),
+                (str,))}),
     "03_train_sft": StageSpec(
         outputs=lambda p: [f"adapters/sft{p['tag']}", f"train_logs/sft{p['tag']}.csv",
                            *_figures(f"train_sft{p['tag']}")],
         inputs=lambda p: [p["dataset"]],
         scratch=lambda p: [f"checkpoints/sft{p['tag']}", f"merged/sft{p['tag']}"],
-        uses_model=True, cell_timeout=8 * HOUR, types=TRAINING_TYPES),
+        uses_model=True, cell_timeout=8 * HOUR, tagged="tag", configs=_training_configs("sft")),
     "04_train_simpo": StageSpec(
         outputs=lambda p: [f"adapters/{_simpo_name(p)}", f"train_logs/{_simpo_name(p)}.csv",
                            f"train_logs/margins_{_simpo_name(p)}.csv", *_figures(f"train_{_simpo_name(p)}")],
         inputs=lambda p: [p["dataset"]] + ([f"adapters/sft{p['tag']}"] if p["regime"] == "sft_simpo" else []),
         scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
-        uses_model=True, cell_timeout=8 * HOUR, types={**TRAINING_TYPES, "beta": NUMBER, "simpo_gamma": NUMBER}),
+        uses_model=True, cell_timeout=8 * HOUR, tagged="tag", configs=_training_configs("simpo")),
     "05_evaluate": StageSpec(
         outputs=lambda p: [*_matrix(p["models"], p["results"]),
                            *(f"{p['results']}/{name}" for name in (
                                "sets.json", "summary.csv", "headline.csv", "paired.csv", "per_question.csv.gz",
                                "level_spearman.csv", "grounded_perturbed.csv")),
                            *_preview(p)],
-        inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR,
+        inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR, configs=_evaluation_configs,
         types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict),
                **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
     "06_ablations": StageSpec(
         outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv",
                            *_figures("ablation_ece_preview", "ablation_auroc_preview")],
         inputs=lambda p: _adapters(_ablation_models(p)), uses_model=True, cell_timeout=8 * HOUR,
-        types={"sets": (list,)}),
+        configs=_ablation_configs, types={"sets": (list,)}),
     "07_figures": StageSpec(
         outputs=lambda p: (["results/train_logs"] if p["results_dir"] is None else []) + _figures_outputs(p),
         inputs=lambda p: (["results"] if p["results_dir"] is None else []) + ["train_logs"],
@@ -209,7 +247,7 @@ def _accepted(default, declared: tuple = ()) -> tuple:
         return tuple(declared) + ((type(None),) if default is None else ())
     if default is None or default is _ANY:
         return (object,)
-    return {float: NUMBER, list: (list, tuple)}.get(type(default), (type(default),))
+    return {float: NUMBER, list: (list, tuple), tuple: (list, tuple)}.get(type(default), (type(default),))
 
 
 def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> None:
@@ -217,7 +255,7 @@ def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> 
     types = _accepted(default, declared)
     is_bool_as_number = isinstance(value, bool) and bool not in types and object not in types
     if is_bool_as_number or not isinstance(value, types):
-        raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the notebook's "
+        raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
                          f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
 
 
@@ -230,6 +268,38 @@ def check_stage_parameters(stage: str, given: dict, defaults: dict) -> None:
             raise ValueError(f"stage {stage}: unknown parameter {name!r}; {notebook_of(stage).name} takes: "
                              + ", ".join(valid))
         check_value(stage, name, value, defaults[name], spec_of(stage).types.get(name, ()))
+    configs = spec_of(stage).configs()
+    for name in configs:
+        if "." not in name and isinstance(given.get(name), dict):
+            check_config(stage, name, given[name], configs)
+
+
+def _fields(target) -> dict:
+    """A dataclass's fields or a function's keywords, with their defaults (_ANY where none is a
+    literal), less the names the notebook sets itself."""
+    target, excluded = target if isinstance(target, tuple) else (target, ())
+    if dataclasses.is_dataclass(target):
+        fields = {f.name: _ANY if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(target)}
+    else:
+        fields = {name: _ANY if p.default is p.empty else p.default
+                  for name, p in inspect.signature(target).parameters.items() if p.kind != p.VAR_KEYWORD}
+    return {k: v for k, v in fields.items() if k not in excluded}
+
+
+def check_config(stage: str, path: str, given: dict, configs: dict) -> None:
+    """A config dict's keys against the fields of its dataclass (or a function's keywords), each
+    value against the field's default as for notebook parameters; nested dicts likewise."""
+    fields, target = _fields(configs[path]), configs[path]
+    target = target[0] if isinstance(target, tuple) else target
+    for name, value in given.items():
+        where = f"{path}.{name}"
+        if name not in fields:
+            raise ValueError(f"stage {stage}: unknown key {name!r} in {path}; {target.__name__} takes: "
+                             + ", ".join(sorted(fields)))
+        if where in configs and isinstance(value, dict):
+            check_config(stage, where, value, configs)
+        else:
+            check_value(stage, where, value, fields[name], spec_of(stage).types.get(where, ()))
 
 
 # ------------------------------------------------------------------ the plan
@@ -266,10 +336,14 @@ def _global_parameters(params: dict) -> dict:
 
 def stage_parameters(params: dict, stage: str, defaults: dict) -> dict:
     """The globals the notebook declares (``base_model`` only where the stage loads it), then
-    the stage's own parameters, reserved keys removed."""
+    the stage's own parameters, reserved keys removed; a stage key ``NAME@TAG`` fills its
+    notebook's tagged parameter (:attr:`StageSpec.tagged`) where the stage does not give it."""
     use = {k: v for k, v in _global_parameters(params).items()
            if k in defaults and (k != "base_model" or spec_of(stage).uses_model)}
     own = {k: v for k, v in (params["stages"][stage] or {}).items() if k not in RESERVED}
+    tagged = spec_of(stage).tagged
+    if "@" in stage and tagged in defaults and tagged not in own:
+        own[tagged] = f"{defaults[tagged]}@{stage.split('@', 1)[1]}"
     return {**use, **own}
 
 

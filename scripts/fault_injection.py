@@ -274,8 +274,12 @@ def parameter_changed(params, work, model, reference, stage, key, name="shared")
     """A stage parameter changed: its outputs must be rebuilt (not reused) and its readers rerun;
     changed back, everything must again equal the reference."""
     changed = yaml.safe_load(params.read_text())
-    original = changed["stages"][stage][key]
-    changed["stages"][stage][key] = original + 1
+    *path, last = key.split(".")  # a dotted key reaches into a config dict
+    holder = changed["stages"][stage]
+    for part in path:
+        holder = holder[part]
+    original = holder[last]
+    holder[last] = original + 1
     path = work / "changed.yaml"
     path.write_text(yaml.safe_dump(changed, sort_keys=False))
     rc, text = run_to_end(path, name, work, model)
@@ -333,10 +337,10 @@ def main(argv=None) -> int:
     rows += dataset_flipped(SMOKE, work, model, reference)
     shutil.copytree(reference, work / "changed")  # its own copy: a failed case above must not cascade
     if args.quick:
-        rows.append(parameter_changed(SMOKE, work, model, reference, "04_train_simpo@simpo_only", "max_steps",
+        rows.append(parameter_changed(SMOKE, work, model, reference, "04_train_simpo@simpo_only", "simpo.max_steps",
                                       name="changed"))
     else:
-        rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "n_scenes",
+        rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "data.n_scenes",
                                       name="changed"))
     print(f"\n{'case':<44} | {'outcome':<70} | {'equal to an uninterrupted run or clear refusal':<50} | result")
     for case, outcome, detail, verdict in rows:

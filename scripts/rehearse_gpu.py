@@ -28,6 +28,7 @@ from csp_utils import rehearsal, study  # noqa: E402
 
 SMOKE = REPO / "params" / "paper_smoke.yaml"
 GPU_EVAL = {"dtype": "bfloat16", "device_map": "auto"}
+CPU_TRAINING = ("dtype", "mixed_precision", "dataloader_num_workers")  # paper_smoke's CPU overrides of the preset
 
 
 def gpu_params(smoke: dict) -> dict:
@@ -37,7 +38,9 @@ def gpu_params(smoke: dict) -> dict:
     params["name"] = "paper_gpu_rehearsal"
     for stage, values in params["stages"].items():
         if stage.startswith(("03_", "04_")):
-            values.pop("config_overrides", None)
+            config = values.get("sft" if stage.startswith("03_") else "simpo", {})
+            for key in CPU_TRAINING:
+                config.pop(key, None)
         if stage.startswith("05_"):
             values.update(GPU_EVAL)
     return params

@@ -317,8 +317,9 @@ def test_notebook_builds_grounded_rows(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     pm.execute_notebook(str(repo / "notebooks" / "02_build_perturbed_dataset.ipynb"), str(tmp_path / "out.ipynb"),
-                        parameters=dict(run_dir=str(run), n_scenes=10, levels=[10, 50, 100], targets="grounded",
-                                        shard_size=20, temperature_holdout=0.5),
+                        parameters=dict(run_dir=str(run), data={"n_scenes": 10},
+                                        build={"levels": [10, 50, 100], "targets": "grounded", "shard_size": 20,
+                                               "grounded": {"temperature_holdout": 0.5}}),
                         cwd=str(repo), progress_bar=False, kernel_name="python3")
     report = json.loads((run / "dataset" / "build_report.json").read_text())
     assert report["targets"] == "grounded" and report["rows"] == 80 and report["flip_rows"] == 40

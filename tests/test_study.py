@@ -117,7 +117,7 @@ def test_rerun_skips_finished_stages_and_resumes_from_a_changed_one(smoke_run, s
 
 def test_a_failing_notebook_stops_the_chain_and_keeps_its_copy(tmp_path, smoke_model):
     bad = {"name": "bad", "base_model": str(smoke_model),
-           "stages": {"02_build_perturbed_dataset": {"failure_policy": "no-such-policy", "n_scenes": 1},
+           "stages": {"02_build_perturbed_dataset": {"build": {"failure_policy": "no-such-policy"}, "data": {"n_scenes": 1}},
                       "07_figures": {}}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
@@ -372,17 +372,18 @@ def test_the_study_params_pass_only_declared_parameters():
 def _smoke(**changes) -> dict:
     params = yaml.safe_load(SMOKE.read_text())
     for stage, values in changes.items():
-        params["stages"][stage] = {**(params["stages"][stage] or {}), **values}
+        params["stages"][stage] = {**(params["stages"].get(stage) or {}), **values}
     return params
 
 
 @pytest.mark.parametrize("params, message", [
-    (_smoke(**{"03_train_sft": {"max_stpes": 2}}), "03_train_sft: unknown parameter 'max_stpes'.*max_steps"),
-    (_smoke(**{"03_train_sft": {"max_steps": "two"}}), "'max_steps' = 'two' is a str.*int or NoneType"),
-    (_smoke(**{"04_train_simpo": {"max_steps": 2.5}}), "'max_steps' = 2.5 is a float"),
+    (_smoke(**{"03_train_sft": {"max_stpes": 2}}), "03_train_sft: unknown parameter 'max_stpes'.*sft"),
+    (_smoke(**{"03_train_sft": {"sft": {"max_stpes": 2}}}), "03_train_sft: unknown key 'max_stpes' in sft.*max_steps"),
+    (_smoke(**{"03_train_sft": {"sft": {"max_steps": "two"}}}), "'sft.max_steps' = 'two' is a str.*int"),
+    (_smoke(**{"04_train_simpo": {"simpo": {"max_steps": 2.5}}}), "'simpo.max_steps' = 2.5 is a float"),
     (_smoke(**{"00_world_and_benchmarks": {"n_scenes": True}}), "'n_scenes' = True is a bool"),
-    (_smoke(**{"03_train_sft": {"replay_fraction": "half"}}), "'replay_fraction' = 'half' is a str.*int or float"),
-    (_smoke(**{"02_build_perturbed_dataset": {"include_negatives": 1}}), "'include_negatives' = 1 is a int"),
+    (_smoke(**{"03_train_sft": {"sft": {"replay_fraction": "half"}}}), "'sft.replay_fraction' = 'half' is a str.*int or float"),
+    (_smoke(**{"02_build_perturbed_dataset": {"build": {"include_negatives": 1}}}), "'build.include_negatives' = 1 is a int"),
     (_smoke(**{"05_evaluate": {"models": "base"}}), "'models' = 'base' is a str.*list"),
     (_smoke(**{"03_train_sft": {"run_dir": "/tmp/x"}}), "set by the driver"),
     (_smoke(**{"03_train_sft": {"cell_timeout": "long"}}), "cell_timeout must be a positive"),
@@ -394,10 +395,10 @@ def test_parameters_are_checked_against_the_notebooks_before_anything_runs(param
 
 
 def test_accepted_parameter_values():
-    ok = _smoke(**{"03_train_sft": {"replay_fraction": 0, "learning_rate": 1e-3, "lora_r": 8, "cell_timeout": 60,
-                                    "max_steps": None},
+    ok = _smoke(**{"03_train_sft": {"sft": {"replay_fraction": 0, "learning_rate": 1e-3, "lora": {"r": 8}},
+                                    "cell_timeout": 60},
                    "05_evaluate": {"sets": ["pope-random"]},
-                   "02_build_perturbed_dataset": {"grounder": {"detector": "d", "segmenter": "s"}}})
+                   "02_build_perturbed_dataset": {"build": {"grounder": {"detector": "d", "segmenter": "s"}}}})
     plan = {s.name: s for s in study.plan_study(ok)}
     assert plan["03_train_sft"].cell_timeout == 60 and "cell_timeout" not in plan["03_train_sft"].parameters
     assert "base_model" not in plan["00_world_and_benchmarks"].parameters  # it loads no model
@@ -516,3 +517,29 @@ def test_jobs_must_be_a_positive_whole_number(toy):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="jobs must be a positive whole number"):
             toy({"10_make": {}}, jobs=bad)
+
+
+def test_a_stage_key_names_its_adapters_and_datasets_unless_given():
+    plan = {s.name: s for s in study.plan_study(_smoke(**{
+        "03_train_sft@s1": {"sft": {"max_steps": 2, "seed": 1}},
+        "02_build_perturbed_dataset@s1": {"build": {"seed": 1}},
+        "02_build_perturbed_dataset@other": {"dataset": "elsewhere"}}))}
+    assert plan["03_train_sft@s1"].parameters["tag"] == "@s1" and "adapters/sft@s1" in plan["03_train_sft@s1"].outputs
+    assert plan["02_build_perturbed_dataset@s1"].parameters["dataset"] == "dataset@s1"
+    assert plan["02_build_perturbed_dataset@other"].parameters["dataset"] == "elsewhere"
+    assert plan["03_train_sft"].parameters["tag"] == "@s0"  # given
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"02_build_perturbed_dataset": {"build": {"noise": {"noise_gama": 0.1}}}}, "unknown key 'noise_gama' in build.noise"),
+    ({"02_build_perturbed_dataset": {"build": {"grounded": {"flip_rows": "no"}}}}, "'build.grounded.flip_rows' = 'no'"),
+    ({"02_build_perturbed_dataset": {"data": {"seed": 3}}}, "unknown key 'seed' in data"),  # the seed lives in build
+    ({"03_train_sft": {"sft": {"lora": {"rank": 8}}}}, "unknown key 'rank' in sft.lora.*LoraSettings"),
+    ({"05_evaluate": {"scoring": {"batch": 8}}}, "unknown key 'batch' in scoring.*EvalConfig"),
+    ({"05_evaluate": {"suite": {"n_pope": 2}}}, "unknown key 'n_pope' in suite.*SuiteConfig"),
+    ({"06_ablations": {"boot": {"n_bootstrap": 2}}}, "unknown key 'n_bootstrap' in boot.*n_boot"),
+    ({"06_ablations": {"scoring": {"framings": ["first"]}}}, "unknown key 'framings' in scoring"),  # set by framing
+])
+def test_config_dicts_are_checked_against_their_dataclasses(changes, message):
+    with pytest.raises(ValueError, match=message):
+        study.plan_study(_smoke(**changes))
