@@ -172,14 +172,13 @@ STAGES: dict[str, StageSpec] = {
                 ("coco_instances", "coco_train_images", "pope_dir", "jsonl", "jsonl_images", "detector", "segmenter"),
                 (str,))}),
     "03_train_sft": StageSpec(
-        outputs=lambda p: [f"adapters/sft{p['tag']}", f"train_logs/sft{p['tag']}.csv",
-                           *_figures(f"train_sft{p['tag']}")],
+        outputs=lambda p: [f"adapters/sft{p['tag']}", f"train_logs/sft{p['tag']}.csv"],
         inputs=lambda p: [p["dataset"]],
         scratch=lambda p: [f"checkpoints/sft{p['tag']}", f"merged/sft{p['tag']}"],
         uses_model=True, cell_timeout=8 * HOUR, tagged="tag", configs=_training_configs("sft")),
     "04_train_simpo": StageSpec(
         outputs=lambda p: [f"adapters/{_simpo_name(p)}", f"train_logs/{_simpo_name(p)}.csv",
-                           f"train_logs/margins_{_simpo_name(p)}.csv", *_figures(f"train_{_simpo_name(p)}")],
+                           f"train_logs/margins_{_simpo_name(p)}.csv"],
         inputs=lambda p: [p["dataset"]] + ([f"adapters/sft{p['tag']}"] if p["regime"] == "sft_simpo" else []),
         scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
         uses_model=True, cell_timeout=8 * HOUR, tagged="tag", configs=_training_configs("simpo")),
