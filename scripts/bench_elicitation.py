@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
                            progress=False)
     print(f"model: {label}")
     print(f"questions: {len(items)} from {bench.name}; device {next(model.parameters()).device}, "
-          f"{torch.get_num_threads()} threads; answer max_new_tokens={config.max_new_tokens}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; answer max_new_tokens={config.max_new_tokens}, "
           f"confidence max_new_tokens={config.confidence_max_new_tokens}, {len(config.options)} options; "
           f"{args.repeats} alternating runs per path")
 
