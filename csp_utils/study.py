@@ -44,15 +44,15 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import yaml
 
+from csp_utils.versions import package_versions
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 PACKAGE = Path(__file__).resolve().parent
-PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "numpy", "papermill")
 RESERVED = ("cell_timeout",)  # stage keys read by the driver, never passed to the notebook
 DRIVER_PARAMETERS = ("run_dir",)
 DRIVER_KEYS = ("stages", "name", "jobs")  # top-level params read by the driver, never passed to a notebook
@@ -608,16 +608,6 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def package_versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def machine_info() -> dict:

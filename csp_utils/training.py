@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from csp_utils import models, plots, prompts
+from csp_utils.versions import package_versions
 
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
@@ -1065,18 +1066,6 @@ def _run_key(stage: str, cfg, base_model, ds, init_adapter) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, log_csv: Path, *,
             base_model, ds, n_examples: int, n_dropped: int = 0, extra: dict | None = None,
             train_output=None) -> TrainResult:
@@ -1094,7 +1083,7 @@ def _finish(trainer, stage: str, cfg, run_dir: Path, name: str, ckpt_dir: Path, 
                 "dataset_fingerprint": _dataset_key(ds), "n_rows": len(ds), "n_examples": n_examples,
                 "n_dropped_pairs": n_dropped, "global_step": state.global_step,
                 "world_size": trainer.args.world_size, "config": dataclasses.asdict(cfg),
-                "train_metrics": metrics, "versions": _versions(), **(extra or {}),
+                "train_metrics": metrics, "versions": package_versions(), **(extra or {}),
             }
             (adapter_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str))
             models.write_base_record(adapter_dir, trainer.model, _base_name(base_model))  # load_vlm checks it

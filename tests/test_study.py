@@ -543,3 +543,12 @@ def test_a_stage_key_names_its_adapters_and_datasets_unless_given():
 def test_config_dicts_are_checked_against_their_dataclasses(changes, message):
     with pytest.raises(ValueError, match=message):
         study.plan_study(_smoke(**changes))
+
+
+def test_one_helper_records_package_versions_everywhere():
+    from csp_utils import training, versions
+    from csp_utils.embedded import report
+
+    got = versions.package_versions(("torch", "no-such-package-xyz"))
+    assert got["torch"] == metadata.version("torch") and got["no-such-package-xyz"] is None and "python" in got
+    assert study.package_versions is training.package_versions is report.package_versions is versions.package_versions

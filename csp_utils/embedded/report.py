@@ -11,13 +11,11 @@ from ``csp_utils.metrics``. The yes/no readout here is the plain next-token comp
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import transformers
 from PIL import Image
 
 from csp_utils import benchmarks as bm
@@ -28,6 +26,7 @@ from csp_utils.embedded.config import PretrainConfig, world_config
 from csp_utils.embedded.data import ChatEncoder, ImageCodec, patch_label_rows
 from csp_utils.embedded.losses import patch_features
 from csp_utils.engine import position_ids_from_mask
+from csp_utils.versions import package_versions
 
 HELDOUT_SEED = 20260  # held-out questions do not depend on the training seed
 
@@ -249,11 +248,6 @@ def evaluate_pretrained(model, processor, cfg: PretrainConfig) -> dict:
     if conf:
         rep["verbalized_confidence"] = conf
     return rep
-
-
-def package_versions() -> dict:
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "numpy": np.__version__}
 
 
 def default_command(cfg: PretrainConfig) -> str:
