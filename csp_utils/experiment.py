@@ -719,8 +719,9 @@ def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_against(rows: list[dict], reference: str, framing: str = "third", readout: str = "single_pass",
-                   n_boot: int = 1000, seed: int = 0, cluster: str = "image", pools: dict | None = POOLS) -> pd.DataFrame:
-    """Every other model against ``reference`` (an ablation's full variant), on the same resamples.
+                   **boot) -> pd.DataFrame:
+    """Every other model against ``reference`` (an ablation's full variant), on the same resamples;
+    ``boot``: :func:`paired_table`'s keywords (n_boot, alpha, seed, cluster, pools).
 
     Model names are taken whole (``@`` is not read as a seed here): each variant is its own model."""
     named = [{**r, "model": str(r["model"]).replace("@", "#")} for r in rows
@@ -728,7 +729,7 @@ def paired_against(rows: list[dict], reference: str, framing: str = "third", rea
     ref = reference.replace("@", "#")
     if ref not in {r["model"] for r in named}:
         raise ValueError(f"reference {reference!r} has no rows; models: {sorted({r['model'] for r in rows})}")
-    table = paired_table(named, framing, readout, n_boot, seed=seed, cluster=cluster, pools=pools, base=ref)
+    table = paired_table(named, framing, readout, base=ref, **boot)
     if table.empty:
         return table
     table = table[table["reference"] == ref].copy()

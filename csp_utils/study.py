@@ -192,8 +192,8 @@ STAGES: dict[str, StageSpec] = {
         types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict),
                **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
     "06_ablations": StageSpec(
-        outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv",
-                           *_figures("ablation_ece_preview", "ablation_auroc_preview")],
+        outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv", "results/ablation_paired.csv",
+                           *_figures("ablation_ece_preview", "ablation_brier_preview", "ablation_auroc_preview")],
         inputs=lambda p: _adapters(_ablation_models(p)), uses_model=True, cell_timeout=8 * HOUR,
         configs=_ablation_configs, types={"sets": (list,)}),
     "07_figures": StageSpec(
