@@ -483,8 +483,11 @@ def _complete_rows(rows, model_name, combos) -> tuple[list[dict], set[str]]:
     done = {q for q, s in have.items() if need <= s}
     keep, seen = [], set()
     for r in rows:
-        if r.get("model") == model_name and (r["question_id"] not in done or _key(r) in seen):
-            continue
+        mine = r.get("model") == model_name
+        if mine and _key(r) in seen:
+            continue  # a duplicate line
+        if mine and (r["framing"], r["readout"]) in need and r["question_id"] not in done:
+            continue  # an unfinished question: asked again; other framings / read-outs stay
         seen.add(_key(r))
         keep.append(r)
     return keep, done

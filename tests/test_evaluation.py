@@ -487,3 +487,19 @@ def test_adapters_trained_on_grounded_targets_are_evaluated_confidence_only(tmp_
     assert ev.config_for_adapter(cfg, paper, adapter_scope="confidence").adapter_scope == "confidence"
     assert ev.config_for_adapter(cfg, None, layout="question_first").layout == "question_first"
     assert ev.config_for_adapter(cfg, grounded, layout="single_turn").layout == "single_turn"
+
+
+def test_asking_a_model_again_in_another_framing_keeps_its_rows_in_the_first():
+    from csp_utils import evaluation
+
+    def row(q, framing, model="m"):
+        return {"model": model, "question_id": q, "framing": framing, "readout": "single_pass"}
+
+    rows = [row("q1", "third"), row("q2", "third"), row("q1", "first"), row("q1", "third", model="other"),
+            row("q1", "third")]  # the last line duplicates the first
+    keep, done = evaluation._complete_rows(rows, "m", {("first", "single_pass")})
+    assert done == {"q1"}
+    # q2 has no first-person row yet: it will be asked in first person; its third-person row stays
+    assert keep == rows[:4]
+    keep, done = evaluation._complete_rows(rows, "m", {("third", "single_pass"), ("first", "single_pass")})
+    assert done == {"q1"} and keep == [rows[0], rows[2], rows[3]]  # q2 unfinished: asked again in both
