@@ -388,11 +388,11 @@ def _resampled_metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.nd
     return out | metrics.resampled_calibration(conf, correct, codes, counts, (10, 15), adaptive=False)
 
 
-def _frame(rows) -> pd.DataFrame:
+def _frame(rows, pool_seeds: bool = True) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    df["group"] = df["model"].map(model_group)
+    df["group"] = df["model"].map(model_group) if pool_seeds else df["model"].astype(str)
     df["conf"] = pd.to_numeric(df["confidence"], errors="coerce").astype(float)
     df["ok"] = df["correct"].astype(float)
     ids = df["image_id"].where(df["image_id"].notna(), df["question_id"]) if "image_id" in df else df["question_id"]
@@ -466,10 +466,11 @@ def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, se
 
 def paired_table(rows: list[dict], framing: str = "third", readout: str = "single_pass", n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0, cluster: str = "image", pools: dict | None = POOLS,
-                 base: str = "base") -> pd.DataFrame:
+                 base: str = "base", pool_seeds: bool = True) -> pd.DataFrame:
     """Every method against every baseline and against ``base``, on the same resamples.
 
-    Methods are the model groups at (``framing``, ``readout``); references are the
+    Methods are the model groups at (``framing``, ``readout``; with ``pool_seeds=False`` each
+    model name is its own group, ``@`` not read as a seed); references are the
     ``baseline:*`` groups and the base model. Per set and pool and metric: ``diff`` =
     method - reference, its percentile interval over resamples drawn once per set (each
     resample scores both on the same images), and ``verdict`` (better / worse / level by
@@ -478,7 +479,7 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
     """
     if cluster not in metrics.CLUSTERS:
         raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
-    df = _frame(rows)
+    df = _frame(rows, pool_seeds)
     if df.empty:
         return pd.DataFrame()
     df = df[((df["framing"] == framing) & (df["readout"] == readout)) | df["group"].str.startswith("baseline:")]
@@ -724,15 +725,10 @@ def paired_against(rows: list[dict], reference: str, framing: str = "third", rea
     ``boot``: :func:`paired_table`'s keywords (n_boot, alpha, seed, cluster, pools).
 
     Model names are taken whole (``@`` is not read as a seed here): each variant is its own model."""
-    named = [{**r, "model": str(r["model"]).replace("@", "#")} for r in rows
-             if not str(r["model"]).startswith("baseline:")]
-    ref = reference.replace("@", "#")
-    if ref not in {r["model"] for r in named}:
+    models = [r for r in rows if not str(r["model"]).startswith("baseline:")]
+    if reference not in {r["model"] for r in models}:
         raise ValueError(f"reference {reference!r} has no rows; models: {sorted({r['model'] for r in rows})}")
-    table = paired_table(named, framing, readout, base=ref, **boot)
+    table = paired_table(models, framing, readout, base=reference, pool_seeds=False, **boot)
     if table.empty:
         return table
-    table = table[table["reference"] == ref].copy()
-    for col in ("method", "reference"):
-        table[col] = table[col].str.replace("#", "@")
-    return table.reset_index(drop=True)
+    return table[table["reference"] == reference].reset_index(drop=True)
