@@ -784,6 +784,25 @@ def _ready(stage: Stage, finished: set[str], running: list[Stage], names: set[st
                    for a in other.outputs + other.shared + other.scratch for b in mine)
 
 
+def _start_stage(stage: Stage, run_dir: Path, package: str, force: bool, executor):
+    """Submit the stage unless it is up to date: (future, key, key parts, start time), or None."""
+    parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
+    key = _hash(parts)
+    state, why = stage_state(run_dir, stage, key, parts)
+    if state == "done" and not force:
+        print(f"[study] {stage.name}: skipped (up to date)")
+        return None
+    print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
+    if state != "resume" or force:
+        _marker_path(run_dir, stage.name).unlink(missing_ok=True)
+        clear_outputs(run_dir, stage)
+    _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
+    out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
+    print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
+    t0 = time.time()
+    return executor.submit(stage, run_dir, out_nb), key, parts, t0
+
+
 def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output: bool, jobs: int = 1) -> None:
     """Run the selected stages, up to ``jobs`` at once, each as soon as the stages it reads are done."""
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -807,30 +826,17 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
     wall0 = time.time()
     try:
         while waiting or running:
-            launched = True
-            while launched and failed is None and len(running) < jobs:
-                launched = False
-                for stage in waiting:
-                    if not _ready(stage, finished, [r[0] for r in running.values()], names):
-                        continue
-                    waiting.remove(stage)
-                    launched = True
-                    parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
-                    key = _hash(parts)
-                    state, why = stage_state(run_dir, stage, key, parts)
-                    if state == "done" and not force:
-                        print(f"[study] {stage.name}: skipped (up to date)")
-                        finished.add(stage.name)
-                        break
-                    print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
-                    if state != "resume" or force:
-                        _marker_path(run_dir, stage.name).unlink(missing_ok=True)
-                        clear_outputs(run_dir, stage)
-                    _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
-                    out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
-                    print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
-                    running[executor.submit(stage, run_dir, out_nb)] = (stage, key, parts, time.time())
+            while failed is None and len(running) < jobs:
+                stage = next((s for s in waiting if _ready(s, finished, [r[0] for r in running.values()], names)),
+                             None)
+                if stage is None:
                     break
+                waiting.remove(stage)
+                started = _start_stage(stage, run_dir, package, force, executor)
+                if started is None:
+                    finished.add(stage.name)
+                else:
+                    running[started[0]] = (stage, *started[1:])
             if not running:
                 if waiting and failed is None:
                     raise RuntimeError("stages wait on each other: " + ", ".join(s.name for s in waiting))
