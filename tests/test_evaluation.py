@@ -469,8 +469,61 @@ def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
     assert out["same_answers"] == 1.0
     # one run per path: the ratio is the fast throughput over the naive one
     assert out["ratio"] == pytest.approx(out["fast_qps"] / out["naive_qps"]) and out["ratio"] > 0
-    for line in ("naive loop :", "fast path  :", "ratio      :"):
+    for line in ("naive loop :", "fast path  :", "ratio      :", "CPUs: ", "where the time goes"):
         assert line in text
+    # both paths' parts: the model's two halves were found and ran, and the parts add up
+    for path in ("naive", "fast"):
+        parts = out[f"{path}_parts"]
+        assert parts["vision tower"] > 0 and parts["language model"] > 0 and parts["processor and text"] > 0
+        assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+    assert out["capability"] == torch.backends.cpu.get_cpu_capability() and out["threads"] == 1
+
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "bench_elicitation.py"
+    spec = importlib.util.spec_from_file_location("bench_elicitation", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_speed_script_times_each_part_exclusively():
+    """A call inside a timed call counts for its own part only (fake clock: each read +1)."""
+    bench = _load_bench()
+    ticks = iter(range(100))
+    timer = bench.PartTimer(clock=lambda: float(next(ticks)))
+
+    class Owner:
+        @staticmethod
+        def inner():
+            return "in"
+
+        @staticmethod
+        def outer():
+            next(ticks)                     # 1 s of the outer part's own work
+            return Owner.inner()
+
+    timer.function("outer", Owner, "outer")
+    timer.function("inner", Owner, "inner")
+    assert Owner.outer() == "in"
+    # clock reads: outer enters 0, own work 1, inner enters 2, leaves 3, outer leaves 4
+    assert timer.total == {"outer": 3.0, "inner": 1.0}
+    timer.remove()
+    assert Owner.outer.__name__ == "outer" and Owner.inner.__name__ == "inner"
+
+
+def test_speed_script_compares_cpu_capabilities(capsys):
+    """--capabilities reruns the script in a fresh process per ATen kernel set."""
+    bench = _load_bench()
+    out = bench.main(["--n", "6", "--batch-size", "4", "--repeats", "1", "--threads", "1",
+                      "--capabilities", "default"])
+    (res,) = out["capabilities"]
+    assert res["requested"] == "default" and res["capability"] == "DEFAULT"
+    assert res["same_answers"] == 1.0 and res["ratio"] > 0 and res["n"] == 6
+    assert "ATEN_CPU_CAPABILITY=default  -> DEFAULT" in capsys.readouterr().out
 
 
 def test_adapters_trained_on_grounded_targets_are_evaluated_confidence_only(tmp_path):

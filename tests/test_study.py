@@ -152,6 +152,16 @@ def test_params_files_name_existing_notebooks():
         assert params["stages"], path
 
 
+def test_only_the_default_study_publishes_into_the_repository():
+    """figures/, the README's results and docs/ hold the default run's outputs: no other
+    params file may write there (its figures stay in its run folder)."""
+    publish = {"figures_dir", "publish_results", "readme", "results_doc", "publish_notebooks"}
+    for path in sorted((REPO / "params").glob("*.yaml")):
+        stages = study.load_params(path)["stages"]
+        writes = {k for name, p in stages.items() if name.startswith("07_figures") for k in (p or {}) if k in publish}
+        assert writes == (publish if path.name == "default.yaml" else set()), path
+
+
 # ---------------------------------------------------------------- the driver on tiny notebooks
 MAKE = '''import os
 from pathlib import Path
