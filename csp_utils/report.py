@@ -129,7 +129,32 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         save(plots.training_curves(log, title=log.stem), f"training_{log.stem}")
     if perturbation_grid:
         save(perturbation_grid_figure(), "perturbation_grid_scenes")
+    prune_stale_figures(figures_dir, written)
     return written
+
+
+FIGURES_MANIFEST = "figures.json"
+
+
+def prune_stale_figures(figures_dir, written: list[Path]) -> list[Path]:
+    """Delete the figures (PNG and PDF) that the previous :func:`make_figures` into this folder
+    wrote and this one did not (a model or set no longer in the results), then record this
+    call's figures in ``figures.json``. Files it never wrote are left alone."""
+    figures_dir = Path(figures_dir)
+    manifest = figures_dir / FIGURES_MANIFEST
+    now = sorted(p.stem for p in written)
+    before = json.loads(manifest.read_text())["figures"] if manifest.exists() else []
+    removed = []
+    for stem in sorted(set(before) - set(now)):
+        for path in (figures_dir / f"{stem}.png", figures_dir / f"{stem}.pdf"):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+    if removed:
+        print("stale figures removed:", *removed, sep="\n  ")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({"written_by": "csp_utils.report.make_figures", "figures": now}, indent=1) + "\n")
+    return removed
 
 
 def perturbation_grid_figure(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int = 0):

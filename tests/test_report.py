@@ -99,3 +99,22 @@ def test_make_figures_writes_one_curve_per_training_log(tmp_path):
     (logs / "margins_sft_simpo@s0.csv").write_text("split,margin\ntrain,0.3\n")  # a table, not a curve
     written = report.make_figures(tmp_path / "results", tmp_path / "figures", perturbation_grid=False)
     assert [p.name for p in written] == ["training_sft@s0.png"]
+
+
+def test_make_figures_removes_only_its_own_stale_figures(tmp_path):
+    """A figure the previous call wrote and this one does not (a model gone from the results)
+    is deleted, PNG and PDF; files it never wrote stay."""
+    logs = tmp_path / "results" / "train_logs"
+    logs.mkdir(parents=True)
+    for name in ("sft@s0", "sft@s1"):
+        (logs / f"{name}.csv").write_text("step,loss,lr\n1,2.0,0.0\n5,1.0,1e-4\n")
+    figs = tmp_path / "figures"
+    report.make_figures(tmp_path / "results", figs, perturbation_grid=False)
+    assert {p.name for p in figs.iterdir()} >= {"training_sft@s1.png", "training_sft@s1.pdf"}
+    (figs / "notes.png").write_bytes(b"not a figure of make_figures")
+    (logs / "sft@s1.csv").unlink()
+    written = report.make_figures(tmp_path / "results", figs, perturbation_grid=False)
+    assert [p.name for p in written] == ["training_sft@s0.png"]
+    assert sorted(p.name for p in figs.iterdir()) == ["figures.json", "notes.png", "training_sft@s0.pdf",
+                                                      "training_sft@s0.png"]
+    assert json.loads((figs / "figures.json").read_text())["figures"] == ["training_sft@s0"]
