@@ -34,6 +34,7 @@ def test_suite_takes_the_official_files(benchmarks_dir, tmp_path):
                                  official_only=True)
     suite = experiment.build_suite(cfg)
     assert {"coco-pope-random", "coco-pope-popular", "coco-pope-adversarial"} <= set(suite)
+    assert all(name.startswith(("coco-pope-", "official-amber-")) for name in suite)   # no world sets
     assert len(suite["coco-pope-adversarial"].items) == 3000
     assert len(suite["official-amber-relation"].items) == 975 + 689
     assert experiment.positive_class("official-amber-existence") == "no"
