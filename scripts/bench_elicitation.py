@@ -128,12 +128,14 @@ def show_breakdown(label: str, parts: dict, n: int) -> None:
     print(f"  {label} ms/question: total {1000 * parts['total'] / n:.2f}; {text}")
 
 
-def compare_capabilities(argv, caps) -> list[dict]:
-    """This script once per ATen CPU capability (a fresh process each: torch reads
-    ATEN_CPU_CAPABILITY when it loads), its ratio lines side by side."""
-    rest = [a for a in argv if a != "--capabilities" and a not in caps]
+def compare_capabilities(args) -> list[dict]:
+    """This script once per ATen CPU capability in ``args.capabilities`` (a fresh process each:
+    torch reads ATEN_CPU_CAPABILITY when it loads) with the other options of ``args``, its
+    ratio lines side by side."""
+    rest = ["--model", args.model, "--n", str(args.n), "--batch-size", str(args.batch_size),
+            "--repeats", str(args.repeats), *(["--threads", str(args.threads)] if args.threads else [])]
     results = []
-    for cap in caps:
+    for cap in args.capabilities:
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
         proc = subprocess.run([sys.executable, __file__, *rest, "--json"], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -187,7 +189,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = ap.parse_args(argv)
     if args.capabilities:
-        return {"capabilities": compare_capabilities(sys.argv[1:] if argv is None else list(argv), args.capabilities)}
+        return {"capabilities": compare_capabilities(args)}
 
     import torch
 
@@ -201,12 +203,13 @@ def main(argv=None) -> dict:
     parse = ev.answer_parser(bench)
     config = ev.EvalConfig(framings=("third",), readouts=("single_pass",), batch_size=args.batch_size,
                            progress=False)
+    capability, cpus = torch.backends.cpu.get_cpu_capability(), cpu_topology()
     print(f"model: {label}")
     print(f"questions: {len(items)} from {bench.name}; device {next(model.parameters()).device}, "
-          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; answer max_new_tokens={config.max_new_tokens}, "
+          f"{torch.get_num_threads()} threads, CPU capability {capability}; answer max_new_tokens={config.max_new_tokens}, "
           f"confidence max_new_tokens={config.confidence_max_new_tokens}, {len(config.options)} options; "
           f"{args.repeats} alternating runs per path")
-    print(f"CPUs: {cpu_topology()}")
+    print(f"CPUs: {cpus}")
 
     # warm up both paths (first calls pay for lazy imports and allocator growth)
     ev.elicit_naive(model, processor, items[0], images[0], config, parse)
@@ -257,7 +260,7 @@ def main(argv=None) -> dict:
         show_breakdown(path, parts[path], len(items))
     result = {"naive_qps": q_naive, "fast_qps": q_fast, "ratio": ratio, "ratios": ratios, "same_answers": same,
               "model": label, "n": len(items), "threads": torch.get_num_threads(),
-              "capability": torch.backends.cpu.get_cpu_capability(), "cpus": cpu_topology(),
+              "capability": capability, "cpus": cpus,
               "naive_parts": parts["naive"], "fast_parts": parts["fast"]}
     if args.json:
         print(json.dumps(result))

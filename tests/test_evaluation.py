@@ -449,9 +449,7 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
         np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
 
 
-def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
-    """scripts/bench_elicitation.py on a few questions: it runs both paths on the embedded
-    default, they give the same answers, and it prints the ratio of their throughputs."""
+def _load_bench():
     import importlib.util
     from pathlib import Path
 
@@ -459,6 +457,13 @@ def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
     spec = importlib.util.spec_from_file_location("bench_elicitation", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
+    """scripts/bench_elicitation.py on a few questions: it runs both paths on the embedded
+    default, they give the same answers, and it prints the ratio of their throughputs."""
+    bench = _load_bench()
     before = torch.get_num_threads()
     try:
         out = bench.main(["--n", "6", "--batch-size", "4", "--repeats", "1", "--threads", "1"])
@@ -477,17 +482,6 @@ def test_speed_script_prints_both_throughputs_and_their_ratio(capsys):
         assert parts["vision tower"] > 0 and parts["language model"] > 0 and parts["processor and text"] > 0
         assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
     assert out["capability"] == torch.backends.cpu.get_cpu_capability() and out["threads"] == 1
-
-
-def _load_bench():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "scripts" / "bench_elicitation.py"
-    spec = importlib.util.spec_from_file_location("bench_elicitation", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_speed_script_times_each_part_exclusively():
