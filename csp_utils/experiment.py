@@ -328,14 +328,90 @@ def baseline_rows(rows: list[dict], base: str = "base", calibration_set: str = "
 
 
 # ------------------------------------------------------------------ headline numbers
-HEADLINE = ("accuracy", "ece", "ece15", "brier", "auroc")
+HEADLINE = ("accuracy", "ece", "ece15", "brier", "auroc_within", "auroc")
 CALIBRATION_METRICS = ("ece", "ece15", "adaptive_ece", "brier", "auroc")
-PAIRED_METRICS = ("accuracy", "ece", "ece15", "brier", "auroc")
+# auroc_within: the mean over a pool's sets of each set's own AUROC (a set's AUROC for a set);
+# "auroc" on a pool mixes sets, so knowing which set is harder earns it (auroc_set_constant)
+PAIRED_METRICS = ("accuracy", "ece", "ece15", "brier", "auroc_within", "auroc")
+SEED_METRICS = ("accuracy", "ece", "brier", "auroc_within", "auroc")   # reported per seed too
 
 
 def model_group(name: str) -> str:
     """``sft_simpo@s1`` -> ``sft_simpo``: seeds of one model are pooled."""
     return name.split("@")[0]
+
+
+def seed_label(name: str) -> str:
+    """``sft_simpo@s1`` -> ``s1`` ("" for a name without a seed)."""
+    return name.split("@", 1)[1] if "@" in name else ""
+
+
+def _seed_order(names) -> list[str]:
+    """Model names of one group, in the order their seeds pair across groups: s0, s1, ..., s10."""
+    key = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", seed_label(n))]  # noqa: E731
+    return sorted(set(names), key=key)
+
+
+def seed_resample_counts(n_seeds: int, uniform: np.ndarray) -> np.ndarray:
+    """(B, n_seeds) counts: how often each seed is drawn in each resample (seeds with replacement).
+
+    ``uniform`` (B, >= n_seeds) uniforms drawn once per table unit: every group with the same
+    number of seeds draws the same seed positions, so the k-th seed of a method is paired with
+    the k-th seed of another in each resample (s0 with s0, ...). One seed: always drawn once.
+    """
+    B = uniform.shape[0]
+    if n_seeds == 1:
+        return np.ones((B, 1))
+    draws = np.floor(uniform[:, :n_seeds] * n_seeds).astype(np.int64)
+    flat = (np.arange(B)[:, None] * n_seeds + draws).ravel()
+    return np.bincount(flat, minlength=B * n_seeds).reshape(B, n_seeds).astype(float)
+
+
+def two_level_counts(seed_counts: np.ndarray, image_counts: np.ndarray) -> np.ndarray:
+    """(B, S * C) counts of the (seed, image) clusters, cluster code ``seed * C + image``: a
+    resample draws seeds, then images, and a row weighs (times its seed) x (times its image)."""
+    B, S = seed_counts.shape
+    return (seed_counts[:, :, None] * image_counts[:, None, :]).reshape(B, S * image_counts.shape[1])
+
+
+def within_set_auroc(conf, correct, sets, codes, counts) -> np.ndarray:
+    """(B,) the mean over sets of each set's AUROC, for B cluster resamples at once
+    (``codes``/``counts`` as :func:`metrics.resampled_calibration`; ``counts`` of ones: the point
+    estimate). A set whose resample has one class only is left out of that resample's mean."""
+    conf, correct, sets = np.asarray(conf, float), np.asarray(correct, float), np.asarray(sets)
+    codes = np.asarray(codes, np.int64)
+    K = np.atleast_2d(np.asarray(counts, float))
+    per_set = []
+    for s in pd.unique(sets):
+        m = sets == s
+        used, local = np.unique(codes[m], return_inverse=True)
+        per_set.append(metrics.resampled_calibration(conf[m], correct[m], local, K[:, used], (), adaptive=False)["auroc"])
+    if not per_set:
+        return np.full(K.shape[0], np.nan)
+    stacked = np.vstack(per_set)
+    ok = ~np.isnan(stacked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok.any(0), np.where(ok, stacked, 0.0).sum(0) / ok.sum(0), np.nan)
+
+
+def mean_set_auroc(conf, correct, sets) -> float:
+    """The mean over sets of each set's AUROC (rows with no confidence left out, one-class sets
+    skipped): the point value of :func:`within_set_auroc`."""
+    conf, correct, sets = np.asarray(conf, float), np.asarray(correct, float), np.asarray(sets)
+    vals = []
+    for s in pd.unique(sets):
+        m = (sets == s) & ~np.isnan(conf)
+        if 0 < correct[m].sum() < m.sum():
+            vals.append(metrics.auroc(conf[m], correct[m]))
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def set_constant_auroc(correct, sets) -> float:
+    """The AUROC of a confidence that knows only each set's accuracy: what set difficulty alone
+    earns on a pool (0.5 on one set)."""
+    correct = np.asarray(correct, float)
+    acc = pd.Series(correct).groupby(np.asarray(sets)).transform("mean").to_numpy()
+    return metrics.auroc(acc, correct) if 0 < correct.sum() < correct.size else math.nan
 
 
 def positive_class(set_name: str) -> str:
@@ -417,17 +493,41 @@ def _codes(g: pd.DataFrame, key: str, uniq) -> np.ndarray:
     return pd.Index(uniq).get_indexer(g[key])
 
 
+def _scored(g: pd.DataFrame, key: str, uniq, image_counts: np.ndarray, uniform: np.ndarray):
+    """(point values, resampled values) of one model group's rows. A resample draws the
+    group's seeds with replacement (:func:`seed_resample_counts`), then images
+    (``image_counts``): seed-to-seed variation is in every interval."""
+    seeds = _seed_order(g["model"])
+    codes = pd.Index(seeds).get_indexer(g["model"]) * len(uniq) + _codes(g, key, uniq)
+    counts = two_level_counts(seed_resample_counts(len(seeds), uniform), image_counts)
+    arrays = (g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
+    sets = g["set"].to_numpy()
+    point = _metric_values(*arrays)
+    point["auroc_within"] = mean_set_auroc(arrays[0], arrays[1], sets)
+    boots = _resampled_metric_values(*arrays, codes, counts)
+    boots["auroc_within"] = within_set_auroc(arrays[0], arrays[1], sets, codes, counts)
+    return point, boots
+
+
+def _seed_uniforms(df: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.random((n_boot, int(df.groupby("group")["model"].nunique().max())))
+
+
 def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
                    cluster: str = "image", pools: dict | None = POOLS) -> pd.DataFrame:
     """Per (model group, set or pool, framing, read-out): metrics with bootstrap intervals.
 
     ``cluster="image"`` resamples images (all their questions, and all seeds' rows of them,
     move together); ``"question"`` resamples questions. The ``cluster`` column says which.
-    Seeds of one model are pooled; their spread is reported separately (``seeds``,
-    ``ece_seed_min/max``). Pools (``pooled-clean``, ``pooled-transfer``) gather the rows of
-    their member sets and resample the images of all of them at once. ``image_share`` is the
-    between-image share of the confidence variance (:func:`metrics.image_variance_share`), the
-    mean over seeds.
+    Seeds of one model (``name@s0``, ``name@s1``, ...) are pooled for the point values and
+    resampled before the images (two levels), so the intervals hold the seed spread; each
+    seed's own value is in ``<metric>_per_seed`` (``seed_labels`` gives the order) and
+    ``<metric>_seed_min/max``. ``auroc_within`` is the mean of the per-set AUROCs of a pool
+    (a set's own AUROC for a set); a pool's ``auroc`` mixes its sets and is shown beside
+    ``auroc_set_constant``, what a confidence knowing only each set's accuracy earns there.
+    Pools (``pooled-clean``, ``pooled-transfer``) gather the rows of their member sets and
+    resample the images of all of them at once. ``image_share`` is the between-image share of
+    the confidence variance (:func:`metrics.image_variance_share`), the mean over seeds.
     """
     if cluster not in metrics.CLUSTERS:
         raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
@@ -437,13 +537,12 @@ def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, se
     key = "image" if cluster == "image" else "question_id"
     out = []
     rng = np.random.default_rng(seed)
+    seed_rng = np.random.default_rng([seed, 1])   # its own stream: one-seed models keep their image resamples
     for unit, gu in _units(df, pools):
+        uniform = _seed_uniforms(df, n_boot, seed_rng)
         for (group, framing, readout), g in gu.groupby(["group", "framing", "readout"], sort=False):
             uniq = pd.unique(g[key])
-            conf, correct, truth, pred = g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy()
-            point = _metric_values(conf, correct, truth, pred)
-            boots = _resampled_metric_values(conf, correct, truth, pred, _codes(g, key, uniq),
-                                             metrics.resample_counts(len(uniq), n_boot, rng))
+            point, boots = _scored(g, key, uniq, metrics.resample_counts(len(uniq), n_boot, rng), uniform)
             pos = sorted(set(g["pos"]))
             rec = {"model": group, "set": unit, "framing": framing, "readout": readout,
                    "positive_class": pos[0] if len(pos) == 1 else "per set",
@@ -452,14 +551,26 @@ def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, se
             for k, v in point.items():
                 rec[k] = v
                 rec[f"{k}_low"], rec[f"{k}_high"] = metrics.interval(boots[k], alpha) if k in boots else (math.nan,) * 2
+            rec["auroc_set_constant"] = (set_constant_auroc(g["ok"].to_numpy(), g["set"].to_numpy())
+                                         if rec["n_sets"] > 1 else math.nan)
             # per seed, then averaged: seeds disagreeing about an image is not within-image variation
             shares = [metrics.image_variance_share(s["conf"].to_numpy(), s["image"].to_numpy())
                       for _, s in g.groupby("model")]
             rec["image_share"] = float(np.mean(shares)) if not np.all(np.isnan(shares)) else math.nan
             if rec["seeds"] > 1:
-                per_seed = [_metric_values(s["conf"].to_numpy(), s["ok"].to_numpy(), s["truth"].to_numpy(),
-                                           s["pred"].to_numpy())["ece"] for _, s in g.groupby("model")]
-                rec["ece_seed_min"], rec["ece_seed_max"] = float(np.min(per_seed)), float(np.max(per_seed))
+                names = _seed_order(g["model"])
+                per_seed = []
+                for name in names:
+                    s = g[g["model"] == name]
+                    v = _metric_values(s["conf"].to_numpy(), s["ok"].to_numpy(), s["truth"].to_numpy(),
+                                       s["pred"].to_numpy())
+                    v["auroc_within"] = mean_set_auroc(s["conf"].to_numpy(), s["ok"].to_numpy(), s["set"].to_numpy())
+                    per_seed.append(v)
+                rec["seed_labels"] = ";".join(seed_label(n) for n in names)
+                for k in SEED_METRICS:
+                    vals = [v[k] for v in per_seed]
+                    rec[f"{k}_per_seed"] = ";".join(f"{x:.6f}" for x in vals)
+                    rec[f"{k}_seed_min"], rec[f"{k}_seed_max"] = float(np.nanmin(vals)), float(np.nanmax(vals))
             out.append(rec)
     return pd.DataFrame(out)
 
@@ -473,9 +584,11 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
     model name is its own group, ``@`` not read as a seed); references are the
     ``baseline:*`` groups and the base model. Per set and pool and metric: ``diff`` =
     method - reference, its percentile interval over resamples drawn once per set (each
-    resample scores both on the same images), and ``verdict`` (better / worse / level by
-    whether the interval excludes 0; lower is better for ECE and Brier, higher for AUROC
-    and accuracy). Both must have answered the same questions.
+    resample scores both on the same images and, for groups with the same number of seeds,
+    the same seed positions: s0 with s0), and ``verdict`` (better / worse / level by whether
+    the interval excludes 0; lower is better for ECE and Brier, higher for AUROC and
+    accuracy). A group with several seeds has them resampled too (:func:`_scored`). Both must
+    have answered the same questions.
     """
     if cluster not in metrics.CLUSTERS:
         raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
@@ -486,6 +599,7 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
     key = "image" if cluster == "image" else "question_id"
     out = []
     rng = np.random.default_rng(seed)
+    seed_rng = np.random.default_rng([seed, 1])
     for unit, gu in _units(df, pools):
         groups = list(dict.fromkeys(gu["group"]))
         refs = [g for g in groups if g.startswith("baseline:")] + ([base] if base in groups else [])
@@ -494,12 +608,11 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
             continue
         uniq = pd.unique(gu[key])
         counts = metrics.resample_counts(len(uniq), n_boot, rng)
+        uniform = _seed_uniforms(gu, n_boot, seed_rng)
         point, boots, qids = {}, {}, {}
         for name in dict.fromkeys(methods + refs):
             g = gu[gu["group"] == name]
-            arrays = (g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
-            point[name] = _metric_values(*arrays)
-            boots[name] = _resampled_metric_values(*arrays, _codes(g, key, uniq), counts)
+            point[name], boots[name] = _scored(g, key, uniq, counts, uniform)
             qids[name] = frozenset(g["question_id"])
         for m in methods:
             for r in refs:
@@ -514,6 +627,8 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
                                 "method_value": point[m][k], "reference_value": point[r][k],
                                 "diff": point[m][k] - point[r][k], "diff_low": lo, "diff_high": hi,
                                 "verdict": metrics.verdict(lo, hi, k), "cluster": cluster,
+                                "method_seeds": gu.loc[gu["group"] == m, "model"].nunique(),
+                                "reference_seeds": gu.loc[gu["group"] == r, "model"].nunique(),
                                 "n_images": gu["image"].nunique(), "framing": framing, "readout": readout})
     return pd.DataFrame(out)
 
@@ -720,15 +835,19 @@ def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_against(rows: list[dict], reference: str, framing: str = "third", readout: str = "single_pass",
-                   **boot) -> pd.DataFrame:
-    """Every other model against ``reference`` (an ablation's full variant), on the same resamples;
-    ``boot``: :func:`paired_table`'s keywords (n_boot, alpha, seed, cluster, pools).
+                   pool_seeds: bool = True, **boot) -> pd.DataFrame:
+    """Every other model group against ``reference`` (an ablation's full variant, or another
+    method), on the same resamples; ``boot``: :func:`paired_table`'s keywords (n_boot, alpha,
+    seed, cluster, pools).
 
-    Model names are taken whole (``@`` is not read as a seed here): each variant is its own model."""
+    Seeds (``name@s0``, ``name@s1``, ...) are pooled per group and resampled seed with seed:
+    the k-th seed of each group is drawn together. ``pool_seeds=False`` takes every model
+    name whole (each its own one-seed model)."""
     models = [r for r in rows if not str(r["model"]).startswith("baseline:")]
-    if reference not in {r["model"] for r in models}:
-        raise ValueError(f"reference {reference!r} has no rows; models: {sorted({r['model'] for r in rows})}")
-    table = paired_table(models, framing, readout, base=reference, pool_seeds=False, **boot)
+    names = {str(r["model"]) if not pool_seeds else model_group(str(r["model"])) for r in models}
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} has no rows; models: {sorted(names)}")
+    table = paired_table(models, framing, readout, base=reference, pool_seeds=pool_seeds, **boot)
     if table.empty:
         return table
     return table[table["reference"] == reference].reset_index(drop=True)

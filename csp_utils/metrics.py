@@ -267,7 +267,7 @@ def bootstrap_ci(
 # default resampling unit is the image ("question" resamples single questions).
 CLUSTERS = ("image", "question")
 LOWER_IS_BETTER = {"ece": True, "ece15": True, "adaptive_ece": True, "brier": True, "auroc": False,
-                   "accuracy": False, "f1": False}
+                   "auroc_within": False, "accuracy": False, "f1": False}
 
 
 def resample_counts(n_clusters: int, n_boot: int, seed: int | np.random.Generator = 0) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Method against method on the same image resamples (the study's tables pair methods with
 baselines and the base model only): grounded CSP against the paper's CSP and against the
-distilled model, seeds pooled, per base model, on the pooled sets.
+distilled model, per base model, on the pooled sets; seeds are resampled and paired seed with
+seed (a method with one seed is compared with that seed alone).
 
     python scripts/paired_methods.py runs/default
 """
@@ -15,7 +16,7 @@ import pandas as pd
 from csp_utils import experiment
 
 PAIRS = (("sft_simpo", "grounded"), ("distilled", "grounded"))  # (reference, method)
-METRICS = ("brier", "auroc", "ece")
+METRICS = ("brier", "auroc_within", "ece")
 
 
 def main() -> None:
@@ -28,10 +29,10 @@ def main() -> None:
         folder = args.run_dir / matrix
         if not folder.is_dir():
             raise SystemExit(f"{folder} not found: run the default study first")
-        rows = [{**r, "model": experiment.model_group(r["model"])} for r in experiment.load_rows(folder)
-                if r["set"] not in ("calibration", "train-sample")]
+        rows = [r for r in experiment.load_rows(folder) if r["set"] not in ("calibration", "train-sample")]
         for ref, method in PAIRS:
-            t = experiment.paired_against([r for r in rows if r["model"] in (ref, method)], ref, n_boot=args.n_boot)
+            pair = [r for r in rows if experiment.model_group(r["model"]) in (ref, method)]
+            t = experiment.paired_against(pair, ref, n_boot=args.n_boot)
             out.append(t.assign(base_model=base))
     t = pd.concat(out)
     t = t[t["set"].isin(["pooled-clean", "pooled-transfer"]) & t["metric"].isin(METRICS)]

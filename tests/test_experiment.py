@@ -380,10 +380,107 @@ def test_paired_against_compares_each_variant_with_the_reference_on_the_same_res
     for rows in (ref, worse, same):
         for i, r in enumerate(rows):
             r["image_id"] = f"img{i // 6}"
-    table = experiment.paired_against(ref + worse + same, "full@g0", n_boot=300, pools=None)
+    table = experiment.paired_against(ref + worse + same, "full@g0", n_boot=300, pools=None, pool_seeds=False)
     ece = table[table["metric"] == "ece"].set_index("method")
     assert set(ece.index) == {"variant@x", "variant@y"} and set(ece["reference"]) == {"full@g0"}
     assert ece.loc["variant@x", "verdict"] == "worse" and ece.loc["variant@x", "diff"] > 0.2
     assert ece.loc["variant@y", "diff"] == 0 and ece.loc["variant@y", "verdict"] == "level"
     with pytest.raises(ValueError, match="reference 'nope' has no rows"):
         experiment.paired_against(ref, "nope")
+
+
+def _two_sets(model, conf_by_set, seed=0, n=300):
+    """Rows on an easy set (90% right) and a hard one (60% right), one image per question."""
+    rows = []
+    for set_, acc in (("pope-random", 0.9), ("amber-relation", 0.6)):
+        for r in _rows(model, set_, n, acc, conf_by_set[set_], seed=seed + len(set_)):
+            rows.append({**r, "question_id": f"{set_}-{r['question_id']}", "image_id": f"{set_}-{r['question_id']}"})
+    return rows
+
+
+def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc():
+    """Knowing which set is harder earns pooled AUROC but no within-set AUROC, and is level
+    with a constant baseline on within-set AUROC."""
+    from csp_utils import experiment
+
+    knows_sets = _two_sets("setwise", {"pope-random": 0.9, "amber-relation": 0.6})
+    constant = [{**r, "model": "baseline:constant", "confidence": 0.75} for r in knows_sets]
+    pools = {"pooled-clean": ("pope-random", "amber-relation")}
+    head = experiment.headline_table(knows_sets + constant, n_boot=200, pools=pools)
+    r = head[(head["model"] == "setwise") & (head["set"] == "pooled-clean")].iloc[0]
+    assert r["auroc"] > 0.6                                  # pooled: set difficulty
+    assert r["auroc_within"] == pytest.approx(0.5)           # within sets: nothing
+    assert r["auroc_within_low"] == pytest.approx(0.5) and r["auroc_within_high"] == pytest.approx(0.5)
+    assert r["auroc_set_constant"] == pytest.approx(r["auroc"])
+    paired = experiment.paired_table(knows_sets + constant, n_boot=200, pools=pools)
+    p = paired[(paired["set"] == "pooled-clean") & (paired["metric"] == "auroc_within")].iloc[0]
+    assert p["diff"] == pytest.approx(0.0) and p["verdict"] == "level"
+    pooled = paired[(paired["set"] == "pooled-clean") & (paired["metric"] == "auroc")].iloc[0]
+    assert pooled["verdict"] == "better"                     # what the pooled metric would have claimed
+
+
+def test_within_set_auroc_resampled_equals_row_by_row():
+    from csp_utils import experiment, metrics
+
+    rng = np.random.default_rng(5)
+    n = 200
+    conf, correct = rng.random(n), (rng.random(n) < 0.7).astype(float)
+    conf[rng.random(n) < 0.05] = np.nan
+    sets = np.where(rng.random(n) < 0.4, "a", "b")
+    codes = rng.integers(0, 50, n)
+    drawn = np.stack([np.bincount(rng.integers(0, 50, 50), minlength=50) for _ in range(20)])
+    fast = experiment.within_set_auroc(conf, correct, sets, codes, drawn)
+    for b in range(len(drawn)):
+        idx = np.repeat(np.arange(n), drawn[b, codes])
+        slow = np.mean([metrics.auroc(conf[idx][(sets[idx] == s) & ~np.isnan(conf[idx])],
+                                      correct[idx][(sets[idx] == s) & ~np.isnan(conf[idx])]) for s in ("a", "b")])
+        assert fast[b] == pytest.approx(slow, abs=1e-12)
+    point = experiment.within_set_auroc(conf, correct, sets, codes, np.ones((1, 50)))[0]
+    assert point == pytest.approx(experiment.mean_set_auroc(conf, correct, sets))
+
+
+def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
+    from csp_utils import experiment
+
+    # the same questions and answers under three seeds; seed s2's confidence is noise
+    rows = []
+    rng = np.random.default_rng(0)
+    base = _rows("m@s0", "pope-random", 400, 0.7, 0.5, seed=3)
+    for seed_name, informative in (("s0", True), ("s1", True), ("s2", False)):
+        for r in base:
+            c = (0.8 if r["correct"] else 0.4) if informative else float(rng.random())
+            rows.append({**r, "model": f"m@{seed_name}", "confidence": c})
+    one_seed = [r for r in rows if r["model"] == "m@s0"]
+    pools = {}
+    head = experiment.headline_table(rows, n_boot=300, pools=pools).iloc[0]
+    alone = experiment.headline_table(one_seed, n_boot=300, pools=pools).iloc[0]
+    assert head["seeds"] == 3 and head["seed_labels"] == "s0;s1;s2"
+    per_seed = [float(v) for v in head["auroc_within_per_seed"].split(";")]
+    assert per_seed[0] == pytest.approx(1.0) and per_seed[2] < 0.6
+    assert head["auroc_within_seed_min"] == pytest.approx(per_seed[2])
+    # resampling seeds: some resamples hold s2 twice or not at all, so the interval is wide
+    assert head["auroc_within_high"] - head["auroc_within_low"] > 5 * (alone["auroc_within_high"] - alone["auroc_within_low"] + 1e-3)
+    # a copy of the same seeds under another name pairs s0 with s0: every difference is exactly 0
+    twin = [{**r, "model": r["model"].replace("m@", "twin@")} for r in rows]
+    base_rows = [{**r, "model": "base"} for r in one_seed]
+    paired = experiment.paired_table(rows + twin + base_rows, n_boot=200, pools=pools, base="base")
+    assert set(paired["method"]) == {"m", "twin"}
+    m, t = (paired[(paired["method"] == x) & (paired["metric"] == "auroc_within")].iloc[0] for x in ("m", "twin"))
+    assert (m["diff_low"], m["diff_high"]) == (t["diff_low"], t["diff_high"])
+    assert m["method_seeds"] == 3 and m["reference_seeds"] == 1
+
+
+def test_paired_against_pairs_seed_with_seed():
+    """A method against another, both with seeds: the same seed positions are drawn for both,
+    so a method against a copy of itself differs by exactly 0 in every resample."""
+    from csp_utils import experiment
+
+    rows = []
+    rng = np.random.default_rng(1)
+    for seed_name in ("s0", "s1", "s2"):
+        for r in _rows(f"a@{seed_name}", "pope-random", 200, 0.7, 0.5, seed=4):
+            rows.append({**r, "confidence": float(rng.random())})
+    copy = [{**r, "model": r["model"].replace("a@", "b@")} for r in rows]
+    t = experiment.paired_against(rows + copy, "a", n_boot=200, pools={})
+    assert set(t["method"]) == {"b"} and set(t["reference"]) == {"a"}
+    assert (t["diff_low"] == 0).all() and (t["diff_high"] == 0).all() and set(t["verdict"]) == {"level"}
