@@ -673,30 +673,57 @@ def markdown_table(df: pd.DataFrame, framing: str = "third", readout: str = "sin
     """Results table: one row per model/baseline x set, intervals in brackets.
 
     With ``paired`` and ``reference`` (e.g. the strongest baseline), two more columns give
-    each row's paired Brier and AUROC difference against it, with interval and verdict.
+    each row's paired Brier and within-set AUROC difference against it, with interval and verdict.
     """
     keep = _main(df, framing, readout)
     keep = keep[keep["set"].isin(sets)]
     cl = ", ".join(sorted(set(keep["cluster"]))) if "cluster" in keep else "question"
     ref = f" vs {reference}" if reference else ""
-    head = ["set", "model", "accuracy", "F1 (positive)", "ECE10", "ECE15", "Brier", "AUROC", "coverage",
-            "image share"] + ([f"ΔBrier{ref}", f"ΔAUROC{ref}"] if reference else [])
+    head = ["set", "model", "seeds", "accuracy", "F1 (positive)", "ECE10", "ECE15", "Brier", "within-set AUROC",
+            "AUROC (pooled: mixes sets)", "per-set constant AUROC", "coverage", "image share"] \
+        + ([f"ΔBrier{ref}", f"Δwithin-set AUROC{ref}"] if reference else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for set_ in sets:
         for _, r in keep[keep["set"] == set_].iterrows():
-            cells = [set_, r["model"], _fmt(r, "accuracy"), f"{_fmt(r, 'f1')} ({r['positive_class']})",
-                     _fmt(r, "ece"), _fmt(r, "ece15"), _fmt(r, "brier"), _fmt(r, "auroc"), f"{r['coverage']:.2f}",
+            const = r.get("auroc_set_constant", math.nan)
+            cells = [set_, r["model"], str(int(r.get("seeds", 1))), _fmt(r, "accuracy"),
+                     f"{_fmt(r, 'f1')} ({r['positive_class']})", _fmt(r, "ece"), _fmt(r, "ece15"), _fmt(r, "brier"),
+                     _fmt(r, "auroc_within"), _fmt(r, "auroc"), "—" if const != const else f"{const:.3f}",
+                     f"{r['coverage']:.2f}",
                      "n/a" if r.get("image_share") != r.get("image_share") else f"{r.get('image_share', math.nan):.2f}"]
             if reference:
-                cells += [_diff_cell(paired, set_, r["model"], reference, k) for k in ("brier", "auroc")]
+                cells += [_diff_cell(paired, set_, r["model"], reference, k) for k in ("brier", "auroc_within")]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"95% percentile bootstrap intervals, resampling by {cl} "
-                 f"({framing} person, {readout.replace('_', ' ')} read-out for the models).")
+    lines.append(f"95% percentile bootstrap intervals, resampling seeds (models with several), then {cl}s "
+                 f"({framing} person, {readout.replace('_', ' ')} read-out for the models). Within-set AUROC: "
+                 "a set's own AUROC, and for a pool the mean over its sets; per-set constant AUROC: what a "
+                 "confidence knowing only each set's accuracy earns on a pool.")
     return "\n".join(lines)
 
 
-def paired_markdown(paired: pd.DataFrame, sets=None, methods=None, metrics_=("ece", "ece15", "brier", "auroc", "accuracy")) -> str:
+def seed_markdown(df: pd.DataFrame, framing: str = "third", readout: str = "single_pass",
+                  sets: tuple = ("pooled-clean", "pooled-transfer"), metrics_=SEED_METRICS) -> str:
+    """Each seed's own value for the models with several seeds (pooled sets)."""
+    keep = _main(df, framing, readout)
+    keep = keep[keep["set"].isin(sets) & (keep.get("seeds", 1) > 1)]
+    if keep.empty:
+        return "_no model with several seeds_"
+    head = ["set", "model", "seeds"] + [METRIC_NAMES.get(m, m) + " per seed" for m in metrics_]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in keep.iterrows():
+        cells = [r["set"], r["model"], str(r["seed_labels"]).replace(";", " / ")]
+        cells += [" / ".join(f"{float(x):.3f}" for x in str(r[f"{m}_per_seed"]).split(";")) for m in metrics_]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+METRIC_NAMES = {"ece": "ECE10", "ece15": "ECE15", "brier": "Brier", "auroc": "AUROC", "auroc_within": "within-set AUROC",
+                "accuracy": "accuracy"}
+
+
+def paired_markdown(paired: pd.DataFrame, sets=None, methods=None,
+                    metrics_=("ece", "ece15", "brier", "auroc_within", "auroc", "accuracy")) -> str:
     """Paired differences (method - reference) as a table: one row per set x method x reference."""
     if paired is None or paired.empty:
         return "_no paired differences_"
@@ -705,8 +732,7 @@ def paired_markdown(paired: pd.DataFrame, sets=None, methods=None, metrics_=("ec
         p = p[p["set"].isin(sets)]
     if methods is not None:
         p = p[p["method"].isin(methods)]
-    head = ["set", "method", "reference"] + [{"ece": "ΔECE10", "ece15": "ΔECE15", "brier": "ΔBrier",
-                                              "auroc": "ΔAUROC", "accuracy": "Δaccuracy"}[m] for m in metrics_]
+    head = ["set", "method", "reference"] + ["Δ" + METRIC_NAMES[m] for m in metrics_]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = list(dict.fromkeys(p["set"]))
     for set_ in order:
@@ -714,9 +740,10 @@ def paired_markdown(paired: pd.DataFrame, sets=None, methods=None, metrics_=("ec
         for (m, r), _ in sp.groupby(["method", "reference"], sort=False):
             lines.append("| " + " | ".join([set_, m, r] + [_diff_cell(sp, set_, m, r, k) for k in metrics_]) + " |")
     cl = ", ".join(sorted(set(p["cluster"]))) if len(p) else "image"
-    lines += ["", f"Difference = method - reference on the same bootstrap resamples (by {cl}), 95% interval; "
-                  "verdict: better / worse when the interval excludes 0 (lower ECE and Brier, higher AUROC "
-                  "and accuracy are better), level otherwise."]
+    lines += ["", f"Difference = method - reference on the same bootstrap resamples (seeds paired by position, "
+                  f"then {cl}s), 95% interval; verdict: better / worse when the interval excludes 0 (lower ECE and "
+                  "Brier, higher AUROC and accuracy are better), level otherwise. On a pool, ΔAUROC mixes sets: "
+                  "rank claims use Δwithin-set AUROC."]
     return "\n".join(lines)
 
 
@@ -832,6 +859,32 @@ def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
         rho, p = metrics.spearman(g["level"], g["confidence"]) if len(g) >= 3 else (math.nan, math.nan)
         out.append({"model": model, "framing": framing, "readout": readout, "spearman_level": rho, "p": p, "n": len(g)})
     return pd.DataFrame(out)
+
+
+def variant_seeds(variants: dict) -> dict[str, list[str]]:
+    """Ablation variants ``{label: model name or [model name per seed]}`` -> ``{label: [names]}``;
+    labels must not hold ``@`` (it marks the seed of a reported name)."""
+    out = {}
+    for label, names in variants.items():
+        if "@" in str(label):
+            raise ValueError(f"variant label {label!r} holds '@', which marks seeds; rename it")
+        names = [names] if isinstance(names, str) else list(names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"variant {label!r}: expected a model name or a list of them, got {names!r}")
+        out[str(label)] = names
+    return out
+
+
+def variant_labels(seeded: dict[str, list[str]]) -> dict[str, str]:
+    """Model name -> the name its rows are reported under: the label for a one-seed variant,
+    ``label@s<k>`` for the k-th seed of a variant with several (seeds pair by position)."""
+    out = {}
+    for label, names in seeded.items():
+        for k, name in enumerate(names):
+            if name in out:
+                raise ValueError(f"model {name!r} is listed under two variants ({out[name]!r} and {label!r})")
+            out[name] = label if len(names) == 1 else f"{label}@s{k}"
+    return out
 
 
 def paired_against(rows: list[dict], reference: str, framing: str = "third", readout: str = "single_pass",

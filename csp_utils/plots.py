@@ -52,7 +52,7 @@ def _style(ax) -> None:
 
 # ----------------------------------------------------------------------- saving
 METRIC_LABELS = {"ece": "ECE (10 bins)", "ece15": "ECE (15 bins)", "adaptive_ece": "adaptive ECE", "mce": "MCE", "brier": "Brier score",
-                 "auroc": "AUROC", "accuracy": "accuracy", "f1": "F1"}
+                 "auroc": "AUROC", "auroc_within": "within-set AUROC", "accuracy": "accuracy", "f1": "F1"}
 
 
 def metric_label(metric) -> str:
@@ -262,7 +262,7 @@ def metric_intervals(df: pd.DataFrame, metrics_=("ece", "ece15", "brier", "auroc
     return fig
 
 
-def paired_differences(df: pd.DataFrame, metrics_=("ece", "brier", "auroc"), title: str | None = None) -> Figure:
+def paired_differences(df: pd.DataFrame, metrics_=("ece", "brier", "auroc_within"), title: str | None = None) -> Figure:
     """Forest plot of paired differences (method - reference) with intervals, one panel per metric.
 
     ``df``: a paired table (``set, method, reference, metric, diff, diff_low, diff_high``).

@@ -86,7 +86,10 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         cl = ", ".join(sorted(set(main["cluster"])))
         pooled = [u for u in POOLED if u in set(main["set"])]
         if pooled:
-            save(plots.metric_intervals(main, units=pooled, title=f"Pooled sets (95% intervals, resampling by {cl})"),
+            # a pool's AUROC mixes its sets; the within-set AUROC is the mean of its sets' own
+            save(plots.metric_intervals(main, ("ece", "brier", "auroc_within", "auroc"), units=pooled,
+                                        title=f"Pooled sets (95% intervals, resampling seeds, then {cl}s; "
+                                              "AUROC: pooled over sets)"),
                  "metrics_pooled")
         groups = {"clean": [u for u in experiment.CLEAN_SETS if u in set(main["set"])],
                   "transfer": sorted(u for u in set(main["set"]) if u.startswith("transfer-"))}
@@ -208,13 +211,24 @@ def _bases(results) -> dict[str, Path]:
     return {k: Path(v) for k, v in results.items()} if isinstance(results, dict) else {"": Path(results)}
 
 
+README_REFERENCES = ("base", "baseline:answer_constant")   # shown beside the methods in the README table
+
+
+def _per_seed(r, k: str = "auroc_within") -> str:
+    v = r.get(f"{k}_per_seed")
+    return "" if not isinstance(v, str) else " / ".join(f"{float(x):.3f}" for x in v.split(";"))
+
+
 def results_markdown(results, methods=("sft_simpo",)) -> str:
-    """The README's first-screen table, at most 12 rows: pooled clean and pooled transfer x each
-    base model x (each CSP method in ``methods``, the strongest baseline), with paired Brier and
-    AUROC differences against that baseline (lowest pooled clean Brier, chosen per base model by
-    :func:`experiment.strongest_baseline` before any method is looked at)."""
-    head_cols = ["set", "base model", "model", "accuracy", "ECE10", "Brier", "AUROC", "ΔBrier vs strongest",
-                 "ΔAUROC vs strongest"]
+    """The README's results table: pooled clean and pooled transfer x each base model x (the
+    base model, each CSP method in ``methods``, the answer-conditioned constant, the strongest
+    baseline), with paired Brier and within-set AUROC differences against that baseline (lowest
+    pooled clean Brier, chosen per base model by :func:`experiment.strongest_baseline` before
+    any method is looked at). Within-set AUROC is the ranking metric; the pooled AUROC mixes
+    sets and stands beside what a per-set constant earns on the same pool."""
+    head_cols = ["set", "base model", "model", "seeds", "accuracy", "ECE10", "Brier", "within-set AUROC",
+                 "within-set AUROC per seed", "pooled AUROC (per-set constant)", "ΔBrier vs strongest",
+                 "Δwithin-set AUROC vs strongest"]
     lines = ["| " + " | ".join(head_cols) + " |", "|" + "---|" * len(head_cols)]
     clusters, notes = set(), []
     tables = {label: _tables(folder) for label, folder in _bases(results).items()}
@@ -224,19 +238,24 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
             main = experiment._main(head, *MAIN_COMBO)
             main = main[main["set"] == set_]
             clusters |= set(main.get("cluster", pd.Series(dtype=str)))
-            for model in [m for m in methods if m in set(main["model"])] + [strongest]:
+            shown = [m for m in ("base", *methods, *README_REFERENCES[1:], strongest) if m in set(main["model"])]
+            for model in dict.fromkeys(shown):
                 r = main[main["model"] == model].iloc[0]
-                lines.append("| " + " | ".join([set_, label or "base", model, experiment._fmt(r, "accuracy"),
-                                                experiment._fmt(r, "ece"), experiment._fmt(r, "brier"),
-                                                experiment._fmt(r, "auroc")]
+                pooled = f"{experiment._fmt(r, 'auroc')} ({r['auroc_set_constant']:.3f})"
+                lines.append("| " + " | ".join([set_, label or "base", model, str(int(r["seeds"])),
+                                                experiment._fmt(r, "accuracy"), experiment._fmt(r, "ece"),
+                                                experiment._fmt(r, "brier"), experiment._fmt(r, "auroc_within"),
+                                                _per_seed(r) or "—", pooled]
                                                + [experiment._diff_cell(paired, set_, model, strongest, k)
-                                                  for k in ("brier", "auroc")]) + " |")
+                                                  for k in ("brier", "auroc_within")]) + " |")
         if set_ == POOLED[0]:
             notes = [f"`{label or 'base'}`: `{experiment.strongest_baseline(h)}`" for label, (h, _) in tables.items()]
-    return ("\n".join(lines) + f"\n\n95% percentile bootstrap intervals resampling by {', '.join(sorted(clusters))}; "
-            f"{MAIN_COMBO[0]} person, {MAIN_COMBO[1].replace('_', ' ')} read-out; seeds pooled. Strongest baseline "
-            f"(lowest pooled clean Brier) per base model: {', '.join(notes)}. Every set, model and paired difference: "
-            "[docs/results.md](docs/results.md).")
+    return ("\n".join(lines) + f"\n\n95% percentile bootstrap intervals resampling seeds, then "
+            f"{', '.join(sorted(clusters))}s; {MAIN_COMBO[0]} person, {MAIN_COMBO[1].replace('_', ' ')} read-out. "
+            "Within-set AUROC: the mean of the per-set AUROCs (six clean sets, five transfer sets); pooled AUROC "
+            "mixes sets, and the per-set constant in brackets (a confidence that knows only each set's accuracy) "
+            f"shows what set difficulty alone earns there. Strongest baseline (lowest pooled clean Brier) per base "
+            f"model: {', '.join(notes)}. Every set, model and paired difference: [docs/results.md](docs/results.md).")
 
 
 def results_document(results, methods=("sft_simpo",)) -> str:
@@ -254,7 +273,9 @@ def results_document(results, methods=("sft_simpo",)) -> str:
         title = f"base model `{label}`" if label else "the base model"
         parts += ["", f"## {title.capitalize()}: every model and baseline, per set and pooled", "",
                   f"Strongest baseline (lowest pooled clean Brier): `{strongest}`.", "",
-                  experiment.markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest)]
+                  experiment.markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest),
+                  "", f"### {title.capitalize()}: each seed of the models with several", "",
+                  experiment.seed_markdown(head, *MAIN_COMBO)]
         noise = _read(folder, "grounded_perturbed.csv")
         if noise is not None and len(noise):
             parts += ["", f"### {title.capitalize()}: the grounded perturbed set by noise target", "",

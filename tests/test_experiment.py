@@ -288,19 +288,22 @@ def test_compact_markdown_table_and_results_document(tmp_path):
     experiment.paired_table(rows, n_boot=50).to_csv(tmp_path / "paired.csv", index=False)
     table = report.results_markdown(tmp_path)
     body = [line for line in table.splitlines() if line.startswith("| pooled")]
-    assert 0 < len(body) <= 12 and not any("| sft |" in line for line in body)   # headline models only
-    assert "`baseline:constant`" in table and "resampling by image" in table
+    # per pool: the base model, the headline methods, the strongest baseline (no other model)
+    assert len(body) == 6 and not any("| sft |" in line for line in body)
+    assert sum(line.split("|")[3].strip() == "base" for line in body) == 2
+    assert "`baseline:constant`" in table and "resampling seeds, then images" in table
+    assert "within-set AUROC" in table.splitlines()[0]
     assert any("better" in line for line in body if "sft_simpo" in line)
     doc = report.results_document(tmp_path)
     assert "| pope-random | sft |" in doc and "paired differences of sft_simpo" in doc
-    # two base models, two methods: still at most 12 rows, each base model with its own strongest baseline
+    # two base models, two methods: each base model with its own rows and strongest baseline
     (tmp_path / "other").mkdir()
     for name in ("headline.csv", "paired.csv"):
         (tmp_path / "other" / name).write_bytes((tmp_path / name).read_bytes())
     both = {"planted": tmp_path, "noconf": tmp_path / "other"}
     body = [line for line in report.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
             if line.startswith("| pooled")]
-    assert len(body) == 12 and sum("| noconf |" in line for line in body) == 6
+    assert len(body) == 16 and sum("| noconf |" in line for line in body) == 8
     assert "## Base model `noconf`" in report.results_document(both)
 
 
@@ -484,3 +487,15 @@ def test_paired_against_pairs_seed_with_seed():
     t = experiment.paired_against(rows + copy, "a", n_boot=200, pools={})
     assert set(t["method"]) == {"b"} and set(t["reference"]) == {"a"}
     assert (t["diff_low"] == 0).all() and (t["diff_high"] == 0).all() and set(t["verdict"]) == {"level"}
+
+
+def test_variant_seeds_and_labels():
+    from csp_utils import experiment
+
+    seeded = experiment.variant_seeds({"full": ["sft@g0", "sft@g1"], "base": "base"})
+    assert seeded == {"full": ["sft@g0", "sft@g1"], "base": ["base"]}
+    assert experiment.variant_labels(seeded) == {"sft@g0": "full@s0", "sft@g1": "full@s1", "base": "base"}
+    with pytest.raises(ValueError, match="holds '@'"):
+        experiment.variant_seeds({"a@b": "x"})
+    with pytest.raises(ValueError, match="two variants"):
+        experiment.variant_labels({"a": ["x"], "b": ["x", "y"]})
