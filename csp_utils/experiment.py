@@ -876,14 +876,15 @@ def variant_seeds(variants: dict) -> dict[str, list[str]]:
 
 
 def variant_labels(seeded: dict[str, list[str]]) -> dict[str, str]:
-    """Model name -> the name its rows are reported under: the label for a one-seed variant,
-    ``label@s<k>`` for the k-th seed of a variant with several (seeds pair by position)."""
+    """Model name (as its rows carry it: ``LABEL`` of a ``LABEL=ADAPTER`` entry) -> the name its
+    rows are reported under: the variant label for a one-seed variant, ``label@s<k>`` for the
+    k-th seed of a variant with several (seeds pair by position)."""
     out = {}
-    for label, names in seeded.items():
-        for k, name in enumerate(names):
+    for label, entries in seeded.items():
+        for k, name in enumerate(model_names(entries)):
             if name in out:
                 raise ValueError(f"model {name!r} is listed under two variants ({out[name]!r} and {label!r})")
-            out[name] = label if len(names) == 1 else f"{label}@s{k}"
+            out[name] = label if len(entries) == 1 else f"{label}@s{k}"
     return out
 
 

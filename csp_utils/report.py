@@ -105,26 +105,12 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             save(plots.paired_differences(sub, title=f"{after} minus each reference, pooled sets "
                                                      f"(same resamples, by {sub['cluster'].iloc[0]})"),
                  "paired_differences_pooled")
-    ab = _read(results_dir, "ablation.csv")
-    if ab is not None and len(ab):
-        for metric in sorted(set(ab["metric"])):
-            sub = ab[ab["metric"] == metric]
-            cl = sub["cluster"].iloc[0] if "cluster" in sub else "question"
-            for unit, suffix in (("pooled-clean", ""), ("pooled-transfer", "_transfer")):
-                if unit in set(sub["set"]):
-                    save(plots.ablation_bars(sub[sub["set"] == unit], title=f"Ablations: {plots.metric_label(metric)}, "
-                                             f"{unit.replace('-', ' ')} sets\n(95% bootstrap interval, by {cl})"),
-                         f"ablation_{metric}{suffix}")
-            if "pooled-clean" in set(sub["set"]):
-                continue
-            agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
-                                                      high=("high", "mean")).reset_index()
-            agg["metric"] = metric
-            # averaged endpoints are wider than the mean's own interval: the title says which it is
-            n_sets = sub["set"].nunique()
-            save(plots.ablation_bars(agg, title=f"Ablations: {plots.metric_label(metric)}, mean over {n_sets} sets\n"
-                                                 "(whiskers: mean of the per-set 95% bootstrap intervals)"),
-                 f"ablation_{metric}")
+    for table in sorted(results_dir.glob("ablation*.csv")):
+        if table.name.startswith("ablation_paired"):
+            continue
+        ab = pd.read_csv(table)
+        if len(ab):
+            ablation_figures(ab, table.stem.removeprefix("ablation"), save)
     logs = sorted((results_dir / "train_logs").glob("*.csv")) if (results_dir / "train_logs").exists() else []
     # train_logs/ also holds margin tables and measured targets: curves are the files with a step column
     logs = [p for p in logs if p.read_text().split("\n", 1)[0].split(",")[0] == "step"]
@@ -134,6 +120,29 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         save(perturbation_grid_figure(), "perturbation_grid_scenes")
     prune_stale_figures(figures_dir, written)
     return written
+
+
+def ablation_figures(ab: pd.DataFrame, suffix: str, save) -> None:
+    """Bars per metric of one ablation table (``results/ablation<suffix>.csv``): pooled clean and
+    pooled transfer, or the mean over sets when the table has no pools."""
+    for metric in sorted(set(ab["metric"])):
+        sub = ab[ab["metric"] == metric]
+        cl = sub["cluster"].iloc[0] if "cluster" in sub else "question"
+        for unit, unit_suffix in (("pooled-clean", ""), ("pooled-transfer", "_transfer")):
+            if unit in set(sub["set"]):
+                save(plots.ablation_bars(sub[sub["set"] == unit], title=f"Ablations: {plots.metric_label(metric)}, "
+                                         f"{unit.replace('-', ' ')} sets\n(95% bootstrap interval, seeds then {cl}s)"),
+                     f"ablation{suffix}_{metric}{unit_suffix}")
+        if "pooled-clean" in set(sub["set"]):
+            continue
+        agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
+                                                  high=("high", "mean")).reset_index()
+        agg["metric"] = metric
+        # averaged endpoints are wider than the mean's own interval: the title says which it is
+        n_sets = sub["set"].nunique()
+        save(plots.ablation_bars(agg, title=f"Ablations: {plots.metric_label(metric)}, mean over {n_sets} sets\n"
+                                             "(whiskers: mean of the per-set 95% bootstrap intervals)"),
+             f"ablation{suffix}_{metric}")
 
 
 FIGURES_MANIFEST = "figures.json"

@@ -110,15 +110,19 @@ def _simpo_name(p: dict) -> str:
 
 
 def _ablation_models(p: dict) -> list[str]:
-    return [*p["variants"].values(), p["reference"]]
+    """Every model entry of notebook 06: each variant's (one, or one per seed) and the reference."""
+    return [m for v in p["variants"].values() for m in ([v] if isinstance(v, str) else v)] + [p["reference"]]
+
+
+def _suffix(p: dict) -> str:
+    return f"_{p['name']}" if p.get("name") else ""
 
 
 def _figures_outputs(p: dict) -> list[str]:
     if p["figures_dir"] is not None:  # published outside the run folder: not the driver's to clear
         return []
     return _figures("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level",
-                    *(f"ablation_{m}{unit}" for m in ("accuracy", "ece", "ece15", "brier", "auroc")
-                      for unit in ("", "_transfer")),
+                    "ablation_*",   # every ablation table's bars (notebook 06's previews are preview_ablation*)
                     "perturbation_grid_scenes", "internal_vs_verbalized_*", "training_*",
                     "metrics_*", "paired_differences_pooled") + [f"figures/{sub}" for sub in p["more_results"].values()]
 
@@ -192,8 +196,9 @@ STAGES: dict[str, StageSpec] = {
         types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict),
                **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
     "06_ablations": StageSpec(
-        outputs=lambda p: [*_matrix(_ablation_models(p)), "results/ablation.csv", "results/ablation_paired.csv",
-                           *_figures("ablation_ece_preview", "ablation_brier_preview", "ablation_auroc_preview")],
+        outputs=lambda p: [*_matrix(_ablation_models(p)), f"results/ablation{_suffix(p)}.csv",
+                           f"results/ablation_paired{_suffix(p)}.csv",
+                           *_figures(*(f"preview_ablation{_suffix(p)}_{m}" for m in ("ece", "brier", "auroc_within")))],
         inputs=lambda p: _adapters(_ablation_models(p)), uses_model=True, cell_timeout=8 * HOUR,
         configs=_ablation_configs, types={"sets": (list,)}),
     "07_figures": StageSpec(

@@ -94,9 +94,16 @@ def test_stage_outputs(smoke_run):
     # 06: ablation table over the variants
     ab = pd.read_csv(smoke_run / "results" / "ablation.csv")
     assert {"SFT + SimPO", "SFT only", "SimPO only", "base"} <= set(ab["name"])
-    assert {"ece", "ece15", "brier", "auroc", "accuracy"} == set(ab["metric"])
+    assert {"ece", "ece15", "brier", "auroc_within", "auroc", "accuracy"} == set(ab["metric"])
+    # 06@grounded: variants with one adapter per seed, pooled per label and paired seed with seed
+    abg = pd.read_csv(smoke_run / "results" / "ablation_grounded.csv")
+    assert set(abg["name"]) == {"grounded", "grounded, single-turn"} and set(abg["seeds"]) == {2}
+    pg = pd.read_csv(smoke_run / "results" / "ablation_paired_grounded.csv")
+    assert set(pg["method"]) == {"grounded, single-turn"} and set(pg["reference"]) == {"grounded"}
+    assert set(pg["method_seeds"]) == {2} and set(pg["reference_seeds"]) == {2}
     # 07: every figure regenerated from results
-    for stem in ("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level", "ablation_ece"):
+    for stem in ("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level", "ablation_ece",
+                 "ablation_grounded_auroc_within"):
         assert (figs / f"{stem}.png").stat().st_size > 0 and (figs / f"{stem}.pdf").exists(), stem
 
 
@@ -443,6 +450,11 @@ def test_stage_declarations_follow_the_notebooks():
     assert "05_evaluate" in plan["06_ablations"].inputs and "results/matrix/base" in plan["06_ablations"].shared
     assert {"05_evaluate", "05_evaluate@noconf", "06_ablations", "03_train_sft@s2"} <= set(plan["07_figures"].inputs)
     assert "00_world_and_benchmarks" not in plan["02_build_perturbed_dataset"].inputs
+    # an ablation stage with seeds: every seed's adapter read, the reference's rows shared with 05
+    g = plan["06_ablations@grounded"]
+    assert {"03_train_sft@gcell", "03_train_sft@gcell1", "03_train_sft@gcell2", "03_train_sft@d2"} <= set(g.inputs)
+    assert "results/matrix/grounded@s1" in g.shared and "results/ablation_grounded.csv" in g.outputs
+    assert "results/ablation.csv" in plan["06_ablations"].outputs
 
 
 def test_overlapping_outputs_are_refused():
