@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -642,6 +643,44 @@ def _timed_out_cell(out_nb: Path) -> str:
     return f"cell {i} of the executed copy ({source.strip().splitlines()[0][:60] if source.strip() else 'empty'!r})"
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the process that starts it dies.
+
+    jupyter_client starts each kernel in its own session, so neither a kill of the driver's
+    process group nor a Ctrl-C reaches it, and ipykernel's own check polls its parent only once
+    a second: a training kernel left behind goes on writing checkpoints into the run folder.
+    Linux only (prctl); elsewhere the kernel keeps ipykernel's polling alone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, with kernels that die with the process starting them."""
+    from jupyter_client import AsyncKernelManager
+
+    class DriverKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            preexec = _die_with_parent()
+            if preexec is not None:
+                kw["preexec_fn"] = preexec
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return DriverKernelManager
+
+
 def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, notebook: Path | None = None) -> None:
     """Run the notebook; a failing cell or one past the stage's time limit stops the study."""
     import papermill as pm
@@ -651,7 +690,7 @@ def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, n
         pm.execute_notebook(str(notebook or notebook_of(stage.name)), str(out_nb),
                             parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
                             progress_bar=False, log_output=log_output, kernel_name="python3",
-                            execution_timeout=stage.cell_timeout)
+                            execution_timeout=stage.cell_timeout, kernel_manager_class=_kernel_manager_class())
     except pm.PapermillExecutionError as err:
         raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", out_nb) from None
     except CellTimeoutError:
@@ -759,6 +798,9 @@ class _Inline:
     def shutdown(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass  # the stage ran in this process: its kernel was shut down on the way out
+
 
 class _Pool:
     """Up to ``jobs`` stages at once, each in its own process with ``cores // jobs`` threads."""
@@ -773,6 +815,13 @@ class _Pool:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Interrupted: end the workers now (their kernels die with them), wait for nothing."""
+        for process in list((self.pool._processes or {}).values()):
+            if process.is_alive():
+                process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _ready(stage: Stage, finished: set[str], running: list[Stage], names: set[str]) -> bool:
@@ -856,7 +905,10 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                 manifest["timings_s"][stage.name] = seconds
                 _write_json(manifest_path, manifest)
                 print(f"[study] {stage.name}: done in {seconds:.0f} s", flush=True)
-    finally:
+    except BaseException:  # Ctrl-C, SIGTERM (see main): no stage left running behind the driver
+        executor.abort()
+        raise
+    else:
         executor.shutdown()
     if failed is not None:
         manifest["failed"] = {"stage": failed.stage, "error": failed.error, "notebook": str(failed.notebook)}
@@ -867,6 +919,10 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
     manifest["jobs"] = jobs
     manifest["wall_s"] = round(time.time() - wall0, 1)
     _write_json(manifest_path, manifest)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -882,6 +938,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override global parameters, e.g. --set base_model=/path/to/model (values are YAML)")
     args = ap.parse_args(argv)
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: kernels are shut down, the lock released
+    signal.signal(signal.SIGTERM, _terminate)
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -893,6 +951,8 @@ def main(argv: list[str] | None = None) -> None:
                             args.jobs)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"[study] {err}") from None
+    except KeyboardInterrupt as err:
+        raise SystemExit(f"[study] interrupted ({err or 'Ctrl-C'}); the same command resumes the run") from None
     print(f"[study] run folder: {run_dir}")
 
 

@@ -562,3 +562,80 @@ def test_one_helper_records_package_versions_everywhere():
     got = versions.package_versions(("torch", "no-such-package-xyz"))
     assert got["torch"] == metadata.version("torch") and got["no-such-package-xyz"] is None and "python" in got
     assert study.package_versions is training.package_versions is report.package_versions is versions.package_versions
+
+
+# ---------------------------------------------------------------- the driver's kernels end with it
+LONG = '''import os, sys, time
+from csp_utils.study import resolve_run_dir
+run_dir = resolve_run_dir(run_dir)
+(run_dir / "kernel.pid").write_text(str(os.getpid()))
+# a busy cell (a training step in C, a long Python loop) starves ipykernel's parent-polling thread
+sys.setswitchinterval(120)
+end = time.time() + 90
+while time.time() < end:
+    pass
+'''
+
+DRIVE = '''import sys
+from pathlib import Path
+from csp_utils import study
+books = Path(sys.argv[1])
+study.NOTEBOOKS = books
+study.STAGES = {"14_long": study.StageSpec(outputs=lambda p: [])}
+study.main([str(books / "params.yaml"), "--runs-root", sys.argv[2], "--jobs", sys.argv[3]])
+'''
+
+
+def _alive(pid: int) -> bool:
+    """A live process (a zombie, killed but not yet reaped by its parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_for(condition, seconds: float = 30) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how, jobs", [("sigkill-group", "1"), ("sigkill-group", "2"), ("sigterm", "1"),
+                                       ("sigint", "2")])
+def test_the_kernels_end_with_the_driver(tmp_path, how, jobs):
+    """A kernel runs in its own session: a kill of the driver's process group does not reach
+    it, and a kernel left running goes on writing into the run folder (checkpoints, shards)."""
+    import signal
+    import subprocess
+
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    _notebook(books / "14_long.ipynb", 'run_dir = "runs/dev"', LONG)
+    (books / "params.yaml").write_text(yaml.safe_dump({"name": "long", "stages": {"14_long": {}}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVE, str(books), str(tmp_path / "runs"), jobs], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = tmp_path / "runs" / "long" / "kernel.pid"
+    try:
+        assert _wait_for(pid_file.exists, 120), "the kernel never started"
+        kernel = int(pid_file.read_text())
+        assert _alive(kernel)
+        if how == "sigkill-group":
+            os.killpg(driver.pid, signal.SIGKILL)
+        else:
+            driver.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+        driver.wait(timeout=60)
+        assert _wait_for(lambda: not _alive(kernel), 30), f"kernel {kernel} outlived the driver ({how})"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    if how != "sigkill-group":  # a driver that could clean up released its lock
+        assert not (tmp_path / "runs" / "long" / ".lock").exists()
