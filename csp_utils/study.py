@@ -257,6 +257,89 @@ def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> 
     if is_bool_as_number or not isinstance(value, types):
         raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
                          f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
+    check_range(stage, name, value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a parameter takes: ``low`` to ``high`` (None: unbounded; ``open``: the ends
+    themselves excluded), plus documented sentinel values; a list takes such numbers only."""
+    low: float | None = None
+    high: float | None = None
+    open: bool = False
+    sentinels: dict = field(default_factory=dict)  # value -> what it means
+
+    def holds(self, x) -> bool:
+        if isinstance(x, bool) or not isinstance(x, NUMBER):
+            return True  # not a number (None, "auto", a str): the type check's business
+        if x in self.sentinels:
+            return True
+        below = self.low is not None and (x <= self.low if self.open else x < self.low)
+        above = self.high is not None and (x >= self.high if self.open else x > self.high)
+        return not (below or above)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"{'above' if self.open else 'from'} {self.low:g} {'and below' if self.open else 'to'} {self.high:g}"
+        elif self.low is not None:
+            text = f"{'above' if self.open else 'at least'} {self.low:g}"
+        else:
+            text = f"{'below' if self.open else 'at most'} {self.high:g}"
+        return text + "".join(f", or {k} ({v})" for k, v in self.sentinels.items())
+
+
+COUNT = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, open=True)
+PERCENT = Range(0, 100)  # confidence levels, integer percents
+SHARE = Range(0, 1)  # probabilities and fractions
+OPEN_UNIT = Range(0, 1, open=True)
+MAX_STEPS = Range(1, sentinels={-1: "the default: train num_train_epochs instead"})
+
+_TRAINING = {"learning_rate": POSITIVE, "num_train_epochs": POSITIVE, "max_steps": MAX_STEPS,
+             "per_device_train_batch_size": COUNT, "gradient_accumulation_steps": COUNT, "warmup": AT_LEAST_0,
+             "weight_decay": AT_LEAST_0, "max_grad_norm": POSITIVE, "seed": AT_LEAST_0, "logging_steps": COUNT,
+             "save_steps": COUNT, "save_total_limit": COUNT, "dataloader_num_workers": AT_LEAST_0,
+             "replay_fraction": SHARE, "beta": POSITIVE, "simpo_gamma": AT_LEAST_0,
+             "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": SHARE}
+_SUITE = {**{f"n_{what}_images": AT_LEAST_0 for what in ("pope", "amber", "transfer", "calibration", "train",
+                                                          "perturbed", "grounded")},
+          "transfer_severity": SHARE, "perturbed_levels": PERCENT, "grounded_levels": PERCENT, "noise_gamma": OPEN_UNIT,
+          "seed": AT_LEAST_0, "image_size": COUNT}
+_NOISE = {"noise_gamma": OPEN_UNIT, "t_max": COUNT, "beta_start": OPEN_UNIT, "beta_end": OPEN_UNIT, "levels": PERCENT,
+          "seed": AT_LEAST_0}
+# parameter (a dotted path inside a config dict) -> the numbers it takes, checked before anything
+# runs for every stage that gets it; what is not named here is checked by type only
+RANGES: dict[str, Range] = {
+    # 00, 01
+    "seed": AT_LEAST_0, "image_size": COUNT, "n_scenes": COUNT, "n_pope_images": COUNT, "n_synthetic": COUNT,
+    "n_bins": COUNT, "severities": SHARE, "scene_index": AT_LEAST_0, "grid_levels": PERCENT, "noise_gamma": OPEN_UNIT,
+    "t_max": COUNT,
+    # 02
+    "data.n_scenes": COUNT, "data.questions_per_scene": COUNT, "data.n_images": COUNT, "data.image_size": COUNT,
+    "build.levels": PERCENT, "build.shard_size": COUNT, "build.seed": AT_LEAST_0, "build.png_compress_level": Range(0, 9),
+    **{f"build.noise.{k}": v for k, v in _NOISE.items()},
+    **{f"build.grounded.{k}": SHARE for k in ("clean_share", "key_share", "temperature_holdout", "bright_tolerance")},
+    "build.grounded.batch_size": COUNT, "build.grounded.max_new_tokens": COUNT,
+    # 03, 04
+    **{f"{stage}.{k}": v for stage in ("sft", "simpo") for k, v in _TRAINING.items()}, "margin_pairs": COUNT,
+    # 05, 06
+    **{f"suite.{k}": v for k, v in _SUITE.items()},
+    "scoring.options": PERCENT, "scoring.batch_size": COUNT, "scoring.max_new_tokens": COUNT,
+    "scoring.confidence_max_new_tokens": COUNT, "scoring.option_chunk": COUNT, "scoring.seed": AT_LEAST_0,
+    "boot.n_boot": COUNT, "boot.alpha": OPEN_UNIT, "boot.seed": AT_LEAST_0,
+}
+
+
+def check_range(stage: str, name: str, value) -> None:
+    rule = RANGES.get(name)
+    if rule is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bad = [x for x in values if not rule.holds(x)]
+    if bad:
+        what = f"{name!r} = {value!r}" + (f" (item {bad[0]!r})" if values is value else "")
+        raise ValueError(f"stage {stage}: {what} is out of range; it takes numbers {rule.describe()}")
 
 
 def check_stage_parameters(stage: str, given: dict, defaults: dict) -> None:
@@ -319,14 +402,63 @@ def load_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"params file {path} not found; see params/ for examples")
-    params = yaml.safe_load(path.read_text()) or {}
-    if "stages" not in params or not isinstance(params["stages"], dict):
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: {_yaml_problem(err)}") from None
+    if not isinstance(params, dict) or "stages" not in params or not isinstance(params["stages"], dict):
         raise ValueError(f"{path}: needs a 'stages' mapping of notebook name -> parameters")
     for stage in params["stages"]:
         if not notebook_of(stage).exists():
             raise ValueError(f"{path}: stage {stage!r} has no notebook {notebook_of(stage)}")
         if stage.split("@")[0] not in STAGES:
             raise ValueError(f"{path}: notebook {stage.split('@')[0]!r} has no declaration in study.STAGES")
+    return params
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line: where (line and column, counted from 1) and what, for a YAML syntax error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    return f"YAML syntax error at {where}{what or err}"
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``, the value read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects KEY=VALUE (or STAGE.KEY=VALUE), got {item!r}")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {item!r}: the value is not YAML ({_yaml_problem(err)}); quote it") from None
+
+
+def apply_overrides(params: dict, overrides: dict) -> dict:
+    """``--set`` values into the params: ``KEY`` a global parameter, ``STAGE.KEY`` (``STAGE.CONFIG.FIELD``)
+    one stage's own. A global that a stage sets itself would never reach that stage, so it is
+    refused, naming those stages, instead of being recorded but not run."""
+    for key, value in (overrides or {}).items():
+        head, dot, rest = key.partition(".")
+        if dot and head in params["stages"]:
+            holder = params["stages"][head] = dict(params["stages"][head] or {})
+            *path, last = rest.split(".")
+            for part in path:
+                if not isinstance(holder.get(part, {}), dict):
+                    raise ValueError(f"--set {key}: {head}'s {part!r} is {holder[part]!r}, not a mapping")
+                holder[part] = dict(holder.get(part) or {})  # a copy: the loaded file's dicts stay as read
+                holder = holder[part]
+            holder[last] = value
+            continue
+        if dot:
+            raise ValueError(f"--set {key}: no stage {head!r} in this study; stages: {', '.join(params['stages'])} "
+                             "(STAGE.KEY sets one stage's parameter, KEY a global one)")
+        own = [stage for stage, given in params["stages"].items() if key in (given or {})]
+        if own:
+            raise ValueError(f"--set {key}={value!r} is ambiguous: stage(s) {', '.join(own)} set their own {key!r}, "
+                             f"which wins over a global value; set it per stage, e.g. --set {own[0]}.{key}=...")
+        params[key] = value
     return params
 
 
@@ -387,10 +519,13 @@ def plan_study(params: dict) -> list[Stage]:
     """Every stage, checked and resolved, in chain order; raises before anything runs."""
     defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
     declared = set().union(*defaults.values()) if defaults else set()
-    for name in _global_parameters(params):
+    for name, value in _global_parameters(params).items():
         if name not in declared:
             raise ValueError(f"global parameter {name!r} is declared by no notebook; known: "
                              + ", ".join(sorted(declared - set(DRIVER_PARAMETERS))))
+        for stage, names in defaults.items():  # also where the stage's own value wins: a wrong value is wrong
+            if name in names and name not in DRIVER_PARAMETERS:
+                check_value(stage, name, value, names[name], spec_of(stage).types.get(name, ()))
     owner: dict[str, str] = {}
     plan = [_plan_stage(stage, params, defaults[stage], owner) for stage in params["stages"]]
     _check_no_overlap(plan)
@@ -737,8 +872,7 @@ def _check_only(only, plan: list[Stage]) -> None:
 
 
 def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Stage], str, Path]:
-    params = load_params(params_path)
-    params.update(overrides or {})
+    params = apply_overrides(load_params(params_path), overrides)
     plan = plan_study(params)
     name = name or params.get("name") or Path(params_path).stem
     return params, plan, name, resolve_run_dir(Path(runs_root) / name).resolve()
@@ -936,16 +1070,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, help="stages run at once (default: the params' jobs, else 1); "
                     "each gets cores / jobs threads")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override global parameters, e.g. --set base_model=/path/to/model (values are YAML)")
+                    help="override a global parameter (--set base_model=/path/to/model) or one stage's own "
+                    "(--set 03_train_sft.sft.max_steps=4); values are YAML")
     args = ap.parse_args(argv)
     # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: kernels are shut down, the lock released
     signal.signal(signal.SIGTERM, _terminate)
     overrides = {}
     for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            key, value = parse_set(item)
+        except ValueError as err:
+            ap.error(str(err))
+        overrides[key] = value
     try:
         run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides,
                             args.jobs)

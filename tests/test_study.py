@@ -639,3 +639,104 @@ def test_the_kernels_end_with_the_driver(tmp_path, how, jobs):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
     if how != "sigkill-group":  # a driver that could clean up released its lock
         assert not (tmp_path / "runs" / "long" / ".lock").exists()
+
+
+# ---------------------------------------------------------------- --set, ranges, YAML errors
+def test_set_on_a_global_that_a_stage_sets_itself_is_refused_naming_the_stage(tmp_path):
+    """smoke.yaml's 00 sets its own n_scenes: a global n_scenes would be recorded but never run."""
+    for value in ("abc", 200, -5):
+        with pytest.raises(ValueError, match=r"--set n_scenes=.* ambiguous: stage\(s\) 00_world_and_benchmarks set "
+                                             r"their own 'n_scenes'.*--set 00_world_and_benchmarks.n_scenes="):
+            study.prepare_run(SMOKE, None, tmp_path, {"n_scenes": value})
+    assert not list(tmp_path.iterdir())
+
+
+def test_set_reaches_one_stage_and_is_recorded_as_run(tmp_path):
+    params, plan, _, _ = study.prepare_run(SMOKE, None, tmp_path, {
+        "00_world_and_benchmarks.n_scenes": 200, "03_train_sft.sft.max_steps": 3, "03_train_sft@g0.sft.lora.r": 4,
+        "noise_gamma": 0.1})
+    stages = {s.name: s for s in plan}
+    assert stages["00_world_and_benchmarks"].parameters["n_scenes"] == 200
+    assert stages["03_train_sft"].parameters["sft"] == {"max_steps": 3}
+    assert stages["03_train_sft@g0"].parameters["sft"]["lora"] == {"r": 4}
+    assert stages["03_train_sft@g0"].parameters["sft"]["loss"] == "soft_ce"  # the rest of its sft kept
+    assert stages["01_perturbation_explorer"].parameters["noise_gamma"] == 0.1  # a global no stage sets
+    assert params["stages"]["00_world_and_benchmarks"]["n_scenes"] == 200  # what params.yaml records
+    assert yaml.safe_load(SMOKE.read_text())["stages"]["03_train_sft"]["sft"] == {"max_steps": 2}  # file untouched
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"00_world_and_benchmarks.n_scenes": "abc"}, "00_world_and_benchmarks: parameter 'n_scenes' = 'abc' is a str"),
+    ({"03_train_sft.sft.max_steps": "two"}, "'sft.max_steps' = 'two' is a str"),
+    ({"03_train_sfx.sft.max_steps": 2}, "no stage '03_train_sfx' in this study"),
+    ({"03_train_sft.sft.max_steps.x": 2}, "03_train_sft's 'max_steps' is 2, not a mapping"),
+    ({"image_size": "big"}, "00_world_and_benchmarks: parameter 'image_size' = 'big' is a str"),
+])
+def test_set_values_are_type_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        study.prepare_run(SMOKE, None, tmp_path, overrides)
+
+
+def test_a_global_is_type_checked_even_where_every_stage_sets_its_own():
+    params = _smoke()
+    params["n_scenes"] = "abc"
+    with pytest.raises(ValueError, match="00_world_and_benchmarks: parameter 'n_scenes' = 'abc' is a str"):
+        study.plan_study(params)
+
+
+def test_set_on_the_command_line_is_parsed_as_yaml_and_refused_in_one_line(tmp_path, capsys):
+    assert study.parse_set("03_train_sft.sft.max_steps=3") == ("03_train_sft.sft.max_steps", 3)
+    assert study.parse_set("base_model=/a/b=c") == ("base_model", "/a/b=c")
+    with pytest.raises(SystemExit):
+        study.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=[1,"])
+    assert "--set 'n_scenes=[1,': the value is not YAML" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^\[study\] --set n_scenes='abc' is ambiguous[^\n]*$"):
+        study.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=abc"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"03_train_sft": {"sft": {"max_steps": -5}}}, r"03_train_sft: 'sft.max_steps' = -5 is out of range; it takes "
+                                                    r"numbers at least 1, or -1 \(the default: train num_train_epochs"),
+    ({"03_train_sft": {"sft": {"max_steps": 0}}}, "'sft.max_steps' = 0 is out of range"),
+    ({"00_world_and_benchmarks": {"n_scenes": -4}}, "00_world_and_benchmarks: 'n_scenes' = -4 is out of range; it "
+                                                     "takes numbers at least 1"),
+    ({"01_perturbation_explorer": {"noise_gamma": 150}}, "'noise_gamma' = 150 is out of range; it takes numbers "
+                                                          "above 0 and below 1"),
+    ({"01_perturbation_explorer": {"grid_levels": [100, 150]}}, r"'grid_levels' = \[100, 150\] \(item 150\) is out "
+                                                                 "of range; it takes numbers from 0 to 100"),
+    ({"02_build_perturbed_dataset": {"data": {"n_scenes": 0}}}, "'data.n_scenes' = 0 is out of range"),
+    ({"02_build_perturbed_dataset": {"build": {"noise": {"noise_gamma": 1.5}}}}, "'build.noise.noise_gamma' = 1.5"),
+    ({"02_build_perturbed_dataset@grounded": {"build": {"grounded": {"temperature_holdout": 2}}}},
+     "'build.grounded.temperature_holdout' = 2 is out of range; it takes numbers from 0 to 1"),
+    ({"04_train_simpo": {"simpo": {"learning_rate": 0}}}, "'simpo.learning_rate' = 0 is out of range; it takes "
+                                                           "numbers above 0"),
+    ({"05_evaluate": {"suite": {"transfer_severity": 1.5}}}, "05_evaluate: 'suite.transfer_severity' = 1.5"),
+    ({"06_ablations": {"boot": {"n_boot": 0}}}, "06_ablations: 'boot.n_boot' = 0 is out of range"),
+])
+def test_values_are_range_checked_before_anything_runs(changes, message):
+    with pytest.raises(ValueError, match=message):
+        study.plan_study(_smoke(**changes))
+
+
+def test_range_sentinels_and_edges_are_accepted():
+    plan = {s.name: s for s in study.plan_study(_smoke(**{
+        "03_train_sft": {"sft": {"max_steps": -1, "replay_fraction": 1, "warmup": 5, "lora": {"dropout": 0}}},
+        "01_perturbation_explorer": {"grid_levels": [0, 100]},
+        "05_evaluate": {"suite": {"n_grounded_images": 0}}}))}
+    assert plan["03_train_sft"].parameters["sft"]["max_steps"] == -1
+
+
+def test_a_noise_gamma_given_with_set_is_refused_before_any_stage(tmp_path):
+    with pytest.raises(ValueError, match="01_perturbation_explorer: 'noise_gamma' = 150 is out of range"):
+        study.run_study(SMOKE, runs_root=tmp_path, overrides={"noise_gamma": 150})
+    assert not (tmp_path / "smoke").exists()  # nothing ran, nothing was cleared
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nstages:\n  00_world_and_benchmarks: {n_scenes: 4\n  01_perturbation_explorer: {}\n")
+    with pytest.raises(SystemExit, match=rf"^\[study\] {bad}: YAML syntax error at line \d+, column \d+: [^\n]+$"):
+        study.main([str(bad), "--runs-root", str(tmp_path / "runs")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="needs a 'stages' mapping"):
+        study.load_params(tmp_path / "list.yaml")
