@@ -591,6 +591,9 @@ def model_fingerprint(base_model) -> str:
     from csp_utils import models
 
     name = str(base_model)
+    if name == models.EMBEDDED and not (models.default_model_dir() / "model.safetensors").exists():
+        # never the bare name: a stage keyed on it would start a notebook that cannot load the model
+        raise models.MissingEmbeddedModelError(models.missing_embedded_model_message())
     folder = (models.default_model_dir() if name == models.EMBEDDED else models.shipped_model_path(name)
               if name in models.SHIPPED_MODELS else Path(name).expanduser())
     meta = folder / "csp_meta.json"
@@ -600,6 +603,14 @@ def model_fingerprint(base_model) -> str:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
         return _hash([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     return name  # a hub id (or an embedded model not built yet)
+
+
+def _fingerprint_or_none(base_model) -> str | None:
+    """For the manifest: a run of stages that load no model does not need it."""
+    try:
+        return model_fingerprint(base_model)
+    except FileNotFoundError:
+        return None
 
 
 def key_parts(stage: Stage, package: str, markers: dict[str, dict | None]) -> dict:
@@ -878,6 +889,17 @@ def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Sta
     return params, plan, name, resolve_run_dir(Path(runs_root) / name).resolve()
 
 
+def check_base_models(plan: list[Stage], only) -> None:
+    """Every selected stage that loads a model finds it, before anything runs: a missing shipped
+    model is an error saying how to restore it, never a rebuild started inside a stage."""
+    for stage in plan:
+        if stage.uses_model and (only is None or stage.name in only):
+            try:
+                model_fingerprint(stage.parameters.get("base_model", "embedded"))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"stage {stage.name}: {err}") from None
+
+
 def check_jobs(jobs) -> int:
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive whole number of stages run at once, got {jobs!r}")
@@ -893,6 +915,7 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
     params, plan, name, run_dir = prepare_run(params_path, name, runs_root, overrides)
     jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
     _check_only(only, plan)
+    check_base_models(plan, only)
     (run_dir / "markers").mkdir(parents=True, exist_ok=True)
     (run_dir / "notebooks").mkdir(exist_ok=True)
     with run_lock(run_dir):
@@ -993,7 +1016,7 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(name=name, params=params, params_hash=_hash(params), git_commit=git_commit(),
                     packages=package_versions(), machine=machine_info(),
-                    base_model_fingerprint=model_fingerprint(params.get("base_model", "embedded")))
+                    base_model_fingerprint=_fingerprint_or_none(params.get("base_model", "embedded")))
     manifest.setdefault("timings_s", {})
     package = package_digest()
     names = {s.name for s in plan}

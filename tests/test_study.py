@@ -740,3 +740,25 @@ def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_pat
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="needs a 'stages' mapping"):
         study.load_params(tmp_path / "list.yaml")
+
+
+# ---------------------------------------------------------------- a missing shipped model
+def test_a_missing_embedded_model_is_an_error_before_anything_runs_not_a_rebuild(tmp_path, monkeypatch):
+    from csp_utils import models
+    from csp_utils.embedded import train
+
+    monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "moved_away")
+    monkeypatch.setattr(train, "build_default_model", lambda *a, **k: pytest.fail("started a rebuild"))
+    restore = r"git checkout -- csp_utils/data/tiny_llava.*python -m csp_utils.pretrain"
+    with pytest.raises(FileNotFoundError, match="stage 02_build_perturbed_dataset: the embedded default model is "
+                                                rf"missing.*{restore}"):
+        study.run_study(SMOKE, runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(models.MissingEmbeddedModelError, match=restore):
+        models.resolve_model_name("embedded")  # what a notebook opened by hand calls
+    with pytest.raises(FileNotFoundError, match="embedded default model is missing"):
+        study.model_fingerprint("embedded")  # never the bare name "embedded" as a key part
+    with pytest.raises(SystemExit, match=r"^\[study\] stage 02_build_perturbed_dataset: the embedded default[^\n]+$"):
+        study.main([str(SMOKE), "--runs-root", str(tmp_path / "runs")])
+    # stages that load no model still run without it; --only checks only what it runs
+    study.check_base_models(study.plan_study(study.load_params(SMOKE)), only=["07_figures"])
