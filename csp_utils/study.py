@@ -396,6 +396,7 @@ class Stage:
     inputs: list[str]  # the stages whose outputs it reads
     uses_model: bool
     cell_timeout: int
+    reads: list[str] = field(default_factory=list)  # the paths it reads (inputs' outputs at or under them)
 
 
 def load_params(path: str | Path) -> dict:
@@ -512,7 +513,7 @@ def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str])
                                 if "*" not in out and (_within(out, path) or _within(path, out))))
     owner.update({p: stage for p in mine})
     return Stage(stage, parameters, mine, shared, list(spec.scratch(full)), inputs, spec.uses_model,
-                 _cell_timeout(stage, params["stages"][stage] or {}))
+                 _cell_timeout(stage, params["stages"][stage] or {}), list(dict.fromkeys(reads)))
 
 
 def plan_study(params: dict) -> list[Stage]:
@@ -561,14 +562,21 @@ def _derived_cache(path: Path) -> bool:
 def output_digest(run_dir: Path, rel: str) -> str | None:
     """A file's sha256; a folder's (or a pattern's) over its files' relative paths and digests;
     None when nothing is there."""
+    return _digest_and_files(run_dir, rel)[0]
+
+
+def _digest_and_files(run_dir: Path, rel: str) -> tuple[str | None, dict | None]:
+    """The output's digest and, for a folder or pattern, each file's (relative path -> digest),
+    recorded so that a damaged input can be named file by file."""
     found = _matches(run_dir, rel)
     if not found:
-        return None
+        return None, None
     if found == [run_dir / rel] and found[0].is_file():
-        return _file_hash(found[0])
+        return _file_hash(found[0]), None
     files = sorted(f for p in found for f in ([p] if p.is_file() else p.rglob("*"))
                    if f.is_file() and not _derived_cache(f))
-    return _hash([(str(f.relative_to(run_dir)), _file_hash(f)) for f in files])
+    pairs = [(str(f.relative_to(run_dir)), _file_hash(f)) for f in files]
+    return _hash(pairs), dict(pairs)
 
 
 def code_digest(notebook: Path) -> str:
@@ -668,6 +676,33 @@ def stage_state(run_dir: Path, stage: Stage, key: str, parts: dict) -> tuple[str
     if running.exists():
         return "fresh", "an interrupted run had another key"
     return "fresh", "not run yet"
+
+
+def changed_files(run_dir: Path, marker: dict, rel: str) -> list[str]:
+    """The files of a folder output that differ from, are missing from, or were added since its
+    marker's record (an old marker without per-file digests names the folder)."""
+    recorded = (marker.get("files") or {}).get(rel)
+    if recorded is None:
+        return [rel]
+    now = _digest_and_files(run_dir, rel)[1] or {}
+    return sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f)) or [rel]
+
+
+def check_inputs(run_dir: Path, stage: Stage) -> None:
+    """What the stage reads still holds what its writer recorded; checked before the stage's
+    own outputs are removed, so that a refused run loses nothing."""
+    for name in stage.inputs:
+        marker = read_marker(run_dir, name)
+        if marker is None:
+            raise StageFailed(stage.name, f"it reads the outputs of {name}, which has not finished in this run "
+                              f"folder; run {name} first (nothing was removed)", None)
+        read = [rel for rel in marker.get("outputs", {})
+                if any(_within(rel, path) or _within(path, rel) for path in stage.reads)]
+        damaged = [f for rel in changed_outputs(run_dir, marker) if rel in read for f in changed_files(run_dir, marker, rel)]
+        if damaged:
+            raise StageFailed(stage.name, f"its input {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} "
+                              f"changed or went missing since {name} finished; nothing was removed. Rebuild it "
+                              f"with {name} (e.g. --only {name} {stage.name})", None)
 
 
 def clear_outputs(run_dir: Path, stage: Stage) -> None:
@@ -844,6 +879,8 @@ def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, n
                           f"{stage.cell_timeout} s (set cell_timeout for this stage to change it)", out_nb) from None
     except DeadKernelError as err:
         raise StageFailed(stage.name, f"the kernel died: {err}", out_nb) from None
+    except OSError as err:  # papermill writing the executed copy: disk full, a read-only folder
+        raise StageFailed(stage.name, f"cannot write: {os_problem(err)}", out_nb) from None
 
 
 class StageFailed(Exception):
@@ -863,10 +900,13 @@ def finish_stage(run_dir: Path, stage: Stage, key: str, parts: dict, seconds: fl
             raise StageFailed(stage.name, f"it added to {', '.join(changed)}, an output of {owner['stage']} "
                               "that both stages write; give both the same settings (e.g. the same suite) "
                               "so that the shared results agree", run_dir / "notebooks" / f"{stage.name}.ipynb")
-    outputs = {rel: output_digest(run_dir, rel) for rel in stage.outputs}
+    digests = {rel: _digest_and_files(run_dir, rel) for rel in stage.outputs}
+    outputs = {rel: digest for rel, (digest, _) in digests.items()}
+    files = {rel: per_file for rel, (_, per_file) in digests.items() if per_file is not None}
     _write_json(_marker_path(run_dir, stage.name),
                 {"stage": stage.name, "key": key, "key_parts": parts, "produced": _hash(outputs),
-                 "outputs": outputs, "reads": stage.inputs, "seconds": seconds, "parameters": stage.parameters})
+                 "outputs": outputs, "files": files, "reads": stage.inputs, "seconds": seconds,
+                 "parameters": stage.parameters})
     _running_path(run_dir, stage.name).unlink(missing_ok=True)
 
 
@@ -916,11 +956,19 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
     jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
     _check_only(only, plan)
     check_base_models(plan, only)
-    (run_dir / "markers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "notebooks").mkdir(exist_ok=True)
-    with run_lock(run_dir):
-        _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
+    try:
+        (run_dir / "markers").mkdir(parents=True, exist_ok=True)
+        (run_dir / "notebooks").mkdir(exist_ok=True)
+        with run_lock(run_dir):
+            _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
+    except OSError as err:  # before or between stages: the run folder itself
+        raise RunFolderError(f"run folder {run_dir} cannot be written: {os_problem(err)}") from None
     return run_dir
+
+
+class RunFolderError(OSError):
+    def __str__(self):
+        return self.args[0]
 
 
 def threads_per_job(jobs: int) -> int:
@@ -990,6 +1038,12 @@ def _ready(stage: Stage, finished: set[str], running: list[Stage], names: set[st
                    for a in other.outputs + other.shared + other.scratch for b in mine)
 
 
+def os_problem(err: OSError) -> str:
+    """``path: cause`` of a failed file operation, in one line."""
+    path = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+    return f"{path}: {err.strerror or err}" if path else f"{err.strerror or err}"
+
+
 def _start_stage(stage: Stage, run_dir: Path, package: str, force: bool, executor):
     """Submit the stage unless it is up to date: (future, key, key parts, start time), or None."""
     parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
@@ -999,11 +1053,18 @@ def _start_stage(stage: Stage, run_dir: Path, package: str, force: bool, executo
         print(f"[study] {stage.name}: skipped (up to date)")
         return None
     print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
-    if state != "resume" or force:
-        _marker_path(run_dir, stage.name).unlink(missing_ok=True)
-        clear_outputs(run_dir, stage)
-    _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
     out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
+    try:
+        check_inputs(run_dir, stage)
+    except StageFailed as err:
+        raise StageFailed(stage.name, err.error, out_nb) from None
+    try:
+        if state != "resume" or force:
+            _marker_path(run_dir, stage.name).unlink(missing_ok=True)
+            clear_outputs(run_dir, stage)
+        _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
+    except OSError as err:  # disk full, a read-only run folder: the stage and the path, not a traceback
+        raise StageFailed(stage.name, f"cannot prepare its outputs: {os_problem(err)}", out_nb) from None
     print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
     t0 = time.time()
     return executor.submit(stage, run_dir, out_nb), key, parts, t0
@@ -1038,7 +1099,12 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                 if stage is None:
                     break
                 waiting.remove(stage)
-                started = _start_stage(stage, run_dir, package, force, executor)
+                try:
+                    started = _start_stage(stage, run_dir, package, force, executor)
+                except StageFailed as err:
+                    failed = failed or err
+                    print(f"[study] {stage.name}: failed", flush=True)
+                    continue
                 if started is None:
                     finished.add(stage.name)
                 else:
@@ -1053,7 +1119,11 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                 seconds = round(time.time() - t0, 1)
                 try:
                     future.result()
-                    finish_stage(run_dir, stage, key, parts, seconds)
+                    try:
+                        finish_stage(run_dir, stage, key, parts, seconds)
+                    except OSError as err:
+                        raise StageFailed(stage.name, f"cannot record its outputs: {os_problem(err)}",
+                                          run_dir / "notebooks" / f"{stage.name}.ipynb") from None
                 except StageFailed as err:
                     failed = failed or err
                     print(f"[study] {stage.name}: failed", flush=True)
@@ -1069,9 +1139,14 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
         executor.shutdown()
     if failed is not None:
         manifest["failed"] = {"stage": failed.stage, "error": failed.error, "notebook": str(failed.notebook)}
-        _write_json(manifest_path, manifest)
-        raise SystemExit(f"[study] stage {failed.stage} failed: {failed.error}\n"
-                         f"        executed copy kept at {failed.notebook}") from None
+        try:
+            _write_json(manifest_path, manifest)
+            recorded = ""
+        except OSError as err:  # the disk that failed the stage may refuse this too
+            recorded = f"\n        (the manifest could not record it: {os_problem(err)})"
+        kept = (f"\n        executed copy kept at {failed.notebook}"
+                if failed.notebook is not None and failed.notebook.exists() else "")
+        raise SystemExit(f"[study] stage {failed.stage} failed: {failed.error}{kept}{recorded}") from None
     manifest.pop("failed", None)
     manifest["jobs"] = jobs
     manifest["wall_s"] = round(time.time() - wall0, 1)
@@ -1108,7 +1183,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides,
                             args.jobs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RunFolderError) as err:
         raise SystemExit(f"[study] {err}") from None
     except KeyboardInterrupt as err:
         raise SystemExit(f"[study] interrupted ({err or 'Ctrl-C'}); the same command resumes the run") from None

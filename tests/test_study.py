@@ -762,3 +762,65 @@ def test_a_missing_embedded_model_is_an_error_before_anything_runs_not_a_rebuild
         study.main([str(SMOKE), "--runs-root", str(tmp_path / "runs")])
     # stages that load no model still run without it; --only checks only what it runs
     study.check_base_models(study.plan_study(study.load_params(SMOKE)), only=["07_figures"])
+
+
+# ---------------------------------------------------------------- file errors and damaged inputs
+def test_a_full_disk_during_a_stage_is_one_line_naming_the_stage_and_path(toy, tmp_path, monkeypatch):
+    import errno
+
+    import papermill
+
+    real = papermill.execute_notebook
+
+    def full(path, out, *a, **k):
+        if "11_use" in str(out):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        return real(path, out, *a, **k)
+
+    monkeypatch.setattr(papermill, "execute_notebook", full)
+    run = tmp_path / "runs" / "toy"
+    with pytest.raises(SystemExit, match=rf"^\[study\] stage 11_use failed: cannot write: {run}/notebooks/11_use.ipynb: "
+                                         "No space left on device$"):
+        toy({"10_make": {}, "11_use": {}})
+    assert json.loads((run / "manifest.json").read_text())["failed"]["stage"] == "11_use"
+    assert (run / "markers" / "10_make.json").exists()
+
+
+def test_a_read_only_run_folder_is_one_line_naming_the_stage_and_path(toy, tmp_path, monkeypatch):
+    import errno
+
+    real = study._write_json
+
+    def read_only(path, obj):
+        if path.name.endswith(".running.json"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real(path, obj)
+
+    monkeypatch.setattr(study, "_write_json", read_only)
+    run = tmp_path / "runs" / "toy"
+    with pytest.raises(SystemExit, match=r"^\[study\] stage 10_make failed: cannot prepare its outputs: "
+                                         rf"{run}/markers/10_make.running.json: Read-only file system$"):
+        toy({"10_make": {}})
+    assert json.loads((run / "manifest.json").read_text())["failed"]["stage"] == "10_make"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit, match=rf"^\[study\] run folder {blocked}/toy cannot be written: {blocked}/toy"
+                                         r"/markers: [^\n]+$"):
+        study.main([str(tmp_path / "params.yaml"), "--runs-root", str(blocked)])
+
+
+def test_a_damaged_input_is_refused_before_the_stages_outputs_are_removed(toy, tmp_path, capsys):
+    run = toy({"10_make": {}, "11_use": {}})
+    (run / "data" / "part-1.txt").write_text("damaged\n")
+    with pytest.raises(SystemExit, match=r"stage 11_use failed: its input data/part-1.txt changed or went missing "
+                                         r"since 10_make finished; nothing was removed.*--only 10_make 11_use"):
+        toy({"10_make": {}, "11_use": {}}, only=["11_use"], force=True)
+    assert (run / "summary.txt").read_text() == "0\n1\n"  # 11's old result kept
+    assert "removing old" not in capsys.readouterr().out
+    (run / "data" / "part-1.txt").write_text("1\n")
+    (run / "data" / "part-1.txt").rename(run / "data" / "part-1.moved")
+    with pytest.raises(SystemExit, match="its input data/part-1.moved, data/part-1.txt changed"):
+        toy({"10_make": {}, "11_use": {}}, only=["11_use"], force=True)
+    with pytest.raises(SystemExit, match="11_use failed: it reads the outputs of 10_make, which has not finished"):
+        toy({"10_make": {}, "11_use": {}}, only=["11_use"], runs_root=tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "toy" / "summary.txt").exists()
