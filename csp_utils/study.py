@@ -884,7 +884,7 @@ def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, n
 
 
 class StageFailed(Exception):
-    def __init__(self, stage: str, error: str, notebook: Path):
+    def __init__(self, stage: str, error: str, notebook: Path | None):
         super().__init__(f"{stage}: {error}")
         self.stage, self.error, self.notebook = stage, error, notebook
 
@@ -1054,17 +1054,14 @@ def _start_stage(stage: Stage, run_dir: Path, package: str, force: bool, executo
         return None
     print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
     out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
-    try:
-        check_inputs(run_dir, stage)
-    except StageFailed as err:
-        raise StageFailed(stage.name, err.error, out_nb) from None
+    check_inputs(run_dir, stage)  # no executed copy to point to: the stage never started
     try:
         if state != "resume" or force:
             _marker_path(run_dir, stage.name).unlink(missing_ok=True)
             clear_outputs(run_dir, stage)
         _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
     except OSError as err:  # disk full, a read-only run folder: the stage and the path, not a traceback
-        raise StageFailed(stage.name, f"cannot prepare its outputs: {os_problem(err)}", out_nb) from None
+        raise StageFailed(stage.name, f"cannot prepare its outputs: {os_problem(err)}", None) from None
     print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
     t0 = time.time()
     return executor.submit(stage, run_dir, out_nb), key, parts, t0
@@ -1138,7 +1135,8 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
     else:
         executor.shutdown()
     if failed is not None:
-        manifest["failed"] = {"stage": failed.stage, "error": failed.error, "notebook": str(failed.notebook)}
+        manifest["failed"] = {"stage": failed.stage, "error": failed.error,
+                              "notebook": None if failed.notebook is None else str(failed.notebook)}
         try:
             _write_json(manifest_path, manifest)
             recorded = ""

@@ -415,7 +415,10 @@ def killed_group_while_saving(params, work, model) -> list[tuple]:
     top = max((int(n.split("-")[1]) for n in later), default=0)
     (ckpts / f"checkpoint-{top + 1}").mkdir()  # what a kill in the middle of a save leaves behind
     rc, text = run_to_end(path, "saving", work, model)
-    set_aside = f"checkpoint-{top + 1} is incomplete" in text
+    # the training line goes to the kernel: it is in the executed copy (and on the terminal with --log-output)
+    executed = work / "saving" / "notebooks" / "03_train_sft.ipynb"
+    said = executed.exists() and f"checkpoint-{top + 1} is incomplete" in executed.read_text()
+    set_aside = said and (ckpts / "incomplete" / f"checkpoint-{top + 1}").is_dir()
     return [("kill of the driver's group mid-03 (save every step)", f"checkpoints after the kill: {later}; "
              f"still written 5 s later: {seen != later}", "nothing outlived the driver" if quiet else
              f"kernel {kernels} kept running", "PASS" if quiet else "FAIL"),
