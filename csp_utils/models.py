@@ -38,14 +38,27 @@ def default_model_dir() -> Path:
     return cache / "tiny_llava"
 
 
-def embedded_model_path(build: bool = True) -> Path:
-    """The embedded default's folder; trained (resumably, deterministically) when absent."""
+class MissingEmbeddedModelError(FileNotFoundError):
+    """The embedded default ships with the package; it is never retrained behind the caller's back."""
+
+
+def missing_embedded_model_message() -> str:
+    shipped = Path(__file__).parent / "data" / "tiny_llava"
+    return (f"the embedded default model is missing: it ships at {shipped} (and is not in the cache "
+            f"{default_model_dir()} either). Restore it with `git checkout -- csp_utils/data/tiny_llava` (or "
+            "reinstall the package); to train a new one on purpose (about an hour on CPU): "
+            "`python -m csp_utils.pretrain`")
+
+
+def embedded_model_path(build: bool = False) -> Path:
+    """The embedded default's folder. Missing, it is an error saying how to restore it;
+    ``build=True`` (what ``python -m csp_utils.pretrain`` does) trains it instead (resumably,
+    deterministically, one build per folder at a time)."""
     path = default_model_dir()
     if (path / "model.safetensors").exists():
         return path
     if not build:
-        raise FileNotFoundError(f"The embedded default model is not at {path}. Build it with "
-                                "`python -m csp_utils.pretrain`, or pass a Hugging Face id / local folder.")
+        raise MissingEmbeddedModelError(missing_embedded_model_message())
     from csp_utils.embedded import train  # the trainer loads models through this module
 
     print(f"The embedded default model is not at {path}: training it now (python -m csp_utils.pretrain; "

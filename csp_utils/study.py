@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -261,6 +262,89 @@ def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> 
     if is_bool_as_number or not isinstance(value, types):
         raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
                          f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
+    check_range(stage, name, value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a parameter takes: ``low`` to ``high`` (None: unbounded; ``open``: the ends
+    themselves excluded), plus documented sentinel values; a list takes such numbers only."""
+    low: float | None = None
+    high: float | None = None
+    open: bool = False
+    sentinels: dict = field(default_factory=dict)  # value -> what it means
+
+    def holds(self, x) -> bool:
+        if isinstance(x, bool) or not isinstance(x, NUMBER):
+            return True  # not a number (None, "auto", a str): the type check's business
+        if x in self.sentinels:
+            return True
+        below = self.low is not None and (x <= self.low if self.open else x < self.low)
+        above = self.high is not None and (x >= self.high if self.open else x > self.high)
+        return not (below or above)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"{'above' if self.open else 'from'} {self.low:g} {'and below' if self.open else 'to'} {self.high:g}"
+        elif self.low is not None:
+            text = f"{'above' if self.open else 'at least'} {self.low:g}"
+        else:
+            text = f"{'below' if self.open else 'at most'} {self.high:g}"
+        return text + "".join(f", or {k} ({v})" for k, v in self.sentinels.items())
+
+
+COUNT = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, open=True)
+PERCENT = Range(0, 100)  # confidence levels, integer percents
+SHARE = Range(0, 1)  # probabilities and fractions
+OPEN_UNIT = Range(0, 1, open=True)
+MAX_STEPS = Range(1, sentinels={-1: "the default: train num_train_epochs instead"})
+
+_TRAINING = {"learning_rate": POSITIVE, "num_train_epochs": POSITIVE, "max_steps": MAX_STEPS,
+             "per_device_train_batch_size": COUNT, "gradient_accumulation_steps": COUNT, "warmup": AT_LEAST_0,
+             "weight_decay": AT_LEAST_0, "max_grad_norm": POSITIVE, "seed": AT_LEAST_0, "logging_steps": COUNT,
+             "save_steps": COUNT, "save_total_limit": COUNT, "dataloader_num_workers": AT_LEAST_0,
+             "replay_fraction": SHARE, "beta": POSITIVE, "simpo_gamma": AT_LEAST_0,
+             "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": SHARE}
+_SUITE = {**{f"n_{what}_images": AT_LEAST_0 for what in ("pope", "amber", "transfer", "calibration", "train",
+                                                          "perturbed", "grounded")},
+          "transfer_severity": SHARE, "perturbed_levels": PERCENT, "grounded_levels": PERCENT, "noise_gamma": OPEN_UNIT,
+          "seed": AT_LEAST_0, "image_size": COUNT}
+_NOISE = {"noise_gamma": OPEN_UNIT, "t_max": COUNT, "beta_start": OPEN_UNIT, "beta_end": OPEN_UNIT, "levels": PERCENT,
+          "seed": AT_LEAST_0}
+# parameter (a dotted path inside a config dict) -> the numbers it takes, checked before anything
+# runs for every stage that gets it; what is not named here is checked by type only
+RANGES: dict[str, Range] = {
+    # 00, 01
+    "seed": AT_LEAST_0, "image_size": COUNT, "n_scenes": COUNT, "n_pope_images": COUNT, "n_synthetic": COUNT,
+    "n_bins": COUNT, "severities": SHARE, "scene_index": AT_LEAST_0, "grid_levels": PERCENT, "noise_gamma": OPEN_UNIT,
+    "t_max": COUNT,
+    # 02
+    "data.n_scenes": COUNT, "data.questions_per_scene": COUNT, "data.n_images": COUNT, "data.image_size": COUNT,
+    "build.levels": PERCENT, "build.shard_size": COUNT, "build.seed": AT_LEAST_0, "build.png_compress_level": Range(0, 9),
+    **{f"build.noise.{k}": v for k, v in _NOISE.items()},
+    **{f"build.grounded.{k}": SHARE for k in ("clean_share", "key_share", "temperature_holdout", "bright_tolerance")},
+    "build.grounded.batch_size": COUNT, "build.grounded.max_new_tokens": COUNT,
+    # 03, 04
+    **{f"{stage}.{k}": v for stage in ("sft", "simpo") for k, v in _TRAINING.items()}, "margin_pairs": COUNT,
+    # 05, 06
+    **{f"suite.{k}": v for k, v in _SUITE.items()},
+    "scoring.options": PERCENT, "scoring.batch_size": COUNT, "scoring.max_new_tokens": COUNT,
+    "scoring.confidence_max_new_tokens": COUNT, "scoring.option_chunk": COUNT, "scoring.seed": AT_LEAST_0,
+    "boot.n_boot": COUNT, "boot.alpha": OPEN_UNIT, "boot.seed": AT_LEAST_0,
+}
+
+
+def check_range(stage: str, name: str, value) -> None:
+    rule = RANGES.get(name)
+    if rule is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bad = [x for x in values if not rule.holds(x)]
+    if bad:
+        what = f"{name!r} = {value!r}" + (f" (item {bad[0]!r})" if values is value else "")
+        raise ValueError(f"stage {stage}: {what} is out of range; it takes numbers {rule.describe()}")
 
 
 def check_stage_parameters(stage: str, given: dict, defaults: dict) -> None:
@@ -317,20 +401,70 @@ class Stage:
     inputs: list[str]  # the stages whose outputs it reads
     uses_model: bool
     cell_timeout: int
+    reads: list[str] = field(default_factory=list)  # the paths it reads (inputs' outputs at or under them)
 
 
 def load_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"params file {path} not found; see params/ for examples")
-    params = yaml.safe_load(path.read_text()) or {}
-    if "stages" not in params or not isinstance(params["stages"], dict):
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: {_yaml_problem(err)}") from None
+    if not isinstance(params, dict) or "stages" not in params or not isinstance(params["stages"], dict):
         raise ValueError(f"{path}: needs a 'stages' mapping of notebook name -> parameters")
     for stage in params["stages"]:
         if not notebook_of(stage).exists():
             raise ValueError(f"{path}: stage {stage!r} has no notebook {notebook_of(stage)}")
         if stage.split("@")[0] not in STAGES:
             raise ValueError(f"{path}: notebook {stage.split('@')[0]!r} has no declaration in study.STAGES")
+    return params
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line: where (line and column, counted from 1) and what, for a YAML syntax error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(x) for x in (getattr(err, "context", None), getattr(err, "problem", None)) if x)
+    return f"YAML syntax error at {where}{what or err}"
+
+
+def parse_set(item: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--set``, the value read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects KEY=VALUE (or STAGE.KEY=VALUE), got {item!r}")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {item!r}: the value is not YAML ({_yaml_problem(err)}); quote it") from None
+
+
+def apply_overrides(params: dict, overrides: dict) -> dict:
+    """``--set`` values into the params: ``KEY`` a global parameter, ``STAGE.KEY`` (``STAGE.CONFIG.FIELD``)
+    one stage's own. A global that a stage sets itself would never reach that stage, so it is
+    refused, naming those stages, instead of being recorded but not run."""
+    for key, value in (overrides or {}).items():
+        head, dot, rest = key.partition(".")
+        if dot and head in params["stages"]:
+            holder = params["stages"][head] = dict(params["stages"][head] or {})
+            *path, last = rest.split(".")
+            for part in path:
+                if not isinstance(holder.get(part, {}), dict):
+                    raise ValueError(f"--set {key}: {head}'s {part!r} is {holder[part]!r}, not a mapping")
+                holder[part] = dict(holder.get(part) or {})  # a copy: the loaded file's dicts stay as read
+                holder = holder[part]
+            holder[last] = value
+            continue
+        if dot:
+            raise ValueError(f"--set {key}: no stage {head!r} in this study; stages: {', '.join(params['stages'])} "
+                             "(STAGE.KEY sets one stage's parameter, KEY a global one)")
+        own = [stage for stage, given in params["stages"].items() if key in (given or {})]
+        if own:
+            raise ValueError(f"--set {key}={value!r} is ambiguous: stage(s) {', '.join(own)} set their own {key!r}, "
+                             f"which wins over a global value; set it per stage, e.g. --set {own[0]}.{key}=...")
+        params[key] = value
     return params
 
 
@@ -384,17 +518,20 @@ def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str])
                                 if "*" not in out and (_within(out, path) or _within(path, out))))
     owner.update({p: stage for p in mine})
     return Stage(stage, parameters, mine, shared, list(spec.scratch(full)), inputs, spec.uses_model,
-                 _cell_timeout(stage, params["stages"][stage] or {}))
+                 _cell_timeout(stage, params["stages"][stage] or {}), list(dict.fromkeys(reads)))
 
 
 def plan_study(params: dict) -> list[Stage]:
     """Every stage, checked and resolved, in chain order; raises before anything runs."""
     defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
     declared = set().union(*defaults.values()) if defaults else set()
-    for name in _global_parameters(params):
+    for name, value in _global_parameters(params).items():
         if name not in declared:
             raise ValueError(f"global parameter {name!r} is declared by no notebook; known: "
                              + ", ".join(sorted(declared - set(DRIVER_PARAMETERS))))
+        for stage, names in defaults.items():  # also where the stage's own value wins: a wrong value is wrong
+            if name in names and name not in DRIVER_PARAMETERS:
+                check_value(stage, name, value, names[name], spec_of(stage).types.get(name, ()))
     owner: dict[str, str] = {}
     plan = [_plan_stage(stage, params, defaults[stage], owner) for stage in params["stages"]]
     _check_no_overlap(plan)
@@ -430,14 +567,21 @@ def _derived_cache(path: Path) -> bool:
 def output_digest(run_dir: Path, rel: str) -> str | None:
     """A file's sha256; a folder's (or a pattern's) over its files' relative paths and digests;
     None when nothing is there."""
+    return _digest_and_files(run_dir, rel)[0]
+
+
+def _digest_and_files(run_dir: Path, rel: str) -> tuple[str | None, dict | None]:
+    """The output's digest and, for a folder or pattern, each file's (relative path -> digest),
+    recorded so that a damaged input can be named file by file."""
     found = _matches(run_dir, rel)
     if not found:
-        return None
+        return None, None
     if found == [run_dir / rel] and found[0].is_file():
-        return _file_hash(found[0])
+        return _file_hash(found[0]), None
     files = sorted(f for p in found for f in ([p] if p.is_file() else p.rglob("*"))
                    if f.is_file() and not _derived_cache(f))
-    return _hash([(str(f.relative_to(run_dir)), _file_hash(f)) for f in files])
+    pairs = [(str(f.relative_to(run_dir)), _file_hash(f)) for f in files]
+    return _hash(pairs), dict(pairs)
 
 
 def code_digest(notebook: Path) -> str:
@@ -460,6 +604,9 @@ def model_fingerprint(base_model) -> str:
     from csp_utils import models
 
     name = str(base_model)
+    if name == models.EMBEDDED and not (models.default_model_dir() / "model.safetensors").exists():
+        # never the bare name: a stage keyed on it would start a notebook that cannot load the model
+        raise models.MissingEmbeddedModelError(models.missing_embedded_model_message())
     folder = (models.default_model_dir() if name == models.EMBEDDED else models.shipped_model_path(name)
               if name in models.SHIPPED_MODELS else Path(name).expanduser())
     meta = folder / "csp_meta.json"
@@ -469,6 +616,14 @@ def model_fingerprint(base_model) -> str:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json"))
         return _hash([(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     return name  # a hub id (or an embedded model not built yet)
+
+
+def _fingerprint_or_none(base_model) -> str | None:
+    """For the manifest: a run of stages that load no model does not need it."""
+    try:
+        return model_fingerprint(base_model)
+    except FileNotFoundError:
+        return None
 
 
 def key_parts(stage: Stage, package: str, markers: dict[str, dict | None]) -> dict:
@@ -526,6 +681,33 @@ def stage_state(run_dir: Path, stage: Stage, key: str, parts: dict) -> tuple[str
     if running.exists():
         return "fresh", "an interrupted run had another key"
     return "fresh", "not run yet"
+
+
+def changed_files(run_dir: Path, marker: dict, rel: str) -> list[str]:
+    """The files of a folder output that differ from, are missing from, or were added since its
+    marker's record (an old marker without per-file digests names the folder)."""
+    recorded = (marker.get("files") or {}).get(rel)
+    if recorded is None:
+        return [rel]
+    now = _digest_and_files(run_dir, rel)[1] or {}
+    return sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f)) or [rel]
+
+
+def check_inputs(run_dir: Path, stage: Stage) -> None:
+    """What the stage reads still holds what its writer recorded; checked before the stage's
+    own outputs are removed, so that a refused run loses nothing."""
+    for name in stage.inputs:
+        marker = read_marker(run_dir, name)
+        if marker is None:
+            raise StageFailed(stage.name, f"it reads the outputs of {name}, which has not finished in this run "
+                              f"folder; run {name} first (nothing was removed)", None)
+        read = [rel for rel in marker.get("outputs", {})
+                if any(_within(rel, path) or _within(path, rel) for path in stage.reads)]
+        damaged = [f for rel in changed_outputs(run_dir, marker) if rel in read for f in changed_files(run_dir, marker, rel)]
+        if damaged:
+            raise StageFailed(stage.name, f"its input {', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''} "
+                              f"changed or went missing since {name} finished; nothing was removed. Rebuild it "
+                              f"with {name} (e.g. --only {name} {stage.name})", None)
 
 
 def clear_outputs(run_dir: Path, stage: Stage) -> None:
@@ -647,6 +829,44 @@ def _timed_out_cell(out_nb: Path) -> str:
     return f"cell {i} of the executed copy ({source.strip().splitlines()[0][:60] if source.strip() else 'empty'!r})"
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the process that starts it dies.
+
+    jupyter_client starts each kernel in its own session, so neither a kill of the driver's
+    process group nor a Ctrl-C reaches it, and ipykernel's own check polls its parent only once
+    a second: a training kernel left behind goes on writing checkpoints into the run folder.
+    Linux only (prctl); elsewhere the kernel keeps ipykernel's polling alone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, with kernels that die with the process starting them."""
+    from jupyter_client import AsyncKernelManager
+
+    class DriverKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            preexec = _die_with_parent()
+            if preexec is not None:
+                kw["preexec_fn"] = preexec
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return DriverKernelManager
+
+
 def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, notebook: Path | None = None) -> None:
     """Run the notebook; a failing cell or one past the stage's time limit stops the study."""
     import papermill as pm
@@ -656,7 +876,7 @@ def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, n
         pm.execute_notebook(str(notebook or notebook_of(stage.name)), str(out_nb),
                             parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
                             progress_bar=False, log_output=log_output, kernel_name="python3",
-                            execution_timeout=stage.cell_timeout)
+                            execution_timeout=stage.cell_timeout, kernel_manager_class=_kernel_manager_class())
     except pm.PapermillExecutionError as err:
         raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", out_nb) from None
     except CellTimeoutError:
@@ -664,10 +884,12 @@ def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, n
                           f"{stage.cell_timeout} s (set cell_timeout for this stage to change it)", out_nb) from None
     except DeadKernelError as err:
         raise StageFailed(stage.name, f"the kernel died: {err}", out_nb) from None
+    except OSError as err:  # papermill writing the executed copy: disk full, a read-only folder
+        raise StageFailed(stage.name, f"cannot write: {os_problem(err)}", out_nb) from None
 
 
 class StageFailed(Exception):
-    def __init__(self, stage: str, error: str, notebook: Path):
+    def __init__(self, stage: str, error: str, notebook: Path | None):
         super().__init__(f"{stage}: {error}")
         self.stage, self.error, self.notebook = stage, error, notebook
 
@@ -683,10 +905,13 @@ def finish_stage(run_dir: Path, stage: Stage, key: str, parts: dict, seconds: fl
             raise StageFailed(stage.name, f"it added to {', '.join(changed)}, an output of {owner['stage']} "
                               "that both stages write; give both the same settings (e.g. the same suite) "
                               "so that the shared results agree", run_dir / "notebooks" / f"{stage.name}.ipynb")
-    outputs = {rel: output_digest(run_dir, rel) for rel in stage.outputs}
+    digests = {rel: _digest_and_files(run_dir, rel) for rel in stage.outputs}
+    outputs = {rel: digest for rel, (digest, _) in digests.items()}
+    files = {rel: per_file for rel, (_, per_file) in digests.items() if per_file is not None}
     _write_json(_marker_path(run_dir, stage.name),
                 {"stage": stage.name, "key": key, "key_parts": parts, "produced": _hash(outputs),
-                 "outputs": outputs, "reads": stage.inputs, "seconds": seconds, "parameters": stage.parameters})
+                 "outputs": outputs, "files": files, "reads": stage.inputs, "seconds": seconds,
+                 "parameters": stage.parameters})
     _running_path(run_dir, stage.name).unlink(missing_ok=True)
 
 
@@ -703,11 +928,21 @@ def _check_only(only, plan: list[Stage]) -> None:
 
 
 def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Stage], str, Path]:
-    params = load_params(params_path)
-    params.update(overrides or {})
+    params = apply_overrides(load_params(params_path), overrides)
     plan = plan_study(params)
     name = name or params.get("name") or Path(params_path).stem
     return params, plan, name, resolve_run_dir(Path(runs_root) / name).resolve()
+
+
+def check_base_models(plan: list[Stage], only) -> None:
+    """Every selected stage that loads a model finds it, before anything runs: a missing shipped
+    model is an error saying how to restore it, never a rebuild started inside a stage."""
+    for stage in plan:
+        if stage.uses_model and (only is None or stage.name in only):
+            try:
+                model_fingerprint(stage.parameters.get("base_model", "embedded"))
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"stage {stage.name}: {err}") from None
 
 
 def check_jobs(jobs) -> int:
@@ -725,11 +960,20 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
     params, plan, name, run_dir = prepare_run(params_path, name, runs_root, overrides)
     jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
     _check_only(only, plan)
-    (run_dir / "markers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "notebooks").mkdir(exist_ok=True)
-    with run_lock(run_dir):
-        _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
+    check_base_models(plan, only)
+    try:
+        (run_dir / "markers").mkdir(parents=True, exist_ok=True)
+        (run_dir / "notebooks").mkdir(exist_ok=True)
+        with run_lock(run_dir):
+            _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
+    except OSError as err:  # before or between stages: the run folder itself
+        raise RunFolderError(f"run folder {run_dir} cannot be written: {os_problem(err)}") from None
     return run_dir
+
+
+class RunFolderError(OSError):
+    def __str__(self):
+        return self.args[0]
 
 
 def threads_per_job(jobs: int) -> int:
@@ -764,6 +1008,9 @@ class _Inline:
     def shutdown(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass  # the stage ran in this process: its kernel was shut down on the way out
+
 
 class _Pool:
     """Up to ``jobs`` stages at once, each in its own process with ``cores // jobs`` threads."""
@@ -779,6 +1026,13 @@ class _Pool:
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
 
+    def abort(self) -> None:
+        """Interrupted: end the workers now (their kernels die with them), wait for nothing."""
+        for process in list((self.pool._processes or {}).values()):
+            if process.is_alive():
+                process.kill()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
 
 def _ready(stage: Stage, finished: set[str], running: list[Stage], names: set[str]) -> bool:
     """Every stage it reads has finished, and no running stage writes a path it writes."""
@@ -787,6 +1041,12 @@ def _ready(stage: Stage, finished: set[str], running: list[Stage], names: set[st
     mine = stage.outputs + stage.shared + stage.scratch
     return not any(_within(a, b) or _within(b, a) for other in running
                    for a in other.outputs + other.shared + other.scratch for b in mine)
+
+
+def os_problem(err: OSError) -> str:
+    """``path: cause`` of a failed file operation, in one line."""
+    path = f"{err.filename} -> {err.filename2}" if err.filename2 else err.filename
+    return f"{path}: {err.strerror or err}" if path else f"{err.strerror or err}"
 
 
 def _start_stage(stage: Stage, run_dir: Path, package: str, force: bool, executor):
@@ -798,11 +1058,15 @@ def _start_stage(stage: Stage, run_dir: Path, package: str, force: bool, executo
         print(f"[study] {stage.name}: skipped (up to date)")
         return None
     print(f"[study] {stage.name}: {'forced' if force else why}", flush=True)
-    if state != "resume" or force:
-        _marker_path(run_dir, stage.name).unlink(missing_ok=True)
-        clear_outputs(run_dir, stage)
-    _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
     out_nb = run_dir / "notebooks" / f"{stage.name}.ipynb"
+    check_inputs(run_dir, stage)  # no executed copy to point to: the stage never started
+    try:
+        if state != "resume" or force:
+            _marker_path(run_dir, stage.name).unlink(missing_ok=True)
+            clear_outputs(run_dir, stage)
+        _write_json(_running_path(run_dir, stage.name), {"stage": stage.name, "key": key, "pid": os.getpid()})
+    except OSError as err:  # disk full, a read-only run folder: the stage and the path, not a traceback
+        raise StageFailed(stage.name, f"cannot prepare its outputs: {os_problem(err)}", None) from None
     print(f"[study] {stage.name}: running -> {out_nb}", flush=True)
     t0 = time.time()
     return executor.submit(stage, run_dir, out_nb), key, parts, t0
@@ -815,7 +1079,7 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(name=name, params=params, params_hash=_hash(params), git_commit=git_commit(),
                     packages=package_versions(), machine=machine_info(),
-                    base_model_fingerprint=model_fingerprint(params.get("base_model", "embedded")))
+                    base_model_fingerprint=_fingerprint_or_none(params.get("base_model", "embedded")))
     manifest.setdefault("timings_s", {})
     package = package_digest()
     names = {s.name for s in plan}
@@ -837,7 +1101,12 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                 if stage is None:
                     break
                 waiting.remove(stage)
-                started = _start_stage(stage, run_dir, package, force, executor)
+                try:
+                    started = _start_stage(stage, run_dir, package, force, executor)
+                except StageFailed as err:
+                    failed = failed or err
+                    print(f"[study] {stage.name}: failed", flush=True)
+                    continue
                 if started is None:
                     finished.add(stage.name)
                 else:
@@ -852,7 +1121,11 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                 seconds = round(time.time() - t0, 1)
                 try:
                     future.result()
-                    finish_stage(run_dir, stage, key, parts, seconds)
+                    try:
+                        finish_stage(run_dir, stage, key, parts, seconds)
+                    except OSError as err:
+                        raise StageFailed(stage.name, f"cannot record its outputs: {os_problem(err)}",
+                                          run_dir / "notebooks" / f"{stage.name}.ipynb") from None
                 except StageFailed as err:
                     failed = failed or err
                     print(f"[study] {stage.name}: failed", flush=True)
@@ -861,17 +1134,30 @@ def _run_locked(params, plan, name, run_dir: Path, only, force: bool, log_output
                 manifest["timings_s"][stage.name] = seconds
                 _write_json(manifest_path, manifest)
                 print(f"[study] {stage.name}: done in {seconds:.0f} s", flush=True)
-    finally:
+    except BaseException:  # Ctrl-C, SIGTERM (see main): no stage left running behind the driver
+        executor.abort()
+        raise
+    else:
         executor.shutdown()
     if failed is not None:
-        manifest["failed"] = {"stage": failed.stage, "error": failed.error, "notebook": str(failed.notebook)}
-        _write_json(manifest_path, manifest)
-        raise SystemExit(f"[study] stage {failed.stage} failed: {failed.error}\n"
-                         f"        executed copy kept at {failed.notebook}") from None
+        manifest["failed"] = {"stage": failed.stage, "error": failed.error,
+                              "notebook": None if failed.notebook is None else str(failed.notebook)}
+        try:
+            _write_json(manifest_path, manifest)
+            recorded = ""
+        except OSError as err:  # the disk that failed the stage may refuse this too
+            recorded = f"\n        (the manifest could not record it: {os_problem(err)})"
+        kept = (f"\n        executed copy kept at {failed.notebook}"
+                if failed.notebook is not None and failed.notebook.exists() else "")
+        raise SystemExit(f"[study] stage {failed.stage} failed: {failed.error}{kept}{recorded}") from None
     manifest.pop("failed", None)
     manifest["jobs"] = jobs
     manifest["wall_s"] = round(time.time() - wall0, 1)
     _write_json(manifest_path, manifest)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -885,19 +1171,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, help="stages run at once (default: the params' jobs, else 1); "
                     "each gets cores / jobs threads")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override global parameters, e.g. --set base_model=/path/to/model (values are YAML)")
+                    help="override a global parameter (--set base_model=/path/to/model) or one stage's own "
+                    "(--set 03_train_sft.sft.max_steps=4); values are YAML")
     args = ap.parse_args(argv)
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: kernels are shut down, the lock released
+    signal.signal(signal.SIGTERM, _terminate)
     overrides = {}
     for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        try:
+            key, value = parse_set(item)
+        except ValueError as err:
+            ap.error(str(err))
+        overrides[key] = value
     try:
         run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides,
                             args.jobs)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RunFolderError) as err:
         raise SystemExit(f"[study] {err}") from None
+    except KeyboardInterrupt as err:
+        raise SystemExit(f"[study] interrupted ({err or 'Ctrl-C'}); the same command resumes the run") from None
     print(f"[study] run folder: {run_dir}")
 
 

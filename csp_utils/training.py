@@ -1025,6 +1025,11 @@ def _prepare_checkpoints(ckpt_dir: Path, key: str, resume: bool) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     stamp = ckpt_dir / "csp_run_key.json"
+    if ckpt_dir.is_dir():
+        _barrier()
+        if _is_main():
+            set_aside_incomplete_checkpoints(ckpt_dir)
+        _barrier()
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if last and resume:
         old = json.loads(stamp.read_text()).get("key") if stamp.exists() else None
@@ -1042,6 +1047,67 @@ def _prepare_checkpoints(ckpt_dir: Path, key: str, resume: bool) -> str | None:
         stamp.write_text(json.dumps({"key": key}))
     _barrier()
     return None
+
+
+INCOMPLETE_DIR = "incomplete"  # under a checkpoint folder: checkpoints a kill cut short, kept for inspection
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a ``checkpoint-N`` folder cannot be resumed from, or None when it is complete.
+
+    The Trainer writes the weights, then the optimizer, scheduler and RNG states, then
+    ``trainer_state.json``; a kill while saving leaves the folder without the later files or
+    with one cut short. Complete: the trainer state parses, a weights file's safetensors
+    header fits the file, and every torch pickle (``*.pt``, ``*.pth``) is a whole zip archive."""
+    import zipfile
+
+    state = folder / "trainer_state.json"
+    try:
+        if not isinstance(json.loads(state.read_text()).get("global_step"), int):
+            return f"{state.name} has no global_step"
+    except FileNotFoundError:
+        return f"no {state.name}"
+    except (OSError, ValueError, AttributeError) as err:
+        return f"{state.name} is unreadable ({err})"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no weights (*.safetensors)"
+    from safetensors import safe_open
+
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError for a cut file
+            return f"{path.name} is damaged ({type(err).__name__}: {err})"
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth")]):
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is cut short (not a whole torch archive)"
+    return None
+
+
+def set_aside_incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Move every incomplete ``checkpoint-N`` under ``incomplete/`` (out of the Trainer's sight:
+    it resumes from the highest-numbered folder and would fail on an empty one), saying so."""
+    import re
+    import shutil
+
+    moved = []
+    for folder in sorted(ckpt_dir.iterdir()):
+        if not (folder.is_dir() and re.fullmatch(r"checkpoint-\d+", folder.name)):
+            continue
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            continue
+        aside = ckpt_dir / INCOMPLETE_DIR / folder.name
+        if aside.exists():
+            shutil.rmtree(aside)
+        aside.parent.mkdir(exist_ok=True)
+        os.replace(folder, aside)
+        print(f"[training] {folder} is incomplete ({problem}): set aside as {aside}; resuming from the "
+              "last complete checkpoint", flush=True)
+        moved.append(aside)
+    return moved
 
 
 # Fields that change how a run is logged or saved, not what it computes: a resumed run may differ in them.

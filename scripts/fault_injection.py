@@ -41,12 +41,12 @@ TOLERANCE = 1e-5
 class Driver:
     """``python -m csp_utils.study`` in its own session; its output lines arrive on a queue."""
 
-    def __init__(self, params: Path, name: str, work: Path, model: Path):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    def __init__(self, params: Path, name: str, work: Path, model: Path | None, extra: tuple = (), repo: Path = REPO):
+        env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "TRANSFORMERS_VERBOSITY": "error", "MPLBACKEND": "Agg"}
         cmd = [sys.executable, "-m", "csp_utils.study", str(params), "--name", name, "--runs-root", str(work),
-               "--set", f"base_model={model}"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+               *(["--set", f"base_model={model}"] if model is not None else []), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.lines: queue.Queue = queue.Queue()
         self.output: list[str] = []
@@ -107,8 +107,9 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def run_to_end(params: Path, name: str, work: Path, model: Path) -> tuple[int, str]:
-    driver = Driver(params, name, work, model)
+def run_to_end(params: Path, name: str, work: Path, model: Path | None, extra: tuple = (),
+               repo: Path = REPO) -> tuple[int, str]:
+    driver = Driver(params, name, work, model, extra, repo)
     rc = driver.finish()
     return rc, driver.text()
 
@@ -299,6 +300,156 @@ def parameter_changed(params, work, model, reference, stage, key, name="shared")
             f"changed back: {detail}", "PASS" if ok else "FAIL")
 
 
+# ------------------------------------------------------------------ the cases of issue 25
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+def _one_line_refusal(rc: int, text: str, *needles: str) -> tuple[bool, str]:
+    """Exit 1, no traceback, and the last line names every needle."""
+    last = _last_line(text)
+    ok = rc == 1 and "Traceback" not in text and all(n in last for n in needles)
+    return ok, f"exit {rc}: {last[:150]}"
+
+
+def refused_before_anything(params, work, model) -> list[tuple]:
+    """Values that used to be dropped or checked late: refused before the first stage, in one line."""
+    rows = []
+    cases = [("--set n_scenes=abc (a stage sets its own)", ("--set", "n_scenes=abc"), ("ambiguous", "00_world_and_benchmarks")),
+             ("--set n_scenes=200 on a finished run", ("--set", "n_scenes=200"), ("ambiguous", "00_world_and_benchmarks")),
+             ("--set 03_train_sft.sft.max_steps=-5", ("--set", "03_train_sft.sft.max_steps=-5"),
+              ("03_train_sft", "sft.max_steps", "-5", "at least 1")),
+             ("--set 00_world_and_benchmarks.n_scenes=-4", ("--set", "00_world_and_benchmarks.n_scenes=-4"),
+              ("00_world_and_benchmarks", "n_scenes", "-4", "at least 1")),
+             ("--set noise_gamma=150", ("--set", "noise_gamma=150"), ("01_perturbation_explorer", "noise_gamma", "150"))]
+    for case, extra, needles in cases:
+        name = "finished" if "finished" in case else "fresh"
+        before = sorted(p.name for p in (work / name / "markers").glob("*.json")) if (work / name).exists() else []
+        rc, text = run_to_end(params, name, work, model, extra)
+        ok, outcome = _one_line_refusal(rc, text, *needles)
+        ran = "running ->" in text or "removing old" in text
+        after = sorted(p.name for p in (work / name / "markers").glob("*.json")) if (work / name).exists() else []
+        rows.append((case, outcome, "refused before any stage, nothing removed" if not ran and before == after
+                     else "a stage ran or outputs were removed", "PASS" if ok and not ran and before == after else "FAIL"))
+    bad = work / "bad.yaml"
+    bad.write_text(params.read_text().replace("n_synthetic: 200}", "n_synthetic: 200", 1))  # an unclosed mapping
+    rc, text = run_to_end(bad, "fresh", work, model)
+    ok, outcome = _one_line_refusal(rc, text, str(bad), "line", "column")
+    rows.append(("YAML syntax error", outcome, "one line naming the file, line and column", "PASS" if ok else "FAIL"))
+    blocked = work / "a_file"
+    blocked.write_text("")
+    rc, text = run_to_end(params, "smoke", blocked, model)
+    ok, outcome = _one_line_refusal(rc, text, "cannot be written", str(blocked))
+    rows.append(("run folder not writable (its parent is a file)", outcome, "one line naming the path and cause",
+                 "PASS" if ok else "FAIL"))
+    return rows
+
+
+def missing_embedded_model(work) -> tuple:
+    """A copy of the repository without the shipped model: an immediate error, no training started."""
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(dir=work, prefix="repo_"))
+    for part in ("csp_utils", "notebooks", "params"):
+        shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.rmtree(copy / "csp_utils" / "data" / "tiny_llava")
+    env_cache = work / "empty_cache"
+    os.environ["CSP_CACHE"] = str(env_cache)  # the driver's fallback location is empty too
+    try:
+        rc, text = run_to_end(copy / "params" / "smoke.yaml", "nomodel", work, None, repo=copy)
+    finally:
+        os.environ.pop("CSP_CACHE")
+    ok, outcome = _one_line_refusal(rc, text, "embedded default model is missing", "git checkout",
+                                    "python -m csp_utils.pretrain")
+    started = "training it now" in text or "running ->" in text
+    return ("embedded model moved away", outcome, "no stage started, no rebuild" if not started else "a stage started",
+            "PASS" if ok and not started and not env_cache.exists() else "FAIL")
+
+
+def damaged_adapter_only_evaluate(params, work, model, reference) -> tuple:
+    """``--only 05_evaluate --force`` with a damaged adapter it reads: refused, 05's results kept."""
+    run = work / "damaged"
+    shutil.copytree(reference, run)
+    adapter = run / "adapters" / "sft_simpo@s0" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[:8] = (10 ** 12).to_bytes(8, "little")  # a header length past the file: SafetensorError when loaded
+    adapter.write_bytes(bytes(data))
+    kept = sorted((run / "results" / "matrix").rglob("*.jsonl"))
+    rc, text = run_to_end(params, "damaged", work, model, ("--only", "05_evaluate", "--force"))
+    ok, outcome = _one_line_refusal(rc, text, "adapters/sft_simpo@s0/adapter_model.safetensors", "04_train_simpo")
+    still = all(p.exists() for p in kept) and "removing old" not in text
+    return ("--only 05_evaluate --force, damaged adapter", outcome, f"05's {len(kept)} result files kept: {still}",
+            "PASS" if ok and still and kept else "FAIL")
+
+
+def killed_group_while_saving(params, work, model) -> list[tuple]:
+    """03 saving every step; SIGKILL to the driver's process group mid-03 (the kernel is in its
+    own session): the kernel must die with it, no checkpoint may appear afterwards, and a
+    checkpoint cut short (an empty folder, as a kill while saving leaves) must not block the rerun."""
+    changed = yaml.safe_load(params.read_text())
+    for stage in ("03_train_sft", "04_train_simpo"):
+        changed["stages"][stage].setdefault("sft" if stage.startswith("03") else "simpo", {}).update(
+            max_steps=4, save_steps=1)
+    path = work / "save_every_step.yaml"
+    path.write_text(yaml.safe_dump(changed, sort_keys=False))
+    ckpts = work / "saving" / "checkpoints" / "sft@s0"
+    driver = Driver(path, "saving", work, model)
+    end = time.time() + 1800
+    while not (ckpts / "checkpoint-1" / "trainer_state.json").exists() and driver.proc.poll() is None \
+            and time.time() < end:
+        time.sleep(0.05)
+    if driver.proc.poll() is not None:
+        return [("kill of the driver's group mid-03", "03 never saved a checkpoint: " + _last_line(driver.text()),
+                 "-", "FAIL")]
+    kernels = [pid for pid in _descendants(driver.proc.pid) if "ipykernel" in _cmdline(pid)]
+    os.killpg(driver.proc.pid, signal.SIGKILL)  # the driver's group only, as a terminal or scheduler does
+    driver.proc.wait()
+    seen = sorted(p.name for p in ckpts.glob("checkpoint-*"))
+    time.sleep(5)
+    later = sorted(p.name for p in ckpts.glob("checkpoint-*"))
+    kernels = [pid for pid in kernels if _alive(pid)]
+    for pid in kernels:  # leave nothing behind for the next case
+        os.kill(pid, signal.SIGKILL)
+    quiet = seen == later and not kernels
+    top = max((int(n.split("-")[1]) for n in later), default=0)
+    (ckpts / f"checkpoint-{top + 1}").mkdir()  # what a kill in the middle of a save leaves behind
+    rc, text = run_to_end(path, "saving", work, model)
+    # the training line goes to the kernel: it is in the executed copy (and on the terminal with --log-output)
+    executed = work / "saving" / "notebooks" / "03_train_sft.ipynb"
+    said = executed.exists() and f"checkpoint-{top + 1} is incomplete" in executed.read_text()
+    set_aside = said and (ckpts / "incomplete" / f"checkpoint-{top + 1}").is_dir()
+    return [("kill of the driver's group mid-03 (save every step)", f"checkpoints after the kill: {later}; "
+             f"still written 5 s later: {seen != later}", "nothing outlived the driver" if quiet else
+             f"kernel {kernels} kept running", "PASS" if quiet else "FAIL"),
+            ("rerun with an empty checkpoint-N+1 (killed while saving)", f"exit {rc}; set aside: {set_aside}; "
+             f"{text.count('resuming an interrupted run')} resumed", "exit 0 through every stage",
+             "PASS" if rc == 0 and set_aside else "FAIL")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def issue25_cases(params, work, model, reference) -> list[tuple]:
+    shutil.copytree(reference, work / "finished")
+    rows = refused_before_anything(params, work, model)
+    rows.append(missing_embedded_model(work))
+    rows.append(damaged_adapter_only_evaluate(params, work, model, reference))
+    rows += killed_group_while_saving(params, work, model)
+    return rows
+
+
 # ------------------------------------------------------------------ main
 def build_model(work: Path) -> Path:
     from csp_utils.embedded.config import PretrainConfig
@@ -317,6 +468,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a tiny model folder (default: train one, as the tests do)")
     ap.add_argument("--quick", action="store_true", help="kill points in 3 stages instead of every stage")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    ap.add_argument("--only-issue25", action="store_true",
+                    help="only the reference run and the cases of issue 25 (refusals, a missing model, a damaged "
+                         "adapter, a kill of the driver's group while 03 saves every step)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     if work.exists():
@@ -327,6 +481,8 @@ def main(argv=None) -> int:
     second, reference = reference_with_second_driver(SMOKE, work, model)
     seconds = json.loads((reference / "manifest.json").read_text())["timings_s"]
     print(f"[fault] reference run: {sum(seconds.values()):.0f} s; stages {seconds}", flush=True)
+    if args.only_issue25:
+        return _table(issue25_cases(SMOKE, work, model, reference) + [second], t0)
     stages = stages_of(SMOKE)
     kill_stages = ["02_build_perturbed_dataset", "03_train_sft", "05_evaluate"] if args.quick else stages
     rows = kill_chain(SMOKE, work, model, reference, kill_stages, seconds, random.Random(args.seed))
@@ -342,6 +498,11 @@ def main(argv=None) -> int:
     else:
         rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "data.n_scenes",
                                       name="changed"))
+    rows += issue25_cases(SMOKE, work, model, reference)
+    return _table(rows, t0)
+
+
+def _table(rows: list[tuple], t0: float) -> int:
     print(f"\n{'case':<44} | {'outcome':<70} | {'equal to an uninterrupted run or clear refusal':<50} | result")
     for case, outcome, detail, verdict in rows:
         print(f"{case:<44} | {outcome:<70} | {detail:<50} | {verdict}")

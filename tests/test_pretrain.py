@@ -567,3 +567,23 @@ def test_pretrain_module_runs_the_command_line(monkeypatch, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m csp_utils.pretrain") and "--init-parts" in out
+
+
+def test_two_builds_into_one_folder_never_run_at_once(tiny_cfg, tmp_path, monkeypatch):
+    """Two stages finding no model used to train it into the same folder at once."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny"
+    monkeypatch.setattr(train, "pretrain", lambda *a, **k: pytest.fail("a second build started"))
+    with train._build_lock(out):
+        with pytest.raises(train.ModelBuildInProgress, match=f"{out} is being built by pid {os.getpid()}"):
+            train.build_default_model(out, tiny_cfg)
+    assert not out.with_name("tiny.building").exists()  # released
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.with_name("tiny.building").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    monkeypatch.setattr(train, "pretrain", lambda out, *a, **k: out)
+    assert train.build_default_model(out, tiny_cfg) == out  # a killed builder's lock is taken over
+    assert not out.with_name("tiny.building").exists()

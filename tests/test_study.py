@@ -574,3 +574,265 @@ def test_one_helper_records_package_versions_everywhere():
     got = versions.package_versions(("torch", "no-such-package-xyz"))
     assert got["torch"] == metadata.version("torch") and got["no-such-package-xyz"] is None and "python" in got
     assert study.package_versions is training.package_versions is report.package_versions is versions.package_versions
+
+
+# ---------------------------------------------------------------- the driver's kernels end with it
+LONG = '''import os, sys, time
+from csp_utils.study import resolve_run_dir
+run_dir = resolve_run_dir(run_dir)
+(run_dir / "kernel.pid").write_text(str(os.getpid()))
+# a busy cell (a training step in C, a long Python loop) starves ipykernel's parent-polling thread
+sys.setswitchinterval(120)
+end = time.time() + 90
+while time.time() < end:
+    pass
+'''
+
+DRIVE = '''import sys
+from pathlib import Path
+from csp_utils import study
+books = Path(sys.argv[1])
+study.NOTEBOOKS = books
+study.STAGES = {"14_long": study.StageSpec(outputs=lambda p: [])}
+study.main([str(books / "params.yaml"), "--runs-root", sys.argv[2], "--jobs", sys.argv[3]])
+'''
+
+
+def _alive(pid: int) -> bool:
+    """A live process (a zombie, killed but not yet reaped by its parent, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_for(condition, seconds: float = 30) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how, jobs", [("sigkill-group", "1"), ("sigkill-group", "2"), ("sigterm", "1"),
+                                       ("sigint", "2")])
+def test_the_kernels_end_with_the_driver(tmp_path, how, jobs):
+    """A kernel runs in its own session: a kill of the driver's process group does not reach
+    it, and a kernel left running goes on writing into the run folder (checkpoints, shards)."""
+    import signal
+    import subprocess
+
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    _notebook(books / "14_long.ipynb", 'run_dir = "runs/dev"', LONG)
+    (books / "params.yaml").write_text(yaml.safe_dump({"name": "long", "stages": {"14_long": {}}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVE, str(books), str(tmp_path / "runs"), jobs], env=env,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = tmp_path / "runs" / "long" / "kernel.pid"
+    try:
+        assert _wait_for(pid_file.exists, 120), "the kernel never started"
+        kernel = int(pid_file.read_text())
+        assert _alive(kernel)
+        if how == "sigkill-group":
+            os.killpg(driver.pid, signal.SIGKILL)
+        else:
+            driver.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+        driver.wait(timeout=60)
+        assert _wait_for(lambda: not _alive(kernel), 30), f"kernel {kernel} outlived the driver ({how})"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        if pid_file.exists() and _alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    if how != "sigkill-group":  # a driver that could clean up released its lock
+        assert not (tmp_path / "runs" / "long" / ".lock").exists()
+
+
+# ---------------------------------------------------------------- --set, ranges, YAML errors
+def test_set_on_a_global_that_a_stage_sets_itself_is_refused_naming_the_stage(tmp_path):
+    """smoke.yaml's 00 sets its own n_scenes: a global n_scenes would be recorded but never run."""
+    for value in ("abc", 200, -5):
+        with pytest.raises(ValueError, match=r"--set n_scenes=.* ambiguous: stage\(s\) 00_world_and_benchmarks set "
+                                             r"their own 'n_scenes'.*--set 00_world_and_benchmarks.n_scenes="):
+            study.prepare_run(SMOKE, None, tmp_path, {"n_scenes": value})
+    assert not list(tmp_path.iterdir())
+
+
+def test_set_reaches_one_stage_and_is_recorded_as_run(tmp_path):
+    params, plan, _, _ = study.prepare_run(SMOKE, None, tmp_path, {
+        "00_world_and_benchmarks.n_scenes": 200, "03_train_sft.sft.max_steps": 3, "03_train_sft@g0.sft.lora.r": 4,
+        "noise_gamma": 0.1})
+    stages = {s.name: s for s in plan}
+    assert stages["00_world_and_benchmarks"].parameters["n_scenes"] == 200
+    assert stages["03_train_sft"].parameters["sft"] == {"max_steps": 3}
+    assert stages["03_train_sft@g0"].parameters["sft"]["lora"] == {"r": 4}
+    assert stages["03_train_sft@g0"].parameters["sft"]["loss"] == "soft_ce"  # the rest of its sft kept
+    assert stages["01_perturbation_explorer"].parameters["noise_gamma"] == 0.1  # a global no stage sets
+    assert params["stages"]["00_world_and_benchmarks"]["n_scenes"] == 200  # what params.yaml records
+    assert yaml.safe_load(SMOKE.read_text())["stages"]["03_train_sft"]["sft"] == {"max_steps": 2}  # file untouched
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"00_world_and_benchmarks.n_scenes": "abc"}, "00_world_and_benchmarks: parameter 'n_scenes' = 'abc' is a str"),
+    ({"03_train_sft.sft.max_steps": "two"}, "'sft.max_steps' = 'two' is a str"),
+    ({"03_train_sfx.sft.max_steps": 2}, "no stage '03_train_sfx' in this study"),
+    ({"03_train_sft.sft.max_steps.x": 2}, "03_train_sft's 'max_steps' is 2, not a mapping"),
+    ({"image_size": "big"}, "00_world_and_benchmarks: parameter 'image_size' = 'big' is a str"),
+])
+def test_set_values_are_type_checked(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        study.prepare_run(SMOKE, None, tmp_path, overrides)
+
+
+def test_a_global_is_type_checked_even_where_every_stage_sets_its_own():
+    params = _smoke()
+    params["n_scenes"] = "abc"
+    with pytest.raises(ValueError, match="00_world_and_benchmarks: parameter 'n_scenes' = 'abc' is a str"):
+        study.plan_study(params)
+
+
+def test_set_on_the_command_line_is_parsed_as_yaml_and_refused_in_one_line(tmp_path, capsys):
+    assert study.parse_set("03_train_sft.sft.max_steps=3") == ("03_train_sft.sft.max_steps", 3)
+    assert study.parse_set("base_model=/a/b=c") == ("base_model", "/a/b=c")
+    with pytest.raises(SystemExit):
+        study.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=[1,"])
+    assert "--set 'n_scenes=[1,': the value is not YAML" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^\[study\] --set n_scenes='abc' is ambiguous[^\n]*$"):
+        study.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=abc"])
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"03_train_sft": {"sft": {"max_steps": -5}}}, r"03_train_sft: 'sft.max_steps' = -5 is out of range; it takes "
+                                                    r"numbers at least 1, or -1 \(the default: train num_train_epochs"),
+    ({"03_train_sft": {"sft": {"max_steps": 0}}}, "'sft.max_steps' = 0 is out of range"),
+    ({"00_world_and_benchmarks": {"n_scenes": -4}}, "00_world_and_benchmarks: 'n_scenes' = -4 is out of range; it "
+                                                     "takes numbers at least 1"),
+    ({"01_perturbation_explorer": {"noise_gamma": 150}}, "'noise_gamma' = 150 is out of range; it takes numbers "
+                                                          "above 0 and below 1"),
+    ({"01_perturbation_explorer": {"grid_levels": [100, 150]}}, r"'grid_levels' = \[100, 150\] \(item 150\) is out "
+                                                                 "of range; it takes numbers from 0 to 100"),
+    ({"02_build_perturbed_dataset": {"data": {"n_scenes": 0}}}, "'data.n_scenes' = 0 is out of range"),
+    ({"02_build_perturbed_dataset": {"build": {"noise": {"noise_gamma": 1.5}}}}, "'build.noise.noise_gamma' = 1.5"),
+    ({"02_build_perturbed_dataset@grounded": {"build": {"grounded": {"temperature_holdout": 2}}}},
+     "'build.grounded.temperature_holdout' = 2 is out of range; it takes numbers from 0 to 1"),
+    ({"04_train_simpo": {"simpo": {"learning_rate": 0}}}, "'simpo.learning_rate' = 0 is out of range; it takes "
+                                                           "numbers above 0"),
+    ({"05_evaluate": {"suite": {"transfer_severity": 1.5}}}, "05_evaluate: 'suite.transfer_severity' = 1.5"),
+    ({"06_ablations": {"boot": {"n_boot": 0}}}, "06_ablations: 'boot.n_boot' = 0 is out of range"),
+])
+def test_values_are_range_checked_before_anything_runs(changes, message):
+    with pytest.raises(ValueError, match=message):
+        study.plan_study(_smoke(**changes))
+
+
+def test_range_sentinels_and_edges_are_accepted():
+    plan = {s.name: s for s in study.plan_study(_smoke(**{
+        "03_train_sft": {"sft": {"max_steps": -1, "replay_fraction": 1, "warmup": 5, "lora": {"dropout": 0}}},
+        "01_perturbation_explorer": {"grid_levels": [0, 100]},
+        "05_evaluate": {"suite": {"n_grounded_images": 0}}}))}
+    assert plan["03_train_sft"].parameters["sft"]["max_steps"] == -1
+
+
+def test_a_noise_gamma_given_with_set_is_refused_before_any_stage(tmp_path):
+    with pytest.raises(ValueError, match="01_perturbation_explorer: 'noise_gamma' = 150 is out of range"):
+        study.run_study(SMOKE, runs_root=tmp_path, overrides={"noise_gamma": 150})
+    assert not (tmp_path / "smoke").exists()  # nothing ran, nothing was cleared
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nstages:\n  00_world_and_benchmarks: {n_scenes: 4\n  01_perturbation_explorer: {}\n")
+    with pytest.raises(SystemExit, match=rf"^\[study\] {bad}: YAML syntax error at line \d+, column \d+: [^\n]+$"):
+        study.main([str(bad), "--runs-root", str(tmp_path / "runs")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="needs a 'stages' mapping"):
+        study.load_params(tmp_path / "list.yaml")
+
+
+# ---------------------------------------------------------------- a missing shipped model
+def test_a_missing_embedded_model_is_an_error_before_anything_runs_not_a_rebuild(tmp_path, monkeypatch):
+    from csp_utils import models
+    from csp_utils.embedded import train
+
+    monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "moved_away")
+    monkeypatch.setattr(train, "build_default_model", lambda *a, **k: pytest.fail("started a rebuild"))
+    restore = r"git checkout -- csp_utils/data/tiny_llava.*python -m csp_utils.pretrain"
+    with pytest.raises(FileNotFoundError, match="stage 02_build_perturbed_dataset: the embedded default model is "
+                                                rf"missing.*{restore}"):
+        study.run_study(SMOKE, runs_root=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(models.MissingEmbeddedModelError, match=restore):
+        models.resolve_model_name("embedded")  # what a notebook opened by hand calls
+    with pytest.raises(FileNotFoundError, match="embedded default model is missing"):
+        study.model_fingerprint("embedded")  # never the bare name "embedded" as a key part
+    with pytest.raises(SystemExit, match=r"^\[study\] stage 02_build_perturbed_dataset: the embedded default[^\n]+$"):
+        study.main([str(SMOKE), "--runs-root", str(tmp_path / "runs")])
+    # stages that load no model still run without it; --only checks only what it runs
+    study.check_base_models(study.plan_study(study.load_params(SMOKE)), only=["07_figures"])
+
+
+# ---------------------------------------------------------------- file errors and damaged inputs
+def test_a_full_disk_during_a_stage_is_one_line_naming_the_stage_and_path(toy, tmp_path, monkeypatch):
+    import errno
+
+    import papermill
+
+    real = papermill.execute_notebook
+
+    def full(path, out, *a, **k):
+        if "11_use" in str(out):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+        return real(path, out, *a, **k)
+
+    monkeypatch.setattr(papermill, "execute_notebook", full)
+    run = tmp_path / "runs" / "toy"
+    with pytest.raises(SystemExit, match=rf"^\[study\] stage 11_use failed: cannot write: {run}/notebooks/11_use.ipynb: "
+                                         "No space left on device$"):
+        toy({"10_make": {}, "11_use": {}})
+    assert json.loads((run / "manifest.json").read_text())["failed"]["stage"] == "11_use"
+    assert (run / "markers" / "10_make.json").exists()
+
+
+def test_a_read_only_run_folder_is_one_line_naming_the_stage_and_path(toy, tmp_path, monkeypatch):
+    import errno
+
+    real = study._write_json
+
+    def read_only(path, obj):
+        if path.name.endswith(".running.json"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        real(path, obj)
+
+    monkeypatch.setattr(study, "_write_json", read_only)
+    run = tmp_path / "runs" / "toy"
+    with pytest.raises(SystemExit, match=r"^\[study\] stage 10_make failed: cannot prepare its outputs: "
+                                         rf"{run}/markers/10_make.running.json: Read-only file system$"):
+        toy({"10_make": {}})
+    assert json.loads((run / "manifest.json").read_text())["failed"]["stage"] == "10_make"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit, match=rf"^\[study\] run folder {blocked}/toy cannot be written: {blocked}/toy"
+                                         r"/markers: [^\n]+$"):
+        study.main([str(tmp_path / "params.yaml"), "--runs-root", str(blocked)])
+
+
+def test_a_damaged_input_is_refused_before_the_stages_outputs_are_removed(toy, tmp_path, capsys):
+    run = toy({"10_make": {}, "11_use": {}})
+    (run / "data" / "part-1.txt").write_text("damaged\n")
+    with pytest.raises(SystemExit, match=r"stage 11_use failed: its input data/part-1.txt changed or went missing "
+                                         r"since 10_make finished; nothing was removed.*--only 10_make 11_use"):
+        toy({"10_make": {}, "11_use": {}}, only=["11_use"], force=True)
+    assert (run / "summary.txt").read_text() == "0\n1\n"  # 11's old result kept
+    assert "removing old" not in capsys.readouterr().out
+    (run / "data" / "part-1.txt").write_text("1\n")
+    (run / "data" / "part-1.txt").rename(run / "data" / "part-1.moved")
+    with pytest.raises(SystemExit, match="its input data/part-1.moved, data/part-1.txt changed"):
+        toy({"10_make": {}, "11_use": {}}, only=["11_use"], force=True)
+    with pytest.raises(SystemExit, match="11_use failed: it reads the outputs of 10_make, which has not finished"):
+        toy({"10_make": {}, "11_use": {}}, only=["11_use"], runs_root=tmp_path / "fresh")
+    assert not (tmp_path / "fresh" / "toy" / "summary.txt").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -483,6 +484,60 @@ def test_resume_ends_where_an_uninterrupted_run_ends(work, tmp_path, stage):
     other = dataclass_replace(stage_cfg, learning_rate=stage_cfg.learning_rate * 2)
     with pytest.raises(ValueError, match="different configuration"):
         train(work / "base", work / "dataset", tmp_path / "b", other)
+
+
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    """The files the Trainer writes into checkpoint-N, weights first, trainer state last."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(4)}, str(folder / "adapter_model.safetensors"))
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": 5}))
+    return folder
+
+
+def test_resume_uses_the_last_complete_checkpoint_and_sets_the_others_aside(tmp_path, capsys):
+    """A kill while the Trainer saves leaves checkpoint-N empty or cut short; transformers
+    resumes from the highest-numbered folder and fails there for good."""
+    ckpt = tmp_path / "checkpoints" / "sft@s0"
+    _fake_checkpoint(ckpt / "checkpoint-2", 2)
+    (ckpt / "csp_run_key.json").write_text(json.dumps({"key": "k"}))
+    (ckpt / "checkpoint-4").mkdir()  # died before writing anything
+    cut = _fake_checkpoint(ckpt / "checkpoint-3", 3)
+    data = (cut / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    no_state = _fake_checkpoint(ckpt / "checkpoint-5", 5)
+    (no_state / "trainer_state.json").unlink()  # killed after the weights, before the state
+    cut_optimizer = _fake_checkpoint(ckpt / "checkpoint-6", 6)
+    blob = (cut_optimizer / "optimizer.pt").read_bytes()
+    (cut_optimizer / "optimizer.pt").write_bytes(blob[:-30])
+    assert training._prepare_checkpoints(ckpt, "k", resume=True) == str(ckpt / "checkpoint-2")
+    out = capsys.readouterr().out
+    for name, why in (("checkpoint-3", "adapter_model.safetensors is damaged"), ("checkpoint-4", "no trainer_state"),
+                      ("checkpoint-5", "no trainer_state"), ("checkpoint-6", "optimizer.pt is cut short")):
+        assert f"{ckpt / name} is incomplete ({why}" in out, (name, out)
+        assert (ckpt / "incomplete" / name).is_dir() and not (ckpt / name).exists()
+    # set aside again on a later kill: the older copy is replaced
+    (ckpt / "checkpoint-4").mkdir()
+    assert training._prepare_checkpoints(ckpt, "k", resume=True) == str(ckpt / "checkpoint-2")
+    assert sorted(p.name for p in (ckpt / "incomplete").iterdir()) == [f"checkpoint-{i}" for i in (3, 4, 5, 6)]
+    # nothing complete: start over, as with no checkpoint at all
+    shutil.rmtree(ckpt / "checkpoint-2")
+    (ckpt / "checkpoint-7").mkdir()
+    assert training._prepare_checkpoints(ckpt, "k", resume=True) is None
+
+
+def test_a_run_killed_while_saving_resumes_to_the_uninterrupted_result(work, tmp_path):
+    stage_cfg = small_configs(steps=4).sft
+    straight = training.train_sft(work / "base", work / "dataset", tmp_path / "a", stage_cfg)
+    killed = training.train_sft(work / "base", work / "dataset", tmp_path / "b", stage_cfg,
+                                callbacks=[training.stop_after_steps_callback(3)])
+    (killed.checkpoint_dir / "checkpoint-4").mkdir()  # what a kill during the save of step 4 leaves
+    resumed = training.train_sft(work / "base", work / "dataset", tmp_path / "b", stage_cfg)
+    assert resumed.completed and resumed.global_step == 4
+    a, b = adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
 
 
 def dataclass_replace(cfg, **changes):

@@ -10,6 +10,7 @@ function of (seed, stage, step) and the RNG states are checkpointed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -454,7 +455,60 @@ def build_default_model(out_dir=None, config: PretrainConfig | None = None, forc
             return out
         raise ValueError(f"{out} holds a complete model trained with another configuration; "
                          "pass force=True to retrain it, or another out_dir")
-    result = pretrain(out, cfg, command=command)
+    with _build_lock(out):
+        result = pretrain(out, cfg, command=command)
     if result is None:
         raise RuntimeError("training stopped early (stop_after_steps); rerun to resume")
     return result
+
+
+class ModelBuildInProgress(RuntimeError):
+    """Another process is training a model into the same folder."""
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path):
+    """``<out>.building`` (pid and host), created atomically: two builds into one folder would
+    train over each other's checkpoints. A lock whose process is gone on this host is taken over."""
+    import json
+    import os
+    import socket
+
+    lock = out.with_name(out.name + ".building")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                lock.unlink(missing_ok=True)  # its builder was killed: resume its checkpoints
+                continue
+            raise ModelBuildInProgress(f"{out} is being built by pid {pid} on host {host} (lock {lock}); wait for "
+                                       "it to finish, or remove the lock if that process is gone") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise ModelBuildInProgress(f"could not take the build lock {lock}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
