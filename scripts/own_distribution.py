@@ -61,7 +61,8 @@ def check_adapter_dataset(adapter: Path, dataset_dir: Path) -> dict:
     record = json.loads((adapter / training.CONFIG_FILE).read_text())
     key = training._dataset_key(PD.load_perturbed_dataset(dataset_dir))
     if record.get("dataset_fingerprint") not in (None, key):
-        raise ValueError(f"{adapter} was trained on dataset {record['dataset_fingerprint']}, not on {dataset_dir} ({key})")
+        raise ValueError(f"{adapter} was trained on dataset {record['dataset_fingerprint']}, "
+                         f"not on {dataset_dir} ({key})")
     if record.get("confidence_target") not in training.GROUNDED_TARGETS:
         raise ValueError(f"{adapter} is not a grounded adapter (target {record.get('confidence_target')!r})")
     return record
@@ -143,7 +144,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", required=True, help="the grounded dataset folder it was trained on")
     ap.add_argument("--base", default=None, help="base model (default: the adapter record's)")
     ap.add_argument("--scenes", type=int, default=200, help="held-out CSP scenes")
-    ap.add_argument("--start", type=int, default=None, help="first held-out CSP scene (default: after the training ones)")
+    ap.add_argument("--start", type=int, default=None,
+                    help="first held-out CSP scene (default: after the training ones)")
     ap.add_argument("--pope-images", type=int, default=100)
     ap.add_argument("--amber-images", type=int, default=100)
     ap.add_argument("--batch", type=int, default=32)
@@ -235,7 +237,8 @@ def markdown(res: dict) -> str:
     own = res["own_distribution"]
     lines = [f"adapter {res['adapter']} ({res['layout']}, {res['adapter_scope']}); held-out CSP scenes "
              f"{res['heldout_scenes'][0]}..{res['heldout_scenes'][1]} (training {res['training_scenes'][0]}.."
-             f"{res['training_scenes'][1]}); T = {res['temperature_T']:.3f}", "", *head, line("all held-out rows", own["all"])]
+             f"{res['training_scenes'][1]}); T = {res['temperature_T']:.3f}", "", *head,
+             line("all held-out rows", own["all"])]
     lines += [line(f"noise on: {k}", v) for k, v in own["noise_on"].items()]
     lines += [line(f"kind: {k}", v) for k, v in own["kind"].items()]
     lines += [line(f"{k}", v) for k, v in own["noise_on_x_kind"].items()]

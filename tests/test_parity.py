@@ -160,3 +160,39 @@ def test_the_inline_layout_is_the_answer_prompt_with_the_answer_and_confidence_i
         prompts.confidence_messages(q, "No", layout="inline", config=prompts.PromptConfig(inline_template="{response}"))
     with pytest.raises(ValueError, match="inline"):
         training.simpo_pairs(None, "correct", layout="inline")
+
+
+def test_own_distribution_script_scores_unseen_scenes_and_refuses_seen_ones(embedded, tmp_path):
+    """The script end to end at toy size: a 2-step grounded adapter, held-out scenes after the
+    training ones, the evaluation's read-out on them and on the clean world sets."""
+    import json
+    import sys
+    from pathlib import Path
+
+    model, processor = embedded
+    run = tmp_path / "run"
+    cfg = PD.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
+                         grounded={"flip_rows": False, "temperature_holdout": 0.6, "batch_size": 32})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = PD.build_perturbed_dataset(PD.world_source(scenes.make_scenes("csp", 6), 4, seed=0),
+                                        out_dir=run / "grounded", config=cfg, model=model, processor=processor,
+                                        progress=False)
+    sft = training.SFTConfigCSP(confidence_target="correct", layout="follow_up", loss="soft_ce", max_steps=2,
+                                per_device_train_batch_size=4, logging_steps=1, save_steps=100)
+    result = training.train_sft("embedded", ds, run, sft, name="sft@g")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import own_distribution
+    finally:
+        sys.path.pop(0)
+    args = ["--adapter", str(result.adapter_dir), "--dataset", str(run / "grounded"), "--scenes", "4",
+            "--pope-images", "2", "--amber-images", "2", "--out", str(tmp_path / "od")]
+    with pytest.raises(ValueError, match="overlap"):
+        own_distribution.main(args + ["--start", "3"])
+    res = own_distribution.main(args)
+    assert res["training_scenes"] == [0, 5] and res["heldout_scenes"] == [6, 9]
+    assert res["quoted_answer_equals_eval_response"] == 1.0 and res["adapter_scope"] == "confidence"
+    assert res["own_distribution"]["all"]["adapter"]["n"] == res["heldout_rows"] > 0
+    assert set(res["eval_sets"]) == set(experiment.CLEAN_SETS)
+    assert json.loads((tmp_path / "od" / "results.json").read_text())["layout"] == "follow_up"
