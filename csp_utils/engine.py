@@ -129,7 +129,15 @@ def position_ids_from_mask(attention_mask):
 
 
 def chat_texts(processor, messages: list[list[dict]]) -> list[str]:
-    return [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    """Each conversation as the prompt the model continues: with the generation prompt, or,
+    when it ends in an assistant turn (the inline layout's open reply), that turn left open."""
+    return [chat_text(processor, m) for m in messages]
+
+
+def chat_text(processor, messages: list[dict]) -> str:
+    if messages and messages[-1].get("role") == "assistant":
+        return processor.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def encode(processor, messages: list[list[dict]], images: list, device=None, dtype=None, texts=None):
@@ -265,10 +273,32 @@ def reply_tokens(processor, reply: str, include_end: bool = False) -> list[int]:
     shortest run of tokens that decodes to contain ``reply``; with ``include_end`` the
     template's next special token (its end-of-turn), else the tokenizer's EOS, is appended.
     """
-    tok = _tokenizer(processor)
     user = [prompts.user_turn("x")]
     prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
     full = processor.apply_chat_template(user + [prompts.assistant_turn(reply)], tokenize=False)
+    return _continuation_tokens(processor, prompt, full, reply, include_end)
+
+
+def inline_reply_tokens(processor, reply: str, include_end: bool = False,
+                        prompt_config: prompts.PromptConfig | None = None) -> list[int]:
+    """Token ids of the confidence ``reply`` as the inline layout writes it: inside the one
+    assistant reply, after the answer (``prompts.confidence_messages(layout="inline")``).
+    The same after "Yes" and after "No", or an error (options are scored as one set)."""
+    seqs = []
+    for answer in ("Yes", "No"):
+        head = prompts.confidence_messages("x", answer, layout="inline", config=prompt_config)
+        whole = prompts.confidence_messages("x", answer, confidence=reply, layout="inline", config=prompt_config)
+        seqs.append(_continuation_tokens(processor, chat_text(processor, head),
+                                         processor.apply_chat_template(whole, tokenize=False), reply, include_end))
+    if seqs[0] != seqs[1]:
+        raise ValueError(f"the inline reply {reply!r} tokenizes differently after 'Yes' and 'No': {seqs}")
+    return seqs[0]
+
+
+def _continuation_tokens(processor, prompt: str, full: str, reply: str, include_end: bool) -> list[int]:
+    """The tokens ``full`` adds to ``prompt``, cut after the shortest run that decodes to
+    contain ``reply`` (plus the end token with ``include_end``)."""
+    tok = _tokenizer(processor)
     if not full.startswith(prompt):
         raise ValueError(
             "The chat template does not write an assistant turn as a continuation of the "
@@ -295,8 +325,15 @@ def reply_tokens(processor, reply: str, include_end: bool = False) -> list[int]:
     return ids
 
 
-def option_token_ids(processor, options: Sequence[int], include_end: bool = False) -> list[list[int]]:
-    """Token sequences of the confidence options, written as ``prompts.format_confidence``."""
+def option_token_ids(processor, options: Sequence[int], include_end: bool = False, layout: str = "single_turn",
+                     prompt_config: prompts.PromptConfig | None = None) -> list[list[int]]:
+    """Token sequences of the confidence options, written as ``prompts.format_confidence``:
+    as the reply after the generation prompt, or, in the inline layout, after the answer
+    inside the same reply."""
+    prompts.check_layout(layout)
+    if layout == "inline":
+        return [inline_reply_tokens(processor, prompts.format_confidence(int(o)), include_end, prompt_config)
+                for o in options]
     return [reply_tokens(processor, prompts.format_confidence(int(o)), include_end) for o in options]
 
 

@@ -19,7 +19,9 @@ person), and the confidence is read out in up to two ways:
 
 Prompt layout: ``EvalConfig.layout`` picks the confidence conversation
 (:func:`csp_utils.prompts.confidence_messages`: the paper's ``"single_turn"``, ``"follow_up"``
-after the model's own answer, or ``"question_first"``), exactly as training builds it.
+after the model's own answer, ``"question_first"``, or ``"inline"``: the answer prompt with the
+model's own answer as the start of the reply, the options scored right after it), exactly as
+training builds it.
 
 Confidence-only adapters: with ``EvalConfig.adapter_scope="confidence"`` and a PEFT model,
 the answer turn runs with the adapter disabled (``model.disable_adapter()``), so answers and
@@ -225,7 +227,8 @@ def _run(model, processor, benchmark, todo, path: Path, model_name, config: Eval
     The batches are the same with and without ``answers``."""
     torch.manual_seed(config.seed)
     parse = answer_parser(benchmark)
-    option_ids = option_token_ids(processor, config.options, config.include_end) if "single_pass" in config.readouts else None
+    option_ids = (option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
+                  if "single_pass" in config.readouts else None)
     yn = yes_no_tokens(processor)
     was_training = model.training
     model.eval()  # dropout off: results must not depend on the mode the caller left the model in
@@ -294,7 +297,7 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     """
     pc = config.prompt_config
     if option_ids is None and "single_pass" in config.readouts:
-        option_ids = option_token_ids(processor, config.options, config.include_end)
+        option_ids = option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
     separate = answers_on_base(model, config)
     if answers is not None:
         if not separate:

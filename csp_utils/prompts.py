@@ -10,6 +10,11 @@ evaluation build it with the same :func:`confidence_messages`):
   so the states the model had when it answered are in context.
 * ``"question_first"``: one user turn whose text ends with the question, so that the image
   tokens follow the question as closely as the chat template allows (as in the answer prompt).
+* ``"inline"``: the answer prompt itself, and the answer and its confidence in ONE assistant
+  reply (``PromptConfig.inline_template``, "Yes 80%" by default). The confidence prompt is that
+  reply left open right after the answer, so the confidence is read at the positions right
+  after the answer tokens (a conversation ending in an assistant turn is continued, not
+  closed: :func:`csp_utils.engine.chat_texts`). Framing does not apply.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ QUESTION_FIRST_THIRD_TEMPLATE = (
 QUESTION_FIRST_FIRST_TEMPLATE = (
     "Your answer was {response}. How certain are you about your answer to this question? {query}"
 )
+# the inline layout's one reply: the answer, then the confidence (what precedes {confidence},
+# trailing whitespace aside, is the open reply the options are scored after)
+INLINE_TEMPLATE = "{response} {confidence}"
 FRAMINGS = ("third", "first")
-LAYOUTS = ("single_turn", "follow_up", "question_first")
+LAYOUTS = ("single_turn", "follow_up", "question_first", "inline")
 CONFIDENCE_LEVELS = tuple(range(0, 101, 10))  # integer percents
 
 
@@ -46,6 +54,7 @@ class PromptConfig:
     follow_up_first_template: str = FOLLOW_UP_FIRST_TEMPLATE
     question_first_third_template: str = QUESTION_FIRST_THIRD_TEMPLATE
     question_first_first_template: str = QUESTION_FIRST_FIRST_TEMPLATE
+    inline_template: str = INLINE_TEMPLATE
 
     def confidence_template(self, framing: str, layout: str = "single_turn") -> str:
         check_layout(layout)
@@ -55,6 +64,8 @@ class PromptConfig:
             return self.follow_up_third_template if framing == "third" else self.follow_up_first_template
         if layout == "question_first":
             return self.question_first_third_template if framing == "third" else self.question_first_first_template
+        if layout == "inline":
+            return self.inline_template
         return self.third_person_template if framing == "third" else self.first_person_template
 
 
@@ -102,7 +113,20 @@ def confidence_messages(
     layout: str = "single_turn",
 ) -> list[dict]:
     """The confidence conversation in ``layout`` (see the module docstring), with the
-    assistant's ``confidence`` reply appended when given. One image slot in every layout."""
+    assistant's ``confidence`` reply appended when given. One image slot in every layout.
+
+    ``"inline"``: the answer prompt, then the assistant's open reply (the answer as the inline
+    template writes it before the confidence) or, with ``confidence``, the whole reply."""
+    if layout == "inline":
+        template = (config or PromptConfig()).confidence_template(framing, layout)
+        if "{confidence}" not in template:
+            raise ValueError(f"the inline template needs a {{confidence}} slot, got {template!r}")
+        if confidence is None:
+            # continue_final_message drops trailing whitespace: it belongs to the scored options
+            reply = template[:template.index("{confidence}")].format(response=response).rstrip()
+        else:
+            reply = template.format(response=response, confidence=confidence)
+        return [user_turn(answer_text(query, config)), assistant_turn(reply)]
     text = confidence_text(query, response, framing, config, layout)
     if layout == "follow_up":
         msgs = answer_messages(query, response, config) + [user_turn(text, with_image=False)]

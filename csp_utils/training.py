@@ -499,6 +499,7 @@ def simpo_pairs(ds, target: str = "paper", measured: MeasuredTargets | None = No
     "chosen", "rejected"}`` whose chosen reply is the option nearest the target and the
     rejected one the option farthest from it (so SimPO sharpens what the option loss
     taught instead of mirroring the target); nothing is dropped."""
+    _check_simpo_layout(layout)
     if target in GROUNDED_TARGETS or layout != "single_turn":
         cols = option_examples(ds, target, measured, framing)
         near_far = [nearest_and_farthest_option(p) for p in cols.pop("target")]
@@ -618,6 +619,7 @@ class SimPOCollator:
     layout: str = "single_turn"
 
     def __call__(self, examples: list[dict]) -> dict:
+        _check_simpo_layout(self.layout)
         convs = []
         for key in ("chosen", "rejected"):
             for ex in examples:
@@ -628,6 +630,13 @@ class SimPOCollator:
                     msgs = [prompts.user_turn(ex["prompt"])]
                 convs.append(_with_image(msgs, ex["image"].convert("RGB")) + [prompts.assistant_turn(ex[key])])
         return collate_conversations(self.processor, convs)
+
+
+def _check_simpo_layout(layout: str) -> None:
+    # the inline reply holds the answer too: a reply-level preference would train the answer tokens
+    if layout == "inline":
+        raise ValueError("SimPO does not take the inline layout (its reply holds the answer); train it with the "
+                         "option losses (SFT stage)")
 
 
 def collate_conversations(processor, convs: list[list[dict]]) -> dict:
@@ -884,7 +893,7 @@ def build_option_trainer(model, processor, rows, cfg: SFTConfigCSP, output_dir, 
     return _option_trainer_class()(
         model=model, args=args, train_dataset=rows, data_collator=OptionCollator(processor, cfg.layout),
         processing_class=processor, callbacks=list(callbacks), loss=cfg.loss,
-        option_ids=engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS))
+        option_ids=engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=cfg.layout))
 
 
 # --------------------------------------------------------------------------- callbacks

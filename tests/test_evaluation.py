@@ -238,18 +238,21 @@ def test_config_is_checked():
 
 # ------------------------------------------------------------------ prompt layouts
 @pytest.mark.parametrize("layout,which", [("follow_up", "tiny"), ("question_first", "tiny"),
-                                          ("follow_up", "tiny_text_first")])
+                                          ("follow_up", "tiny_text_first"), ("inline", "tiny"),
+                                          ("inline", "tiny_text_first")])
 def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, request):
     model, proc = request.getfixturevalue(which)
     bench = make_benchmark(5)
     items, images = bench.items, _images(bench, bench.items)
     cfg = ev.EvalConfig(readouts=("single_pass",), batch_size=5, max_new_tokens=6, layout=layout)
     rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", ev.answer_parser(bench))
-    option_ids = engine.option_token_ids(proc, cfg.options)
+    option_ids = engine.option_token_ids(proc, cfg.options, layout=layout)
     for it, im, row in zip(items, images, rows):
         msgs = prompts.confidence_messages(it.question, row["raw_answer"], layout=layout)
         if layout == "follow_up":  # the model's own answer turn, then the confidence question
             assert msgs[:2] == prompts.answer_messages(it.question, row["raw_answer"]) and len(msgs) == 3
+        if layout == "inline":  # the answer conversation, its reply left open after the answer
+            assert msgs == prompts.answer_messages(it.question, row["raw_answer"])
         ref = engine.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
         np.testing.assert_allclose(row["option_logliks"], ref, atol=1e-4, rtol=0)
     single = ev.elicit_batch(model, proc, items, images, ev.EvalConfig(readouts=("single_pass",), batch_size=5,

@@ -8,6 +8,7 @@ embedded default model (skipped when it is not built; about 80 s).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -722,7 +723,7 @@ def hand_option_losses(model, processor, examples, layout):
     log-likelihood of the option nearest the target."""
     from csp_utils import engine
 
-    option_ids = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS)
+    option_ids = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=layout)
     o = np.array(prompts.CONFIDENCE_LEVELS) / 100
     brier, ce, soft = [], [], []
     for ex in examples:
@@ -740,7 +741,7 @@ def hand_option_losses(model, processor, examples, layout):
     return np.array(brier), np.array(ce), np.array(soft)
 
 
-@pytest.mark.parametrize("layout", ["single_turn", "follow_up", "question_first"])
+@pytest.mark.parametrize("layout", ["single_turn", "follow_up", "question_first", "inline"])
 def test_brier_option_loss_equals_a_hand_computation_and_sees_the_image(work, tmp_path, layout):
     from peft import get_peft_model
 
@@ -798,6 +799,32 @@ def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path)
     assert record["n_examples"] == 8 and record["n_dropped_pairs"] == 0
     logged = training.read_training_log(results["sft_simpo"].log_csv)
     assert logged[-1]["margin"] is not None
+
+
+def test_an_inline_adapter_trains_and_evaluates_end_to_end_answering_as_the_base_model(work, tmp_path):
+    """A confidence-only adapter in the inline layout: a few option-loss steps, then the
+    study's evaluation on a tiny world suite (layout and scope from its record)."""
+    from csp_utils import evaluation as ev, experiment
+
+    cfg = dataclass_replace(small_configs(steps=3).sft, loss="soft_ce", confidence_target="correct", layout="inline",
+                            learning_rate=5e-2)
+    result = training.train_sft(work / "base", make_grounded_dataset(n=8), tmp_path, cfg)
+    assert result.completed and result.global_step == 3
+    config = ev.config_for_adapter(ev.EvalConfig(readouts=("single_pass", "generated"), batch_size=8, progress=False,
+                                                 confidence_max_new_tokens=4), result.adapter_dir)
+    assert (config.layout, config.adapter_scope) == ("inline", "confidence")
+    bench = experiment.build_suite(experiment.SuiteConfig(n_pope_images=2, seed=0), sets=["pope-random"])["pope-random"]
+    adapted, proc = models.load_vlm(work / "base", adapter=result.adapter_dir, dtype=torch.float32)
+    base, _ = load_base(work)
+    got = ev.load_results(ev.evaluate(adapted, proc, bench, tmp_path / "inline.jsonl", "inline", config))
+    ref = ev.load_results(ev.evaluate(base, proc, bench, tmp_path / "base.jsonl", "base",
+                                      dataclasses.replace(config, adapter_scope="all")))
+    assert len(got) == 2 * len(bench.items)
+    singles = [r for r in got if r["readout"] == "single_pass"]
+    assert all(r["confidence"] is not None and len(r["option_probs"]) == 11 for r in singles)
+    assert [r["raw_answer"] for r in got] == [r["raw_answer"] for r in ref]  # the base model's answers
+    ref_singles = [r for r in ref if r["readout"] == "single_pass"]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(singles, ref_singles)) > 1e-3  # the adapter's
 
 
 @pytest.mark.slow
