@@ -224,11 +224,12 @@ def ablation_bars(df: pd.DataFrame, title: str | None = None) -> Figure:
 
 
 def metric_intervals(df: pd.DataFrame, metrics_=("ece", "ece15", "brier", "auroc"), units=None,
-                     title: str | None = None) -> Figure:
+                     title: str | None = None, labels: dict | None = None) -> Figure:
     """Dot and whisker per model, one row of panels per set (or pool), one column per metric.
 
     ``df``: a headline table (``model, set, <metric>, <metric>_low, <metric>_high``), one
-    row per model and set. Models keep their order of first appearance.
+    row per model and set. Models keep their order of first appearance. ``labels``: column
+    titles by metric, where :data:`METRIC_LABELS` would not say enough.
     """
     need = {"model", "set"} | {f"{m}{x}" for m in metrics_ for x in ("", "_low", "_high")}
     if missing := need - set(df.columns):
@@ -250,7 +251,7 @@ def metric_intervals(df: pd.DataFrame, metrics_=("ece", "ece15", "brier", "auroc
             hi = np.nan_to_num(sub[f"{metric}_high"].to_numpy(float) - v, nan=0.0).clip(min=0)
             ax.errorbar(v, y, xerr=[lo, hi], fmt="o", color=BAR_COLOR, ecolor="black", capsize=2, ms=4, lw=1)
             if i == 0:
-                ax.set_title(metric_label(metric), fontsize=FONT)
+                ax.set_title((labels or {}).get(metric, metric_label(metric)), fontsize=FONT)
             if j == 0:
                 ax.set_ylabel(unit, fontsize=FONT - 1)
             _style(ax)

@@ -88,8 +88,8 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         if pooled:
             # a pool's AUROC mixes its sets; the within-set AUROC is the mean of its sets' own
             save(plots.metric_intervals(main, ("ece", "brier", "auroc_within", "auroc"), units=pooled,
-                                        title=f"Pooled sets (95% intervals, resampling seeds, then {cl}s; "
-                                              "AUROC: pooled over sets)"),
+                                        title=f"Pooled sets (95% intervals, resampling seeds, then {cl}s)",
+                                        labels={"auroc": "pooled AUROC (mixes sets)"}),
                  "metrics_pooled")
         groups = {"clean": [u for u in experiment.CLEAN_SETS if u in set(main["set"])],
                   "transfer": sorted(u for u in set(main["set"]) if u.startswith("transfer-"))}

@@ -227,8 +227,8 @@ def test_metric_intervals(tmp_path):
     assert [ax.get_title() for ax in fig.axes[:4]] == ["ECE (10 bins)", "ECE (15 bins)", "Brier score", "AUROC"]
     assert {"base", "sft_simpo", "baseline:temperature"} <= set(all_texts(fig))
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "intervals"))
-    one = plots.metric_intervals(_headline(), units=["pooled-transfer"])
-    assert len(one.axes) == 4
+    one = plots.metric_intervals(_headline(), units=["pooled-transfer"], labels={"auroc": "pooled AUROC (mixes sets)"})
+    assert len(one.axes) == 4 and one.axes[3].get_title() == "pooled AUROC (mixes sets)"
     with pytest.raises(ValueError, match="missing"):
         plots.metric_intervals(_headline().drop(columns="auroc_low"))
     with pytest.raises(ValueError, match="no rows"):

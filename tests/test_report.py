@@ -118,3 +118,34 @@ def test_make_figures_removes_only_its_own_stale_figures(tmp_path):
     assert sorted(p.name for p in figs.iterdir()) == ["figures.json", "notes.png", "training_sft@s0.pdf",
                                                       "training_sft@s0.png"]
     assert json.loads((figs / "figures.json").read_text())["figures"] == ["training_sft@s0"]
+
+
+def test_ablation_tables_script_pairs_each_variant_with_its_reference(tmp_path):
+    """scripts/ablation_tables.py: one table per reference, the reference first, each variant's
+    paired differences with their verdicts; a missing table is named."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    long = []
+    for name, auc, per_seed in (("full", 0.55, "0.540000;0.550000;0.560000"), ("variant", 0.60, "0.600000;0.590000;0.610000")):
+        for metric, value in (("brier", 0.13), ("auroc_within", auc), ("ece", 0.02)):
+            long.append({"name": name, "set": "pooled-clean", "metric": metric, "cluster": "image", "value": value,
+                         "low": value - 0.01, "high": value + 0.01, "seeds": 3,
+                         "per_seed": per_seed if metric == "auroc_within" else None})
+    pd.DataFrame(long).to_csv(tmp_path / "ablation_x.csv", index=False)
+    pd.DataFrame([{"set": "pooled-clean", "method": "variant", "reference": "full", "metric": "auroc_within",
+                   "diff": 0.05, "diff_low": 0.02, "diff_high": 0.08, "verdict": "better"}]).to_csv(
+        tmp_path / "ablation_paired_x.csv", index=False)
+    script = Path(__file__).parents[1] / "scripts" / "ablation_tables.py"
+    spec = importlib.util.spec_from_file_location("ablation_tables", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    text = mod.tables(tmp_path, "_x")
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| **full** (reference) | 3 |") and "0.540 / 0.550 / 0.560" in rows[0]
+    assert rows[1].startswith("| variant | 3 |") and "+0.050 [+0.020, +0.080] better" in rows[1]
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "--suffix", "_y"], capture_output=True, text=True)
+    assert done.returncode != 0 and "ablation_y.csv not found" in done.stderr
