@@ -1174,8 +1174,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="override a global parameter (--set base_model=/path/to/model) or one stage's own "
                     "(--set 03_train_sft.sft.max_steps=4); values are YAML")
     args = ap.parse_args(argv)
-    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: kernels are shut down, the lock released
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: kernels are shut down, the lock released.
+    # SIGINT is set too: a process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     overrides = {}
     for item in args.set:
         try:
