@@ -49,6 +49,7 @@ from pathlib import Path
 
 import yaml
 
+from csp_utils.processes import pid_alive
 from csp_utils.versions import package_versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -722,16 +723,6 @@ def clear_outputs(run_dir: Path, stage: Stage) -> None:
 
 
 # ------------------------------------------------------------------ the run folder lock
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RunLocked(SystemExit):
     pass
 
@@ -772,7 +763,7 @@ def _take_over_if_stale(lock: Path, host: str) -> None:
     except json.JSONDecodeError:
         holder, text = {}, None  # being written, or damaged
     pid, where = holder.get("pid"), holder.get("host")
-    if text is None or where != host or _pid_alive(int(pid)):
+    if text is None or where != host or pid_alive(int(pid)):
         raise RunLocked(f"[study] run folder {lock.parent} is in use by pid {pid} on host {where} "
                         f"(lock file {lock}). Wait for that driver to finish; if it is not running any more, "
                         "remove the lock file.")

@@ -30,6 +30,7 @@ from csp_utils import scenes as sc
 from csp_utils.embedded import checkpoint, report
 from csp_utils.embedded.build import build_processor, build_tiny_vlm
 from csp_utils.embedded.checkpoint import CHECKPOINT_DIR, MODEL_FILE, WARM_START_DIR
+from csp_utils.processes import pid_alive
 from csp_utils.embedded.config import KINDS, PretrainConfig, world_config
 from csp_utils.embedded.data import (ChatEncoder, ImageCodec, Pool, build_pool, collate, progress_bar,
                                      sample_joint_batch, step_generator, vision_data)
@@ -486,7 +487,7 @@ def _build_lock(out: Path):
             except (OSError, ValueError):
                 holder = {}
             pid, host = holder.get("pid"), holder.get("host")
-            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+            if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
                 lock.unlink(missing_ok=True)  # its builder was killed: resume its checkpoints
                 continue
             raise ModelBuildInProgress(f"{out} is being built by pid {pid} on host {host} (lock {lock}); wait for "
@@ -502,13 +503,3 @@ def _build_lock(out: Path):
         lock.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
