@@ -501,12 +501,21 @@ def _scored(g: pd.DataFrame, key: str, uniq, image_counts: np.ndarray, uniform: 
     codes = pd.Index(seeds).get_indexer(g["model"]) * len(uniq) + _codes(g, key, uniq)
     counts = two_level_counts(seed_resample_counts(len(seeds), uniform), image_counts)
     arrays = (g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
-    sets = g["set"].to_numpy()
-    point = _metric_values(*arrays)
-    point["auroc_within"] = mean_set_auroc(arrays[0], arrays[1], sets)
     boots = _resampled_metric_values(*arrays, codes, counts)
-    boots["auroc_within"] = within_set_auroc(arrays[0], arrays[1], sets, codes, counts)
-    return point, boots
+    boots["auroc_within"] = within_set_auroc(arrays[0], arrays[1], g["set"].to_numpy(), codes, counts)
+    return _point_values(g), boots
+
+
+def _point_values(g: pd.DataFrame) -> dict:
+    """:func:`_metric_values` of a group's rows, with the within-set AUROC."""
+    point = _metric_values(g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
+    point["auroc_within"] = mean_set_auroc(g["conf"].to_numpy(), g["ok"].to_numpy(), g["set"].to_numpy())
+    return point
+
+
+def per_seed_text(value, digits: int = 3) -> str:
+    """A ``<metric>_per_seed`` cell (``0.512;0.519``) as ``0.512 / 0.519`` ("" when missing)."""
+    return " / ".join(f"{float(x):.{digits}f}" for x in value.split(";")) if isinstance(value, str) else ""
 
 
 def _seed_uniforms(df: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> np.ndarray:
@@ -559,13 +568,7 @@ def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, se
             rec["image_share"] = float(np.mean(shares)) if not np.all(np.isnan(shares)) else math.nan
             if rec["seeds"] > 1:
                 names = _seed_order(g["model"])
-                per_seed = []
-                for name in names:
-                    s = g[g["model"] == name]
-                    v = _metric_values(s["conf"].to_numpy(), s["ok"].to_numpy(), s["truth"].to_numpy(),
-                                       s["pred"].to_numpy())
-                    v["auroc_within"] = mean_set_auroc(s["conf"].to_numpy(), s["ok"].to_numpy(), s["set"].to_numpy())
-                    per_seed.append(v)
+                per_seed = [_point_values(g[g["model"] == name]) for name in names]
                 rec["seed_labels"] = ";".join(seed_label(n) for n in names)
                 for k in SEED_METRICS:
                     vals = [v[k] for v in per_seed]
@@ -713,7 +716,7 @@ def seed_markdown(df: pd.DataFrame, framing: str = "third", readout: str = "sing
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in keep.iterrows():
         cells = [r["set"], r["model"], str(r["seed_labels"]).replace(";", " / ")]
-        cells += [" / ".join(f"{float(x):.3f}" for x in str(r[f"{m}_per_seed"]).split(";")) for m in metrics_]
+        cells += [per_seed_text(r[f"{m}_per_seed"]) for m in metrics_]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

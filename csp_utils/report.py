@@ -223,11 +223,6 @@ def _bases(results) -> dict[str, Path]:
 README_REFERENCES = ("base", "baseline:answer_constant")   # shown beside the methods in the README table
 
 
-def _per_seed(r, k: str = "auroc_within") -> str:
-    v = r.get(f"{k}_per_seed")
-    return "" if not isinstance(v, str) else " / ".join(f"{float(x):.3f}" for x in v.split(";"))
-
-
 def results_markdown(results, methods=("sft_simpo",)) -> str:
     """The README's results table: pooled clean and pooled transfer x each base model x (the
     base model, each CSP method in ``methods``, the answer-conditioned constant, the strongest
@@ -254,7 +249,7 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
                 lines.append("| " + " | ".join([set_, label or "base", model, str(int(r["seeds"])),
                                                 experiment._fmt(r, "accuracy"), experiment._fmt(r, "ece"),
                                                 experiment._fmt(r, "brier"), experiment._fmt(r, "auroc_within"),
-                                                _per_seed(r) or "—", pooled]
+                                                experiment.per_seed_text(r.get("auroc_within_per_seed")) or "—", pooled]
                                                + [experiment._diff_cell(paired, set_, model, strongest, k)
                                                   for k in ("brier", "auroc_within")]) + " |")
         if set_ == POOLED[0]:
