@@ -3,7 +3,11 @@
 A grounded row is (image variant, question, quoted answer) with targets that describe how
 likely the quoted answer is to be right (schema: ``GROUNDED_COLUMNS``):
 
-* Questions come from ``scenes.world_questions`` on CSP-split scenes, with both gold labels.
+* Questions come from CSP-split scenes, with both gold labels: ``questions="world"`` draws
+  them with ``scenes.world_questions``; ``questions="benchmark"`` with the evaluation sets'
+  own generators (POPE-style existence with random, popular and adversarial negatives,
+  AMBER-style attribute and relation), so the training rows hold the kind of errors the
+  clean sets measure (the images stay CSP-split, never evaluation images).
 * Each question gets one image variant: clean (``level`` 100, ``noise_on`` "none") for a
   share ``clean_share`` of each scene's questions (rounded up), else CSP noise at a level
   drawn from the build's levels below 100, either on the asked objects (``"key"``, when the
@@ -51,6 +55,10 @@ BRIGHT_LUMA = 200
 BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
 # Eval-split scene range of the grounded perturbed evaluation set (experiment._STARTS ends at 500_000 + n).
 GROUNDED_EVAL_START = 600_000
+QUESTION_SOURCES = ("world", "benchmark")
+# POPE's popular/adversarial negatives rank categories by set statistics: counted over a fixed
+# run of CSP scenes, so a scene's questions do not depend on which other scenes are built
+REFERENCE_SCENES = 1000
 # CSP-split scene indices whose object masks serve as random distractor regions (none of them eval images).
 _REGION_POOL = 100_000
 _REGION_TRIES = 50
@@ -72,6 +80,7 @@ class GroundedOptions:
     batch_size: int = 128             # questions per model batch
     max_new_tokens: int = 4           # the greedy answer reply
     bright_tolerance: float = 0.03    # bright-scene share: clean may fall at most this far below noised
+    questions: str = "world"          # "world" (scenes.world_questions) | "benchmark" (the clean sets' generators)
 
     def __post_init__(self):
         for name in ("clean_share", "key_share"):
@@ -82,6 +91,8 @@ class GroundedOptions:
             raise ValueError(f"GroundedOptions.temperature_holdout must be in (0, 1), got {self.temperature_holdout!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("GroundedOptions.batch_size and max_new_tokens must be >= 1")
+        if self.questions not in QUESTION_SOURCES:
+            raise ValueError(f"GroundedOptions.questions must be one of {QUESTION_SOURCES}, got {self.questions!r}")
 
 
 def options_of(config: PD.BuildConfig) -> GroundedOptions:
@@ -204,9 +215,74 @@ def variant_image(scene: world.Scene, v: Variant, noise_cfg: perturbation.NoiseC
     return perturbation.perturb_levels_array(scene.image, v.mask, (v.level,), noise_cfg, key=v.qa.question_id)[0]
 
 
-def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set_name: str = "world-train") -> list:
-    """The scene's questions as ``perturbed_dataset.world_source`` draws them (both labels)."""
+def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set_name: str = "world-train",
+                    source: str = "world", world_config: world.WorldConfig | None = None) -> list:
+    """The scene's questions (both labels): as ``perturbed_dataset.world_source`` draws them, or
+    from the evaluation sets' generators (:func:`benchmark_questions`)."""
+    if source == "benchmark":
+        return benchmark_questions(scene, questions_per_scene, seed, set_name, world_config)
     return world.world_questions(scene, _rng(seed, scene.scene_id), questions_per_scene, set_name=set_name)
+
+
+_REFERENCE_STATS: dict = {}
+
+
+def reference_statistics(world_config: world.WorldConfig | None = None) -> dict:
+    """``scenes.world_statistics`` of CSP scenes 0 .. REFERENCE_SCENES - 1 (cached per world config)."""
+    wc = world_config or world.WorldConfig()
+    key = repr(wc)
+    if key not in _REFERENCE_STATS:
+        _REFERENCE_STATS[key] = world.world_statistics(world.make_scenes("csp", REFERENCE_SCENES, wc))
+    return _REFERENCE_STATS[key]
+
+
+def benchmark_questions(scene: world.Scene, n: int, seed: int, set_name: str = "world-train",
+                        world_config: world.WorldConfig | None = None,
+                        weights: dict[str, float] | None = None) -> list:
+    """Up to ``n`` distinct questions about a training scene from the clean sets' generators:
+    existence from POPE (its present objects, and its random, popular and adversarial absent
+    ones) and AMBER's absent-object questions, attribute and relation from AMBER; drawn like
+    ``scenes.world_questions`` (labels alternate, kinds by ``weights``, default existence 0.5,
+    attribute 0.25, relation 0.25), from (seed, scene id) alone."""
+    from dataclasses import replace
+
+    from . import benchmarks
+
+    stats = reference_statistics(world_config)
+    pool: dict[tuple[str, str], list] = {}
+    seen: set[str] = set()
+
+    def add(items):
+        for qa in items:
+            if qa.question not in seen:
+                seen.add(qa.question)
+                pool.setdefault((qa.kind, qa.label), []).append(qa)
+
+    n_present = len(scene.categories())
+    if n_present:
+        for kind in benchmarks.POPE_KINDS:
+            add(benchmarks.build_world_pope([scene], kind, n_pos=min(3, n_present), seed=seed, stats=stats).items)
+    for kind in benchmarks.AMBER_KINDS:
+        add(benchmarks.build_world_amber([scene], kind, seed=seed, stats=stats).items)
+    for cands in pool.values():  # a fixed order before drawing: generators' order is not part of the draw
+        cands.sort(key=lambda qa: qa.question)
+    rng = _rng(seed, f"benchmark/{scene.scene_id}")
+    weights = weights or {"existence": 0.5, "attribute": 0.25, "relation": 0.25}
+    items, first = [], int(rng.integers(2))
+    for k in range(n):
+        want = ("yes", "no")[(k + first) % 2]
+        for label in (want, "no" if want == "yes" else "yes"):
+            kinds = [kd for kd in weights if weights[kd] > 0 and pool.get((kd, label))]
+            if kinds:
+                break
+        else:
+            break
+        w = np.array([weights[kd] for kd in kinds], float)
+        kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
+        cands = pool[kind, label]
+        qa = cands.pop(int(rng.integers(len(cands))))
+        items.append(replace(qa, question_id=f"{scene.scene_id}-q{k:02d}", set=set_name))
+    return items
 
 
 def is_bright_scene(scene: world.Scene) -> bool:
@@ -509,7 +585,8 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
     fail_after = int(os.environ.get(PD.FAIL_AFTER_SHARDS_ENV, "0") or 0)
 
     start = time.perf_counter()
-    questions = {s.scene_id: scene_questions(s, questions_per_scene, question_seed) for s in scene_list}
+    questions = {s.scene_id: scene_questions(s, questions_per_scene, question_seed, source=options.questions,
+                                             world_config=world_config) for s in scene_list}
     groups, cur, n = [], [], 0  # scenes per shard
     for s in scene_list:
         cur.append(s)

@@ -5,7 +5,7 @@ confidence-only adapter to follow the base model's own correctness?
         [--train-scenes 600] [--eval-scenes 100] [--flip-share 0.0]
         [--layouts single_turn follow_up question_first] [--losses ce brier soft_ce]
         [--target internal] [--steps 200] [--lr 5e-3] [--r 16] [--batch 16] [--seed 0]
-        [--rows-dir DIR] [--no-probe]
+        [--rows-dir DIR] [--no-probe] [--base embedded] [--probe-adapter DIR]
 
 1. Training rows in the grounded schema, all clean: world POPE-style questions (random
    negatives) on csp-split scenes, the base model's own greedy answer quoted, the target
@@ -21,7 +21,8 @@ confidence-only adapter to follow the base model's own correctness?
 4. A linear probe (L2 logistic regression on the frozen base model's hidden states at the
    last prompt position, trained on the training rows, AUROC of own correctness on the
    held-out rows) for the answer prompt and each confidence layout: is the evidence there
-   to be read?
+   to be read? With ``--probe-adapter`` the hidden states are also read with that trained
+   adapter on (is the evidence at its confidence position now?).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` (runs already trained are kept:
 their adapters are reused when the configuration is unchanged).
@@ -230,7 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-scenes", type=int, default=100)
     ap.add_argument("--flip-share", type=float, default=0.0)
     ap.add_argument("--layouts", nargs="+", default=["single_turn", "follow_up", "question_first"])
-    ap.add_argument("--losses", nargs="+", default=["ce", "brier", "soft_ce"])
+    ap.add_argument("--losses", nargs="*", default=["ce", "brier", "soft_ce"], help="none: no adapter trained")
     ap.add_argument("--target", default="internal", choices=["correct", "cell", "internal"])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=5e-3)
@@ -239,6 +240,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-probe", action="store_true")
     ap.add_argument("--rows-dir", default=None, help="where the training rows are cached (default: --out)")
+    ap.add_argument("--base", default="embedded", help="base model (name or folder)")
+    ap.add_argument("--probe-adapter", default=None, help="also probe with this trained adapter on")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -250,7 +253,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base, proc = models.load_vlm("embedded", dtype=torch.float32)
+    base, proc = models.load_vlm(args.base, dtype=torch.float32)
     base.eval()
     rows, data_stats, ds = cached_rows(base, proc, args, Path(args.rows_dir) if args.rows_dir else out)
     data_stats.setdefault("build_s", round(time.time() - t0, 1))
@@ -290,9 +293,9 @@ def main(argv=None) -> dict:
                 per_device_train_batch_size=args.batch, warmup=0.05, logging_steps=25, save_steps=10_000,
                 seed=args.seed)
             t2 = time.time()
-            res = training.train_sft("embedded", ds, out, cfg, name=name)
+            res = training.train_sft(args.base, ds, out, cfg, name=name)
             train_s = time.time() - t2
-            model, _ = models.load_vlm("embedded", adapter=res.adapter_dir, dtype=torch.float32)
+            model, _ = models.load_vlm(args.base, adapter=res.adapter_dir, dtype=torch.float32)
             t3 = time.time()
             got = pooled({n: elicit(model, proc, suite[n], layout, "confidence") for n in EVAL_SETS})
             same_answers = all(a["raw_answer"] == b["raw_answer"] for a, b in zip(got, pool))
@@ -314,6 +317,10 @@ def main(argv=None) -> dict:
         t4 = time.time()
         ev_images = [suite[n].image_loader(r["image_id"]).convert("RGB") for n in EVAL_SETS for r in base_rows[n]]
         results["probe"] = probe_layouts(base, proc, rows, (pool, ev_images), args.layouts)
+        if args.probe_adapter:
+            tuned, _ = models.load_vlm(args.base, adapter=args.probe_adapter, dtype=torch.float32)
+            with_adapter = probe_layouts(tuned, proc, rows, (pool, ev_images), args.layouts)
+            results["probe"].update({f"{k} (adapter on)": v for k, v in with_adapter.items()})
         results["probe_s"] = round(time.time() - t4, 1)
         print(f"[probe] {results['probe']}", flush=True)
     results["total_s"] = round(time.time() - t0, 1)

@@ -1,0 +1,343 @@
+"""Grounded CSP's learning curve: does the confidence turn learn to rank its base model's own
+answers within a set when it sees more rows, and with which target, layout and clean share?
+
+    python scripts/learning_curve.py [--base embedded] [--out runs/learning_curve/<base>]
+        [--points 600:200 2400:800 9600:3200] [--targets internal correct]
+        [--layouts follow_up inline] [--clean-shares 1.0] [--questions benchmark]
+        [--seeds 0] [--checkpoints 4] [--val-images 100] [--threads 1]
+
+1. One grounded dataset per clean share on CSP scenes 0 .. max(points) - 1, built by the study's
+   builder (``perturbed_dataset.build_perturbed_dataset`` with ``targets: grounded``, levels
+   10/40/70/100, no flip rows, ``questions`` the question source); a point with fewer scenes
+   trains on the rows of its first scenes (the same targets: T is fitted once, on the held-out
+   20% of the largest build's scenes).
+2. A confidence-only LoRA per point (scenes:steps) x target x layout x clean share x seed, the
+   study's grounded recipe otherwise (soft-CE on the eleven options, lr 5e-3, batch 16, r 16),
+   saving ``--checkpoints`` evenly spaced checkpoints.
+3. Every checkpoint scored on a **validation split**: the six clean sets' generators (POPE
+   random / popular / adversarial, AMBER-style existence / attribute / relation) on CSP-split
+   scenes far from the training ones (``VALIDATION_STARTS``), never evaluation images. Within-set
+   AUROC (the mean of the six sets' AUROCs), pooled Brier and ECE; beside them the base model's
+   internal probability of its own answer, temperature-scaled (T fitted on a seventh
+   validation set), the ceiling a read-out of the answer's own evidence reaches.
+4. Early stopping and selection read the validation scores only: per run the checkpoint with the
+   highest within-set AUROC (lower Brier breaks ties).
+
+Writes as it goes and resumes: ``results.jsonl`` (one line per scored checkpoint), then
+``results.md`` (the table) and ``learning_curve.png``/``.pdf`` (within-set AUROC against
+training rows seen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VALIDATION_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute",
+                   "amber-relation")
+# CSP-split scene ranges of the validation sets (training builds use CSP scenes from 0 upwards)
+VALIDATION_STARTS = {"pope-random": 300_000, "pope-popular": 330_000, "pope-adversarial": 360_000,
+                     "amber-existence": 400_000, "amber-attribute": 430_000, "amber-relation": 460_000,
+                     "calibration": 490_000}
+LEVELS = (10, 40, 70, 100)
+
+
+def parse_point(text: str) -> tuple[int, int]:
+    try:
+        scenes, steps = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is SCENES:STEPS (e.g. 600:200), got {text!r}") from None
+    if scenes < 1 or steps < 1:
+        raise argparse.ArgumentTypeError(f"scenes and steps must be >= 1, got {text!r}")
+    return scenes, steps
+
+
+def validation_suite(n_images: int, seed: int = 0) -> dict:
+    """The six clean sets' generators (and a calibration set) on CSP-split validation scenes."""
+    from csp_utils import benchmarks, scenes as world
+
+    wc = world.WorldConfig()
+    suite = {}
+    for kind in benchmarks.POPE_KINDS:
+        name = f"pope-{kind}"
+        sc = benchmarks.pope_scenes(n_images, wc, split="csp", start=VALIDATION_STARTS[name])
+        suite[name] = benchmarks.build_world_pope(sc, kind, seed=seed)
+    for kind in benchmarks.AMBER_KINDS:
+        name = f"amber-{kind}"
+        sc = world.make_scenes("csp", n_images, wc, start=VALIDATION_STARTS[name])
+        suite[name] = benchmarks.build_world_amber(sc, kind, seed=seed)
+    sc = benchmarks.pope_scenes(n_images, wc, split="csp", start=VALIDATION_STARTS["calibration"])
+    suite["calibration"] = benchmarks.build_world_pope(sc, "random", seed=seed)
+    return suite
+
+
+def training_scene_range(max_scenes: int) -> range:
+    return range(0, max_scenes)
+
+
+def check_disjoint(suite: dict, max_scenes: int) -> None:
+    """Validation scenes never overlap the training scenes (nor each other)."""
+    from csp_utils import scenes as world
+
+    seen: dict[str, str] = {}
+    for name, bench in suite.items():
+        for it in bench.items:
+            split, index = world.parse_scene_id(it.image_id)[:2]
+            if split != "csp" or int(index) < max_scenes:
+                raise ValueError(f"validation set {name} uses {it.image_id}, inside the training scenes 0..{max_scenes - 1}")
+            if seen.setdefault(it.image_id, name) != name:
+                raise ValueError(f"{it.image_id} is in validation sets {seen[it.image_id]} and {name}")
+
+
+def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0):
+    from csp_utils import perturbed_dataset as PD, scenes as world
+
+    config = PD.BuildConfig(targets="grounded", levels=list(LEVELS), seed=seed,
+                            grounded={"flip_rows": False, "clean_share": clean_share, "questions": questions})
+    source = PD.world_source(world.make_scenes("csp", n_scenes), 4, seed=seed)
+    return PD.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
+                                      progress=True)
+
+
+def first_scenes(ds, n_scenes: int):
+    """The rows of CSP scenes 0 .. n_scenes - 1."""
+    from csp_utils import scenes as world
+
+    keep = [i for i, s in enumerate(ds["image_id"]) if int(world.parse_scene_id(s)[1]) < n_scenes]
+    return ds.select(keep)
+
+
+def elicit(model, processor, bench, layout: str, scope: str, batch_size: int = 64) -> list[dict]:
+    from csp_utils import engine
+    from csp_utils import evaluation as ev
+
+    cfg = ev.EvalConfig(readouts=("single_pass",), layout=layout, adapter_scope=scope, batch_size=batch_size,
+                        max_new_tokens=4, progress=False)
+    parse = ev.answer_parser(bench)
+    option_ids = engine.option_token_ids(processor, cfg.options)
+    yn = engine.yes_no_tokens(processor)
+    rows = []
+    model.eval()
+    for s in range(0, len(bench.items), batch_size):
+        its = bench.items[s:s + batch_size]
+        ims = [bench.image_loader(it.image_id).convert("RGB") for it in its]
+        rows += ev.elicit_batch(model, processor, its, ims, cfg, "m", parse, option_ids, yn)
+    return rows
+
+
+def set_scores(rows_by_set: dict, key: str = "confidence") -> dict:
+    """Within-set AUROC (mean of the sets'), per-set AUROC, pooled Brier and ECE of ``key``."""
+    import numpy as np
+
+    from csp_utils import metrics
+
+    per_set = {}
+    for name, rows in rows_by_set.items():
+        ok = [r for r in rows if r[key] is not None]
+        per_set[name] = round(float(metrics.auroc([r[key] for r in ok], [bool(r["correct"]) for r in ok])), 4)
+    pool = [r for rows in rows_by_set.values() for r in rows if r[key] is not None]
+    s = metrics.calibration_summary([r[key] for r in pool], [bool(r["correct"]) for r in pool])
+    return {"within_auroc": round(float(np.nanmean(list(per_set.values()))), 4), "per_set_auroc": per_set,
+            "brier": round(float(s["brier"]), 4), "ece": round(float(s["ece"]), 4),
+            "mean_confidence": round(float(s["mean_confidence"]), 4), "accuracy": round(float(s["accuracy"]), 4)}
+
+
+def base_baselines(model, processor, suite: dict, out: Path) -> dict:
+    """The base model's internal probability and its temperature-scaled version on the validation sets."""
+    import numpy as np
+
+    from csp_utils import baselines
+
+    path = out / "validation_base.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = {name: elicit(model, processor, bench, "single_turn", "all") for name, bench in suite.items()}
+    calib = [r for r in rows.pop("calibration") if r["internal_prob"] is not None]
+    T = baselines.fit_temperature([r["internal_prob"] for r in calib], [r["correct"] for r in calib])
+    for rs in rows.values():
+        for r in rs:
+            p = r["internal_prob"]
+            r["internal_T"] = None if p is None else float(baselines.temperature_scale(np.array([p]), T)[0])
+    res = {"temperature": T, "internal_T": set_scores(rows, "internal_T"), "n": {k: len(v) for k, v in rows.items()}}
+    path.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    found = [(int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted(found)
+
+
+def done_keys(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def run_name(cs: float, target: str, layout: str, scenes: int, steps: int, seed: int, questions: str) -> str:
+    return f"{questions}-cs{round(100 * cs):03d}-{target}-{layout}-n{scenes}-t{steps}-s{seed}"
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default="embedded")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--points", nargs="+", type=parse_point, default=[(600, 200), (2400, 800), (9600, 3200)])
+    ap.add_argument("--targets", nargs="+", default=["internal", "correct"], choices=["internal", "correct", "cell"])
+    ap.add_argument("--layouts", nargs="+", default=["follow_up", "inline"])
+    ap.add_argument("--clean-shares", nargs="+", type=float, default=[1.0])
+    ap.add_argument("--questions", default="benchmark", choices=["world", "benchmark"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints scored per run")
+    ap.add_argument("--val-images", type=int, default=100, help="scenes per validation set")
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from csp_utils import models, training
+
+    torch.set_num_threads(args.threads)
+    # checkpoints carry no base-model record; they are put on the base they were trained on
+    warnings.filterwarnings("ignore", message=".*records no base model.*")
+    out = Path(args.out or f"runs/learning_curve/{args.base}")
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    max_scenes = max(n for n, _ in args.points)
+    suite = validation_suite(args.val_images)
+    check_disjoint(suite, max_scenes)
+    base, proc = models.load_vlm(args.base, dtype=torch.float32)
+    t0 = time.time()
+    ref = base_baselines(base, proc, suite, out)
+    print(f"[validation] internal (T) within-set AUROC {ref['internal_T']['within_auroc']} "
+          f"Brier {ref['internal_T']['brier']} ({time.time() - t0:.0f} s)", flush=True)
+    val_sets = {k: v for k, v in suite.items() if k in VALIDATION_SETS}
+
+    done = done_keys(results_path)
+    for cs in args.clean_shares:
+        t1 = time.time()
+        data = build_dataset(base, proc, max_scenes, cs, args.questions, out / "data" / f"{args.questions}-cs{round(100 * cs):03d}")
+        print(f"[data] clean share {cs}: {len(data)} rows ({time.time() - t1:.0f} s)", flush=True)
+        for scenes, steps in args.points:
+            subset = first_scenes(data, scenes)
+            for target in args.targets:
+                for layout in args.layouts:
+                    for seed in args.seeds:
+                        name = run_name(cs, target, layout, scenes, steps, seed, args.questions)
+                        every = max(1, steps // args.checkpoints)
+                        cfg = training.SFTConfigCSP(
+                            lora=training.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05),
+                            confidence_target=target, layout=layout, loss="soft_ce", learning_rate=args.lr,
+                            max_steps=steps, per_device_train_batch_size=args.batch, warmup=0.05,
+                            logging_steps=max(1, steps // 20), save_steps=every, save_total_limit=None, seed=seed)
+                        t2 = time.time()
+                        res = training.train_sft(args.base, subset, out / "train", cfg, name=name)
+                        train_s = time.time() - t2
+                        for step, ckpt in checkpoints(res.checkpoint_dir):
+                            key = f"{name}@{step}"
+                            if key in done:
+                                continue
+                            t3 = time.time()
+                            model, _ = models.load_vlm(args.base, adapter=ckpt, dtype=torch.float32)
+                            got = {k: elicit(model, proc, b, layout, "confidence") for k, b in val_sets.items()}
+                            row = {"key": key, "run": name, "questions": args.questions, "clean_share": cs,
+                                   "target": target, "layout": layout, "scenes": scenes, "steps": steps,
+                                   "seed": seed, "step": step, "rows_seen": step * args.batch,
+                                   "training_rows": len(subset), "train_s": round(train_s, 1),
+                                   "eval_s": round(time.time() - t3, 1), **set_scores(got)}
+                            with results_path.open("a") as f:
+                                f.write(json.dumps(row) + "\n")
+                            done.add(key)
+                            print(f"[score] {key}: within-set AUROC {row['within_auroc']} Brier {row['brier']} "
+                                  f"({row['eval_s']} s)", flush=True)
+    rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+    (out / "results.md").write_text(markdown(rows, ref))
+    figure(rows, ref, out / "learning_curve")
+    print(markdown(rows, ref))
+    return rows
+
+
+def best_checkpoints(rows: list[dict]) -> dict[str, dict]:
+    """Per run, the checkpoint with the highest validation within-set AUROC (lower Brier breaks ties)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        b = best.get(r["run"])
+        if b is None or (r["within_auroc"], -r["brier"]) > (b["within_auroc"], -b["brier"]):
+            best[r["run"]] = r
+    return best
+
+
+def markdown(rows: list[dict], ref: dict) -> str:
+    last = {}
+    for r in rows:
+        if r["step"] >= last.get(r["run"], {}).get("step", -1):
+            last[r["run"]] = r
+    best = best_checkpoints(rows)
+    lines = ["| questions | clean share | target | layout | scenes | steps | seed | rows seen | within-set AUROC (last) "
+             "| Brier (last) | best step | within-set AUROC (best) | Brier (best) | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, r in sorted(last.items(), key=lambda kv: (kv[1]["questions"], -kv[1]["clean_share"], kv[1]["target"],
+                                                       kv[1]["layout"], kv[1]["scenes"], kv[1]["seed"])):
+        b = best[run]
+        lines.append(f"| {r['questions']} | {r['clean_share']:.2f} | {r['target']} | {r['layout']} | {r['scenes']} | "
+                     f"{r['steps']} | {r['seed']} | {r['rows_seen']} | {r['within_auroc']:.3f} | {r['brier']:.3f} | "
+                     f"{b['step']} | {b['within_auroc']:.3f} | {b['brier']:.3f} | {r['train_s']:.0f} |")
+    t = ref["internal_T"]
+    lines.append(f"| base model, temperature-scaled internal probability | | | | | | | | {t['within_auroc']:.3f} | "
+                 f"{t['brier']:.3f} | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], ref: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csp_utils import plots
+
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append(r)
+    groups = sorted({(r["target"], r["layout"]) for r in rows})
+    colors = {g: plt.cm.tab10(i) for i, g in enumerate(groups)}
+    shares = sorted({r["clean_share"] for r in rows}, reverse=True)
+    styles = dict(zip(shares, ["-", "--", ":", "-."]))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    labelled = set()
+    for run, rs in sorted(runs.items()):
+        rs = sorted(rs, key=lambda r: r["step"])
+        g, cs = (rs[0]["target"], rs[0]["layout"]), rs[0]["clean_share"]
+        label = f"target {g[0]}, {g[1]}" + (f", clean {cs:.2f}" if len(shares) > 1 else "")
+        ax.plot([r["rows_seen"] for r in rs], [r["within_auroc"] for r in rs], styles[cs], color=colors[g], alpha=0.8,
+                marker="o", ms=3, label=None if label in labelled else label)
+        labelled.add(label)
+        ax.annotate(f"{rs[0]['scenes']} scenes", (rs[-1]["rows_seen"], rs[-1]["within_auroc"]), fontsize=7,
+                    xytext=(3, 0), textcoords="offset points")
+    ax.axhline(ref["internal_T"]["within_auroc"], color="black", lw=1,
+               label="base model: temperature-scaled internal probability")
+    ax.axhline(0.70, color="grey", lw=1, ls="--", label="success bar (0.70)")
+    ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows seen (steps x 16)")
+    ax.set_ylabel("within-set AUROC, validation (mean of 6 sets)")
+    ax.set_title("Grounded CSP learning curve (validation split of CSP scenes)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    plots.save_figure(fig, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
