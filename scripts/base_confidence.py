@@ -1,5 +1,5 @@
 """How a base model's confidence read-out responds to evidence: world POPE (random) on clean
-eval-split scenes and on the same scenes heavily degraded, through ``csp_utils.evaluation``
+eval-split scenes and on the same scenes heavily degraded, through ``csp_utils.evaluate.evaluation``
 (greedy answer, then the single-pass expected confidence, third person, own answer quoted).
 
     python scripts/base_confidence.py [--model embedded embedded-noconf ...] [--scenes 100]
@@ -27,9 +27,9 @@ DEGRADED = ("blur", "low_light", "occlusion", "small")
 
 def conditions(n_scenes: int, severity: float) -> dict:
     """{"clean": Benchmark, kind: Benchmark}: the same eval scenes, clean and degraded."""
-    from csp_utils import benchmarks
-    from csp_utils import scenes as world
-    from csp_utils.embedded.config import PretrainConfig, world_config
+    from csp_utils.world import benchmarks
+    from csp_utils.world import scenes as world
+    from csp_utils.vlm.embedded.config import PretrainConfig, world_config
 
     wc = world_config(PretrainConfig())
     clean = benchmarks.pope_scenes(n_scenes, wc, split="eval")
@@ -43,7 +43,7 @@ def conditions(n_scenes: int, severity: float) -> dict:
 def summarize(rows: list[dict]) -> dict:
     import numpy as np
 
-    from csp_utils import metrics
+    from csp_utils.analysis import metrics
 
     conf = np.array([r["confidence"] for r in rows], float)
     internal = np.array([r["internal_prob"] if r["internal_prob"] is not None else np.nan for r in rows], float)
@@ -78,7 +78,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from csp_utils import evaluation, models
+    from csp_utils.evaluate import evaluation
+    from csp_utils.vlm import models
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ def error_breakdown(model, processor, scenes) -> dict:
     """{"answer": {...}, "yes_by_area": {...}, "by_shape": {...}}: each key -> [n, accuracy]."""
     import numpy as np
 
-    from csp_utils.embedded import report
+    from csp_utils.vlm.embedded import report
 
     sets = report.pope_sets(scenes)
     items = [it for v in sets.values() for it in v]
@@ -55,8 +55,9 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from csp_utils import benchmarks, models
-    from csp_utils.embedded.config import PretrainConfig, world_config
+    from csp_utils.vlm import models
+    from csp_utils.world import benchmarks
+    from csp_utils.vlm.embedded.config import PretrainConfig, world_config
 
     if args.threads:
         torch.set_num_threads(args.threads)

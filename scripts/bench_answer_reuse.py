@@ -40,18 +40,21 @@ def main(argv=None) -> None:
 
     import torch
 
-    from csp_utils import evaluation, experiment, models
+    from csp_utils.evaluate import evaluation
+    from csp_utils.vlm import models
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     torch.set_num_threads(args.threads)
-    suite = experiment.build_suite(experiment.SuiteConfig(), args.sets)
+    suite = suites.build_suite(suites.SuiteConfig(), args.sets)
     for bench in suite.values():
         bench.items = bench.items[:args.n]
     config = evaluation.EvalConfig(framings=["third"], readouts=["single_pass"], batch_size=args.batch_size,
                                    progress=False)
-    source, timed = experiment.model_specs(args.run_dir, args.base_model, args.models)
+    source, timed = matrix.model_specs(args.run_dir, args.base_model, args.models)
     out = Path(tempfile.mkdtemp(prefix="answer_reuse_"))
     try:
-        experiment.evaluate_models([source, timed], suite, out / "matrix", config)
+        matrix.evaluate_models([source, timed], suite, out / "matrix", config)
 
         def committed(name, set_):
             ids = {it.question_id for it in suite[set_].items}
@@ -64,7 +67,7 @@ def main(argv=None) -> None:
 
         for spec in (source, timed):
             for s in args.sets:
-                check(spec.name, s, experiment.results_path(out / "matrix", spec.name, s))
+                check(spec.name, s, matrix.results_path(out / "matrix", spec.name, s))
         model, processor = models.load_vlm(timed.base_model, adapter=timed.adapter)
         cfg = evaluation.config_for_adapter(config, timed.adapter, timed.adapter_scope, timed.layout)
         if cfg.adapter_scope != "confidence":
@@ -74,7 +77,7 @@ def main(argv=None) -> None:
             for mode in times:
                 total, rows = 0.0, []
                 for s in args.sets:
-                    src = (experiment.results_path(out / "matrix", source.name, s), source.name) if mode == "taken" else None
+                    src = (matrix.results_path(out / "matrix", source.name, s), source.name) if mode == "taken" else None
                     t = time.perf_counter()
                     path = evaluation.evaluate(model, processor, suite[s], out / f"{mode}{rep}" / f"{s}.jsonl",
                                                timed.name, cfg, answers_from=src)

@@ -98,8 +98,8 @@ class PartTimer:
 def breakdown(model, run) -> dict:
     """Seconds per part of one ``run()``: vision tower, language model, processor and
     text (chat template, tokenizer, pixels), and the rest (total minus those)."""
-    from csp_utils import engine
-    from csp_utils import evaluation as ev
+    from csp_utils.vlm import engine
+    from csp_utils.evaluate import evaluation as ev
 
     timer = PartTimer()
     found = {}
@@ -152,8 +152,8 @@ def compare_capabilities(args) -> list[dict]:
 
 
 def load_model(name: str):
-    from csp_utils import models
-    from csp_utils.embedded import build
+    from csp_utils.vlm import models
+    from csp_utils.vlm.embedded import build
 
     if name != "embedded":
         model, processor = models.load_vlm(name)
@@ -168,7 +168,7 @@ def load_model(name: str):
 
 def questions(n: int):
     """World POPE questions (real object scenes) when the world modules are there."""
-    from csp_utils import benchmarks
+    from csp_utils.world import benchmarks
 
     scenes = benchmarks.pope_scenes(max(1, (n + 5) // 6))
     bench = benchmarks.build_world_pope(scenes, "random")
@@ -193,8 +193,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from csp_utils import engine
-    from csp_utils import evaluation as ev
+    from csp_utils.vlm import engine
+    from csp_utils.evaluate import evaluation as ev
 
     if args.threads:
         torch.set_num_threads(args.threads)

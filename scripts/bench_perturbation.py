@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
-from csp_utils import perturbation as P
+from csp_utils.dataset import perturbation as P
 
 LEVELS = P.DEFAULT_LEVELS  # 11 levels, 0..100
 
@@ -74,7 +74,7 @@ def realistic_models():
                               GroundingDinoImageProcessorPil, GroundingDinoProcessor, SamConfig,
                               SamImageProcessorPil, SamModel, SamProcessor)
 
-    from csp_utils.grounding import _tiny_words
+    from csp_utils.dataset.grounding import _tiny_words
 
     words = _tiny_words()  # a word-level vocabulary: prompts tokenise; BERT-base's embedding size is kept
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
@@ -89,7 +89,7 @@ def realistic_models():
 
 
 def grounder_from(dino, sam, name):
-    from csp_utils.grounding import DinoSamGrounder
+    from csp_utils.dataset.grounding import DinoSamGrounder
 
     # box_threshold 0: random weights detect nothing above the usual 0.35, and a pass with no
     # boxes would skip SAM; at 0 every pass runs detector AND segmenter (max_boxes bounds SAM).
@@ -99,7 +99,8 @@ def grounder_from(dino, sam, name):
 
 
 def section_a(realistic: bool, repeats: int) -> list[tuple[str, float, float]]:
-    from csp_utils import grounding, keyobjects, scenes
+    from csp_utils.dataset import grounding, keyobjects
+    from csp_utils.world import scenes
 
     scene = scenes.make_scene("csp", 0)
     phrase = scene.objects[0].name

@@ -31,8 +31,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from csp_utils import models, prompts, training  # noqa: E402
-from csp_utils.embedded import build  # noqa: E402
+from csp_utils.vlm import models
+from csp_utils.train import settings
+from csp_utils.train import shaping
+from csp_utils.train import trainers
+from csp_utils.vlm import prompts
+from csp_utils.vlm.embedded import build
 
 
 def synthetic_dataset(n: int, image_size: int, seed: int = 0):
@@ -127,9 +131,9 @@ def sft_loss(model, batch):
 
 def simpo_loss_fn(cfg):
     def loss(model, batch):
-        logps = training.reply_mean_logps(model, batch)
+        logps = trainers.reply_mean_logps(model, batch)
         n = logps.shape[0] // 2
-        return training.simpo_losses(logps[:n], logps[n:], cfg.beta, cfg.simpo_gamma).mean()
+        return trainers.simpo_losses(logps[:n], logps[n:], cfg.beta, cfg.simpo_gamma).mean()
 
     return loss
 
@@ -137,7 +141,7 @@ def simpo_loss_fn(cfg):
 def bench_stage(stage: str, base, processor, ds, args, device) -> dict:
     from peft import get_peft_model
 
-    configs = training.tiny_default()
+    configs = settings.tiny_default()
     cfg = configs.sft if stage == "sft" else configs.simpo
     cfg.per_device_train_batch_size = args.batch_size
     cfg.max_steps = args.steps
@@ -148,16 +152,16 @@ def bench_stage(stage: str, base, processor, ds, args, device) -> dict:
         cfg.trl_fused_loss = args.trl_fused_loss
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "sft":
-            rows, _ = training.sft_rows(ds)
-            trainer = training.build_sft_trainer(copy.deepcopy(base), processor, rows, cfg, tmp)
+            rows, _ = shaping.sft_rows(ds)
+            trainer = trainers.build_sft_trainer(copy.deepcopy(base), processor, rows, cfg, tmp)
             collate = trainer.data_collator
             examples = rows
             loss_fn = sft_loss
         else:
-            pairs, _ = training.simpo_pairs(ds)
+            pairs, _ = shaping.simpo_pairs(ds)
             torch.manual_seed(0)
-            peft_model = get_peft_model(copy.deepcopy(base), training.lora_config(base, cfg.lora))
-            trainer = training.build_simpo_trainer(peft_model, processor, pairs, cfg, tmp)
+            peft_model = get_peft_model(copy.deepcopy(base), trainers.lora_config(base, cfg.lora))
+            trainer = trainers.build_simpo_trainer(peft_model, processor, pairs, cfg, tmp)
             collate = trainer.data_collator
             examples = pairs
             loss_fn = simpo_loss_fn(cfg)

@@ -452,8 +452,8 @@ def issue25_cases(params, work, model, reference) -> list[tuple]:
 
 # ------------------------------------------------------------------ main
 def build_model(work: Path) -> Path:
-    from csp_utils.embedded.config import PretrainConfig
-    from csp_utils.embedded.train import build_default_model
+    from csp_utils.vlm.embedded.config import PretrainConfig
+    from csp_utils.vlm.embedded.train import build_default_model
 
     folder = work / "model" / "tiny"
     if not (folder / "csp_meta.json").exists():

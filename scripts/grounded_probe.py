@@ -12,7 +12,7 @@ confidence-only adapter to follow the base model's own correctness?
    ``internal`` = its temperature-scaled internal probability of that answer (T fitted on these
    rows), ``correct`` and ``cell`` beside it; a share of answer-flip rows (opposite answer,
    complementary target).
-2. A LoRA per (layout, loss), trained with ``training.train_sft`` on the option losses.
+2. A LoRA per (layout, loss), trained with ``regimes.train_sft`` on the option losses.
 3. Held-out world POPE (random, adversarial) from eval-split scenes, evaluated with the
    confidence-only adapter (answers are the base model's): AUROC, Brier, ECE of the
    single-pass expected confidence, beside the base model's internal probability and its
@@ -46,7 +46,9 @@ EVAL_SETS = ("pope-random", "pope-adversarial")
 def own_answers(model, processor, items, images, batch_size: int = 64):
     """(own answer "Yes"/"No"/None, internal probability of it) per item, from the
     evaluation's answer path (one generated token suffices: the first answer token)."""
-    from csp_utils import engine, prompts
+    from csp_utils.vlm import engine
+    from csp_utils.vlm import parsing
+    from csp_utils.vlm import prompts
 
     yn = engine.yes_no_tokens(processor)
     out = []
@@ -55,7 +57,7 @@ def own_answers(model, processor, items, images, batch_size: int = 64):
         msgs = [prompts.answer_messages(it.question) for it in its]
         p = engine.plain_prompts(model, processor, msgs, ims, shortcuts=True)
         raw, new, logits = engine.generate_on(model, processor, p, len(yn.prefix) + 1)
-        parsed = [prompts.parse_yes_no(r, "pope") for r in raw]
+        parsed = [parsing.parse_yes_no(r, "pope") for r in raw]
         internal = engine.internal_probs(logits, new, parsed, yn)
         out += [(a.capitalize() if a else None, q[0]) for a, q in zip(parsed, internal)]
     return out
@@ -65,7 +67,9 @@ def grounded_rows(model, processor, n_scenes: int, flip_share: float, seed: int)
     """Clean grounded rows from csp-split scenes (see the module docstring) and the fitted T."""
     import numpy as np
 
-    from csp_utils import baselines, benchmarks, scenes as world
+    from csp_utils.evaluate import baselines
+    from csp_utils.world import scenes as world
+    from csp_utils.world import benchmarks
 
     wc = world.WorldConfig()
     scene_list = benchmarks.pope_scenes(n_scenes, wc, split="csp")
@@ -123,15 +127,15 @@ def cached_rows(model, processor, args, out: Path):
 
 
 def eval_sets(n_scenes: int, seed: int):
-    from csp_utils import experiment
+    from csp_utils.evaluate import suites
 
-    cfg = experiment.SuiteConfig(n_pope_images=n_scenes, n_calibration_images=n_scenes, seed=seed)
-    return experiment.build_suite(cfg, sets=list(EVAL_SETS) + ["calibration"])
+    cfg = suites.SuiteConfig(n_pope_images=n_scenes, n_calibration_images=n_scenes, seed=seed)
+    return suites.build_suite(cfg, sets=list(EVAL_SETS) + ["calibration"])
 
 
 def elicit(model, processor, bench, layout: str, scope: str, batch_size: int = 64):
-    from csp_utils import engine
-    from csp_utils import evaluation as ev
+    from csp_utils.vlm import engine
+    from csp_utils.evaluate import evaluation as ev
 
     cfg = ev.EvalConfig(readouts=("single_pass",), layout=layout, adapter_scope=scope, batch_size=batch_size,
                         max_new_tokens=4, progress=False)
@@ -148,7 +152,7 @@ def elicit(model, processor, bench, layout: str, scope: str, batch_size: int = 6
 
 
 def scores(conf, correct) -> dict:
-    from csp_utils import metrics
+    from csp_utils.analysis import metrics
 
     s = metrics.calibration_summary(conf, correct)
     return {k: round(float(s[k]), 4) for k in ("auroc", "brier", "ece", "mean_confidence", "accuracy")}
@@ -163,7 +167,7 @@ def last_hidden(model, processor, msgs_list, images, batch_size: int = 64):
     """(N, layers + 1, H) hidden states at the last prompt position (generation prompt on)."""
     import torch
 
-    from csp_utils import engine
+    from csp_utils.vlm import engine
 
     out = []
     with torch.no_grad():
@@ -181,7 +185,7 @@ def probe_auroc(x_train, y_train, x_test, y_test, l2: float = 1e-2) -> float:
     """Held-out AUROC of an L2 logistic regression (standardised features, LBFGS)."""
     import torch
 
-    from csp_utils import metrics
+    from csp_utils.analysis import metrics
 
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     a, b = (x_train - mu) / sd, (x_test - mu) / sd
@@ -203,7 +207,8 @@ def probe_auroc(x_train, y_train, x_test, y_test, l2: float = 1e-2) -> float:
 
 def probe_layouts(model, processor, train_rows, eval_rows_images, layouts):
     """Probe AUROC per prompt (answer prompt, each confidence layout) and hidden layer."""
-    from csp_utils import prompts
+    from csp_utils.vlm import parsing
+    from csp_utils.vlm import prompts
 
     tr = [r for r in train_rows if not r["flipped"]]
     ev_rows, ev_images = eval_rows_images
@@ -247,7 +252,11 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from csp_utils import baselines, models, training
+    from csp_utils.evaluate import baselines
+    from csp_utils.vlm import models
+    from csp_utils.train import callbacks
+    from csp_utils.train import regimes
+    from csp_utils.train import settings
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -287,19 +296,19 @@ def main(argv=None) -> dict:
                                                                    [bool(r["correct"]) for r in base_layout])
         for loss in args.losses:
             name = f"{layout}-{loss}-{args.target}"
-            cfg = training.SFTConfigCSP(
-                lora=training.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05), confidence_target=args.target,
+            cfg = settings.SFTConfigCSP(
+                lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05), confidence_target=args.target,
                 layout=layout, loss=loss, learning_rate=args.lr, max_steps=args.steps,
                 per_device_train_batch_size=args.batch, warmup=0.05, logging_steps=25, save_steps=10_000,
                 seed=args.seed)
             t2 = time.time()
-            res = training.train_sft(args.base, ds, out, cfg, name=name)
+            res = regimes.train_sft(args.base, ds, out, cfg, name=name)
             train_s = time.time() - t2
             model, _ = models.load_vlm(args.base, adapter=res.adapter_dir, dtype=torch.float32)
             t3 = time.time()
             got = pooled({n: elicit(model, proc, suite[n], layout, "confidence") for n in EVAL_SETS})
             same_answers = all(a["raw_answer"] == b["raw_answer"] for a, b in zip(got, pool))
-            logs = training.read_training_log(res.log_csv)
+            logs = callbacks.read_training_log(res.log_csv)
             results["runs"][name] = {
                 "layout": layout, "loss": loss, "target": args.target, "steps": res.global_step,
                 "train_s": round(train_s, 1), "eval_s": round(time.time() - t3, 1),

@@ -62,7 +62,8 @@ def parse_point(text: str) -> tuple[int, int]:
 
 def validation_suite(n_images: int, seed: int = 0) -> dict:
     """The six clean sets' generators (and a calibration set) on CSP-split validation scenes."""
-    from csp_utils import benchmarks, scenes as world
+    from csp_utils.world import scenes as world
+    from csp_utils.world import benchmarks
 
     wc = world.WorldConfig()
     suite = {}
@@ -85,7 +86,7 @@ def training_scene_range(max_scenes: int) -> range:
 
 def check_disjoint(suite: dict, max_scenes: int) -> None:
     """Validation scenes never overlap the training scenes (nor each other)."""
-    from csp_utils import scenes as world
+    from csp_utils.world import scenes as world
 
     seen: dict[str, str] = {}
     for name, bench in suite.items():
@@ -98,26 +99,29 @@ def check_disjoint(suite: dict, max_scenes: int) -> None:
 
 
 def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0):
-    from csp_utils import perturbed_dataset as PD, scenes as world
+    from csp_utils.dataset import buildconfig
+    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import sources
+    from csp_utils.world import scenes as world
 
-    config = PD.BuildConfig(targets="grounded", levels=list(LEVELS), seed=seed,
+    config = buildconfig.BuildConfig(targets="grounded", levels=list(LEVELS), seed=seed,
                             grounded={"flip_rows": False, "clean_share": clean_share, "questions": questions})
-    source = PD.world_source(world.make_scenes("csp", n_scenes), 4, seed=seed)
-    return PD.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
+    source = sources.world_source(world.make_scenes("csp", n_scenes), 4, seed=seed)
+    return perturbed_dataset.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
                                       progress=True)
 
 
 def first_scenes(ds, n_scenes: int):
     """The rows of CSP scenes 0 .. n_scenes - 1."""
-    from csp_utils import scenes as world
+    from csp_utils.world import scenes as world
 
     keep = [i for i, s in enumerate(ds["image_id"]) if int(world.parse_scene_id(s)[1]) < n_scenes]
     return ds.select(keep)
 
 
 def elicit(model, processor, bench, layout: str, scope: str, batch_size: int = 64) -> list[dict]:
-    from csp_utils import engine
-    from csp_utils import evaluation as ev
+    from csp_utils.vlm import engine
+    from csp_utils.evaluate import evaluation as ev
 
     cfg = ev.EvalConfig(readouts=("single_pass",), layout=layout, adapter_scope=scope, batch_size=batch_size,
                         max_new_tokens=4, progress=False)
@@ -137,7 +141,7 @@ def set_scores(rows_by_set: dict, key: str = "confidence") -> dict:
     """Within-set AUROC (mean of the sets'), per-set AUROC, pooled Brier and ECE of ``key``."""
     import numpy as np
 
-    from csp_utils import metrics
+    from csp_utils.analysis import metrics
 
     per_set = {}
     for name, rows in rows_by_set.items():
@@ -154,7 +158,7 @@ def base_baselines(model, processor, suite: dict, out: Path) -> dict:
     """The base model's internal probability and its temperature-scaled version on the validation sets."""
     import numpy as np
 
-    from csp_utils import baselines
+    from csp_utils.evaluate import baselines
 
     path = out / "validation_base.json"
     if path.exists():
@@ -206,7 +210,9 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from csp_utils import models, training
+    from csp_utils.vlm import models
+    from csp_utils.train import regimes
+    from csp_utils.train import settings
 
     torch.set_num_threads(args.threads)
     # checkpoints carry no base-model record; they are put on the base they were trained on
@@ -236,13 +242,13 @@ def main(argv=None) -> list[dict]:
                     for seed in args.seeds:
                         name = run_name(cs, target, layout, scenes, steps, seed, args.questions)
                         every = max(1, steps // args.checkpoints)
-                        cfg = training.SFTConfigCSP(
-                            lora=training.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05),
+                        cfg = settings.SFTConfigCSP(
+                            lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05),
                             confidence_target=target, layout=layout, loss="soft_ce", learning_rate=args.lr,
                             max_steps=steps, per_device_train_batch_size=args.batch, warmup=0.05,
                             logging_steps=max(1, steps // 20), save_steps=every, save_total_limit=None, seed=seed)
                         t2 = time.time()
-                        res = training.train_sft(args.base, subset, out / "train", cfg, name=name)
+                        res = regimes.train_sft(args.base, subset, out / "train", cfg, name=name)
                         train_s = time.time() - t2
                         for step, ckpt in checkpoints(res.checkpoint_dir):
                             key = f"{name}@{step}"
@@ -305,7 +311,7 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from csp_utils import plots
+    from csp_utils.analysis import plots
 
     runs: dict[str, list[dict]] = {}
     for r in rows:

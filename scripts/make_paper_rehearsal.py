@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from csp_utils import rehearsal  # noqa: E402
+from csp_utils.pipeline import rehearsal
 
 
 def main(argv=None):

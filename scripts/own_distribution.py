@@ -13,7 +13,7 @@ rows of its OWN training distribution, and on the world evaluation sets?
 2. The adapter's confidence on those rows through the evaluation's code path
    (``evaluation.evaluate`` with the adapter's recorded layout and scope: a grounded adapter is
    confidence-only, so answers are the base model's), and the same on the six clean world sets
-   (``experiment.build_suite``, small sizes).
+   (``suites.build_suite``, small sizes).
 3. Within-set AUROC (``metrics.auroc``) and Brier per row kind (clean / key-noised /
    distractor-noised) and per question kind (existence / attribute / relation), and per
    evaluation set with the mean of the sets; beside them the base model's internal probability
@@ -38,16 +38,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def scene_index(scene_id: str) -> int:
-    from csp_utils import scenes
+    from csp_utils.world import scenes
 
     return int(scenes.parse_scene_id(scene_id)[1])
 
 
 def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
     """The CSP scene indices of a grounded training dataset and its build report."""
-    from csp_utils import perturbed_dataset as PD
+    from csp_utils.dataset import buildconfig
+    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import sources
 
-    ds = PD.load_perturbed_dataset(dataset_dir)
+    ds = perturbed_dataset.load_perturbed_dataset(dataset_dir)
     report = json.loads((Path(dataset_dir) / "build_report.json").read_text())
     if report.get("targets") != "grounded":
         raise ValueError(f"{dataset_dir} is not a grounded dataset")
@@ -56,14 +58,18 @@ def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
 
 def check_adapter_dataset(adapter: Path, dataset_dir: Path) -> dict:
     """The adapter's training record; refuses a dataset other than the one it was trained on."""
-    from csp_utils import perturbed_dataset as PD, training
+    from csp_utils.dataset import buildconfig
+    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import sources
+    from csp_utils.train import regimes
+    from csp_utils.train import settings
 
-    record = json.loads((adapter / training.CONFIG_FILE).read_text())
-    key = training._dataset_key(PD.load_perturbed_dataset(dataset_dir))
+    record = json.loads((adapter / settings.CONFIG_FILE).read_text())
+    key = regimes._dataset_key(perturbed_dataset.load_perturbed_dataset(dataset_dir))
     if record.get("dataset_fingerprint") not in (None, key):
         raise ValueError(f"{adapter} was trained on dataset {record['dataset_fingerprint']}, "
                          f"not on {dataset_dir} ({key})")
-    if record.get("confidence_target") not in training.GROUNDED_TARGETS:
+    if record.get("confidence_target") not in settings.GROUNDED_TARGETS:
         raise ValueError(f"{adapter} is not a grounded adapter (target {record.get('confidence_target')!r})")
     return record
 
@@ -72,23 +78,26 @@ def heldout_rows(model, processor, report: dict, start: int, n: int, out: Path):
     """Grounded rows on CSP scenes start .. start + n - 1 with the training build's config."""
     import warnings
 
-    from csp_utils import perturbed_dataset as PD, scenes
+    from csp_utils.dataset import buildconfig
+    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import sources
+    from csp_utils.world import scenes
 
-    build = PD.BuildConfig(**report["config"])
+    build = buildconfig.BuildConfig(**report["config"])
     # the builder records "<k> q/scene, question seed <s>" in its grounder name
     found = re.search(r"(\d+) q/scene, question seed (\d+)", report["grounder"])
     if found is None:
         raise ValueError(f"the build report does not name its questions per scene: {report['grounder']!r}")
     questions, question_seed = int(found.group(1)), int(found.group(2))
-    src = PD.world_source(scenes.make_scenes("csp", n, start=start), questions, seed=question_seed)
+    src = sources.world_source(scenes.make_scenes("csp", n, start=start), questions, seed=question_seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the held-out T fit of these rows is not used
-        return PD.build_perturbed_dataset(src, out_dir=out, config=build, model=model, processor=processor,
+        return perturbed_dataset.build_perturbed_dataset(src, out_dir=out, config=build, model=model, processor=processor,
                                           progress=False)
 
 
 def as_benchmark(ds, name: str = "own-heldout"):
-    from csp_utils import benchmarks
+    from csp_utils.world import benchmarks
 
     cols = ds.select_columns(["sample_id", "question", "label", "kind", "key_objects"])
     items = [benchmarks.QAItem(r["sample_id"], r["sample_id"], r["question"], r["label"], name, r["kind"],
@@ -101,7 +110,7 @@ def as_benchmark(ds, name: str = "own-heldout"):
 def scores(conf, correct) -> dict:
     import numpy as np
 
-    from csp_utils import metrics
+    from csp_utils.analysis import metrics
 
     conf, correct = np.asarray(conf, float), np.asarray(correct, bool)
     ok = ~np.isnan(conf)
@@ -117,7 +126,7 @@ def grouped(rows, key, T: float) -> dict:
     """Adapter confidence and temperature-scaled internal probability per group of rows."""
     import numpy as np
 
-    from csp_utils import baselines
+    from csp_utils.evaluate import baselines
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
@@ -132,7 +141,7 @@ def grouped(rows, key, T: float) -> dict:
 
 
 def run_eval(model, processor, bench, path: Path, name: str, config):
-    from csp_utils import evaluation as ev
+    from csp_utils.evaluate import evaluation as ev
 
     return [r for r in ev.load_results(ev.evaluate(model, processor, bench, path, name, config))
             if r["model"] == name]
@@ -156,7 +165,9 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from csp_utils import evaluation as ev, experiment, models
+    from csp_utils.evaluate import evaluation as ev
+    from csp_utils.vlm import models
+    from csp_utils.evaluate import suites
 
     torch.set_num_threads(args.threads)
     adapter, dataset_dir = Path(args.adapter), Path(args.dataset)
@@ -195,11 +206,11 @@ def main(argv=None) -> dict:
     t_own = time.time() - t1
 
     t2 = time.time()
-    suite = experiment.build_suite(experiment.SuiteConfig(n_pope_images=args.pope_images,
+    suite = suites.build_suite(suites.SuiteConfig(n_pope_images=args.pope_images,
                                                           n_amber_images=args.amber_images, seed=0),
-                                   sets=list(experiment.CLEAN_SETS))
+                                   sets=list(suites.CLEAN_SETS))
     sets = {}
-    for name in experiment.CLEAN_SETS:
+    for name in suites.CLEAN_SETS:
         rs = run_eval(model, processor, suite[name], out / f"{name}.jsonl", adapter.name, config)
         sets[name] = grouped(rs, lambda r: "all", T)["all"]
     # a set whose answers are all right (or all wrong) has no AUROC and is left out of the mean

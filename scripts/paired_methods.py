@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from csp_utils import experiment
+from csp_utils.analysis import tables
+from csp_utils.evaluate import matrix
 
 PAIRS = (("sft_simpo", "grounded"), ("distilled", "grounded"))  # (reference, method)
 METRICS = ("brier", "auroc_within", "ece")
@@ -25,14 +26,14 @@ def main() -> None:
     ap.add_argument("--n-boot", type=int, default=1000)
     args = ap.parse_args()
     out = []
-    for base, matrix in (("embedded", "results/matrix"), ("embedded-noconf", "results/noconf/matrix")):
-        folder = args.run_dir / matrix
+    for base, sub in (("embedded", "results/matrix"), ("embedded-noconf", "results/noconf/matrix")):
+        folder = args.run_dir / sub
         if not folder.is_dir():
             raise SystemExit(f"{folder} not found: run the default study first")
-        rows = [r for r in experiment.load_rows(folder) if r["set"] not in ("calibration", "train-sample")]
+        rows = [r for r in matrix.load_rows(folder) if r["set"] not in ("calibration", "train-sample")]
         for ref, method in PAIRS:
-            pair = [r for r in rows if experiment.model_group(r["model"]) in (ref, method)]
-            t = experiment.paired_against(pair, ref, n_boot=args.n_boot)
+            pair = [r for r in rows if tables.model_group(r["model"]) in (ref, method)]
+            t = tables.paired_against(pair, ref, n_boot=args.n_boot)
             out.append(t.assign(base_model=base))
     t = pd.concat(out)
     t = t[t["set"].isin(["pooled-clean", "pooled-transfer"]) & t["metric"].isin(METRICS)]

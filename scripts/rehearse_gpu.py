@@ -4,7 +4,7 @@
     python scripts/rehearse_gpu.py --cpu              # the same chain as params/paper_smoke.yaml on CPU
 
 It writes the rehearsal kit (random-weight LLaVA-1.5-layout / GroundingDINO / SAM folders,
-photographs, official-format POPE / AMBER files; ``csp_utils.rehearsal``), then runs the stages of
+photographs, official-format POPE / AMBER files; ``csp_utils.pipeline.rehearsal``), then runs the stages of
 ``params/paper.yaml`` through the study driver. On CUDA the params are those of
 ``params/paper_smoke.yaml`` with the GPU settings of ``params/paper.yaml`` put back: the
 ``paper_llava7b`` training preset as it is (bf16 weights, bf16 autocast, gradient checkpointing)
@@ -24,7 +24,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from csp_utils import rehearsal, study  # noqa: E402
+from csp_utils.pipeline import rehearsal
+from csp_utils.pipeline import driver
 
 SMOKE = REPO / "params" / "paper_smoke.yaml"
 GPU_EVAL = {"dtype": "bfloat16", "device_map": "auto"}
@@ -69,7 +70,7 @@ def main(argv=None) -> Path:
         params_path.parent.mkdir(parents=True, exist_ok=True)
         params_path.write_text(yaml.safe_dump(gpu_params(yaml.safe_load(SMOKE.read_text())), sort_keys=False))
         print(f"[rehearsal] CUDA: {torch.cuda.get_device_name(0)}; params {params_path}", flush=True)
-    run_dir = study.run_study(params_path, runs_root=args.runs_root, overrides=rehearsal.study_overrides(kit))
+    run_dir = driver.run_study(params_path, runs_root=args.runs_root, overrides=rehearsal.study_overrides(kit))
     manifest = json.loads((run_dir / "manifest.json").read_text())
     print("[rehearsal] stage timings (s):", json.dumps(manifest["timings_s"]))
     print(f"[rehearsal] run folder: {run_dir}")

@@ -26,11 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from csp_utils import training  # noqa: E402
+from csp_utils.train import regimes
+from csp_utils.train import settings
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--regime", choices=training.REGIMES, default="sft")
+    ap.add_argument("--regime", choices=settings.REGIMES, default="sft")
     ap.add_argument("--run-dir", required=True, help="run folder: adapters/, train_logs/, checkpoints/ go here")
     ap.add_argument("--base-model", default="embedded", help='"embedded", a model folder or a hub id')
     ap.add_argument("--dataset", help="saved perturbed dataset (default: <run-dir>/dataset)")
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="per process")
     ap.add_argument("--grad-accum", type=int)
     ap.add_argument("--learning-rate", type=float, help="SFT learning rate (SimPO keeps its own unless --config)")
-    ap.add_argument("--confidence-target", choices=training.CONFIDENCE_TARGETS)
+    ap.add_argument("--confidence-target", choices=settings.CONFIDENCE_TARGETS)
     ap.add_argument("--save-steps", type=int)
     ap.add_argument("--logging-steps", type=int)
     ap.add_argument("--beta", type=float)
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_configs(args: argparse.Namespace) -> training.TrainingConfigs:
+def build_configs(args: argparse.Namespace) -> settings.TrainingConfigs:
     """Preset, then the --config file, then the flags that were given (flags win)."""
     file = json.loads(Path(args.config).read_text()) if args.config else {}
     both = {"max_steps": args.max_steps, "num_train_epochs": args.epochs,
@@ -64,7 +65,7 @@ def build_configs(args: argparse.Namespace) -> training.TrainingConfigs:
     flags_sft = {**both, "learning_rate": args.learning_rate}
     flags_simpo = {**both, "beta": args.beta, "simpo_gamma": args.simpo_gamma}
     given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
-    return training.make_configs(args.preset, sft={**file.get("sft", {}), **given(flags_sft)},
+    return settings.make_configs(args.preset, sft={**file.get("sft", {}), **given(flags_sft)},
                                  simpo={**file.get("simpo", {}), **given(flags_simpo)},
                                  merge=file.get("merge", False) or args.merge)
 
@@ -73,9 +74,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     configs = build_configs(args)
     dataset = args.dataset or str(Path(args.run_dir) / "dataset")
-    results = training.train_regime(args.regime, args.base_model, dataset, args.run_dir, configs,
+    results = regimes.train_regime(args.regime, args.base_model, dataset, args.run_dir, configs,
                                     tag=args.tag, resume=not args.no_resume)
-    if training._is_main():
+    if regimes._is_main():
         for name, result in results.items():
             state = "done" if result.completed else "interrupted"
             print(f"[train] {name}: {state} at step {result.global_step}, adapter: {result.adapter_dir}")

@@ -14,7 +14,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 @pytest.fixture(scope="session")
 def benchmarks_dir() -> Path:
     """The official POPE / AMBER files vendored in the package (``pope/``, ``amber/``)."""
-    from csp_utils import benchmarks
+    from csp_utils.world import benchmarks
 
     return benchmarks.BENCHMARK_DIR
 
@@ -22,6 +22,6 @@ def benchmarks_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_vlm():
     """A randomly initialised tiny LLaVA + processor (fast; shared by the session)."""
-    from csp_utils.embedded import build
+    from csp_utils.vlm.embedded import build
 
     return build.build_tiny_vlm(build.TinyVLMConfig())

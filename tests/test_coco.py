@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils import coco
-from csp_utils import perturbed_dataset as PD
+from csp_utils.dataset import coco
+from csp_utils.dataset import buildconfig
+from csp_utils.dataset import perturbed_dataset
+from csp_utils.dataset import sources
 
 CATS = ["person", "dog", "cat", "car", "chair", "cup", "book"]
 
@@ -113,7 +115,7 @@ def test_source_resizes_and_the_oracle_follows(tmp_path):
     res = oracle.ground(img, item.objects, item.image_id)
     assert res.ok and res.mask.shape == (80, 120)
     assert np.isclose(res.mask.mean(), 6 * 20 / (40 * 60), rtol=0.15)  # the same fraction at twice the size
-    ds = PD.build_perturbed_dataset(src, oracle, tmp_path / "built", PD.BuildConfig(levels=(0, 100)), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(src, oracle, tmp_path / "built", buildconfig.BuildConfig(levels=(0, 100)), progress=False)
     assert len(ds) == 2 * 9 and set(ds["grounding_status"]) == {"ok"} and ds[0]["image"].size == (120, 80)
 
 
@@ -171,15 +173,15 @@ def test_jsonl_malformed_rows_are_counted_not_dropped_silently(tmp_path):
     path = tmp_path / "triples.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"triples.jsonl:2: not valid JSON"):
-        PD.jsonl_source(path, folder)
-    src = PD.jsonl_source(path, folder, on_error="report")
+        sources.jsonl_source(path, folder)
+    src = sources.jsonl_source(path, folder, on_error="report")
     assert [it.sample_id for it in src] == ["ok1", "ok2"] and len(src) == 2
     assert src.report["rows"] == 2 and src.report["malformed"] == 6
     assert src.report["malformed_by_reason"] == {"invalid_json": 1, "missing_field": 1, "empty_field": 1,
                                                   "image_not_found": 1, "bad_objects": 1, "not_an_object": 1}
     assert [m["where"].rsplit(":", 1)[1] for m in src.report["malformed_rows"]] == ["2", "3", "4", "5", "6", "7"]
     with pytest.raises(ValueError, match="on_error"):
-        PD.jsonl_source(path, folder, on_error="skip")
+        sources.jsonl_source(path, folder, on_error="skip")
 
 
 def test_hf_malformed_rows_are_counted(tmp_path):
@@ -194,8 +196,8 @@ def test_hf_malformed_rows_are_counted(tmp_path):
     ds = Dataset.from_list(rows, features=Features({"image": HFImage(), "question": Value("string"),
                                                     "answer": Value("string")}))
     with pytest.raises(ValueError, match="row 1: column 'image' holds no image"):
-        PD.hf_source(ds)
-    src = PD.hf_source(ds, on_error="report")
+        sources.hf_source(ds)
+    src = sources.hf_source(ds, on_error="report")
     assert [it.sample_id for it in src] == ["hf-0000000", "hf-0000004"]
     assert src.report["malformed_by_reason"] == {"missing_image": 1, "empty_field": 2}
 

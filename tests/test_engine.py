@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from csp_utils import engine, prompts
+from csp_utils.vlm import engine
+from csp_utils.vlm import prompts
 from test_evaluation import _images, _noise_images, make_benchmark, one_thread, tiny, tiny_text_first  # noqa: F401
 
 

@@ -17,16 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from csp_utils import evaluation as ev
-from csp_utils import engine, models, prompts
-from csp_utils.embedded import build
+from csp_utils.evaluate import evaluation as ev
+from csp_utils.vlm import engine, models
+from csp_utils.vlm import parsing
+from csp_utils.vlm import prompts
+from csp_utils.vlm.embedded import build
 
 # The same benchmark is built here and inside the `accelerate launch` script below.
 BENCH_SRC = textwrap.dedent(
     '''
     import numpy as np
     from PIL import Image
-    from csp_utils.benchmarks import Benchmark, QAItem
+    from csp_utils.world.benchmarks import Benchmark, QAItem
 
     QUESTIONS = [
         "Is there a circle in the image?",
@@ -134,7 +136,7 @@ def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
                 assert r["internal_prob"] == pytest.approx(internal, abs=1e-4)
                 assert r["internal_prob_raw"] == pytest.approx(internal_raw, abs=1e-4)
             assert gen["raw_confidence"] == conf
-            assert gen["confidence"] == prompts.parse_confidence(conf)
+            assert gen["confidence"] == parsing.parse_confidence(conf)
             np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
             probs, expect, _ = engine.option_distribution(ref, cfg.options)
             assert single["confidence"] == pytest.approx(float(expect), abs=1e-4)
@@ -175,7 +177,7 @@ def test_evaluate_writes_the_schema_and_resumes(tiny, tmp_path):
             assert 0 <= r["confidence"] <= 1 and r["options"] == list(range(0, 101, 10))
         else:
             assert r["option_probs"] is None
-            assert r["confidence"] == prompts.parse_confidence(r["raw_confidence"])
+            assert r["confidence"] == parsing.parse_confidence(r["raw_confidence"])
 
     # an interrupted run: 5 questions written in full, a 6th half-written, a line cut short
     lines = full_path.read_text().splitlines(keepends=True)
@@ -429,7 +431,8 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
     questions = ["Is there a star?", "Is the large red square left of the small blue star in the image?",
                  "Is there a circle in the image?", "Are there two squares?"]
     images = [im for im in _noise_images(4, seed=3) for _ in (0, 1)]   # each image asked twice, as in POPE
-    from csp_utils.benchmarks import Benchmark, QAItem
+    from csp_utils.world.benchmarks import Benchmark
+    from csp_utils.world.schema import QAItem
 
     items = [QAItem(f"q{i}", f"im{i}", questions[i % 4], "yes", "pope-test", "existence", []) for i in range(8)]
     bench = Benchmark("pope-test", "pope", items, lambda k: images[int(k[2:])], "yes")
@@ -540,7 +543,7 @@ def test_adapters_trained_on_grounded_targets_are_evaluated_confidence_only(tmp_
 
 
 def test_asking_a_model_again_in_another_framing_keeps_its_rows_in_the_first():
-    from csp_utils import evaluation
+    from csp_utils.evaluate import evaluation
 
     def row(q, framing, model="m"):
         return {"model": model, "question_id": q, "framing": framing, "readout": "single_pass"}

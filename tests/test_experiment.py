@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from csp_utils import baselines
+from csp_utils.evaluate import baselines
 
 
 def test_temperature_recovers_overconfidence():
@@ -27,21 +27,23 @@ def test_temperature_one_is_identity_and_errors():
 
 def test_suite_takes_the_official_files(benchmarks_dir, tmp_path):
     # Images are not shipped: the suite builds the sets lazily, a missing image is named on use.
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
-    cfg = experiment.SuiteConfig(pope_dir=str(benchmarks_dir / "pope"), coco_images=str(tmp_path),
+    cfg = suites.SuiteConfig(pope_dir=str(benchmarks_dir / "pope"), coco_images=str(tmp_path),
                                  amber_dir=str(benchmarks_dir / "amber"), amber_images=str(tmp_path),
                                  official_only=True)
-    suite = experiment.build_suite(cfg)
+    suite = suites.build_suite(cfg)
     assert {"coco-pope-random", "coco-pope-popular", "coco-pope-adversarial"} <= set(suite)
     assert all(name.startswith(("coco-pope-", "official-amber-")) for name in suite)   # no world sets
     assert len(suite["coco-pope-adversarial"].items) == 3000
     assert len(suite["official-amber-relation"].items) == 975 + 689
-    assert experiment.positive_class("official-amber-existence") == "no"
+    assert tables.positive_class("official-amber-existence") == "no"
     with pytest.raises(FileNotFoundError, match="COCO_val2014"):
         suite["coco-pope-random"].image_loader(suite["coco-pope-random"].items[0].image_id)
     with pytest.raises(ValueError, match="coco_images"):
-        experiment.build_suite(experiment.SuiteConfig(pope_dir=str(benchmarks_dir / "pope")))
+        suites.build_suite(suites.SuiteConfig(pope_dir=str(benchmarks_dir / "pope")))
 
 
 def _rows(model, set_, n, acc, conf, seed=0, internal=0.9):
@@ -53,10 +55,13 @@ def _rows(model, set_, n, acc, conf, seed=0, internal=0.9):
 
 
 def test_headline_table_pools_seeds_and_bootstraps_by_question():
-    from csp_utils import experiment, metrics
+    from csp_utils.analysis import metrics
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = _rows("csp@s0", "pope-random", 200, 0.7, 0.7, seed=1) + _rows("csp@s1", "pope-random", 200, 0.7, 0.9, seed=1)
-    table = experiment.headline_table(rows, n_boot=200, seed=0)
+    table = tables.headline_table(rows, n_boot=200, seed=0)
     r = table.iloc[0]
     assert r["model"] == "csp" and r["seeds"] == 2 and r["n_questions"] == 200
     conf = np.array([x["confidence"] for x in rows])
@@ -70,7 +75,9 @@ def test_headline_table_pools_seeds_and_bootstraps_by_question():
 @pytest.mark.parametrize("case", ["ties", "continuous", "one_class", "all_missing"])
 def test_resampled_metrics_equal_row_by_row_metrics(case):
     """The bootstrap's one-bincount metrics equal _metric_values on each resample's rows."""
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rng = np.random.default_rng(3)
     n = 120
@@ -84,21 +91,23 @@ def test_resampled_metrics_equal_row_by_row_metrics(case):
     truth, pred = rng.random(n) < 0.5, rng.random(n) < 0.5
     codes = rng.integers(0, 40, n)                               # rows grouped into 40 images
     drawn = np.stack([np.bincount(rng.integers(0, 40, 40), minlength=40) for _ in range(25)])
-    fast = experiment._resampled_metric_values(conf, correct, truth, pred, codes, drawn)
+    fast = tables._resampled_metric_values(conf, correct, truth, pred, codes, drawn)
     for b in range(len(drawn)):
         idx = np.repeat(np.arange(n), drawn[b, codes])
-        slow = experiment._metric_values(conf[idx], correct[idx], truth[idx], pred[idx])
+        slow = tables._metric_values(conf[idx], correct[idx], truth[idx], pred[idx])
         assert set(slow) - set(fast) == {"adaptive_ece"}          # a point estimate only
         for k in fast:
             assert fast[k][b] == pytest.approx(slow[k], abs=1e-12, nan_ok=True), (case, b, k)
 
 
 def test_baseline_rows_use_the_base_models_answers():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = (_rows("base", "train-sample", 100, 0.8, 0.95) + _rows("base", "calibration", 300, 0.75, 0.95, seed=2)
             + _rows("base", "pope-random", 50, 0.7, 0.95, seed=3))
-    out = experiment.baseline_rows(rows)
+    out = matrix.baseline_rows(rows)
     assert {r["model"] for r in out} == {"baseline:constant", "baseline:answer_constant", "baseline:internal",
                                          "baseline:temperature"}
     const = [r for r in out if r["model"] == "baseline:constant"]
@@ -107,11 +116,13 @@ def test_baseline_rows_use_the_base_models_answers():
     temp = [r["confidence"] for r in out if r["model"] == "baseline:temperature"]
     assert all(t < 0.9 for t in temp)  # overconfident 0.9 scaled down towards the held-out accuracy
     with pytest.raises(ValueError, match="calibration"):
-        experiment.baseline_rows(_rows("base", "pope-random", 5, 0.5, 0.5))
+        matrix.baseline_rows(_rows("base", "pope-random", 5, 0.5, 0.5))
 
 
 def test_answer_constant_is_training_accuracy_given_the_own_answer():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     train = _rows("base", "train-sample", 8, 1.0, 0.9)
     for r, (answer, ok) in zip(train, [("yes", 1), ("yes", 1), ("yes", 1), ("yes", 0),
@@ -120,7 +131,7 @@ def test_answer_constant_is_training_accuracy_given_the_own_answer():
     test = _rows("base", "pope-random", 3, 1.0, 0.9, seed=3)
     for r, answer in zip(test, ["yes", "no", "unclear"]):
         r["answer"] = answer
-    out = experiment.baseline_rows(train + _rows("base", "calibration", 50, 0.7, 0.9) + test)
+    out = matrix.baseline_rows(train + _rows("base", "calibration", 50, 0.7, 0.9) + test)
     conf = [r["confidence"] for r in out if r["model"] == "baseline:answer_constant"]
     assert conf == pytest.approx([0.75, 0.25, 0.5])  # after "yes", after "no", else overall training accuracy
 
@@ -141,27 +152,32 @@ def _image_rows(model, set_, n_images, per_image, seed=0, conf_fn=None, image_pr
 
 
 def test_image_bootstrap_is_wider_than_question_bootstrap_for_clustered_rows():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = _image_rows("m", "pope-random", 60, 6, conf_fn=lambda ok, rng: 0.9 if rng.random() < 0.5 else 0.6)
-    img = experiment.headline_table(rows, n_boot=400, seed=0, cluster="image").iloc[0]
-    que = experiment.headline_table(rows, n_boot=400, seed=0, cluster="question").iloc[0]
+    img = tables.headline_table(rows, n_boot=400, seed=0, cluster="image").iloc[0]
+    que = tables.headline_table(rows, n_boot=400, seed=0, cluster="question").iloc[0]
     assert img["cluster"] == "image" and que["cluster"] == "question"
     assert img["n_images"] == 60 and img["n_questions"] == 360
     for k in ("accuracy", "brier"):
         assert img[f"{k}_high"] - img[f"{k}_low"] > 1.8 * (que[f"{k}_high"] - que[f"{k}_low"]), k
     assert img["brier"] == que["brier"]
     with pytest.raises(ValueError, match="cluster"):
-        experiment.headline_table(rows, cluster="scene")
+        tables.headline_table(rows, cluster="scene")
 
 
 def test_headline_pools_sets_and_reports_image_share():
-    from csp_utils import experiment, metrics
+    from csp_utils.analysis import metrics
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = (_image_rows("m", "pope-random", 20, 6, conf_fn=lambda ok, rng: 0.9 if ok else 0.5)
             + _image_rows("m", "amber-existence", 10, 2, seed=1, image_prefix="eval-1")
             + _image_rows("m", "transfer-blur", 10, 6, seed=2, image_prefix="eval-2"))
-    table = experiment.headline_table(rows, n_boot=50, seed=0)
+    table = tables.headline_table(rows, n_boot=50, seed=0)
     clean = table[table["set"] == "pooled-clean"].iloc[0]
     assert clean["n_images"] == 30 and clean["n_questions"] == 140 and clean["n_sets"] == 2
     pooled = [r for r in rows if r["set"] != "transfer-blur"]
@@ -174,13 +190,15 @@ def test_headline_pools_sets_and_reports_image_share():
 
 
 def test_paired_table_same_resamples_and_verdicts():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     good = lambda ok, rng: 0.95 if ok else 0.2  # noqa: E731
     rows = _image_rows("csp@s0", "pope-random", 80, 6, conf_fn=good) + _image_rows("base", "pope-random", 80, 6)
     rows += [{**r, "model": "baseline:constant", "framing": "-", "readout": "-", "confidence": 0.7}
              for r in _image_rows("x", "pope-random", 80, 6)]
-    paired = experiment.paired_table(rows, n_boot=300, seed=0)
+    paired = tables.paired_table(rows, n_boot=300, seed=0)
     get = lambda m, r, k: paired[(paired["set"] == "pope-random") & (paired["method"] == m)  # noqa: E731
                                  & (paired["reference"] == r) & (paired["metric"] == k)].iloc[0]
     assert get("csp", "base", "brier")["verdict"] == "better" and get("csp", "base", "auroc")["verdict"] == "better"
@@ -190,18 +208,20 @@ def test_paired_table_same_resamples_and_verdicts():
     assert same["diff"] == 0 and same["diff_low"] == 0 and same["diff_high"] == 0 and same["verdict"] == "level"
     assert set(paired["reference"]) == {"base", "baseline:constant"}
     with pytest.raises(ValueError, match="different questions"):
-        experiment.paired_table(rows[:-6], n_boot=10)
+        tables.paired_table(rows[:-6], n_boot=10)
 
 
 def test_paired_interval_is_narrower_than_the_unpaired_one():
     """Both methods move with the images: the paired difference cancels the image effect."""
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = _image_rows("a", "pope-random", 100, 6, conf_fn=lambda ok, rng: 0.8 if ok else 0.4)
     rows += [{**r, "model": "base", "confidence": r["confidence"] + 0.05} for r in rows]
-    head = experiment.headline_table(rows, n_boot=400, seed=0)
+    head = tables.headline_table(rows, n_boot=400, seed=0)
     head = head[head["set"] == "pope-random"].set_index("model")
-    paired = experiment.paired_table(rows, n_boot=400, seed=0)
+    paired = tables.paired_table(rows, n_boot=400, seed=0)
     p = paired[(paired["metric"] == "brier") & (paired["method"] == "a") & (paired["set"] == "pope-random")].iloc[0]
     unpaired = (head.loc["a", "brier_high"] - head.loc["a", "brier_low"]) + (head.loc["base", "brier_high"]
                                                                               - head.loc["base", "brier_low"])
@@ -210,14 +230,16 @@ def test_paired_interval_is_narrower_than_the_unpaired_one():
 
 def test_strongest_baseline_is_the_lowest_pooled_clean_brier():
     import pandas as pd
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     head = pd.DataFrame({"model": ["baseline:constant", "baseline:internal", "baseline:internal", "base"],
                          "set": ["pooled-clean", "pooled-clean", "pooled-transfer", "pooled-clean"],
                          "brier": [0.14, 0.12, 0.5, 0.01]})
-    assert experiment.strongest_baseline(head) == "baseline:internal"
+    assert tables.strongest_baseline(head) == "baseline:internal"
     with pytest.raises(ValueError, match="baseline"):
-        experiment.strongest_baseline(head[head["model"] == "base"])
+        tables.strongest_baseline(head[head["model"] == "base"])
 
 
 SMALL = dict(n_pope_images=4, n_amber_images=4, n_transfer_images=2, n_calibration_images=3, n_train_images=3,
@@ -225,16 +247,19 @@ SMALL = dict(n_pope_images=4, n_amber_images=4, n_transfer_images=2, n_calibrati
 
 
 def test_suite_sets_share_no_image_with_each_other_or_a_training_split():
-    from csp_utils import experiment, scenes
+    from csp_utils.world import scenes
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
-    suite = experiment.build_suite(experiment.SuiteConfig(**SMALL))
-    desc = experiment.set_descriptions(suite)
+    suite = suites.build_suite(suites.SuiteConfig(**SMALL))
+    desc = suites.set_descriptions(suite)
     assert set(desc) == set(suite)
     seen = {}
     for name, d in desc.items():
         assert d["image_ids"] and d["n_images"] == len(d["image_ids"])
         # a degraded or perturbed image counts as its clean scene
-        own = {scenes.parse_scene_id(experiment.scene_of(i))[:2] for i in d["image_ids"]}
+        own = {scenes.parse_scene_id(suites.scene_of(i))[:2] for i in d["image_ids"]}
         if name == "train-sample":
             assert {split for split, _ in own} == {"base"}
             continue
@@ -243,29 +268,34 @@ def test_suite_sets_share_no_image_with_each_other_or_a_training_split():
             assert key not in seen, (name, seen.get(key))
             seen[key] = name
     # the three POPE sets draw their images from different ranges
-    pope = [{experiment.scene_of(i) for i in desc[f"pope-{k}"]["image_ids"]} for k in ("random", "popular", "adversarial")]
+    pope = [{suites.scene_of(i) for i in desc[f"pope-{k}"]["image_ids"]} for k in ("random", "popular", "adversarial")]
     assert not (pope[0] & pope[1]) and not (pope[1] & pope[2]) and not (pope[0] & pope[2])
 
 
 def test_check_disjoint_names_the_sets_sharing_an_image():
-    from csp_utils import benchmarks, experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
+    from csp_utils.world import benchmarks
 
     scene_list = benchmarks.pope_scenes(2)
     shared = {k: benchmarks.build_world_pope(scene_list, k) for k in ("random", "popular")}
     with pytest.raises(ValueError, match="'random'|'popular'|pope"):
-        experiment.check_disjoint(shared)
+        suites.check_disjoint(shared)
     train = benchmarks.build_world_pope(benchmarks.pope_scenes(1, split="csp"), "random")
     with pytest.raises(ValueError, match="training split"):
-        experiment.check_disjoint({"pope-random": train})
+        suites.check_disjoint({"pope-random": train})
 
 
 def test_default_sizes():
     """POPE sets hold >= 300 images each at the default, in the config and the params file."""
     import yaml
     from pathlib import Path
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
-    assert experiment.SuiteConfig().n_pope_images >= 300
+    assert suites.SuiteConfig().n_pope_images >= 300
     folder = Path(__file__).parents[1] / "params"
     for name, stages in (("default", ("05_evaluate", "05_evaluate@noconf")), ("full", ("05_evaluate", "06_ablations"))):
         params = yaml.safe_load((folder / f"{name}.yaml").read_text())
@@ -274,7 +304,10 @@ def test_default_sizes():
 
 
 def test_compact_markdown_table_and_results_document(tmp_path):
-    from csp_utils import experiment, report
+    from csp_utils.analysis import markdown
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = []
     for set_, prefix in (("pope-random", "eval-0"), ("transfer-blur", "eval-2")):
@@ -284,9 +317,9 @@ def test_compact_markdown_table_and_results_document(tmp_path):
             rows += [{**r, "model": f"baseline:{b}", "framing": "-", "readout": "-", "confidence": c}
                      for r in _image_rows("x", set_, 20, 6, image_prefix=prefix)]
     rows += _image_rows("sft@s0", "pope-random", 20, 6) + _image_rows("sft@s0", "transfer-blur", 20, 6, image_prefix="eval-2")
-    experiment.headline_table(rows, n_boot=50).to_csv(tmp_path / "headline.csv", index=False)
-    experiment.paired_table(rows, n_boot=50).to_csv(tmp_path / "paired.csv", index=False)
-    table = report.results_markdown(tmp_path)
+    tables.headline_table(rows, n_boot=50).to_csv(tmp_path / "headline.csv", index=False)
+    tables.paired_table(rows, n_boot=50).to_csv(tmp_path / "paired.csv", index=False)
+    table = markdown.results_markdown(tmp_path)
     body = [line for line in table.splitlines() if line.startswith("| pooled")]
     # per pool: the base model, the headline methods, the strongest baseline (no other model)
     assert len(body) == 6 and not any("| sft |" in line for line in body)
@@ -294,17 +327,17 @@ def test_compact_markdown_table_and_results_document(tmp_path):
     assert "`baseline:constant`" in table and "resampling seeds, then images" in table
     assert "within-set AUROC" in table.splitlines()[0]
     assert any("better" in line for line in body if "sft_simpo" in line)
-    doc = report.results_document(tmp_path)
+    doc = markdown.results_document(tmp_path)
     assert "| pope-random | sft |" in doc and "paired differences of sft_simpo" in doc
     # two base models, two methods: each base model with its own rows and strongest baseline
     (tmp_path / "other").mkdir()
     for name in ("headline.csv", "paired.csv"):
         (tmp_path / "other" / name).write_bytes((tmp_path / name).read_bytes())
     both = {"planted": tmp_path, "noconf": tmp_path / "other"}
-    body = [line for line in report.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
+    body = [line for line in markdown.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
             if line.startswith("| pooled")]
     assert len(body) == 16 and sum("| noconf |" in line for line in body) == 8
-    assert "## Base model `noconf`" in report.results_document(both)
+    assert "## Base model `noconf`" in markdown.results_document(both)
 
 
 # ------------------------------------------------------- evaluating confidence-only adapters
@@ -315,8 +348,8 @@ def _tiny_base_and_adapters(tmp_path, n_adapters: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from csp_utils import models
-    from csp_utils.embedded import build
+    from csp_utils.vlm import models
+    from csp_utils.vlm.embedded import build
 
     model, proc = build.build_tiny_vlm(build.TinyVLMConfig(image_first=True))
     base = models.save_vlm(model, proc, tmp_path / "base")
@@ -339,14 +372,17 @@ def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unch
     model's, never a file written before the call); every file equals a run without reuse."""
     import torch
 
-    from csp_utils import evaluation, experiment
+    from csp_utils.evaluate import evaluation
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
     from test_evaluation import make_benchmark
 
     torch.set_num_threads(1)
     base, (a0, a1) = _tiny_base_and_adapters(tmp_path, 2)
-    specs = [experiment.ModelSpec("base", base),
-             experiment.ModelSpec("c0", base, a0, adapter_scope="confidence", layout="follow_up"),
-             experiment.ModelSpec("c1", base, a1, adapter_scope="confidence", layout="follow_up")]
+    specs = [matrix.ModelSpec("base", base),
+             matrix.ModelSpec("c0", base, a0, adapter_scope="confidence", layout="follow_up"),
+             matrix.ModelSpec("c1", base, a1, adapter_scope="confidence", layout="follow_up")]
     suite = {"pope-test": make_benchmark(6), "amber-test": make_benchmark(5, family="amber")}
     cfg = evaluation.EvalConfig(batch_size=4, max_new_tokens=6, confidence_max_new_tokens=4, progress=False)
     calls = []
@@ -357,25 +393,27 @@ def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unch
         return evaluate(model, processor, bench, path, name, config, answers_from=answers_from)
 
     monkeypatch.setattr(evaluation, "evaluate", spy)
-    reused = experiment.evaluate_models(specs, suite, tmp_path / "reuse", cfg)
+    reused = matrix.evaluate_models(specs, suite, tmp_path / "reuse", cfg)
     assert [c for c in calls if c[2] is not None] == [("c1", "pope-test", "c0"), ("c1", "amber-test", "c0")]
     calls.clear()
-    made = experiment.evaluate_models(specs, suite, tmp_path / "made", cfg, reuse_answers=False)
+    made = matrix.evaluate_models(specs, suite, tmp_path / "made", cfg, reuse_answers=False)
     assert all(c[2] is None for c in calls)
     assert [p.read_bytes() for p in reused] == [p.read_bytes() for p in made]
 
     # a file that held rows before the call is no source: the batches it was made in are unknown
     calls.clear()
-    partial = experiment.results_path(tmp_path / "again", "c0", "pope-test")
+    partial = matrix.results_path(tmp_path / "again", "c0", "pope-test")
     partial.parent.mkdir(parents=True)
-    made_c0 = experiment.results_path(tmp_path / "made", "c0", "pope-test").read_text().splitlines(keepends=True)
+    made_c0 = matrix.results_path(tmp_path / "made", "c0", "pope-test").read_text().splitlines(keepends=True)
     partial.write_text("".join(made_c0[:2]))
-    experiment.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
+    matrix.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
     assert calls and all(c[2] is None for c in calls)
 
 
 def test_paired_against_compares_each_variant_with_the_reference_on_the_same_resamples():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     ref = _rows("full@g0", "pope-random", 300, 0.7, 0.7, seed=1)
     worse = _rows("variant@x", "pope-random", 300, 0.7, 0.99, seed=1)      # same answers, overconfident
@@ -383,13 +421,13 @@ def test_paired_against_compares_each_variant_with_the_reference_on_the_same_res
     for rows in (ref, worse, same):
         for i, r in enumerate(rows):
             r["image_id"] = f"img{i // 6}"
-    table = experiment.paired_against(ref + worse + same, "full@g0", n_boot=300, pools=None, pool_seeds=False)
+    table = tables.paired_against(ref + worse + same, "full@g0", n_boot=300, pools=None, pool_seeds=False)
     ece = table[table["metric"] == "ece"].set_index("method")
     assert set(ece.index) == {"variant@x", "variant@y"} and set(ece["reference"]) == {"full@g0"}
     assert ece.loc["variant@x", "verdict"] == "worse" and ece.loc["variant@x", "diff"] > 0.2
     assert ece.loc["variant@y", "diff"] == 0 and ece.loc["variant@y", "verdict"] == "level"
     with pytest.raises(ValueError, match="reference 'nope' has no rows"):
-        experiment.paired_against(ref, "nope")
+        tables.paired_against(ref, "nope")
 
 
 def _two_sets(model, conf_by_set, seed=0, n=300):
@@ -404,18 +442,20 @@ def _two_sets(model, conf_by_set, seed=0, n=300):
 def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc():
     """Knowing which set is harder earns pooled AUROC but no within-set AUROC, and is level
     with a constant baseline on within-set AUROC."""
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     knows_sets = _two_sets("setwise", {"pope-random": 0.9, "amber-relation": 0.6})
     constant = [{**r, "model": "baseline:constant", "confidence": 0.75} for r in knows_sets]
     pools = {"pooled-clean": ("pope-random", "amber-relation")}
-    head = experiment.headline_table(knows_sets + constant, n_boot=200, pools=pools)
+    head = tables.headline_table(knows_sets + constant, n_boot=200, pools=pools)
     r = head[(head["model"] == "setwise") & (head["set"] == "pooled-clean")].iloc[0]
     assert r["auroc"] > 0.6                                  # pooled: set difficulty
     assert r["auroc_within"] == pytest.approx(0.5)           # within sets: nothing
     assert r["auroc_within_low"] == pytest.approx(0.5) and r["auroc_within_high"] == pytest.approx(0.5)
     assert r["auroc_set_constant"] == pytest.approx(r["auroc"])
-    paired = experiment.paired_table(knows_sets + constant, n_boot=200, pools=pools)
+    paired = tables.paired_table(knows_sets + constant, n_boot=200, pools=pools)
     p = paired[(paired["set"] == "pooled-clean") & (paired["metric"] == "auroc_within")].iloc[0]
     assert p["diff"] == pytest.approx(0.0) and p["verdict"] == "level"
     pooled = paired[(paired["set"] == "pooled-clean") & (paired["metric"] == "auroc")].iloc[0]
@@ -423,7 +463,10 @@ def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc(
 
 
 def test_within_set_auroc_resampled_equals_row_by_row():
-    from csp_utils import experiment, metrics
+    from csp_utils.analysis import metrics
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rng = np.random.default_rng(5)
     n = 200
@@ -432,18 +475,20 @@ def test_within_set_auroc_resampled_equals_row_by_row():
     sets = np.where(rng.random(n) < 0.4, "a", "b")
     codes = rng.integers(0, 50, n)
     drawn = np.stack([np.bincount(rng.integers(0, 50, 50), minlength=50) for _ in range(20)])
-    fast = experiment.within_set_auroc(conf, correct, sets, codes, drawn)
+    fast = tables.within_set_auroc(conf, correct, sets, codes, drawn)
     for b in range(len(drawn)):
         idx = np.repeat(np.arange(n), drawn[b, codes])
         slow = np.mean([metrics.auroc(conf[idx][(sets[idx] == s) & ~np.isnan(conf[idx])],
                                       correct[idx][(sets[idx] == s) & ~np.isnan(conf[idx])]) for s in ("a", "b")])
         assert fast[b] == pytest.approx(slow, abs=1e-12)
-    point = experiment.within_set_auroc(conf, correct, sets, codes, np.ones((1, 50)))[0]
-    assert point == pytest.approx(experiment.mean_set_auroc(conf, correct, sets))
+    point = tables.within_set_auroc(conf, correct, sets, codes, np.ones((1, 50)))[0]
+    assert point == pytest.approx(tables.mean_set_auroc(conf, correct, sets))
 
 
 def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     # the same questions and answers under three seeds; seed s2's confidence is noise
     rows = []
@@ -455,8 +500,8 @@ def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
             rows.append({**r, "model": f"m@{seed_name}", "confidence": c})
     one_seed = [r for r in rows if r["model"] == "m@s0"]
     pools = {}
-    head = experiment.headline_table(rows, n_boot=300, pools=pools).iloc[0]
-    alone = experiment.headline_table(one_seed, n_boot=300, pools=pools).iloc[0]
+    head = tables.headline_table(rows, n_boot=300, pools=pools).iloc[0]
+    alone = tables.headline_table(one_seed, n_boot=300, pools=pools).iloc[0]
     assert head["seeds"] == 3 and head["seed_labels"] == "s0;s1;s2"
     per_seed = [float(v) for v in head["auroc_within_per_seed"].split(";")]
     assert per_seed[0] == pytest.approx(1.0) and per_seed[2] < 0.6
@@ -466,7 +511,7 @@ def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
     # a copy of the same seeds under another name pairs s0 with s0: every difference is exactly 0
     twin = [{**r, "model": r["model"].replace("m@", "twin@")} for r in rows]
     base_rows = [{**r, "model": "base"} for r in one_seed]
-    paired = experiment.paired_table(rows + twin + base_rows, n_boot=200, pools=pools, base="base")
+    paired = tables.paired_table(rows + twin + base_rows, n_boot=200, pools=pools, base="base")
     assert set(paired["method"]) == {"m", "twin"}
     m, t = (paired[(paired["method"] == x) & (paired["metric"] == "auroc_within")].iloc[0] for x in ("m", "twin"))
     assert (m["diff_low"], m["diff_high"]) == (t["diff_low"], t["diff_high"])
@@ -476,7 +521,9 @@ def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
 def test_paired_against_pairs_seed_with_seed():
     """A method against another, both with seeds: the same seed positions are drawn for both,
     so a method against a copy of itself differs by exactly 0 in every resample."""
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
     rows = []
     rng = np.random.default_rng(1)
@@ -484,18 +531,20 @@ def test_paired_against_pairs_seed_with_seed():
         for r in _rows(f"a@{seed_name}", "pope-random", 200, 0.7, 0.5, seed=4):
             rows.append({**r, "confidence": float(rng.random())})
     copy = [{**r, "model": r["model"].replace("a@", "b@")} for r in rows]
-    t = experiment.paired_against(rows + copy, "a", n_boot=200, pools={})
+    t = tables.paired_against(rows + copy, "a", n_boot=200, pools={})
     assert set(t["method"]) == {"b"} and set(t["reference"]) == {"a"}
     assert (t["diff_low"] == 0).all() and (t["diff_high"] == 0).all() and set(t["verdict"]) == {"level"}
 
 
 def test_variant_seeds_and_labels():
-    from csp_utils import experiment
+    from csp_utils.analysis import tables
+    from csp_utils.evaluate import matrix
+    from csp_utils.evaluate import suites
 
-    seeded = experiment.variant_seeds({"full": ["sft@g0", "sft@g1"], "base": "base"})
+    seeded = tables.variant_seeds({"full": ["sft@g0", "sft@g1"], "base": "base"})
     assert seeded == {"full": ["sft@g0", "sft@g1"], "base": ["base"]}
-    assert experiment.variant_labels(seeded) == {"sft@g0": "full@s0", "sft@g1": "full@s1", "base": "base"}
+    assert tables.variant_labels(seeded) == {"sft@g0": "full@s0", "sft@g1": "full@s1", "base": "base"}
     with pytest.raises(ValueError, match="holds '@'"):
-        experiment.variant_seeds({"a@b": "x"})
+        tables.variant_seeds({"a@b": "x"})
     with pytest.raises(ValueError, match="two variants"):
-        experiment.variant_labels({"a": ["x"], "b": ["x", "y"]})
+        tables.variant_labels({"a": ["x"], "b": ["x", "y"]})

@@ -7,8 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csp_utils import baselines, engine, grounded as G, perturbed_dataset as PD, prompts, scenes, training
-from csp_utils.experiment import level_of
+from csp_utils.evaluate import baselines
+from csp_utils.vlm import engine
+from csp_utils.dataset import buildconfig
+from csp_utils.dataset import grounded
+from csp_utils.dataset import buildconfig
+from csp_utils.dataset import perturbed_dataset
+from csp_utils.dataset import sources
+from csp_utils.dataset import store
+from csp_utils.world import scenes
+from csp_utils.train import shaping
+from csp_utils.vlm import parsing
+from csp_utils.vlm import prompts
+from csp_utils.evaluate.suites import level_of
 
 LEVELS = (10, 40, 70, 100)
 N_SCENES = 24
@@ -16,12 +27,12 @@ N_SCENES = 24
 
 def _cfg(**grounded):
     grounded.setdefault("batch_size", 32)
-    return PD.BuildConfig(levels=LEVELS, targets="grounded", shard_size=30, seed=0, grounded=grounded)
+    return buildconfig.BuildConfig(levels=LEVELS, targets="grounded", shard_size=30, seed=0, grounded=grounded)
 
 
 def _build(model, processor, out, n=N_SCENES, **grounded):
-    src = PD.world_source(scenes.make_scenes("csp", n), 4, seed=0)
-    return PD.build_perturbed_dataset(src, out_dir=out, config=_cfg(**grounded), model=model,
+    src = sources.world_source(scenes.make_scenes("csp", n), 4, seed=0)
+    return perturbed_dataset.build_perturbed_dataset(src, out_dir=out, config=_cfg(**grounded), model=model,
                                       processor=processor, progress=False)
 
 
@@ -80,10 +91,10 @@ def test_distractor_noise_stays_off_the_asked_objects(built):
     for i in rows:
         r = ds[i]
         scene = _scene(r["image_id"])
-        from csp_utils.grounding import AnnotationGrounder
+        from csp_utils.dataset.grounding import AnnotationGrounder
 
         grounder = grounder or AnnotationGrounder.from_scenes([scene])
-        asked = G.asked_mask(scene, r["key_objects"], grounder.vocabulary)
+        asked = grounded.asked_mask(scene, r["key_objects"], grounder.vocabulary)
         changed = _changed(r)
         moved += int(changed.any())
         assert not (changed & asked).any(), r["sample_id"]
@@ -92,7 +103,7 @@ def test_distractor_noise_stays_off_the_asked_objects(built):
 
 def test_key_noise_stays_on_the_asked_objects(built):
     ds, _, _ = built
-    from csp_utils.grounding import AnnotationGrounder
+    from csp_utils.dataset.grounding import AnnotationGrounder
 
     for i, (n, f) in enumerate(zip(ds["noise_on"], ds["flipped"])):
         if n != "key" or f:
@@ -121,10 +132,10 @@ def test_flip_rows_are_complementary(built):
         assert a["answer"] == a["own_answer"] == b["own_answer"] != b["answer"]
         assert b["correct"] == 1 - a["correct"]
         assert b["internal_p"] == pytest.approx(1 - a["internal_p"])
-        key = G.cell_key(b["level"], b["answer"], b["kind"])
+        key = grounded.cell_key(b["level"], b["answer"], b["kind"])
         if key in cells:
             assert b["cell_acc"] == cells[key]["target"]
-        assert a["cell_acc"] == cells[G.cell_key(a["level"], a["answer"], a["kind"])]["target"]
+        assert a["cell_acc"] == cells[grounded.cell_key(a["level"], a["answer"], a["kind"])]["target"]
         assert a["image"].tobytes() == b["image"].tobytes()
 
 
@@ -132,7 +143,7 @@ def test_cells_and_temperature_are_recomputed_from_the_rows(built):
     ds, report, _ = built
     unflipped = [i for i, f in enumerate(ds["flipped"]) if not f]
     col = {c: [ds[c][i] for i in unflipped] for c in ("level", "answer", "kind", "correct", "split", "p_own_raw")}
-    assert G.cell_accuracies(col["level"], col["answer"], col["kind"], col["correct"]) == report["cells"]
+    assert grounded.cell_accuracies(col["level"], col["answer"], col["kind"], col["correct"]) == report["cells"]
     pick = [k for k, (s, c) in enumerate(zip(col["split"], col["level"])) if s == "heldout" and c == 100]
     assert 0 < len(pick) < len(unflipped) // 2  # a held-out share of the scenes, clean rows only
     assert report["temperature"]["rows"] == len(pick)
@@ -170,7 +181,7 @@ def _reference_answer(model, processor, question, image):
                                                           [image], 4)
     p = torch.softmax(logits[len(yn.prefix)][0], -1)
     p_yes = float(p[yn.yes].sum() / (p[yn.yes].sum() + p[yn.no].sum()))
-    parsed = prompts.parse_yes_no(raw)
+    parsed = parsing.parse_yes_no(raw)
     own = parsed if parsed in ("yes", "no") else ("yes" if p_yes >= 0.5 else "no")
     return own.capitalize(), p_yes if own == "yes" else 1 - p_yes
 
@@ -180,7 +191,7 @@ def test_own_answers_match_a_one_at_a_time_computation(built, tiny_vlm):
     model, processor = tiny_vlm
     picks = [i for i, f in enumerate(ds["flipped"]) if not f][:: max(1, len(ds) // 16)][:6]
     images = [ds[i]["image"].convert("RGB") for i in picks]
-    greedy = training.greedy_yes_no(model, processor, images, [ds["question"][i] for i in picks], batch_size=1)
+    greedy = shaping.greedy_yes_no(model, processor, images, [ds["question"][i] for i in picks], batch_size=1)
     for i, img, g in zip(picks, images, greedy):
         own, p_own = _reference_answer(model, processor, ds["question"][i], img)
         assert ds["own_answer"][i] == own
@@ -192,49 +203,49 @@ def test_own_answers_match_a_one_at_a_time_computation(built, tiny_vlm):
 def test_build_is_deterministic_and_resumes(tiny_vlm, tmp_path, monkeypatch, built):
     model, processor = tiny_vlm
     ds, report, _ = built
-    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "1")
-    with pytest.raises(PD.InjectedFailure):
+    monkeypatch.setenv(store.FAIL_AFTER_SHARDS_ENV, "1")
+    with pytest.raises(store.InjectedFailure):
         _build(model, processor, tmp_path / "again", temperature_holdout=0.6)
-    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
+    monkeypatch.delenv(store.FAIL_AFTER_SHARDS_ENV)
     again = _build(model, processor, tmp_path / "again", temperature_holdout=0.6)
-    assert PD.dataset_sha256(again) == report["sha256"]
-    with pytest.raises(PD.ConfigMismatchError):
+    assert store.dataset_sha256(again) == report["sha256"]
+    with pytest.raises(store.ConfigMismatchError):
         _build(model, processor, tmp_path / "again", clean_share=0.75)
 
 
 def test_damaged_shard_is_rebuilt_not_used(tiny_vlm, tmp_path, monkeypatch, built, capsys):
     model, processor = tiny_vlm
     _, report, _ = built
-    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "1")
-    with pytest.raises(PD.InjectedFailure):
+    monkeypatch.setenv(store.FAIL_AFTER_SHARDS_ENV, "1")
+    with pytest.raises(store.InjectedFailure):
         _build(model, processor, tmp_path, temperature_holdout=0.6)
-    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
+    monkeypatch.delenv(store.FAIL_AFTER_SHARDS_ENV)
     arrow = next((tmp_path / "shards").glob("*/data/*.arrow"))
     data = bytearray(arrow.read_bytes())
     data[len(data) // 2] ^= 0xFF
     arrow.write_bytes(bytes(data))
     again = _build(model, processor, tmp_path, temperature_holdout=0.6)
     assert "damaged shard" in capsys.readouterr().out
-    assert PD.dataset_sha256(again) == report["sha256"]
+    assert store.dataset_sha256(again) == report["sha256"]
     # a damaged merged copy is rebuilt as well
     final_arrow = next((tmp_path / "dataset").glob("*.arrow"))
     final_arrow.write_bytes(final_arrow.read_bytes()[:-10])
-    assert PD.dataset_sha256(_build(model, processor, tmp_path, temperature_holdout=0.6)) == report["sha256"]
+    assert store.dataset_sha256(_build(model, processor, tmp_path, temperature_holdout=0.6)) == report["sha256"]
 
 
 def test_heldout_scenes_are_a_share_of_the_training_scenes():
     ids = [scenes.scene_id("csp", i) for i in range(2000)]
-    share = np.mean([G.is_heldout(s, 0, 0.2) for s in ids])
+    share = np.mean([grounded.is_heldout(s, 0, 0.2) for s in ids])
     assert 0.17 < share < 0.23
 
 
 def test_bright_balance_flags_bright_only_noised_rows():
-    balanced = G.bright_balance([True, False, True, False], ["none", "none", "key", "distractor"])
+    balanced = grounded.bright_balance([True, False, True, False], ["none", "none", "key", "distractor"])
     assert balanced["ok"] and balanced["clean_share"] == balanced["noised_share"] == 0.5
-    skewed = G.bright_balance([False, False, True, True], ["none", "none", "key", "distractor"])
+    skewed = grounded.bright_balance([False, False, True, True], ["none", "none", "key", "distractor"])
     assert not skewed["ok"]
-    assert G.bright_balance([True, False], ["none", "key"], tolerance=1.0)["ok"]
-    assert set(G.BRIGHT_COLORS) == {"white", "yellow"}
+    assert grounded.bright_balance([True, False], ["none", "key"], tolerance=1.0)["ok"]
+    assert set(grounded.BRIGHT_COLORS) == {"white", "yellow"}
 
 
 def test_build_report_carries_the_bright_check(built):
@@ -246,68 +257,68 @@ def test_build_report_carries_the_bright_check(built):
     assert report["noise_on_bright_share"]["key"] == pytest.approx(np.mean(key), abs=1e-4)
     for i in range(len(ds)):
         if i % 7 == 0:
-            assert ds["bright_scene"][i] == G.is_bright_scene(_scene(ds["image_id"][i]))
+            assert ds["bright_scene"][i] == grounded.is_bright_scene(_scene(ds["image_id"][i]))
 
 
 def test_grounded_config_and_inputs_are_checked(tiny_vlm, tmp_path):
     with pytest.raises(ValueError, match="targets"):
-        PD.BuildConfig(targets="mine")
+        buildconfig.BuildConfig(targets="mine")
     with pytest.raises(ValueError, match="grounded options"):
-        PD.BuildConfig(grounded={"clean_share": 0.5})
+        buildconfig.BuildConfig(grounded={"clean_share": 0.5})
     with pytest.raises(ValueError, match="clean_share"):
         _cfg(clean_share=1.5)
-    src = PD.world_source(scenes.make_scenes("csp", 2), 2)
+    src = sources.world_source(scenes.make_scenes("csp", 2), 2)
     with pytest.raises(ValueError, match="model"):
-        PD.build_perturbed_dataset(src, out_dir=tmp_path / "x", config=_cfg())
+        perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path / "x", config=_cfg())
     model, processor = tiny_vlm
     with pytest.raises(ValueError, match="CSP-split"):
-        G.build_grounded_dataset(scenes.make_scenes("eval", 2), model, processor, tmp_path / "y", _cfg())
+        grounded.build_grounded_dataset(scenes.make_scenes("eval", 2), model, processor, tmp_path / "y", _cfg())
     with pytest.raises(ValueError, match="below 100"):
-        G.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "z",
-                                 PD.BuildConfig(levels=(100,), targets="grounded"))
+        grounded.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "z",
+                                 buildconfig.BuildConfig(levels=(100,), targets="grounded"))
     with pytest.raises(ValueError, match="local"):
-        G.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "w",
-                                 PD.BuildConfig(levels=(10, 100), targets="grounded",
-                                                noise=PD.NoiseConfig(noise="global")))
+        grounded.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "w",
+                                 buildconfig.BuildConfig(levels=(10, 100), targets="grounded",
+                                                noise=config.NoiseConfig(noise="global")))
 
 
 def test_paper_build_is_unchanged(tmp_path):
-    cfg = PD.BuildConfig(levels=(0, 50, 100), shard_size=3, include_negatives=True, failure_policy="clean")
-    assert PD.config_hash(cfg, "annotations") == "453af6f42b1d4b98"  # old folders still resume
+    cfg = buildconfig.BuildConfig(levels=(0, 50, 100), shard_size=3, include_negatives=True, failure_policy="clean")
+    assert buildconfig.config_hash(cfg, "annotations") == "453af6f42b1d4b98"  # old folders still resume
     assert "targets" not in cfg.to_dict()
-    src = PD.world_source(scenes.make_scenes("csp", 3), 2, seed=0)
-    ds = PD.build_perturbed_dataset(src, out_dir=tmp_path / "a", config=cfg, progress=False)
-    explicit = PD.build_perturbed_dataset(src, out_dir=tmp_path / "b", progress=False,
-                                          config=PD.BuildConfig(levels=(0, 50, 100), shard_size=3, targets="paper",
+    src = sources.world_source(scenes.make_scenes("csp", 3), 2, seed=0)
+    ds = perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path / "a", config=cfg, progress=False)
+    explicit = perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path / "b", progress=False,
+                                          config=buildconfig.BuildConfig(levels=(0, 50, 100), shard_size=3, targets="paper",
                                                                 include_negatives=True, failure_policy="clean"))
-    digest = PD.dataset_sha256(ds)
-    assert PD.dataset_sha256(explicit) == digest
+    digest = store.dataset_sha256(ds)
+    assert store.dataset_sha256(explicit) == digest
     assert digest == "3a869c9f34648583551871b1dfb191e4475b940e922b201910c20fdfab52564d"
 
 
 def test_grounded_evaluation_set():
-    b = G.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
+    b = grounded.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
     ids = [it.question_id for it in b.items]
     assert len(set(ids)) == len(ids)
     assert {it.label for it in b.items} == {"yes", "no"}
-    combos = {(G.noise_on_of(q), level_of(q)) for q in ids}
+    combos = {(grounded.noise_on_of(q), level_of(q)) for q in ids}
     assert combos == {("none", 100), ("key", 20), ("key", 60), ("distractor", 20), ("distractor", 60)}
     for it in b.items:
         sid = it.question_id.split("-q")[0]
         _, index, _, _ = scenes.parse_scene_id(sid)
-        assert G.GROUNDED_EVAL_START <= index < G.GROUNDED_EVAL_START + 6
-    from csp_utils.grounding import AnnotationGrounder
+        assert grounded.GROUNDED_EVAL_START <= index < grounded.GROUNDED_EVAL_START + 6
+    from csp_utils.dataset.grounding import AnnotationGrounder
 
     for it in b.items[:40]:
         sid = it.question_id.split("-q")[0]
         scene = scenes.make_scene("eval", scenes.parse_scene_id(sid)[1])
         changed = (np.asarray(b.image_loader(it.question_id)) != scene.image).any(-1)
-        asked = G.asked_mask(scene, it.objects, AnnotationGrounder.from_scenes([scene]).vocabulary)
-        if G.noise_on_of(it.question_id) == "distractor":
+        asked = grounded.asked_mask(scene, it.objects, AnnotationGrounder.from_scenes([scene]).vocabulary)
+        if grounded.noise_on_of(it.question_id) == "distractor":
             assert not (changed & asked).any()
-        elif G.noise_on_of(it.question_id) == "none":
+        elif grounded.noise_on_of(it.question_id) == "none":
             assert not changed.any()
-    again = G.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
+    again = grounded.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
     assert all((np.asarray(b.image_loader(q)) == np.asarray(again.image_loader(q))).all() for q in ids[::7])
 
 

@@ -5,22 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.grounding import (
-    AnnotationGrounder,
-    BoxGrounder,
-    DinoSamGrounder,
-    Grounder,
-    boxes_to_mask,
-    counts_to_rle_string,
-    decode_segmentation,
-    dino_prompt,
-    make_grounder,
-    rle_decode,
-    rle_encode,
-    rle_string_to_counts,
-    tiny_grounding_dino,
-    tiny_sam,
-)
+from csp_utils.dataset.grounding import AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask, counts_to_rle_string, decode_segmentation, dino_prompt, make_grounder, rle_decode, rle_encode, rle_string_to_counts, tiny_grounding_dino, tiny_sam
 
 H, W = 48, 64  # not square: catches (H, W) / (W, H) mix-ups
 
@@ -108,7 +93,7 @@ def test_dino_prompt_format():
 
 @pytest.fixture(scope="module")
 def world():
-    scenes = pytest.importorskip("csp_utils.scenes")
+    scenes = pytest.importorskip("csp_utils.world.scenes")
     return scenes.make_scenes("eval", 30)
 
 
@@ -133,7 +118,7 @@ def test_annotation_grounder_on_world_scenes_is_the_union_of_matching_masks(worl
     a, b = sorted(sc.categories())[:2]
     r = g.ground(sc.to_pil(), [a, b], image_id=sc.scene_id)
     assert np.array_equal(r.mask, np.any([o.mask for o in sc.objects if o.category in (a, b)], axis=0))
-    from csp_utils.scenes import CATEGORIES, COLORS
+    from csp_utils.world.scenes import CATEGORIES, COLORS
 
     absent = next(c for c in CATEGORIES if c not in sc.categories())
     assert g.ground(sc.to_pil(), [absent], image_id=sc.scene_id).status == "no_detection"

@@ -5,15 +5,7 @@ import re
 
 import pytest
 
-from csp_utils.keyobjects import (
-    Vocabulary,
-    amber_vocabulary,
-    coco_vocabulary,
-    default_vocabulary,
-    key_objects,
-    pluralize,
-    scan_objects,
-)
+from csp_utils.dataset.keyobjects import Vocabulary, amber_vocabulary, coco_vocabulary, default_vocabulary, key_objects, pluralize, scan_objects
 
 POPE_TEMPLATE = re.compile(r"^Is there an? (?P<obj>.+) in the image\?$")
 AMBER_RELATION = re.compile(r"^Is there direct contact between the (?P<a>\S+) and (?P<b>\S+)\?$")
@@ -85,8 +77,8 @@ def test_amber_coverage(amber):
 
 
 def test_world_questions_match_the_worlds_own_objects():
-    scenes = pytest.importorskip("csp_utils.scenes")
-    pytest.importorskip("csp_utils.benchmarks")
+    scenes = pytest.importorskip("csp_utils.world.scenes")
+    pytest.importorskip("csp_utils.world.benchmarks")
     n = 0
     for scene in scenes.make_scenes("eval", 20):
         for item in scenes.world_questions(scene, 0, 12):
@@ -143,7 +135,7 @@ def test_custom_vocabulary_longest_match_plurals_and_boundaries():
 
 
 def test_vocabulary_files_carry_their_source():
-    from csp_utils.keyobjects import VOCAB_DIR
+    from csp_utils.dataset.keyobjects import VOCAB_DIR
 
     for name, n in [("coco80.txt", 80), ("amber_objects.txt", 340)]:
         lines = (VOCAB_DIR / name).read_text().splitlines()

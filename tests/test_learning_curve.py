@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from csp_utils import benchmarks, grounded, scenes as world
+from csp_utils.dataset import buildconfig
+from csp_utils.dataset import grounded
+from csp_utils.world import scenes as world
+from csp_utils.world import benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +46,9 @@ def test_benchmark_questions_are_deterministic_per_scene_and_come_from_the_clean
 
 
 def test_question_source_is_checked_and_world_stays_the_default():
-    assert grounded.GroundedOptions().questions == "world"
+    assert buildconfig.GroundedOptions().questions == "world"
     with pytest.raises(ValueError, match="questions must be one of"):
-        grounded.GroundedOptions(questions="pope")
+        buildconfig.GroundedOptions(questions="pope")
     s = world.make_scenes("csp", 1)[0]
     assert [q.question for q in grounded.scene_questions(s, 4, 0)] == \
         [q.question for q in world.world_questions(s, grounded._rng(0, s.scene_id), 4)]

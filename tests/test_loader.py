@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from csp_utils import evaluation as ev
-from csp_utils import engine, models, prompts
-from csp_utils.embedded import build
-from csp_utils.benchmarks import Benchmark, QAItem
+from csp_utils.evaluate import evaluation as ev
+from csp_utils.vlm import engine, models
+from csp_utils.vlm import prompts
+from csp_utils.vlm.embedded import build
+from csp_utils.world.benchmarks import Benchmark
+from csp_utils.world.schema import QAItem
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

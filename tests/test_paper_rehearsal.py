@@ -13,7 +13,8 @@ import torch
 import yaml
 from PIL import Image
 
-from csp_utils import coco, grounding, rehearsal
+from csp_utils.dataset import coco, grounding
+from csp_utils.pipeline import rehearsal
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER, SMOKE = REPO / "params" / "paper.yaml", REPO / "params" / "paper_smoke.yaml"
@@ -50,13 +51,14 @@ def test_the_kit_holds_the_real_architectures_and_official_layouts(kit):
     assert AutoConfig.from_pretrained(kit / "models" / "grounding-dino").model_type == "grounding-dino"
     assert AutoConfig.from_pretrained(kit / "models" / "sam").model_type == "sam"
     assert coco.processor_image_size(kit / "models" / "llava") == 336
-    from csp_utils import models, prompts
+    from csp_utils.vlm import models
+    from csp_utils.vlm import prompts
 
     _, proc = models.load_vlm(kit / "models" / "llava")
     text = proc.apply_chat_template(prompts.answer_messages("Is there a cat?"), add_generation_prompt=True)
     assert text.startswith("USER: <image>")  # LLaVA-1.5's image-first layout
     assert len(proc(images=Image.new("RGB", (500, 336)), text=text)["input_ids"][0]) > 576  # 24 x 24 patches
-    from csp_utils import benchmarks
+    from csp_utils.world import benchmarks
 
     for kind in ("random", "popular", "adversarial"):
         bench = benchmarks.load_pope(kit / "pope", kit / "coco" / "val2014", split_name=kind)
@@ -172,7 +174,7 @@ def test_the_gpu_params_put_back_the_gpu_settings():
         config = gpu["stages"][stage]["sft" if stage.startswith("03") else "simpo"]
         assert not set(config) & {"dtype", "mixed_precision"} and gpu["stages"][stage]["preset"] == "paper_llava7b"
     assert gpu["stages"]["05_evaluate"]["dtype"] == "bfloat16" and gpu["stages"]["05_evaluate"]["device_map"] == "auto"
-    from csp_utils import training
+    from csp_utils.train import settings
 
-    sft = training.make_configs("paper_llava7b").sft
+    sft = settings.make_configs("paper_llava7b").sft
     assert sft.dtype == "bfloat16" and sft.mixed_precision == "bf16"

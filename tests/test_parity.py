@@ -1,7 +1,7 @@
 """Training and evaluation feed the confidence turn the same conversation.
 
 For the same grounded rows, in every layout, the prompt that training's option collator
-builds (``training.option_rows`` -> ``OptionCollator`` of ``build_option_trainer``) and the
+builds (``trainers.option_rows`` -> ``OptionCollator`` of ``build_option_trainer``) and the
 prompt the evaluation scores (``evaluation.evaluate`` with a confidence-only adapter, as the
 study runs grounded adapters) are the same token ids, on the same image, with the same quoted
 answer, and give the same option log-likelihoods. On the shipped embedded base (its replies
@@ -18,8 +18,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from csp_utils import benchmarks, engine, evaluation as ev, experiment, models, prompts, training  # noqa: E402
-from csp_utils import perturbed_dataset as PD, scenes  # noqa: E402
+from csp_utils.vlm import engine, models
+from csp_utils.evaluate import evaluation as ev
+from csp_utils.evaluate import suites
+from csp_utils.train import regimes
+from csp_utils.train import settings
+from csp_utils.train import shaping
+from csp_utils.train import trainers
+from csp_utils.vlm import prompts
+from csp_utils.world import benchmarks
+from csp_utils.dataset import buildconfig
+from csp_utils.dataset import perturbed_dataset
+from csp_utils.dataset import sources
+from csp_utils.world import scenes
 
 pytestmark = pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
                                 reason="the embedded default model is not built (python -m csp_utils.pretrain)")
@@ -42,12 +53,12 @@ def embedded():
 def grounded_rows(embedded, tmp_path_factory):
     """A small grounded build with the study's builder settings (clean, key- and distractor-noised rows)."""
     model, processor = embedded
-    cfg = PD.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
+    cfg = buildconfig.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
                          grounded={"flip_rows": False, "temperature_holdout": 0.6, "batch_size": 32})
-    src = PD.world_source(scenes.make_scenes("csp", 6), 4, seed=0)
+    src = sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a 6-scene build may warn about too few held-out rows for T
-        ds = PD.build_perturbed_dataset(src, out_dir=tmp_path_factory.mktemp("parity"), config=cfg, model=model,
+        ds = perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path_factory.mktemp("parity"), config=cfg, model=model,
                                         processor=processor, progress=False)
     assert {"none", "key", "distractor"} <= set(ds["noise_on"])
     return ds
@@ -57,7 +68,7 @@ def _adapted(model, seed: int = 0):
     """``model`` (a copy) under a LoRA whose B is random, so the adapter changes the confidence turn."""
     from peft import get_peft_model
 
-    peft_model = get_peft_model(copy.deepcopy(model), training.lora_config(model, training.LoraSettings()))
+    peft_model = get_peft_model(copy.deepcopy(model), trainers.lora_config(model, settings.LoraSettings()))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -87,14 +98,14 @@ def test_training_and_evaluation_feed_the_same_confidence_prompt(embedded, groun
     model = _adapted(base)
 
     # training: the real rows, collator and option ids of the option-loss trainer
-    cfg = training.SFTConfigCSP(confidence_target="correct", layout=layout, loss="soft_ce", max_steps=1,
+    cfg = settings.SFTConfigCSP(confidence_target="correct", layout=layout, loss="soft_ce", max_steps=1,
                                 per_device_train_batch_size=len(ds))
-    rows = training.option_rows(ds, cfg.confidence_target, framing=cfg.framing)
-    trainer = training.build_option_trainer(model, processor, rows, cfg, tmp_path / "trainer")
+    rows = trainers.option_rows(ds, cfg.confidence_target, framing=cfg.framing)
+    trainer = trainers.build_option_trainer(model, processor, rows, cfg, tmp_path / "trainer")
     examples = [rows[i] for i in range(len(rows))]
     batch = trainer.data_collator(examples)
     with torch.no_grad():
-        train_ll = training.option_logliks(model.eval(), batch, trainer.option_ids).numpy()
+        train_ll = trainers.option_logliks(model.eval(), batch, trainer.option_ids).numpy()
 
     # evaluation: the study's read-out of a grounded adapter, with the prompts it scores captured
     seen = []
@@ -127,7 +138,7 @@ def test_training_and_evaluation_feed_the_same_confidence_prompt(embedded, groun
 
 
 def test_world_evaluation_images_have_the_grounded_training_size(grounded_rows):
-    suite = experiment.build_suite(experiment.SuiteConfig(n_pope_images=2, n_amber_images=2, seed=0),
+    suite = suites.build_suite(suites.SuiteConfig(n_pope_images=2, n_amber_images=2, seed=0),
                                    sets=["pope-random", "amber-existence"])
     train_sizes = {im.size for im in grounded_rows["image"]}
     for bench in suite.values():
@@ -159,7 +170,7 @@ def test_the_inline_layout_is_the_answer_prompt_with_the_answer_and_confidence_i
     with pytest.raises(ValueError, match="confidence"):
         prompts.confidence_messages(q, "No", layout="inline", config=prompts.PromptConfig(inline_template="{response}"))
     with pytest.raises(ValueError, match="inline"):
-        training.simpo_pairs(None, "correct", layout="inline")
+        shaping.simpo_pairs(None, "correct", layout="inline")
 
 
 def test_own_distribution_script_scores_unseen_scenes_and_refuses_seen_ones(embedded, tmp_path):
@@ -171,16 +182,16 @@ def test_own_distribution_script_scores_unseen_scenes_and_refuses_seen_ones(embe
 
     model, processor = embedded
     run = tmp_path / "run"
-    cfg = PD.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
+    cfg = buildconfig.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
                          grounded={"flip_rows": False, "temperature_holdout": 0.6, "batch_size": 32})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = PD.build_perturbed_dataset(PD.world_source(scenes.make_scenes("csp", 6), 4, seed=0),
+        ds = perturbed_dataset.build_perturbed_dataset(sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0),
                                         out_dir=run / "grounded", config=cfg, model=model, processor=processor,
                                         progress=False)
-    sft = training.SFTConfigCSP(confidence_target="correct", layout="follow_up", loss="soft_ce", max_steps=2,
+    sft = settings.SFTConfigCSP(confidence_target="correct", layout="follow_up", loss="soft_ce", max_steps=2,
                                 per_device_train_batch_size=4, logging_steps=1, save_steps=100)
-    result = training.train_sft("embedded", ds, run, sft, name="sft@g")
+    result = regimes.train_sft("embedded", ds, run, sft, name="sft@g")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     try:
         import own_distribution
@@ -194,5 +205,5 @@ def test_own_distribution_script_scores_unseen_scenes_and_refuses_seen_ones(embe
     assert res["training_scenes"] == [0, 5] and res["heldout_scenes"] == [6, 9]
     assert res["quoted_answer_equals_eval_response"] == 1.0 and res["adapter_scope"] == "confidence"
     assert res["own_distribution"]["all"]["adapter"]["n"] == res["heldout_rows"] > 0
-    assert set(res["eval_sets"]) == set(experiment.CLEAN_SETS)
+    assert set(res["eval_sets"]) == set(suites.CLEAN_SETS)
     assert json.loads((tmp_path / "od" / "results.json").read_text())["layout"] == "follow_up"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from csp_utils.prompts import parse_confidence, parse_yes_no
+from csp_utils.vlm.parsing import parse_confidence, parse_yes_no
 
 
 @pytest.mark.parametrize(

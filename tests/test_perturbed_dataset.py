@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils import perturbation as P
-from csp_utils import perturbed_dataset as PD
-from csp_utils.perturbed_dataset import BuildConfig, SourceItem
+from csp_utils.dataset import perturbation as P
+from csp_utils.dataset import perturbed_dataset
+from csp_utils.dataset import sources
+from csp_utils.dataset import store
+from csp_utils.dataset.buildconfig import BuildConfig
+from csp_utils.dataset.sources import SourceItem
 
 LEVELS = (0, 50, 100)
 H = W = 24
@@ -71,7 +74,7 @@ def _cfg(**kw):
 
 
 def _build(tmp, n=10, progress=False, **kw):
-    return PD.build_perturbed_dataset(list(toy_items(n)), StubGrounder(), tmp, _cfg(**kw), progress=progress)
+    return perturbed_dataset.build_perturbed_dataset(list(toy_items(n)), StubGrounder(), tmp, _cfg(**kw), progress=progress)
 
 
 def test_rows_follow_the_schema(tmp_path):
@@ -147,42 +150,42 @@ def test_empty_mask_counts_as_failure(tmp_path):
     items = [SourceItem("e-0", _img(0), "Is there a red circle?", "Yes", image_id="empty-0", objects=["red circle"]),
              SourceItem("e-1", _img(1), "Is there a red circle?", "Yes", image_id="img-1", objects=[])]
     with pytest.warns(UserWarning, match="no rows"):  # an empty build is loud, never silent
-        ds = PD.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+        ds = perturbed_dataset.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert len(ds) == 0 and "image" in ds.column_names
     report = json.loads((tmp_path / "b" / "build_report.json").read_text())
     assert report["grounding_failures"] == {"empty_mask": 1, "no_objects": 1}
     assert report["skipped_samples"] == 2 and report["rows"] == 0
-    assert len(PD.load_perturbed_dataset(tmp_path / "b")) == 0
+    assert len(perturbed_dataset.load_perturbed_dataset(tmp_path / "b")) == 0
 
 
 def test_resume_after_injected_failure_gives_the_same_dataset(tmp_path, monkeypatch):
-    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
-    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "1")
-    with pytest.raises(PD.InjectedFailure):
+    reference = store.dataset_sha256(_build(tmp_path / "ref"))
+    monkeypatch.setenv(store.FAIL_AFTER_SHARDS_ENV, "1")
+    with pytest.raises(store.InjectedFailure):
         _build(tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b" / "shards").iterdir()) == ["shard-00000"]
     (tmp_path / "b" / "shards" / "shard-00001.tmp").mkdir()  # a half-written shard of a killed build
-    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
+    monkeypatch.delenv(store.FAIL_AFTER_SHARDS_ENV)
     grounder = StubGrounder()
-    ds = PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     assert grounder.calls == 5  # shard 0 was not redone: samples 4..9 remain, 7 is a "No"
-    assert PD.dataset_sha256(ds) == reference
+    assert store.dataset_sha256(ds) == reference
     report = json.loads((tmp_path / "b" / "build_report.json").read_text())
     assert report["rows"] == len(ds) and report["sha256"] == reference
     # a finished build reloads without rebuilding
-    again = PD.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
-    assert PD.dataset_sha256(again) == reference
+    again = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    assert store.dataset_sha256(again) == reference
 
 
 def test_killed_build_resumes_to_the_same_dataset(tmp_path):
     """A real SIGKILL of a build in a subprocess, once its first shard is on disk."""
-    reference = PD.dataset_sha256(_build(tmp_path / "ref", n=12))
+    reference = store.dataset_sha256(_build(tmp_path / "ref", n=12))
     out = tmp_path / "killed"
     script = (
         "import sys; sys.path.insert(0, {tests!r})\n"
         "import test_perturbed_dataset as T\n"
         "from csp_utils import perturbed_dataset as PD\n"
-        "PD.build_perturbed_dataset(T.toy_items(12, slow_after=5), T.StubGrounder(), {out!r}, T._cfg(),"
+        "perturbed_dataset.build_perturbed_dataset(T.toy_items(12, slow_after=5), T.StubGrounder(), {out!r}, T._cfg(),"
         " progress=False)\n"
     ).format(tests=str(Path(__file__).parent), out=str(out))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
@@ -200,23 +203,23 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path):
             proc.kill()
             proc.wait()
     assert not (out / "dataset").exists() and not (out / "shards" / "shard-00002").exists()
-    ds = PD.build_perturbed_dataset(list(toy_items(12)), StubGrounder(), out, _cfg(), progress=False)
-    assert PD.dataset_sha256(ds) == reference
+    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(12)), StubGrounder(), out, _cfg(), progress=False)
+    assert store.dataset_sha256(ds) == reference
 
 
 def test_a_folder_of_another_config_or_source_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "1")
-    with pytest.raises(PD.InjectedFailure):
+    monkeypatch.setenv(store.FAIL_AFTER_SHARDS_ENV, "1")
+    with pytest.raises(store.InjectedFailure):
         _build(tmp_path / "b")
-    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
-    with pytest.raises(PD.ConfigMismatchError, match="another config"):
+    monkeypatch.delenv(store.FAIL_AFTER_SHARDS_ENV)
+    with pytest.raises(store.ConfigMismatchError, match="another config"):
         _build(tmp_path / "b", levels=(0, 100))
-    with pytest.raises(PD.ConfigMismatchError, match="another config"):
+    with pytest.raises(store.ConfigMismatchError, match="another config"):
         _build(tmp_path / "b", noise=P.NoiseConfig(noise_gamma=0.05))
     other = [SourceItem(f"other-{i}", _img(i), "Is there a red circle?", "Yes", f"img-{i}", ["red circle"])
              for i in range(10)]
-    with pytest.raises(PD.ConfigMismatchError, match="source"):
-        PD.build_perturbed_dataset(other, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    with pytest.raises(store.ConfigMismatchError, match="source"):
+        perturbed_dataset.build_perturbed_dataset(other, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
 
 
 def test_build_config_validation():
@@ -240,19 +243,19 @@ def test_jsonl_source(tmp_path):
               "objects": ["red circle"]} for i in range(3)]
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    src = PD.jsonl_source(path, folder)
+    src = sources.jsonl_source(path, folder)
     assert len(src) == 3
-    ds = PD.build_perturbed_dataset(src, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(src, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert len(ds) == 9 and ds[0]["source_id"] == "data-000001"
     assert np.array_equal(np.asarray(ds[2]["image"]), _img(0))  # 100% of the first sample
     # clear errors
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "im0.png", "question": "q"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['answer'\]"):
-        PD.jsonl_source(bad, folder)
+        sources.jsonl_source(bad, folder)
     bad.write_text(json.dumps({"image": "nope.png", "question": "q", "answer": "Yes"}) + "\n")
     with pytest.raises(FileNotFoundError, match="nope.png"):
-        PD.jsonl_source(bad, folder)
+        sources.jsonl_source(bad, folder)
 
 
 def test_hf_source_rlaif_v_style(tmp_path):
@@ -265,7 +268,7 @@ def test_hf_source_rlaif_v_style(tmp_path):
              "idx": f"img-{i}"} for i in range(2)]
     feats = Features({"image": HFImage(), "question": Value("string"), "chosen": Value("string"),
                       "rejected": Value("string"), "idx": Value("string")})
-    src = PD.hf_source(Dataset.from_list(rows, features=feats))
+    src = sources.hf_source(Dataset.from_list(rows, features=feats))
     assert len(src) == 2
     first = next(iter(src))
     assert first.answer.startswith("The dog is sleeping") and first.sample_id == "img-0" and first.objects is None
@@ -276,25 +279,25 @@ def test_hf_source_rlaif_v_style(tmp_path):
             return SimpleNamespace(mask=_mask(0), status="ok")
 
     grounder = Recording()
-    ds = PD.build_perturbed_dataset(src, grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(src, grounder, tmp_path / "b", _cfg(), progress=False)
     assert grounder.phrases == ["dog", "couch", "cat"]
     assert len(ds) == 6 and ds[0]["key_objects"] == ["dog", "couch", "cat"]
     assert "Model's answer was The dog is sleeping on a couch" in ds[0]["confidence_prompt"]
     with pytest.raises(ValueError, match="not a column"):
-        PD.hf_source(Dataset.from_list(rows, features=feats), question_col="prompt")
+        sources.hf_source(Dataset.from_list(rows, features=feats), question_col="prompt")
 
 
 def test_world_source_with_the_annotation_grounder(tmp_path):
     """The real object world end to end: questions, key objects, exact masks, the default grounder."""
-    from csp_utils import scenes
+    from csp_utils.world import scenes
 
     world = scenes.make_scenes("csp", 4)
-    src = PD.world_source(world, questions_per_scene=4, seed=0)
+    src = sources.world_source(world, questions_per_scene=4, seed=0)
     items = list(src)
     assert {it.answer for it in items} <= {"Yes", "No"} and len(items) == 16
-    assert [it.sample_id for it in items] == [it.sample_id for it in PD.world_source(world, 4, seed=0)]
+    assert [it.sample_id for it in items] == [it.sample_id for it in sources.world_source(world, 4, seed=0)]
     # grounder=None: "annotations" built from the source's scenes
-    ds = PD.build_perturbed_dataset(src, None, tmp_path / "w", BuildConfig(shard_size=5), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(src, None, tmp_path / "w", BuildConfig(shard_size=5), progress=False)
     report = json.loads((tmp_path / "w" / "build_report.json").read_text())
     n_yes = sum(it.answer == "Yes" for it in items)
     assert report["negatives_dropped"] == 16 - n_yes and report["grounder"] == "annotations"
@@ -319,7 +322,7 @@ def test_world_source_with_the_annotation_grounder(tmp_path):
 def test_duplicate_sample_ids_are_refused(tmp_path):
     items = list(toy_items(3)) + [next(toy_items(1))]
     with pytest.raises(ValueError, match="duplicate sample id 'toy-000'"):
-        PD.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+        perturbed_dataset.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
 
 
 # ---------------------------------------------------------------------------- damaged files
@@ -337,10 +340,10 @@ def _flip_byte(path: Path, offset=None) -> None:
 
 
 def _two_shards_then_stop(tmp, monkeypatch):
-    monkeypatch.setenv(PD.FAIL_AFTER_SHARDS_ENV, "2")
-    with pytest.raises(PD.InjectedFailure):
+    monkeypatch.setenv(store.FAIL_AFTER_SHARDS_ENV, "2")
+    with pytest.raises(store.InjectedFailure):
         _build(tmp)
-    monkeypatch.delenv(PD.FAIL_AFTER_SHARDS_ENV)
+    monkeypatch.delenv(store.FAIL_AFTER_SHARDS_ENV)
     return tmp / "shards"
 
 
@@ -348,14 +351,14 @@ def test_finished_shards_record_the_sha256_of_their_files(tmp_path, monkeypatch)
     shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
     stats = json.loads((shards / "shard-00000" / "shard_stats.json").read_text())
     arrow = _arrow(shards / "shard-00000")
-    assert stats["files"][f"{arrow.name}"] == PD._sha256_file(arrow)
+    assert stats["files"][f"{arrow.name}"] == store._sha256_file(arrow)
     assert set(stats["files"]) == {p.relative_to(shards / "shard-00000" / "data").as_posix()
                                    for p in (shards / "shard-00000" / "data").rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "stats", "deleted"])
 def test_a_damaged_shard_is_rebuilt_on_resume(tmp_path, monkeypatch, capsys, damage):
-    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
+    reference = store.dataset_sha256(_build(tmp_path / "ref"))
     shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
     arrow = _arrow(shards / "shard-00001")
     if damage == "flip":
@@ -368,23 +371,23 @@ def test_a_damaged_shard_is_rebuilt_on_resume(tmp_path, monkeypatch, capsys, dam
         (shards / "shard-00001").rename(shards / "shard-00002")
     capsys.readouterr()
     grounder = StubGrounder()
-    ds = PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     out = capsys.readouterr().out
     assert "shard-00001" in out and ("damaged" in out or "missing" in out) and "shard-00000" not in out
     assert grounder.calls == 5  # shard 0 kept; shard 1 (samples 4..7: 4 ghost, 7 a "No") and 8, 9 built again
-    assert PD.dataset_sha256(ds) == reference
+    assert store.dataset_sha256(ds) == reference
 
 
 def test_an_old_shard_without_digests_is_rebuilt(tmp_path, monkeypatch, capsys):
-    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
+    reference = store.dataset_sha256(_build(tmp_path / "ref"))
     shards = _two_shards_then_stop(tmp_path / "b", monkeypatch)
     stats_path = shards / "shard-00000" / "shard_stats.json"
     stats = json.loads(stats_path.read_text())
     del stats["files"]
     stats_path.write_text(json.dumps(stats))
-    ds = PD.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert "shard-00000" in capsys.readouterr().out
-    assert PD.dataset_sha256(ds) == reference
+    assert store.dataset_sha256(ds) == reference
 
 
 class DamagingGrounder(StubGrounder):
@@ -402,34 +405,34 @@ class DamagingGrounder(StubGrounder):
 
 
 def test_a_shard_damaged_during_the_build_is_rebuilt_before_merging(tmp_path, capsys):
-    reference = PD.dataset_sha256(_build(tmp_path / "ref"))
+    reference = store.dataset_sha256(_build(tmp_path / "ref"))
     grounder = DamagingGrounder(tmp_path / "b" / "shards", at=8)
-    ds = PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     assert "shard-00000" in capsys.readouterr().out
-    assert PD.dataset_sha256(ds) == reference
+    assert store.dataset_sha256(ds) == reference
 
 
 def test_a_shard_damaged_again_after_its_rebuild_is_refused_by_name(tmp_path):
     grounder = DamagingGrounder(tmp_path / "b" / "shards", at=8, times=2)
-    with pytest.raises(PD.DamagedDataError, match="shard-00000"):
-        PD.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    with pytest.raises(store.DamagedDataError, match="shard-00000"):
+        perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     assert not (tmp_path / "b" / "dataset").exists()
 
 
 def test_a_damaged_merged_dataset_is_refused_on_load_and_rebuilt_by_the_builder(tmp_path, capsys):
-    reference = PD.dataset_sha256(_build(tmp_path / "b"))
+    reference = store.dataset_sha256(_build(tmp_path / "b"))
     arrow = next((tmp_path / "b" / "dataset").glob("*.arrow"))
     _flip_byte(arrow)
-    with pytest.raises(PD.DamagedDataError, match=arrow.name):
-        PD.load_perturbed_dataset(tmp_path / "b")
-    from csp_utils import training
+    with pytest.raises(store.DamagedDataError, match=arrow.name):
+        perturbed_dataset.load_perturbed_dataset(tmp_path / "b")
+    from csp_utils.train import shaping
 
-    with pytest.raises(PD.DamagedDataError, match=arrow.name):
-        training.load_perturbed_dataset(tmp_path / "b")
-    ds = PD.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    with pytest.raises(store.DamagedDataError, match=arrow.name):
+        shaping.load_perturbed_dataset(tmp_path / "b")
+    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert "damaged" in capsys.readouterr().out
-    assert PD.dataset_sha256(ds) == reference
-    assert PD.dataset_sha256(PD.load_perturbed_dataset(tmp_path / "b")) == reference
+    assert store.dataset_sha256(ds) == reference
+    assert store.dataset_sha256(perturbed_dataset.load_perturbed_dataset(tmp_path / "b")) == reference
 
 
 def test_rgba_sources_pil_or_array_give_the_rows_of_their_white_composite(tmp_path):
@@ -442,9 +445,9 @@ def test_rgba_sources_pil_or_array_give_the_rows_of_their_white_composite(tmp_pa
     def build(name, image):
         item = SourceItem("toy-000", image, "Is there a red circle in the image?", "Yes", image_id="img-0",
                           objects=["red circle"])
-        return PD.build_perturbed_dataset([item], StubGrounder(), tmp_path / name, _cfg(), progress=False)
+        return perturbed_dataset.build_perturbed_dataset([item], StubGrounder(), tmp_path / name, _cfg(), progress=False)
 
-    ref = PD.dataset_sha256(build("rgb", white))
-    assert PD.dataset_sha256(build("pil", Image.fromarray(rgba))) == ref
-    assert PD.dataset_sha256(build("array", rgba)) == ref
-    assert PD.dataset_sha256(build("loader", lambda: Image.fromarray(rgba))) == ref
+    ref = store.dataset_sha256(build("rgb", white))
+    assert store.dataset_sha256(build("pil", Image.fromarray(rgba))) == ref
+    assert store.dataset_sha256(build("array", rgba)) == ref
+    assert store.dataset_sha256(build("loader", lambda: Image.fromarray(rgba))) == ref

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from csp_utils import plots
+from csp_utils.analysis import plots
 
 RNG = np.random.default_rng(0)
 CONF = RNG.integers(0, 11, 200) / 10

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csp_utils import prompts
-from csp_utils.embedded import build, checkpoint, cli, config, data, losses, report, train
-from csp_utils.embedded.config import PretrainConfig
+from csp_utils.vlm import prompts
+from csp_utils.vlm.embedded import build, checkpoint, cli, config, data, losses, report, train
+from csp_utils.vlm.embedded.config import PretrainConfig
 
 SHIPPED = Path(build.__file__).parents[1] / "data" / "tiny_llava"
 
@@ -52,7 +52,7 @@ def parts(tiny_cfg):
 def test_rebuild_path_gives_a_loadable_complete_folder(tiny_run, tiny_cfg):
     import torch
 
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     assert not (tiny_run / checkpoint.CHECKPOINT_DIR).exists(), "checkpoints are removed after a finished run"
     meta = json.loads((tiny_run / "csp_meta.json").read_text())
@@ -140,7 +140,7 @@ def test_warm_start_builds_the_first_round_and_takes_its_language_model(tiny_run
     first round's language model + projector; an interrupted first round resumes."""
     import torch
 
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     second = dataclasses.replace(tiny_cfg, warm_start=tiny_cfg.to_dict(), vision_position_init="random",
                                  vision_class_balance=0.0, joint_steps=4)
@@ -205,7 +205,7 @@ def test_schedule_warms_up_then_decays():
 
 # ----------------------------------------------------------------------------- data + masking
 def _item(q, label):
-    from csp_utils.benchmarks import QAItem
+    from csp_utils.world.schema import QAItem
 
     return QAItem("q", "img", q, label, "test", "existence", [])
 
@@ -246,7 +246,7 @@ def test_collate_masks_prompt_padding_and_image(parts, tiny_cfg):
         np.testing.assert_array_equal(lab[r][lab[r] != -100], e_ids[e_mask])
     assert (lab[ids == enc.image_token_id] == -100).all()
     # pixel values are exactly what the processor makes of the scene image
-    from csp_utils import scenes
+    from csp_utils.world import scenes
 
     scene = scenes.make_scene("base", int(pool.scene[ex[0]]))
     ref = processor.image_processor(images=[scene.to_pil()], return_tensors="np")["pixel_values"][0]
@@ -315,7 +315,7 @@ def test_vision_data_adds_scenes_after_the_pool(parts, tiny_cfg):
 # ----------------------------------------------------------------------------- the shipped model
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="no shipped default model")
 def test_shipped_model_loads_and_matches_its_checksum():
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     meta = json.loads((SHIPPED / "csp_meta.json").read_text())
     assert checkpoint.sha256_file(SHIPPED / "model.safetensors") == meta["sha256"]
@@ -355,7 +355,7 @@ def test_forward_from_cached_features_equals_the_pixel_forward(parts, tiny_cfg):
 
 def test_frozen_vision_stays_fixed_in_the_joint_stage(tiny_cfg, tmp_path):
     """With freeze_vision the tower leaves stage 2 exactly as stage 1 left it; the rest moves."""
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     out = tmp_path / "frozen"
     assert tiny_cfg.freeze_vision
@@ -374,7 +374,8 @@ def test_error_breakdown_script_counts_every_question(tiny_run, tiny_cfg):
     """scripts/base_model_errors.py: groups add up to the POPE question count, accuracies in [0, 1]."""
     import importlib.util
 
-    from csp_utils import benchmarks, models
+    from csp_utils.vlm import models
+    from csp_utils.world import benchmarks
 
     spec = importlib.util.spec_from_file_location("base_model_errors",
                                                   Path(__file__).parents[1] / "scripts" / "base_model_errors.py")
@@ -396,7 +397,7 @@ def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tin
     """Vision tower + projector from a trained folder, the language model from its own init."""
     import torch
 
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), init_parts=("vision_tower", "projector"),
                               vision_steps=0, overconfident_fraction=0.0)
@@ -471,7 +472,7 @@ def test_shipped_command_gives_the_recorded_config(folder):
 
 
 def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_turns():
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     meta = json.loads((NOCONF / "csp_meta.json").read_text())
     assert checkpoint.sha256_file(NOCONF / "model.safetensors") == meta["sha256"]
@@ -493,7 +494,7 @@ def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_t
 def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(tiny_run, tiny_cfg, tmp_path):
     import torch
 
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     cfg = dataclasses.replace(tiny_cfg, init_from=str(tiny_run), vision_steps=0, joint_steps=2,
                               init_parts=("vision_tower", "projector", "embeddings", "language_layers"),
@@ -520,7 +521,7 @@ def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(ti
 
 
 def test_a_missing_shipped_base_is_a_clear_error(monkeypatch):
-    from csp_utils import models
+    from csp_utils.vlm import models
 
     monkeypatch.setitem(models.SHIPPED_MODELS, "embedded-missing", "no_such_folder")
     with pytest.raises(FileNotFoundError, match="embedded-missing.*no_such_folder"):
@@ -530,7 +531,8 @@ def test_a_missing_shipped_base_is_a_clear_error(monkeypatch):
 # ----------------------------------------------------------------------------- report and command
 def test_gate_accuracy_is_the_mean_of_the_pope_set_accuracies(tiny_run, tiny_cfg):
     """The gate reads each distinct question once; it equals each set answered on its own."""
-    from csp_utils import benchmarks, models
+    from csp_utils.vlm import models
+    from csp_utils.world import benchmarks
 
     model, processor = models.load_vlm(tiny_run)
     scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
@@ -540,7 +542,8 @@ def test_gate_accuracy_is_the_mean_of_the_pope_set_accuracies(tiny_run, tiny_cfg
 
 
 def test_verbalized_confidence_row_uses_the_model_answers_and_metrics_ece(tiny_vlm, tiny_cfg):
-    from csp_utils import benchmarks, metrics
+    from csp_utils.analysis import metrics
+    from csp_utils.world import benchmarks
 
     model, processor = tiny_vlm
     scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")

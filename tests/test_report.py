@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils import report
+from csp_utils.analysis import report
 
 
 def _png_b64(side: int, seed: int = 0) -> str:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from csp_utils import scenes as W
+from csp_utils.world import scenes as W
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,12 @@ import pytest
 import torch
 import yaml
 
-from csp_utils import study
+from csp_utils.pipeline import checks
+from csp_utils.pipeline import cli
+from csp_utils.pipeline import driver
+from csp_utils.pipeline import markers
+from csp_utils.pipeline import planning
+from csp_utils.pipeline import stages
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "params" / "smoke.yaml"
@@ -27,16 +32,16 @@ SMOKE = REPO / "params" / "smoke.yaml"
 @pytest.fixture(scope="module")
 def smoke_model(tmp_path_factory):
     """A tiny LLaVA trained for a few dozen steps: enough to answer in the Yes/No format."""
-    from csp_utils import pretrain
+    from csp_utils.vlm.embedded import cli
 
-    cfg = pretrain.PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
-    return pretrain.build_default_model(tmp_path_factory.mktemp("smoke_model") / "tiny", cfg)
+    cfg = cli.PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
+    return cli.build_default_model(tmp_path_factory.mktemp("smoke_model") / "tiny", cfg)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(smoke_model, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    run_dir = study.run_study(SMOKE, runs_root=runs, overrides={"base_model": str(smoke_model)})
+    run_dir = driver.run_study(SMOKE, runs_root=runs, overrides={"base_model": str(smoke_model)})
     return run_dir
 
 
@@ -113,7 +118,7 @@ def test_rerun_skips_finished_stages_and_resumes_from_a_changed_one(smoke_run, s
     params["stages"]["07_figures"] = {"after": "sft"}  # only the last stage changes
     changed = smoke_run.parent / "changed.yaml"
     changed.write_text(yaml.safe_dump(params, sort_keys=False))  # stage order is the chain
-    study.run_study(changed, name=smoke_run.name, runs_root=smoke_run.parent,
+    driver.run_study(changed, name=smoke_run.name, runs_root=smoke_run.parent,
                     overrides={"base_model": str(smoke_model)})
     out = capsys.readouterr().out
     after = {p.name: p.stat().st_mtime for p in (smoke_run / "markers").iterdir()}
@@ -129,7 +134,7 @@ def test_a_failing_notebook_stops_the_chain_and_keeps_its_copy(tmp_path, smoke_m
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SystemExit, match="02_build_perturbed_dataset failed.*failure_policy"):
-        study.run_study(path, runs_root=tmp_path / "runs")
+        driver.run_study(path, runs_root=tmp_path / "runs")
     run = tmp_path / "runs" / "bad"
     assert (run / "notebooks" / "02_build_perturbed_dataset.ipynb").exists()
     assert not (run / "markers" / "02_build_perturbed_dataset.json").exists()
@@ -144,18 +149,18 @@ def test_new_base_model_weights_change_the_chain(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"weights-1")
-    first = study.model_fingerprint(folder)
-    assert study.model_fingerprint(folder) == first
+    first = markers.model_fingerprint(folder)
+    assert markers.model_fingerprint(folder) == first
     (folder / "model.safetensors").write_bytes(b"weights-two")
-    assert study.model_fingerprint(folder) != first
+    assert markers.model_fingerprint(folder) != first
     (folder / "csp_meta.json").write_text(json.dumps({"sha256": "abc"}))
-    assert study.model_fingerprint(folder) == "abc"
-    assert study.model_fingerprint("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    assert markers.model_fingerprint(folder) == "abc"
+    assert markers.model_fingerprint("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
 
 
 def test_params_files_name_existing_notebooks():
     for path in sorted((REPO / "params").glob("*.yaml")):
-        params = study.load_params(path)
+        params = planning.load_params(path)
         assert params["stages"], path
 
 
@@ -164,7 +169,7 @@ def test_only_the_default_study_publishes_into_the_repository():
     params file may write there (its figures stay in its run folder)."""
     publish = {"figures_dir", "publish_results", "readme", "results_doc", "publish_notebooks"}
     for path in sorted((REPO / "params").glob("*.yaml")):
-        stages = study.load_params(path)["stages"]
+        stages = planning.load_params(path)["stages"]
         writes = {k for name, p in stages.items() if name.startswith("07_figures") for k in (p or {}) if k in publish}
         assert writes == (publish if path.name == "default.yaml" else set()), path
 
@@ -172,7 +177,7 @@ def test_only_the_default_study_publishes_into_the_repository():
 # ---------------------------------------------------------------- the driver on tiny notebooks
 MAKE = '''import os
 from pathlib import Path
-from csp_utils.study import resolve_run_dir
+from csp_utils.pipeline.stages import resolve_run_dir
 run_dir = resolve_run_dir(run_dir)
 out = run_dir / name
 out.mkdir(parents=True, exist_ok=True)
@@ -187,14 +192,14 @@ for i in range(n):
     with open(run_dir / "built.log", "a") as f:
         f.write(f"{name}/{i}\\n")
 '''
-USE = '''from csp_utils.study import resolve_run_dir
+USE = '''from csp_utils.pipeline.stages import resolve_run_dir
 run_dir = resolve_run_dir(run_dir)
 parts = sorted((run_dir / name).glob("part-*.txt"))
 (run_dir / out).write_text("".join(p.read_text() for p in parts))
 '''
 
 SLOW = '''import json, os, time
-from csp_utils.study import resolve_run_dir
+from csp_utils.pipeline.stages import resolve_run_dir
 run_dir = resolve_run_dir(run_dir)
 start = time.time()
 time.sleep(seconds)
@@ -224,18 +229,18 @@ def toy(tmp_path, monkeypatch):
     _notebook(books / "11_use.ipynb", 'run_dir = "runs/dev"\nname = "data"\nout = "summary.txt"', USE)
     _notebook(books / "12_hang.ipynb", 'run_dir = "runs/dev"\nseed = 0', "import time\ntime.sleep(60)")
     _notebook(books / "13_slow.ipynb", 'run_dir = "runs/dev"\nseed = 0\nname = "slow"\nseconds = 3', SLOW)
-    monkeypatch.setattr(study, "NOTEBOOKS", books)
-    monkeypatch.setattr(study, "STAGES", {
-        "10_make": study.StageSpec(outputs=lambda p: [p["name"]]),
-        "11_use": study.StageSpec(outputs=lambda p: [p["out"]], inputs=lambda p: [p["name"]]),
-        "12_hang": study.StageSpec(outputs=lambda p: [], cell_timeout=3),
-        "13_slow": study.StageSpec(outputs=lambda p: [p["name"] + ".json"]),
+    monkeypatch.setattr(stages, "NOTEBOOKS", books)
+    monkeypatch.setattr(stages, "STAGES", {
+        "10_make": stages.StageSpec(outputs=lambda p: [p["name"]]),
+        "11_use": stages.StageSpec(outputs=lambda p: [p["out"]], inputs=lambda p: [p["name"]]),
+        "12_hang": stages.StageSpec(outputs=lambda p: [], cell_timeout=3),
+        "13_slow": stages.StageSpec(outputs=lambda p: [p["name"] + ".json"]),
     })
 
     def run(stages: dict, **kw):
         path = tmp_path / "params.yaml"
         path.write_text(yaml.safe_dump({"name": "toy", "seed": 0, "stages": stages}, sort_keys=False))
-        return study.run_study(path, runs_root=kw.pop("runs_root", tmp_path / "runs"), **kw)
+        return driver.run_study(path, runs_root=kw.pop("runs_root", tmp_path / "runs"), **kw)
 
     return run
 
@@ -297,14 +302,14 @@ def test_keys_ignore_markdown_saved_outputs_and_the_run_folders_location(toy, tm
     import nbformat
 
     run = toy({"10_make": {}, "11_use": {}})
-    book = study.NOTEBOOKS / "10_make.ipynb"
-    before = study.code_digest(book)
+    book = stages.NOTEBOOKS / "10_make.ipynb"
+    before = markers.code_digest(book)
     nb = nbformat.read(str(book), as_version=4)
     nb.cells[0].source = "# edited in JupyterLab"
     nb.cells[2].outputs = [nbformat.v4.new_output("stream", text="saved output")]
     nb.cells[2].execution_count = 7
     nbformat.write(nb, str(book))
-    assert study.code_digest(book) == before
+    assert markers.code_digest(book) == before
     moved = tmp_path / "elsewhere"
     shutil.move(str(run.parent), moved)
     capsys.readouterr()
@@ -319,7 +324,7 @@ def test_keys_ignore_markdown_saved_outputs_and_the_run_folders_location(toy, tm
 
 def test_a_package_change_reruns_the_stages(toy, monkeypatch, capsys):
     toy({"10_make": {}})
-    monkeypatch.setattr(study, "package_digest", lambda: "another-source")
+    monkeypatch.setattr(driver, "package_digest", lambda: "another-source")
     toy({"10_make": {}})
     assert "10_make: changed: package" in capsys.readouterr().out
 
@@ -353,10 +358,10 @@ def test_a_second_driver_refuses_and_a_stale_lock_is_taken_over(toy, tmp_path, c
 
 
 def test_the_lock_is_taken_atomically(tmp_path):
-    with study.run_lock(tmp_path):
+    with driver.run_lock(tmp_path):
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
         with pytest.raises(SystemExit, match=f"in use by pid {os.getpid()}"):
-            with study.run_lock(tmp_path):
+            with driver.run_lock(tmp_path):
                 pass
     assert not (tmp_path / ".lock").exists()
 
@@ -378,11 +383,11 @@ def test_healthy_runs_pass_each_notebook_only_what_it_declares(toy, caplog):
 
 def test_the_study_params_pass_only_declared_parameters():
     for path in sorted((REPO / "params").glob("*.yaml")):
-        params = study.load_params(path)
+        params = planning.load_params(path)
         # study-wide nulls are placeholders given with --set (paper_smoke's model and kit folders)
         params.update({k: "given-with-set" for k, v in params.items() if v is None})
-        for stage in study.plan_study(params):
-            declared = study.notebook_defaults(REPO / "notebooks" / f"{stage.name.split('@')[0]}.ipynb")
+        for stage in planning.plan_study(params):
+            declared = checks.notebook_defaults(REPO / "notebooks" / f"{stage.name.split('@')[0]}.ipynb")
             assert set(stage.parameters) <= set(declared), (path.name, stage.name)
 
 
@@ -408,7 +413,7 @@ def _smoke(**changes) -> dict:
 ])
 def test_parameters_are_checked_against_the_notebooks_before_anything_runs(params, message):
     with pytest.raises(ValueError, match=message):
-        study.plan_study(params)
+        planning.plan_study(params)
 
 
 def test_accepted_parameter_values():
@@ -416,7 +421,7 @@ def test_accepted_parameter_values():
                                     "cell_timeout": 60},
                    "05_evaluate": {"sets": ["pope-random"]},
                    "02_build_perturbed_dataset": {"build": {"grounder": {"detector": "d", "segmenter": "s"}}}})
-    plan = {s.name: s for s in study.plan_study(ok)}
+    plan = {s.name: s for s in planning.plan_study(ok)}
     assert plan["03_train_sft"].cell_timeout == 60 and "cell_timeout" not in plan["03_train_sft"].parameters
     assert "base_model" not in plan["00_world_and_benchmarks"].parameters  # it loads no model
     assert plan["02_build_perturbed_dataset"].parameters["base_model"] == "embedded"  # grounded rows need it
@@ -425,12 +430,12 @@ def test_accepted_parameter_values():
 
 def test_only_with_an_unknown_stage_refuses(tmp_path):
     with pytest.raises(ValueError, match="--only: no stage '07_figurse'.*07_figures"):
-        study.run_study(SMOKE, runs_root=tmp_path, only=["07_figurse"])
+        driver.run_study(SMOKE, runs_root=tmp_path, only=["07_figurse"])
     assert not (tmp_path / "smoke").exists()
 
 
 def test_stage_declarations_follow_the_notebooks():
-    plan = {s.name: s for s in study.plan_study(study.load_params(REPO / "params" / "full.yaml"))}
+    plan = {s.name: s for s in planning.plan_study(planning.load_params(REPO / "params" / "full.yaml"))}
     assert plan["03_train_sft@s1"].inputs == ["02_build_perturbed_dataset@s1"]
     assert plan["04_train_simpo@s1"].inputs == ["02_build_perturbed_dataset@s1", "03_train_sft@s1"]
     assert plan["04_train_simpo@only"].inputs == ["02_build_perturbed_dataset"]
@@ -460,7 +465,7 @@ def test_stage_declarations_follow_the_notebooks():
 def test_overlapping_outputs_are_refused():
     params = _smoke(**{"02_build_perturbed_dataset": {"dataset": "results"}})
     with pytest.raises(ValueError, match="overlapping paths"):
-        study.plan_study(params)
+        planning.plan_study(params)
 
 
 def test_every_parameters_cell_parses_fully():
@@ -472,12 +477,12 @@ def test_every_parameters_cell_parses_fully():
         cell = next(c for c in cells if "parameters" in c["metadata"].get("tags", []))
         source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         names = {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets}
-        assert set(study.notebook_defaults(book)) == names, book.name
+        assert set(checks.notebook_defaults(book)) == names, book.name
 
 
 def test_relative_run_folders_resolve_under_the_repository():
-    assert study.resolve_run_dir("runs/dev") == REPO / "runs" / "dev"
-    assert study.resolve_run_dir("/tmp/x") == Path("/tmp/x")
+    assert stages.resolve_run_dir("runs/dev") == REPO / "runs" / "dev"
+    assert stages.resolve_run_dir("/tmp/x") == Path("/tmp/x")
     for book in sorted((REPO / "notebooks").glob("*.ipynb")):
         cells = json.loads(book.read_text())["cells"]
         i = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
@@ -490,15 +495,15 @@ def test_folder_digests_see_changes_but_not_the_caches_of_readers(tmp_path):
     folder = tmp_path / "dataset" / "dataset"
     folder.mkdir(parents=True)
     (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
-    first = study.output_digest(tmp_path, "dataset")
+    first = markers.output_digest(tmp_path, "dataset")
     (folder / "cache-5ea600d91a8e3924.arrow").write_bytes(b"mapped by a reader")
-    assert study.output_digest(tmp_path, "dataset") == first
+    assert markers.output_digest(tmp_path, "dataset") == first
     (folder / "data-00000-of-00001.arrow").write_bytes(b"rowz")
-    assert study.output_digest(tmp_path, "dataset") != first
+    assert markers.output_digest(tmp_path, "dataset") != first
     (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
     (folder / "extra.json").write_text("{}")
-    assert study.output_digest(tmp_path, "dataset") != first
-    assert study.output_digest(tmp_path, "missing") is None
+    assert markers.output_digest(tmp_path, "dataset") != first
+    assert markers.output_digest(tmp_path, "missing") is None
 
 
 def _intervals(run: Path, *names: str) -> list[dict]:
@@ -510,7 +515,7 @@ def test_jobs_run_independent_stages_at_once_with_a_share_of_the_cores(toy, caps
     run = toy(stages, jobs=2)
     a, b = _intervals(run, "a", "b")
     assert a["start"] < b["end"] and b["start"] < a["end"]  # they overlapped
-    assert a["threads"] == b["threads"] == str(study.threads_per_job(2))
+    assert a["threads"] == b["threads"] == str(driver.threads_per_job(2))
     assert (run / "summary.txt").read_text() == "0\n1\n"  # 11 waited for 10
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["jobs"] == 2 and manifest["wall_s"] < sum(manifest["timings_s"].values())
@@ -542,7 +547,7 @@ def test_jobs_must_be_a_positive_whole_number(toy):
 
 
 def test_a_stage_key_names_its_adapters_and_datasets_unless_given():
-    plan = {s.name: s for s in study.plan_study(_smoke(**{
+    plan = {s.name: s for s in planning.plan_study(_smoke(**{
         "03_train_sft@s1": {"sft": {"max_steps": 2, "seed": 1}},
         "02_build_perturbed_dataset@s1": {"build": {"seed": 1}},
         "02_build_perturbed_dataset@other": {"dataset": "elsewhere"}}))}
@@ -564,21 +569,22 @@ def test_a_stage_key_names_its_adapters_and_datasets_unless_given():
 ])
 def test_config_dicts_are_checked_against_their_dataclasses(changes, message):
     with pytest.raises(ValueError, match=message):
-        study.plan_study(_smoke(**changes))
+        planning.plan_study(_smoke(**changes))
 
 
 def test_one_helper_records_package_versions_everywhere():
-    from csp_utils import training, versions
-    from csp_utils.embedded import report
+    from csp_utils.core import versions
+    from csp_utils.train import regimes
+    from csp_utils.vlm.embedded import report
 
     got = versions.package_versions(("torch", "no-such-package-xyz"))
     assert got["torch"] == metadata.version("torch") and got["no-such-package-xyz"] is None and "python" in got
-    assert study.package_versions is training.package_versions is report.package_versions is versions.package_versions
+    assert driver.package_versions is regimes.package_versions is report.package_versions is versions.package_versions
 
 
 # ---------------------------------------------------------------- the driver's kernels end with it
 LONG = '''import os, sys, time
-from csp_utils.study import resolve_run_dir
+from csp_utils.pipeline.stages import resolve_run_dir
 run_dir = resolve_run_dir(run_dir)
 (run_dir / "kernel.pid").write_text(str(os.getpid()))
 # a busy cell (a training step in C, a long Python loop) starves ipykernel's parent-polling thread
@@ -590,11 +596,11 @@ while time.time() < end:
 
 DRIVE = '''import sys
 from pathlib import Path
-from csp_utils import study
+from csp_utils.pipeline import cli, stages
 books = Path(sys.argv[1])
-study.NOTEBOOKS = books
-study.STAGES = {"14_long": study.StageSpec(outputs=lambda p: [])}
-study.main([str(books / "params.yaml"), "--runs-root", sys.argv[2], "--jobs", sys.argv[3]])
+stages.NOTEBOOKS = books
+stages.STAGES = {"14_long": stages.StageSpec(outputs=lambda p: [])}
+cli.main([str(books / "params.yaml"), "--runs-root", sys.argv[2], "--jobs", sys.argv[3]])
 '''
 
 
@@ -659,12 +665,12 @@ def test_set_on_a_global_that_a_stage_sets_itself_is_refused_naming_the_stage(tm
     for value in ("abc", 200, -5):
         with pytest.raises(ValueError, match=r"--set n_scenes=.* ambiguous: stage\(s\) 00_world_and_benchmarks set "
                                              r"their own 'n_scenes'.*--set 00_world_and_benchmarks.n_scenes="):
-            study.prepare_run(SMOKE, None, tmp_path, {"n_scenes": value})
+            driver.prepare_run(SMOKE, None, tmp_path, {"n_scenes": value})
     assert not list(tmp_path.iterdir())
 
 
 def test_set_reaches_one_stage_and_is_recorded_as_run(tmp_path):
-    params, plan, _, _ = study.prepare_run(SMOKE, None, tmp_path, {
+    params, plan, _, _ = driver.prepare_run(SMOKE, None, tmp_path, {
         "00_world_and_benchmarks.n_scenes": 200, "03_train_sft.sft.max_steps": 3, "03_train_sft@g0.sft.lora.r": 4,
         "noise_gamma": 0.1})
     stages = {s.name: s for s in plan}
@@ -686,24 +692,24 @@ def test_set_reaches_one_stage_and_is_recorded_as_run(tmp_path):
 ])
 def test_set_values_are_type_checked(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        study.prepare_run(SMOKE, None, tmp_path, overrides)
+        driver.prepare_run(SMOKE, None, tmp_path, overrides)
 
 
 def test_a_global_is_type_checked_even_where_every_stage_sets_its_own():
     params = _smoke()
     params["n_scenes"] = "abc"
     with pytest.raises(ValueError, match="00_world_and_benchmarks: parameter 'n_scenes' = 'abc' is a str"):
-        study.plan_study(params)
+        planning.plan_study(params)
 
 
 def test_set_on_the_command_line_is_parsed_as_yaml_and_refused_in_one_line(tmp_path, capsys):
-    assert study.parse_set("03_train_sft.sft.max_steps=3") == ("03_train_sft.sft.max_steps", 3)
-    assert study.parse_set("base_model=/a/b=c") == ("base_model", "/a/b=c")
+    assert planning.parse_set("03_train_sft.sft.max_steps=3") == ("03_train_sft.sft.max_steps", 3)
+    assert planning.parse_set("base_model=/a/b=c") == ("base_model", "/a/b=c")
     with pytest.raises(SystemExit):
-        study.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=[1,"])
+        cli.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=[1,"])
     assert "--set 'n_scenes=[1,': the value is not YAML" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^\[study\] --set n_scenes='abc' is ambiguous[^\n]*$"):
-        study.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=abc"])
+        cli.main([str(SMOKE), "--runs-root", str(tmp_path), "--set", "n_scenes=abc"])
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -727,11 +733,11 @@ def test_set_on_the_command_line_is_parsed_as_yaml_and_refused_in_one_line(tmp_p
 ])
 def test_values_are_range_checked_before_anything_runs(changes, message):
     with pytest.raises(ValueError, match=message):
-        study.plan_study(_smoke(**changes))
+        planning.plan_study(_smoke(**changes))
 
 
 def test_range_sentinels_and_edges_are_accepted():
-    plan = {s.name: s for s in study.plan_study(_smoke(**{
+    plan = {s.name: s for s in planning.plan_study(_smoke(**{
         "03_train_sft": {"sft": {"max_steps": -1, "replay_fraction": 1, "warmup": 5, "lora": {"dropout": 0}}},
         "01_perturbation_explorer": {"grid_levels": [0, 100]},
         "05_evaluate": {"suite": {"n_grounded_images": 0}}}))}
@@ -740,7 +746,7 @@ def test_range_sentinels_and_edges_are_accepted():
 
 def test_a_noise_gamma_given_with_set_is_refused_before_any_stage(tmp_path):
     with pytest.raises(ValueError, match="01_perturbation_explorer: 'noise_gamma' = 150 is out of range"):
-        study.run_study(SMOKE, runs_root=tmp_path, overrides={"noise_gamma": 150})
+        driver.run_study(SMOKE, runs_root=tmp_path, overrides={"noise_gamma": 150})
     assert not (tmp_path / "smoke").exists()  # nothing ran, nothing was cleared
 
 
@@ -748,32 +754,32 @@ def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nstages:\n  00_world_and_benchmarks: {n_scenes: 4\n  01_perturbation_explorer: {}\n")
     with pytest.raises(SystemExit, match=rf"^\[study\] {bad}: YAML syntax error at line \d+, column \d+: [^\n]+$"):
-        study.main([str(bad), "--runs-root", str(tmp_path / "runs")])
+        cli.main([str(bad), "--runs-root", str(tmp_path / "runs")])
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="needs a 'stages' mapping"):
-        study.load_params(tmp_path / "list.yaml")
+        planning.load_params(tmp_path / "list.yaml")
 
 
 # ---------------------------------------------------------------- a missing shipped model
 def test_a_missing_embedded_model_is_an_error_before_anything_runs_not_a_rebuild(tmp_path, monkeypatch):
-    from csp_utils import models
-    from csp_utils.embedded import train
+    from csp_utils.vlm import models
+    from csp_utils.vlm.embedded import train
 
     monkeypatch.setattr(models, "default_model_dir", lambda: tmp_path / "moved_away")
     monkeypatch.setattr(train, "build_default_model", lambda *a, **k: pytest.fail("started a rebuild"))
     restore = r"git checkout -- csp_utils/data/tiny_llava.*python -m csp_utils.pretrain"
     with pytest.raises(FileNotFoundError, match="stage 02_build_perturbed_dataset: the embedded default model is "
                                                 rf"missing.*{restore}"):
-        study.run_study(SMOKE, runs_root=tmp_path / "runs")
+        driver.run_study(SMOKE, runs_root=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
     with pytest.raises(models.MissingEmbeddedModelError, match=restore):
         models.resolve_model_name("embedded")  # what a notebook opened by hand calls
     with pytest.raises(FileNotFoundError, match="embedded default model is missing"):
-        study.model_fingerprint("embedded")  # never the bare name "embedded" as a key part
+        markers.model_fingerprint("embedded")  # never the bare name "embedded" as a key part
     with pytest.raises(SystemExit, match=r"^\[study\] stage 02_build_perturbed_dataset: the embedded default[^\n]+$"):
-        study.main([str(SMOKE), "--runs-root", str(tmp_path / "runs")])
+        cli.main([str(SMOKE), "--runs-root", str(tmp_path / "runs")])
     # stages that load no model still run without it; --only checks only what it runs
-    study.check_base_models(study.plan_study(study.load_params(SMOKE)), only=["07_figures"])
+    driver.check_base_models(planning.plan_study(planning.load_params(SMOKE)), only=["07_figures"])
 
 
 # ---------------------------------------------------------------- file errors and damaged inputs
@@ -801,14 +807,14 @@ def test_a_full_disk_during_a_stage_is_one_line_naming_the_stage_and_path(toy, t
 def test_a_read_only_run_folder_is_one_line_naming_the_stage_and_path(toy, tmp_path, monkeypatch):
     import errno
 
-    real = study._write_json
+    real = markers.write_json
 
     def read_only(path, obj):
         if path.name.endswith(".running.json"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         real(path, obj)
 
-    monkeypatch.setattr(study, "_write_json", read_only)
+    monkeypatch.setattr(driver, "write_json", read_only)
     run = tmp_path / "runs" / "toy"
     with pytest.raises(SystemExit, match=r"^\[study\] stage 10_make failed: cannot prepare its outputs: "
                                          rf"{run}/markers/10_make.running.json: Read-only file system$"):
@@ -818,7 +824,7 @@ def test_a_read_only_run_folder_is_one_line_naming_the_stage_and_path(toy, tmp_p
     blocked.write_text("")
     with pytest.raises(SystemExit, match=rf"^\[study\] run folder {blocked}/toy cannot be written: {blocked}/toy"
                                          r"/markers: [^\n]+$"):
-        study.main([str(tmp_path / "params.yaml"), "--runs-root", str(blocked)])
+        cli.main([str(tmp_path / "params.yaml"), "--runs-root", str(blocked)])
 
 
 def test_a_damaged_input_is_refused_before_the_stages_outputs_are_removed(toy, tmp_path, capsys):

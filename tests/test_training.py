@@ -23,8 +23,15 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
 
-from csp_utils import models, prompts, training  # noqa: E402
-from csp_utils.embedded import build  # noqa: E402
+from csp_utils.vlm import models
+from csp_utils.analysis import plots
+from csp_utils.train import callbacks
+from csp_utils.train import regimes
+from csp_utils.train import settings
+from csp_utils.train import shaping
+from csp_utils.train import trainers
+from csp_utils.vlm import prompts
+from csp_utils.vlm.embedded import build
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0, 30, 50, 80, 100)
@@ -52,9 +59,9 @@ def make_dataset(**kw):
     return datasets.Dataset.from_list(make_rows(**kw)).cast_column("image", datasets.Image())
 
 
-def small_configs(steps: int = 4, **simpo) -> training.TrainingConfigs:
+def small_configs(steps: int = 4, **simpo) -> settings.TrainingConfigs:
     """Few steps, no dropout (determinism), a checkpoint every 2 steps, a log every step."""
-    cfg = training.tiny_default()
+    cfg = settings.tiny_default()
     for stage in (cfg.sft, cfg.simpo):
         stage.max_steps = steps
         stage.per_device_train_batch_size = 4
@@ -101,18 +108,18 @@ def adapter_tensors(folder) -> dict:
 
 
 def test_load_dataset_from_run_folder_or_dataset_folder(work):
-    a = training.load_perturbed_dataset(work / "dataset")
-    b = training.load_perturbed_dataset(work / "dataset" / "dataset")
+    a = shaping.load_perturbed_dataset(work / "dataset")
+    b = shaping.load_perturbed_dataset(work / "dataset" / "dataset")
     assert len(a) == len(b) == N_SAMPLES * len(LEVELS)
     with pytest.raises(FileNotFoundError, match="no saved datasets.Dataset"):
-        training.load_perturbed_dataset(work / "nowhere")
+        shaping.load_perturbed_dataset(work / "nowhere")
     with pytest.raises(ValueError, match="lacks columns"):
-        training.load_perturbed_dataset(a.remove_columns(["confidence_prompt"]))
+        shaping.load_perturbed_dataset(a.remove_columns(["confidence_prompt"]))
 
 
 def test_simpo_pairs_drop_and_count_c50():
     ds = make_dataset()
-    pairs, dropped = training.simpo_pairs(ds)
+    pairs, dropped = shaping.simpo_pairs(ds)
     assert dropped == N_SAMPLES  # one c = 50 row per sample
     assert len(pairs) == len(ds) - N_SAMPLES
     for row in pairs:
@@ -120,12 +127,12 @@ def test_simpo_pairs_drop_and_count_c50():
         assert row["rejected"] == f"{100 - c}%" and row["chosen"] != row["rejected"]
         assert isinstance(row["image"], Image.Image)
     with pytest.raises(ValueError, match="no preference pairs left"):
-        training.simpo_pairs(make_dataset(levels=(50,)))
+        shaping.simpo_pairs(make_dataset(levels=(50,)))
 
 
 def test_replay_rows_are_clean_question_answer_turns():
     ds = make_dataset()
-    rows, n_replay = training.sft_rows(ds, replay_fraction=0.5, seed=1)
+    rows, n_replay = shaping.sft_rows(ds, replay_fraction=0.5, seed=1)
     assert n_replay == len(ds)  # half of all rows
     replay = [rows[i] for i in range(len(ds), len(rows))]
     clean_images = {ds[i]["image"].tobytes() for i in range(len(ds)) if ds[i]["t"] == 0}
@@ -135,30 +142,30 @@ def test_replay_rows_are_clean_question_answer_turns():
         assert assistant["content"] in ("Yes", "No")
         assert row["image"].tobytes() in clean_images
     with pytest.raises(ValueError, match="clean rows"):
-        training.sft_rows(make_dataset(levels=(30, 80)), replay_fraction=0.2)
+        shaping.sft_rows(make_dataset(levels=(30, 80)), replay_fraction=0.2)
 
 
 def test_lora_targets_language_model_and_projector_only(tiny_vlm):
     model, _ = tiny_vlm
-    cfg = training.LoraSettings()
-    regex = training.lora_target_regex(model, cfg)
+    cfg = settings.LoraSettings()
+    regex = trainers.lora_target_regex(model, cfg)
     import re
 
     hit = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and re.fullmatch(regex, n)]
     assert any("language_model" in n for n in hit) and any("multi_modal_projector" in n for n in hit)
     assert not any("vision_tower" in n or n.endswith("lm_head") for n in hit)
     with pytest.raises(ValueError, match="match no linear layer"):
-        training.lora_target_regex(model, training.LoraSettings(target_modules=("q_projj",)))
+        trainers.lora_target_regex(model, settings.LoraSettings(target_modules=("q_projj",)))
     with pytest.raises(ValueError, match="do not exist"):
-        training.lora_target_regex(model, training.LoraSettings(target_modules=("q_proj", "q_projj")))
+        trainers.lora_target_regex(model, settings.LoraSettings(target_modules=("q_proj", "q_projj")))
 
 
 def test_measured_targets_are_cell_accuracies(tiny_vlm):
     model, processor = tiny_vlm
     ds = make_dataset()
-    measured = training.measured_accuracy_targets(model, processor, ds, batch_size=7)
+    measured = shaping.measured_accuracy_targets(model, processor, ds, batch_size=7)
     # Batching with padding must not change any answer.
-    one_by_one = training.greedy_yes_no(model, processor, [r["image"] for r in ds], ds["question"], batch_size=1)
+    one_by_one = shaping.greedy_yes_no(model, processor, [r["image"] for r in ds], ds["question"], batch_size=1)
     assert set(one_by_one) <= {"Yes", "No"}
     assert measured.own_answers == one_by_one
     for i, row in enumerate(ds):
@@ -167,7 +174,7 @@ def test_measured_targets_are_cell_accuracies(tiny_vlm):
         accuracy = np.mean([measured.own_answers[j] == ds[j]["answer"] for j in same])
         assert measured.targets[i] == int(round(100 * accuracy))
     # The measured target's prompt carries the model's own answer: the cell is keyed by it.
-    rows, _ = training.sft_rows(ds, "measured", measured)
+    rows, _ = shaping.sft_rows(ds, "measured", measured)
     user, assistant = rows[0]["messages"]
     assert f"Model's answer was {measured.own_answers[0]}." in user["content"]
     assert assistant["content"] == f"{measured.targets[0]}%"
@@ -179,50 +186,50 @@ def test_measured_targets_are_measured_once_per_model_and_dataset(tiny_vlm, tmp_
     model, processor = tiny_vlm
     ds = make_dataset()
     calls = []
-    real = training.measured_accuracy_targets
+    real = shaping.measured_accuracy_targets
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "measured_accuracy_targets", counting)
-    cfg = training.tiny_default().sft
+    monkeypatch.setattr(regimes, "measured_accuracy_targets", counting)
+    cfg = settings.tiny_default().sft
     cfg.confidence_target = "measured"
-    first = training._measured_if_asked(cfg, model, processor, ds, None, tmp_path)
-    again = training._measured_if_asked(training.SimPOConfigCSP(confidence_target="measured"),
+    first = regimes._measured_if_asked(cfg, model, processor, ds, None, tmp_path)
+    again = regimes._measured_if_asked(settings.SimPOConfigCSP(confidence_target="measured"),
                                         model, processor, ds, None, tmp_path)
     assert len(calls) == 1 and again == first
     assert (tmp_path / "train_logs" / "measured_targets.csv").exists()
-    training._measured_if_asked(cfg, model, processor, ds.select(range(len(ds) - 1)), None, tmp_path)
+    regimes._measured_if_asked(cfg, model, processor, ds.select(range(len(ds) - 1)), None, tmp_path)
     assert len(calls) == 2
     with torch.no_grad():
         p = next(model.parameters())
         p.add_(1.0)
         try:
-            training._measured_if_asked(cfg, model, processor, ds, None, tmp_path)
+            regimes._measured_if_asked(cfg, model, processor, ds, None, tmp_path)
         finally:
             p.sub_(1.0)
     assert len(calls) == 3
     cfg.confidence_target = "paper"
-    assert training._measured_if_asked(cfg, model, processor, ds, None, tmp_path) is None and len(calls) == 3
+    assert regimes._measured_if_asked(cfg, model, processor, ds, None, tmp_path) is None and len(calls) == 3
 
 
 def test_margin_table_reuses_the_runs_measured_targets(work, tmp_path, monkeypatch):
     """The SimPO notebook's margin table scores the pairs training used: with the run
     folder it takes the cached measurement instead of measuring the base model again."""
     model, processor = load_base(work)
-    ds = training.load_perturbed_dataset(work / "dataset")
+    ds = shaping.load_perturbed_dataset(work / "dataset")
     n = len(ds)  # targets away from 50% so that pairs exist (the random base scores ~50% everywhere)
-    fake = training.MeasuredTargets(own_answers=["Yes"] * n, correct=[True] * n, targets=[90] * n,
+    fake = shaping.MeasuredTargets(own_answers=["Yes"] * n, correct=[True] * n, targets=[90] * n,
                                     cells={"c=90|Yes": {"accuracy": 0.9, "n": n, "target": 90}})
     calls = []
-    monkeypatch.setattr(training, "measured_accuracy_targets", lambda *a, **k: calls.append(1) or fake)
-    assert training.cached_measured_targets(model, processor, ds, tmp_path) == fake and calls == [1]
+    monkeypatch.setattr(regimes, "measured_accuracy_targets", lambda *a, **k: calls.append(1) or fake)
+    assert regimes.cached_measured_targets(model, processor, ds, tmp_path) == fake and calls == [1]
     calls.clear()
-    table = training.margin_table(work / "base", work / "dataset", {"base": None}, target="measured",
+    table = regimes.margin_table(work / "base", work / "dataset", {"base": None}, target="measured",
                                   max_pairs=8, run_dir=tmp_path)
     assert calls == [] and table["pairs"].iloc[0] > 0
-    training.margin_table(work / "base", work / "dataset", {"base": None}, target="measured", max_pairs=8)
+    regimes.margin_table(work / "base", work / "dataset", {"base": None}, target="measured", max_pairs=8)
     assert calls == [1], "without a run folder it measures"
 
 
@@ -231,11 +238,11 @@ def test_rerunning_a_finished_run_keeps_it(work, tmp_path):
     log as they are: resuming would take one more optimizer step past max_steps."""
     run = tmp_path / "run"
     cfg = small_configs(steps=2)
-    first = training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg)
+    first = regimes.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg)
     logs = {n: (run / "train_logs" / f"{n}.csv").read_text() for n in ("sft", "sft_simpo")}
     adapters = {n: (run / "adapters" / n / "adapter_model.safetensors").read_bytes() for n in ("sft", "sft_simpo")}
-    again = training.train_regime("sft", work / "base", work / "dataset", run, cfg)
-    again.update(training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg,
+    again = regimes.train_regime("sft", work / "base", work / "dataset", run, cfg)
+    again.update(regimes.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg,
                                        sft_adapter="require"))
     for n in ("sft", "sft_simpo"):
         assert again[n].completed and again[n].global_step == first[n].global_step == 2
@@ -248,19 +255,19 @@ def test_rerunning_a_finished_run_keeps_it(work, tmp_path):
 def test_notebooks_03_and_04_measure_the_base_model_once(work, tmp_path, monkeypatch):
     """With the measured target, SFT (notebook 03), SimPO (notebook 04, a second call) and
     its margin table all take the one measurement cached in the run folder."""
-    ds = training.load_perturbed_dataset(work / "dataset")
+    ds = shaping.load_perturbed_dataset(work / "dataset")
     n = len(ds)
-    fake = training.MeasuredTargets(own_answers=["Yes"] * n, correct=[True] * n, targets=[90] * n,
+    fake = shaping.MeasuredTargets(own_answers=["Yes"] * n, correct=[True] * n, targets=[90] * n,
                                     cells={"c=90|Yes": {"accuracy": 0.9, "n": n, "target": 90}})
     calls = []
-    monkeypatch.setattr(training, "measured_accuracy_targets", lambda *a, **k: calls.append(1) or fake)
+    monkeypatch.setattr(regimes, "measured_accuracy_targets", lambda *a, **k: calls.append(1) or fake)
     cfg = small_configs(steps=2)
     cfg.sft.confidence_target = cfg.simpo.confidence_target = "measured"
     run = tmp_path / "run"
-    training.train_regime("sft", work / "base", work / "dataset", run, cfg)
-    result = training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg,
+    regimes.train_regime("sft", work / "base", work / "dataset", run, cfg)
+    result = regimes.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg,
                                    sft_adapter="require")["sft_simpo"]
-    training.margin_table(work / "base", work / "dataset", {"base": None}, target="measured",
+    regimes.margin_table(work / "base", work / "dataset", {"base": None}, target="measured",
                           max_pairs=8, run_dir=run)
     assert calls == [1] and result.completed and result.n_examples > 0
     assert (run / "train_logs" / "measured_targets.json").exists()
@@ -273,13 +280,13 @@ def test_assistant_masks_from_lists_gives_the_same_masks(work, monkeypatch):
     from transformers.processing_utils import ProcessorMixin
 
     _, processor = load_base(work)
-    ds = training.load_perturbed_dataset(work / "dataset")
-    convs = [training._with_image([prompts.user_turn(prompts.confidence_text(ds[i]["question"], "Yes"))],
+    ds = shaping.load_perturbed_dataset(work / "dataset")
+    convs = [shaping.with_image([prompts.user_turn(prompts.confidence_text(ds[i]["question"], "Yes"))],
                                   ds[i]["image"].convert("RGB")) + [prompts.assistant_turn(reply)]
              for i, reply in zip(range(4), ["0%", "30%", "100%", "80%"])]
     kwargs = dict(tokenize=True, return_dict=True, return_tensors="pt", return_assistant_tokens_mask=True,
                   processor_kwargs={"padding": True, "padding_side": "right", "add_special_tokens": False})
-    assert training.assistant_masks_from_lists() and training.assistant_masks_from_lists()  # idempotent
+    assert trainers.assistant_masks_from_lists() and trainers.assistant_masks_from_lists()  # idempotent
     patched = ProcessorMixin._adjust_assistant_masks_indices
     fast = processor.apply_chat_template(convs, **kwargs)["assistant_masks"]
     monkeypatch.setattr(ProcessorMixin, "_adjust_assistant_masks_indices", patched.__wrapped__)
@@ -294,8 +301,8 @@ def test_assistant_masks_from_lists_gives_the_same_masks(work, monkeypatch):
 def test_sft_labels_mask_everything_but_the_reply(work, tmp_path):
     model, processor = load_base(work)
     cfg = small_configs().sft
-    rows, _ = training.sft_rows(training.load_perturbed_dataset(work / "dataset"))
-    trainer = training.build_sft_trainer(model, processor, rows, cfg, tmp_path)
+    rows, _ = shaping.sft_rows(shaping.load_perturbed_dataset(work / "dataset"))
+    trainer = trainers.build_sft_trainer(model, processor, rows, cfg, tmp_path)
     examples = [rows[i] for i in (0, 1, 3, 4)]  # 0%, 30%, 80%, 100%: replies of different lengths
     batch = trainer.data_collator([dict(e) for e in examples])
     tok = processor.tokenizer
@@ -314,7 +321,7 @@ def test_sft_labels_mask_everything_but_the_reply(work, tmp_path):
     # SFT and SimPO tokenize the same conversation identically.
     pair = {"image": examples[0]["image"], "prompt": examples[0]["messages"][0]["content"],
             "chosen": examples[0]["messages"][1]["content"], "rejected": "100%"}
-    simpo_batch = training.SimPOCollator(processor)([pair])
+    simpo_batch = trainers.SimPOCollator(processor)([pair])
     real = batch["attention_mask"][0].bool()
     simpo_real = simpo_batch["attention_mask"][0].bool()
     assert torch.equal(simpo_batch["input_ids"][0][simpo_real], batch["input_ids"][0][real])
@@ -323,12 +330,12 @@ def test_sft_labels_mask_everything_but_the_reply(work, tmp_path):
 def test_sft_loss_is_the_same_with_and_without_trls_fused_head(work, tmp_path):
     import dataclasses
 
-    rows, _ = training.sft_rows(training.load_perturbed_dataset(work / "dataset"))
+    rows, _ = shaping.sft_rows(shaping.load_perturbed_dataset(work / "dataset"))
     losses = []
     for fused in (False, True):
         model, processor = load_base(work)
         cfg = dataclasses.replace(small_configs().sft, trl_fused_loss=fused)
-        trainer = training.build_sft_trainer(model, processor, rows, cfg, tmp_path / str(fused))
+        trainer = trainers.build_sft_trainer(model, processor, rows, cfg, tmp_path / str(fused))
         batch = trainer.data_collator([dict(rows[i]) for i in range(6)])
         with torch.no_grad():
             losses.append(float(trainer.compute_loss(trainer.model, batch)))
@@ -359,13 +366,13 @@ def test_simpo_loss_equals_separate_forwards_with_images(work, tmp_path):
 
     model, processor = load_base(work)
     cfg = small_configs().simpo
-    model = get_peft_model(model, training.lora_config(model, cfg.lora))
+    model = get_peft_model(model, trainers.lora_config(model, cfg.lora))
     with torch.no_grad():  # non-zero LoRA B so the adapter takes part in the check
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    pairs, _ = training.simpo_pairs(training.load_perturbed_dataset(work / "dataset"))
-    trainer = training.build_simpo_trainer(model, processor, pairs, cfg, tmp_path)
+    pairs, _ = shaping.simpo_pairs(shaping.load_perturbed_dataset(work / "dataset"))
+    trainer = trainers.build_simpo_trainer(model, processor, pairs, cfg, tmp_path)
     examples = [pairs[i] for i in (0, 2, 5, 9)]
     batch = trainer.data_collator(examples)
     n = len(examples)
@@ -378,7 +385,7 @@ def test_simpo_loss_equals_separate_forwards_with_images(work, tmp_path):
                               for e in examples])
         rejected = torch.stack([separate_forward_mean_logp(model, processor, e["image"], e["prompt"], e["rejected"])
                                 for e in examples])
-        expected = training.simpo_losses(chosen, rejected, cfg.beta, cfg.simpo_gamma).mean()
+        expected = trainers.simpo_losses(chosen, rejected, cfg.beta, cfg.simpo_gamma).mean()
         by_hand = -torch.nn.functional.logsigmoid(cfg.beta * (chosen - rejected) - cfg.simpo_gamma).mean()
     torch.testing.assert_close(out["chosen_logps"], chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(out["rejected_logps"], rejected, atol=1e-5, rtol=0)
@@ -403,32 +410,32 @@ def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tm
 
     run = tmp_path / "run"
     cfg = small_configs(steps=6, learning_rate=2e-3)
-    results = training.train_regime("sft", work / "base", work / "dataset", run, cfg)
-    results.update(training.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg))  # reuses sft
-    results.update(training.train_regime("simpo", work / "base", work / "dataset", run, cfg))
+    results = regimes.train_regime("sft", work / "base", work / "dataset", run, cfg)
+    results.update(regimes.train_regime("sft_simpo", work / "base", work / "dataset", run, cfg))  # reuses sft
+    results.update(regimes.train_regime("simpo", work / "base", work / "dataset", run, cfg))
     assert set(results) == {"sft", "sft_simpo", "simpo_only"}
     base_state = {k: v.clone() for k, v in load_base(work)[0].state_dict().items()}
     for name, result in results.items():
         folder = run / "adapters" / name
         assert result.completed and result.adapter_dir == folder and result.global_step == 6
-        record = json.loads((folder / training.CONFIG_FILE).read_text())
+        record = json.loads((folder / settings.CONFIG_FILE).read_text())
         assert record["stage"] == ("sft" if name == "sft" else "simpo") and record["global_step"] == 6
         assert any(float(t.abs().max()) > 0 for k, t in adapter_tensors(folder).items() if "lora_B" in k)
         model, processor = load_base(work)
         peft_model = PeftModel.from_pretrained(model, str(folder))
         assert any("lora_A" in n for n, _ in peft_model.named_parameters())
-        rows = training.read_training_log(run / "train_logs" / f"{name}.csv")
+        rows = callbacks.read_training_log(run / "train_logs" / f"{name}.csv")
         assert [r["step"] for r in rows] == list(range(1, 7))
-    assert json.loads((run / "adapters" / "sft_simpo" / training.CONFIG_FILE).read_text())["init_adapter"].endswith("sft")
+    assert json.loads((run / "adapters" / "sft_simpo" / settings.CONFIG_FILE).read_text())["init_adapter"].endswith("sft")
     assert results["sft_simpo"].n_dropped_pairs == N_SAMPLES
-    assert training.read_training_log(run / "train_logs" / "sft_simpo.csv")[0]["margin"] is not None
+    assert callbacks.read_training_log(run / "train_logs" / "sft_simpo.csv")[0]["margin"] is not None
 
     # Margins on the training pairs: SimPO from the base and SimPO after SFT both widen them.
-    pairs, _ = training.simpo_pairs(training.load_perturbed_dataset(work / "dataset"))
+    pairs, _ = shaping.simpo_pairs(shaping.load_perturbed_dataset(work / "dataset"))
     base, processor = load_base(work)
-    margin = lambda name: training.pair_margins(  # noqa: E731
+    margin = lambda name: regimes.pair_margins(  # noqa: E731
         models.load_vlm(work / "base", adapter=run / "adapters" / name)[0], processor, pairs, batch_size=5).mean()
-    before = training.pair_margins(base, processor, pairs).mean()
+    before = regimes.pair_margins(base, processor, pairs).mean()
     simpo_only, after_sft, after_both = margin("simpo_only"), margin("sft"), margin("sft_simpo")
     assert simpo_only > before + 0.05, (float(before), float(simpo_only))
     assert after_both > after_sft + 0.05, (float(after_sft), float(after_both))
@@ -436,28 +443,28 @@ def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tm
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in base_state.items())
 
     # Merging gives an ordinary model folder that computes what base + adapter computes.
-    merged_dir = training.merge_adapter(work / "base", run / "adapters" / "sft", tmp_path / "merged")
+    merged_dir = regimes.merge_adapter(work / "base", run / "adapters" / "sft", tmp_path / "merged")
     merged, _ = models.load_vlm(merged_dir)
     with_adapter, _ = models.load_vlm(work / "base", adapter=run / "adapters" / "sft")
-    batch = training.SimPOCollator(processor)([pairs[0]])
+    batch = trainers.SimPOCollator(processor)([pairs[0]])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(merged(**inputs).logits, with_adapter(**inputs).logits, atol=1e-4, rtol=0)
 
-    fig = training.plot_training_curves([run / "train_logs" / "sft.csv", run / "train_logs" / "sft_simpo.csv"])
+    fig = plots.training_curves([run / "train_logs" / "sft.csv", run / "train_logs" / "sft_simpo.csv"])
     assert len([ax for ax in fig.axes if ax.lines]) == 4
 
 
 def test_regime_arguments_are_checked(work, tmp_path):
     with pytest.raises(ValueError, match="regime must be one of"):
-        training.train_regime("dpo", work / "base", work / "dataset", tmp_path)
+        regimes.train_regime("dpo", work / "base", work / "dataset", tmp_path)
     with pytest.raises(FileNotFoundError, match="holds none"):  # notebook 04 without notebook 03
-        training.train_regime("sft_simpo", work / "base", work / "dataset", tmp_path, sft_adapter="require")
-    configs = training.make_configs("tiny_default", sft={"learning_rate": 0.1, "lora": {"r": 4}, "max_steps": None})
+        regimes.train_regime("sft_simpo", work / "base", work / "dataset", tmp_path, sft_adapter="require")
+    configs = settings.make_configs("tiny_default", sft={"learning_rate": 0.1, "lora": {"r": 4}, "max_steps": None})
     assert configs.sft.learning_rate == 0.1 and configs.sft.lora.r == 4 and configs.sft.lora.alpha == 32
-    assert configs.sft.max_steps == training.tiny_default().sft.max_steps
+    assert configs.sft.max_steps == settings.tiny_default().sft.max_steps
     with pytest.raises(ValueError, match="unknown SimPOConfigCSP field 'gamma'"):
-        training.make_configs(simpo={"gamma": 1.0})
+        settings.make_configs(simpo={"gamma": 1.0})
 
 
 # --------------------------------------------------------------------------- resume
@@ -466,12 +473,12 @@ def test_regime_arguments_are_checked(work, tmp_path):
 @pytest.mark.parametrize("stage", ["sft", "simpo"])
 def test_resume_ends_where_an_uninterrupted_run_ends(work, tmp_path, stage):
     cfg = small_configs(steps=5)
-    train = training.train_sft if stage == "sft" else training.train_simpo
+    train = regimes.train_sft if stage == "sft" else regimes.train_simpo
     stage_cfg = cfg.sft if stage == "sft" else cfg.simpo
     straight = train(work / "base", work / "dataset", tmp_path / "a", stage_cfg)
     # "Kill" after step 3: the last checkpoint is step 2, so step 3 is redone on resume.
     killed = train(work / "base", work / "dataset", tmp_path / "b", stage_cfg,
-                   callbacks=[training.stop_after_steps_callback(3)])
+                   callbacks=[callbacks.stop_after_steps_callback(3)])
     assert not killed.completed and killed.adapter_dir is None and killed.global_step == 3
     assert (killed.checkpoint_dir / "checkpoint-2").is_dir() and not (killed.checkpoint_dir / "checkpoint-3").exists()
     resumed = train(work / "base", work / "dataset", tmp_path / "b", stage_cfg)
@@ -480,7 +487,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(work, tmp_path, stage):
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-5, worst
-    assert [r["step"] for r in training.read_training_log(resumed.log_csv)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in callbacks.read_training_log(resumed.log_csv)] == [1, 2, 3, 4, 5]
     # Checkpoints of another configuration are refused rather than silently mixed.
     other = dataclass_replace(stage_cfg, learning_rate=stage_cfg.learning_rate * 2)
     with pytest.raises(ValueError, match="different configuration"):
@@ -513,7 +520,7 @@ def test_resume_uses_the_last_complete_checkpoint_and_sets_the_others_aside(tmp_
     cut_optimizer = _fake_checkpoint(ckpt / "checkpoint-6", 6)
     blob = (cut_optimizer / "optimizer.pt").read_bytes()
     (cut_optimizer / "optimizer.pt").write_bytes(blob[:-30])
-    assert training._prepare_checkpoints(ckpt, "k", resume=True) == str(ckpt / "checkpoint-2")
+    assert regimes._prepare_checkpoints(ckpt, "k", resume=True) == str(ckpt / "checkpoint-2")
     out = capsys.readouterr().out
     for name, why in (("checkpoint-3", "adapter_model.safetensors is damaged"), ("checkpoint-4", "no trainer_state"),
                       ("checkpoint-5", "no trainer_state"), ("checkpoint-6", "optimizer.pt is cut short")):
@@ -521,21 +528,21 @@ def test_resume_uses_the_last_complete_checkpoint_and_sets_the_others_aside(tmp_
         assert (ckpt / "incomplete" / name).is_dir() and not (ckpt / name).exists()
     # set aside again on a later kill: the older copy is replaced
     (ckpt / "checkpoint-4").mkdir()
-    assert training._prepare_checkpoints(ckpt, "k", resume=True) == str(ckpt / "checkpoint-2")
+    assert regimes._prepare_checkpoints(ckpt, "k", resume=True) == str(ckpt / "checkpoint-2")
     assert sorted(p.name for p in (ckpt / "incomplete").iterdir()) == [f"checkpoint-{i}" for i in (3, 4, 5, 6)]
     # nothing complete: start over, as with no checkpoint at all
     shutil.rmtree(ckpt / "checkpoint-2")
     (ckpt / "checkpoint-7").mkdir()
-    assert training._prepare_checkpoints(ckpt, "k", resume=True) is None
+    assert regimes._prepare_checkpoints(ckpt, "k", resume=True) is None
 
 
 def test_a_run_killed_while_saving_resumes_to_the_uninterrupted_result(work, tmp_path):
     stage_cfg = small_configs(steps=4).sft
-    straight = training.train_sft(work / "base", work / "dataset", tmp_path / "a", stage_cfg)
-    killed = training.train_sft(work / "base", work / "dataset", tmp_path / "b", stage_cfg,
-                                callbacks=[training.stop_after_steps_callback(3)])
+    straight = regimes.train_sft(work / "base", work / "dataset", tmp_path / "a", stage_cfg)
+    killed = regimes.train_sft(work / "base", work / "dataset", tmp_path / "b", stage_cfg,
+                                callbacks=[callbacks.stop_after_steps_callback(3)])
     (killed.checkpoint_dir / "checkpoint-4").mkdir()  # what a kill during the save of step 4 leaves
-    resumed = training.train_sft(work / "base", work / "dataset", tmp_path / "b", stage_cfg)
+    resumed = regimes.train_sft(work / "base", work / "dataset", tmp_path / "b", stage_cfg)
     assert resumed.completed and resumed.global_step == 4
     a, b = adapter_tensors(straight.adapter_dir), adapter_tensors(resumed.adapter_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
@@ -565,11 +572,11 @@ def test_two_processes_write_a_loadable_adapter(work, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("sft", "sft_simpo"):
-        record = json.loads((run / "adapters" / name / training.CONFIG_FILE).read_text())
+        record = json.loads((run / "adapters" / name / settings.CONFIG_FILE).read_text())
         assert record["world_size"] == 2 and record["global_step"] == 2
         model, _ = models.load_vlm(work / "base", adapter=run / "adapters" / name)
         assert isinstance(model, PeftModel)
-        assert [r["step"] for r in training.read_training_log(run / "train_logs" / f"{name}.csv")] == [1, 2]
+        assert [r["step"] for r in callbacks.read_training_log(run / "train_logs" / f"{name}.csv")] == [1, 2]
 
 
 
@@ -583,7 +590,12 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     verbalized confidence on *held-out* perturbed images rises with the level (Spearman)."""
     from scipy.stats import spearmanr
 
-    from csp_utils import engine, grounding, perturbed_dataset, scenes
+    from csp_utils.vlm import engine
+    from csp_utils.dataset import grounding
+    from csp_utils.dataset import buildconfig
+    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import sources
+    from csp_utils.world import scenes
 
     if not (models.default_model_dir() / "model.safetensors").exists():
         pytest.skip("the embedded default model is not built (python -m csp_utils.pretrain)")
@@ -591,14 +603,14 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     def build(split, n, folder):
         world = scenes.make_scenes(split, n)
         return perturbed_dataset.build_perturbed_dataset(
-            perturbed_dataset.world_source(world, questions_per_scene=2),
+            sources.world_source(world, questions_per_scene=2),
             grounding.AnnotationGrounder.from_scenes(world), folder,
-            perturbed_dataset.BuildConfig(shard_size=10_000), progress=False)
+            buildconfig.BuildConfig(shard_size=10_000), progress=False)
 
     build("csp", 200, tmp_path / "run" / "dataset")
     heldout = build("eval", 40, tmp_path / "heldout")
-    configs = training.make_configs(sft={"max_steps": 300, "logging_steps": 50, "save_steps": 10 ** 6})
-    training.train_regime("sft", "embedded", tmp_path / "run" / "dataset", tmp_path / "run", configs)
+    configs = settings.make_configs(sft={"max_steps": 300, "logging_steps": 50, "save_steps": 10 ** 6})
+    regimes.train_regime("sft", "embedded", tmp_path / "run" / "dataset", tmp_path / "run", configs)
 
     model, processor = models.load_vlm("embedded", adapter=tmp_path / "run" / "adapters" / "sft")
     options = list(range(0, 101, 10))
@@ -621,7 +633,7 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
 
 def test_saved_adapters_record_their_base_and_refuse_another(work, tmp_path):
     run = tmp_path / "run"
-    result = training.train_sft(work / "base", work / "dataset", run, small_configs(steps=1).sft)
+    result = regimes.train_sft(work / "base", work / "dataset", run, small_configs(steps=1).sft)
     record = json.loads((result.adapter_dir / models.BASE_RECORD).read_text())
     assert record["base_model"] == str(work / "base")
     assert record["fingerprint"] == models.base_fingerprint(load_base(work)[0])
@@ -630,7 +642,7 @@ def test_saved_adapters_record_their_base_and_refuse_another(work, tmp_path):
     with pytest.raises(models.AdapterBaseMismatchError, match="trained on base model"):
         models.load_vlm(other, adapter=result.adapter_dir)
     with pytest.raises(models.AdapterBaseMismatchError):  # SimPO after SFT starts from the SFT adapter
-        training.train_simpo(other, work / "dataset", run, small_configs(steps=1).simpo,
+        regimes.train_simpo(other, work / "dataset", run, small_configs(steps=1).simpo,
                              init_adapter=result.adapter_dir, name="sft_simpo_other")
 
 
@@ -665,25 +677,25 @@ def make_grounded_dataset(**kw):
 
 def test_grounded_targets_follow_the_schema():
     ds = make_grounded_dataset()
-    assert training.grounded_targets(ds, "correct") == [100 * c for c in ds["correct"]]
-    assert training.grounded_targets(ds, "cell") == list(ds["cell_acc"])
-    assert training.grounded_targets(ds, "internal") == [round(100 * p) for p in ds["internal_p"]]
-    cols = training.option_examples(ds, "internal")
+    assert shaping.grounded_targets(ds, "correct") == [100 * c for c in ds["correct"]]
+    assert shaping.grounded_targets(ds, "cell") == list(ds["cell_acc"])
+    assert shaping.grounded_targets(ds, "internal") == [round(100 * p) for p in ds["internal_p"]]
+    cols = shaping.option_examples(ds, "internal")
     assert cols["response"] == list(ds["answer"]) and cols["framing"] == ["third"] * len(ds)
     with pytest.raises(ValueError, match="lacks columns.*internal_p"):
-        training.load_perturbed_dataset(ds.remove_columns(["internal_p"]), "internal")
+        shaping.load_perturbed_dataset(ds.remove_columns(["internal_p"]), "internal")
     with pytest.raises(ValueError, match="outside 0..100"):
-        training.grounded_targets(datasets.Dataset.from_list([{**make_grounded_rows(1)[0], "cell_acc": 120}]), "cell")
+        shaping.grounded_targets(datasets.Dataset.from_list([{**make_grounded_rows(1)[0], "cell_acc": 120}]), "cell")
     with pytest.raises(ValueError, match="loss must be one of"):
-        training.SFTConfigCSP(loss="mse")
+        settings.SFTConfigCSP(loss="mse")
     with pytest.raises(ValueError, match="layout must be one of"):
-        training.SFTConfigCSP(layout="two_turn")
+        settings.SFTConfigCSP(layout="two_turn")
 
 
 def test_two_point_targets_put_the_mass_around_the_target_with_its_mean():
     o = torch.tensor([x / 100 for x in prompts.CONFIDENCE_LEVELS])
     y = torch.tensor([0.73, 0.0, 1.0, 0.5, 0.05])
-    q = training.two_point_targets(y, o)
+    q = trainers.two_point_targets(y, o)
     torch.testing.assert_close(q.sum(1), torch.ones(5))
     torch.testing.assert_close(q @ o, y)
     assert q[0, 7] == pytest.approx(0.7) and q[0, 8] == pytest.approx(0.3)
@@ -692,22 +704,22 @@ def test_two_point_targets_put_the_mass_around_the_target_with_its_mean():
 
 
 def test_grounded_simpo_pairs_choose_the_nearest_and_reject_the_farthest_option():
-    assert training.nearest_and_farthest_option(73) == (70, 0)
-    assert training.nearest_and_farthest_option(12) == (10, 100)
-    assert training.nearest_and_farthest_option(50) == (50, 0)
-    assert training.nearest_and_farthest_option(100) == (100, 0)
+    assert shaping.nearest_and_farthest_option(73) == (70, 0)
+    assert shaping.nearest_and_farthest_option(12) == (10, 100)
+    assert shaping.nearest_and_farthest_option(50) == (50, 0)
+    assert shaping.nearest_and_farthest_option(100) == (100, 0)
     ds = make_grounded_dataset()
-    pairs, dropped = training.simpo_pairs(ds, "internal", layout="follow_up")
+    pairs, dropped = shaping.simpo_pairs(ds, "internal", layout="follow_up")
     assert dropped == 0 and len(pairs) == len(ds)
     for row, p in zip(pairs, ds["internal_p"]):
-        near, far = training.nearest_and_farthest_option(round(100 * p))
+        near, far = shaping.nearest_and_farthest_option(round(100 * p))
         assert (row["chosen"], row["rejected"]) == (f"{near}%", f"{far}%")
 
 
 def test_follow_up_pairs_label_only_the_confidence_reply(work):
     _, processor = load_base(work)
-    pairs, _ = training.simpo_pairs(make_grounded_dataset(), "correct", layout="follow_up")
-    batch = training.SimPOCollator(processor, "follow_up")([pairs[0], pairs[1]])
+    pairs, _ = shaping.simpo_pairs(make_grounded_dataset(), "correct", layout="follow_up")
+    batch = trainers.SimPOCollator(processor, "follow_up")([pairs[0], pairs[1]])
     tok = processor.tokenizer
     for i, ex in enumerate([pairs[0], pairs[1]] * 2):
         kept = batch["labels"][i] != -100
@@ -721,7 +733,7 @@ def hand_option_losses(model, processor, examples, layout):
     """Per example: the 11 option log-likelihoods from plain per-option forwards (one
     conversation, one option, no padding, no tree), softmax, expected Brier; and minus the
     log-likelihood of the option nearest the target."""
-    from csp_utils import engine
+    from csp_utils.vlm import engine
 
     option_ids = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=layout)
     o = np.array(prompts.CONFIDENCE_LEVELS) / 100
@@ -733,7 +745,7 @@ def hand_option_losses(model, processor, examples, layout):
         p /= p.sum()
         y = ex["target"] / 100
         brier.append(float((p * (o - y) ** 2).sum()))
-        ce.append(float(-ll[prompts.CONFIDENCE_LEVELS.index(training.nearest_and_farthest_option(ex["target"])[0])]))
+        ce.append(float(-ll[prompts.CONFIDENCE_LEVELS.index(shaping.nearest_and_farthest_option(ex["target"])[0])]))
         lo = ex["target"] // 10  # the two options around the target, weighted so that their mean is it
         w = (ex["target"] - 10 * lo) / 10
         logp = ll - ll.max() - np.log(np.exp(ll - ll.max()).sum())
@@ -747,13 +759,13 @@ def test_brier_option_loss_equals_a_hand_computation_and_sees_the_image(work, tm
 
     model, processor = load_base(work)
     cfg = dataclass_replace(small_configs().sft, loss="brier", confidence_target="internal", layout=layout)
-    model = get_peft_model(model, training.lora_config(model, cfg.lora))
+    model = get_peft_model(model, trainers.lora_config(model, cfg.lora))
     with torch.no_grad():  # non-zero LoRA B so the adapter takes part in the check
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    rows = training.option_rows(make_grounded_dataset(), "internal")
-    trainer = training.build_option_trainer(model, processor, rows, cfg, tmp_path)
+    rows = trainers.option_rows(make_grounded_dataset(), "internal")
+    trainer = trainers.build_option_trainer(model, processor, rows, cfg, tmp_path)
     examples = [rows[i] for i in (0, 1, 2, 5)]
     batch = trainer.data_collator(examples)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "the test needs prompts of mixed lengths"
@@ -762,9 +774,9 @@ def test_brier_option_loss_equals_a_hand_computation_and_sees_the_image(work, tm
         loss, out = trainer.compute_loss(model, batch, return_outputs=True)
         brier, ce, soft_ce = hand_option_losses(model, processor, examples, layout)
     assert abs(float(loss) - brier.mean()) < 1e-5, (float(loss), brier)
-    ce_loss = training.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "ce")
+    ce_loss = trainers.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "ce")
     np.testing.assert_allclose(ce_loss.numpy(), ce, atol=1e-4, rtol=0)
-    soft = training.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "soft_ce")
+    soft = trainers.option_losses(out["option_logliks"], batch["targets"], prompts.CONFIDENCE_LEVELS, "soft_ce")
     np.testing.assert_allclose(soft.numpy(), soft_ce, atol=1e-4, rtol=0)
 
     other = Image.fromarray(np.random.RandomState(99).randint(0, 255, (64, 64, 3), dtype=np.uint8))
@@ -777,13 +789,13 @@ def test_option_loss_has_gradients_and_training_writes_an_adapter(work, tmp_path
     ds = make_grounded_dataset(n=8)
     cfg = dataclass_replace(small_configs(steps=3).sft, loss="brier", confidence_target="internal",
                             layout="follow_up", learning_rate=5e-3)
-    result = training.train_sft(work / "base", ds, tmp_path, cfg)
+    result = regimes.train_sft(work / "base", ds, tmp_path, cfg)
     assert result.completed and result.global_step == 3
-    record = json.loads((result.adapter_dir / training.CONFIG_FILE).read_text())
+    record = json.loads((result.adapter_dir / settings.CONFIG_FILE).read_text())
     assert record["layout"] == "follow_up" and record["loss"] == "brier" and record["confidence_target"] == "internal"
     tensors = adapter_tensors(result.adapter_dir)
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in tensors.items())  # B moved from zero
-    logged = training.read_training_log(result.log_csv)
+    logged = callbacks.read_training_log(result.log_csv)
     assert logged and all(r["loss"] is not None and 0 <= r["loss"] <= 1 for r in logged)  # a Brier score
 
 
@@ -792,28 +804,29 @@ def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path)
     for stage in (cfg.sft, cfg.simpo):
         stage.confidence_target, stage.layout = "cell", "follow_up"
     cfg.sft.loss = "brier"
-    results = training.train_regime("sft_simpo", str(work / "base"), make_grounded_dataset(n=8), tmp_path, cfg)
+    results = regimes.train_regime("sft_simpo", str(work / "base"), make_grounded_dataset(n=8), tmp_path, cfg)
     assert all(r.completed for r in results.values()) and set(results) == {"sft", "sft_simpo"}
-    record = json.loads((results["sft_simpo"].adapter_dir / training.CONFIG_FILE).read_text())
+    record = json.loads((results["sft_simpo"].adapter_dir / settings.CONFIG_FILE).read_text())
     assert record["layout"] == "follow_up" and record["confidence_target"] == "cell"
     assert record["n_examples"] == 8 and record["n_dropped_pairs"] == 0
-    logged = training.read_training_log(results["sft_simpo"].log_csv)
+    logged = callbacks.read_training_log(results["sft_simpo"].log_csv)
     assert logged[-1]["margin"] is not None
 
 
 def test_an_inline_adapter_trains_and_evaluates_end_to_end_answering_as_the_base_model(work, tmp_path):
     """A confidence-only adapter in the inline layout: a few option-loss steps, then the
     study's evaluation on a tiny world suite (layout and scope from its record)."""
-    from csp_utils import evaluation as ev, experiment
+    from csp_utils.evaluate import evaluation as ev
+    from csp_utils.evaluate import suites
 
     cfg = dataclass_replace(small_configs(steps=3).sft, loss="soft_ce", confidence_target="correct", layout="inline",
                             learning_rate=5e-2)
-    result = training.train_sft(work / "base", make_grounded_dataset(n=8), tmp_path, cfg)
+    result = regimes.train_sft(work / "base", make_grounded_dataset(n=8), tmp_path, cfg)
     assert result.completed and result.global_step == 3
     config = ev.config_for_adapter(ev.EvalConfig(readouts=("single_pass", "generated"), batch_size=8, progress=False,
                                                  confidence_max_new_tokens=4), result.adapter_dir)
     assert (config.layout, config.adapter_scope) == ("inline", "confidence")
-    bench = experiment.build_suite(experiment.SuiteConfig(n_pope_images=2, seed=0), sets=["pope-random"])["pope-random"]
+    bench = suites.build_suite(suites.SuiteConfig(n_pope_images=2, seed=0), sets=["pope-random"])["pope-random"]
     adapted, proc = models.load_vlm(work / "base", adapter=result.adapter_dir, dtype=torch.float32)
     base, _ = load_base(work)
     got = ev.load_results(ev.evaluate(adapted, proc, bench, tmp_path / "inline.jsonl", "inline", config))
@@ -854,17 +867,17 @@ def test_the_checkpoint_key_names_the_init_adapter_by_its_weights_not_its_folder
     for folder, value in ((a, 1.0), (b, 1.0), (c, 2.0)):
         folder.mkdir(parents=True)
         save_file({"w": torch.full((2,), value)}, str(folder / "adapter_model.safetensors"))
-    assert training._adapter_digest(a) == training._adapter_digest(b)  # same weights, another folder
-    assert training._adapter_digest(a) != training._adapter_digest(c)
-    assert training._adapter_digest(None) is None
+    assert regimes._adapter_digest(a) == regimes._adapter_digest(b)  # same weights, another folder
+    assert regimes._adapter_digest(a) != regimes._adapter_digest(c)
+    assert regimes._adapter_digest(None) is None
 
 
 def test_simpo_from_an_existing_sft_adapter_reads_the_rows_with_simpos_own_target(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(training, "load_perturbed_dataset", lambda ds, target: seen.setdefault("target", target))
-    monkeypatch.setattr(training, "adapter_complete", lambda folder: True)  # notebook 03 already trained SFT
-    monkeypatch.setattr(training, "train_simpo", lambda *a, **k: "trained")
-    cfg = training.make_configs("tiny_default", simpo={"confidence_target": "correct", "layout": "follow_up"})
+    monkeypatch.setattr(regimes, "load_perturbed_dataset", lambda ds, target: seen.setdefault("target", target))
+    monkeypatch.setattr(regimes, "adapter_complete", lambda folder: True)  # notebook 03 already trained SFT
+    monkeypatch.setattr(regimes, "train_simpo", lambda *a, **k: "trained")
+    cfg = settings.make_configs("tiny_default", simpo={"confidence_target": "correct", "layout": "follow_up"})
     assert cfg.sft.confidence_target == "paper"
-    out = training.train_regime("sft_simpo", "embedded", tmp_path / "grounded", tmp_path, cfg, sft_adapter="require")
+    out = regimes.train_regime("sft_simpo", "embedded", tmp_path / "grounded", tmp_path, cfg, sft_adapter="require")
     assert seen["target"] == "correct" and out == {"sft_simpo": "trained"}

@@ -1,0 +1,454 @@
+"""The numbers the study reports, from evaluation rows: summaries per set, bootstrap tables
+that resample seeds then images, within-set AUROC beside the pooled one and the per-set
+constant's, paired differences (seeds paired by position), level and noise tables, ablation
+variants with seeds.
+
+Intervals are bootstrap intervals over images by default (``cluster="image"``): all the
+questions about one image move together, since they share its evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from csp_utils.dataset import grounded
+from csp_utils.analysis import metrics
+from csp_utils.evaluate.suites import GROUNDED_SET, POOLS, level_of, scene_of
+from csp_utils.evaluate.matrix import model_names
+
+
+# ------------------------------------------------------------------ headline numbers
+POOLED = ("pooled-clean", "pooled-transfer")
+MAIN_COMBO = ("third", "single_pass")   # framing and read-out of the figures and the README table
+HEADLINE = ("accuracy", "ece", "ece15", "brier", "auroc_within", "auroc")
+CALIBRATION_METRICS = ("ece", "ece15", "adaptive_ece", "brier", "auroc")
+# auroc_within: the mean over a pool's sets of each set's own AUROC (a set's AUROC for a set);
+# "auroc" on a pool mixes sets, so knowing which set is harder earns it (auroc_set_constant)
+PAIRED_METRICS = ("accuracy", "ece", "ece15", "brier", "auroc_within", "auroc")
+SEED_METRICS = ("accuracy", "ece", "brier", "auroc_within", "auroc")   # reported per seed too
+
+
+def model_group(name: str) -> str:
+    """``sft_simpo@s1`` -> ``sft_simpo``: seeds of one model are pooled."""
+    return name.split("@")[0]
+
+
+def seed_label(name: str) -> str:
+    """``sft_simpo@s1`` -> ``s1`` ("" for a name without a seed)."""
+    return name.split("@", 1)[1] if "@" in name else ""
+
+
+def _seed_order(names) -> list[str]:
+    """Model names of one group, in the order their seeds pair across groups: s0, s1, ..., s10."""
+    key = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", seed_label(n))]  # noqa: E731
+    return sorted(set(names), key=key)
+
+
+def seed_resample_counts(n_seeds: int, uniform: np.ndarray) -> np.ndarray:
+    """(B, n_seeds) counts: how often each seed is drawn in each resample (seeds with replacement).
+
+    ``uniform`` (B, >= n_seeds) uniforms drawn once per table unit: every group with the same
+    number of seeds draws the same seed positions, so the k-th seed of a method is paired with
+    the k-th seed of another in each resample (s0 with s0, ...). One seed: always drawn once.
+    """
+    B = uniform.shape[0]
+    if n_seeds == 1:
+        return np.ones((B, 1))
+    draws = np.floor(uniform[:, :n_seeds] * n_seeds).astype(np.int64)
+    flat = (np.arange(B)[:, None] * n_seeds + draws).ravel()
+    return np.bincount(flat, minlength=B * n_seeds).reshape(B, n_seeds).astype(float)
+
+
+def two_level_counts(seed_counts: np.ndarray, image_counts: np.ndarray) -> np.ndarray:
+    """(B, S * C) counts of the (seed, image) clusters, cluster code ``seed * C + image``: a
+    resample draws seeds, then images, and a row weighs (times its seed) x (times its image)."""
+    B, S = seed_counts.shape
+    return (seed_counts[:, :, None] * image_counts[:, None, :]).reshape(B, S * image_counts.shape[1])
+
+
+def within_set_auroc(conf, correct, sets, codes, counts) -> np.ndarray:
+    """(B,) the mean over sets of each set's AUROC, for B cluster resamples at once
+    (``codes``/``counts`` as :func:`metrics.resampled_calibration`; ``counts`` of ones: the point
+    estimate). A set whose resample has one class only is left out of that resample's mean."""
+    conf, correct, sets = np.asarray(conf, float), np.asarray(correct, float), np.asarray(sets)
+    codes = np.asarray(codes, np.int64)
+    K = np.atleast_2d(np.asarray(counts, float))
+    per_set = []
+    for s in pd.unique(sets):
+        m = sets == s
+        used, local = np.unique(codes[m], return_inverse=True)
+        per_set.append(metrics.resampled_calibration(conf[m], correct[m], local, K[:, used], (), adaptive=False)["auroc"])
+    if not per_set:
+        return np.full(K.shape[0], np.nan)
+    stacked = np.vstack(per_set)
+    ok = ~np.isnan(stacked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok.any(0), np.where(ok, stacked, 0.0).sum(0) / ok.sum(0), np.nan)
+
+
+def mean_set_auroc(conf, correct, sets) -> float:
+    """The mean over sets of each set's AUROC (rows with no confidence left out, one-class sets
+    skipped): the point value of :func:`within_set_auroc`."""
+    conf, correct, sets = np.asarray(conf, float), np.asarray(correct, float), np.asarray(sets)
+    vals = []
+    for s in pd.unique(sets):
+        m = (sets == s) & ~np.isnan(conf)
+        if 0 < correct[m].sum() < m.sum():
+            vals.append(metrics.auroc(conf[m], correct[m]))
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def set_constant_auroc(correct, sets) -> float:
+    """The AUROC of a confidence that knows only each set's accuracy: what set difficulty alone
+    earns on a pool (0.5 on one set)."""
+    correct = np.asarray(correct, float)
+    acc = pd.Series(correct).groupby(np.asarray(sets)).transform("mean").to_numpy()
+    return metrics.auroc(acc, correct) if 0 < correct.sum() < correct.size else math.nan
+
+
+def positive_class(set_name: str) -> str:
+    """AMBER's official scorer treats "no" as positive; POPE and the rest "yes"."""
+    return "no" if set_name.startswith(("amber", "official-amber")) else "yes"
+
+
+def image_of(row) -> str:
+    """A row's bootstrap cluster: the world scene behind its image (its question id when the
+    row has no image id, as in older per-question files)."""
+    image = row.get("image_id") if hasattr(row, "get") else None
+    if image is None or (isinstance(image, float) and math.isnan(image)):
+        image = row["question_id"]
+    return scene_of(image)
+
+
+def _f1(truth: np.ndarray, pred: np.ndarray) -> float:
+    tp = float(np.sum(truth & pred))
+    denom = float(np.sum(truth) + np.sum(pred))
+    return 2 * tp / denom if denom else 0.0
+
+
+def _metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> dict:
+    """``truth``/``pred``: bool arrays, True = the set's positive class."""
+    ok = ~np.isnan(conf)
+    c, y = conf[ok], correct[ok]
+    out = {"accuracy": float(correct.mean()) if correct.size else math.nan, "f1": _f1(truth, pred),
+           "coverage": float(ok.mean()) if ok.size else math.nan}
+    if c.size == 0:
+        return out | {k: math.nan for k in CALIBRATION_METRICS}
+    return out | {"ece": metrics.ece(c, y), "ece15": metrics.ece(c, y, 15), "adaptive_ece": metrics.adaptive_ece(c, y),
+                  "brier": metrics.brier(c, y), "auroc": metrics.auroc(c, y)}
+
+
+def _resampled_metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.ndarray, pred: np.ndarray,
+                             codes: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`_metric_values` of B cluster resamples at once: ``codes`` (n,) each row's cluster,
+    ``counts`` (B, C) how often each cluster was drawn. Task metrics from per-cluster sums
+    times the counts; calibration metrics from :func:`metrics.resampled_calibration`."""
+    K = counts.astype(float)
+    C = K.shape[1]
+    per = lambda w: K @ np.bincount(codes, weights=np.asarray(w, dtype=float), minlength=C)  # noqa: E731
+    total = per(np.ones(codes.size))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"accuracy": per(correct) / total,
+               "f1": 2.0 * per(truth & pred) / (per(truth) + per(pred))}
+        out["f1"] = np.where(np.isnan(out["f1"]), 0.0, out["f1"])
+        out["coverage"] = per(~np.isnan(conf)) / total
+    # adaptive ECE: point estimate only (the tables report 10- and 15-bin ECE with intervals)
+    return out | metrics.resampled_calibration(conf, correct, codes, counts, (10, 15), adaptive=False)
+
+
+def _frame(rows, pool_seeds: bool = True) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    df["group"] = df["model"].map(model_group) if pool_seeds else df["model"].astype(str)
+    df["conf"] = pd.to_numeric(df["confidence"], errors="coerce").astype(float)
+    df["ok"] = df["correct"].astype(float)
+    ids = df["image_id"].where(df["image_id"].notna(), df["question_id"]) if "image_id" in df else df["question_id"]
+    df["image"] = ids.astype(str).map(scene_of)
+    df["pos"] = df["set"].map(positive_class)
+    df["truth"] = (df["label"].astype(str).str.strip().str.lower() == df["pos"]).to_numpy()
+    df["pred"] = (df["answer"].astype(str).str.strip().str.lower() == df["pos"]).to_numpy()
+    return df
+
+
+def _units(df: pd.DataFrame, pools: dict | None):
+    """(unit name, its rows): every set, then every pool of the sets present."""
+    for set_, g in df.groupby("set", sort=False):
+        yield set_, g
+    for pool, members in (pools or {}).items():
+        g = df[df["set"].isin(members)]
+        if g["set"].nunique() >= 1 and len(g):
+            yield pool, g
+
+
+def _codes(g: pd.DataFrame, key: str, uniq) -> np.ndarray:
+    return pd.Index(uniq).get_indexer(g[key])
+
+
+def _scored(g: pd.DataFrame, key: str, uniq, image_counts: np.ndarray, uniform: np.ndarray):
+    """(point values, resampled values) of one model group's rows. A resample draws the
+    group's seeds with replacement (:func:`seed_resample_counts`), then images
+    (``image_counts``): seed-to-seed variation is in every interval."""
+    seeds = _seed_order(g["model"])
+    codes = pd.Index(seeds).get_indexer(g["model"]) * len(uniq) + _codes(g, key, uniq)
+    counts = two_level_counts(seed_resample_counts(len(seeds), uniform), image_counts)
+    arrays = (g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
+    boots = _resampled_metric_values(*arrays, codes, counts)
+    boots["auroc_within"] = within_set_auroc(arrays[0], arrays[1], g["set"].to_numpy(), codes, counts)
+    return _point_values(g), boots
+
+
+def _point_values(g: pd.DataFrame) -> dict:
+    """:func:`_metric_values` of a group's rows, with the within-set AUROC."""
+    point = _metric_values(g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
+    point["auroc_within"] = mean_set_auroc(g["conf"].to_numpy(), g["ok"].to_numpy(), g["set"].to_numpy())
+    return point
+
+
+def per_seed_text(value, digits: int = 3) -> str:
+    """A ``<metric>_per_seed`` cell (``0.512;0.519``) as ``0.512 / 0.519`` ("" when missing)."""
+    return " / ".join(f"{float(x):.{digits}f}" for x in value.split(";")) if isinstance(value, str) else ""
+
+
+def _seed_uniforms(df: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.random((n_boot, int(df.groupby("group")["model"].nunique().max())))
+
+
+def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
+                   cluster: str = "image", pools: dict | None = POOLS) -> pd.DataFrame:
+    """Per (model group, set or pool, framing, read-out): metrics with bootstrap intervals.
+
+    ``cluster="image"`` resamples images (all their questions, and all seeds' rows of them,
+    move together); ``"question"`` resamples questions. The ``cluster`` column says which.
+    Seeds of one model (``name@s0``, ``name@s1``, ...) are pooled for the point values and
+    resampled before the images (two levels), so the intervals hold the seed spread; each
+    seed's own value is in ``<metric>_per_seed`` (``seed_labels`` gives the order) and
+    ``<metric>_seed_min/max``. ``auroc_within`` is the mean of the per-set AUROCs of a pool
+    (a set's own AUROC for a set); a pool's ``auroc`` mixes its sets and is shown beside
+    ``auroc_set_constant``, what a confidence knowing only each set's accuracy earns there.
+    Pools (``pooled-clean``, ``pooled-transfer``) gather the rows of their member sets and
+    resample the images of all of them at once. ``image_share`` is the between-image share of
+    the confidence variance (:func:`metrics.image_variance_share`), the mean over seeds.
+    """
+    if cluster not in metrics.CLUSTERS:
+        raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
+    df = _frame(rows)
+    if df.empty:
+        return df
+    key = "image" if cluster == "image" else "question_id"
+    out = []
+    rng = np.random.default_rng(seed)
+    seed_rng = np.random.default_rng([seed, 1])   # its own stream: one-seed models keep their image resamples
+    for unit, gu in _units(df, pools):
+        uniform = _seed_uniforms(df, n_boot, seed_rng)
+        for (group, framing, readout), g in gu.groupby(["group", "framing", "readout"], sort=False):
+            uniq = pd.unique(g[key])
+            point, boots = _scored(g, key, uniq, metrics.resample_counts(len(uniq), n_boot, rng), uniform)
+            pos = sorted(set(g["pos"]))
+            rec = {"model": group, "set": unit, "framing": framing, "readout": readout,
+                   "positive_class": pos[0] if len(pos) == 1 else "per set",
+                   "n_questions": g["question_id"].nunique(), "n_images": g["image"].nunique(),
+                   "n_sets": g["set"].nunique(), "seeds": g["model"].nunique(), "cluster": cluster}
+            for k, v in point.items():
+                rec[k] = v
+                rec[f"{k}_low"], rec[f"{k}_high"] = metrics.interval(boots[k], alpha) if k in boots else (math.nan,) * 2
+            rec["auroc_set_constant"] = (set_constant_auroc(g["ok"].to_numpy(), g["set"].to_numpy())
+                                         if rec["n_sets"] > 1 else math.nan)
+            # per seed, then averaged: seeds disagreeing about an image is not within-image variation
+            shares = [metrics.image_variance_share(s["conf"].to_numpy(), s["image"].to_numpy())
+                      for _, s in g.groupby("model")]
+            rec["image_share"] = float(np.mean(shares)) if not np.all(np.isnan(shares)) else math.nan
+            if rec["seeds"] > 1:
+                names = _seed_order(g["model"])
+                per_seed = [_point_values(g[g["model"] == name]) for name in names]
+                rec["seed_labels"] = ";".join(seed_label(n) for n in names)
+                for k in SEED_METRICS:
+                    vals = [v[k] for v in per_seed]
+                    rec[f"{k}_per_seed"] = ";".join(f"{x:.6f}" for x in vals)
+                    rec[f"{k}_seed_min"], rec[f"{k}_seed_max"] = float(np.nanmin(vals)), float(np.nanmax(vals))
+            out.append(rec)
+    return pd.DataFrame(out)
+
+
+def paired_table(rows: list[dict], framing: str = "third", readout: str = "single_pass", n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0, cluster: str = "image", pools: dict | None = POOLS,
+                 base: str = "base", pool_seeds: bool = True) -> pd.DataFrame:
+    """Every method against every baseline and against ``base``, on the same resamples.
+
+    Methods are the model groups at (``framing``, ``readout``; with ``pool_seeds=False`` each
+    model name is its own group, ``@`` not read as a seed); references are the
+    ``baseline:*`` groups and the base model. Per set and pool and metric: ``diff`` =
+    method - reference, its percentile interval over resamples drawn once per set (each
+    resample scores both on the same images and, for groups with the same number of seeds,
+    the same seed positions: s0 with s0), and ``verdict`` (better / worse / level by whether
+    the interval excludes 0; lower is better for ECE and Brier, higher for AUROC and
+    accuracy). A group with several seeds has them resampled too (:func:`_scored`). Both must
+    have answered the same questions.
+    """
+    if cluster not in metrics.CLUSTERS:
+        raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
+    df = _frame(rows, pool_seeds)
+    if df.empty:
+        return pd.DataFrame()
+    df = df[((df["framing"] == framing) & (df["readout"] == readout)) | df["group"].str.startswith("baseline:")]
+    key = "image" if cluster == "image" else "question_id"
+    out = []
+    rng = np.random.default_rng(seed)
+    seed_rng = np.random.default_rng([seed, 1])
+    for unit, gu in _units(df, pools):
+        groups = list(dict.fromkeys(gu["group"]))
+        refs = [g for g in groups if g.startswith("baseline:")] + ([base] if base in groups else [])
+        methods = [g for g in groups if not g.startswith("baseline:")]
+        if not refs or not methods:
+            continue
+        uniq = pd.unique(gu[key])
+        counts = metrics.resample_counts(len(uniq), n_boot, rng)
+        uniform = _seed_uniforms(gu, n_boot, seed_rng)
+        point, boots, qids = {}, {}, {}
+        for name in dict.fromkeys(methods + refs):
+            g = gu[gu["group"] == name]
+            point[name], boots[name] = _scored(g, key, uniq, counts, uniform)
+            qids[name] = frozenset(g["question_id"])
+        for m in methods:
+            for r in refs:
+                if m == r:
+                    continue
+                if qids[m] != qids[r]:
+                    raise ValueError(f"{unit}: {m!r} and {r!r} answered different questions "
+                                     f"({len(qids[m] ^ qids[r])} differ); pair them on the same set")
+                for k in PAIRED_METRICS:
+                    lo, hi = metrics.interval(boots[m][k] - boots[r][k], alpha)
+                    out.append({"set": unit, "method": m, "reference": r, "metric": k,
+                                "method_value": point[m][k], "reference_value": point[r][k],
+                                "diff": point[m][k] - point[r][k], "diff_low": lo, "diff_high": hi,
+                                "verdict": metrics.verdict(lo, hi, k), "cluster": cluster,
+                                "method_seeds": gu.loc[gu["group"] == m, "model"].nunique(),
+                                "reference_seeds": gu.loc[gu["group"] == r, "model"].nunique(),
+                                "n_images": gu["image"].nunique(), "framing": framing, "readout": readout})
+    return pd.DataFrame(out)
+
+
+def strongest_baseline(headline: pd.DataFrame, pool: str = "pooled-clean", metric: str = "brier") -> str:
+    """The baseline with the lowest ``metric`` on ``pool`` (fixed before any method is compared);
+    without that pool, the lowest mean over the sets present."""
+    b = headline[headline["model"].str.startswith("baseline:")]
+    if b.empty:
+        raise ValueError("no baseline rows in the headline table: compute baseline_rows first")
+    on_pool = b[b["set"] == pool]
+    scores = (on_pool.set_index("model")[metric] if len(on_pool)
+              else b[~b["set"].isin(list(POOLS) + ["perturbed"])].groupby("model")[metric].mean())
+    return str(scores.idxmin())
+
+
+def summary_table(rows: list[dict], n_bins: int = 10) -> pd.DataFrame:
+    """``evaluation.summarize`` per set, each with its benchmark's positive class."""
+    from csp_utils.evaluate import evaluation
+
+    by_set: dict[str, list[dict]] = {}
+    for r in rows:
+        by_set.setdefault(r["set"], []).append(r)
+    out = []
+    for set_, rs in by_set.items():
+        out += evaluation.summarize(rs, positive_class(set_), n_bins)
+    return pd.DataFrame(out)
+
+
+FIGURE_COLUMNS = ("model", "set", "framing", "readout", "question_id", "image_id", "label", "answer", "correct",
+                  "confidence", "internal_prob")
+
+
+def figure_data(rows: list[dict]) -> pd.DataFrame:
+    """The per-question columns the figures need (small enough to commit, gzip-compressed)."""
+    df = pd.DataFrame(rows)
+    return df[[c for c in FIGURE_COLUMNS if c in df.columns]]
+
+
+def level_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    """Rows of the held-out perturbed set -> (model, level, confidence, correct)."""
+    df = pd.DataFrame(rows)
+    df = df[df["set"] == "perturbed"].copy()
+    df["level"] = df["question_id"].map(level_of)
+    return df
+
+
+def noise_table(rows: list[dict] | pd.DataFrame, framing: str = "third", readout: str = "single_pass") -> pd.DataFrame:
+    """The grounded perturbed set per model and noise target (none / key / distractor): accuracy,
+    mean confidence, ECE, Brier and AUROC. Confidence that follows correctness drops with key noise
+    only where answers go wrong, and stays up under distractor noise."""
+    from csp_utils.analysis import metrics
+
+    df = pd.DataFrame(rows)
+    df = df[(df["set"] == GROUNDED_SET) & df["framing"].isin([framing, "-"]) & df["readout"].isin([readout, "-"])]
+    df = df.dropna(subset=["confidence"])
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(noise_on=df["question_id"].map(grounded.noise_on_of))
+    out = []
+    for (model, noise_on), g in df.groupby(["model", "noise_on"]):
+        conf, correct = g["confidence"].to_numpy(float), g["correct"].to_numpy(int)
+        out.append({"model": model, "noise_on": noise_on, "n": len(g), "accuracy": correct.mean(),
+                    "confidence": conf.mean(), "ece": metrics.ece(conf, correct), "brier": metrics.brier(conf, correct),
+                    "auroc": metrics.auroc(conf, correct) if 0 < correct.sum() < len(correct) else math.nan})
+    return pd.DataFrame(out)
+
+
+def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
+    """Spearman of verbalized confidence against the noise level, per model/framing/read-out."""
+    from csp_utils.analysis import metrics
+
+    out = []
+    for (model, framing, readout), g in df.groupby(["model", "framing", "readout"]):
+        g = g.dropna(subset=["confidence"])
+        rho, p = metrics.spearman(g["level"], g["confidence"]) if len(g) >= 3 else (math.nan, math.nan)
+        out.append({"model": model, "framing": framing, "readout": readout, "spearman_level": rho, "p": p, "n": len(g)})
+    return pd.DataFrame(out)
+
+
+def variant_seeds(variants: dict) -> dict[str, list[str]]:
+    """Ablation variants ``{label: model name or [model name per seed]}`` -> ``{label: [names]}``;
+    labels must not hold ``@`` (it marks the seed of a reported name)."""
+    out = {}
+    for label, names in variants.items():
+        if "@" in str(label):
+            raise ValueError(f"variant label {label!r} holds '@', which marks seeds; rename it")
+        names = [names] if isinstance(names, str) else list(names)
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"variant {label!r}: expected a model name or a list of them, got {names!r}")
+        out[str(label)] = names
+    return out
+
+
+def variant_labels(seeded: dict[str, list[str]]) -> dict[str, str]:
+    """Model name (as its rows carry it: ``LABEL`` of a ``LABEL=ADAPTER`` entry) -> the name its
+    rows are reported under: the variant label for a one-seed variant, ``label@s<k>`` for the
+    k-th seed of a variant with several (seeds pair by position)."""
+    out = {}
+    for label, entries in seeded.items():
+        for k, name in enumerate(model_names(entries)):
+            if name in out:
+                raise ValueError(f"model {name!r} is listed under two variants ({out[name]!r} and {label!r})")
+            out[name] = label if len(entries) == 1 else f"{label}@s{k}"
+    return out
+
+
+def paired_against(rows: list[dict], reference: str, framing: str = "third", readout: str = "single_pass",
+                   pool_seeds: bool = True, **boot) -> pd.DataFrame:
+    """Every other model group against ``reference`` (an ablation's full variant, or another
+    method), on the same resamples; ``boot``: :func:`paired_table`'s keywords (n_boot, alpha,
+    seed, cluster, pools).
+
+    Seeds (``name@s0``, ``name@s1``, ...) are pooled per group and resampled seed with seed:
+    the k-th seed of each group is drawn together. ``pool_seeds=False`` takes every model
+    name whole (each its own one-seed model)."""
+    models = [r for r in rows if not str(r["model"]).startswith("baseline:")]
+    names = {str(r["model"]) if not pool_seeds else model_group(str(r["model"])) for r in models}
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} has no rows; models: {sorted(names)}")
+    table = paired_table(models, framing, readout, base=reference, pool_seeds=pool_seeds, **boot)
+    if table.empty:
+        return table
+    return table[table["reference"] == reference].reset_index(drop=True)

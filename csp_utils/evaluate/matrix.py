@@ -1,0 +1,166 @@
+"""The evaluation matrix: models x sets, each model's rows written as JSONL per set
+(``results/matrix/<model>/<set>.jsonl``) and read back; model entries of the notebooks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from csp_utils.evaluate import baselines
+
+
+# ------------------------------------------------------------------ the evaluation matrix
+@dataclass
+class ModelSpec:
+    name: str                       # e.g. "base", "sft_simpo@s1"
+    base_model: str = "embedded"
+    adapter: str | None = None      # PEFT adapter folder
+    adapter_scope: str | None = None  # "all" | "confidence"; None: the adapter's record decides
+    layout: str | None = None         # confidence prompt layout; None: the adapter's record decides
+
+
+def results_path(results_dir, model: str, set_name: str) -> Path:
+    return Path(results_dir) / model.replace("/", "_") / f"{set_name}.jsonl"
+
+
+def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=None, sets: list[str] | None = None,
+                    load_kwargs: dict | None = None, reuse_answers: bool = True):
+    """Every model on every set; resumable (finished rows are skipped by ``evaluation``).
+    ``load_kwargs`` go to ``models.load_vlm`` (e.g. ``{"dtype": "bfloat16", "device_map": "auto"}``).
+
+    ``reuse_answers``: a confidence-only adapter takes its answer-turn fields from the rows of
+    the first confidence-only adapter evaluated before it in this call on the same base model
+    with the same PEFT config (:func:`answer_key`), instead of generating the same answers
+    again. Only sets that both evaluations run from the start here qualify, so the answers come
+    from the same batches as a new generation would: the rows are identical either way.
+    """
+    import torch
+
+    from csp_utils.evaluate import evaluation
+    from csp_utils.vlm import models
+
+    kwargs = {k: v for k, v in (load_kwargs or {}).items() if v is not None}
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    paths = []
+    sources: dict[tuple, tuple[Path, str]] = {}   # (answer key, set) -> (results file, model)
+    for spec in specs:
+        model, processor = models.load_vlm(spec.base_model, adapter=spec.adapter, **kwargs)
+        cfg = evaluation.config_for_adapter(config or evaluation.EvalConfig(), spec.adapter, spec.adapter_scope,
+                                            spec.layout)
+        key = answer_key(spec, cfg) if reuse_answers else None
+        for name, bench in suite.items():
+            if sets is not None and name not in sets:
+                continue
+            path = results_path(results_dir, spec.name, name)
+            fresh = key is not None and not evaluation.load_results(path)
+            source = sources.get((key, name)) if fresh else None
+            paths.append(evaluation.evaluate(model, processor, bench, path, spec.name, cfg, answers_from=source))
+            if fresh and source is None:
+                sources[(key, name)] = (path, spec.name)
+        del model
+    return paths
+
+
+def answer_key(spec: ModelSpec, cfg) -> tuple | None:
+    """What decides a confidence-only adapter's answer turn beyond the evaluation config it
+    shares with the other models of one call: the base model and the PEFT config (which
+    modules are wrapped shapes the float path even with the adapter disabled, so the base
+    model's own rows can differ in the last bits and are never used). None for any other model."""
+    if spec.adapter is None or cfg.adapter_scope != "confidence":
+        return None
+    peft_config = json.loads((Path(spec.adapter) / "adapter_config.json").read_text())
+    return spec.base_model, json.dumps(peft_config, sort_keys=True)
+
+
+def load_rows(results_dir) -> list[dict]:
+    from csp_utils.evaluate import evaluation
+
+    rows = []
+    for path in sorted(Path(results_dir).glob("*/*.jsonl")):
+        rows += evaluation.load_results(path)
+    return rows
+
+
+def save_json(obj, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+    return path
+
+
+# ------------------------------------------------------------- notebook conveniences
+def results_suffix(results: str) -> str:
+    """File-name suffix of an evaluation's own figures: "" for "results", "_noconf" for "results/noconf"."""
+    parts = Path(results).parts
+    return "" if parts == ("results",) else "_" + "_".join(parts[1:] if parts[0] == "results" else parts)
+
+
+def model_names(entries) -> list[str]:
+    """The names results carry: ``"LABEL=ADAPTER"`` entries are reported as LABEL."""
+    return [str(e).split("=", 1)[0] for e in entries]
+
+
+def model_specs(run_dir, base_model: str, names) -> list[ModelSpec]:
+    """``"base"`` is the base model itself; any other name is the adapter ``adapters/<name>``,
+    reported under that name, or ``"LABEL=ADAPTER"``: the adapter ``adapters/ADAPTER`` reported
+    as LABEL (e.g. ``"grounded@s0=sft@g0"``: one SFT stage's adapter, named for its method)."""
+    specs = []
+    for entry in names:
+        name, _, folder = str(entry).partition("=")
+        if not name or (_ and not folder):
+            raise ValueError(f"model entry {entry!r}: expected NAME or LABEL=ADAPTER")
+        if name == "base" and not folder:
+            specs.append(ModelSpec("base", base_model, None))
+            continue
+        adapter = Path(run_dir) / "adapters" / (folder or name)
+        if not (adapter / "adapter_config.json").exists():
+            raise FileNotFoundError(f"model {name!r}: no PEFT adapter at {adapter}; run the training notebooks first")
+        specs.append(ModelSpec(name, base_model, str(adapter)))
+    return specs
+
+
+# ---------------------------------------------------------------------- baselines
+BASELINES = ("constant", "answer_constant", "internal", "temperature")
+
+
+def baseline_rows(rows: list[dict], base: str = "base", calibration_set: str = "calibration",
+                  train_set: str = "train-sample", framing: str = "third", readout: str = "single_pass") -> list[dict]:
+    """Rows of the baselines that plant nothing, on the base model's own answers.
+
+    Answers are the base model's, so accuracy is the base's; only the confidence differs:
+    ``constant`` (its accuracy on its training questions), ``answer_constant`` (that accuracy
+    given its own answer: one value after "yes", one after "no"; an answer without training
+    rows of its own, or one that is neither, gets the overall training accuracy),
+    ``internal`` (its yes/no token probability), ``temperature`` (that probability scaled,
+    T fitted on the calibration set).
+    """
+    own = [r for r in rows if r["model"] == base and r["framing"] == framing and r["readout"] == readout]
+    train = [r for r in own if r["set"] == train_set]
+    calib = [r for r in own if r["set"] == calibration_set and r["internal_prob"] is not None]
+    if not train or not calib:
+        raise ValueError(f"baselines need the {base!r} model's rows on {train_set!r} and {calibration_set!r}")
+    train_acc = float(np.mean([r["correct"] for r in train]))
+    by_answer = baselines.answer_conditioned_accuracy([r["answer"] for r in train], [r["correct"] for r in train])
+    temperature = baselines.fit_temperature([r["internal_prob"] for r in calib], [r["correct"] for r in calib])
+    out = []
+    for r in own:
+        if r["set"] in (train_set, calibration_set):
+            continue
+        p = r["internal_prob"]
+        answer = str(r["answer"]).strip().lower()
+        confs = {"constant": (train_acc, {"train_accuracy": train_acc}),
+                 "answer_constant": (by_answer.get(answer, train_acc),
+                                     {"train_accuracy_given_" + k: v for k, v in by_answer.items()}),
+                 "internal": (p, {"temperature": 1.0}),
+                 "temperature": (None if p is None else float(baselines.temperature_scale(p, temperature)),
+                                 {"temperature": temperature})}
+        for name in BASELINES:
+            conf, param = confs[name]
+            out.append({**r, "model": f"baseline:{name}", "framing": "-", "readout": "-", "confidence": conf,
+                        "raw_confidence": None, "baseline_param": json.dumps(param)})
+    return out

@@ -1,0 +1,176 @@
+"""Parameter checks before anything runs: each stage's parameters against its notebook's
+parameters cell (names, types), config dicts against their dataclasses' fields, numbers
+against their ranges (:data:`RANGES`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from csp_utils.pipeline.stages import DRIVER_PARAMETERS, NUMBER, notebook_of, spec_of
+
+
+# ------------------------------------------------------------------ parameter checks
+_ANY = object()  # a default that is not a literal: any value is accepted
+
+
+def notebook_defaults(notebook: Path) -> dict:
+    """The parameters cell's names and default values (papermill's inspection)."""
+    from papermill.inspection import inspect_notebook
+
+    defaults = {}
+    for name, info in inspect_notebook(str(notebook)).items():
+        try:
+            defaults[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            defaults[name] = _ANY
+    return defaults
+
+
+def _accepted(default, declared: tuple = ()) -> tuple:
+    """Types a value may have: the declared ones (and None where it is the default), else the
+    default's, where a float takes an int; None or a non-literal default without a
+    declaration takes anything."""
+    if declared:
+        return tuple(declared) + ((type(None),) if default is None else ())
+    if default is None or default is _ANY:
+        return (object,)
+    return {float: NUMBER, list: (list, tuple), tuple: (list, tuple)}.get(type(default), (type(default),))
+
+
+def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> None:
+    """A bool is never taken for a number, though Python counts it as an int."""
+    types = _accepted(default, declared)
+    is_bool_as_number = isinstance(value, bool) and bool not in types and object not in types
+    if is_bool_as_number or not isinstance(value, types):
+        raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
+                         f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
+    check_range(stage, name, value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a parameter takes: ``low`` to ``high`` (None: unbounded; ``open``: the ends
+    themselves excluded), plus documented sentinel values; a list takes such numbers only."""
+    low: float | None = None
+    high: float | None = None
+    open: bool = False
+    sentinels: dict = field(default_factory=dict)  # value -> what it means
+
+    def holds(self, x) -> bool:
+        if isinstance(x, bool) or not isinstance(x, NUMBER):
+            return True  # not a number (None, "auto", a str): the type check's business
+        if x in self.sentinels:
+            return True
+        below = self.low is not None and (x <= self.low if self.open else x < self.low)
+        above = self.high is not None and (x >= self.high if self.open else x > self.high)
+        return not (below or above)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"{'above' if self.open else 'from'} {self.low:g} {'and below' if self.open else 'to'} {self.high:g}"
+        elif self.low is not None:
+            text = f"{'above' if self.open else 'at least'} {self.low:g}"
+        else:
+            text = f"{'below' if self.open else 'at most'} {self.high:g}"
+        return text + "".join(f", or {k} ({v})" for k, v in self.sentinels.items())
+
+
+COUNT = Range(1)
+AT_LEAST_0 = Range(0)
+POSITIVE = Range(0, open=True)
+PERCENT = Range(0, 100)  # confidence levels, integer percents
+SHARE = Range(0, 1)  # probabilities and fractions
+OPEN_UNIT = Range(0, 1, open=True)
+MAX_STEPS = Range(1, sentinels={-1: "the default: train num_train_epochs instead"})
+
+_TRAINING = {"learning_rate": POSITIVE, "num_train_epochs": POSITIVE, "max_steps": MAX_STEPS,
+             "per_device_train_batch_size": COUNT, "gradient_accumulation_steps": COUNT, "warmup": AT_LEAST_0,
+             "weight_decay": AT_LEAST_0, "max_grad_norm": POSITIVE, "seed": AT_LEAST_0, "logging_steps": COUNT,
+             "save_steps": COUNT, "save_total_limit": COUNT, "dataloader_num_workers": AT_LEAST_0,
+             "replay_fraction": SHARE, "beta": POSITIVE, "simpo_gamma": AT_LEAST_0,
+             "lora.r": COUNT, "lora.alpha": POSITIVE, "lora.dropout": SHARE}
+_SUITE = {**{f"n_{what}_images": AT_LEAST_0 for what in ("pope", "amber", "transfer", "calibration", "train",
+                                                          "perturbed", "grounded")},
+          "transfer_severity": SHARE, "perturbed_levels": PERCENT, "grounded_levels": PERCENT, "noise_gamma": OPEN_UNIT,
+          "seed": AT_LEAST_0, "image_size": COUNT}
+_NOISE = {"noise_gamma": OPEN_UNIT, "t_max": COUNT, "beta_start": OPEN_UNIT, "beta_end": OPEN_UNIT, "levels": PERCENT,
+          "seed": AT_LEAST_0}
+# parameter (a dotted path inside a config dict) -> the numbers it takes, checked before anything
+# runs for every stage that gets it; what is not named here is checked by type only
+RANGES: dict[str, Range] = {
+    # 00, 01
+    "seed": AT_LEAST_0, "image_size": COUNT, "n_scenes": COUNT, "n_pope_images": COUNT, "n_synthetic": COUNT,
+    "n_bins": COUNT, "severities": SHARE, "scene_index": AT_LEAST_0, "grid_levels": PERCENT, "noise_gamma": OPEN_UNIT,
+    "t_max": COUNT,
+    # 02
+    "data.n_scenes": COUNT, "data.questions_per_scene": COUNT, "data.n_images": COUNT, "data.image_size": COUNT,
+    "build.levels": PERCENT, "build.shard_size": COUNT, "build.seed": AT_LEAST_0, "build.png_compress_level": Range(0, 9),
+    **{f"build.noise.{k}": v for k, v in _NOISE.items()},
+    **{f"build.grounded.{k}": SHARE for k in ("clean_share", "key_share", "temperature_holdout", "bright_tolerance")},
+    "build.grounded.batch_size": COUNT, "build.grounded.max_new_tokens": COUNT,
+    # 03, 04
+    **{f"{stage}.{k}": v for stage in ("sft", "simpo") for k, v in _TRAINING.items()}, "margin_pairs": COUNT,
+    # 05, 06
+    **{f"suite.{k}": v for k, v in _SUITE.items()},
+    "scoring.options": PERCENT, "scoring.batch_size": COUNT, "scoring.max_new_tokens": COUNT,
+    "scoring.confidence_max_new_tokens": COUNT, "scoring.option_chunk": COUNT, "scoring.seed": AT_LEAST_0,
+    "boot.n_boot": COUNT, "boot.alpha": OPEN_UNIT, "boot.seed": AT_LEAST_0,
+}
+
+
+def check_range(stage: str, name: str, value) -> None:
+    rule = RANGES.get(name)
+    if rule is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    bad = [x for x in values if not rule.holds(x)]
+    if bad:
+        what = f"{name!r} = {value!r}" + (f" (item {bad[0]!r})" if values is value else "")
+        raise ValueError(f"stage {stage}: {what} is out of range; it takes numbers {rule.describe()}")
+
+
+def check_stage_parameters(stage: str, given: dict, defaults: dict) -> None:
+    valid = sorted(set(defaults) - set(DRIVER_PARAMETERS))
+    for name, value in given.items():
+        if name in DRIVER_PARAMETERS:
+            raise ValueError(f"stage {stage}: {name!r} is set by the driver (the run folder); remove it")
+        if name not in defaults:
+            raise ValueError(f"stage {stage}: unknown parameter {name!r}; {notebook_of(stage).name} takes: "
+                             + ", ".join(valid))
+        check_value(stage, name, value, defaults[name], spec_of(stage).types.get(name, ()))
+    configs = spec_of(stage).configs()
+    for name in configs:
+        if "." not in name and isinstance(given.get(name), dict):
+            check_config(stage, name, given[name], configs)
+
+
+def _fields(target) -> dict:
+    """A dataclass's fields or a function's keywords, with their defaults (_ANY where none is a
+    literal), less the names the notebook sets itself."""
+    target, excluded = target if isinstance(target, tuple) else (target, ())
+    if dataclasses.is_dataclass(target):
+        fields = {f.name: _ANY if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(target)}
+    else:
+        fields = {name: _ANY if p.default is p.empty else p.default
+                  for name, p in inspect.signature(target).parameters.items() if p.kind != p.VAR_KEYWORD}
+    return {k: v for k, v in fields.items() if k not in excluded}
+
+
+def check_config(stage: str, path: str, given: dict, configs: dict) -> None:
+    """A config dict's keys against the fields of its dataclass (or a function's keywords), each
+    value against the field's default as for notebook parameters; nested dicts likewise."""
+    fields, target = _fields(configs[path]), configs[path]
+    target = target[0] if isinstance(target, tuple) else target
+    for name, value in given.items():
+        where = f"{path}.{name}"
+        if name not in fields:
+            raise ValueError(f"stage {stage}: unknown key {name!r} in {path}; {target.__name__} takes: "
+                             + ", ".join(sorted(fields)))
+        if where in configs and isinstance(value, dict):
+            check_config(stage, where, value, configs)
+        else:
+            check_value(stage, where, value, fields[name], spec_of(stage).types.get(where, ()))

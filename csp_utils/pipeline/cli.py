@@ -1,0 +1,52 @@
+"""The driver's command line: ``python -m csp_utils.study PARAMS [--name] [--only] [--set] ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+
+from csp_utils.core.paths import REPO
+from csp_utils.pipeline.driver import RunFolderError, run_study
+from csp_utils.pipeline.planning import parse_set
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("params", nargs="?", default=str(REPO / "params" / "default.yaml"))
+    ap.add_argument("--name", help="run folder name under --runs-root (default: the params' name)")
+    ap.add_argument("--runs-root", default="runs", help="relative paths are under the repository")
+    ap.add_argument("--only", nargs="*", help="run only these stages (others keep their markers)")
+    ap.add_argument("--force", action="store_true", help="rerun stages from scratch even when up to date")
+    ap.add_argument("--log-output", action="store_true", help="stream notebook output to the terminal")
+    ap.add_argument("--jobs", type=int, help="stages run at once (default: the params' jobs, else 1); "
+                    "each gets cores / jobs threads")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override a global parameter (--set base_model=/path/to/model) or one stage's own "
+                    "(--set 03_train_sft.sft.max_steps=4); values are YAML")
+    args = ap.parse_args(argv)
+    # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C: kernels are shut down, the lock released.
+    # SIGINT is set too: a process started in the background by a non-interactive shell inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler of its own
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    overrides = {}
+    for item in args.set:
+        try:
+            key, value = parse_set(item)
+        except ValueError as err:
+            ap.error(str(err))
+        overrides[key] = value
+    try:
+        run_dir = run_study(args.params, args.name, args.runs_root, args.only, args.force, args.log_output, overrides,
+                            args.jobs)
+    except (ValueError, FileNotFoundError, RunFolderError) as err:
+        raise SystemExit(f"[study] {err}") from None
+    except KeyboardInterrupt as err:
+        raise SystemExit(f"[study] interrupted ({err or 'Ctrl-C'}); the same command resumes the run") from None
+    print(f"[study] run folder: {run_dir}")

@@ -1,0 +1,115 @@
+"""Executing one stage: its notebook through papermill in a kernel that dies with the
+driver, time limits per cell, and the marker recorded once it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+from csp_utils.core.paths import REPO
+from csp_utils.pipeline.stages import notebook_of
+from csp_utils.pipeline.planning import Stage
+from csp_utils.pipeline.markers import StageFailed, changed_outputs, digest_and_files, hash_json, marker_path, os_problem, read_marker, running_path, write_json
+
+
+# ------------------------------------------------------------------ running
+def _timed_out_cell(out_nb: Path) -> str:
+    """The last cell that started in the executed copy: the one that hit the limit."""
+    try:
+        cells = json.loads(out_nb.read_text())["cells"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return "unknown cell"
+    started = [(i, c) for i, c in enumerate(cells) if (c.get("metadata", {}).get("papermill") or {}).get("start_time")]
+    if not started:
+        return "unknown cell"
+    i, cell = started[-1]
+    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    return f"cell {i} of the executed copy ({source.strip().splitlines()[0][:60] if source.strip() else 'empty'!r})"
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the process that starts it dies.
+
+    jupyter_client starts each kernel in its own session, so neither a kill of the driver's
+    process group nor a Ctrl-C reaches it, and ipykernel's own check polls its parent only once
+    a second: a training kernel left behind goes on writing checkpoints into the run folder.
+    Linux only (prctl); elsewhere the kernel keeps ipykernel's polling alone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, with kernels that die with the process starting them."""
+    from jupyter_client import AsyncKernelManager
+
+    class DriverKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            preexec = _die_with_parent()
+            if preexec is not None:
+                kw["preexec_fn"] = preexec
+            return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return DriverKernelManager
+
+
+def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, notebook: Path | None = None) -> None:
+    """Run the notebook; a failing cell or one past the stage's time limit stops the study."""
+    import papermill as pm
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    try:
+        pm.execute_notebook(str(notebook or notebook_of(stage.name)), str(out_nb),
+                            parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
+                            progress_bar=False, log_output=log_output, kernel_name="python3",
+                            execution_timeout=stage.cell_timeout, kernel_manager_class=_kernel_manager_class())
+    except pm.PapermillExecutionError as err:
+        raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", out_nb) from None
+    except CellTimeoutError:
+        raise StageFailed(stage.name, f"{_timed_out_cell(out_nb)} ran past the cell limit of "
+                          f"{stage.cell_timeout} s (set cell_timeout for this stage to change it)", out_nb) from None
+    except DeadKernelError as err:
+        raise StageFailed(stage.name, f"the kernel died: {err}", out_nb) from None
+    except OSError as err:  # papermill writing the executed copy: disk full, a read-only folder
+        raise StageFailed(stage.name, f"cannot write: {os_problem(err)}", out_nb) from None
+
+
+def finish_stage(run_dir: Path, stage: Stage, key: str, parts: dict, seconds: float) -> None:
+    """Record the outputs' digests; check the shared ones still hold what their owner recorded."""
+    for owner in owners_of_shared(run_dir, stage):
+        changed = [p for p in changed_outputs(run_dir, owner) if p in stage.shared]
+        if changed:
+            raise StageFailed(stage.name, f"it added to {', '.join(changed)}, an output of {owner['stage']} "
+                              "that both stages write; give both the same settings (e.g. the same suite) "
+                              "so that the shared results agree", run_dir / "notebooks" / f"{stage.name}.ipynb")
+    digests = {rel: digest_and_files(run_dir, rel) for rel in stage.outputs}
+    outputs = {rel: digest for rel, (digest, _) in digests.items()}
+    files = {rel: per_file for rel, (_, per_file) in digests.items() if per_file is not None}
+    write_json(marker_path(run_dir, stage.name),
+                {"stage": stage.name, "key": key, "key_parts": parts, "produced": hash_json(outputs),
+                 "outputs": outputs, "files": files, "reads": stage.inputs, "seconds": seconds,
+                 "parameters": stage.parameters})
+    running_path(run_dir, stage.name).unlink(missing_ok=True)
+
+
+def owners_of_shared(run_dir: Path, stage: Stage) -> list[dict]:
+    markers = [read_marker(run_dir, name) for name in stage.inputs]
+    return [m for m in markers if m and any(p in m.get("outputs", {}) for p in stage.shared)]

@@ -1,0 +1,196 @@
+"""What a training stage is set to: LoRA shape, optimisation, target, layout and loss
+(:class:`SFTConfigCSP`, :class:`SimPOConfigCSP`), and the hardware presets they start from:
+``tiny_default()`` (the embedded model on CPU) and ``paper_llava7b()`` (a 7B LLaVA on one GPU).
+The method on top of a hardware preset (paper CSP, grounded CSP, distilled) is
+:mod:`csp_utils.train.methods`; :func:`make_configs` layers the three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from csp_utils.vlm import prompts
+
+
+REGIMES = ("sft", "simpo", "sft_simpo")
+# Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
+REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
+GROUNDED_TARGETS = ("correct", "cell", "internal")
+CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
+LOSSES = ("ce", "brier", "soft_ce")
+CONFIG_FILE = "training_config.json"
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc",
+               "chosen_logp", "rejected_logp", "mean_token_accuracy")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class LoraSettings:
+    """Which layers get LoRA, and its shape.
+
+    ``target_modules`` names the linear layers by their last name component
+    (``("q_proj", "k_proj", "v_proj", "o_proj")``) or is ``"all-linear"``; only layers
+    under one of ``target_parts`` are adapted. The vision tower is left out on purpose:
+    CSP teaches the language side to *read* the evidence the visual features already
+    carry (LLaVA's own recipe keeps CLIP frozen too), and a frozen tower keeps the
+    base model's perception identical across regimes. Add ``"vision_tower"`` to
+    ``target_parts`` to adapt it as well.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    target_parts: tuple[str, ...] = ("language_model", "multi_modal_projector")
+
+
+@dataclass
+class StageConfig:
+    """What SFT and SimPO share: data, optimisation, precision, bookkeeping."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    confidence_target: str = "paper"       # "paper" (level c) | "measured" (base model's cell accuracy)
+                                           # | grounded rows: "correct" | "cell" | "internal"
+    layout: str = "single_turn"            # confidence prompt layout: prompts.LAYOUTS
+    framing: str | None = None             # None: the dataset's framing column (else "third")
+    learning_rate: float = 1e-3
+    num_train_epochs: float = 1.0
+    max_steps: int = -1                    # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = "cosine"
+    warmup: float = 0.03                   # < 1: fraction of the steps; >= 1: steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"                 # base weights: "float32" | "bfloat16" | "float16"
+    mixed_precision: str = "no"            # autocast: "no" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    logging_steps: int = 10
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    dataloader_num_workers: int = 0        # image decoding in worker processes; the resume test uses 0
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # configs read back from JSON
+            self.lora = LoraSettings(**self.lora)
+        if isinstance(self.lora.target_modules, list):
+            self.lora.target_modules = tuple(self.lora.target_modules)
+        if isinstance(self.lora.target_parts, list):
+            self.lora.target_parts = tuple(self.lora.target_parts)
+        if self.confidence_target not in CONFIDENCE_TARGETS:
+            raise ValueError(f"confidence_target must be one of {CONFIDENCE_TARGETS}, got {self.confidence_target!r}")
+        prompts.check_layout(self.layout)
+        if self.framing is not None and self.framing not in prompts.FRAMINGS:
+            raise ValueError(f"framing must be None or one of {prompts.FRAMINGS}, got {self.framing!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
+
+
+@dataclass
+class SFTConfigCSP(StageConfig):
+    """Stage 1. ``replay_fraction`` of each epoch's examples are clean question-answer
+    turns (the ``t == 0`` rows: unperturbed images) so the model keeps answering well."""
+
+    replay_fraction: float = 0.0
+    loss: str = "ce"                       # "ce" (reply cross-entropy) | "brier" (expected Brier over options)
+                                           # | "soft_ce" (option cross-entropy to a two-point target)
+    # trl's fused LM head scores only the reply positions, in tiles, and logs token accuracy and
+    # entropy: it saves memory on large vocabularies (a 7B LLaVA's 32k) but costs ~30% per step
+    # on CPU and small models. False: the model's own cross-entropy, same loss value.
+    trl_fused_loss: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.replay_fraction < 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+
+    @property
+    def uses_option_loss(self) -> bool:
+        """True when stage 1 trains on the option distribution (see the module docstring)."""
+        return (self.loss == "brier" or self.layout != "single_turn"
+                or self.confidence_target in GROUNDED_TARGETS)
+
+
+@dataclass
+class SimPOConfigCSP(StageConfig):
+    """Stage 2. Never call the margin plain ``gamma``: the noise schedule has its own."""
+
+    beta: float = 2.0
+    simpo_gamma: float = 1.0               # gamma / beta = 0.5, the SimPO paper's starting ratio
+    learning_rate: float = 5e-4
+    per_device_train_batch_size: int = 8   # pairs; the forward sees twice as many rows
+
+
+@dataclass
+class TrainingConfigs:
+    """Everything ``train_regime`` needs besides model, data and folder."""
+
+    sft: SFTConfigCSP = field(default_factory=SFTConfigCSP)
+    simpo: SimPOConfigCSP = field(default_factory=SimPOConfigCSP)
+    merge: bool = False                    # also write base + adapter merged, under merged/<adapter>
+
+
+def tiny_default() -> TrainingConfigs:
+    """For the embedded tiny LLaVA on CPU: wide LoRA, high learning rates, fp32."""
+    return TrainingConfigs(
+        sft=SFTConfigCSP(lora=LoraSettings(r=16, alpha=32, dropout=0.05), learning_rate=1e-3,
+                         num_train_epochs=2, per_device_train_batch_size=16, warmup=0.05,
+                         logging_steps=5, save_steps=100),
+        simpo=SimPOConfigCSP(lora=LoraSettings(r=16, alpha=32, dropout=0.05), learning_rate=5e-4,
+                             num_train_epochs=1, per_device_train_batch_size=8, warmup=0.05,
+                             logging_steps=5, save_steps=100),
+    )
+
+
+def paper_llava7b() -> TrainingConfigs:
+    """A 7B LLaVA (llava-hf/llava-1.5-7b-hf) on one 80 GB GPU: bf16 weights, LoRA r=16 on the
+    attention projections, gradient checkpointing; effective batch 16 through accumulation."""
+    lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                        target_parts=("language_model",))
+    common = dict(dtype="bfloat16", mixed_precision="bf16", gradient_checkpointing=True,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=4, warmup=0.03,
+                  logging_steps=10, save_steps=200, dataloader_num_workers=2)
+    return TrainingConfigs(
+        sft=SFTConfigCSP(lora=lora, learning_rate=2e-4, num_train_epochs=1, trl_fused_loss=True, **common),
+        # Preference tuning moves further with less: a 10x smaller rate than SFT.
+        simpo=SimPOConfigCSP(lora=dataclasses.replace(lora), learning_rate=2e-5, num_train_epochs=1,
+                             **common),
+    )
+
+
+def make_configs(preset: str = "tiny_default", sft: dict | None = None, simpo: dict | None = None,
+                 merge: bool = False) -> TrainingConfigs:
+    """A preset with overrides, as notebooks and scripts pass them: ``None`` values mean
+    "keep the preset's", and a ``"lora"`` dict changes only the keys it names."""
+    presets = {"tiny_default": tiny_default, "paper_llava7b": paper_llava7b}
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
+    configs = presets[preset]()
+    for stage, changes in ((configs.sft, sft or {}), (configs.simpo, simpo or {})):
+        for key, value in changes.items():
+            if value is None:
+                continue
+            if key == "lora":
+                stage.lora = dataclasses.replace(stage.lora, **{k: v for k, v in value.items() if v is not None})
+            elif not hasattr(stage, key):
+                raise ValueError(f"unknown {type(stage).__name__} field {key!r}")
+            else:
+                setattr(stage, key, value)
+        stage.__post_init__()  # re-validate after the changes
+    configs.merge = bool(merge)
+    return configs
+
+
+def check_simpo_layout(layout: str) -> None:
+    # the inline reply holds the answer too: a reply-level preference would train the answer tokens
+    if layout == "inline":
+        raise ValueError("SimPO does not take the inline layout (its reply holds the answer); train it with the "
+                         "option losses (SFT stage)")

@@ -1,0 +1,933 @@
+"""The speed engine of the evaluation: prompts as model inputs, shared prefixes, encoded
+images, greedy generation and option scoring, each exactly equal to the one-question-at-a-time
+computation (tested), only faster.
+
+* Batches are left padded (generation continues from the right edge); positions skip the
+  padding, as ``generate`` makes them (:func:`position_ids_from_mask`).
+* :func:`shared_prefix`: the chat template's head and the image run once per batch; the
+  answer prompt and every confidence prompt on the same images continue from that KV cache,
+  where that is exact (same head tokens in every row, 1-D positions).
+* :func:`encode_images`: without a shared prefix, the vision encoder runs once per batch for
+  all its prompts (each distinct image once), and where the tokenizer alone reproduces the
+  processor, later prompts skip the image processor too.
+* Processor shortcuts (:func:`_check_shortcuts`): a LLaVA-style processor's per-image loop is
+  replaced by one array operation and a plain tokenization, once they reproduced its output
+  exactly on a real batch of that processor and image size.
+* :func:`score_options_on`: a confidence prompt and all its options (``" 80%"`` ->
+  ``["Ġ", "80", "%"]``, every token counted) in ONE forward, the options as a prefix tree
+  behind the prompt; :func:`score_options_reference` is the literal computation it equals.
+* :func:`yes_no_tokens` / :func:`internal_probs`: the model's probability of its own yes/no
+  answer at the step where the "Yes" and "No" replies first differ.
+
+``scripts/bench_elicitation.py`` compares this with the naive loop. What is asked, stored
+and summarised lives in :mod:`csp_utils.evaluate.evaluation`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers.cache_utils import DynamicLayer
+
+from csp_utils.vlm import prompts
+
+# Models whose text positions are not one number per token (multimodal RoPE). For them the
+# cached option scoring would need the model's own position bookkeeping, so options are
+# scored by the exact one-at-a-time path instead (slower, same numbers).
+MROPE_MODEL_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "glm4v_moe"}
+
+
+# ------------------------------------------------------------------------------ helpers
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def _model_type(model) -> str:
+    return str(getattr(model.config, "model_type", ""))
+
+
+def uses_mrope(model) -> bool:
+    """True for models with multimodal RoPE: their prompts neither share a prefix nor take
+    pre-encoded images, and their options are scored one at a time."""
+    return _model_type(model) in MROPE_MODEL_TYPES
+
+
+def _attn_implementation(model) -> str | None:
+    config = getattr(model.config, "text_config", None) or model.config
+    return getattr(config, "_attn_implementation", None)
+
+
+def _device_dtype(model):
+    """Where inputs go and the float type pixels take: the model's own (a PEFT wrapper passes
+    these through); a quantized model's first parameter may be uint8, so do not use that."""
+    p = next(model.parameters())
+    dtype = getattr(model, "dtype", None)
+    return getattr(model, "device", p.device), dtype if dtype is not None and dtype.is_floating_point else None
+
+
+def _keeps_last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the forward takes it: a prompt forward then computes one
+    position's logits instead of (B, T, V) (hundreds of MB for a 7B model)."""
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+def _cache_of(out):
+    """The KV cache a forward returned (transformers 5 calls it ``cache``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _fork_cache(cache):
+    """A cache that can grow without changing ``cache``. Dynamic layers replace their
+    tensors when they grow (``torch.cat``), so sharing the tensors is safe and free; any
+    other cache type is deep-copied."""
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        out = copy.copy(cache)
+        out.layers = [copy.copy(layer) for layer in layers]
+        return out
+    return copy.deepcopy(cache)
+
+
+def _rows_repeated(cache, n: int):
+    """A cache whose row b*n + j is row b of ``cache`` (j < n); ``cache`` is untouched.
+
+    Dynamic layers are expanded directly (``expand`` + ``reshape``: one copy, ~20x faster
+    on CPU than ``repeat_interleave``); other cache types get a deep copy and their own
+    ``batch_repeat_interleave``.
+    """
+
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is DynamicLayer for layer in layers):
+        def rep(x):
+            return x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:]).reshape(x.shape[0] * n, *x.shape[1:])
+
+        out = _fork_cache(cache)
+        for layer in out.layers:
+            layer.keys, layer.values = rep(layer.keys), rep(layer.values)
+        return out
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(n)
+    return out
+
+
+def position_ids_from_mask(attention_mask):
+    """Positions that skip padding, as ``generate`` makes them (pads get 0)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+def chat_texts(processor, messages: list[list[dict]]) -> list[str]:
+    """Each conversation as the prompt the model continues: with the generation prompt, or,
+    when it ends in an assistant turn (the inline layout's open reply), that turn left open."""
+    return [chat_text(processor, m) for m in messages]
+
+
+def chat_text(processor, messages: list[dict]) -> str:
+    if messages and messages[-1].get("role") == "assistant":
+        return processor.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode(processor, messages: list[list[dict]], images: list, device=None, dtype=None, texts=None):
+    """Chat-template each conversation (with the generation prompt) and batch it, left-padded.
+
+    Images go one per conversation, nested (``[[img], [img], ...]``), which every processor
+    we support reads as "image i belongs to text i".
+    """
+    tok = _tokenizer(processor)
+    tok.padding_side = "left"  # batched generation continues from the right edge
+    texts = texts if texts is not None else chat_texts(processor, messages)
+    enc = processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt")
+    if device is not None:
+        enc = enc.to(device)
+    if dtype is not None:  # only floating tensors (pixel values) are cast
+        enc = enc.to(dtype=dtype)
+    return enc
+
+
+def _model_inputs(model, processor, messages, images, texts=None, shortcuts: bool = False):
+    device, dtype = _device_dtype(model)
+    if shortcuts:
+        texts = texts if texts is not None else chat_texts(processor, messages)
+        enc = _shortcut_inputs(processor, texts, images)
+        if enc is None:
+            enc = encode(processor, messages, images, texts=texts)
+            _check_shortcuts(processor, texts, images, enc)
+        if device is not None:
+            enc = enc.to(device)
+        return enc.to(dtype=dtype) if dtype is not None else enc
+    return encode(processor, messages, images, device=device, dtype=dtype, texts=texts)
+
+
+# ------------------------------------------------- processor shortcuts, checked per processor
+# Per batch, a LLaVA-style processor preprocesses the images one at a time (PIL + numpy, no
+# torchvision here) and tokenizes each text with its image placeholder written out once per
+# image token: on the embedded default that costs as much as the model's forward. The same
+# tensors come from one array operation over the batch and from tokenizing the text as written
+# (:func:`_tokenize_expanded`). The fast path uses them for a processor and image size only
+# after they reproduced the processor's own output exactly on a real batch; otherwise, and for
+# every other processor, the processor runs.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # processor -> {image key: tokens or False}
+
+
+def _checked_tokens(processor, images):
+    """Image tokens per image for which the shortcuts were checked on this processor and
+    these images' key; None if not checked, False if they differed."""
+    try:
+        return _CHECKED.get(processor, {}).get(_image_key(images))
+    except TypeError:  # a processor that cannot be weakly referenced or hashed: never checked
+        return None
+
+
+def _image_key(images):
+    """(size, mode) shared by every image of the batch, or None (mixed sizes, not PIL)."""
+
+    if not images or not all(isinstance(im, Image.Image) for im in images):
+        return None
+    keys = {(im.size, im.mode) for im in images}
+    return next(iter(keys)) if len(keys) == 1 else None
+
+
+def _batched_pixels(image_processor, images):
+    """``pixel_values`` of same-size images that the processor's resize and crop leave as they
+    are: rescaled and normalised in one array op, with the arithmetic of transformers' numpy
+    functions (rescale in float64, then float32; ``(x - mean) / std`` in float32). Whether resize
+    and crop really are identities is not assumed: :func:`_check_shortcuts` compares."""
+
+    x = np.stack([np.asarray(im) for im in images])                       # (B, H, W, C) uint8
+    if x.ndim != 4:
+        return None
+    if getattr(image_processor, "do_rescale", False):
+        x = x.astype(np.float64) * image_processor.rescale_factor
+    x = x.astype(np.float32)
+    if getattr(image_processor, "do_normalize", False):
+        x = (x - np.asarray(image_processor.image_mean, dtype=np.float32)) / np.asarray(
+            image_processor.image_std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _shortcut_inputs(processor, texts, images):
+    """The processor's inputs for this batch made by the shortcuts, where they were checked
+    for this processor and image key; else None."""
+
+    n = _checked_tokens(processor, images)
+    if not n:
+        return None
+    expanded = _tokenize_expanded(processor, texts, [n] * len(texts))
+    if expanded is None:
+        return None
+    ids, mask = expanded
+    pixels = _batched_pixels(processor.image_processor, images)
+    return transformers.BatchFeature({"input_ids": ids, "attention_mask": mask, "pixel_values": pixels})
+
+
+def _check_shortcuts(processor, texts, images, enc) -> None:
+    """Record whether the shortcuts give exactly ``enc`` (the processor's output for this batch):
+    the number of image tokens per image, or False."""
+
+    key = _image_key(images)
+    try:
+        table = _CHECKED.setdefault(processor, {})
+    except TypeError:  # a processor that cannot be weakly referenced: no shortcuts
+        return
+    if key is None or key in table:
+        return
+    image_id = getattr(processor, "image_token_id", None)
+    image_processor = getattr(processor, "image_processor", None)
+    table[key] = False
+    if image_id is None or image_processor is None or set(enc) != {"input_ids", "attention_mask", "pixel_values"}:
+        return
+    counts = (enc["input_ids"] == image_id).sum(1).tolist()
+    if len(set(counts)) != 1 or counts[0] < 1:
+        return
+    expanded = _tokenize_expanded(processor, texts, counts)
+    pixels = _batched_pixels(image_processor, images)
+    if expanded is None or pixels is None:
+        return
+    ids, mask = expanded
+    same = (ids.shape == enc["input_ids"].shape and torch.equal(ids, enc["input_ids"].cpu())
+            and torch.equal(mask, enc["attention_mask"].cpu()) and pixels.shape == enc["pixel_values"].shape
+            and pixels.dtype == enc["pixel_values"].dtype and torch.equal(pixels, enc["pixel_values"].cpu()))
+    if same:
+        table[key] = counts[0]
+
+
+# ---------------------------------------------------------------- reply token sequences
+def reply_tokens(processor, reply: str, include_end: bool = False) -> list[int]:
+    """Token ids of ``reply`` as the chat template writes it after the generation prompt.
+
+    Rendered once with and once without an assistant turn; the difference is the reply as
+    the model would produce it (leading space, template decoration). It is cut after the
+    shortest run of tokens that decodes to contain ``reply``; with ``include_end`` the
+    template's next special token (its end-of-turn), else the tokenizer's EOS, is appended.
+    """
+    user = [prompts.user_turn("x")]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + [prompts.assistant_turn(reply)], tokenize=False)
+    return _continuation_tokens(processor, prompt, full, reply, include_end)
+
+
+def inline_reply_tokens(processor, reply: str, include_end: bool = False,
+                        prompt_config: prompts.PromptConfig | None = None) -> list[int]:
+    """Token ids of the confidence ``reply`` as the inline layout writes it: inside the one
+    assistant reply, after the answer (``prompts.confidence_messages(layout="inline")``).
+    The same after "Yes" and after "No", or an error (options are scored as one set)."""
+    seqs = []
+    for answer in ("Yes", "No"):
+        head = prompts.confidence_messages("x", answer, layout="inline", config=prompt_config)
+        whole = prompts.confidence_messages("x", answer, confidence=reply, layout="inline", config=prompt_config)
+        seqs.append(_continuation_tokens(processor, chat_text(processor, head),
+                                         processor.apply_chat_template(whole, tokenize=False), reply, include_end))
+    if seqs[0] != seqs[1]:
+        raise ValueError(f"the inline reply {reply!r} tokenizes differently after 'Yes' and 'No': {seqs}")
+    return seqs[0]
+
+
+def _continuation_tokens(processor, prompt: str, full: str, reply: str, include_end: bool) -> list[int]:
+    """The tokens ``full`` adds to ``prompt``, cut after the shortest run that decodes to
+    contain ``reply`` (plus the end token with ``include_end``)."""
+    tok = _tokenizer(processor)
+    if not full.startswith(prompt):
+        raise ValueError(
+            "The chat template does not write an assistant turn as a continuation of the "
+            f"generation prompt; cannot score replies.\nprompt: {prompt!r}\nfull: {full!r}"
+        )
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    f_ids = tok(full, add_special_tokens=False)["input_ids"]
+    if f_ids[: len(p_ids)] == p_ids:
+        rest = f_ids[len(p_ids):]
+    else:  # the tokenizer merged across the boundary: tokenize the reply part alone
+        rest = tok(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    for n in range(1, len(rest) + 1):
+        if reply in tok.decode(rest[:n]):
+            break
+    else:
+        raise ValueError(f"The chat template changed the reply {reply!r}: rendered {full[len(prompt):]!r}")
+    ids = list(rest[:n])
+    if include_end:
+        special = set(tok.all_special_ids)
+        end = next((t for t in rest[n:] if t in special), tok.eos_token_id)
+        if end is None:
+            raise ValueError("include_end=True but the template has no end token and the tokenizer no EOS")
+        ids.append(int(end))
+    return ids
+
+
+def option_token_ids(processor, options: Sequence[int], include_end: bool = False, layout: str = "single_turn",
+                     prompt_config: prompts.PromptConfig | None = None) -> list[list[int]]:
+    """Token sequences of the confidence options, written as ``prompts.format_confidence``:
+    as the reply after the generation prompt, or, in the inline layout, after the answer
+    inside the same reply."""
+    prompts.check_layout(layout)
+    if layout == "inline":
+        return [inline_reply_tokens(processor, prompts.format_confidence(int(o)), include_end, prompt_config)
+                for o in options]
+    return [reply_tokens(processor, prompts.format_confidence(int(o)), include_end) for o in options]
+
+
+@dataclass
+class YesNoTokens:
+    """Where and with which tokens the internal yes/no probability is read."""
+
+    prefix: list[int]        # tokens shared by the "Yes" and "No" replies (often none)
+    yes: list[int]           # token ids at position len(prefix) that mean yes
+    no: list[int]
+
+
+def yes_no_tokens(processor) -> YesNoTokens:
+    seqs = {v: reply_tokens(processor, v) for v in ("Yes", "yes", "No", "no")}
+    a, b = seqs["Yes"], seqs["No"]
+    c = 0
+    while c < min(len(a), len(b)) and a[c] == b[c]:
+        c += 1
+    if c >= min(len(a), len(b)):
+        raise ValueError(f"'Yes' and 'No' replies do not differ in tokens: {a} vs {b}")
+    prefix = a[:c]
+    tok = _tokenizer(processor)
+
+    def at_c(main, variant):
+        # the lower-case variant counts only when it is one whole-word token at the same step
+        ids = {seqs[main][c]}
+        v = seqs[variant]
+        if len(v) > c and v[:c] == prefix and tok.decode([v[c]]).strip().lower() == variant:
+            ids.add(v[c])
+        return sorted(ids)
+
+    yes, no = at_c("Yes", "yes"), at_c("No", "no")
+    if set(yes) & set(no):
+        raise ValueError(f"yes and no share a token at the decision step: {yes} / {no}")
+    return YesNoTokens(prefix=prefix, yes=yes, no=no)
+
+
+# ------------------------------------------------------------------ prompts as inputs
+@dataclass
+class Prompts:
+    """A batch of prompts ready for the model.
+
+    Either plain (``prefix_cache`` None): left-padded ids + the image inputs; or on a
+    shared prefix: ``input_ids[:, :prefix_len]`` (template head + image) is already in
+    ``prefix_cache`` and the rest is the left-padded per-prompt text, so the padding sits
+    between the prefix and the text (positions skip it, as everywhere here).
+    """
+
+    input_ids: object
+    attention_mask: object
+    image_inputs: dict
+    prefix_cache: object = None
+    prefix_len: int = 0
+    image_tokens: list | None = None   # per row, where the ids are the text's with the placeholder
+                                       # repeated (the processor shortcut, checked)
+
+
+def plain_prompts(model, processor, messages, images, texts=None, encoded=None, shortcuts: bool = False) -> Prompts:
+    """Plain prompts; with ``encoded`` (from :func:`encode_images`, for the same images in
+    the same order) the image inputs are replaced by those encoder outputs, so the vision
+    tower does not run again. ``shortcuts``: the processor's output may come from the checked
+    shortcuts (same tensors, see :func:`_check_shortcuts`)."""
+    enc = _model_inputs(model, processor, messages, images, texts, shortcuts)
+    rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    if encoded is not None:
+        rest = encoded.replace(rest)
+    n = _checked_tokens(processor, images) if shortcuts else None
+    if n and not bool(((enc["input_ids"] == processor.image_token_id).sum(1) == n).all()):
+        n = None
+    return Prompts(enc["input_ids"], enc["attention_mask"], rest, image_tokens=[n] * len(images) if n else None)
+
+
+@dataclass
+class EncodedImages:
+    """A batch's images through the model's vision encoder, once (transformers'
+    ``mm_encoder_outputs``): the answer prompts and the confidence prompts of the same
+    images then skip the vision tower. Exact: the encoder sees the same pixel inputs."""
+
+    keys: tuple                 # the image inputs the encoder consumed (e.g. pixel_values)
+    inputs: dict                # those inputs, to check that later prompts carry the same
+    outputs: dict               # {"image": encoder output}, as forward/generate take it
+    image_tokens: list | None = None   # per row: how many image tokens the processor wrote, where
+                                       # the tokenizer alone reproduces the processor (see text_prompts)
+
+    def text_prompts(self, processor, messages) -> Prompts | None:
+        """Prompts for other conversations on the same images without running the image
+        processor again: the placeholder is expanded to this batch's image-token count and
+        only the tokenizer runs. None unless :func:`encode_images` checked on the batch it
+        encoded that this gives exactly the processor's ids (LLaVA-style processors do)."""
+        if self.image_tokens is None or len(messages) != len(self.image_tokens):
+            return None
+        expanded = _tokenize_expanded(processor, chat_texts(processor, messages), self.image_tokens)
+        if expanded is None:
+            return None
+        ids, mask = expanded
+        dev = self.inputs["pixel_values"].device
+        return Prompts(ids.to(dev), mask.to(dev), {"mm_encoder_outputs": dict(self.outputs)})
+
+    def replace(self, image_inputs: dict) -> dict:
+        for k in self.keys:
+            if k not in image_inputs or not torch.equal(image_inputs[k], self.inputs[k]):
+                raise ValueError(f"these prompts' {k} differ from the encoded images'; encode them separately")
+        rest = {k: v for k, v in image_inputs.items() if k not in self.keys}
+        rest["mm_encoder_outputs"] = dict(self.outputs)  # forward may add to its dict
+        return rest
+
+
+def _tokenize_expanded(processor, texts, counts):
+    """Left-padded ids of ``texts`` with the i-th image placeholder written ``counts[i]`` times,
+    or None where a text does not tokenize its placeholder to exactly one image token.
+
+    The texts are tokenized as written and the image token is repeated in the ids: the
+    placeholder is an added token, split off before the rest is tokenized, so this equals
+    tokenizing the expanded text (what LLaVA-style processors do), at a third of the cost
+    (:func:`encode_images` checks the equality against the processor on every batch)."""
+    tok = _tokenizer(processor)
+    image_id = getattr(processor, "image_token_id", None)
+    rows = []
+    for ids, n in zip(tok(list(texts))["input_ids"], counts):
+        if ids.count(image_id) != 1:
+            return None
+        at = ids.index(image_id)
+        rows.append(ids[:at] + [image_id] * n + ids[at + 1:])
+    return _left_padded(rows, tok)
+
+
+def _left_padded(rows: list[list[int]], tok):
+    """(ids, attention mask) of token-id lists, left padded with the tokenizer's pad id."""
+
+    L = max(len(r) for r in rows)
+    ids = np.full((len(rows), L), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=np.int64)
+    mask = np.zeros((len(rows), L), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = r
+        mask[i, L - len(r):] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def encode_images(model, image_inputs: dict, processor=None, prompts_: Prompts | None = None,
+                  texts=None) -> EncodedImages | None:
+    """Run the vision encoder on a batch's image inputs, or None where the model does not
+    take pre-encoded images (``mm_encoder_outputs``) or the inputs hold no pixels. This is
+    what ``generate`` does before its prefill, done once for all prompts of the batch.
+
+    Given the ``processor``, the batch's ``prompts_`` and their chat ``texts``, it also
+    checks whether expanding the image placeholder and tokenizing reproduces the processor's
+    ids exactly; if so, later prompts on these images skip the image processor too
+    (:meth:`EncodedImages.text_prompts`)."""
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
+        return None
+    fn = getattr(getattr(base, "model", base), "get_image_features", None) or getattr(base, "get_image_features", None)
+    if fn is None:
+        return None
+    keys = tuple(k for k in inspect.signature(fn).parameters if k != "kwargs" and k in image_inputs)
+    if "pixel_values" not in keys:
+        return None
+
+    inputs = {k: image_inputs[k] for k in keys}
+    with torch.no_grad():
+        out = _encode_distinct(base, fn, inputs["pixel_values"]) if keys == ("pixel_values",) else None
+        if out is None:
+            out = fn(**inputs, return_dict=True)
+    encoded = EncodedImages(keys, inputs, {"image": out})
+    image_id = getattr(processor, "image_token_id", None)
+    if prompts_ is not None and prompts_.image_tokens is not None and set(image_inputs) == set(keys):
+        encoded.image_tokens = list(prompts_.image_tokens)   # checked when the prompts were made
+    elif (image_id is not None and prompts_ is not None and texts is not None
+            and set(image_inputs) == set(keys) and all(t.count(processor.image_token) == 1 for t in texts)):
+        counts = (prompts_.input_ids == image_id).sum(1).tolist()
+        expanded = _tokenize_expanded(processor, texts, counts)
+        if expanded is not None:
+            ids, mask = (t.to(prompts_.input_ids.device) for t in expanded)
+            if ids.shape == prompts_.input_ids.shape and torch.equal(ids, prompts_.input_ids) \
+                    and torch.equal(mask, prompts_.attention_mask):
+                encoded.image_tokens = counts
+    return encoded
+
+
+# POPE asks six questions per image and AMBER several, and benchmarks list them together, so
+# a batch holds few distinct images: the vision encoder runs on each once. Whether the
+# encoder's output is one entry per image (so that it can be given back per row) is checked
+# once per model against encoding the whole batch.
+_DISTINCT_OK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> bool
+
+
+class _NotPerImage(Exception):
+    pass
+
+
+def _distinct_rows(x) -> tuple[list[int], list[int]]:
+    """The first row of each distinct value of ``x`` (exact, by bytes) and, for every row,
+    the place of its value among them."""
+    first, place, inverse = [], {}, []
+    for i, row in enumerate(x.detach().reshape(x.shape[0], -1).cpu().numpy()):
+        key = row.tobytes()
+        if key not in place:
+            place[key] = len(first)
+            first.append(i)
+        inverse.append(place[key])
+    return first, inverse
+
+
+def _per_row(out, inverse: list[int], n: int):
+    """The encoder output of ``n`` distinct images given back one entry per batch row."""
+
+    index = torch.tensor(inverse)
+
+    def pick(v):
+        if v is None:
+            return None
+        if torch.is_tensor(v) and v.ndim and v.shape[0] == n:
+            return v[index.to(v.device)]
+        if isinstance(v, list) and len(v) == n:
+            return [v[i] for i in inverse]
+        if isinstance(v, tuple):
+            return tuple(pick(x) for x in v)
+        raise _NotPerImage
+
+    return type(out)(**{k: pick(v) for k, v in out.items()})
+
+
+def _close(a, b) -> bool:
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if hasattr(a, "keys") and hasattr(b, "keys"):
+        return set(a.keys()) == set(b.keys()) and all(_close(a[k], b[k]) for k in a.keys())
+    return a is None and b is None
+
+
+def _encode_distinct(base, fn, pixel_values):
+    """``fn`` (the model's image encoder) on each distinct image of the batch once, its output
+    given back per row; None where no image repeats or this model's output is not one entry
+    per image."""
+    first, inverse = _distinct_rows(pixel_values)
+    ok = _DISTINCT_OK.get(base)
+    if len(first) == pixel_values.shape[0] or ok is False:
+        return None
+    try:
+        out = _per_row(fn(pixel_values=pixel_values[first], return_dict=True), inverse, len(first))
+    except _NotPerImage:
+        out = None
+    if ok is None:   # first batch with a repeated image: compare with encoding every row
+        full = fn(pixel_values=pixel_values, return_dict=True)
+        _DISTINCT_OK[base] = out is not None and _close(out, full)
+        return out if _DISTINCT_OK[base] else full
+    return out
+
+
+@dataclass
+class SharedPrefix:
+    """The KV cache of what every prompt of a batch shares: the chat template's head and the
+    image (``head_text`` + image placeholder), computed once and reused by the answer and
+    confidence prompts of the same images ("the confidence turn reuses the answer turn's
+    prefix"). Built by :func:`shared_prefix` only where that is exact (see there)."""
+
+    head_text: str
+    placeholder: str
+    ids: object            # (P,) token ids of the prefix
+    cache: object          # KV cache of the prefix, one row per image
+    processor: object
+
+    def prompts(self, messages, texts=None, tails=None) -> Prompts | None:
+        """Prompts on this prefix, or None when one does not start with it or its text
+        would not tokenize the same on its own (then use :func:`plain_prompts`)."""
+
+        tok = _tokenizer(self.processor)
+        texts = texts if texts is not None else chat_texts(self.processor, messages)
+        tails = tails if tails is not None else _tails(texts, self.placeholder, self.head_text, tok)
+        if tails is None or len(tails) != self.cache_rows:
+            return None
+        dev = self.ids.device
+        ids, mask = (t.to(dev) for t in _left_padded(tails, tok))
+        P = self.ids.numel()
+        return Prompts(
+            torch.cat([self.ids.expand(len(tails), P), ids], 1),
+            torch.cat([torch.ones((len(tails), P), dtype=torch.long, device=dev), mask], 1),
+            {},
+            prefix_cache=self.cache,
+            prefix_len=P,
+        )
+
+    @property
+    def cache_rows(self) -> int:
+        return int(self.cache.layers[0].keys.shape[0]) if getattr(self.cache, "layers", None) else -1
+
+
+def _tails(texts, placeholder, head_text, tok, check_whole: bool = True) -> list[list[int]] | None:
+    """Token ids of each text after the image placeholder, when the text is ``head_text +
+    placeholder + tail`` and the tail tokenizes the same as inside the whole text."""
+    tails = []
+    for t in texts:
+        if t.count(placeholder) != 1:
+            return None
+        head, tail = t.split(placeholder)
+        if head != head_text:
+            return None
+        tails.append(tail)
+    # tokenized behind the placeholder, as in the whole text (a SentencePiece tokenizer
+    # would put a "▁" before a tail tokenized alone)
+    ph = tok.convert_tokens_to_ids(placeholder)
+    out = []
+    for ids in tok([placeholder + t for t in tails], add_special_tokens=False)["input_ids"]:
+        if ph not in ids or ids.index(ph) + 1 == len(ids):
+            return None
+        out.append(ids[ids.index(ph) + 1:])
+    if check_whole:
+        for ids, whole in zip(out, tok(list(texts), add_special_tokens=False)["input_ids"]):
+            if whole[len(whole) - len(ids):] != ids:
+                return None  # the tokenizer joins the tail to what precedes it
+    return out
+
+
+def shared_prefix(model, processor, messages, images, texts=None,
+                  shortcuts: bool = False) -> tuple[SharedPrefix | None, Prompts]:
+    """``(prefix, prompts)`` for a batch: the batch as prompts on a shared prefix when that
+    is exact, else ``(None, plain prompts)``.
+
+    Exact means: each chat text is ``head + image placeholder + tail`` with the same head;
+    the processor's ids of every prompt end with the tail's ids tokenized alone; what
+    precedes (template head, expanded image tokens) is the same token sequence in every
+    row; the processor returns no other per-token inputs; the model has 1-D positions.
+    The prefix pass runs the image once; later prompts on the same images (the
+    confidence questions) then skip the vision tower and the image tokens.
+    """
+
+    texts = texts if texts is not None else chat_texts(processor, messages)
+    placeholder = getattr(processor, "image_token", None)
+    tails = None
+    if placeholder and not uses_mrope(model):
+        # checked against the processor's own ids below; a text-first template fails here
+        tails = _tails(texts, placeholder, texts[0].split(placeholder)[0], _tokenizer(processor), check_whole=False)
+    plain = plain_prompts(model, processor, messages, images, texts, shortcuts=shortcuts)
+    if tails is None:
+        return None, plain
+    head = texts[0].split(placeholder)[0]
+    B, T = plain.input_ids.shape
+    if any(getattr(v, "shape", (0,))[:2] == (B, T) for v in plain.image_inputs.values()):
+        return None, plain
+    rows = [ids[m.bool()].tolist() for ids, m in zip(plain.input_ids, plain.attention_mask)]
+    heads = {tuple(r[: len(r) - len(t)]) for r, t in zip(rows, tails) if r[len(r) - len(t):] == t}
+    if len(heads) != 1 or sum(r[len(r) - len(t):] == t for r, t in zip(rows, tails)) != len(rows):
+        return None, plain
+    ids = torch.tensor(next(iter(heads)), device=plain.input_ids.device)
+    with torch.no_grad():
+        out = model(input_ids=ids.expand(B, ids.numel()), attention_mask=torch.ones((B, ids.numel()), dtype=torch.long,
+                    device=ids.device), **plain.image_inputs, use_cache=True, **_keeps_last_logits_only(model))
+    prefix = SharedPrefix(head, placeholder, ids, _cache_of(out), processor)
+    on_prefix = prefix.prompts(messages, texts, tails)
+    return (prefix, on_prefix) if on_prefix is not None else (None, plain)
+
+
+# ------------------------------------------------------------------------- generation
+def generate_on(model, processor, p: Prompts, max_new_tokens: int):
+    """Greedy replies for a batch: ``(texts, new_token_ids, step_logits)``.
+
+    ``step_logits[t]`` is the (B, V) raw logits of generation step t (float32, CPU).
+    """
+
+    tok = _tokenizer(processor)
+    kwargs = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, **p.image_inputs)
+    if p.prefix_cache is not None:  # generate feeds only what the cache does not hold
+        kwargs["cache"] = _fork_cache(p.prefix_cache)
+    with torch.no_grad():
+        out = model.generate(
+            **kwargs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    new = out.sequences[:, p.input_ids.shape[1]:]
+    texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+    return texts, new.cpu(), [lg.float().cpu() for lg in out.logits]
+
+
+def generate_replies(model, processor, messages, images, max_new_tokens: int):
+    """Greedy replies to chat conversations with one image each; see :func:`generate_on`."""
+    return generate_on(model, processor, plain_prompts(model, processor, messages, images), max_new_tokens)
+
+
+def internal_probs(step_logits, new_ids, answers, yn: YesNoTokens) -> list[tuple[float | None, float | None]]:
+    """(restricted, raw) probability of each row's own parsed answer at the step where the
+    "Yes" and "No" replies first differ: ``p(own) / (p(yes) + p(no))`` (case variants that are
+    one token summed) and ``p(own)`` over the whole vocabulary; (None, None) for a reply that
+    did not parse or did not start the way the Yes/No replies start."""
+
+    c = len(yn.prefix)
+    out = []
+    for i, ans in enumerate(answers):
+        ok = ans in ("yes", "no") and c < len(step_logits) and new_ids[i, :c].tolist() == yn.prefix
+        if not ok:
+            out.append((None, None))
+            continue
+        p = torch.softmax(step_logits[c][i], -1)
+        p_yes, p_no = float(p[yn.yes].sum()), float(p[yn.no].sum())
+        own = p_yes if ans == "yes" else p_no
+        out.append((own / (p_yes + p_no) if p_yes + p_no > 0 else None, own))
+    return out
+
+
+# ----------------------------------------------------------------------- option scoring
+def score_options(model, processor, messages, images, option_ids, option_chunk: int | None = None,
+                  method: str | None = None):
+    """Log-likelihood (B, K) of each option's tokens as the reply to each conversation.
+
+    Models with multimodal RoPE (Qwen2-VL family) use :func:`score_options_reference`;
+    all others :func:`score_options_on` (prompt and options in one forward).
+    """
+    if uses_mrope(model):
+        return score_options_reference(model, processor, messages, images, option_ids)
+    p = plain_prompts(model, processor, messages, images)
+    return score_options_on(model, processor, p, option_ids, option_chunk, method)
+
+
+def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int | None = None,
+                     method: str | None = None):
+    """Option log-likelihoods for prompts (left padded, positions that skip the padding; on
+    a shared prefix only the text after it), by one of:
+
+    * ``"tree"`` (default where the attention takes a custom mask: sdpa, eager): ONE
+      forward per batch over the prompt followed by all options' tokens as a prefix tree
+      (tokens that options share are fed once). Prompt tokens see the prompt causally; each
+      tree token sees the prompt and its own ancestors only, at positions counted from the
+      end of the prompt along its branch. No KV cache is built.
+    * ``"expand"`` (other attention kernels, e.g. flash-attention): the prompt runs once
+      and its KV cache is repeated to B x k rows for a chunk of ``option_chunk`` options
+      (all by default); each row is fed its option (right padded; padding after a token
+      cannot change it under a causal mask). Memory grows k x the prompt's cache.
+
+    Both equal :func:`score_options_reference` within float error (tested).
+    """
+
+    attn = _attn_implementation(model)
+    method = method or ("tree" if attn in ("sdpa", "eager") else "expand")
+    if method not in ("tree", "expand"):
+        raise ValueError(f"method must be 'tree' or 'expand', got {method!r}")
+    with torch.no_grad():
+        if method == "tree":
+            return _score_tree(model, p, option_ids, attn).numpy().astype(np.float64)
+        mask, pos = p.attention_mask, position_ids_from_mask(p.attention_mask)
+        B, K = mask.shape[0], len(option_ids)
+        scores = torch.zeros(B, K, dtype=torch.float32)
+        if p.prefix_cache is None:
+            out = model(input_ids=p.input_ids, attention_mask=mask, position_ids=pos, **p.image_inputs,
+                        use_cache=True, **_keeps_last_logits_only(model))
+        else:
+            P = p.prefix_len
+            out = model(input_ids=p.input_ids[:, P:], attention_mask=mask, position_ids=pos[:, P:],
+                        cache=_fork_cache(p.prefix_cache), use_cache=True, **_keeps_last_logits_only(model))
+        first = out.logits[:, -1].float().log_softmax(-1).cpu()   # predicts each option's 1st token
+        for k, ids in enumerate(option_ids):
+            scores[:, k] = first[:, ids[0]]
+        rest = [k for k, ids in enumerate(option_ids) if len(ids) > 1]
+        if rest:
+            scores += _continue_expand(model, processor, _cache_of(out), mask, pos, option_ids, rest, option_chunk)
+    return scores.numpy().astype(np.float64)
+
+
+def _option_tree(option_ids):
+    """The options' fed tokens (all but each option's last) as a prefix tree:
+    ``(tokens, parent, depth, node)``, ``node[prefix]`` = the place in ``tokens`` of the
+    token that ends that prefix; parents come before their children."""
+    node: dict[tuple, int] = {}
+    tokens, parent, depth = [], [], []
+    for ids in option_ids:
+        for i in range(1, len(ids)):
+            key = tuple(ids[:i])
+            if key not in node:
+                node[key] = len(tokens)
+                tokens.append(ids[i - 1])
+                parent.append(node.get(key[:-1], -1))
+                depth.append(i - 1)
+    return tokens, parent, depth, node
+
+
+def _score_tree(model, p: Prompts, option_ids, attn):
+    """See score_options_on, ``"tree"``: (B, K) float32 log-likelihoods."""
+
+    mask = p.attention_mask
+    dev, B, T = mask.device, mask.shape[0], mask.shape[1]
+    P = p.prefix_len if p.prefix_cache is not None else 0   # already in the prefix cache
+    tokens, parent, depth, node = _option_tree(option_ids)
+    S, Q = len(tokens), T - P                                # tree tokens, prompt tokens fed
+    # who sees whom: keys are [prompt (T, prefix included) | tree (S)], queries [prompt[P:] | tree]
+    keys = mask.bool()
+    causal = torch.ones(Q, T, dtype=torch.bool, device=dev).tril(P)
+    # a left-padding token also sees itself, so that no row is all masked (sdpa would give
+    # NaN there, and NaN times a zero weight is still NaN); its output is never read
+    itself = torch.zeros(Q, T, dtype=torch.bool, device=dev)
+    itself[torch.arange(Q), P + torch.arange(Q)] = True
+    prompt_rows = causal[None] & (keys[:, None, :] | itself[None])
+    anc = torch.eye(S, dtype=torch.bool)
+    for s_, p_ in enumerate(parent):
+        if p_ >= 0:
+            anc[s_] |= anc[p_]
+    allowed = torch.cat([
+        torch.cat([prompt_rows, torch.zeros(B, Q, S, dtype=torch.bool, device=dev)], 2),
+        torch.cat([keys[:, None, :].expand(B, S, T), anc.to(dev).expand(B, S, S)], 2),
+    ], 1)[:, None]                                                                    # (B, 1, Q+S, T+S)
+    if attn == "eager":  # eager attention adds its mask to the scores
+        dtype = _device_dtype(model)[1] or torch.float32
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
+    pos = position_ids_from_mask(mask)
+    tree_pos = pos[:, -1:] + 1 + torch.tensor(depth, dtype=pos.dtype, device=dev)[None, :]
+    kwargs = {} if p.prefix_cache is None else dict(cache=_fork_cache(p.prefix_cache))
+    out = model(
+        input_ids=torch.cat([p.input_ids[:, P:], torch.tensor(tokens, dtype=p.input_ids.dtype, device=dev).expand(B, S)], 1),
+        attention_mask=allowed,
+        position_ids=torch.cat([pos[:, P:], tree_pos], 1),
+        use_cache=p.prefix_cache is not None,
+        **(p.image_inputs if p.prefix_cache is None else {}),
+        **kwargs,
+        **({"logits_to_keep": S + 1} if _keeps_last_logits_only(model) else {}),
+    )
+    lp = out.logits[:, -(S + 1):].float().log_softmax(-1).cpu()      # [last prompt token | tree]
+    # option k's token i is predicted at the last prompt token (i = 0) or at its prefix's node
+    at, target, owner = zip(*[(0 if i == 0 else 1 + node[tuple(ids[:i])], ids[i], k)
+                              for k, ids in enumerate(option_ids) for i in range(len(ids))])
+    per_token = lp[:, list(at)].gather(-1, torch.tensor(target).expand(B, -1)[..., None]).squeeze(-1)
+    scores = torch.zeros(B, len(option_ids), dtype=torch.float32)
+    scores.index_add_(1, torch.tensor(owner), per_token)
+    return scores
+
+
+def _continue_expand(model, processor, base_cache, mask, pos, option_ids, rest, option_chunk):
+    """Options' tokens after the first, one row per (question, option) (see score_options_on)."""
+
+    dev, B = mask.device, mask.shape[0]
+    add = torch.zeros(B, len(option_ids), dtype=torch.float32)
+    chunk = option_chunk or len(rest)
+    pad = _tokenizer(processor).pad_token_id or 0
+    for start in range(0, len(rest), chunk):
+        ks = rest[start:start + chunk]
+        n = len(ks)
+        L = max(len(option_ids[k]) - 1 for k in ks)
+        feed = torch.full((n, L), pad, dtype=torch.long)
+        fmask = torch.zeros(n, L, dtype=mask.dtype)
+        for j, k in enumerate(ks):
+            ids = option_ids[k][:-1]
+            feed[j, : len(ids)] = torch.tensor(ids)
+            fmask[j, : len(ids)] = 1
+        # row b*n + j = question b, option ks[j]
+        o = model(
+            input_ids=feed.to(dev).repeat(B, 1),
+            attention_mask=torch.cat([mask.repeat_interleave(n, 0), fmask.to(dev).repeat(B, 1)], 1),
+            position_ids=pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(L, device=dev),
+            cache=_rows_repeated(base_cache, n),
+            use_cache=True,
+        )
+        lp = o.logits.float().log_softmax(-1).cpu().view(B, n, L, -1)
+        for j, k in enumerate(ks):
+            tgt = torch.tensor(option_ids[k][1:])
+            add[:, k] += lp[:, j, : len(tgt)].gather(-1, tgt.expand(B, -1)[..., None]).squeeze(-1).sum(-1)
+        del o
+    return add
+
+
+def score_options_reference(model, processor, messages, images, option_ids):
+    """The literal computation: one question, one option, one full forward, no cache."""
+
+    rows = []
+    with torch.no_grad():
+        for msgs, img in zip(messages, images):
+            enc = _model_inputs(model, processor, [msgs], [img])
+            n = enc["input_ids"].shape[1]
+            row = []
+            for ids in option_ids:
+                full = dict(enc)
+                t = torch.tensor([ids], device=enc["input_ids"].device)
+                full["input_ids"] = torch.cat([enc["input_ids"], t], 1)
+                full["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(t)], 1)
+                for key in ("mm_token_type_ids", "token_type_ids"):  # per-token extras, if any
+                    if key in full:
+                        full[key] = torch.cat([full[key], torch.zeros_like(t)], 1)
+                lp = model(**full).logits[0, n - 1:-1].float().log_softmax(-1).cpu()
+                row.append(float(lp.gather(-1, torch.tensor(ids)[:, None]).sum()))
+            rows.append(row)
+    return np.array(rows, dtype=np.float64)
+
+
+def option_distribution(logliks, options: Sequence[int]):
+    """Softmax over option log-likelihoods -> (probs (B, K), expectation (B,), argmax (B,)) as fractions."""
+    ll = np.asarray(logliks, dtype=np.float64)
+    ll = ll - ll.max(axis=-1, keepdims=True)
+    p = np.exp(ll)
+    p /= p.sum(axis=-1, keepdims=True)
+    frac = np.asarray(options, dtype=np.float64) / 100.0
+    return p, p @ frac, frac[p.argmax(axis=-1)]
