@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 from csp_utils.pipeline import stages
+from csp_utils.pipeline.expand import expand_study
 from csp_utils.pipeline.stages import DRIVER_KEYS, DRIVER_PARAMETERS, RESERVED, notebook_of, spec_of
 from csp_utils.pipeline.checks import check_stage_parameters, check_value, notebook_defaults
 
@@ -29,6 +30,7 @@ class Stage:
 
 
 def load_params(path: str | Path) -> dict:
+    """The params file, its methods, bases and seeds expanded into stages."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"params file {path} not found; see params/ for examples")
@@ -38,11 +40,15 @@ def load_params(path: str | Path) -> dict:
         raise ValueError(f"{path}: {_yaml_problem(err)}") from None
     if not isinstance(params, dict) or "stages" not in params or not isinstance(params["stages"], dict):
         raise ValueError(f"{path}: needs a 'stages' mapping of notebook name -> parameters")
+    try:
+        params = expand_study(params)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     for stage in params["stages"]:
         if not notebook_of(stage).exists():
             raise ValueError(f"{path}: stage {stage!r} has no notebook {notebook_of(stage)}")
         if stage.split("@")[0] not in stages.STAGES:
-            raise ValueError(f"{path}: notebook {stage.split('@')[0]!r} has no declaration in csp_utils.pipeline.stages.STAGES")
+            raise ValueError(f"{path}: notebook {stage.split('@')[0]!r} has no declaration in stages.STAGES")
     return params
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from csp_utils.train import methods
 from csp_utils.vlm import prompts
 
 
@@ -139,52 +140,47 @@ class TrainingConfigs:
 
 
 def tiny_default() -> TrainingConfigs:
-    """For the embedded tiny LLaVA on CPU: wide LoRA, high learning rates, fp32."""
-    return TrainingConfigs(
-        sft=SFTConfigCSP(lora=LoraSettings(r=16, alpha=32, dropout=0.05), learning_rate=1e-3,
-                         num_train_epochs=2, per_device_train_batch_size=16, warmup=0.05,
-                         logging_steps=5, save_steps=100),
-        simpo=SimPOConfigCSP(lora=LoraSettings(r=16, alpha=32, dropout=0.05), learning_rate=5e-4,
-                             num_train_epochs=1, per_device_train_batch_size=8, warmup=0.05,
-                             logging_steps=5, save_steps=100),
-    )
+    """For the embedded tiny LLaVA on CPU: the configs' own LoRA and learning rates, fp32, a
+    short warm-up and frequent logs and checkpoints."""
+    tiny = dict(warmup=0.05, logging_steps=5, save_steps=100)
+    return TrainingConfigs(sft=SFTConfigCSP(num_train_epochs=2, **tiny), simpo=SimPOConfigCSP(**tiny))
 
 
 def paper_llava7b() -> TrainingConfigs:
-    """A 7B LLaVA (llava-hf/llava-1.5-7b-hf) on one 80 GB GPU: bf16 weights, LoRA r=16 on the
+    """A 7B LLaVA (llava-hf/llava-1.5-7b-hf) on one 80 GB GPU: bf16 weights, LoRA on the
     attention projections, gradient checkpointing; effective batch 16 through accumulation."""
-    lora = LoraSettings(r=16, alpha=32, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
-                        target_parts=("language_model",))
+    lora = LoraSettings(target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), target_parts=("language_model",))
     common = dict(dtype="bfloat16", mixed_precision="bf16", gradient_checkpointing=True,
-                  per_device_train_batch_size=4, gradient_accumulation_steps=4, warmup=0.03,
-                  logging_steps=10, save_steps=200, dataloader_num_workers=2)
+                  per_device_train_batch_size=4, gradient_accumulation_steps=4, dataloader_num_workers=2)
     return TrainingConfigs(
-        sft=SFTConfigCSP(lora=lora, learning_rate=2e-4, num_train_epochs=1, trl_fused_loss=True, **common),
+        sft=SFTConfigCSP(lora=lora, learning_rate=2e-4, trl_fused_loss=True, **common),
         # Preference tuning moves further with less: a 10x smaller rate than SFT.
-        simpo=SimPOConfigCSP(lora=dataclasses.replace(lora), learning_rate=2e-5, num_train_epochs=1,
-                             **common),
+        simpo=SimPOConfigCSP(lora=dataclasses.replace(lora), learning_rate=2e-5, **common),
     )
 
 
 def make_configs(preset: str = "tiny_default", sft: dict | None = None, simpo: dict | None = None,
-                 merge: bool = False) -> TrainingConfigs:
-    """A preset with overrides, as notebooks and scripts pass them: ``None`` values mean
-    "keep the preset's", and a ``"lora"`` dict changes only the keys it names."""
+                 merge: bool = False, method: str | None = None) -> TrainingConfigs:
+    """A hardware preset, the ``method``'s settings over it (:mod:`csp_utils.train.methods`; None:
+    the preset alone), then the overrides, as notebooks and scripts pass them: ``None`` values
+    mean "keep what is there", and a ``"lora"`` dict changes only the keys it names."""
     presets = {"tiny_default": tiny_default, "paper_llava7b": paper_llava7b}
     if preset not in presets:
         raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
     configs = presets[preset]()
-    for stage, changes in ((configs.sft, sft or {}), (configs.simpo, simpo or {})):
-        for key, value in changes.items():
-            if value is None:
-                continue
-            if key == "lora":
-                stage.lora = dataclasses.replace(stage.lora, **{k: v for k, v in value.items() if v is not None})
-            elif not hasattr(stage, key):
-                raise ValueError(f"unknown {type(stage).__name__} field {key!r}")
-            else:
-                setattr(stage, key, value)
-        stage.__post_init__()  # re-validate after the changes
+    layers = [(methods.method(method).sft, methods.method(method).simpo)] if method is not None else []
+    for sft_changes, simpo_changes in layers + [(sft or {}, simpo or {})]:
+        for stage, changes in ((configs.sft, sft_changes), (configs.simpo, simpo_changes)):
+            for key, value in changes.items():
+                if value is None:
+                    continue
+                if key == "lora":
+                    stage.lora = dataclasses.replace(stage.lora, **{k: v for k, v in value.items() if v is not None})
+                elif not hasattr(stage, key):
+                    raise ValueError(f"unknown {type(stage).__name__} field {key!r}")
+                else:
+                    setattr(stage, key, value)
+            stage.__post_init__()  # re-validate after the changes
     configs.merge = bool(merge)
     return configs
 

@@ -1,0 +1,137 @@
+"""A study's methods, base models and seeds, expanded into its stages.
+
+Params may say what the study is instead of listing every stage::
+
+    bases: {embedded: null, embedded-noconf: noconf}    # base model -> its stage tag (the first: none)
+    seeds: {paper_csp: 3, grounded_csp: 3, distilled: 1}
+    data: {paper_csp: {n_scenes: 400}, grounded_csp: {n_scenes: 600}}   # each dataset's source size
+    stages:
+      05_evaluate: {...}                                # every base model's evaluation starts from this
+
+The expansion writes the stages the study has always had, under the same names (markers and
+run folders use them):
+
+* ``paper_csp``, seed k: one dataset for every base model (``02_build_perturbed_dataset``,
+  ``@s1``, ...; data and noise seed k), and per base model SFT then SimPO from that dataset:
+  ``03_train_sft`` / ``04_train_simpo`` tagged ``@s0`` for the first base's seed 0, else
+  ``@s{k}``; ``@{tag}``, ``@{tag}{k}`` for another base's.
+* ``grounded_csp``: one grounded dataset per base model (``@grounded`` into ``grounded``, or
+  ``@grounded_{tag}`` into ``grounded@{tag}``: rows record that base's own answers), and SFT
+  stages ``03_train_sft@g{k}`` (another base: ``@g{t}{k}``, ``t`` its tag's first letter).
+* ``distilled``: SFT stages ``03_train_sft@d{k}`` (``@d{t}{k}``) on the base's grounded dataset.
+* ``05_evaluate`` (``@{tag}``, results under ``results/{tag}``): the base model and every
+  adapter, reported per method and seed (``sft_simpo@s0``, ``grounded@s0=sft@g0``, ...).
+* ``07_figures``: the other bases' results as ``more_results``.
+
+Stages listed in ``stages`` are kept as given: those of notebooks 00 and 01 first, then the
+expanded ones, then the rest in order.
+"""
+
+from __future__ import annotations
+
+METHOD_NAMES = ("paper_csp", "grounded_csp", "distilled")
+STUDY_KEYS = ("bases", "seeds", "data")  # top-level params that the expansion reads
+
+
+def expand_study(params: dict) -> dict:
+    """``params`` with ``bases``/``seeds``/``data`` replaced by the stages they stand for; params
+    without them are returned as they are."""
+    if not any(k in params for k in STUDY_KEYS):
+        return params
+    missing = [k for k in ("bases", "seeds") if k not in params]
+    if missing:
+        raise ValueError(f"a study given by methods needs {' and '.join(missing)} too")
+    bases, seeds, data = params["bases"], params["seeds"], params.get("data") or {}
+    if not isinstance(bases, dict) or not bases or list(bases.values())[0] is not None:
+        raise ValueError("bases: a mapping of base model -> stage tag whose first entry has no tag (null)")
+    unknown = sorted(set(seeds) - set(METHOD_NAMES)) + sorted(set(data) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"seeds/data: unknown method(s) {unknown}; methods: {', '.join(METHOD_NAMES)}")
+    given = dict(params.get("stages") or {})
+    template = given.pop("05_evaluate", None) or {}
+    if "models" in template or "results" in template:
+        raise ValueError("05_evaluate: with bases and seeds, the models and results folder of each base model's "
+                         "evaluation are the expansion's")
+    first = params.get("base_model", "embedded")
+    if list(bases)[0] != first:
+        raise ValueError(f"bases: the first base model must be the study's base_model ({first!r})")
+
+    stages = {k: v for k, v in given.items() if k.split("@")[0] < "02"}
+    stages.update(_datasets(bases, seeds, data))
+    for i, (base, tag) in enumerate(bases.items()):
+        stages.update(_training(base, tag, i == 0, seeds))
+    for i, (base, tag) in enumerate(bases.items()):
+        stages[f"05_evaluate@{tag}" if tag else "05_evaluate"] = _evaluation(template, base, tag, seeds)
+    for name, value in given.items():
+        if name not in stages:
+            stages[name] = _figures(value, bases) if name == "07_figures" else value
+    out = {k: v for k, v in params.items() if k not in STUDY_KEYS}
+    out["stages"] = stages
+    return out
+
+
+def _paper_tag(tag: str | None, k: int, first: bool) -> str:
+    if tag is None:
+        return f"s{k}"
+    return tag if k == 0 else f"{tag}{k}"
+
+
+def _with_seed(fields: dict, k: int) -> dict:
+    return {**fields, "seed": k} if k else dict(fields)
+
+
+def _base(base: str, first: bool) -> dict:
+    return {} if first else {"base_model": base}
+
+
+def _datasets(bases: dict, seeds: dict, data: dict) -> dict:
+    stages = {}
+    for k in range(seeds.get("paper_csp", 0)):
+        stages["02_build_perturbed_dataset" + (f"@s{k}" if k else "")] = {
+            **({"data": data["paper_csp"]} if "paper_csp" in data else {}), **({"build": {"seed": k}} if k else {})}
+    if seeds.get("grounded_csp") or seeds.get("distilled"):
+        for i, (base, tag) in enumerate(bases.items()):
+            stages["02_build_perturbed_dataset@grounded" + (f"_{tag}" if tag else "")] = {
+                **_base(base, i == 0), **({"data": data["grounded_csp"]} if "grounded_csp" in data else {}),
+                "dataset": _grounded_folder(tag), "method": "grounded_csp"}
+    return stages
+
+
+def _grounded_folder(tag: str | None) -> str:
+    return f"grounded@{tag}" if tag else "grounded"
+
+
+def _training(base: str, tag: str | None, first: bool, seeds: dict) -> dict:
+    stages = {}
+    for k in range(seeds.get("paper_csp", 0)):
+        name = _paper_tag(tag, k, first)
+        own = {**_base(base, first), **({"tag": "@s0"} if first and k == 0 else {}),
+               **({"dataset": f"dataset@s{k}"} if k else {})}
+        suffix = "" if first and k == 0 else f"@{name}"
+        stages["03_train_sft" + suffix] = {**own, **({"sft": {"seed": k}} if k else {})}
+        stages["04_train_simpo" + suffix] = {**own, **({"simpo": {"seed": k}} if k else {})}
+    letter = tag[0] if tag else ""
+    for method, prefix in (("grounded_csp", "g"), ("distilled", "d")):
+        for k in range(seeds.get(method, 0)):
+            stages[f"03_train_sft@{prefix}{letter}{k}"] = {
+                **_base(base, first), "dataset": _grounded_folder(tag), "method": method,
+                **({"sft": {"seed": k}} if k else {})}
+    return stages
+
+
+def _evaluation(template: dict, base: str, tag: str | None, seeds: dict) -> dict:
+    models = ["base"]
+    for k in range(seeds.get("paper_csp", 0)):
+        adapter = f"sft_simpo@{_paper_tag(tag, k, tag is None)}"
+        label = f"sft_simpo@s{k}"
+        models.append(label if adapter == label else f"{label}={adapter}")
+    letter = tag[0] if tag else ""
+    for method, prefix, label in (("grounded_csp", "g", "grounded"), ("distilled", "d", "distilled")):
+        models += [f"{label}@s{k}=sft@{prefix}{letter}{k}" for k in range(seeds.get(method, 0))]
+    where = {} if tag is None else {"base_model": base, "results": f"results/{tag}"}
+    return {**where, "models": models, **template}
+
+
+def _figures(given: dict, bases: dict) -> dict:
+    more = {base: tag for base, tag in list(bases.items())[1:]}
+    return {**(given or {}), **({"more_results": more} if more else {})}

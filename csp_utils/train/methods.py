@@ -1,0 +1,60 @@
+"""The study's methods, each defined once: what its dataset is built with (notebook 02's
+``build``) and what its training stages are set to (notebook 03's ``sft``, notebook 04's
+``simpo``), over the hardware preset (:mod:`csp_utils.train.settings`). A notebook run alone
+with ``method=NAME`` trains what the README reports under that name; params name a method and
+override only what differs.
+
+* ``paper_csp``: the paper's recipe: targets from the noise level on gold-"yes" questions;
+  SFT 400 steps of 16 rows (about 0.7 epoch of a 400-scene dataset), then SimPO 250 steps of
+  8 pairs.
+* ``grounded_csp``: grounded rows (the base model's own answers on clean images and on images
+  noised on the asked object or a distractor) with target ``correct`` (the answer's own
+  correctness), the confidence asked in a follow-up turn, option soft-CE, 200 steps at 5e-3;
+  adapters on the confidence turn only. No flipped rows; noise levels 10, 40, 70 and 100.
+* ``distilled``: grounded CSP's rows and training with the base model's temperature-scaled
+  internal probability as target: the reference that knows what the model's own
+  probability knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+
+@dataclass(frozen=True)
+class Method:
+    build: dict = field(default_factory=dict)   # BuildConfig fields of its dataset
+    sft: dict = field(default_factory=dict)     # SFTConfigCSP fields
+    simpo: dict = field(default_factory=dict)   # SimPOConfigCSP fields (methods with a SimPO stage)
+    reports_as: str = ""                        # the model group its adapters are reported under
+
+
+PAPER_CSP = Method(sft={"max_steps": 400}, simpo={"max_steps": 250}, reports_as="sft_simpo")
+GROUNDED_CSP = Method(
+    build={"targets": "grounded", "levels": (10, 40, 70, 100), "grounded": {"flip_rows": False}},
+    sft={"confidence_target": "correct", "layout": "follow_up", "loss": "soft_ce", "max_steps": 200,
+         "learning_rate": 5e-3},
+    reports_as="grounded")
+DISTILLED = Method(build=GROUNDED_CSP.build, sft={**GROUNDED_CSP.sft, "confidence_target": "internal"},
+                   reports_as="distilled")
+METHODS = {"paper_csp": PAPER_CSP, "grounded_csp": GROUNDED_CSP, "distilled": DISTILLED}
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def build_fields(name: str, build: dict | None = None) -> dict:
+    """A method's dataset build fields with ``build`` over them (nested dicts merged)."""
+    return deep_merge(method(name).build, build or {})
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over``'s values over ``base``'s; where both hold a dict, merged the same way."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
