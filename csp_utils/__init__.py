@@ -1,6 +1,6 @@
 """CSP: Confidence Calibration through Semantic Perturbation, as a small study toolkit.
 
-Modules are imported on demand (``from csp_utils import scenes``); importing the package
+Modules are imported on demand (``from csp_utils.world import scenes``); importing the package
 itself is cheap and pulls in no torch or trl.
 """
 

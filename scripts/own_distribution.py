@@ -31,6 +31,7 @@ import os
 import re
 import time
 from pathlib import Path
+from csp_utils.world.schema import QAItem
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -100,7 +101,7 @@ def as_benchmark(ds, name: str = "own-heldout"):
     from csp_utils.world import benchmarks
 
     cols = ds.select_columns(["sample_id", "question", "label", "kind", "key_objects"])
-    items = [benchmarks.QAItem(r["sample_id"], r["sample_id"], r["question"], r["label"], name, r["kind"],
+    items = [QAItem(r["sample_id"], r["sample_id"], r["question"], r["label"], name, r["kind"],
                                list(r["key_objects"])) for r in cols]
     images = ds.select_columns(["image"])
     index = {s: i for i, s in enumerate(ds["sample_id"])}

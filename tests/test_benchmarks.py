@@ -12,6 +12,7 @@ from PIL import Image
 
 from csp_utils.world import benchmarks
 from csp_utils.world import scenes as W
+from csp_utils.world.schema import QAItem
 
 
 # ------------------------------------------------------------- the vendored official files
@@ -164,13 +165,13 @@ def test_duplicate_question_ids_are_refused_at_load(tmp_path, benchmarks_dir):
     with pytest.raises(ValueError, match=f"'{queries[1]['id']}' \\(x2\\)"):
         benchmarks.load_amber(tmp_path / "amber", tmp_path, types=("existence",))
     # sets built in code (the world's) go through the same check
-    item = benchmarks.QAItem("q1", "s1", "Is there a star in the image?", "yes", "pope-random", "existence", ["star"])
+    item = QAItem("q1", "s1", "Is there a star in the image?", "yes", "pope-random", "existence", ["star"])
     with pytest.raises(ValueError, match="'q1'"):
         benchmarks.Benchmark("pope-random", "pope", [item, item], lambda i: None, "yes")
 
 
 def test_score_pope_counts_a_missing_reply_as_unanswered():
-    items = [benchmarks.QAItem(str(i), "img", "Is there a cat in the image?", lab, "pope-random", "existence", ["cat"])
+    items = [QAItem(str(i), "img", "Is there a cat in the image?", lab, "pope-random", "existence", ["cat"])
              for i, lab in enumerate(["yes", "yes", "no", "no"])]
     m = benchmarks.score_pope(items, ["Yes", None, "No", None])
     # pred yes, -, no, -: the two missing replies are wrong and not "yes"
@@ -181,7 +182,7 @@ def test_score_pope_counts_a_missing_reply_as_unanswered():
     real = benchmarks.score_pope(items, ["Yes", "", "No", "None"])
     assert real["unanswered"] == 0 and real["yes_ratio"] == pytest.approx(3 / 4)
     # AMBER too: a missing reply is unscorable under both rules (not a "no" through str(None))
-    amber_items = [benchmarks.QAItem("1", "i", "q", "no", "amber-existence", "existence", [])]
+    amber_items = [QAItem("1", "i", "q", "no", "amber-existence", "existence", [])]
     for rule in ("official", "lenient"):
         assert benchmarks.score_amber(amber_items, [None], normalization=rule)["overall"]["accuracy"] == 0.0
 
@@ -199,7 +200,7 @@ def test_pope_parse_official_rule():
 
 
 def test_score_pope_hand_case():
-    items = [benchmarks.QAItem(str(i), "img", "Is there a cat in the image?", lab, "pope-random", "existence", ["cat"])
+    items = [QAItem(str(i), "img", "Is there a cat in the image?", lab, "pope-random", "existence", ["cat"])
              for i, lab in enumerate(["yes", "yes", "yes", "no", "no", "no"])]
     answers = ["Yes.", "No, there is not.", "Yes", "Yes, there is.", "No", "I do not see one"]
     m = benchmarks.score_pope(items, answers)
@@ -258,7 +259,7 @@ def test_normalize_yes_no():
 
 def test_score_amber_official_and_lenient():
     labels = ["no", "no", "yes", "yes", "no", "yes"]
-    items = [benchmarks.QAItem(str(i), "img", "q?", lab, "amber-attribute", "attribute", ["x"], sub)
+    items = [QAItem(str(i), "img", "q?", lab, "amber-attribute", "attribute", ["x"], sub)
              for i, (lab, sub) in enumerate(zip(labels, ["state", "state", "state", "number", "number", "number"]))]
     answers = ["No", "No.", "Yes", "no", "Yes", "Yes"]
     off = benchmarks.score_amber(items, answers)  # exact match: "No." and "no" are neither Yes nor No

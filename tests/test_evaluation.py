@@ -28,7 +28,8 @@ BENCH_SRC = textwrap.dedent(
     '''
     import numpy as np
     from PIL import Image
-    from csp_utils.world.benchmarks import Benchmark, QAItem
+    from csp_utils.world.benchmarks import Benchmark
+    from csp_utils.world.schema import QAItem
 
     QUESTIONS = [
         "Is there a circle in the image?",
@@ -371,7 +372,8 @@ RUN_SRC = BENCH_SRC + textwrap.dedent(
     '''
     import sys
     import torch
-    from csp_utils import evaluation, models
+    from csp_utils.evaluate import evaluation
+    from csp_utils.vlm import models
 
     torch.set_num_threads(1)
     model, processor = models.load_vlm(sys.argv[1])

@@ -10,7 +10,7 @@ import pytest
 from csp_utils.evaluate import baselines
 from csp_utils.vlm import engine
 from csp_utils.dataset import buildconfig
-from csp_utils.dataset import grounded
+from csp_utils.dataset import grounded, perturbation
 from csp_utils.dataset import buildconfig
 from csp_utils.dataset import perturbed_dataset
 from csp_utils.dataset import sources
@@ -279,7 +279,7 @@ def test_grounded_config_and_inputs_are_checked(tiny_vlm, tmp_path):
     with pytest.raises(ValueError, match="local"):
         grounded.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "w",
                                  buildconfig.BuildConfig(levels=(10, 100), targets="grounded",
-                                                noise=config.NoiseConfig(noise="global")))
+                                                noise=perturbation.NoiseConfig(noise="global")))
 
 
 def test_paper_build_is_unchanged(tmp_path):

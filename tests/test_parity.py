@@ -31,6 +31,7 @@ from csp_utils.dataset import buildconfig
 from csp_utils.dataset import perturbed_dataset
 from csp_utils.dataset import sources
 from csp_utils.world import scenes
+from csp_utils.world.schema import QAItem
 
 pytestmark = pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
                                 reason="the embedded default model is not built (python -m csp_utils.pretrain)")
@@ -80,7 +81,7 @@ def _adapted(model, seed: int = 0):
 def _benchmark(ds):
     """The rows as an evaluation set: each row's own image, question and gold label."""
     images = {sid: img for sid, img in zip(ds["sample_id"], ds["image"])}
-    items = [benchmarks.QAItem(r["sample_id"], r["sample_id"], r["question"], r["label"], "parity", r["kind"],
+    items = [QAItem(r["sample_id"], r["sample_id"], r["question"], r["label"], "parity", r["kind"],
                                list(r["key_objects"])) for r in ds.select_columns(
                                    ["sample_id", "question", "label", "kind", "key_objects"])]
     return benchmarks.Benchmark("parity", "pope", items, lambda k: images[k], "yes")

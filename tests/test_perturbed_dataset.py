@@ -184,7 +184,7 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path):
     script = (
         "import sys; sys.path.insert(0, {tests!r})\n"
         "import test_perturbed_dataset as T\n"
-        "from csp_utils import perturbed_dataset as PD\n"
+        "from csp_utils.dataset import perturbed_dataset\n"
         "perturbed_dataset.build_perturbed_dataset(T.toy_items(12, slow_after=5), T.StubGrounder(), {out!r}, T._cfg(),"
         " progress=False)\n"
     ).format(tests=str(Path(__file__).parent), out=str(out))

@@ -18,7 +18,7 @@ import pandas as pd
 from PIL import Image
 
 from csp_utils.dataset import grounding, perturbation
-from csp_utils.analysis import plots
+from csp_utils.analysis import outputs, plots
 from csp_utils.analysis import tables
 from csp_utils.evaluate import suites
 from csp_utils.world import benchmarks
@@ -63,9 +63,9 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         clean = [s for s in suites.CLEAN_SETS if s in set(pq["set"])]
         transfer = sorted(s for s in set(pq["set"]) if s.startswith("transfer-"))
         if clean:
-            save(reliability_before_after(pq, clean, after), "reliability_clean_sets")
+            save(reliability_before_after(pq, clean, after), outputs.RELIABILITY_CLEAN)
         if transfer:
-            save(reliability_before_after(pq, transfer, after), "reliability_transfer_sets")
+            save(reliability_before_after(pq, transfer, after), outputs.RELIABILITY_TRANSFER)
         lv = tables.level_table(pq)
         if len(lv):
             lv = lv[(lv["framing"] == MAIN_COMBO[0]) & (lv["readout"] == MAIN_COMBO[1])].dropna(subset=["confidence"])
@@ -74,7 +74,7 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             save(plots.confidence_vs_level(df, xlabel="Target confidence / noise level (%)",
                                            ylabel="Verbalized confidence (%)",
                                            title="Confidence vs CSP noise level (held-out scenes)"),
-                 "confidence_vs_level")
+                 outputs.CONFIDENCE_VS_LEVEL)
         both = pq[(pq["framing"] == MAIN_COMBO[0]) & (pq["readout"] == MAIN_COMBO[1])
                   & ~pq["set"].isin(["perturbed"])].dropna(subset=["confidence", "internal_prob"])
         for name in ("base", after):
@@ -82,7 +82,7 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             if len(g) >= 3:
                 save(plots.internal_vs_verbalized(g["internal_prob"], g["confidence"], g["correct"].astype(int),
                                                   title=f"{name}: internal vs verbalized"),
-                     f"internal_vs_verbalized_{name}")
+                     outputs.INTERNAL_VS_VERBALIZED.format(model=name))
     head = _read(results_dir, "headline.csv")
     if head is not None and "ece15" in head.columns:
         main = head[((head["framing"] == MAIN_COMBO[0]) & (head["readout"] == MAIN_COMBO[1])) | (head["framing"] == "-")]
@@ -93,21 +93,21 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             save(plots.metric_intervals(main, ("ece", "brier", "auroc_within", "auroc"), units=pooled,
                                         title=f"Pooled sets (95% intervals, resampling seeds, then {cl}s)",
                                         labels={"auroc": "pooled AUROC (mixes sets)"}),
-                 "metrics_pooled")
+                 outputs.METRICS_POOLED)
         groups = {"clean": [u for u in suites.CLEAN_SETS if u in set(main["set"])],
                   "transfer": sorted(u for u in set(main["set"]) if u.startswith("transfer-"))}
         for name, units in groups.items():
             if units:
                 save(plots.metric_intervals(main, units=units, title=f"{name.capitalize()} sets "
                                                                      f"(95% intervals, resampling by {cl})"),
-                     f"metrics_{name}_sets")
+                     outputs.METRICS_SETS.format(group=name))
     paired = _read(results_dir, "paired.csv")
     if paired is not None and len(paired):
         sub = paired[(paired["method"] == after) & paired["set"].isin(POOLED)]
         if len(sub):
             save(plots.paired_differences(sub, title=f"{after} minus each reference, pooled sets "
                                                      f"(same resamples, by {sub['cluster'].iloc[0]})"),
-                 "paired_differences_pooled")
+                 outputs.PAIRED_POOLED)
     for table in sorted(results_dir.glob("ablation*.csv")):
         if table.name.startswith("ablation_paired"):
             continue
@@ -118,9 +118,9 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
     # train_logs/ also holds margin tables and measured targets: curves are the files with a step column
     logs = [p for p in logs if p.read_text().split("\n", 1)[0].split(",")[0] == "step"]
     for log in logs:
-        save(plots.training_curves(log, title=log.stem), f"training_{log.stem}")
+        save(plots.training_curves(log, title=log.stem), outputs.TRAINING.format(log=log.stem))
     if perturbation_grid:
-        save(perturbation_grid_figure(), "perturbation_grid_scenes")
+        save(perturbation_grid_figure(), outputs.PERTURBATION_GRID)
     prune_stale_figures(figures_dir, written)
     return written
 
@@ -135,7 +135,7 @@ def ablation_figures(ab: pd.DataFrame, suffix: str, save) -> None:
             if unit in set(sub["set"]):
                 save(plots.ablation_bars(sub[sub["set"] == unit], title=f"Ablations: {plots.metric_label(metric)}, "
                                          f"{unit.replace('-', ' ')} sets\n(95% bootstrap interval, seeds then {cl}s)"),
-                     f"ablation{suffix}_{metric}{unit_suffix}")
+                     outputs.ABLATION.format(suffix=suffix, metric=metric, unit=unit_suffix))
         if "pooled-clean" in set(sub["set"]):
             continue
         agg = sub.groupby("name", sort=False).agg(value=("value", "mean"), low=("low", "mean"),
@@ -145,7 +145,7 @@ def ablation_figures(ab: pd.DataFrame, suffix: str, save) -> None:
         n_sets = sub["set"].nunique()
         save(plots.ablation_bars(agg, title=f"Ablations: {plots.metric_label(metric)}, mean over {n_sets} sets\n"
                                              "(whiskers: mean of the per-set 95% bootstrap intervals)"),
-             f"ablation{suffix}_{metric}")
+             outputs.ABLATION.format(suffix=suffix, metric=metric, unit=""))
 
 
 FIGURES_MANIFEST = "figures.json"

@@ -379,8 +379,6 @@ def noise_table(rows: list[dict] | pd.DataFrame, framing: str = "third", readout
     """The grounded perturbed set per model and noise target (none / key / distractor): accuracy,
     mean confidence, ECE, Brier and AUROC. Confidence that follows correctness drops with key noise
     only where answers go wrong, and stays up under distractor noise."""
-    from csp_utils.analysis import metrics
-
     df = pd.DataFrame(rows)
     df = df[(df["set"] == GROUNDED_SET) & df["framing"].isin([framing, "-"]) & df["readout"].isin([readout, "-"])]
     df = df.dropna(subset=["confidence"])
@@ -398,8 +396,6 @@ def noise_table(rows: list[dict] | pd.DataFrame, framing: str = "third", readout
 
 def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
     """Spearman of verbalized confidence against the noise level, per model/framing/read-out."""
-    from csp_utils.analysis import metrics
-
     out = []
     for (model, framing, readout), g in df.groupby(["model", "framing", "readout"]):
         g = g.dropna(subset=["confidence"])

@@ -40,6 +40,9 @@ from csp_utils.dataset.grounding import AnnotationGrounder, GroundingResult, _fi
 from csp_utils.dataset.sources import Source
 from csp_utils.dataset.sources import SourceItem
 from csp_utils.core.paths import DATA
+from csp_utils.dataset import sources
+from csp_utils.world import scenes
+from csp_utils.world.benchmarks import _read_json_rows
 
 POPE_KINDS = ("random", "popular", "adversarial")
 VENDORED_POPE = DATA / "benchmarks" / "pope"
@@ -77,8 +80,6 @@ def coco_number(name) -> int | None:
 
 def pope_eval_images(path) -> set[str]:
     """Image file names of POPE question files: one file, or every ``*.json*`` of a folder."""
-    from csp_utils.world.benchmarks import _read_json_rows
-
     path = Path(path)
     files = sorted(path.glob("*.json*")) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
@@ -370,9 +371,6 @@ def make_source(source: str = "world", *, base_model="embedded", seed: int = 0, 
     made at the model's size). The grounder is None when the builder's default fits (the world's
     annotations, or a detector spec); the COCO oracle when ``grounder="annotations"``.
     """
-    from csp_utils.dataset import sources
-    from csp_utils.world import scenes
-
     if source not in ("world", "coco", "jsonl"):
         raise ValueError(f"source must be 'world', 'coco' or 'jsonl', got {source!r}")
     if source == "world":

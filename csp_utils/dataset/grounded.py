@@ -50,6 +50,7 @@ from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
+from csp_utils.evaluate import baselines
 
 NOISE_ON = ("none", "key", "distractor")
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.
@@ -82,7 +83,7 @@ GROUNDED_COLUMNS = (
 
 @dataclass
 class Variant:
-    qa: object                  # benchmarks.QAItem
+    qa: object                  # schema.QAItem
     level: int                  # 100 = clean
     noise_on: str               # "none" | "key" | "distractor"
     mask: np.ndarray | None     # the noised pixels
@@ -366,8 +367,6 @@ def shard_rows(scene_list: Sequence[world.Scene], questions: dict, grounder, mod
 
 def fit_heldout_temperature(ds) -> tuple[float, dict]:
     """T fitted on the clean rows of the held-out scenes (never evaluation images)."""
-    from csp_utils.evaluate import baselines
-
     split, level = np.array(ds["split"]), np.array(ds["level"])
     pick = (split == "heldout") & (level == 100)
     p, y = np.array(ds["p_own_raw"], float)[pick], np.array(ds["own_correct"], float)[pick]
@@ -416,8 +415,6 @@ def _pooled(levels, answers, correct) -> dict[str, int]:
 def finalize(ds, options: GroundedOptions, stats: Counter):
     """Add the quoted answer and the targets, then the flip rows; returns (dataset, T, temperature info, cells)."""
     from datasets import concatenate_datasets
-
-    from csp_utils.evaluate import baselines
 
     T, t_info = fit_heldout_temperature(ds)
     levels, kinds, own = list(ds["level"]), list(ds["kind"]), list(ds["own_answer"])
@@ -630,8 +627,6 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     :func:`noise_on_of` the target); each is its own image_id, as in ``perturbed_benchmark``.
     """
     from PIL import Image
-
-    from csp_utils.dataset.grounding import AnnotationGrounder
 
     levels = tuple(c for c in perturbation.validate_levels(levels) if c < 100)
     if not levels:

@@ -37,6 +37,8 @@ from PIL import Image
 from csp_utils.world import scenes as world
 from csp_utils.core.images import to_rgb
 from csp_utils.dataset.keyobjects import Vocabulary, coco_vocabulary, get_vocabulary, singularize
+from csp_utils.dataset.keyobjects import default_vocabulary
+from csp_utils.world.scenes import load_scenes
 
 STATUSES = ("ok", "no_detection", "empty_mask", "no_objects")
 Box = tuple[float, float, float, float]
@@ -557,8 +559,6 @@ def make_grounder(spec: dict | str | Grounder = "annotations", scenes=None) -> G
         inner = AnnotationGrounder.from_coco(spec["coco"], vocabulary=spec.get("vocabulary"))
     else:
         if scenes is None and "scenes_dir" in spec:
-            from csp_utils.world.scenes import load_scenes
-
             scenes = load_scenes(spec["scenes_dir"])
         if scenes is None:
             raise ValueError(f"the {kind!r} grounder needs annotations: pass scenes=..., or a spec with "
@@ -580,8 +580,6 @@ def make_grounder(spec: dict | str | Grounder = "annotations", scenes=None) -> G
 def _tiny_words() -> list[str]:
     """Word-level vocabulary for the tiny detector's tokenizer: every word of the built-in
     vocabularies, so prompts tokenise into real ids rather than [UNK]."""
-    from csp_utils.dataset.keyobjects import default_vocabulary
-
     vocab = default_vocabulary()
     words = {w for p in vocab.phrases + vocab.modifiers for w in p.replace("-", " ").split()}
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "-", "a", "an", "the"] + sorted(words)

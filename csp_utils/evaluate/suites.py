@@ -17,6 +17,7 @@ import numpy as np
 
 from csp_utils.dataset import grounded
 from csp_utils.world import benchmarks, scenes as world
+from csp_utils.world.schema import QAItem
 
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
@@ -102,7 +103,7 @@ def perturbed_benchmark(cfg: SuiteConfig, noise: str = "local") -> benchmarks.Be
         for level, arr in zip(cfg.perturbed_levels, arrs):
             qid = f"{it.question_id}@c{level}"
             images[qid] = arr
-            items.append(benchmarks.QAItem(qid, qid, it.question, it.label, "perturbed", it.kind, list(it.objects)))
+            items.append(QAItem(qid, qid, it.question, it.label, "perturbed", it.kind, list(it.objects)))
     from PIL import Image
 
     return benchmarks.Benchmark("perturbed", "pope", items, lambda i: Image.fromarray(images[i]), "yes")

@@ -15,6 +15,7 @@ from pathlib import Path
 from csp_utils.core.paths import PACKAGE
 from csp_utils.pipeline.stages import notebook_of
 from csp_utils.pipeline.planning import Stage, within
+from csp_utils.vlm import models
 
 
 # ------------------------------------------------------------------ digests and keys
@@ -80,8 +81,6 @@ def model_fingerprint(base_model) -> str:
     invalidates every stage that loads it: the checksum in ``csp_meta.json`` (the embedded
     default), else the names, sizes and mtimes of a local folder's weight and config files,
     else the hub id."""
-    from csp_utils.vlm import models
-
     name = str(base_model)
     if name == models.EMBEDDED and not (models.default_model_dir() / "model.safetensors").exists():
         # never the bare name: a stage keyed on it would start a notebook that cannot load the model

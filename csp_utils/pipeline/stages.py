@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from csp_utils.analysis import outputs
 from csp_utils.core.paths import REPO
 
 
@@ -46,7 +47,7 @@ class StageSpec:
 
 
 def _figures(*stems: str) -> list[str]:
-    return [f"figures/{stem}.{ext}" for stem in stems for ext in ("png", "pdf")]
+    return outputs.figure_files("figures", *stems)
 
 
 def _matrix(models, results: str = "results") -> list[str]:
@@ -82,10 +83,8 @@ def _suffix(p: dict) -> str:
 def _figures_outputs(p: dict) -> list[str]:
     if p["figures_dir"] is not None:  # published outside the run folder: not the driver's to clear
         return []
-    return _figures("reliability_clean_sets", "reliability_transfer_sets", "confidence_vs_level",
-                    "ablation_*",   # every ablation table's bars (notebook 06's previews are preview_ablation*)
-                    "perturbation_grid_scenes", "internal_vs_verbalized_*", "training_*",
-                    "metrics_*", "paired_differences_pooled") + [f"figures/{sub}" for sub in p["more_results"].values()]
+    return (_figures(*(outputs.pattern(name) for name in outputs.REPORT_FIGURES))
+            + [f"figures/{sub}" for sub in p["more_results"].values()])
 
 
 NUMBER = (int, float)

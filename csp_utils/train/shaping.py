@@ -12,6 +12,7 @@ from typing import Sequence
 
 from csp_utils.vlm import prompts
 from csp_utils.train.settings import GROUNDED_TARGETS, check_simpo_layout
+from csp_utils.dataset.store import DIGESTS_FILE, verify_dataset_folder
 
 
 # --------------------------------------------------------------------------- data
@@ -42,7 +43,6 @@ def load_perturbed_dataset(dataset, target: str | None = None):
                 f"no saved datasets.Dataset at {path} or {path / 'dataset'} "
                 "(build it with perturbed_dataset.build_perturbed_dataset)"
             )
-        from csp_utils.dataset.store import DIGESTS_FILE, verify_dataset_folder
 
         if (found / DIGESTS_FILE).exists():  # the builder's output: refuse a damaged copy, naming the file
             verify_dataset_folder(found)

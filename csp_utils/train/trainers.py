@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from csp_utils.vlm import models, prompts
 from csp_utils.train.shaping import MeasuredTargets, image_table, option_examples, with_image
 from csp_utils.train.settings import LOSSES, LoraSettings, SFTConfigCSP, SimPOConfigCSP, StageConfig, check_simpo_layout
+from csp_utils.vlm import engine
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -244,7 +245,7 @@ def _simpo_trainer_class():
 
 
 def __getattr__(name: str):
-    # `from csp_utils.training import SimPOTrainer` works, yet importing the module stays light.
+    # `from csp_utils.train.trainers import SimPOTrainer` works, yet importing the module stays light.
     if name == "SimPOTrainer":
         return _simpo_trainer_class()
     if name == "OptionLossTrainer":
@@ -266,8 +267,6 @@ class OptionCollator:
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        from csp_utils.vlm import engine
-
         msgs = [prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=self.layout)
                 for ex in examples]
         enc = dict(engine.encode(self.processor, msgs, [ex["image"].convert("RGB") for ex in examples]))
@@ -278,8 +277,6 @@ class OptionCollator:
 def option_logliks(model, batch: dict, option_ids):
     """(B, K) summed token log-likelihood of each option as the reply, with gradients: the
     evaluation's single-pass scoring (prefix tree behind the prompt, one forward)."""
-    from csp_utils.vlm import engine
-
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")}
     p = engine.Prompts(batch["input_ids"], batch["attention_mask"], rest)
     attn = engine._attn_implementation(model)
@@ -381,8 +378,6 @@ def option_rows(ds, target: str, measured: MeasuredTargets | None = None, framin
 def build_option_trainer(model, processor, rows, cfg: SFTConfigCSP, output_dir, callbacks: Sequence = ()):
     """The option-loss trainer over ``rows`` for an already PEFT-wrapped ``model``."""
     from transformers import TrainingArguments
-
-    from csp_utils.vlm import engine
 
     args = TrainingArguments(**_trainer_kwargs(cfg, output_dir), ddp_find_unused_parameters=False)
     return _option_trainer_class()(

@@ -51,20 +51,13 @@ def missing_embedded_model_message() -> str:
             "`python -m csp_utils.pretrain`")
 
 
-def embedded_model_path(build: bool = False) -> Path:
-    """The embedded default's folder. Missing, it is an error saying how to restore it;
-    ``build=True`` (what ``python -m csp_utils.pretrain`` does) trains it instead (resumably,
-    deterministically, one build per folder at a time)."""
+def embedded_model_path() -> Path:
+    """The embedded default's folder. Missing, it is an error saying how to restore it (it is
+    trained only on purpose, by ``python -m csp_utils.pretrain``)."""
     path = default_model_dir()
     if (path / "model.safetensors").exists():
         return path
-    if not build:
-        raise MissingEmbeddedModelError(missing_embedded_model_message())
-    from csp_utils.vlm.embedded import train
-
-    print(f"The embedded default model is not at {path}: training it now (python -m csp_utils.pretrain; "
-          "resumes if interrupted).", flush=True)
-    return train.build_default_model(path)
+    raise MissingEmbeddedModelError(missing_embedded_model_message())
 
 
 class ModelNotFoundError(FileNotFoundError):
