@@ -1,6 +1,6 @@
 """Compare two params files stage by stage on what each stage finally runs with.
 
-    python scripts/params_equivalence.py OLD.yaml NEW.yaml [--old-without-methods]
+    python scripts/params_equivalence.py OLD.yaml NEW.yaml [--old-without-methods] [--set KEY=VALUE ...]
 
 Each file is planned as the driver plans it (methods, bases and seeds expanded; every
 parameter checked), then each stage's parameters are resolved the way its notebook resolves
@@ -50,8 +50,8 @@ def resolve(stage: str, parameters: dict, with_methods: bool) -> dict:
     return _plain(full)
 
 
-def effective(path: Path, with_methods: bool = True) -> dict[str, dict]:
-    plan = planning.plan_study(planning.load_params(path))
+def effective(path: Path, with_methods: bool = True, overrides: dict | None = None) -> dict[str, dict]:
+    plan = planning.plan_study(planning.apply_overrides(planning.load_params(path), overrides or {}))
     return {s.name: resolve(s.name, s.parameters, with_methods) for s in plan}
 
 
@@ -70,8 +70,11 @@ def main() -> None:
     ap.add_argument("old", type=Path)
     ap.add_argument("new", type=Path)
     ap.add_argument("--old-without-methods", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="as the driver's --set, for both files")
     args = ap.parse_args()
-    old, new = effective(args.old, not args.old_without_methods), effective(args.new)
+    overrides = dict(planning.parse_set(item) for item in args.set)
+    old = effective(args.old, not args.old_without_methods, dict(overrides))
+    new = effective(args.new, True, dict(overrides))
     diff = differences(old, new)
     print("\n".join(diff) if diff else f"{len(new)} stages, the same effective parameters in each")
     sys.exit(1 if diff else 0)

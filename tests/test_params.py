@@ -1,0 +1,97 @@
+"""Params files: one home per value. A value a params file gives must differ from the one it
+overrides (the notebook's default, the method's or hardware preset's setting, the config
+dataclass's default); a value restated there would silently stop following its home. And the
+default study still expands into its stages."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from csp_utils.analysis import tables
+from csp_utils.dataset import buildconfig, coco, perturbation
+from csp_utils.evaluate import evaluation, suites
+from csp_utils.pipeline import checks, planning, stages
+from csp_utils.train import methods, settings
+
+PARAMS = sorted((Path(__file__).parents[1] / "params").glob("*.yaml"))
+
+
+def _defaults(target) -> dict:
+    return checks._fields(target)
+
+
+def _same(a, b) -> bool:
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return norm(a) == norm(b)
+
+
+CONFIGS = ("build", "data", "sft", "simpo", "suite", "scoring", "boot")  # config dicts: compared key by key
+
+
+def restated(name: str, given: dict, over: dict, path: str = "") -> list[str]:
+    """Keys of ``given`` whose value equals the one in ``over`` (config dicts compared key by key)."""
+    out = []
+    for key, value in given.items():
+        base = over.get(key, checks._ANY) if isinstance(over, dict) else checks._ANY
+        if isinstance(value, dict) and isinstance(base, dict) and (path or key in CONFIGS):
+            out += restated(name, value, base, f"{path}{key}.")
+        elif base is not checks._ANY and _same(value, base):
+            out.append(f"{name}: {path}{key} = {value!r} restates the default")
+    return out
+
+
+def _overridden(notebook: str, own: dict, defaults: dict) -> dict:
+    """What each of the stage's parameters overrides, as nested dicts."""
+    full = {**defaults, **own}
+    over = dict(defaults)
+    method = full.get("method")
+    if notebook == "02_build_perturbed_dataset":
+        config = dataclasses.asdict(buildconfig.BuildConfig())
+        config["grounded"] = dataclasses.asdict(buildconfig.GroundedOptions())
+        config["noise"] = dataclasses.asdict(perturbation.NoiseConfig())
+        over["build"] = methods.deep_merge(config, methods.build_fields(method))
+        over["data"] = _defaults(coco.make_source)
+    elif notebook in ("03_train_sft", "04_train_simpo"):
+        key = "sft" if notebook == "03_train_sft" else "simpo"
+        over[key] = dataclasses.asdict(getattr(settings.make_configs(full["preset"], method=method), key))
+    elif notebook in ("05_evaluate", "06_ablations"):
+        over["suite"] = _defaults(suites.SuiteConfig)
+        over["scoring"] = _defaults(evaluation.EvalConfig)
+        over["boot"] = _defaults(tables.headline_table)
+    return over
+
+
+@pytest.mark.parametrize("path", PARAMS, ids=lambda p: p.name)
+def test_no_params_file_restates_a_default(path):
+    params = yaml.safe_load(path.read_text())
+    found = []
+    for stage, own in (params["stages"] or {}).items():
+        own = own or {}
+        defaults = checks.notebook_defaults(stages.notebook_of(stage))
+        found += restated(stage, own, _overridden(stage.split("@")[0], own, defaults))
+    for method, data in (params.get("data") or {}).items():
+        found += restated(f"data.{method}", data, _defaults(coco.make_source))
+    assert not found, "\n".join(found)
+
+
+def test_the_restated_rule_catches_a_restated_value():
+    assert restated("03_train_sft@g0", {"sft": {"learning_rate": 5e-3}},
+                    _overridden("03_train_sft", {"method": "grounded_csp"},
+                                checks.notebook_defaults(stages.notebook_of("03_train_sft"))))
+
+
+def test_the_default_study_expands_into_its_stages():
+    names = [s.name for s in planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS]
+                                                                                .index("default.yaml")]))]
+    paper = [f"{n}{t}" for t in ("", "@s1", "@s2") for n in ("03_train_sft", "04_train_simpo")]
+    noconf = [f"{n}@noconf{k}" for k in ("", "1", "2") for n in ("03_train_sft", "04_train_simpo")]
+    assert names == (["00_world_and_benchmarks", "01_perturbation_explorer", "02_build_perturbed_dataset",
+                      "02_build_perturbed_dataset@s1", "02_build_perturbed_dataset@s2",
+                      "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_noconf"]
+                     + paper + [f"03_train_sft@g{k}" for k in range(3)] + ["03_train_sft@d0"]
+                     + noconf + [f"03_train_sft@gn{k}" for k in range(3)] + ["03_train_sft@dn0"]
+                     + ["05_evaluate", "05_evaluate@noconf", "07_figures"])
