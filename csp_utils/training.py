@@ -27,10 +27,12 @@ to an integer percent; the prompt then carries the model's own answer, because t
 keyed by it). The second is worth comparing: answers to "no" questions stay right under strong
 noise, so the level alone overstates how often a noised answer is wrong.
 Grounded datasets (rows quote the base model's own answer, or its flip, and carry
-``correct``, ``cell_acc`` and ``internal_p``) give three more: ``"correct"`` (100 x correct),
-``"cell"`` (the measured accuracy of the row's (level, answer, kind) cell) and ``"internal"``
+``correct``, ``cell_acc`` and ``internal_p``) give four more: ``"correct"`` (100 x correct),
+``"cell"`` (the measured accuracy of the row's (level, answer, kind) cell), ``"internal"``
 (the base model's temperature-scaled internal probability of the quoted answer, the
-distillation baseline).
+distillation baseline) and ``"blend"`` (their mean, 50 x internal_p + 50 x correct: the
+distillation with a proper-scoring correctness term, whose expected optimum is the mean of the
+internal probability and the probability of being right).
 
 Option losses. With ``loss="brier"``, a grounded target, or a ``layout`` other than the
 paper's single turn, stage 1 scores every confidence option (0%, 10%, ..., 100%) exactly as
@@ -78,7 +80,7 @@ from csp_utils.versions import package_versions
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
-GROUNDED_TARGETS = ("correct", "cell", "internal")
+GROUNDED_TARGETS = ("correct", "cell", "internal", "blend")
 CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
 LOSSES = ("ce", "brier", "soft_ce")
 CONFIG_FILE = "training_config.json"
@@ -114,7 +116,7 @@ class _StageConfig:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     confidence_target: str = "paper"       # "paper" (level c) | "measured" (base model's cell accuracy)
-                                           # | grounded rows: "correct" | "cell" | "internal"
+                                           # | grounded rows: "correct" | "cell" | "internal" | "blend"
     layout: str = "single_turn"            # confidence prompt layout: prompts.LAYOUTS
     framing: str | None = None             # None: the dataset's framing column (else "third")
     learning_rate: float = 1e-3
@@ -407,7 +409,8 @@ def confidence_examples(ds, target: str, measured: MeasuredTargets | None = None
 
 def grounded_targets(ds, target: str) -> list[int]:
     """Per row of a grounded dataset, the target as an integer percent: ``correct`` ->
-    100 x correct, ``cell`` -> cell_acc, ``internal`` -> round(100 x internal_p). The data
+    100 x correct, ``cell`` -> cell_acc, ``internal`` -> round(100 x internal_p), ``blend`` ->
+    round(50 x internal_p + 50 x correct). The data
     already states each value for the QUOTED answer (flip rows included)."""
     if target == "correct":
         values = [100 * int(c) for c in ds["correct"]]
@@ -415,6 +418,8 @@ def grounded_targets(ds, target: str) -> list[int]:
         values = [int(c) for c in ds["cell_acc"]]
     elif target == "internal":
         values = [int(round(100 * float(p))) for p in ds["internal_p"]]
+    elif target == "blend":
+        values = [int(round(50 * float(p) + 50 * int(c))) for p, c in zip(ds["internal_p"], ds["correct"])]
     else:
         raise ValueError(f"grounded targets are {GROUNDED_TARGETS}, got {target!r}")
     bad = [i for i, v in enumerate(values) if not 0 <= v <= 100]
