@@ -195,7 +195,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--base", default="embedded")
     ap.add_argument("--out", default=None)
     ap.add_argument("--points", nargs="+", type=parse_point, default=[(600, 200), (2400, 800), (9600, 3200)])
-    ap.add_argument("--targets", nargs="+", default=["internal", "correct"], choices=["internal", "correct", "cell"])
+    ap.add_argument("--targets", nargs="+", default=["internal", "correct"], choices=["internal", "correct", "cell", "blend"])
     ap.add_argument("--layouts", nargs="+", default=["follow_up", "inline"])
     ap.add_argument("--clean-shares", nargs="+", type=float, default=[1.0])
     ap.add_argument("--questions", default="benchmark", choices=["world", "benchmark"])
@@ -206,6 +206,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adapters", nargs="*", default=[], metavar="LABEL=DIR",
+                    help="also score these trained grounded adapters on the validation split (e.g. the study's)")
     args = ap.parse_args(argv)
 
     import torch
@@ -231,6 +233,26 @@ def main(argv=None) -> list[dict]:
     val_sets = {k: v for k, v in suite.items() if k in VALIDATION_SETS}
 
     done = done_keys(results_path)
+    for spec in args.adapters:
+        label, _, folder = spec.partition("=")
+        if not folder:
+            raise SystemExit(f"--adapters takes LABEL=DIR, got {spec!r}")
+        if label in done:
+            continue
+        record = json.loads((Path(folder) / settings.CONFIG_FILE).read_text())
+        cfg = record["config"]
+        model, _ = models.load_vlm(args.base, adapter=folder, dtype=torch.float32)
+        t3 = time.time()
+        got = {k: elicit(model, proc, b, cfg["layout"], "confidence") for k, b in val_sets.items()}
+        step = int(record["global_step"])
+        row = {"key": label, "run": label, "questions": "adapter", "clean_share": None, "target": cfg["confidence_target"],
+               "layout": cfg["layout"], "scenes": None, "steps": step, "seed": cfg.get("seed"), "step": step,
+               "rows_seen": step * int(cfg["per_device_train_batch_size"]), "training_rows": record.get("n_examples"),
+               "train_s": 0.0, "eval_s": round(time.time() - t3, 1), "adapter": str(folder), **set_scores(got)}
+        with results_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add(label)
+        print(f"[score] {label}: within-set AUROC {row['within_auroc']} Brier {row['brier']}", flush=True)
     for cs in args.clean_shares:
         t1 = time.time()
         data = build_dataset(base, proc, max_scenes, cs, args.questions, out / "data" / f"{args.questions}-cs{round(100 * cs):03d}")
@@ -285,6 +307,8 @@ def best_checkpoints(rows: list[dict]) -> dict[str, dict]:
 
 
 def markdown(rows: list[dict], ref: dict) -> str:
+    scored = [r for r in rows if r["questions"] == "adapter"]
+    rows = [r for r in rows if r["questions"] != "adapter"]
     last = {}
     for r in rows:
         if r["step"] >= last.get(r["run"], {}).get("step", -1):
@@ -299,6 +323,9 @@ def markdown(rows: list[dict], ref: dict) -> str:
         lines.append(f"| {r['questions']} | {r['clean_share']:.2f} | {r['target']} | {r['layout']} | {r['scenes']} | "
                      f"{r['steps']} | {r['seed']} | {r['rows_seen']} | {r['within_auroc']:.3f} | {r['brier']:.3f} | "
                      f"{b['step']} | {b['within_auroc']:.3f} | {b['brier']:.3f} | {r['train_s']:.0f} |")
+    for r in scored:
+        lines.append(f"| adapter {r['run']} | | {r['target']} | {r['layout']} | | {r['steps']} | {r['seed']} | "
+                     f"{r['rows_seen']} | {r['within_auroc']:.3f} | {r['brier']:.3f} | | | | |")
     t = ref["internal_T"]
     lines.append(f"| base model, temperature-scaled internal probability | | | | | | | | {t['within_auroc']:.3f} | "
                  f"{t['brier']:.3f} | | | | |")
@@ -313,6 +340,8 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
 
     from csp_utils.analysis import plots
 
+    scored = [r for r in rows if r["questions"] == "adapter"]
+    rows = [r for r in rows if r["questions"] != "adapter"]
     runs: dict[str, list[dict]] = {}
     for r in rows:
         runs.setdefault(r["run"], []).append(r)
@@ -331,6 +360,9 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
         labelled.add(label)
         ax.annotate(f"{rs[0]['scenes']} scenes", (rs[-1]["rows_seen"], rs[-1]["within_auroc"]), fontsize=7,
                     xytext=(3, 0), textcoords="offset points")
+    for r in scored:
+        ax.plot([r["rows_seen"]], [r["within_auroc"]], "kx", ms=7)
+        ax.annotate(r["run"], (r["rows_seen"], r["within_auroc"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
     ax.axhline(ref["internal_T"]["within_auroc"], color="black", lw=1,
                label="base model: temperature-scaled internal probability")
     ax.axhline(0.70, color="grey", lw=1, ls="--", label="success bar (0.70)")

@@ -92,3 +92,16 @@ def test_learning_curve_script_scores_every_checkpoint_on_validation_and_resumes
     assert "temperature-scaled internal probability" in table and "| benchmark | 1.00 | internal | follow_up | 12 |" in table
     again = lc.main(args)  # resumes: nothing scored twice
     assert len(again) == 2 and len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_blend_target_is_the_mean_of_distillation_and_correctness():
+    import datasets
+
+    from csp_utils.train import settings, shaping
+
+    rows = [{"internal_p": p, "correct": c, "answer": "Yes", "question": "Is there a star in the image?"}
+            for p, c in ((0.9, 1), (0.9, 0), (0.31, 1), (0.05, 0))]
+    ds = datasets.Dataset.from_list(rows)
+    assert shaping.grounded_targets(ds, "blend") == [95, 45, 66, 2]
+    assert "blend" in settings.GROUNDED_TARGETS
+    assert settings.SFTConfigCSP(confidence_target="blend").uses_option_loss

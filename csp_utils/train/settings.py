@@ -17,7 +17,7 @@ from csp_utils.vlm import prompts
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
-GROUNDED_TARGETS = ("correct", "cell", "internal")
+GROUNDED_TARGETS = ("correct", "cell", "internal", "blend")
 CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
 LOSSES = ("ce", "brier", "soft_ce")
 CONFIG_FILE = "training_config.json"
@@ -54,7 +54,7 @@ class StageConfig:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     confidence_target: str = "paper"       # "paper" (level c) | "measured" (base model's cell accuracy)
-                                           # | grounded rows: "correct" | "cell" | "internal"
+                                           # | grounded rows: "correct" | "cell" | "internal" | "blend"
     layout: str = "single_turn"            # confidence prompt layout: prompts.LAYOUTS
     framing: str | None = None             # None: the dataset's framing column (else "third")
     learning_rate: float = 1e-3

@@ -194,7 +194,8 @@ def confidence_examples(ds, target: str, measured: MeasuredTargets | None = None
 
 def grounded_targets(ds, target: str) -> list[int]:
     """Per row of a grounded dataset, the target as an integer percent: ``correct`` ->
-    100 x correct, ``cell`` -> cell_acc, ``internal`` -> round(100 x internal_p). The data
+    100 x correct, ``cell`` -> cell_acc, ``internal`` -> round(100 x internal_p), ``blend`` ->
+    round(50 x internal_p + 50 x correct). The data
     already states each value for the QUOTED answer (flip rows included)."""
     if target == "correct":
         values = [100 * int(c) for c in ds["correct"]]
@@ -202,6 +203,8 @@ def grounded_targets(ds, target: str) -> list[int]:
         values = [int(c) for c in ds["cell_acc"]]
     elif target == "internal":
         values = [int(round(100 * float(p))) for p in ds["internal_p"]]
+    elif target == "blend":
+        values = [int(round(50 * float(p) + 50 * int(c))) for p, c in zip(ds["internal_p"], ds["correct"])]
     else:
         raise ValueError(f"grounded targets are {GROUNDED_TARGETS}, got {target!r}")
     bad = [i for i, v in enumerate(values) if not 0 <= v <= 100]
