@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from csp_utils.analysis import tables
+from csp_utils.analysis.tables import per_seed_text
 
 CLEAN, TRANSFER = "pooled-clean", "pooled-transfer"
 
@@ -40,7 +40,7 @@ def tables(results: Path, suffix: str = "") -> str:
                 continue
             seeds = int(v["seeds"].iloc[0]) if "seeds" in v else 1
             per_seed = v.loc["auroc_within"].get("per_seed") if "per_seed" in v else None
-            per_seed = tables.per_seed_text(per_seed)
+            per_seed = per_seed_text(per_seed)
             cells = [f"**{name}** (reference)" if name == ref else name, str(seeds), f"{v.loc['brier', 'value']:.3f}",
                      f"{v.loc['auroc_within', 'value']:.3f} [{v.loc['auroc_within', 'low']:.3f}, "
                      f"{v.loc['auroc_within', 'high']:.3f}]", per_seed, f"{v.loc['ece', 'value']:.3f}"]

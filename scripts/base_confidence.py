@@ -43,7 +43,7 @@ def conditions(n_scenes: int, severity: float) -> dict:
 def summarize(rows: list[dict]) -> dict:
     import numpy as np
 
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
 
     conf = np.array([r["confidence"] for r in rows], float)
     internal = np.array([r["internal_prob"] if r["internal_prob"] is not None else np.nan for r in rows], float)

@@ -67,7 +67,7 @@ def grounded_rows(model, processor, n_scenes: int, flip_share: float, seed: int)
     """Clean grounded rows from csp-split scenes (see the module docstring) and the fitted T."""
     import numpy as np
 
-    from csp_utils.evaluate import baselines
+    from csp_utils.core import baselines
     from csp_utils.world import scenes as world
     from csp_utils.world import benchmarks
 
@@ -152,7 +152,7 @@ def elicit(model, processor, bench, layout: str, scope: str, batch_size: int = 6
 
 
 def scores(conf, correct) -> dict:
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
 
     s = metrics.calibration_summary(conf, correct)
     return {k: round(float(s[k]), 4) for k in ("auroc", "brier", "ece", "mean_confidence", "accuracy")}
@@ -185,7 +185,7 @@ def probe_auroc(x_train, y_train, x_test, y_test, l2: float = 1e-2) -> float:
     """Held-out AUROC of an L2 logistic regression (standardised features, LBFGS)."""
     import torch
 
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
 
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
     a, b = (x_train - mu) / sd, (x_test - mu) / sd
@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    from csp_utils.evaluate import baselines
+    from csp_utils.core import baselines
     from csp_utils.vlm import models
     from csp_utils.train import callbacks
     from csp_utils.train import regimes

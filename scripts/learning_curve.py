@@ -141,7 +141,7 @@ def set_scores(rows_by_set: dict, key: str = "confidence") -> dict:
     """Within-set AUROC (mean of the sets'), per-set AUROC, pooled Brier and ECE of ``key``."""
     import numpy as np
 
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
 
     per_set = {}
     for name, rows in rows_by_set.items():
@@ -158,7 +158,7 @@ def base_baselines(model, processor, suite: dict, out: Path) -> dict:
     """The base model's internal probability and its temperature-scaled version on the validation sets."""
     import numpy as np
 
-    from csp_utils.evaluate import baselines
+    from csp_utils.core import baselines
 
     path = out / "validation_base.json"
     if path.exists():

@@ -111,7 +111,7 @@ def as_benchmark(ds, name: str = "own-heldout"):
 def scores(conf, correct) -> dict:
     import numpy as np
 
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
 
     conf, correct = np.asarray(conf, float), np.asarray(correct, bool)
     ok = ~np.isnan(conf)
@@ -127,7 +127,7 @@ def grouped(rows, key, T: float) -> dict:
     """Adapter confidence and temperature-scaled internal probability per group of rows."""
     import numpy as np
 
-    from csp_utils.evaluate import baselines
+    from csp_utils.core import baselines
 
     groups: dict[str, list[dict]] = {}
     for r in rows:

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from csp_utils.vlm import engine
+
+from csp_utils.vlm import scoring
 from csp_utils.vlm import prompts
 from test_evaluation import _images, _noise_images, make_benchmark, one_thread, tiny, tiny_text_first  # noqa: F401
 
@@ -30,7 +32,7 @@ def test_option_tokens_follow_the_chat_template(tiny):
 
 
 def test_option_distribution():
-    probs, expect, arg = engine.option_distribution([[0.0, math.log(3.0)], [-1e9, 0.0]], [20, 80])
+    probs, expect, arg = scoring.option_distribution([[0.0, math.log(3.0)], [-1e9, 0.0]], [20, 80])
     assert probs[0] == pytest.approx([0.25, 0.75])
     assert expect == pytest.approx([0.25 * 0.2 + 0.75 * 0.8, 0.8])
     assert arg.tolist() == [0.8, 0.8]
@@ -68,15 +70,15 @@ def test_option_scoring_variants_agree(tiny):
     plain = engine.plain_prompts(model, proc, msgs, images)
     for include_end in (False, True):
         ids = engine.option_token_ids(proc, [0, 30, 55, 100], include_end)
-        ref = engine.score_options_reference(model, proc, msgs, images, ids)
+        ref = scoring.score_options_reference(model, proc, msgs, images, ids)
         for p in (plain, on_prefix):
             for kwargs in (dict(method="tree"), dict(method="expand"), dict(method="expand", option_chunk=1)):
-                np.testing.assert_allclose(engine.score_options_on(model, proc, p, ids, **kwargs), ref, atol=1e-4, rtol=0,
+                np.testing.assert_allclose(scoring.score_options_on(model, proc, p, ids, **kwargs), ref, atol=1e-4, rtol=0,
                                            err_msg=str(kwargs))
-    before = engine._attn_implementation(model)
+    before = engine.attn_implementation(model)
     try:
         model.set_attn_implementation("eager")
-        np.testing.assert_allclose(engine.score_options_on(model, proc, on_prefix, ids, method="tree"), ref,
+        np.testing.assert_allclose(scoring.score_options_on(model, proc, on_prefix, ids, method="tree"), ref,
                                    atol=1e-4, rtol=0)
     finally:
         model.set_attn_implementation(before)

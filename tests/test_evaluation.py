@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from csp_utils.evaluate import evaluation as ev
-from csp_utils.vlm import engine, models
+from csp_utils.vlm import engine
+from csp_utils.vlm import scoring, models
 from csp_utils.vlm import parsing
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded import build
@@ -129,7 +130,7 @@ def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
         for framing in cfg.framings:
             msgs = prompts.confidence_messages(it.question, raw, framing=framing)
             (conf,), _, _ = engine.generate_replies(model, proc, [msgs], [im], 6)
-            ref = engine.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
+            ref = scoring.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
             gen = by_key[(it.question_id, framing, "generated")]
             single = by_key[(it.question_id, framing, "single_pass")]
             for r in (gen, single):
@@ -139,7 +140,7 @@ def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
             assert gen["raw_confidence"] == conf
             assert gen["confidence"] == parsing.parse_confidence(conf)
             np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
-            probs, expect, _ = engine.option_distribution(ref, cfg.options)
+            probs, expect, _ = scoring.option_distribution(ref, cfg.options)
             assert single["confidence"] == pytest.approx(float(expect), abs=1e-4)
             assert sum(single["option_probs"]) == pytest.approx(1.0)
 
@@ -256,7 +257,7 @@ def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, re
             assert msgs[:2] == prompts.answer_messages(it.question, row["raw_answer"]) and len(msgs) == 3
         if layout == "inline":  # the answer conversation, its reply left open after the answer
             assert msgs == prompts.answer_messages(it.question, row["raw_answer"])
-        ref = engine.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
+        ref = scoring.score_options_reference(model, proc, [msgs], [im], option_ids)[0]
         np.testing.assert_allclose(row["option_logliks"], ref, atol=1e-4, rtol=0)
     single = ev.elicit_batch(model, proc, items, images, ev.EvalConfig(readouts=("single_pass",), batch_size=5,
                              max_new_tokens=6), "tiny", ev.answer_parser(bench))
@@ -304,7 +305,7 @@ def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
         msgs = prompts.confidence_messages(r["question"], r["raw_answer"], framing=r["framing"], layout="follow_up")
         im = images[[it.question_id for it in items].index(r["question_id"])]
         with torch.no_grad():
-            ref = engine.score_options_reference(adapted, proc, [msgs], [im], option_ids)[0]
+            ref = scoring.score_options_reference(adapted, proc, [msgs], [im], option_ids)[0]
         np.testing.assert_allclose(r["option_logliks"], ref, atol=1e-4, rtol=0)
     base_singles = [r for r in base_rows if r["readout"] == "single_pass"]
     assert any(abs(a["confidence"] - b["confidence"]) > 1e-3 for a, b in zip(singles, base_singles))
@@ -453,7 +454,7 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
         gen, single = by_key[(it.question_id, "generated")], by_key[(it.question_id, "single_pass")]
         assert gen["raw_answer"] == naive["raw_answer"] and gen["raw_confidence"] == naive["raw_confidence"]
         msgs = [prompts.confidence_messages(it.question, gen["response"])]
-        ref = engine.score_options_reference(model, proc, msgs, [im], option_ids)[0]
+        ref = scoring.score_options_reference(model, proc, msgs, [im], option_ids)[0]
         np.testing.assert_allclose(single["option_logliks"], ref, atol=1e-4, rtol=0)
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from csp_utils.evaluate import baselines
+from csp_utils.core import baselines
 
 
 def test_temperature_recovers_overconfidence():
@@ -55,7 +55,7 @@ def _rows(model, set_, n, acc, conf, seed=0, internal=0.9):
 
 
 def test_headline_table_pools_seeds_and_bootstraps_by_question():
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
     from csp_utils.analysis import tables
     from csp_utils.evaluate import matrix
     from csp_utils.evaluate import suites
@@ -169,7 +169,7 @@ def test_image_bootstrap_is_wider_than_question_bootstrap_for_clustered_rows():
 
 
 def test_headline_pools_sets_and_reports_image_share():
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
     from csp_utils.analysis import tables
     from csp_utils.evaluate import matrix
     from csp_utils.evaluate import suites
@@ -463,7 +463,7 @@ def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc(
 
 
 def test_within_set_auroc_resampled_equals_row_by_row():
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
     from csp_utils.analysis import tables
     from csp_utils.evaluate import matrix
     from csp_utils.evaluate import suites

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from csp_utils.evaluate import baselines
+from csp_utils.core import baselines
 from csp_utils.vlm import engine
 from csp_utils.dataset import buildconfig
 from csp_utils.dataset import grounded, perturbation

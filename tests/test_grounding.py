@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset.grounding import AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask, counts_to_rle_string, decode_segmentation, dino_prompt, make_grounder, rle_decode, rle_encode, rle_string_to_counts, tiny_grounding_dino, tiny_sam
+from csp_utils.dataset.grounding import (AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask,
+                                         counts_to_rle_string, decode_segmentation, dino_prompt, make_grounder,
+                                         rle_decode, rle_encode, rle_string_to_counts, tiny_grounding_dino, tiny_sam)
 
 H, W = 48, 64  # not square: catches (H, W) / (W, H) mix-ups
 

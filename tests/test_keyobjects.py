@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from csp_utils.dataset.keyobjects import Vocabulary, amber_vocabulary, coco_vocabulary, default_vocabulary, key_objects, pluralize, scan_objects
+from csp_utils.dataset.keyobjects import (Vocabulary, amber_vocabulary, coco_vocabulary, default_vocabulary,
+                                          key_objects, pluralize, scan_objects)
 
 POPE_TEMPLATE = re.compile(r"^Is there an? (?P<obj>.+) in the image\?$")
 AMBER_RELATION = re.compile(r"^Is there direct contact between the (?P<a>\S+) and (?P<b>\S+)\?$")

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from csp_utils.evaluate import evaluation as ev
-from csp_utils.vlm import engine, models
+from csp_utils.vlm import engine
+from csp_utils.vlm import scoring, models
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded import build
 from csp_utils.world.benchmarks import Benchmark
@@ -82,7 +83,7 @@ def elicit_end_to_end(model, processor, tmp_path, name, shares_prefix=True):
     msgs = [prompts.confidence_messages(r["question"], r["response"], framing="third") for r in third]
     images = [bench.image_loader(r["image_id"]) for r in third]
     ids = engine.option_token_ids(processor, cfg.options)
-    ref = engine.score_options_reference(model, processor, msgs, images, ids)
+    ref = scoring.score_options_reference(model, processor, msgs, images, ids)
     np.testing.assert_allclose([r["option_logliks"] for r in third], ref, atol=1e-4, rtol=0)
     summary = ev.summarize(rows, bench.positive_class)
     assert {s["readout"] for s in summary} == {"generated", "single_pass"}
@@ -238,8 +239,8 @@ def test_idefics3_round_trip(tmp_path):
     assert prefix is None and len(set(plain.attention_mask.sum(1).tolist())) == 3
     msgs = [prompts.confidence_messages(q, a) for q, a in zip(questions, ["Yes", "No", "Maybe"])]
     ids = engine.option_token_ids(proc, [0, 50, 100])
-    np.testing.assert_allclose(engine.score_options(model, proc, msgs, images, ids),
-                               engine.score_options_reference(model, proc, msgs, images, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scoring.score_options(model, proc, msgs, images, ids),
+                               scoring.score_options_reference(model, proc, msgs, images, ids), atol=1e-4, rtol=0)
     assert engine.generate_replies(model, proc, msgs, images, 4)[0] == \
         [engine.generate_replies(model, proc, [m], [im], 4)[0][0] for m, im in zip(msgs, images)]
 

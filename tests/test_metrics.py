@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from csp_utils.analysis import metrics as M
+from csp_utils.core import metrics as M
 
 
 def rand_set(seed, n=300, levels=11):

@@ -18,7 +18,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from csp_utils.vlm import engine, models
+from csp_utils.vlm import engine
+
+from csp_utils.vlm import scoring, models
 from csp_utils.evaluate import evaluation as ev
 from csp_utils.evaluate import suites
 from csp_utils.train import regimes
@@ -110,7 +112,7 @@ def test_training_and_evaluation_feed_the_same_confidence_prompt(embedded, groun
 
     # evaluation: the study's read-out of a grounded adapter, with the prompts it scores captured
     seen = []
-    real = engine.score_options_on
+    real = scoring.score_options_on
 
     def capture(m, proc, p, *a, **kw):
         seen.append(_unpadded(p.input_ids, p.attention_mask))

@@ -14,8 +14,9 @@ import pytest
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded import build, checkpoint, cli, config, data, losses, report, train
 from csp_utils.vlm.embedded.config import PretrainConfig
+from csp_utils.core.paths import DATA
 
-SHIPPED = Path(build.__file__).parents[1] / "data" / "tiny_llava"
+SHIPPED = DATA / "tiny_llava"
 
 
 def _weights(folder):
@@ -542,7 +543,7 @@ def test_gate_accuracy_is_the_mean_of_the_pope_set_accuracies(tiny_run, tiny_cfg
 
 
 def test_verbalized_confidence_row_uses_the_model_answers_and_metrics_ece(tiny_vlm, tiny_cfg):
-    from csp_utils.analysis import metrics
+    from csp_utils.core import metrics
     from csp_utils.world import benchmarks
 
     model, processor = tiny_vlm

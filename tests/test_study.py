@@ -32,10 +32,11 @@ SMOKE = REPO / "params" / "smoke.yaml"
 @pytest.fixture(scope="module")
 def smoke_model(tmp_path_factory):
     """A tiny LLaVA trained for a few dozen steps: enough to answer in the Yes/No format."""
-    from csp_utils.vlm.embedded import cli
+    from csp_utils.vlm.embedded.config import PretrainConfig
+    from csp_utils.vlm.embedded.train import build_default_model
 
-    cfg = cli.PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
-    return cli.build_default_model(tmp_path_factory.mktemp("smoke_model") / "tiny", cfg)
+    cfg = PretrainConfig.tiny(joint_steps=60, batch_size=16, n_train_scenes=48)
+    return build_default_model(tmp_path_factory.mktemp("smoke_model") / "tiny", cfg)
 
 
 @pytest.fixture(scope="module")

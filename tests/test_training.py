@@ -591,6 +591,8 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     from scipy.stats import spearmanr
 
     from csp_utils.vlm import engine
+
+    from csp_utils.vlm import scoring
     from csp_utils.dataset import grounding
     from csp_utils.dataset import buildconfig
     from csp_utils.dataset import perturbed_dataset
@@ -620,9 +622,9 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
         rows = heldout.select(range(start, min(start + 32, len(heldout))))
         messages = [prompts.confidence_messages(q, a) for q, a in zip(rows["question"], rows["answer"])]
         with torch.no_grad():
-            ll = engine.score_options(model, processor, messages, [im.convert("RGB") for im in rows["image"]],
+            ll = scoring.score_options(model, processor, messages, [im.convert("RGB") for im in rows["image"]],
                                           option_ids)
-        expected += list(engine.option_distribution(np.asarray(ll), options)[1])
+        expected += list(scoring.option_distribution(np.asarray(ll), options)[1])
     levels = np.asarray(heldout["confidence"])
     expected = np.asarray(expected)
     rho = spearmanr(expected, levels).correlation
@@ -733,14 +735,14 @@ def hand_option_losses(model, processor, examples, layout):
     """Per example: the 11 option log-likelihoods from plain per-option forwards (one
     conversation, one option, no padding, no tree), softmax, expected Brier; and minus the
     log-likelihood of the option nearest the target."""
-    from csp_utils.vlm import engine
+    from csp_utils.vlm import engine, scoring
 
     option_ids = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=layout)
     o = np.array(prompts.CONFIDENCE_LEVELS) / 100
     brier, ce, soft = [], [], []
     for ex in examples:
         msgs = prompts.confidence_messages(ex["question"], ex["response"], framing=ex["framing"], layout=layout)
-        ll = engine.score_options_reference(model, processor, [msgs], [ex["image"].convert("RGB")], option_ids)[0]
+        ll = scoring.score_options_reference(model, processor, [msgs], [ex["image"].convert("RGB")], option_ids)[0]
         p = np.exp(ll - ll.max())
         p /= p.sum()
         y = ex["target"] / 100

@@ -1,4 +1,5 @@
-"""Stages 05 to 07, from saved results only: metrics, bootstrap tables, figures, Markdown.
-Reads ``<run>/results/`` and ``<run>/train_logs/``; writes ``results/*.csv``, ``figures/``
-(PNG + PDF, declared once in ``outputs``), the README's results section and
+"""Stages 05 to 07, from saved results only: bootstrap tables (``tables``), figures
+(``plots``, ``report``; their names declared once in ``outputs``) and every Markdown the study
+writes (``markdown``). Reads ``<run>/results/`` and ``<run>/train_logs/``; writes
+``results/*.csv``, ``figures/`` (PNG + PDF), the README's results section and
 ``docs/results.md``. Imports no torch."""

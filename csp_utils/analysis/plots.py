@@ -33,7 +33,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mpl_toolkits.axes_grid1 import make_axes_locatable  # noqa: E402
 
-from csp_utils.analysis import metrics
+from csp_utils.core import metrics
 
 FONT = 11  # axis labels and titles; ticks and annotations use FONT - 1 (never below 10)
 BAR_COLOR = "#1f5fa8"

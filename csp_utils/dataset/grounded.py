@@ -44,19 +44,20 @@ import numpy as np
 
 from csp_utils.core.images import png_cell
 from csp_utils.dataset import perturbation
-from csp_utils.dataset.buildconfig import BuildConfig, GroundedOptions, config_hash, grounder_fingerprint, noised_levels, options_of
+from csp_utils.dataset.buildconfig import (BuildConfig, GroundedOptions, config_hash, grounder_fingerprint,
+                                           noised_levels, options_of)
 from csp_utils.dataset.grounding import AnnotationGrounder
 from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
-from csp_utils.evaluate import baselines
+from csp_utils.core import baselines
 
 NOISE_ON = ("none", "key", "distractor")
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.
 BRIGHT_LUMA = 200
 BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
-# Eval-split scene range of the grounded perturbed evaluation set (experiment._STARTS ends at 500_000 + n).
+# Eval-split scene range of the grounded perturbed evaluation set (suites._STARTS ends at 500_000 + n).
 GROUNDED_EVAL_START = 600_000
 QUESTION_SOURCES = ("world", "benchmark")
 # POPE's popular/adversarial negatives rank categories by set statistics: counted over a fixed
@@ -623,7 +624,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     """Eval-split scenes ``start .. start + n_images - 1`` with both gold labels: every question
     clean, and at each level with noise on its objects (where present) and on a distractor.
 
-    Question ids end in ``@<noise_on>@c<level>`` (``experiment.level_of`` reads the level,
+    Question ids end in ``@<noise_on>@c<level>`` (``suites.level_of`` reads the level,
     :func:`noise_on_of` the target); each is its own image_id, as in ``perturbed_benchmark``.
     """
     from PIL import Image

@@ -4,31 +4,9 @@ For every source sample we find its key objects, ground them once (one pass serv
 confidence level), noise the mask at each level with one shared eps (``perturbation``) and
 emit one row per level whose target is the verbalized confidence ``"c%"``.
 
-On disk (``out_dir``)::
-
-    shards/shard-00000/    while building, one per ``shard_size`` *source* samples: ``data/``
-                           (``Dataset.save_to_disk``; absent when the shard has no rows) and
-                           ``shard_stats.json`` (counts, digest of the sample ids, seconds, and
-                           the sha256 of every file under ``data/``); removed once the merged
-                           dataset is complete
-    state.json             config hash and progress (rewritten atomically after each shard)
-    dataset/               the merged dataset (concatenate_datasets of the shards, in order), with
-                           ``csp_sha256.json``: the sha256 of each of its files
-    build_report.json      counts per level, kept / skipped, grounding failures, time, config, sha256
-
-A shard becomes visible only by an atomic rename of a finished folder, so a killed build
-leaves either a whole shard or none. Rerun with the same arguments, the build skips the
-source samples of the finished shards and goes on; since each sample's noise depends only on
-(seed, sample id), the merged dataset is the same as an uninterrupted build's
-(``dataset_sha256``). A folder built with another config is refused.
-
-Damaged files are never used. Every finished shard's files are checked against the digests
-recorded when it was written, on resuming and again before merging; a shard that fails (a
-changed byte, a truncated or missing file, unreadable stats) is rebuilt from the source, with
-a printed line naming it, together with the shards after it (shards are built in source order).
-A shard that is still damaged after one rebuild is refused with ``DamagedDataError`` naming it.
-The merged dataset is checked the same way whenever it is loaded (``load_perturbed_dataset``):
-a damaged copy is refused, naming the file; ``build_perturbed_dataset`` on that folder rebuilds it.
+The rows are written through the resumable sharded store (:mod:`csp_utils.dataset.store`),
+a shard per ``shard_size`` source samples. Since each sample's noise depends only on (seed,
+sample id), a resumed build gives the same dataset as an uninterrupted one (``dataset_sha256``).
 
 Rows (DESIGN.md, refined): ``sample_id`` ("<source_id>@<ccc>", unique per row), ``source_id``
 (the source sample), ``image_id``, ``image`` (HF Image), ``question``, ``answer``,

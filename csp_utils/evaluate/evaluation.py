@@ -14,7 +14,7 @@ person), and the confidence is read out in up to two ways:
   log-likelihood as the assistant's reply to the confidence prompt: all the tokens the chat
   template writes for that reply (``%`` included), with ``EvalConfig.include_end=True`` also
   the end-of-turn token, which charges an option for "stopping there"
-  (:func:`engine.score_options_on`). The softmax over the options' log-likelihoods is the
+  (:func:`scoring.score_options_on`). The softmax over the options' log-likelihoods is the
   distribution; ``confidence`` is its expectation and ``confidence_argmax`` its mode.
 
 Prompt layout: ``EvalConfig.layout`` picks the confidence conversation
@@ -84,7 +84,9 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from csp_utils.vlm import engine
-from csp_utils.analysis import metrics
+
+from csp_utils.vlm import scoring
+from csp_utils.core import metrics
 from csp_utils.train import settings
 from csp_utils.vlm import parsing
 from csp_utils.vlm import prompts
@@ -194,7 +196,7 @@ def load_answers(path, model_name: str, items, config: EvalConfig, parse) -> dic
     by ``parse`` and the stored response is what ``config.response`` makes of it. What the rows
     cannot show (prompt config, ``max_new_tokens``, the batches the answers were generated in,
     the base model) the caller vouches for: equal floats need the same batches, i.e. both
-    evaluations run over the same questions from the start (``experiment.evaluate_models``).
+    evaluations run over the same questions from the start (``matrix.evaluate_models``).
     """
     rows, clean = _read_rows(Path(path))
     if not clean:
@@ -378,10 +380,10 @@ def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn)
 def _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config: EvalConfig) -> list[dict]:
     """The single-pass read-out's row fields for a batch of confidence prompts."""
     if engine.uses_mrope(model):
-        ll = engine.score_options_reference(model, processor, msgs, images, option_ids)
+        ll = scoring.score_options_reference(model, processor, msgs, images, option_ids)
     else:
-        ll = engine.score_options_on(model, processor, conf_prompts, option_ids, config.option_chunk)
-    probs, expect, arg = engine.option_distribution(ll, config.options)
+        ll = scoring.score_options_on(model, processor, conf_prompts, option_ids, config.option_chunk)
+    probs, expect, arg = scoring.option_distribution(ll, config.options)
     return [
         dict(
             raw_confidence=prompts.format_confidence(int(round(a * 100))),

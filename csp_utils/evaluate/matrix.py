@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from csp_utils.evaluate import baselines
+from csp_utils.core import baselines
 
 
 # ------------------------------------------------------------------ the evaluation matrix

@@ -17,9 +17,13 @@ from typing import Sequence
 
 from csp_utils.vlm import models
 from csp_utils.core.versions import package_versions
-from csp_utils.train.trainers import SimPOCollator, base_name, build_option_trainer, build_sft_trainer, build_simpo_trainer, load_base, lora_config, option_rows, reply_mean_logps, use_cpu
-from csp_utils.train.shaping import MeasuredTargets, load_perturbed_dataset, measured_accuracy_targets, sft_rows, simpo_pairs
-from csp_utils.train.settings import CONFIG_FILE, REGIMES, REGIME_ADAPTERS, SFTConfigCSP, SimPOConfigCSP, TrainingConfigs, tiny_default
+from csp_utils.train.trainers import (SimPOCollator, base_name, build_option_trainer, build_sft_trainer,
+                                      build_simpo_trainer, load_base, lora_config, option_rows, reply_mean_logps,
+                                      use_cpu)
+from csp_utils.train.shaping import (MeasuredTargets, load_perturbed_dataset, measured_accuracy_targets, sft_rows,
+                                     simpo_pairs)
+from csp_utils.train.settings import (CONFIG_FILE, REGIMES, REGIME_ADAPTERS, SFTConfigCSP, SimPOConfigCSP,
+                                      TrainingConfigs, tiny_default)
 from csp_utils.train.callbacks import csv_log_callback
 
 

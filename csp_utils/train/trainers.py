@@ -15,6 +15,7 @@ from csp_utils.vlm import models, prompts
 from csp_utils.train.shaping import MeasuredTargets, image_table, option_examples, with_image
 from csp_utils.train.settings import LOSSES, LoraSettings, SFTConfigCSP, SimPOConfigCSP, StageConfig, check_simpo_layout
 from csp_utils.vlm import engine
+from csp_utils.vlm import scoring
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -279,10 +280,10 @@ def option_logliks(model, batch: dict, option_ids):
     evaluation's single-pass scoring (prefix tree behind the prompt, one forward)."""
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")}
     p = engine.Prompts(batch["input_ids"], batch["attention_mask"], rest)
-    attn = engine._attn_implementation(model)
+    attn = engine.attn_implementation(model)
     if attn not in ("sdpa", "eager"):
         raise ValueError(f"option losses need an attention that takes a custom mask (sdpa, eager), not {attn!r}")
-    return engine._score_tree(model, p, option_ids, attn).to(batch["input_ids"].device)
+    return scoring._score_tree(model, p, option_ids, attn).to(batch["input_ids"].device)
 
 
 def option_losses(logliks, targets, options: Sequence[int], loss: str):

@@ -13,9 +13,7 @@ computation (tested), only faster.
 * Processor shortcuts (:func:`_check_shortcuts`): a LLaVA-style processor's per-image loop is
   replaced by one array operation and a plain tokenization, once they reproduced its output
   exactly on a real batch of that processor and image size.
-* :func:`score_options_on`: a confidence prompt and all its options (``" 80%"`` ->
-  ``["Ġ", "80", "%"]``, every token counted) in ONE forward, the options as a prefix tree
-  behind the prompt; :func:`score_options_reference` is the literal computation it equals.
+* Option scoring continues these prompts: :mod:`csp_utils.vlm.scoring`.
 * :func:`yes_no_tokens` / :func:`internal_probs`: the model's probability of its own yes/no
   answer at the step where the "Yes" and "No" replies first differ.
 
@@ -46,7 +44,7 @@ MROPE_MODEL_TYPES = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4
 
 
 # ------------------------------------------------------------------------------ helpers
-def _tokenizer(processor):
+def tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
 
@@ -60,12 +58,12 @@ def uses_mrope(model) -> bool:
     return _model_type(model) in MROPE_MODEL_TYPES
 
 
-def _attn_implementation(model) -> str | None:
+def attn_implementation(model) -> str | None:
     config = getattr(model.config, "text_config", None) or model.config
-    return getattr(config, "_attn_implementation", None)
+    return getattr(config, "attn_implementation", None)
 
 
-def _device_dtype(model):
+def device_dtype(model):
     """Where inputs go and the float type pixels take: the model's own (a PEFT wrapper passes
     these through); a quantized model's first parameter may be uint8, so do not use that."""
     p = next(model.parameters())
@@ -73,7 +71,7 @@ def _device_dtype(model):
     return getattr(model, "device", p.device), dtype if dtype is not None and dtype.is_floating_point else None
 
 
-def _keeps_last_logits_only(model) -> dict:
+def keeps_last_logits_only(model) -> dict:
     """``logits_to_keep=1`` where the forward takes it: a prompt forward then computes one
     position's logits instead of (B, T, V) (hundreds of MB for a 7B model)."""
 
@@ -81,13 +79,13 @@ def _keeps_last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
 
 
-def _cache_of(out):
+def cache_of(out):
     """The KV cache a forward returned (transformers 5 calls it ``cache``)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def _fork_cache(cache):
+def fork_cache(cache):
     """A cache that can grow without changing ``cache``. Dynamic layers replace their
     tensors when they grow (``torch.cat``), so sharing the tensors is safe and free; any
     other cache type is deep-copied."""
@@ -100,7 +98,7 @@ def _fork_cache(cache):
     return copy.deepcopy(cache)
 
 
-def _rows_repeated(cache, n: int):
+def rows_repeated(cache, n: int):
     """A cache whose row b*n + j is row b of ``cache`` (j < n); ``cache`` is untouched.
 
     Dynamic layers are expanded directly (``expand`` + ``reshape``: one copy, ~20x faster
@@ -113,7 +111,7 @@ def _rows_repeated(cache, n: int):
         def rep(x):
             return x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:]).reshape(x.shape[0] * n, *x.shape[1:])
 
-        out = _fork_cache(cache)
+        out = fork_cache(cache)
         for layer in out.layers:
             layer.keys, layer.values = rep(layer.keys), rep(layer.values)
         return out
@@ -146,7 +144,7 @@ def encode(processor, messages: list[list[dict]], images: list, device=None, dty
     Images go one per conversation, nested (``[[img], [img], ...]``), which every processor
     we support reads as "image i belongs to text i".
     """
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     tok.padding_side = "left"  # batched generation continues from the right edge
     texts = texts if texts is not None else chat_texts(processor, messages)
     enc = processor(text=texts, images=[[im] for im in images], padding=True, return_tensors="pt")
@@ -157,8 +155,8 @@ def encode(processor, messages: list[list[dict]], images: list, device=None, dty
     return enc
 
 
-def _model_inputs(model, processor, messages, images, texts=None, shortcuts: bool = False):
-    device, dtype = _device_dtype(model)
+def model_inputs(model, processor, messages, images, texts=None, shortcuts: bool = False):
+    device, dtype = device_dtype(model)
     if shortcuts:
         texts = texts if texts is not None else chat_texts(processor, messages)
         enc = _shortcut_inputs(processor, texts, images)
@@ -298,7 +296,7 @@ def inline_reply_tokens(processor, reply: str, include_end: bool = False,
 def _continuation_tokens(processor, prompt: str, full: str, reply: str, include_end: bool) -> list[int]:
     """The tokens ``full`` adds to ``prompt``, cut after the shortest run that decodes to
     contain ``reply`` (plus the end token with ``include_end``)."""
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     if not full.startswith(prompt):
         raise ValueError(
             "The chat template does not write an assistant turn as a continuation of the "
@@ -355,7 +353,7 @@ def yes_no_tokens(processor) -> YesNoTokens:
     if c >= min(len(a), len(b)):
         raise ValueError(f"'Yes' and 'No' replies do not differ in tokens: {a} vs {b}")
     prefix = a[:c]
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
 
     def at_c(main, variant):
         # the lower-case variant counts only when it is one whole-word token at the same step
@@ -396,7 +394,7 @@ def plain_prompts(model, processor, messages, images, texts=None, encoded=None, 
     the same order) the image inputs are replaced by those encoder outputs, so the vision
     tower does not run again. ``shortcuts``: the processor's output may come from the checked
     shortcuts (same tensors, see :func:`_check_shortcuts`)."""
-    enc = _model_inputs(model, processor, messages, images, texts, shortcuts)
+    enc = model_inputs(model, processor, messages, images, texts, shortcuts)
     rest = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     if encoded is not None:
         rest = encoded.replace(rest)
@@ -449,7 +447,7 @@ def _tokenize_expanded(processor, texts, counts):
     placeholder is an added token, split off before the rest is tokenized, so this equals
     tokenizing the expanded text (what LLaVA-style processors do), at a third of the cost
     (:func:`encode_images` checks the equality against the processor on every batch)."""
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     image_id = getattr(processor, "image_token_id", None)
     rows = []
     for ids, n in zip(tok(list(texts))["input_ids"], counts):
@@ -603,7 +601,7 @@ class SharedPrefix:
         """Prompts on this prefix, or None when one does not start with it or its text
         would not tokenize the same on its own (then use :func:`plain_prompts`)."""
 
-        tok = _tokenizer(self.processor)
+        tok = tokenizer_of(self.processor)
         texts = texts if texts is not None else chat_texts(self.processor, messages)
         tails = tails if tails is not None else _tails(texts, self.placeholder, self.head_text, tok)
         if tails is None or len(tails) != self.cache_rows:
@@ -668,7 +666,7 @@ def shared_prefix(model, processor, messages, images, texts=None,
     tails = None
     if placeholder and not uses_mrope(model):
         # checked against the processor's own ids below; a text-first template fails here
-        tails = _tails(texts, placeholder, texts[0].split(placeholder)[0], _tokenizer(processor), check_whole=False)
+        tails = _tails(texts, placeholder, texts[0].split(placeholder)[0], tokenizer_of(processor), check_whole=False)
     plain = plain_prompts(model, processor, messages, images, texts, shortcuts=shortcuts)
     if tails is None:
         return None, plain
@@ -683,8 +681,8 @@ def shared_prefix(model, processor, messages, images, texts=None,
     ids = torch.tensor(next(iter(heads)), device=plain.input_ids.device)
     with torch.no_grad():
         out = model(input_ids=ids.expand(B, ids.numel()), attention_mask=torch.ones((B, ids.numel()), dtype=torch.long,
-                    device=ids.device), **plain.image_inputs, use_cache=True, **_keeps_last_logits_only(model))
-    prefix = SharedPrefix(head, placeholder, ids, _cache_of(out), processor)
+                    device=ids.device), **plain.image_inputs, use_cache=True, **keeps_last_logits_only(model))
+    prefix = SharedPrefix(head, placeholder, ids, cache_of(out), processor)
     on_prefix = prefix.prompts(messages, texts, tails)
     return (prefix, on_prefix) if on_prefix is not None else (None, plain)
 
@@ -696,10 +694,10 @@ def generate_on(model, processor, p: Prompts, max_new_tokens: int):
     ``step_logits[t]`` is the (B, V) raw logits of generation step t (float32, CPU).
     """
 
-    tok = _tokenizer(processor)
+    tok = tokenizer_of(processor)
     kwargs = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, **p.image_inputs)
     if p.prefix_cache is not None:  # generate feeds only what the cache does not hold
-        kwargs["cache"] = _fork_cache(p.prefix_cache)
+        kwargs["cache"] = fork_cache(p.prefix_cache)
     with torch.no_grad():
         out = model.generate(
             **kwargs,
@@ -741,193 +739,3 @@ def internal_probs(step_logits, new_ids, answers, yn: YesNoTokens) -> list[tuple
         own = p_yes if ans == "yes" else p_no
         out.append((own / (p_yes + p_no) if p_yes + p_no > 0 else None, own))
     return out
-
-
-# ----------------------------------------------------------------------- option scoring
-def score_options(model, processor, messages, images, option_ids, option_chunk: int | None = None,
-                  method: str | None = None):
-    """Log-likelihood (B, K) of each option's tokens as the reply to each conversation.
-
-    Models with multimodal RoPE (Qwen2-VL family) use :func:`score_options_reference`;
-    all others :func:`score_options_on` (prompt and options in one forward).
-    """
-    if uses_mrope(model):
-        return score_options_reference(model, processor, messages, images, option_ids)
-    p = plain_prompts(model, processor, messages, images)
-    return score_options_on(model, processor, p, option_ids, option_chunk, method)
-
-
-def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int | None = None,
-                     method: str | None = None):
-    """Option log-likelihoods for prompts (left padded, positions that skip the padding; on
-    a shared prefix only the text after it), by one of:
-
-    * ``"tree"`` (default where the attention takes a custom mask: sdpa, eager): ONE
-      forward per batch over the prompt followed by all options' tokens as a prefix tree
-      (tokens that options share are fed once). Prompt tokens see the prompt causally; each
-      tree token sees the prompt and its own ancestors only, at positions counted from the
-      end of the prompt along its branch. No KV cache is built.
-    * ``"expand"`` (other attention kernels, e.g. flash-attention): the prompt runs once
-      and its KV cache is repeated to B x k rows for a chunk of ``option_chunk`` options
-      (all by default); each row is fed its option (right padded; padding after a token
-      cannot change it under a causal mask). Memory grows k x the prompt's cache.
-
-    Both equal :func:`score_options_reference` within float error (tested).
-    """
-
-    attn = _attn_implementation(model)
-    method = method or ("tree" if attn in ("sdpa", "eager") else "expand")
-    if method not in ("tree", "expand"):
-        raise ValueError(f"method must be 'tree' or 'expand', got {method!r}")
-    with torch.no_grad():
-        if method == "tree":
-            return _score_tree(model, p, option_ids, attn).numpy().astype(np.float64)
-        mask, pos = p.attention_mask, position_ids_from_mask(p.attention_mask)
-        B, K = mask.shape[0], len(option_ids)
-        scores = torch.zeros(B, K, dtype=torch.float32)
-        if p.prefix_cache is None:
-            out = model(input_ids=p.input_ids, attention_mask=mask, position_ids=pos, **p.image_inputs,
-                        use_cache=True, **_keeps_last_logits_only(model))
-        else:
-            P = p.prefix_len
-            out = model(input_ids=p.input_ids[:, P:], attention_mask=mask, position_ids=pos[:, P:],
-                        cache=_fork_cache(p.prefix_cache), use_cache=True, **_keeps_last_logits_only(model))
-        first = out.logits[:, -1].float().log_softmax(-1).cpu()   # predicts each option's 1st token
-        for k, ids in enumerate(option_ids):
-            scores[:, k] = first[:, ids[0]]
-        rest = [k for k, ids in enumerate(option_ids) if len(ids) > 1]
-        if rest:
-            scores += _continue_expand(model, processor, _cache_of(out), mask, pos, option_ids, rest, option_chunk)
-    return scores.numpy().astype(np.float64)
-
-
-def _option_tree(option_ids):
-    """The options' fed tokens (all but each option's last) as a prefix tree:
-    ``(tokens, parent, depth, node)``, ``node[prefix]`` = the place in ``tokens`` of the
-    token that ends that prefix; parents come before their children."""
-    node: dict[tuple, int] = {}
-    tokens, parent, depth = [], [], []
-    for ids in option_ids:
-        for i in range(1, len(ids)):
-            key = tuple(ids[:i])
-            if key not in node:
-                node[key] = len(tokens)
-                tokens.append(ids[i - 1])
-                parent.append(node.get(key[:-1], -1))
-                depth.append(i - 1)
-    return tokens, parent, depth, node
-
-
-def _score_tree(model, p: Prompts, option_ids, attn):
-    """See score_options_on, ``"tree"``: (B, K) float32 log-likelihoods."""
-
-    mask = p.attention_mask
-    dev, B, T = mask.device, mask.shape[0], mask.shape[1]
-    P = p.prefix_len if p.prefix_cache is not None else 0   # already in the prefix cache
-    tokens, parent, depth, node = _option_tree(option_ids)
-    S, Q = len(tokens), T - P                                # tree tokens, prompt tokens fed
-    # who sees whom: keys are [prompt (T, prefix included) | tree (S)], queries [prompt[P:] | tree]
-    keys = mask.bool()
-    causal = torch.ones(Q, T, dtype=torch.bool, device=dev).tril(P)
-    # a left-padding token also sees itself, so that no row is all masked (sdpa would give
-    # NaN there, and NaN times a zero weight is still NaN); its output is never read
-    itself = torch.zeros(Q, T, dtype=torch.bool, device=dev)
-    itself[torch.arange(Q), P + torch.arange(Q)] = True
-    prompt_rows = causal[None] & (keys[:, None, :] | itself[None])
-    anc = torch.eye(S, dtype=torch.bool)
-    for s_, p_ in enumerate(parent):
-        if p_ >= 0:
-            anc[s_] |= anc[p_]
-    allowed = torch.cat([
-        torch.cat([prompt_rows, torch.zeros(B, Q, S, dtype=torch.bool, device=dev)], 2),
-        torch.cat([keys[:, None, :].expand(B, S, T), anc.to(dev).expand(B, S, S)], 2),
-    ], 1)[:, None]                                                                    # (B, 1, Q+S, T+S)
-    if attn == "eager":  # eager attention adds its mask to the scores
-        dtype = _device_dtype(model)[1] or torch.float32
-        allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed, torch.finfo(dtype).min)
-    pos = position_ids_from_mask(mask)
-    tree_pos = pos[:, -1:] + 1 + torch.tensor(depth, dtype=pos.dtype, device=dev)[None, :]
-    kwargs = {} if p.prefix_cache is None else dict(cache=_fork_cache(p.prefix_cache))
-    out = model(
-        input_ids=torch.cat([p.input_ids[:, P:], torch.tensor(tokens, dtype=p.input_ids.dtype, device=dev).expand(B, S)], 1),
-        attention_mask=allowed,
-        position_ids=torch.cat([pos[:, P:], tree_pos], 1),
-        use_cache=p.prefix_cache is not None,
-        **(p.image_inputs if p.prefix_cache is None else {}),
-        **kwargs,
-        **({"logits_to_keep": S + 1} if _keeps_last_logits_only(model) else {}),
-    )
-    lp = out.logits[:, -(S + 1):].float().log_softmax(-1).cpu()      # [last prompt token | tree]
-    # option k's token i is predicted at the last prompt token (i = 0) or at its prefix's node
-    at, target, owner = zip(*[(0 if i == 0 else 1 + node[tuple(ids[:i])], ids[i], k)
-                              for k, ids in enumerate(option_ids) for i in range(len(ids))])
-    per_token = lp[:, list(at)].gather(-1, torch.tensor(target).expand(B, -1)[..., None]).squeeze(-1)
-    scores = torch.zeros(B, len(option_ids), dtype=torch.float32)
-    scores.index_add_(1, torch.tensor(owner), per_token)
-    return scores
-
-
-def _continue_expand(model, processor, base_cache, mask, pos, option_ids, rest, option_chunk):
-    """Options' tokens after the first, one row per (question, option) (see score_options_on)."""
-
-    dev, B = mask.device, mask.shape[0]
-    add = torch.zeros(B, len(option_ids), dtype=torch.float32)
-    chunk = option_chunk or len(rest)
-    pad = _tokenizer(processor).pad_token_id or 0
-    for start in range(0, len(rest), chunk):
-        ks = rest[start:start + chunk]
-        n = len(ks)
-        L = max(len(option_ids[k]) - 1 for k in ks)
-        feed = torch.full((n, L), pad, dtype=torch.long)
-        fmask = torch.zeros(n, L, dtype=mask.dtype)
-        for j, k in enumerate(ks):
-            ids = option_ids[k][:-1]
-            feed[j, : len(ids)] = torch.tensor(ids)
-            fmask[j, : len(ids)] = 1
-        # row b*n + j = question b, option ks[j]
-        o = model(
-            input_ids=feed.to(dev).repeat(B, 1),
-            attention_mask=torch.cat([mask.repeat_interleave(n, 0), fmask.to(dev).repeat(B, 1)], 1),
-            position_ids=pos[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(L, device=dev),
-            cache=_rows_repeated(base_cache, n),
-            use_cache=True,
-        )
-        lp = o.logits.float().log_softmax(-1).cpu().view(B, n, L, -1)
-        for j, k in enumerate(ks):
-            tgt = torch.tensor(option_ids[k][1:])
-            add[:, k] += lp[:, j, : len(tgt)].gather(-1, tgt.expand(B, -1)[..., None]).squeeze(-1).sum(-1)
-        del o
-    return add
-
-
-def score_options_reference(model, processor, messages, images, option_ids):
-    """The literal computation: one question, one option, one full forward, no cache."""
-
-    rows = []
-    with torch.no_grad():
-        for msgs, img in zip(messages, images):
-            enc = _model_inputs(model, processor, [msgs], [img])
-            n = enc["input_ids"].shape[1]
-            row = []
-            for ids in option_ids:
-                full = dict(enc)
-                t = torch.tensor([ids], device=enc["input_ids"].device)
-                full["input_ids"] = torch.cat([enc["input_ids"], t], 1)
-                full["attention_mask"] = torch.cat([enc["attention_mask"], torch.ones_like(t)], 1)
-                for key in ("mm_token_type_ids", "token_type_ids"):  # per-token extras, if any
-                    if key in full:
-                        full[key] = torch.cat([full[key], torch.zeros_like(t)], 1)
-                lp = model(**full).logits[0, n - 1:-1].float().log_softmax(-1).cpu()
-                row.append(float(lp.gather(-1, torch.tensor(ids)[:, None]).sum()))
-            rows.append(row)
-    return np.array(rows, dtype=np.float64)
-
-
-def option_distribution(logliks, options: Sequence[int]):
-    """Softmax over option log-likelihoods -> (probs (B, K), expectation (B,), argmax (B,)) as fractions."""
-    ll = np.asarray(logliks, dtype=np.float64)
-    ll = ll - ll.max(axis=-1, keepdims=True)
-    p = np.exp(ll)
-    p /= p.sum(axis=-1, keepdims=True)
-    frac = np.asarray(options, dtype=np.float64) / 100.0
-    return p, p @ frac, frac[p.argmax(axis=-1)]

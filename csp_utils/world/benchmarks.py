@@ -14,14 +14,14 @@
   wrong for both classes) and takes "no" as the positive class. :func:`normalize_yes_no`
   is our documented lenient alternative for free-form replies; every score says which
   one was used. (Official prints round to 0.1 and add 1e-4 to F1's denominator; we don't.)
-* **World sets**: the same protocols on the procedural world (``scenes.py``), with image
+* **World sets**: the same protocols on the procedural world (``scenes``), with image
   loaders that render scenes from memory.
 
 The official POPE (COCO) and AMBER discriminative files ship inside the package
 (:data:`BENCHMARK_DIR`, :func:`pope_dir`, :func:`amber_dir`; licences and attribution in
 its README); images do not.
 
-Task metrics come from :func:`csp_utils.analysis.metrics.task_metrics`.
+Task metrics come from :func:`csp_utils.core.metrics.task_metrics`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from PIL import Image
 from csp_utils.world import scenes as world
 from csp_utils.world.schema import QAItem
 from csp_utils.core.images import to_rgb
-from csp_utils.analysis.metrics import task_metrics
+from csp_utils.core.metrics import task_metrics
 from csp_utils.core.paths import DATA
 
 # The official files, vendored unchanged (checksums in SHA256SUMS beside them).

@@ -4,7 +4,7 @@ Held-out scenes only: the accuracy gate reads world POPE on "base" scenes after 
 training range, the final report reads world POPE and AMBER on the eval split (clean and
 under each natural-uncertainty variant) and the verbalized confidence the model gives.
 Items come from the study's benchmark builders (``csp_utils.world.benchmarks``), calibration error
-from ``csp_utils.analysis.metrics``. The yes/no readout here is the plain next-token comparison of
+from ``csp_utils.core.metrics``. The yes/no readout here is the plain next-token comparison of
 " Yes" and " No" that the gate has always used, so that the gate decides as it did.
 """
 
@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from csp_utils.world import benchmarks
-from csp_utils.analysis import metrics
+from csp_utils.core import metrics
 from csp_utils.vlm import models
 from csp_utils.vlm import prompts
 from csp_utils.world import scenes as sc

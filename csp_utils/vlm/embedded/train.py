@@ -31,8 +31,10 @@ from csp_utils.vlm.embedded.build import build_processor, build_tiny_vlm
 from csp_utils.vlm.embedded.checkpoint import CHECKPOINT_DIR, MODEL_FILE, WARM_START_DIR
 from csp_utils.core.lock import pid_lock
 from csp_utils.vlm.embedded.config import KINDS, PretrainConfig, world_config
-from csp_utils.vlm.embedded.data import ChatEncoder, ImageCodec, Pool, build_pool, collate, progress_bar, sample_joint_batch, step_generator, vision_data
-from csp_utils.vlm.embedded.losses import align_loss, init_vision_positions, joint_loss, patch_class_weights, patch_features, patch_heads, patch_loss, tower_features, word_token_ids
+from csp_utils.vlm.embedded.data import (ChatEncoder, ImageCodec, Pool, build_pool, collate, progress_bar,
+                                         sample_joint_batch, step_generator, vision_data)
+from csp_utils.vlm.embedded.losses import (align_loss, init_vision_positions, joint_loss, patch_class_weights,
+                                           patch_features, patch_heads, patch_loss, tower_features, word_token_ids)
 
 log = logging.getLogger("csp_utils.vlm.embedded")
 
