@@ -60,7 +60,7 @@ def uses_mrope(model) -> bool:
 
 def attn_implementation(model) -> str | None:
     config = getattr(model.config, "text_config", None) or model.config
-    return getattr(config, "attn_implementation", None)
+    return getattr(config, "_attn_implementation", None)
 
 
 def device_dtype(model):
