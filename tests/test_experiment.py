@@ -288,19 +288,18 @@ def test_check_disjoint_names_the_sets_sharing_an_image():
 
 
 def test_default_sizes():
-    """POPE sets hold >= 300 images each at the default, in the config and the params file."""
-    import yaml
+    """POPE sets hold >= 300 images each at the default, in the config and in what the params run."""
     from pathlib import Path
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix
     from csp_utils.evaluate import suites
+    from csp_utils.pipeline import planning
 
     assert suites.SuiteConfig().n_pope_images >= 300
     folder = Path(__file__).parents[1] / "params"
     for name, stages in (("default", ("05_evaluate", "05_evaluate@noconf")), ("full", ("05_evaluate", "06_ablations"))):
-        params = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        params = planning.load_params(folder / f"{name}.yaml")
         for stage in stages:
-            assert params["stages"][stage]["suite"]["n_pope_images"] >= 300, (name, stage)
+            suite = suites.SuiteConfig(**params["stages"][stage].get("suite", {}))
+            assert suite.n_pope_images >= 300, (name, stage)
 
 
 def test_compact_markdown_table_and_results_document(tmp_path):

@@ -118,7 +118,7 @@ def test_training_and_evaluation_feed_the_same_confidence_prompt(embedded, groun
         seen.append(_unpadded(p.input_ids, p.attention_mask))
         return real(m, proc, p, *a, **kw)
 
-    monkeypatch.setattr(engine, "score_options_on", capture)
+    monkeypatch.setattr(scoring, "score_options_on", capture)
     # what config_for_adapter gives a grounded adapter (its record's layout, confidence-only scope)
     eval_cfg = ev.EvalConfig(framings=("third",), readouts=("single_pass",), batch_size=32, progress=False,
                              layout=layout, adapter_scope="confidence")
