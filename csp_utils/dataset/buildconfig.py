@@ -55,7 +55,7 @@ class BuildConfig:
     grounder: str = "annotations"           # grounder spec for make_grounder when none is passed
     png_compress_level: int = 1             # noised pixels barely compress: at 512 px level 1 is 3x faster than PIL's 6 for 9% more bytes
     targets: str = "paper"                  # "paper": target = noise level | "grounded": the base model's own answers (grounded)
-    grounded: Any = None                    # grounded.GroundedOptions (or its dict) when targets == "grounded"
+    grounded: Any = None                    # GroundedOptions (or its dict) when targets == "grounded"
 
     def __post_init__(self):
         if isinstance(self.noise, dict):  # read back from JSON / YAML

@@ -186,7 +186,7 @@ def variant_image(scene: world.Scene, v: Variant, noise_cfg: perturbation.NoiseC
 
 def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set_name: str = "world-train",
                     source: str = "world", world_config: world.WorldConfig | None = None) -> list:
-    """The scene's questions (both labels): as ``perturbed_dataset.world_source`` draws them, or
+    """The scene's questions (both labels): as ``sources.world_source`` draws them, or
     from the evaluation sets' generators (:func:`benchmark_questions`)."""
     if source == "benchmark":
         return benchmark_questions(scene, questions_per_scene, seed, set_name, world_config)

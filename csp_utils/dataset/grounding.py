@@ -19,7 +19,7 @@ Statuses (``GroundingResult.status``); failures never raise, they come back with
   "no_detection"  nothing above the detector's thresholds / no annotated object matches
   "empty_mask"    detections or matches exist but their mask has no pixel (e.g. fully occluded)
 What to do on a failure (skip the sample, noise the whole image, keep it clean) is the
-dataset builder's failure policy (``perturbed_dataset.BuildConfig.failure_policy``).
+dataset builder's failure policy (``buildconfig.BuildConfig.failure_policy``).
 Wrong inputs (unknown image id, mismatched image size, bad spec) do raise, naming the input.
 """
 

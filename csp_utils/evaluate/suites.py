@@ -18,6 +18,7 @@ import numpy as np
 from csp_utils.dataset import grounded
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
+from csp_utils.dataset import grounding, perturbation
 
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
@@ -84,8 +85,6 @@ def perturbed_benchmark(cfg: SuiteConfig, noise: str = "local") -> benchmarks.Be
     Only "yes" questions (the object is there to be noised); the level is the suffix of the
     question id (``...@c40``). Used for "confidence vs noise level" and its Spearman.
     """
-    from csp_utils.dataset import grounding, perturbation
-
     wc = _world_config(cfg)
     scene_list = benchmarks.pope_scenes(cfg.n_perturbed_images, wc, split="eval", start=_STARTS["perturbed"])
     base = benchmarks.build_world_pope(scene_list, "random", n_pos=2, n_neg=0, seed=cfg.seed)

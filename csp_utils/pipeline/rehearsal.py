@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from csp_utils.dataset import grounding
+from csp_utils.vlm.models import save_vlm
+
 # photo -> (split, COCO id, {category: polygon in pixels of the original photo})
 _TRAIN = {
     "astronaut": (1, {
@@ -142,9 +145,7 @@ def make_rehearsal_kit(folder, models: bool = True) -> Path:
         (amber / fname).write_text(json.dumps(subset, indent=1))
 
     if models:
-        from csp_utils.dataset import grounding
         from csp_utils.vlm.embedded.build import build_tiny_vlm
-        from csp_utils.vlm.models import save_vlm
 
         model, processor = build_tiny_vlm(rehearsal_llava_config())
         save_vlm(model, processor, folder / "models" / "llava", meta={"kind": "rehearsal: random weights"})
