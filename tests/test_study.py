@@ -678,7 +678,7 @@ def test_set_reaches_one_stage_and_is_recorded_as_run(tmp_path):
     assert stages["00_world_and_benchmarks"].parameters["n_scenes"] == 200
     assert stages["03_train_sft"].parameters["sft"] == {"max_steps": 3}
     assert stages["03_train_sft@g0"].parameters["sft"]["lora"] == {"r": 4}
-    assert stages["03_train_sft@g0"].parameters["sft"]["loss"] == "soft_ce"  # the rest of its sft kept
+    assert stages["03_train_sft@g0"].parameters["sft"]["max_steps"] == 2  # the rest of its sft kept
     assert stages["01_perturbation_explorer"].parameters["noise_gamma"] == 0.1  # a global no stage sets
     assert params["stages"]["00_world_and_benchmarks"]["n_scenes"] == 200  # what params.yaml records
     assert yaml.safe_load(SMOKE.read_text())["stages"]["03_train_sft"]["sft"] == {"max_steps": 2}  # file untouched
