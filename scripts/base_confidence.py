@@ -27,8 +27,7 @@ DEGRADED = ("blur", "low_light", "occlusion", "small")
 
 def conditions(n_scenes: int, severity: float) -> dict:
     """{"clean": Benchmark, kind: Benchmark}: the same eval scenes, clean and degraded."""
-    from csp_utils.world import benchmarks
-    from csp_utils.world import scenes as world
+    from csp_utils.world import benchmarks, scenes as world
     from csp_utils.vlm.embedded.config import PretrainConfig, world_config
 
     wc = world_config(PretrainConfig())

@@ -42,8 +42,7 @@ def main(argv=None) -> None:
 
     from csp_utils.evaluate import evaluation
     from csp_utils.vlm import models
-    from csp_utils.evaluate import matrix
-    from csp_utils.evaluate import suites
+    from csp_utils.evaluate import matrix, suites
 
     torch.set_num_threads(args.threads)
     suite = suites.build_suite(suites.SuiteConfig(), args.sets)

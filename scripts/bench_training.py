@@ -31,10 +31,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from csp_utils.train import settings, shaping, trainers
 from csp_utils.vlm import models
-from csp_utils.train import settings
-from csp_utils.train import shaping
-from csp_utils.train import trainers
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded import build
 

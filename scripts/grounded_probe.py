@@ -46,9 +46,7 @@ EVAL_SETS = ("pope-random", "pope-adversarial")
 def own_answers(model, processor, items, images, batch_size: int = 64):
     """(own answer "Yes"/"No"/None, internal probability of it) per item, from the
     evaluation's answer path (one generated token suffices: the first answer token)."""
-    from csp_utils.vlm import engine
-    from csp_utils.vlm import parsing
-    from csp_utils.vlm import prompts
+    from csp_utils.vlm import engine, parsing, prompts
 
     yn = engine.yes_no_tokens(processor)
     out = []
@@ -68,8 +66,7 @@ def grounded_rows(model, processor, n_scenes: int, flip_share: float, seed: int)
     import numpy as np
 
     from csp_utils.core import baselines
-    from csp_utils.world import scenes as world
-    from csp_utils.world import benchmarks
+    from csp_utils.world import scenes as world, benchmarks
 
     wc = world.WorldConfig()
     scene_list = benchmarks.pope_scenes(n_scenes, wc, split="csp")
@@ -207,7 +204,6 @@ def probe_auroc(x_train, y_train, x_test, y_test, l2: float = 1e-2) -> float:
 
 def probe_layouts(model, processor, train_rows, eval_rows_images, layouts):
     """Probe AUROC per prompt (answer prompt, each confidence layout) and hidden layer."""
-    from csp_utils.vlm import parsing
     from csp_utils.vlm import prompts
 
     tr = [r for r in train_rows if not r["flipped"]]
@@ -254,9 +250,7 @@ def main(argv=None) -> dict:
 
     from csp_utils.core import baselines
     from csp_utils.vlm import models
-    from csp_utils.train import callbacks
-    from csp_utils.train import regimes
-    from csp_utils.train import settings
+    from csp_utils.train import callbacks, regimes, settings
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

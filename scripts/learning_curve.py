@@ -62,8 +62,7 @@ def parse_point(text: str) -> tuple[int, int]:
 
 def validation_suite(n_images: int, seed: int = 0) -> dict:
     """The six clean sets' generators (and a calibration set) on CSP-split validation scenes."""
-    from csp_utils.world import scenes as world
-    from csp_utils.world import benchmarks
+    from csp_utils.world import scenes as world, benchmarks
 
     wc = world.WorldConfig()
     suite = {}
@@ -99,9 +98,7 @@ def check_disjoint(suite: dict, max_scenes: int) -> None:
 
 
 def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0):
-    from csp_utils.dataset import buildconfig
-    from csp_utils.dataset import perturbed_dataset
-    from csp_utils.dataset import sources
+    from csp_utils.dataset import buildconfig, perturbed_dataset, sources
     from csp_utils.world import scenes as world
 
     config = buildconfig.BuildConfig(targets="grounded", levels=list(LEVELS), seed=seed,
@@ -213,8 +210,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from csp_utils.vlm import models
-    from csp_utils.train import regimes
-    from csp_utils.train import settings
+    from csp_utils.train import regimes, settings
 
     torch.set_num_threads(args.threads)
     # checkpoints carry no base-model record; they are put on the base they were trained on

@@ -46,9 +46,7 @@ def scene_index(scene_id: str) -> int:
 
 def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
     """The CSP scene indices of a grounded training dataset and its build report."""
-    from csp_utils.dataset import buildconfig
     from csp_utils.dataset import perturbed_dataset
-    from csp_utils.dataset import sources
 
     ds = perturbed_dataset.load_perturbed_dataset(dataset_dir)
     report = json.loads((Path(dataset_dir) / "build_report.json").read_text())
@@ -59,11 +57,8 @@ def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
 
 def check_adapter_dataset(adapter: Path, dataset_dir: Path) -> dict:
     """The adapter's training record; refuses a dataset other than the one it was trained on."""
-    from csp_utils.dataset import buildconfig
     from csp_utils.dataset import perturbed_dataset
-    from csp_utils.dataset import sources
-    from csp_utils.train import regimes
-    from csp_utils.train import settings
+    from csp_utils.train import regimes, settings
 
     record = json.loads((adapter / settings.CONFIG_FILE).read_text())
     key = regimes._dataset_key(perturbed_dataset.load_perturbed_dataset(dataset_dir))
@@ -79,9 +74,7 @@ def heldout_rows(model, processor, report: dict, start: int, n: int, out: Path):
     """Grounded rows on CSP scenes start .. start + n - 1 with the training build's config."""
     import warnings
 
-    from csp_utils.dataset import buildconfig
-    from csp_utils.dataset import perturbed_dataset
-    from csp_utils.dataset import sources
+    from csp_utils.dataset import buildconfig, perturbed_dataset, sources
     from csp_utils.world import scenes
 
     build = buildconfig.BuildConfig(**report["config"])

@@ -24,8 +24,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from csp_utils.pipeline import rehearsal
-from csp_utils.pipeline import driver
+from csp_utils.pipeline import rehearsal, driver
 
 SMOKE = REPO / "params" / "paper_smoke.yaml"
 GPU_EVAL = {"dtype": "bfloat16", "device_map": "auto"}

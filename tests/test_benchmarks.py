@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.world import benchmarks
-from csp_utils.world import scenes as W
+from csp_utils.world import benchmarks, scenes as W
 from csp_utils.world.schema import QAItem
 
 

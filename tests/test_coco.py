@@ -7,10 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset import coco
-from csp_utils.dataset import buildconfig
-from csp_utils.dataset import perturbed_dataset
-from csp_utils.dataset import sources
+from csp_utils.dataset import coco, buildconfig, perturbed_dataset, sources
 
 CATS = ["person", "dog", "cat", "car", "chair", "cup", "book"]
 

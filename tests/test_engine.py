@@ -13,8 +13,7 @@ import torch
 
 from csp_utils.vlm import engine
 
-from csp_utils.vlm import scoring
-from csp_utils.vlm import prompts
+from csp_utils.vlm import scoring, prompts
 from test_evaluation import _images, _noise_images, make_benchmark, one_thread, tiny, tiny_text_first  # noqa: F401
 
 

@@ -18,10 +18,7 @@ import pytest
 import torch
 
 from csp_utils.evaluate import evaluation as ev
-from csp_utils.vlm import engine
-from csp_utils.vlm import scoring, models
-from csp_utils.vlm import parsing
-from csp_utils.vlm import prompts
+from csp_utils.vlm import engine, scoring, models, parsing, prompts
 from csp_utils.vlm.embedded import build
 
 # The same benchmark is built here and inside the `accelerate launch` script below.

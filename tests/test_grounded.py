@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 
 from csp_utils.core import baselines
-from csp_utils.vlm import engine
-from csp_utils.dataset import buildconfig
-from csp_utils.dataset import grounded, perturbation
-from csp_utils.dataset import buildconfig
-from csp_utils.dataset import perturbed_dataset
-from csp_utils.dataset import sources
-from csp_utils.dataset import store
-from csp_utils.world import scenes
-from csp_utils.train import shaping
-from csp_utils.vlm import parsing
-from csp_utils.vlm import prompts
+from csp_utils.dataset import buildconfig, grounded, perturbation, perturbed_dataset, sources, store
 from csp_utils.evaluate.suites import level_of
+from csp_utils.train import shaping
+from csp_utils.vlm import engine
+from csp_utils.vlm import parsing, prompts
+from csp_utils.world import scenes
 
 LEVELS = (10, 40, 70, 100)
 N_SCENES = 24

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from csp_utils.dataset import buildconfig
-from csp_utils.dataset import grounded
-from csp_utils.world import scenes as world
-from csp_utils.world import benchmarks
+from csp_utils.dataset import buildconfig, grounded
+from csp_utils.world import scenes as world, benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,7 @@ import torch
 from PIL import Image
 
 from csp_utils.evaluate import evaluation as ev
-from csp_utils.vlm import engine
-from csp_utils.vlm import scoring, models
-from csp_utils.vlm import prompts
+from csp_utils.vlm import engine, scoring, models, prompts
 from csp_utils.vlm.embedded import build
 from csp_utils.world.benchmarks import Benchmark
 from csp_utils.world.schema import QAItem

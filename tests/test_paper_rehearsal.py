@@ -51,8 +51,7 @@ def test_the_kit_holds_the_real_architectures_and_official_layouts(kit):
     assert AutoConfig.from_pretrained(kit / "models" / "grounding-dino").model_type == "grounding-dino"
     assert AutoConfig.from_pretrained(kit / "models" / "sam").model_type == "sam"
     assert coco.processor_image_size(kit / "models" / "llava") == 336
-    from csp_utils.vlm import models
-    from csp_utils.vlm import prompts
+    from csp_utils.vlm import models, prompts
 
     _, proc = models.load_vlm(kit / "models" / "llava")
     text = proc.apply_chat_template(prompts.answer_messages("Is there a cat?"), add_generation_prompt=True)

@@ -20,18 +20,12 @@ torch = pytest.importorskip("torch")
 
 from csp_utils.vlm import engine
 
+from csp_utils.dataset import buildconfig, perturbed_dataset, sources
+from csp_utils.evaluate import evaluation as ev, suites
+from csp_utils.train import regimes, settings, shaping, trainers
 from csp_utils.vlm import scoring, models
-from csp_utils.evaluate import evaluation as ev
-from csp_utils.evaluate import suites
-from csp_utils.train import regimes
-from csp_utils.train import settings
-from csp_utils.train import shaping
-from csp_utils.train import trainers
 from csp_utils.vlm import prompts
 from csp_utils.world import benchmarks
-from csp_utils.dataset import buildconfig
-from csp_utils.dataset import perturbed_dataset
-from csp_utils.dataset import sources
 from csp_utils.world import scenes
 from csp_utils.world.schema import QAItem
 

@@ -17,10 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset import perturbation as P
-from csp_utils.dataset import perturbed_dataset
-from csp_utils.dataset import sources
-from csp_utils.dataset import store
+from csp_utils.dataset import perturbation as P, perturbed_dataset, sources, store
 from csp_utils.dataset.buildconfig import BuildConfig
 from csp_utils.dataset.sources import SourceItem
 

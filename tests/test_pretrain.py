@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from csp_utils.core.paths import DATA
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded import build, checkpoint, cli, config, data, losses, report, train
 from csp_utils.vlm.embedded.config import PretrainConfig
-from csp_utils.core.paths import DATA
 
 SHIPPED = DATA / "tiny_llava"
 

@@ -18,12 +18,7 @@ import pytest
 import torch
 import yaml
 
-from csp_utils.pipeline import checks
-from csp_utils.pipeline import cli
-from csp_utils.pipeline import driver
-from csp_utils.pipeline import markers
-from csp_utils.pipeline import planning
-from csp_utils.pipeline import stages
+from csp_utils.pipeline import checks, cli, driver, markers, planning, stages
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "params" / "smoke.yaml"

@@ -23,13 +23,9 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
 
-from csp_utils.vlm import models
 from csp_utils.analysis import plots
-from csp_utils.train import callbacks
-from csp_utils.train import regimes
-from csp_utils.train import settings
-from csp_utils.train import shaping
-from csp_utils.train import trainers
+from csp_utils.train import callbacks, regimes, settings, shaping, trainers
+from csp_utils.vlm import models
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded import build
 
@@ -593,10 +589,7 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     from csp_utils.vlm import engine
 
     from csp_utils.vlm import scoring
-    from csp_utils.dataset import grounding
-    from csp_utils.dataset import buildconfig
-    from csp_utils.dataset import perturbed_dataset
-    from csp_utils.dataset import sources
+    from csp_utils.dataset import grounding, buildconfig, perturbed_dataset, sources
     from csp_utils.world import scenes
 
     if not (models.default_model_dir() / "model.safetensors").exists():
@@ -818,8 +811,7 @@ def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path)
 def test_an_inline_adapter_trains_and_evaluates_end_to_end_answering_as_the_base_model(work, tmp_path):
     """A confidence-only adapter in the inline layout: a few option-loss steps, then the
     study's evaluation on a tiny world suite (layout and scope from its record)."""
-    from csp_utils.evaluate import evaluation as ev
-    from csp_utils.evaluate import suites
+    from csp_utils.evaluate import evaluation as ev, suites
 
     cfg = dataclass_replace(small_configs(steps=3).sft, loss="soft_ce", confidence_target="correct", layout="inline",
                             learning_rate=5e-2)

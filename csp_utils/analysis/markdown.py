@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from csp_utils.evaluate.suites import CLEAN_SETS, GROUNDED_SET
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED, SEED_METRICS, per_seed_text, strongest_baseline
+from csp_utils.evaluate.suites import CLEAN_SETS, GROUNDED_SET
 
 
 

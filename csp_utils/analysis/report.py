@@ -17,13 +17,12 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from csp_utils.analysis import outputs, plots, tables
+from csp_utils.analysis.tables import MAIN_COMBO, POOLED
+from csp_utils.core.paths import REPO
 from csp_utils.dataset import grounding, perturbation
-from csp_utils.analysis import outputs, plots
-from csp_utils.analysis import tables
 from csp_utils.evaluate import suites
 from csp_utils.world import benchmarks
-from csp_utils.core.paths import REPO
-from csp_utils.analysis.tables import MAIN_COMBO, POOLED
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
            "ablation.csv", "timings.json", "base_model.json")

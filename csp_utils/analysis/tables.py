@@ -15,10 +15,10 @@ import re
 import numpy as np
 import pandas as pd
 
-from csp_utils.dataset import grounded
 from csp_utils.core import metrics
-from csp_utils.evaluate.suites import GROUNDED_SET, POOLS, level_of, scene_of
+from csp_utils.dataset import grounded
 from csp_utils.evaluate.matrix import model_names
+from csp_utils.evaluate.suites import GROUNDED_SET, POOLS, level_of, scene_of
 
 
 # ------------------------------------------------------------------ headline numbers

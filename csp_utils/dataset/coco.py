@@ -36,11 +36,10 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
-from csp_utils.dataset.grounding import AnnotationGrounder, GroundingResult, _finish
-from csp_utils.dataset.sources import Source
-from csp_utils.dataset.sources import SourceItem
 from csp_utils.core.paths import DATA
 from csp_utils.dataset import sources
+from csp_utils.dataset.grounding import AnnotationGrounder, GroundingResult, _finish
+from csp_utils.dataset.sources import Source, SourceItem
 from csp_utils.world import scenes
 from csp_utils.world.benchmarks import _read_json_rows
 

@@ -46,12 +46,12 @@ from csp_utils.core.images import png_cell
 from csp_utils.dataset import perturbation
 from csp_utils.dataset.buildconfig import (BuildConfig, GroundedOptions, config_hash, grounder_fingerprint,
                                            noised_levels, options_of)
+from csp_utils.core import baselines
 from csp_utils.dataset.grounding import AnnotationGrounder
 from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
-from csp_utils.core import baselines
 
 NOISE_ON = ("none", "key", "distractor")
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.

@@ -34,10 +34,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from csp_utils.world import scenes as world
 from csp_utils.core.images import to_rgb
-from csp_utils.dataset.keyobjects import Vocabulary, coco_vocabulary, get_vocabulary, singularize
-from csp_utils.dataset.keyobjects import default_vocabulary
+from csp_utils.dataset.keyobjects import Vocabulary, coco_vocabulary, get_vocabulary, singularize, default_vocabulary
+from csp_utils.world import scenes as world
 from csp_utils.world.scenes import load_scenes
 
 STATUSES = ("ok", "no_detection", "empty_mask", "no_objects")

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from csp_utils.world import scenes
 from csp_utils.core.paths import DATA
+from csp_utils.world import scenes
 
 VOCAB_DIR = DATA / "vocab"
 

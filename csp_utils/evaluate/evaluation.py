@@ -84,12 +84,10 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from csp_utils.vlm import engine
-
-from csp_utils.vlm import scoring
 from csp_utils.core import metrics
 from csp_utils.train import settings
-from csp_utils.vlm import parsing
-from csp_utils.vlm import prompts
+from csp_utils.vlm import scoring
+from csp_utils.vlm import parsing, prompts
 from csp_utils.vlm.engine import chat_texts, generate_on, option_token_ids, yes_no_tokens
 
 READOUTS = ("generated", "single_pass")

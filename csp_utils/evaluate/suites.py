@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from csp_utils.dataset import grounded
+from csp_utils.dataset import grounding, perturbation
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
-from csp_utils.dataset import grounding, perturbation
 
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")

@@ -18,11 +18,10 @@ from pathlib import Path
 import yaml
 
 from csp_utils.core.lock import pid_lock
-
-from csp_utils.core.versions import package_versions
 from csp_utils.core.paths import REPO
-from csp_utils.pipeline.stages import notebook_of, resolve_run_dir
+from csp_utils.core.versions import package_versions
 from csp_utils.pipeline.planning import Stage, apply_overrides, load_params, plan_study, within
+from csp_utils.pipeline.stages import notebook_of, resolve_run_dir
 from csp_utils.pipeline.markers import (StageFailed, check_inputs, clear_outputs, fingerprint_or_none, hash_json,
                                         key_parts, marker_path, model_fingerprint, os_problem, package_digest,
                                         read_marker, running_path, stage_state, write_json)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 from csp_utils.core.paths import REPO
-from csp_utils.pipeline.stages import notebook_of
 from csp_utils.pipeline.planning import Stage
+from csp_utils.pipeline.stages import notebook_of
 from csp_utils.pipeline.markers import (StageFailed, changed_outputs, digest_and_files, hash_json, marker_path,
                                         os_problem, read_marker, running_path, write_json)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 from csp_utils.core.paths import PACKAGE
-from csp_utils.pipeline.stages import notebook_of
 from csp_utils.pipeline.planning import Stage, within
+from csp_utils.pipeline.stages import notebook_of
 from csp_utils.vlm import models
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import yaml
 from csp_utils.pipeline import stages
+from csp_utils.pipeline.checks import check_stage_parameters, check_value, notebook_defaults
 from csp_utils.pipeline.expand import expand_study
 from csp_utils.pipeline.stages import DRIVER_KEYS, DRIVER_PARAMETERS, RESERVED, notebook_of, spec_of
-from csp_utils.pipeline.checks import check_stage_parameters, check_value, notebook_defaults
 
 
 # ------------------------------------------------------------------ the plan

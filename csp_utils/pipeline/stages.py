@@ -91,8 +91,7 @@ NUMBER = (int, float)
 
 
 def _build_configs() -> dict:
-    from csp_utils.dataset import coco, perturbation
-    from csp_utils.dataset import buildconfig
+    from csp_utils.dataset import coco, perturbation, buildconfig
 
     # the notebook passes the model, the seed, the grounder and the study-wide files itself
     data = (coco.make_source, ("base_model", "seed", "grounder", "coco_instances", "coco_train_images", "eval_images",

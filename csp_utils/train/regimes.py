@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from csp_utils.vlm import models
 from csp_utils.core.versions import package_versions
+from csp_utils.vlm import models
 from csp_utils.train.trainers import (SimPOCollator, base_name, build_option_trainer, build_sft_trainer,
                                       build_simpo_trainer, load_base, lora_config, option_rows, reply_mean_logps,
                                       use_cpu)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from csp_utils.vlm import prompts
-from csp_utils.train.settings import GROUNDED_TARGETS, check_simpo_layout
 from csp_utils.dataset.store import DIGESTS_FILE, verify_dataset_folder
+from csp_utils.train.settings import GROUNDED_TARGETS, check_simpo_layout
+from csp_utils.vlm import prompts
 
 
 # --------------------------------------------------------------------------- data

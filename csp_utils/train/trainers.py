@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from csp_utils.vlm import models, prompts
-from csp_utils.train.shaping import MeasuredTargets, image_table, option_examples, with_image
 from csp_utils.train.settings import LOSSES, LoraSettings, SFTConfigCSP, SimPOConfigCSP, StageConfig, check_simpo_layout
-from csp_utils.vlm import engine
-from csp_utils.vlm import scoring
+from csp_utils.train.shaping import MeasuredTargets, image_table, option_examples, with_image
+from csp_utils.vlm import models, prompts
+from csp_utils.vlm import engine, scoring
 
 
 # --------------------------------------------------------------------------- model helpers

@@ -36,11 +36,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from csp_utils.world import scenes as world
-from csp_utils.world.schema import QAItem
 from csp_utils.core.images import to_rgb
 from csp_utils.core.metrics import task_metrics
 from csp_utils.core.paths import DATA
+from csp_utils.world import scenes as world
+from csp_utils.world.schema import QAItem
 
 # The official files, vendored unchanged (checksums in SHA256SUMS beside them).
 BENCHMARK_DIR = DATA / "benchmarks"

@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-from csp_utils.world import scenes
 from csp_utils.vlm import prompts
+from csp_utils.world import scenes
 
 
 # One chat template for the tiny model. Assistant text sits inside {% generation %} so that

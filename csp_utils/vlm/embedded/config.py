@@ -11,8 +11,8 @@ from typing import Mapping
 
 import numpy as np
 
-from csp_utils.world import scenes
 from csp_utils.vlm.embedded.build import TinyVLMConfig
+from csp_utils.world import scenes
 
 # Example kinds of the joint stage, in the order of PretrainConfig's mix weights.
 KINDS = ("caption", "yes_no", "short", "confidence")

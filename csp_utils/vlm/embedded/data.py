@@ -19,8 +19,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from csp_utils.vlm import prompts
-from csp_utils.world import scenes as sc
 from csp_utils.vlm.embedded.config import KINDS, PretrainConfig, world_config
+from csp_utils.world import scenes as sc
 
 CAPTION_PROMPT = "What objects are in the image?"
 

@@ -18,17 +18,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from csp_utils.world import benchmarks
 from csp_utils.core import metrics
-from csp_utils.vlm import models
-from csp_utils.vlm import prompts
-from csp_utils.world import scenes as sc
+from csp_utils.core.versions import package_versions
+from csp_utils.vlm import models, prompts
 from csp_utils.vlm.embedded.checkpoint import META_FILE, MODEL_FILE, sha256_file
 from csp_utils.vlm.embedded.config import PretrainConfig, world_config
 from csp_utils.vlm.embedded.data import ChatEncoder, ImageCodec, patch_label_rows
 from csp_utils.vlm.embedded.losses import patch_features
 from csp_utils.vlm.engine import position_ids_from_mask
-from csp_utils.core.versions import package_versions
+from csp_utils.world import benchmarks
+from csp_utils.world import scenes as sc
 
 HELDOUT_SEED = 20260  # held-out questions do not depend on the training seed
 

@@ -23,14 +23,14 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from csp_utils.world import benchmarks
+from csp_utils.core.lock import pid_lock
 from csp_utils.vlm import models
-from csp_utils.world import scenes as sc
 from csp_utils.vlm.embedded import checkpoint, report
 from csp_utils.vlm.embedded.build import build_processor, build_tiny_vlm
 from csp_utils.vlm.embedded.checkpoint import CHECKPOINT_DIR, MODEL_FILE, WARM_START_DIR
-from csp_utils.core.lock import pid_lock
 from csp_utils.vlm.embedded.config import KINDS, PretrainConfig, world_config
+from csp_utils.world import benchmarks
+from csp_utils.world import scenes as sc
 from csp_utils.vlm.embedded.data import (ChatEncoder, ImageCodec, Pool, build_pool, collate, progress_bar,
                                          sample_joint_batch, step_generator, vision_data)
 from csp_utils.vlm.embedded.losses import (align_loss, init_vision_positions, joint_loss, patch_class_weights,
