@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from csp_utils import scenes
 from csp_utils.grounding import (
     AnnotationGrounder,
     BoxGrounder,
@@ -108,7 +109,6 @@ def test_dino_prompt_format():
 
 @pytest.fixture(scope="module")
 def world():
-    scenes = pytest.importorskip("csp_utils.scenes")
     return scenes.make_scenes("eval", 30)
 
 

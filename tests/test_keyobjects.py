@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from csp_utils import scenes
 from csp_utils.keyobjects import (
     Vocabulary,
     amber_vocabulary,
@@ -85,8 +86,6 @@ def test_amber_coverage(amber):
 
 
 def test_world_questions_match_the_worlds_own_objects():
-    scenes = pytest.importorskip("csp_utils.scenes")
-    pytest.importorskip("csp_utils.benchmarks")
     n = 0
     for scene in scenes.make_scenes("eval", 20):
         for item in scenes.world_questions(scene, 0, 12):

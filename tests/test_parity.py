@@ -15,11 +15,10 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from csp_utils import benchmarks, engine, evaluation as ev, experiment, models, prompts, training  # noqa: E402
-from csp_utils import perturbed_dataset as PD, scenes  # noqa: E402
+from csp_utils import benchmarks, engine, evaluation as ev, experiment, models, prompts, training
+from csp_utils import perturbed_dataset as PD, scenes
 
 pytestmark = pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
                                 reason="the embedded default model is not built (python -m csp_utils.pretrain)")

@@ -16,15 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-torch = pytest.importorskip("torch")
-datasets = pytest.importorskip("datasets")
-
-from csp_utils import models, prompts, training  # noqa: E402
-from csp_utils.embedded import build  # noqa: E402
+from csp_utils import models, prompts, training
+from csp_utils.embedded import build
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0, 30, 50, 80, 100)
