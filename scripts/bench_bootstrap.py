@@ -13,7 +13,7 @@ fast path equals the loop, see tests/test_metrics.py). Timings are the best of `
 from __future__ import annotations
 
 import argparse
-import time
+import timeit
 
 import numpy as np
 
@@ -21,12 +21,7 @@ from csp_utils import metrics as M
 
 
 def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=repeats))  # the least disturbed by other work
 
 
 def _loop(conf, correct, images, n_boot: int) -> None:

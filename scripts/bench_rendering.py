@@ -14,7 +14,7 @@ are the best of ``--repeats``.
 from __future__ import annotations
 
 import argparse
-import time
+import timeit
 
 import numpy as np
 from matplotlib.path import Path as PolygonPath
@@ -23,12 +23,7 @@ from csp_utils import scenes as W
 
 
 def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timeit.repeat(fn, number=1, repeat=repeats))  # the least disturbed by other work
 
 
 def _uncached(n: int) -> None:
