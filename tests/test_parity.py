@@ -20,16 +20,9 @@ import torch
 from csp_utils import benchmarks, engine, evaluation as ev, experiment, models, prompts, training
 from csp_utils import perturbed_dataset as PD, scenes
 
-pytestmark = pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
-                                reason="the embedded default model is not built (python -m csp_utils.pretrain)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
+                                 reason="the embedded default model is not built (python -m csp_utils.pretrain)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

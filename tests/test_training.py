@@ -26,6 +26,7 @@ from csp_utils import models, prompts, training
 from csp_utils.embedded import build
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LEVELS = (0, 30, 50, 80, 100)
 N_SAMPLES = 4
 
@@ -64,16 +65,6 @@ def small_configs(steps: int = 4, **simpo) -> training.TrainingConfigs:
     for key, value in simpo.items():
         setattr(cfg.simpo, key, value)
     return cfg
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for this module: on a shared 2-core machine, two spinning OpenMP
-    threads make each tiny matmul ~100x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
