@@ -88,6 +88,14 @@ def test_every_stage_ran_and_left_a_marker(smoke_run):
     assert "failed" not in manifest
 
 
+def test_the_explorers_executed_copy_shows_every_slider_position(smoke_run):
+    """GitHub renders no widgets: beneath each live view, the executed copy holds the stills."""
+    nb = json.loads((smoke_run / "notebooks" / "01_perturbation_explorer.ipynb").read_text())
+    stills = [c for c in nb["cells"] if c["cell_type"] == "code" and "slider_stills" in "".join(c["source"])]
+    assert len(stills) == 2
+    assert all(any("image/jpeg" in o.get("data", {}) for o in c["outputs"]) for c in stills)
+
+
 def test_stage_outputs(smoke_run):
     figs = smoke_run / "figures"
     # 00 and 01: world figures and the perturbation grid, PNG + PDF
