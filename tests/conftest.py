@@ -25,3 +25,35 @@ def tiny_vlm():
     from csp_utils.vlm.embedded import build
 
     return build.build_tiny_vlm(build.TinyVLMConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny LLaVA with LLaVA-1.5's image-first layout, so that the shared-prefix
+    shortcut (taken for image-first templates only) is exercised; one per test module."""
+    from csp_utils.vlm.embedded import build
+
+    return build.build_tiny_vlm(build.TinyVLMConfig(image_first=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_text_first():
+    """The embedded default's layout (question before the image): no shared prefix; one per
+    test module (``tiny_vlm`` is the session's)."""
+    from csp_utils.vlm.embedded import build
+
+    return build.build_tiny_vlm(build.TinyVLMConfig())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny-model tests (``pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")``): tiny models gain nothing from threads, and
+    on a shared 2-core machine spinning OpenMP threads make each tiny matmul many times slower.
+    Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

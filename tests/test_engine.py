@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from csp_utils.vlm import engine
+from csp_utils.vlm import engine, prompts, scoring
+from helpers import bench_images, make_benchmark, noise_images
 
-from csp_utils.vlm import scoring, prompts
-from test_evaluation import _images, _noise_images, make_benchmark, one_thread, tiny, tiny_text_first  # noqa: F401
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- tokens
@@ -60,7 +60,7 @@ def test_option_scoring_variants_agree(tiny):
     prefix or on whole prompts, with or without the end token."""
     model, proc = tiny
     bench = make_benchmark(3)
-    images = _images(bench, bench.items)
+    images = bench_images(bench, bench.items)
     answers = ["Yes", "No", "Yes, there is."]
     msgs = [prompts.confidence_messages(it.question, a) for it, a in zip(bench.items, answers)]
     prefix, _ = engine.shared_prefix(model, proc, [prompts.answer_messages(it.question) for it in bench.items], images)
@@ -86,7 +86,7 @@ def test_option_scoring_variants_agree(tiny):
 def test_generation_on_a_shared_prefix_equals_whole_prompts(tiny):
     model, proc = tiny
     bench = make_benchmark(4)
-    images = _images(bench, bench.items)
+    images = bench_images(bench, bench.items)
     answer_msgs = [prompts.answer_messages(it.question) for it in bench.items]
     prefix, on_prefix = engine.shared_prefix(model, proc, answer_msgs, images)
     a_texts, a_ids, a_logits = engine.generate_on(model, proc, on_prefix, 5)
@@ -103,7 +103,7 @@ def test_generation_on_a_shared_prefix_equals_whole_prompts(tiny):
 def test_internal_prob_is_the_yes_no_softmax_of_the_first_answer_token(tiny):
     model, proc = tiny
     bench = make_benchmark(2)
-    it, im = bench.items[1], _images(bench, bench.items[1:2])[0]
+    it, im = bench.items[1], bench_images(bench, bench.items[1:2])[0]
     yn = engine.yes_no_tokens(proc)
     enc = engine.encode(proc, [prompts.answer_messages(it.question)], [im])
     with torch.no_grad():
@@ -125,10 +125,10 @@ def test_processor_shortcuts_are_taken_only_where_they_reproduce_the_processor(t
     engine._CHECKED.pop(proc, None)
     msgs = [prompts.answer_messages(q) for q in ("Is there a star?", "Is the large red square left of the blue star?",
                                                  "Is there a circle in the image?")]
-    first = engine.plain_prompts(model, proc, msgs, _noise_images(3), shortcuts=True)   # runs the processor, checks
+    first = engine.plain_prompts(model, proc, msgs, noise_images(3), shortcuts=True)   # runs the processor, checks
     assert engine._CHECKED[proc] == {((64, 64), "RGB"): 64} and first.image_tokens == [64] * 3
 
-    images = _noise_images(3, seed=2)
+    images = noise_images(3, seed=2)
     ref = engine.plain_prompts(model, proc, msgs[::-1], images)
     with monkeypatch.context() as m:   # from now on the processor is not called at all
         m.setattr(engine, "encode", lambda *a, **k: pytest.fail("the processor ran although the shortcut was checked"))
@@ -138,7 +138,7 @@ def test_processor_shortcuts_are_taken_only_where_they_reproduce_the_processor(t
     assert fast.attention_mask.sum(1).unique().numel() > 1, "left padding is exercised"
 
     # 48 x 64 images: the processor resizes them, the shortcut would not: checked and refused
-    tall = _noise_images(3, hw=(48, 64))
+    tall = noise_images(3, hw=(48, 64))
     p = engine.plain_prompts(model, proc, msgs, tall, shortcuts=True)
     assert engine._CHECKED[proc][((64, 48), "RGB")] is False and p.image_tokens is None
     ref = engine.plain_prompts(model, proc, msgs, tall)
@@ -146,7 +146,7 @@ def test_processor_shortcuts_are_taken_only_where_they_reproduce_the_processor(t
     assert torch.equal(p.image_inputs["pixel_values"], ref.image_inputs["pixel_values"])
     # images of mixed sizes have no key: the processor runs, nothing is recorded
     before = dict(engine._CHECKED[proc])
-    mixed = _noise_images(2) + tall[:1]
+    mixed = noise_images(2) + tall[:1]
     p = engine.plain_prompts(model, proc, msgs, mixed, shortcuts=True)
     assert engine._CHECKED[proc] == before and p.image_tokens is None
 
@@ -157,7 +157,7 @@ def test_vision_encoder_runs_once_per_distinct_image(tiny_text_first):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     model, proc = tiny_text_first
-    imgs = _noise_images(3, seed=5)
+    imgs = noise_images(3, seed=5)
     batch = [imgs[0], imgs[1], imgs[0], imgs[2], imgs[1]]
     pixels = proc.image_processor(batch, return_tensors="pt")["pixel_values"]
     assert engine._distinct_rows(pixels) == ([0, 1, 3], [0, 1, 0, 2, 1])

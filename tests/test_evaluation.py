@@ -19,45 +19,10 @@ import torch
 
 from csp_utils.evaluate import evaluation as ev
 from csp_utils.vlm import engine, scoring, models, parsing, prompts
-from csp_utils.vlm.embedded import build
 
-# The same benchmark is built here and inside the `accelerate launch` script below.
-BENCH_SRC = textwrap.dedent(
-    '''
-    import numpy as np
-    from PIL import Image
-    from csp_utils.world.benchmarks import Benchmark
-    from csp_utils.world.schema import QAItem
+from helpers import bench_images, make_benchmark, noise_images
 
-    QUESTIONS = [
-        "Is there a circle in the image?",
-        "Is the large red square left of the small blue star in the image?",
-        "Is there a star?",
-        "Is there a green triangle touching the yellow circle in this image?",
-        "Are there two squares?",
-    ]
-
-    def make_benchmark(n=10, family="pope", seed=0):
-        rng = np.random.default_rng(seed)
-        images = {f"img{i}": Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8))
-                  for i in range(4)}
-        items = [QAItem(f"q{i:03d}", f"img{i % 4}", QUESTIONS[i % len(QUESTIONS)], "yes" if i % 3 else "no",
-                        f"{family}-test", "existence", []) for i in range(n)]
-        return Benchmark(f"{family}-test", family, items, lambda k: images[k], "yes" if family == "pope" else "no")
-    '''
-)
-_ns: dict = {}
-exec(BENCH_SRC, _ns)
-make_benchmark = _ns["make_benchmark"]
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads
-    oversubscribe it (10x slower under load); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SCHEMA = {
@@ -67,31 +32,13 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """A random tiny LLaVA with LLaVA-1.5's image-first layout, so that the shared-prefix
-    shortcut (taken for image-first templates only) is exercised; the default text-first
-    layout takes the whole-prompt path, tested in test_loader."""
-    return build.build_tiny_vlm(build.TinyVLMConfig(image_first=True))
-
-
-@pytest.fixture(scope="module")
-def tiny_text_first():
-    """The embedded default's layout (question before the image): no shared prefix."""
-    return build.build_tiny_vlm(build.TinyVLMConfig())
-
-
-def _images(bench, items):
-    return [bench.image_loader(it.image_id) for it in items]
-
-
 # ------------------------------------------------------------------ fast == one by one
 @pytest.mark.parametrize("shortcut", ["shared_prefix", "encoded_images", "none"])
 def test_batched_fast_path_equals_one_question_at_a_time(tiny, shortcut):
     model, proc = tiny
     bench = make_benchmark(6)
     items = bench.items
-    images = _images(bench, items)
+    images = bench_images(bench, items)
     cfg = ev.EvalConfig(framings=("third", "first"), batch_size=6, confidence_max_new_tokens=6, max_new_tokens=6,
                         share_prefix=shortcut == "shared_prefix", reuse_image_features=shortcut == "encoded_images")
     parse = ev.answer_parser(bench)
@@ -244,7 +191,7 @@ def test_config_is_checked():
 def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, request):
     model, proc = request.getfixturevalue(which)
     bench = make_benchmark(5)
-    items, images = bench.items, _images(bench, bench.items)
+    items, images = bench.items, bench_images(bench, bench.items)
     cfg = ev.EvalConfig(readouts=("single_pass",), batch_size=5, max_new_tokens=6, layout=layout)
     rows = ev.elicit_batch(model, proc, items, images, cfg, "tiny", ev.answer_parser(bench))
     option_ids = engine.option_token_ids(proc, cfg.options, layout=layout)
@@ -283,7 +230,7 @@ def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
     base, proc = request.getfixturevalue(which)
     adapted = _with_random_adapter(base, 0.5)
     bench = make_benchmark(8)
-    items, images, parse = bench.items, _images(bench, bench.items), ev.answer_parser(bench)
+    items, images, parse = bench.items, bench_images(bench, bench.items), ev.answer_parser(bench)
     cfg = dict(framings=("third", "first"), batch_size=8, max_new_tokens=6, confidence_max_new_tokens=4,
                layout="follow_up")
     base_rows = ev.elicit_batch(base, proc, items, images, ev.EvalConfig(**cfg), "m", parse)
@@ -366,12 +313,14 @@ def test_answers_from_are_refused_where_they_could_mismatch(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------- two processes
-RUN_SRC = BENCH_SRC + textwrap.dedent(
+RUN_SRC = textwrap.dedent(
     '''
     import sys
     import torch
+    sys.path.insert(0, sys.argv[3])  # tests/, for the benchmark the test builds too
     from csp_utils.evaluate import evaluation
     from csp_utils.vlm import models
+    from helpers import make_benchmark
 
     torch.set_num_threads(1)
     model, processor = models.load_vlm(sys.argv[1])
@@ -403,7 +352,8 @@ def test_accelerate_two_processes_equal_one(tiny, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(script), str(tmp_path / "model"), str(two)]
+           "--main_process_port", str(_free_port()), str(script), str(tmp_path / "model"), str(two),
+           os.path.dirname(__file__)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert not list(tmp_path.glob("two.shard*")), "shards are merged and removed"
@@ -415,13 +365,6 @@ def test_accelerate_two_processes_equal_one(tiny, tmp_path):
 
 
 # -------------------------------------------------------------- processor shortcuts
-def _noise_images(n, hw=(64, 64), seed=1):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for _ in range(n)]
-
-
 def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_text_first, monkeypatch):
     """elicit_batch on same-size images (where the shortcuts are taken: the answer prompts
     skip the processor, the confidence prompts the image processor and the vision tower)
@@ -430,7 +373,7 @@ def test_fast_path_with_processor_shortcuts_equals_one_question_at_a_time(tiny_t
     engine._CHECKED.pop(proc, None)
     questions = ["Is there a star?", "Is the large red square left of the small blue star in the image?",
                  "Is there a circle in the image?", "Are there two squares?"]
-    images = [im for im in _noise_images(4, seed=3) for _ in (0, 1)]   # each image asked twice, as in POPE
+    images = [im for im in noise_images(4, seed=3) for _ in (0, 1)]   # each image asked twice, as in POPE
     from csp_utils.world.benchmarks import Benchmark
     from csp_utils.world.schema import QAItem
 

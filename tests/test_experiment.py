@@ -352,17 +352,14 @@ def _tiny_base_and_adapters(tmp_path, n_adapters: int):
     return str(base), folders
 
 
-def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unchanged(tmp_path, monkeypatch):
+def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unchanged(tmp_path, monkeypatch,
+                                                                                       one_torch_thread):
     """The second confidence-only adapter takes the first one's answers (never the base
     model's, never a file written before the call); every file equals a run without reuse."""
-    import torch
-
-    from csp_utils.evaluate import evaluation
     from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
-    from test_evaluation import make_benchmark
+    from csp_utils.evaluate import evaluation, matrix, suites
+    from helpers import make_benchmark
 
-    torch.set_num_threads(1)
     base, (a0, a1) = _tiny_base_and_adapters(tmp_path, 2)
     specs = [matrix.ModelSpec("base", base),
              matrix.ModelSpec("c0", base, a0, adapter_scope="confidence", layout="follow_up"),

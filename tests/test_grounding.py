@@ -8,6 +8,7 @@ from PIL import Image
 from csp_utils.dataset.grounding import (AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask,
                                          counts_to_rle_string, decode_segmentation, dino_prompt, make_grounder,
                                          rle_decode, rle_encode, rle_string_to_counts, tiny_grounding_dino, tiny_sam)
+from csp_utils.world import scenes
 
 H, W = 48, 64  # not square: catches (H, W) / (W, H) mix-ups
 
@@ -95,7 +96,6 @@ def test_dino_prompt_format():
 
 @pytest.fixture(scope="module")
 def world():
-    scenes = pytest.importorskip("csp_utils.world.scenes")
     return scenes.make_scenes("eval", 30)
 
 

@@ -17,14 +17,7 @@ from csp_utils.vlm.embedded import build
 from csp_utils.world.benchmarks import Benchmark
 from csp_utils.world.schema import QAItem
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads
-    oversubscribe it (10x slower under load); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ shared helpers

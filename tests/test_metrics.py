@@ -2,7 +2,6 @@
 
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
@@ -377,15 +376,34 @@ def test_cluster_bootstrap_is_wider_when_questions_share_their_image():
         M.cluster_bootstrap(conf, correct, images[:-1])
 
 
-def test_cluster_bootstrap_is_fast():
+def test_cluster_bootstrap_computes_all_resamples_at_once(monkeypatch):
+    """What its speed rests on (timings: scripts/bench_bootstrap.py): one call of
+    resampled_calibration for every resample (and one for the point), whose numbers equal the
+    metrics on each resample's rows (above); the intervals equal a loop over the resamples."""
     rng = np.random.default_rng(0)
-    n = 6000
+    n, n_boot = 6000, 200
     images = np.repeat(np.arange(n // 6), 6)
     correct = (rng.random(n) < 0.8).astype(float)
-    for conf in (rng.choice(np.arange(11) / 10, n), rng.random(n)):
-        start = time.perf_counter()
-        M.cluster_bootstrap(conf, correct, images, n_boot=1000)
-        assert time.perf_counter() - start < 5.0   # four metrics; 0.05 s (verbalized) to 0.8 s (continuous) when busy
+    calls, real = [], M.resampled_calibration
+
+    def counting(conf, correct, codes, counts, *args, **kw):
+        calls.append(np.shape(counts))
+        return real(conf, correct, codes, counts, *args, **kw)
+
+    monkeypatch.setattr(M, "resampled_calibration", counting)
+    for conf in (rng.choice(np.arange(11) / 10, n), rng.random(n)):  # verbalized, continuous
+        calls.clear()
+        got = M.cluster_bootstrap(conf, correct, images, n_boot=n_boot)
+        assert calls == [(n_boot, n // 6), (1, n // 6)]
+        loop = {"ece": [], "ece15": [], "brier": [], "auroc": []}
+        for drawn in M.resample_counts(n // 6, n_boot, seed=0):
+            rows = np.repeat(np.arange(n), drawn[images])
+            c, y = conf[rows], correct[rows]
+            for k, v in zip(loop, (M.ece(c, y), M.ece(c, y, 15), M.brier(c, y), M.auroc(c, y))):
+                loop[k].append(v)
+        for k, f in zip(loop, (M.ece, lambda c, y: M.ece(c, y, 15), M.brier, M.auroc)):
+            assert got[k][0] == pytest.approx(f(conf, correct), abs=1e-12)
+            assert got[k][1:] == pytest.approx(M.interval(np.array(loop[k]), 0.05), abs=1e-12), k
 
 
 @pytest.mark.parametrize("metric,low,high,expect", [

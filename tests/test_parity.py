@@ -15,30 +15,18 @@ import warnings
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-
-from csp_utils.vlm import engine
+import torch
 
 from csp_utils.dataset import buildconfig, perturbed_dataset, sources
 from csp_utils.evaluate import evaluation as ev, suites
 from csp_utils.train import regimes, settings, shaping, trainers
-from csp_utils.vlm import scoring, models
-from csp_utils.vlm import prompts
-from csp_utils.world import benchmarks
-from csp_utils.world import scenes
+from csp_utils.vlm import engine, models, prompts, scoring
+from csp_utils.world import benchmarks, scenes
 from csp_utils.world.schema import QAItem
 
-pytestmark = pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
-                                reason="the embedded default model is not built (python -m csp_utils.pretrain)")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not (models.default_model_dir() / "model.safetensors").exists(),
+                                 reason="the embedded default model is not built (python -m csp_utils.pretrain)"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

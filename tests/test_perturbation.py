@@ -181,6 +181,25 @@ def test_show_levels_returns_a_figure():
     matplotlib.pyplot.close(fig)
 
 
+def test_slider_stills_show_every_position_as_the_live_view_would():
+    import matplotlib.pyplot as plt
+
+    img, m = _image(), _mask()
+    fig = P.slider_stills(img, m, (100, 50, 0), noise_gammas=(0.035, 0.07), key="f")
+    assert len(fig.axes) == 6                       # 2 noise_gamma rows x 3 confidence columns
+    for r, gamma in enumerate((0.035, 0.07)):
+        row = fig.axes[3 * r:3 * r + 3]
+        assert [ax.get_title() for ax in row] == ["c = 100%", "c = 50%", "c = 0%"]
+        assert row[0].get_ylabel() == f"noise_gamma\n{gamma:g}"
+        for ax, c in zip(row, (100, 50, 0)):
+            shown = ax.images[0].get_array()
+            assert np.array_equal(shown, np.asarray(P.perturb(img, m, c, NoiseConfig(noise_gamma=gamma), key="f")))
+    assert np.array_equal(fig.axes[0].images[0].get_array(), img)   # c = 100%: the input
+    one_row = P.slider_stills(img, m, key="f")                        # default: every level, config's gamma
+    assert [ax.get_title() for ax in one_row.axes] == [f"c = {c}%" for c in range(100, -1, -10)]
+    plt.close("all")
+
+
 def test_levels_that_share_a_step_warn():
     with pytest.warns(UserWarning, match="same step"):
         NoiseConfig(t_max=5)

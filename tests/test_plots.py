@@ -1,15 +1,17 @@
-"""Every plot returns a Figure; save_figure writes non-empty PNG and PDF into tmp_path."""
+"""Each plot draws what its inputs say (panels, bars, lines, points, labels, legends);
+save_figure writes non-empty PNG and PDF into tmp_path."""
 
 from types import SimpleNamespace
 
 import matplotlib
 import matplotlib.collections
+import matplotlib.patches
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
 
 from csp_utils.analysis import plots
+from csp_utils.core import metrics
 
 RNG = np.random.default_rng(0)
 CONF = RNG.integers(0, 11, 200) / 10
@@ -28,17 +30,43 @@ def all_texts(fig):
     return [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
 
 
+def bar_heights(ax):
+    return [p.get_height() for p in ax.patches if isinstance(p, matplotlib.patches.Rectangle)]
+
+
+def legend_labels(legend):
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def visible_axes(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
 def test_backend_is_noninteractive():
     assert matplotlib.get_backend().lower() == "agg"  # MPLBACKEND=Agg from conftest is respected
 
 
 def test_reliability_panel(tmp_path):
     fig = plots.reliability_grid({"demo": (CONF, CORRECT)}, n_bins=10)
-    assert isinstance(fig, Figure)
     assert len(fig.axes) == 2  # bars + histogram beneath
-    labels = {ax.get_xlabel() for ax in fig.axes} | {ax.get_ylabel() for ax in fig.axes}
-    assert {"Confidence", "Accuracy"} <= labels
-    assert any(t.startswith("ECE = ") for t in all_texts(fig))
+    panel, hist = fig.axes
+    assert panel.get_title() == "demo"
+    assert (panel.get_ylabel(), hist.get_xlabel(), hist.get_ylabel()) == ("Accuracy", "Confidence", "Share")
+    table = metrics.reliability_table(CONF, CORRECT, 10)
+    full = table["count"].to_numpy() > 0
+    acc, mean_conf = table["accuracy"].to_numpy()[full], table["mean_confidence"].to_numpy()[full]
+    heights = bar_heights(panel)
+    assert np.allclose(heights[:full.sum()], acc)                      # one accuracy bar per filled bin
+    assert np.allclose(heights[full.sum():], np.abs(acc - mean_conf))  # then the gap to its mean confidence
+    assert np.allclose(bar_heights(hist), table["count"].to_numpy() / CONF.size)
+    (diagonal,) = panel.lines
+    assert list(diagonal.get_xdata()) == [0, 1] and list(diagonal.get_ydata()) == [0, 1]
+    mean_conf_line, mean_acc_line = hist.lines
+    assert mean_conf_line.get_xdata()[0] == pytest.approx(CONF.mean())
+    assert mean_acc_line.get_xdata()[0] == pytest.approx(CORRECT.mean())
+    assert legend_labels(fig.legends[0]) == ["Perfect calibration", "Accuracy", "Gap", "Mean confidence",
+                                             "Mean accuracy"]
+    assert f"ECE = {100 * metrics.ece(CONF, CORRECT, 10):.1f}%\nn = 200" in all_texts(fig)
     assert min(t.get_fontsize() for t in fig.findobj(matplotlib.text.Text) if t.get_text()) >= 10
     png, pdf = plots.save_figure(fig, tmp_path / "figs" / "reliability")
     assert png.suffix == ".png" and pdf.suffix == ".pdf"
@@ -67,8 +95,10 @@ def test_reliability_grid_including_empty_group(tmp_path):
         "nothing parsed": ([None, None], [1, 0]),
     }
     fig = plots.reliability_grid(groups, ncols=2, suptitle="before / after")
-    assert isinstance(fig, Figure)
-    assert "nothing parsed" in all_texts(fig)
+    assert _panel_titles(fig) == list(groups)  # in order, the fourth place of the 2 x 2 grid empty
+    assert len(visible_axes(fig)) == 6 and fig.get_suptitle() == "before / after"
+    (empty,) = [ax for ax in fig.axes if ax.get_title() == "nothing parsed"]  # no bars, only the note
+    assert bar_heights(empty) == [] and "no parsed confidences\n(coverage 0%)" in [t.get_text() for t in empty.texts]
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "grid"))
     with pytest.raises(ValueError):
         plots.reliability_grid({})
@@ -111,8 +141,11 @@ def test_ablation_bars(tmp_path):
         }
     )
     fig = plots.ablation_bars(df, title="ablations")
-    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert len(fig.axes) == 2 and fig.get_suptitle() == "ablations"
     ax = fig.axes[0]
+    assert [p.get_width() for p in ax.patches] == [0.05, 0.08, 0.06]             # one bar per variant
+    assert [p.get_width() for p in fig.axes[1].patches] == [0.7, 0.65, 0.68]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["local", "global", "gamma 0.5"]
     bar_centres = [p.get_y() + p.get_height() / 2 for p in ax.patches]
     whiskers = [seg for c in ax.collections for seg in c.get_segments()]
     assert [seg[0, 1] for seg in whiskers] == bar_centres[:2]               # centred; a NaN interval draws none
@@ -132,8 +165,14 @@ def test_confidence_vs_level(tmp_path):
         ]
     )
     fig = plots.confidence_vs_level(df, xlabel="Target level (%)", ylabel="Confidence (%)")
-    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 1 and len(fig.axes[0].lines) == 3  # two models and the diagonal
     base, csp = fig.axes[0].lines[:2]
+    assert list(base.get_xdata()) == list(range(0, 101, 20)) and np.allclose(base.get_ydata(), 80.0)
+    means = df[df["model"] == "CSP"].groupby("level")["confidence"].mean()
+    assert np.allclose(csp.get_ydata(), means.to_numpy())
+    assert len(fig.axes[0].collections) == 2                   # a +- std band per model
+    assert legend_labels(fig.axes[0].get_legend()) == ["base", "CSP", "y = x"]
+    assert fig.axes[0].get_ylabel() == "Confidence (%)"
     # a line drawn under another still shows: each model has its own line style and marker
     assert (base.get_linestyle(), base.get_marker()) != (csp.get_linestyle(), csp.get_marker())
     assert base.get_linestyle() != csp.get_linestyle() and base.get_marker() != csp.get_marker()
@@ -145,11 +184,22 @@ def test_internal_vs_verbalized(tmp_path):
     internal = RNG.random(50)
     verbal = list(np.clip(np.round(internal, 1) + 0.1, 0, 1))
     verbal[3] = None  # dropped pair
-    fig = plots.internal_vs_verbalized(internal, verbal, correct=RNG.integers(0, 2, 50))
-    title = fig.axes[0].get_title()
+    correct = RNG.integers(0, 2, 50)
+    fig = plots.internal_vs_verbalized(internal, verbal, correct=correct)
+    ax = fig.axes[0]
+    title = ax.get_title()
     assert "Spearman" in title and "n = 49" in title
+    right, wrong = ax.collections                       # one scatter per outcome, the dropped pair in neither
+    keep = np.arange(50) != 3
+    assert np.allclose(np.sort(right.get_offsets()[:, 0]), np.sort(internal[keep & (correct == 1)]))
+    assert np.allclose(np.sort(wrong.get_offsets()[:, 0]), np.sort(internal[keep & (correct == 0)]))
+    assert legend_labels(ax.get_legend()) == ["right", "wrong"]
+    assert ax.get_xlabel().startswith("Internal confidence") and ax.get_ylabel() == "Verbalized confidence"
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "ivv"))
-    assert isinstance(plots.internal_vs_verbalized(internal, internal), Figure)
+    alone = plots.internal_vs_verbalized(internal, internal).axes[0]
+    (points,) = alone.collections                       # without outcomes: one scatter, no legend
+    assert points.get_offsets().shape == (50, 2) and alone.get_legend() is None
+    assert "Spearman \u03c1 = 1.00" in alone.get_title()
 
 
 def test_image_grid_and_scene_grid(tmp_path):
@@ -159,7 +209,12 @@ def test_image_grid_and_scene_grid(tmp_path):
     imgs.append(Image.fromarray(imgs[0]))
     imgs.append(RNG.integers(0, 255, (32, 32), dtype=np.uint8))  # grayscale
     fig = plots.image_grid(imgs, [f"t={i}" for i in range(6)], ncols=4)
-    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 8  # 2 rows of 4, the last two empty
+    shown = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in shown] == [f"t={i}" for i in range(6)]
+    for ax, img in zip(shown, imgs):
+        assert np.array_equal(ax.images[0].get_array(), np.asarray(img))
+    assert shown[5].images[0].get_cmap().name == "gray"
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "images"))
     with pytest.raises(ValueError):
         plots.image_grid(imgs, ["one title"])
@@ -169,17 +224,34 @@ def test_image_grid_and_scene_grid(tmp_path):
     obj = SimpleNamespace(box=(4, 4, 12, 10), mask=mask, name="red square")
     scene = SimpleNamespace(scene_id="eval-000001", image=imgs[0], objects=[obj], variant="blur", severity=0.5)
     fig = plots.scene_grid([scene, scene], ncols=2)
-    assert isinstance(fig, Figure) and "red square" in fig.axes[0].get_xlabel()
+    assert len(fig.axes) == 2 and fig.axes[0].get_xlabel() == "red square"
+    assert fig.axes[0].get_title() == "eval-000001\nblur, severity 0.5"
+    (box,) = fig.axes[0].patches                      # the dashed box around the object's pixels
+    assert (box.get_xy(), box.get_width(), box.get_height()) == ((3.5, 3.5), 8, 6)
+    assert len(fig.axes[0].collections) >= 1           # the mask's outline
+    bare = plots.scene_grid([scene], masks=False, boxes=False)
+    assert not bare.axes[0].patches and not bare.axes[0].collections
 
 
 def test_count_and_composition_bars(tmp_path):
     fig = plots.count_bars({"circle": 10, "square": 30, "star": 3}, title="categories")
-    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert bar_heights(ax) == [30, 10, 3] and ax.get_title() == "categories"  # largest first
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["square", "circle", "star"]
+    assert bar_heights(plots.count_bars({"b": 1, "a": 2}, sort=False).axes[0]) == [1, 2]
     fig = plots.count_panels({"scenes": {"circle": 10, "star": 3}, "negatives": {"square": 4}, "x": {"a": 1}})
-    assert isinstance(fig, Figure) and sum(ax.get_visible() for ax in fig.axes) == 3
+    panels = visible_axes(fig)
+    assert [ax.get_title() for ax in panels] == ["scenes", "negatives", "x"]
+    assert [bar_heights(ax) for ax in panels] == [[10, 3], [4], [1]]
     df = pd.DataFrame({"set": ["random"] * 6 + ["popular"] * 4, "label": ["yes", "no"] * 5})
     fig = plots.composition_bars(df, title="balance")
-    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    no, yes = ax.containers                             # stacked: one series per label, sets in order
+    assert [p.get_height() for p in no] == [3, 2] and [p.get_height() for p in yes] == [3, 2]
+    assert [p.get_y() for p in yes] == [3, 2]           # on top of the "no" bars
+    assert legend_labels(ax.get_legend()) == ["no", "yes"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["random", "popular"]
+    assert {"6\n50% no", "4\n50% no"} <= set(all_texts(fig)) and ax.get_title() == "balance"
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "comp"))
 
 
@@ -189,6 +261,10 @@ def test_training_curves_have_integer_steps(tmp_path):
     simpo.write_text("step,loss,lr,margin,reward_acc\n1,0.7,0.0,0.1,0.5\n3,0.6,1e-4,0.3,0.75\n")
     fig = plots.training_curves([sft, simpo], title="curves")
     assert len([ax for ax in fig.axes if ax.lines]) == 4   # loss, lr, margin, reward accuracy
+    loss = fig.axes[0]
+    assert loss.get_ylabel() == "loss" and legend_labels(loss.get_legend()) == ["sft", "sft_simpo"]
+    assert [list(line.get_ydata()) for line in loss.lines] == [[2.0, 1.5, 1.2], [0.7, 0.6]]
+    assert [len(ax.lines) for ax in fig.axes[2:]] == [1, 1]  # only the SimPO log has a margin
     fig.canvas.draw()
     for ax in fig.axes:
         assert all(float(t).is_integer() for t in ax.get_xticks())
@@ -223,7 +299,10 @@ def _headline():
 
 def test_metric_intervals(tmp_path):
     fig = plots.metric_intervals(_headline(), title="pooled")
-    assert isinstance(fig, Figure) and len(fig.axes) == 8   # 2 sets x 4 metrics
+    assert len(fig.axes) == 8   # 2 sets x 4 metrics
+    dots = fig.axes[0].lines[0]                        # one dot per model, at its ECE
+    assert np.allclose(dots.get_xdata(), [0.05, 0.06, 0.07]) and list(dots.get_ydata()) == [0, 1, 2]
+    assert [ax.get_ylabel() for ax in fig.axes[::4]] == ["pooled-clean", "pooled-transfer"]
     assert [ax.get_title() for ax in fig.axes[:4]] == ["ECE (10 bins)", "ECE (15 bins)", "Brier score", "AUROC"]
     assert {"base", "sft_simpo", "baseline:temperature"} <= set(all_texts(fig))
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "intervals"))

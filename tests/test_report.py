@@ -54,6 +54,18 @@ def test_publish_copies_finished_notebooks_with_outputs(tmp_path):
     assert published["cells"][0]["outputs"][0]["data"]["image/png"] == small
 
 
+def test_publish_replaces_a_widgets_repr_with_a_line_for_the_reader(tmp_path):
+    nb = _notebook(_png_b64(16))
+    widget = {"model_id": "abc", "version_major": 2, "version_minor": 0}
+    nb["cells"][0]["outputs"].append({"output_type": "display_data", "metadata": {}, "data": {
+        report.WIDGET_VIEW: widget, "text/plain": "interactive(children=(IntSlider(value=40, ..."}})
+    run = _fake_run(tmp_path, {"01_explorer": nb}, finished={"01_explorer"})
+    report.publish_notebooks(run, tmp_path / "pub")
+    figure, view = json.loads((tmp_path / "pub" / "01_explorer.ipynb").read_text())["cells"][0]["outputs"]
+    assert view["data"] == {report.WIDGET_VIEW: widget, "text/plain": report.WIDGET_NOTE}
+    assert figure["data"]["text/plain"] == "<Figure>"   # other outputs as they were
+
+
 def test_publish_shrinks_notebooks_over_the_image_budget(tmp_path):
     big = _png_b64(256)                          # noise compresses badly: ~200 kB per copy
     run = _fake_run(tmp_path, {"01_explorer": _notebook(big, widgets=True)}, finished={"01_explorer"})

@@ -6,9 +6,11 @@ driver's rules (keys, clearing, resuming, the lock, timeouts) are tested on tiny
 and parameter checks against the real notebooks without running them.
 """
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -34,11 +36,36 @@ def smoke_model(tmp_path_factory):
     return build_default_model(tmp_path_factory.mktemp("smoke_model") / "tiny", cfg)
 
 
+@contextlib.contextmanager
+def _stderr_into(path: Path):
+    """File descriptor 2, where the kernels and the driver's workers write their logs, into
+    ``path``; afterwards echoed to the test's stderr, so that nothing is hidden."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr.write(path.read_text())
+
+
 @pytest.fixture(scope="module")
 def smoke_run(smoke_model, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
-    run_dir = driver.run_study(SMOKE, runs_root=runs, overrides={"base_model": str(smoke_model)})
+    with _stderr_into(runs / "stderr.txt"):
+        run_dir = driver.run_study(SMOKE, runs_root=runs, overrides={"base_model": str(smoke_model)})
     return run_dir
+
+
+def test_a_healthy_chain_prints_no_warning_and_no_error(smoke_run):
+    """Not ipykernel's "running over TCP without encryption" per kernel, nor its "ERROR |
+    KeyboardInterrupt caught in kernel" when a shutdown interrupted a kernel."""
+    err = (smoke_run.parent / "stderr.txt").read_text()
+    assert "WARNING" not in err and "ERROR" not in err and "Traceback" not in err, err
 
 
 def test_every_stage_ran_and_left_a_marker(smoke_run):
@@ -60,6 +87,14 @@ def test_every_stage_ran_and_left_a_marker(smoke_run):
     assert manifest["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert manifest["machine"]["cpu_count"] >= 1 and manifest["machine"]["machine"]
     assert "failed" not in manifest
+
+
+def test_the_explorers_executed_copy_shows_every_slider_position(smoke_run):
+    """GitHub renders no widgets: beneath each live view, the executed copy holds the stills."""
+    nb = json.loads((smoke_run / "notebooks" / "01_perturbation_explorer.ipynb").read_text())
+    stills = [c for c in nb["cells"] if c["cell_type"] == "code" and "slider_stills" in "".join(c["source"])]
+    assert len(stills) == 2
+    assert all(any("image/jpeg" in o.get("data", {}) for o in c["outputs"]) for c in stills)
 
 
 def test_stage_outputs(smoke_run):
@@ -368,6 +403,25 @@ def test_a_hanging_cell_fails_naming_the_stage_and_cell(toy):
         toy({"12_hang": {}})
     with pytest.raises(SystemExit, match="limit of 1 s"):
         toy({"12_hang": {"cell_timeout": 1}})
+
+
+def test_kernels_are_encrypted_and_shut_down_without_a_ctrl_c(toy, capfd, monkeypatch):
+    """A SIGINT at shutdown reaches a kernel still handling a message as a KeyboardInterrupt,
+    which ipykernel logs as an ERROR although the notebook succeeded: none is sent."""
+    from jupyter_client import AsyncKernelManager
+
+    sent = []
+    signal_kernel = AsyncKernelManager._async_signal_kernel
+
+    async def recording(self, signum):
+        sent.append(signum)
+        await signal_kernel(self, signum)
+
+    monkeypatch.setattr(AsyncKernelManager, "_async_signal_kernel", recording)
+    toy({"10_make": {}, "11_use": {}})
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "KeyboardInterrupt" not in err and "ERROR" not in err, err
+    assert signal.SIGINT not in sent
 
 
 def test_healthy_runs_pass_each_notebook_only_what_it_declares(toy, caplog):

@@ -16,20 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-
-torch = pytest.importorskip("torch")
-datasets = pytest.importorskip("datasets")
 
 from csp_utils.analysis import plots
 from csp_utils.train import callbacks, regimes, settings, shaping, trainers
-from csp_utils.vlm import models
-from csp_utils.vlm import prompts
+from csp_utils.vlm import models, prompts
 from csp_utils.vlm.embedded import build
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LEVELS = (0, 30, 50, 80, 100)
 N_SAMPLES = 4
 
@@ -68,16 +67,6 @@ def small_configs(steps: int = 4, **simpo) -> settings.TrainingConfigs:
     for key, value in simpo.items():
         setattr(cfg.simpo, key, value)
     return cfg
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for this module: on a shared 2-core machine, two spinning OpenMP
-    threads make each tiny matmul ~100x slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

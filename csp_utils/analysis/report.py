@@ -259,6 +259,19 @@ def _shrink_notebook(nb: dict, max_image_bytes: int) -> list[str]:
     return actions
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = "(a live widget: open the notebook in JupyterLab and run it to use it)"
+
+
+def _note_widgets(nb: dict) -> None:
+    """A widget's text fallback is its repr (``interactive(children=(IntSlider(...``), which is
+    what GitHub shows where the widget was: a line for the reader instead."""
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            if WIDGET_VIEW in out.get("data", {}):
+                out["data"]["text/plain"] = WIDGET_NOTE
+
+
 def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX_NOTEBOOK_IMAGE_BYTES) -> dict:
     """Copy a run's executed notebooks, outputs included, to ``dest`` so a reader can open
     them without running anything.
@@ -282,6 +295,7 @@ def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX
             skipped.append(path.name)
             continue
         nb = json.loads(path.read_text())
+        _note_widgets(nb)
         actions = _shrink_notebook(nb, max_image_bytes)
         if actions:
             shrunk[path.name] = actions

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -373,3 +373,28 @@ def show_levels(image, mask, levels: Sequence[int] = (100, 70, 40, 10), config: 
                 key: str = "", title: str | None = None, show_mask: bool = True, panel_size: float = 2.4):
     """One image at each level (plus its mask outline): a one-row ``levels_grid``."""
     return levels_grid([(image, mask, key)], levels, config, show_mask, panel_size, title)
+
+
+def slider_stills(image, mask, confidences: Sequence[int] = DEFAULT_LEVELS[::-1], noise_gammas: Sequence[float] = (),
+                  config: NoiseConfig | None = None, key: str = "", panel_size: float = 1.2, title: str | None = None):
+    """What a live view's sliders show, as stills: the image at every confidence in
+    ``confidences`` (columns), once per ``noise_gammas`` value (rows; none given: ``config``'s).
+    Each panel equals :func:`perturb` at that position (the same eps), so an executed copy read
+    where widgets do not render (GitHub, the published ``docs/notebooks``) shows them all."""
+    import matplotlib.pyplot as plt
+
+    config = config or NoiseConfig()
+    levels = validate_levels(confidences)
+    configs = [replace(config, noise_gamma=g) for g in noise_gammas] or [config]
+    fig, axes = plt.subplots(len(configs), len(levels), squeeze=False,
+                             figsize=(panel_size * len(levels), panel_size * 1.2 * len(configs) + 0.4))
+    for row, cfg in zip(axes, configs):
+        for ax, c, a in zip(row, levels, perturb_levels_array(image, mask, levels, cfg, key)):
+            ax.imshow(a)
+            ax.set_title(f"c = {c}%", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(f"noise_gamma\n{cfg.noise_gamma:g}" if noise_gammas else "", fontsize=8)
+    fig.suptitle(title or f"every slider position ({config.schedule} schedule, t_max = {config.t_max})", fontsize=9)
+    fig.tight_layout()
+    return fig

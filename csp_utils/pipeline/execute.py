@@ -59,15 +59,43 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 def _kernel_manager_class():
-    """jupyter_client's kernel manager, with kernels that die with the process starting them."""
+    """jupyter_client's kernel manager, with kernels that die with the process starting them,
+    talk to the driver over encrypted sockets, and are shut down without a Ctrl-C.
+
+    Left to its defaults, every kernel warns that it runs "over TCP without encryption" (the
+    kernelspec declares CurveZMQ support; the manager provisions keys only when asked), and a
+    shutdown first sends the kernel SIGINT: a kernel still handling a message then logs
+    "ERROR | KeyboardInterrupt caught in kernel" although its notebook succeeded. The shutdown
+    request alone ends an idle kernel; a busy one (a cell past its limit) still gets SIGTERM,
+    then SIGKILL, from jupyter_client."""
+    import zmq
     from jupyter_client import AsyncKernelManager
 
     class DriverKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            if zmq.has("curve"):
+                kw.setdefault("transport_encryption", "auto")
+            else:  # no libsodium: Unix sockets, which never leave the machine
+                kw.setdefault("transport", "ipc")
+            super().__init__(**kw)
+            self._quiet_shutdown = False
+
         async def _async_launch_kernel(self, kernel_cmd, **kw):
             preexec = _die_with_parent()
             if preexec is not None:
                 kw["preexec_fn"] = preexec
             return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+        async def _async_interrupt_kernel(self):
+            if not self._quiet_shutdown:
+                await super()._async_interrupt_kernel()
+
+        async def shutdown_kernel(self, now: bool = False, restart: bool = False):
+            self._quiet_shutdown = True
+            try:
+                await super()._async_shutdown_kernel(now=now, restart=restart)
+            finally:
+                self._quiet_shutdown = False
 
     return DriverKernelManager
 
