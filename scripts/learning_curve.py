@@ -345,7 +345,7 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
     colors = {g: plt.cm.tab10(i) for i, g in enumerate(groups)}
     shares = sorted({r["clean_share"] for r in rows}, reverse=True)
     styles = dict(zip(shares, ["-", "--", ":", "-."]))
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     labelled = set()
     for run, rs in sorted(runs.items()):
         rs = sorted(rs, key=lambda r: r["step"])
@@ -367,7 +367,7 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
     ax.set_xlabel("training rows seen (steps x 16)")
     ax.set_ylabel("within-set AUROC, validation (mean of 6 sets)")
     ax.set_title("Grounded CSP learning curve (validation split of CSP scenes)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     plots.save_figure(fig, path)
     plt.close(fig)
