@@ -58,6 +58,8 @@ def parse_command(argv: Sequence[str]):
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (learns nothing)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="retrain even if a complete model exists")
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help="language layers (a shallower --init-from fills the bottom ones; the rest start fresh)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = PretrainConfig.tiny(progress=True) if args.tiny else PretrainConfig()
@@ -73,6 +75,10 @@ def parse_command(argv: Sequence[str]):
         over.update(init_from=args.init_from, warm_start=None,
                     init_parts=tuple(p for p in (args.init_parts or "").split(",") if p))
     over.update(parse_sets(args.set))
+    if args.text_layers is not None:
+        if args.text_layers < 1:
+            raise ValueError(f"--text-layers {args.text_layers}: a language model needs at least one layer")
+        over["model"] = dataclasses.replace(cfg.model, text_layers=args.text_layers)
     cfg = dataclasses.replace(cfg, **over)
     if cfg.max_joint_steps < cfg.joint_steps:
         cfg = dataclasses.replace(cfg, max_joint_steps=cfg.joint_steps)
