@@ -433,6 +433,42 @@ def test_init_from_takes_the_named_parts_and_leaves_the_rest_fresh(tiny_run, tin
     assert meta["config"]["overconfident_fraction"] == 0.0 and "no confidence turns" in meta["name"]
 
 
+def test_a_deeper_model_takes_a_shallower_ones_language_layers_at_the_bottom(tiny_run, tiny_cfg, tmp_path):
+    """``--text-layers`` above the source's depth: the source's layers fill the bottom ones, the
+    rest start fresh (how ``embedded-deep`` is built from ``embedded``)."""
+    import torch
+
+    from csp_utils.vlm import models
+
+    args, parsed = cli.parse_command(["--text-layers", "3"])
+    assert parsed.model.text_layers == 3 and parsed.model.text_hidden == PretrainConfig().model.text_hidden
+    with pytest.raises(ValueError, match="at least one layer"):
+        cli.parse_command(["--text-layers", "0"])
+    depth = tiny_cfg.model.text_layers
+    cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, text_layers=depth + 1),
+                              init_from=str(tiny_run), init_parts=("vision_tower", "projector", "language_layers"),
+                              vision_steps=0, overconfident_fraction=0.0, joint_steps=2, max_joint_steps=2)
+    loaded = {}
+    real_load = checkpoint.load_parts
+
+    def spy(model, folder, parts):
+        out = real_load(model, folder, parts)
+        loaded.update({k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    checkpoint.load_parts = spy
+    try:
+        train.pretrain(tmp_path / "deep", cfg)
+    finally:
+        checkpoint.load_parts = real_load
+    src = models.load_vlm(tiny_run, dtype=torch.float32)[0].state_dict()
+    bottom = [k for k in loaded if k.startswith(f"model.language_model.layers.{depth - 1}.")]
+    top = [k for k in loaded if k.startswith(f"model.language_model.layers.{depth}.")]
+    assert bottom and top
+    assert all(torch.equal(loaded[k], src[k]) for k in bottom), "the source's layers fill the bottom"
+    assert all(k not in src for k in top), "the extra layer exists only in the deeper model"
+
+
 @pytest.mark.parametrize("over, match", [
     (dict(init_parts=("tower",)), "unknown"),
     (dict(init_parts=()), "go together"),
