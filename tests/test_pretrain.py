@@ -493,9 +493,10 @@ def test_cli_set_overrides_config_fields_as_json():
 
 # ----------------------------------------------------------------------------- shipped bases
 NOCONF = SHIPPED.parent / "tiny_llava_noconf"
+DEEP = SHIPPED.parent / "tiny_llava_deep"
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, NOCONF], ids=["embedded", "embedded-noconf"])
+@pytest.mark.parametrize("folder", [SHIPPED, NOCONF, DEEP], ids=["embedded", "embedded-noconf", "embedded-deep"])
 def test_shipped_command_gives_the_recorded_config(folder):
     """The command in csp_meta.json parses to the config the model was trained with."""
     import shlex
@@ -526,6 +527,22 @@ def test_shipped_noconf_model_loads_matches_its_checksum_and_has_no_confidence_t
     assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
     first = models.load_vlm("embedded")[0].state_dict()
     assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_shipped_deep_model_has_six_language_layers_the_bottom_three_from_embedded():
+    from csp_utils.vlm import models
+
+    meta = json.loads((DEEP / "csp_meta.json").read_text())
+    assert checkpoint.sha256_file(DEEP / "model.safetensors") == meta["sha256"]
+    assert checkpoint.is_complete(DEEP) and not (DEEP / checkpoint.CHECKPOINT_DIR).exists()
+    cfg = PretrainConfig.from_dict(meta["config"])
+    assert cfg.model.text_layers == 6 and cfg.overconfident_fraction == 0.0
+    assert meta["init_from"]["sha256"] == json.loads((SHIPPED / "csp_meta.json").read_text())["sha256"]
+    assert "language_layers" in meta["init_from"]["parts"]
+    assert meta["gates"][-1]["accuracy"] >= cfg.gate_accuracy, "it passed the same accuracy gate"
+    model, _ = models.load_vlm("embedded-deep")
+    assert model.config.text_config.num_hidden_layers == 6
+    assert sum(p.numel() for p in model.parameters()) == meta["parameters"]
 
 
 def test_init_fresh_unseen_tokens_resets_only_tokens_no_pool_example_contains(tiny_run, tiny_cfg, tmp_path):

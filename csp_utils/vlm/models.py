@@ -18,7 +18,8 @@ from csp_utils.core.paths import DATA
 
 EMBEDDED = "embedded"  # the name that means "the project's own tiny default"
 # Further bases that ship in the package (never built on demand), by name -> data folder.
-SHIPPED_MODELS = {"embedded-noconf": "tiny_llava_noconf"}   # trained without confidence turns
+SHIPPED_MODELS = {"embedded-noconf": "tiny_llava_noconf",   # trained without confidence turns
+                  "embedded-deep": "tiny_llava_deep"}       # 6 language layers, no confidence turns
 
 
 def shipped_model_path(name: str) -> Path:
