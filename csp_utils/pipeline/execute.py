@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,23 +62,25 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 def _kernel_manager_class():
     """jupyter_client's kernel manager, with kernels that die with the process starting them,
-    talk to the driver over encrypted sockets, and are shut down without a Ctrl-C.
+    talk to the driver over Unix sockets, and are shut down without a Ctrl-C.
 
-    Left to its defaults, every kernel warns that it runs "over TCP without encryption" (the
-    kernelspec declares CurveZMQ support; the manager provisions keys only when asked), and a
+    Left to its defaults, every kernel warns that it runs "over TCP without encryption", and a
     shutdown first sends the kernel SIGINT: a kernel still handling a message then logs
-    "ERROR | KeyboardInterrupt caught in kernel" although its notebook succeeded. The shutdown
-    request alone ends an idle kernel; a busy one (a cell past its limit) still gets SIGTERM,
-    then SIGKILL, from jupyter_client."""
-    import zmq
+    "ERROR | KeyboardInterrupt caught in kernel" although its notebook succeeded. Unix sockets
+    (next to the connection file) never leave the machine, so there is nothing to encrypt;
+    CurveZMQ over TCP, the other way to silence the warning, once left a study test waiting
+    forever on a kernel that sat idle. The shutdown request alone ends an idle kernel; a busy
+    one (a cell past its limit) still gets SIGTERM, then SIGKILL, from jupyter_client."""
     from jupyter_client import AsyncKernelManager
 
     class DriverKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
-            if zmq.has("curve"):
-                kw.setdefault("transport_encryption", "auto")
-            else:  # no libsodium: Unix sockets, which never leave the machine
-                kw.setdefault("transport", "ipc")
+            kw.setdefault("transport", "ipc")
+            # a folder of its own: the default socket prefix ("kernel-ipc" in the working
+            # directory) is shared by kernels running side by side, which then read each
+            # other's messages
+            self._socket_dir = tempfile.mkdtemp(prefix="csp-kernel-")
+            kw.setdefault("ip", os.path.join(self._socket_dir, "kernel"))
             super().__init__(**kw)
             self._quiet_shutdown = False
 
@@ -96,6 +100,8 @@ def _kernel_manager_class():
                 await super()._async_shutdown_kernel(now=now, restart=restart)
             finally:
                 self._quiet_shutdown = False
+                if not restart:
+                    shutil.rmtree(self._socket_dir, ignore_errors=True)
 
     return DriverKernelManager
 
