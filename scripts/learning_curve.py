@@ -187,6 +187,11 @@ def run_name(cs: float, target: str, layout: str, scenes: int, steps: int, seed:
     return f"{questions}-cs{round(100 * cs):03d}-{target}-{layout}-n{scenes}-t{steps}-s{seed}"
 
 
+def layout_label(layout: str, activation: str) -> str:
+    """The layout as the results name it: ``follow_up+aLoRA`` for an activated adapter."""
+    return layout + ("+aLoRA" if activation == "confidence" else "")
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="embedded")
@@ -195,6 +200,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--targets", nargs="+", default=["internal", "correct"], choices=["internal", "correct", "cell", "blend"])
     ap.add_argument("--layouts", nargs="+", default=["follow_up", "inline"])
     ap.add_argument("--clean-shares", nargs="+", type=float, default=[1.0])
+    ap.add_argument("--activation", default="all", choices=["all", "confidence"],
+                    help="confidence: an activated LoRA (PEFT's aLoRA) that acts from the follow-up question on")
     ap.add_argument("--questions", default="benchmark", choices=["world", "benchmark"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints scored per run")
@@ -258,10 +265,12 @@ def main(argv=None) -> list[dict]:
             for target in args.targets:
                 for layout in args.layouts:
                     for seed in args.seeds:
-                        name = run_name(cs, target, layout, scenes, steps, seed, args.questions)
+                        label = layout_label(layout, args.activation)
+                        name = run_name(cs, target, label, scenes, steps, seed, args.questions)
                         every = max(1, steps // args.checkpoints)
                         cfg = settings.SFTConfigCSP(
-                            lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05),
+                            lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05,
+                                                       activation=args.activation),
                             confidence_target=target, layout=layout, loss="soft_ce", learning_rate=args.lr,
                             max_steps=steps, per_device_train_batch_size=args.batch, warmup=0.05,
                             logging_steps=max(1, steps // 20), save_steps=every, save_total_limit=None, seed=seed)
@@ -276,7 +285,7 @@ def main(argv=None) -> list[dict]:
                             model, _ = models.load_vlm(args.base, adapter=ckpt, dtype=torch.float32)
                             got = {k: elicit(model, proc, b, layout, "confidence") for k, b in val_sets.items()}
                             row = {"key": key, "run": name, "questions": args.questions, "clean_share": cs,
-                                   "target": target, "layout": layout, "scenes": scenes, "steps": steps,
+                                   "target": target, "layout": label, "scenes": scenes, "steps": steps,
                                    "seed": seed, "step": step, "rows_seen": step * args.batch,
                                    "training_rows": len(subset), "train_s": round(train_s, 1),
                                    "eval_s": round(time.time() - t3, 1), **set_scores(got)}

@@ -288,6 +288,16 @@ def _save_measured(run_dir: Path, measured: MeasuredTargets) -> None:
             writer.writerow([key, cell["accuracy"], cell["n"], cell["target"]])
 
 
+def _one_framing(ds, framing: str | None) -> str:
+    """The framing every row is asked in (an activated adapter's invocation is one question)."""
+    if framing is not None:
+        return framing
+    found = set(ds["framing"]) if "framing" in ds.column_names else {"third"}
+    if len(found) != 1:
+        raise ValueError(f"the dataset mixes framings {sorted(found)}: set the stage's framing")
+    return found.pop()
+
+
 def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, *, name: str = "sft",
               measured: MeasuredTargets | None = None, resume: bool = True, callbacks: Sequence = ()) -> TrainResult:
     """Stage 1: LoRA SFT with trl's SFTTrainer. A passed ``(model, processor)`` gets LoRA
@@ -312,7 +322,7 @@ def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, 
 
         rows, n_replay = option_rows(ds, cfg.confidence_target, measured, cfg.framing), 0
         set_seed(cfg.seed)  # LoRA A starts random
-        model = get_peft_model(model, lora_config(model, cfg.lora))
+        model = get_peft_model(model, lora_config(model, cfg.lora, processor, _one_framing(ds, cfg.framing)))
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         trainer = build_option_trainer(model, processor, rows, cfg, ckpt_dir, logs)

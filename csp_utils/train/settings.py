@@ -27,6 +27,8 @@ LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc
 
 # --------------------------------------------------------------------------- configuration
 
+LORA_ACTIVATIONS = ("all", "confidence")
+
 
 @dataclass
 class LoraSettings:
@@ -46,6 +48,12 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: str | tuple[str, ...] = "all-linear"
     target_parts: tuple[str, ...] = ("language_model", "multi_modal_projector")
+    # "all": the adapter acts on every position. "confidence": PEFT's Activated LoRA
+    # (``alora_invocation_tokens``): it acts only from the follow-up confidence question on, so
+    # the image, the question and the answer keep the base model's states at every layer and
+    # the confidence positions read them as the base model computed them (follow_up layout;
+    # language model only: the tower and projector see patches, not the text)
+    activation: str = "all"
 
 
 @dataclass
@@ -82,6 +90,11 @@ class StageConfig:
             self.lora.target_modules = tuple(self.lora.target_modules)
         if isinstance(self.lora.target_parts, list):
             self.lora.target_parts = tuple(self.lora.target_parts)
+        if self.lora.activation not in LORA_ACTIVATIONS:
+            raise ValueError(f"lora.activation must be one of {LORA_ACTIVATIONS}, got {self.lora.activation!r}")
+        if self.lora.activation == "confidence" and self.layout != "follow_up":
+            raise ValueError(f"lora.activation='confidence' starts the adapter at the follow-up confidence question: "
+                             f"it needs layout='follow_up', got {self.layout!r}")
         if self.confidence_target not in CONFIDENCE_TARGETS:
             raise ValueError(f"confidence_target must be one of {CONFIDENCE_TARGETS}, got {self.confidence_target!r}")
         prompts.check_layout(self.layout)

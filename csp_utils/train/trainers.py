@@ -69,11 +69,22 @@ def lora_target_regex(model, settings: LoraSettings) -> str:
     return rf"^(?:.*\.)?(?:{alt(parts)})\.(?:.*\.)?(?:{alt(leaves)})$"
 
 
-def lora_config(model, settings: LoraSettings):
+def lora_config(model, settings: LoraSettings, processor=None, framing: str = "third"):
+    """PEFT's LoraConfig for ``settings``; an activated adapter (``activation="confidence"``)
+    needs the ``processor`` whose tokens of the follow-up question invoke it."""
+    import dataclasses
+
     from peft import LoraConfig
 
+    extra = {}
+    if settings.activation == "confidence":
+        if processor is None:
+            raise ValueError("an activated adapter (lora.activation='confidence') needs the processor to find "
+                             "its invocation tokens")
+        settings = dataclasses.replace(settings, target_parts=("language_model",))
+        extra["alora_invocation_tokens"] = engine.invocation_tokens(processor, framing)
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=lora_target_regex(model, settings), bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora_target_regex(model, settings), bias="none", task_type="CAUSAL_LM", **extra)
 
 
 def _trainer_kwargs(cfg: StageConfig, output_dir: Path) -> dict:

@@ -138,6 +138,29 @@ def chat_text(processor, messages: list[dict]) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
+def invocation_tokens(processor, framing: str = "third", config: prompts.PromptConfig | None = None) -> list[int]:
+    """The token ids of the follow-up confidence question as they stand in a conversation: the
+    invocation sequence of an activated adapter (PEFT's ``alora_invocation_tokens``).
+
+    Read off a chat-templated follow-up conversation (the tokens that lie inside the question's
+    characters), then checked to occur in that conversation's own encoding: a sequence PEFT
+    did not find would leave the adapter off without a word."""
+    query, response = "Is there a cat in the image?", "Yes"
+    question = prompts.confidence_text(query, response, framing, config, "follow_up")
+    text = chat_text(processor, prompts.confidence_messages(query, response, framing=framing, config=config,
+                                                             layout="follow_up"))
+    start = text.rindex(question)
+    end = start + len(question)
+    tok = tokenizer_of(processor)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = [i for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if start <= a and b <= end and b > a]
+    full = tok(text)["input_ids"]
+    if not ids or not any(full[k:k + len(ids)] == ids for k in range(len(full) - len(ids) + 1)):
+        raise ValueError(f"the follow-up question {question!r} has no stable token sequence in this processor's "
+                         "chat template; an activated adapter cannot be invoked by it")
+    return ids
+
+
 def encode(processor, messages: list[list[dict]], images: list, device=None, dtype=None, texts=None):
     """Chat-template each conversation (with the generation prompt) and batch it, left-padded.
 
