@@ -26,6 +26,7 @@ from csp_utils.analysis import plots
 from csp_utils.train import callbacks, regimes, settings, shaping, trainers
 from csp_utils.vlm import models, prompts
 from csp_utils.vlm.embedded import build
+from csp_utils.world import scenes
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -821,6 +822,40 @@ def test_an_inline_adapter_trains_and_evaluates_end_to_end_answering_as_the_base
     assert [r["raw_answer"] for r in got] == [r["raw_answer"] for r in ref]  # the base model's answers
     ref_singles = [r for r in ref if r["readout"] == "single_pass"]
     assert max(abs(a["confidence"] - b["confidence"]) for a, b in zip(singles, ref_singles)) > 1e-3  # the adapter's
+
+
+def test_an_activated_adapter_keeps_the_base_models_states_before_the_confidence_question(work, tmp_path):
+    """``activation="confidence"`` (PEFT's aLoRA): the image, the question and the answer are
+    computed by the base model at every layer; only the follow-up question and what follows
+    see the adapter."""
+    from csp_utils.vlm import engine
+
+    with pytest.raises(ValueError, match="layout='follow_up'"):
+        settings.SFTConfigCSP(lora=settings.LoraSettings(activation="confidence"), layout="inline")
+    with pytest.raises(ValueError, match="lora.activation"):
+        settings.SFTConfigCSP(lora=settings.LoraSettings(activation="late"))
+    cfg = dataclass_replace(small_configs(steps=3).sft, loss="soft_ce", confidence_target="correct",
+                            layout="follow_up", learning_rate=5e-2,
+                            lora=settings.LoraSettings(activation="confidence"))
+    result = regimes.train_sft(work / "base", make_grounded_dataset(n=8), tmp_path, cfg)
+    assert result.completed
+    base, proc = load_base(work)
+    invocation = engine.invocation_tokens(proc)
+    saved = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert saved["alora_invocation_tokens"] == invocation
+    assert not any("multi_modal_projector" in k for k in adapter_tensors(result.adapter_dir)), "language model only"
+    adapted, _ = models.load_vlm(work / "base", adapter=result.adapter_dir, dtype=torch.float32)
+    image = scenes.make_scene("csp", 0).image
+    messages = [prompts.confidence_messages("Is there a red star?", a, layout="follow_up") for a in ("Yes", "No")]
+    enc = engine.encode(proc, messages, [image, image])
+    with torch.no_grad():
+        got = adapted(**enc, output_hidden_states=True).hidden_states
+        ref = base(**enc, output_hidden_states=True).hidden_states
+    ids, n = enc["input_ids"][0].tolist(), len(invocation)
+    start = max(k for k in range(len(ids) - n + 1) if ids[k:k + n] == invocation)
+    for layer, (a, b) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(a[:, :start], b[:, :start], rtol=0, atol=1e-6, msg=f"layer {layer}")
+    assert float((got[-1][:, start:] - ref[-1][:, start:]).abs().max()) > 1e-4, "the adapter acts from the question on"
 
 
 @pytest.mark.slow
