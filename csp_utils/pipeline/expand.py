@@ -4,7 +4,7 @@ Params may say what the study is instead of listing every stage::
 
     bases: {embedded: null, embedded-noconf: noconf}    # base model -> its stage tag (the first: none)
     seeds: {paper_csp: 3, grounded_csp: 3, distilled: 1}
-    data: {paper_csp: {n_scenes: 400}, grounded_csp: {n_scenes: 600}}   # each dataset's source size
+    data: {paper_csp: {n_scenes: 400}, grounded_csp: {n_scenes: 2400}}   # each dataset's source size
     stages:
       05_evaluate: {...}                                # every base model's evaluation starts from this
 

@@ -7,10 +7,13 @@ override only what differs.
 * ``paper_csp``: the paper's recipe: targets from the noise level on gold-"yes" questions;
   SFT 400 steps of 16 rows (about 0.7 epoch of a 400-scene dataset), then SimPO 250 steps of
   8 pairs.
-* ``grounded_csp``: grounded rows (the base model's own answers on clean images and on images
-  noised on the asked object or a distractor) with target ``correct`` (the answer's own
-  correctness), the confidence asked in a follow-up turn, option soft-CE, 200 steps at 5e-3;
-  adapters on the confidence turn only. No flipped rows; noise levels 10, 40, 70 and 100.
+* ``grounded_csp``: grounded rows (the base model's own answers to the clean sets' kinds of
+  question, ``questions="benchmark"``) with target ``correct`` (the answer's own correctness),
+  the confidence read right after the answer in the same reply (``inline``), option soft-CE,
+  600 steps at 5e-3; adapters on the confidence turn only. Every row clean (``clean_share``
+  1.0): on a validation split, rows noised on the asked object or a distractor (levels 10, 40,
+  70, 100 when ``clean_share`` < 1) did not help the ranking within a set
+  (docs/grounded.md, "Learning curve"). No flipped rows.
 * ``distilled``: grounded CSP's rows and training with the base model's temperature-scaled
   internal probability as target: the reference that knows what the model's own
   probability knows.
@@ -32,8 +35,9 @@ class Method:
 
 PAPER_CSP = Method(sft={"max_steps": 400}, simpo={"max_steps": 250}, reports_as="sft_simpo")
 GROUNDED_CSP = Method(
-    build={"targets": "grounded", "levels": (10, 40, 70, 100), "grounded": {"flip_rows": False}},
-    sft={"confidence_target": "correct", "layout": "follow_up", "loss": "soft_ce", "max_steps": 200,
+    build={"targets": "grounded", "levels": (10, 40, 70, 100),
+           "grounded": {"flip_rows": False, "clean_share": 1.0, "questions": "benchmark"}},
+    sft={"confidence_target": "correct", "layout": "inline", "loss": "soft_ce", "max_steps": 600,
          "learning_rate": 5e-3},
     reports_as="grounded")
 DISTILLED = Method(build=GROUNDED_CSP.build, sft={**GROUNDED_CSP.sft, "confidence_target": "internal"},
