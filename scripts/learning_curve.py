@@ -356,15 +356,21 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
     styles = dict(zip(shares, ["-", "--", ":", "-."]))
     fig, ax = plt.subplots(figsize=(10, 4.8))
     labelled = set()
+    budgets = {}
     for run, rs in sorted(runs.items()):
         rs = sorted(rs, key=lambda r: r["step"])
-        g, cs = (rs[0]["target"], rs[0]["layout"]), rs[0]["clean_share"]
+        g, cs, seed = (rs[0]["target"], rs[0]["layout"]), rs[0]["clean_share"], rs[0]["seed"]
         label = f"target {g[0]}, {g[1]}" + (f", clean {cs:.2f}" if len(shares) > 1 else "")
-        ax.plot([r["rows_seen"] for r in rs], [r["within_auroc"] for r in rs], styles[cs], color=colors[g], alpha=0.8,
-                marker="o", ms=3, label=None if label in labelled else label)
-        labelled.add(label)
-        ax.annotate(f"{rs[0]['scenes']} scenes", (rs[-1]["rows_seen"], rs[-1]["within_auroc"]), fontsize=7,
-                    xytext=(3, 0), textcoords="offset points")
+        # seed 0 draws the curve; further seeds are thin lines of the same colour
+        ax.plot([r["rows_seen"] for r in rs], [r["within_auroc"] for r in rs], styles[cs], color=colors[g],
+                alpha=0.85 if seed == 0 else 0.45, lw=1.5 if seed == 0 else 0.8, marker="o", ms=3 if seed == 0 else 2,
+                label=None if label in labelled or seed != 0 else label)
+        labelled.add(label) if seed == 0 else None
+        budgets[rs[-1]["rows_seen"]] = f"{rs[0]['scenes']}:{rs[0]['steps']}"
+    for x, text in budgets.items():  # each budget's end, named once (scenes:steps)
+        ax.axvline(x, color="grey", lw=0.5, ls=":")
+        ax.annotate(text, (x, 0), xycoords=("data", "axes fraction"), fontsize=7, xytext=(2, 3),
+                    textcoords="offset points", color="dimgrey")
     for r in scored:
         ax.plot([r["rows_seen"]], [r["within_auroc"]], "kx", ms=7)
         ax.annotate(r["run"], (r["rows_seen"], r["within_auroc"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
@@ -373,7 +379,7 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
     ax.axhline(0.70, color="grey", lw=1, ls="--", label="success bar (0.70)")
     ax.axhline(0.5, color="grey", lw=0.5, ls=":")
     ax.set_xscale("log")
-    ax.set_xlabel("training rows seen (steps x 16)")
+    ax.set_xlabel("training rows seen (steps x 16); dotted lines: each budget's end (scenes:steps); thin lines: seeds 1-2")
     ax.set_ylabel("within-set AUROC, validation (mean of 6 sets)")
     ax.set_title("Grounded CSP learning curve (validation split of CSP scenes)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
