@@ -364,8 +364,9 @@ def figure(rows: list[dict], ref: dict, path: Path) -> None:
         # seed 0 draws the curve; further seeds are thin lines of the same colour
         ax.plot([r["rows_seen"] for r in rs], [r["within_auroc"] for r in rs], styles[cs], color=colors[g],
                 alpha=0.85 if seed == 0 else 0.45, lw=1.5 if seed == 0 else 0.8, marker="o", ms=3 if seed == 0 else 2,
-                label=None if label in labelled or seed != 0 else label)
-        labelled.add(label) if seed == 0 else None
+                label=label if seed == 0 and label not in labelled else None)
+        if seed == 0:
+            labelled.add(label)
         budgets[rs[-1]["rows_seen"]] = f"{rs[0]['scenes']}:{rs[0]['steps']}"
     for x, text in budgets.items():  # each budget's end, named once (scenes:steps)
         ax.axvline(x, color="grey", lw=0.5, ls=":")

@@ -289,7 +289,7 @@ def _save_measured(run_dir: Path, measured: MeasuredTargets) -> None:
 
 
 def _one_framing(ds, framing: str | None) -> str:
-    """The framing every row is asked in (an activated adapter's invocation is one question)."""
+    """The framing every row is asked in."""
     if framing is not None:
         return framing
     found = set(ds["framing"]) if "framing" in ds.column_names else {"third"}
@@ -322,7 +322,9 @@ def train_sft(base_model, dataset, run_dir, config: SFTConfigCSP | None = None, 
 
         rows, n_replay = option_rows(ds, cfg.confidence_target, measured, cfg.framing), 0
         set_seed(cfg.seed)  # LoRA A starts random
-        model = get_peft_model(model, lora_config(model, cfg.lora, processor, _one_framing(ds, cfg.framing)))
+        activated = cfg.lora.activation == "confidence"   # one invocation question: one framing
+        framing = _one_framing(ds, cfg.framing) if activated else cfg.framing
+        model = get_peft_model(model, lora_config(model, cfg.lora, processor, framing))
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
         trainer = build_option_trainer(model, processor, rows, cfg, ckpt_dir, logs)

@@ -69,7 +69,7 @@ def lora_target_regex(model, settings: LoraSettings) -> str:
     return rf"^(?:.*\.)?(?:{alt(parts)})\.(?:.*\.)?(?:{alt(leaves)})$"
 
 
-def lora_config(model, settings: LoraSettings, processor=None, framing: str = "third"):
+def lora_config(model, settings: LoraSettings, processor=None, framing: str | None = "third"):
     """PEFT's LoraConfig for ``settings``; an activated adapter (``activation="confidence"``)
     needs the ``processor`` whose tokens of the follow-up question invoke it."""
     import dataclasses
