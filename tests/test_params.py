@@ -95,3 +95,18 @@ def test_the_default_study_expands_into_its_stages():
                      + paper + [f"03_train_sft@g{k}" for k in range(3)] + ["03_train_sft@d0"]
                      + noconf + [f"03_train_sft@gn{k}" for k in range(3)] + ["03_train_sft@dn0"]
                      + ["05_evaluate", "05_evaluate@noconf", "07_figures"])
+
+
+def test_the_deep_study_trains_the_activated_recipe_on_its_own_grounded_rows():
+    plan = planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS].index("deep.yaml")]))
+    names = [s.name for s in plan]
+    assert names == (["00_world_and_benchmarks", "02_build_perturbed_dataset@grounded"]
+                     + [f"03_train_sft@g{k}" for k in range(3)] + [f"03_train_sft@a{k}" for k in range(3)]
+                     + ["05_evaluate", "07_figures"])
+    stage = {s.name: s for s in plan}
+    assert stage["03_train_sft@a1"].parameters == {"base_model": "embedded-deep", "dataset": "grounded",
+                                                   "method": "distilled_activated", "sft": {"seed": 1},
+                                                   "tag": "@a1"}
+    assert "distilled_activated@s2=sft@a2" in stage["05_evaluate"].parameters["models"]
+    sft = settings.make_configs(method="distilled_activated").sft
+    assert (sft.confidence_target, sft.layout, sft.lora.activation) == ("internal", "follow_up", "confidence")

@@ -18,7 +18,8 @@ run folders use them):
 * ``grounded_csp``: one grounded dataset per base model (``@grounded`` into ``grounded``, or
   ``@grounded_{tag}`` into ``grounded@{tag}``: rows record that base's own answers), and SFT
   stages ``03_train_sft@g{k}`` (another base: ``@g{t}{k}``, ``t`` its tag's first letter).
-* ``distilled``: SFT stages ``03_train_sft@d{k}`` (``@d{t}{k}``) on the base's grounded dataset.
+* ``distilled``, ``distilled_activated``: SFT stages ``03_train_sft@d{k}`` / ``@a{k}``
+  (``@d{t}{k}`` / ``@a{t}{k}``) on the base's grounded dataset.
 * ``05_evaluate`` (``@{tag}``, results under ``results/{tag}``): the base model and every
   adapter, reported per method and seed (``sft_simpo@s0``, ``grounded@s0=sft@g0``, ...).
 * ``07_figures``: the other bases' results as ``more_results``.
@@ -29,7 +30,10 @@ expanded ones, then the rest in order.
 
 from __future__ import annotations
 
-METHOD_NAMES = ("paper_csp", "grounded_csp", "distilled")
+METHOD_NAMES = ("paper_csp", "grounded_csp", "distilled", "distilled_activated")
+# the methods trained on each base's grounded rows: SFT stage prefix and the name they report under
+GROUNDED_FAMILY = (("grounded_csp", "g", "grounded"), ("distilled", "d", "distilled"),
+                   ("distilled_activated", "a", "distilled_activated"))
 STUDY_KEYS = ("bases", "seeds", "data")  # top-level params that the expansion reads
 
 
@@ -89,7 +93,7 @@ def _datasets(bases: dict, seeds: dict, data: dict) -> dict:
     for k in range(seeds.get("paper_csp", 0)):
         stages["02_build_perturbed_dataset" + (f"@s{k}" if k else "")] = {
             **({"data": data["paper_csp"]} if "paper_csp" in data else {}), **({"build": {"seed": k}} if k else {})}
-    if seeds.get("grounded_csp") or seeds.get("distilled"):
+    if any(seeds.get(method) for method, _, _ in GROUNDED_FAMILY):
         for i, (base, tag) in enumerate(bases.items()):
             stages["02_build_perturbed_dataset@grounded" + (f"_{tag}" if tag else "")] = {
                 **_base(base, i == 0), **({"data": data["grounded_csp"]} if "grounded_csp" in data else {}),
@@ -111,7 +115,7 @@ def _training(base: str, tag: str | None, first: bool, seeds: dict) -> dict:
         stages["03_train_sft" + suffix] = {**own, **({"sft": {"seed": k}} if k else {})}
         stages["04_train_simpo" + suffix] = {**own, **({"simpo": {"seed": k}} if k else {})}
     letter = tag[0] if tag else ""
-    for method, prefix in (("grounded_csp", "g"), ("distilled", "d")):
+    for method, prefix, _ in GROUNDED_FAMILY:
         for k in range(seeds.get(method, 0)):
             stages[f"03_train_sft@{prefix}{letter}{k}"] = {
                 **_base(base, first), "dataset": _grounded_folder(tag), "method": method,
@@ -126,7 +130,7 @@ def _evaluation(template: dict, base: str, tag: str | None, seeds: dict) -> dict
         label = f"sft_simpo@s{k}"
         models.append(label if adapter == label else f"{label}={adapter}")
     letter = tag[0] if tag else ""
-    for method, prefix, label in (("grounded_csp", "g", "grounded"), ("distilled", "d", "distilled")):
+    for method, prefix, label in GROUNDED_FAMILY:
         models += [f"{label}@s{k}=sft@{prefix}{letter}{k}" for k in range(seeds.get(method, 0))]
     where = {} if tag is None else {"base_model": base, "results": f"results/{tag}"}
     return {**where, "models": models, **template}

@@ -17,6 +17,13 @@ override only what differs.
 * ``distilled``: grounded CSP's rows and training with the base model's temperature-scaled
   internal probability as target: the reference that knows what the model's own
   probability knows.
+* ``distilled_activated``: the distilled target asked in a follow-up turn by an activated
+  adapter (PEFT's aLoRA), which acts only from the confidence question on, so the confidence
+  positions attend to the answer's states as the base model computed them. On a base whose
+  answer position holds its evidence below the last layer (``embedded-deep``) this is the one
+  recipe that ranks the model's own answers within a set on the validation split; on the
+  3-layer bases the evidence forms in the last layer, out of reach (docs/grounded.md, fourth
+  round). Run by ``params/deep.yaml``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,12 @@ GROUNDED_CSP = Method(
     reports_as="grounded")
 DISTILLED = Method(build=GROUNDED_CSP.build, sft={**GROUNDED_CSP.sft, "confidence_target": "internal"},
                    reports_as="distilled")
-METHODS = {"paper_csp": PAPER_CSP, "grounded_csp": GROUNDED_CSP, "distilled": DISTILLED}
+DISTILLED_ACTIVATED = Method(
+    build=GROUNDED_CSP.build,
+    sft={**DISTILLED.sft, "layout": "follow_up", "lora": {"activation": "confidence"}, "max_steps": 800},
+    reports_as="distilled_activated")
+METHODS = {"paper_csp": PAPER_CSP, "grounded_csp": GROUNDED_CSP, "distilled": DISTILLED,
+           "distilled_activated": DISTILLED_ACTIVATED}
 
 
 def method(name: str) -> Method:
