@@ -19,9 +19,10 @@ confidence-only adapter to follow the base model's own correctness?
    temperature-scaled version (T fitted on the eval split's calibration range), and the
    untrained base model's own verbalized confidence in the same layout.
 4. A linear probe (L2 logistic regression on the frozen base model's hidden states at the
-   last prompt position, trained on the training rows, AUROC of own correctness on the
-   held-out rows) for the answer prompt and each confidence layout: is the evidence there
-   to be read? With ``--probe-adapter`` the hidden states are also read with that trained
+   position that predicts the reply's first distinguishing token: the answer prompt's last
+   position, and for a confidence layout the options' shared " " after it, where the digits
+   are scored; trained on the training rows, AUROC of own correctness on the held-out rows)
+   for the answer prompt and each confidence layout: is the evidence there to be read? With ``--probe-adapter`` the hidden states are also read with that trained
    adapter on (is the evidence at its confidence position now?).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` (runs already trained are kept:
@@ -160,8 +161,19 @@ def pooled(rows_by_set):
 
 
 # ----------------------------------------------------------------------------- linear probe
-def last_hidden(model, processor, msgs_list, images, batch_size: int = 64):
-    """(N, layers + 1, H) hidden states at the last prompt position (generation prompt on)."""
+def shared_prefix(seqs: list[list[int]]) -> list[int]:
+    """The tokens every reply starts with (the options' " " before their digits, for one)."""
+    n = 0
+    while all(len(q) > n and q[n] == seqs[0][n] for q in seqs):
+        n += 1
+    return list(seqs[0][:n])
+
+
+def last_hidden(model, processor, msgs_list, images, batch_size: int = 64, then: list[int] = ()):
+    """(N, layers + 1, H) hidden states at the position that predicts the first token in which the
+    replies differ: the last prompt position (generation prompt on), after the tokens ``then``
+    that every reply starts with. The confidence options share a leading " ", so their digits
+    are predicted one position after the prompt; the probe reads that position."""
     import torch
 
     from csp_utils.vlm import engine
@@ -171,9 +183,12 @@ def last_hidden(model, processor, msgs_list, images, batch_size: int = 64):
         for s in range(0, len(msgs_list), batch_size):
             p = engine.plain_prompts(model, processor, msgs_list[s:s + batch_size], images[s:s + batch_size],
                                      shortcuts=True)
-            o = model(input_ids=p.input_ids, attention_mask=p.attention_mask,
-                      position_ids=engine.position_ids_from_mask(p.attention_mask), **p.image_inputs,
-                      output_hidden_states=True, use_cache=False, logits_to_keep=1)
+            ids, mask = p.input_ids, p.attention_mask
+            if then:
+                tail = torch.tensor(list(then), dtype=ids.dtype).expand(ids.shape[0], -1)
+                ids, mask = torch.cat([ids, tail], 1), torch.cat([mask, torch.ones_like(tail, dtype=mask.dtype)], 1)
+            o = model(input_ids=ids, attention_mask=mask, position_ids=engine.position_ids_from_mask(mask),
+                      **p.image_inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
             out.append(torch.stack([h[:, -1] for h in o.hidden_states], 1).float())
     return torch.cat(out)
 
@@ -204,7 +219,7 @@ def probe_auroc(x_train, y_train, x_test, y_test, l2: float = 1e-2) -> float:
 
 def probe_layouts(model, processor, train_rows, eval_rows_images, layouts):
     """Probe AUROC per prompt (answer prompt, each confidence layout) and hidden layer."""
-    from csp_utils.vlm import prompts
+    from csp_utils.vlm import engine, prompts
 
     tr = [r for r in train_rows if not r["flipped"]]
     ev_rows, ev_images = eval_rows_images
@@ -215,8 +230,12 @@ def probe_layouts(model, processor, train_rows, eval_rows_images, layouts):
                 return prompts.answer_messages(q)
             return prompts.confidence_messages(q, a, layout=name)
 
-        xa = last_hidden(model, processor, [msgs(r["question"], r["answer"]) for r in tr], [r["image"] for r in tr])
-        xb = last_hidden(model, processor, [msgs(r["question"], r["response"]) for r in ev_rows], ev_images)
+        then = (engine.yes_no_tokens(processor).prefix if name == "answer_prompt"
+                else shared_prefix(engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=name)))
+        xa = last_hidden(model, processor, [msgs(r["question"], r["answer"]) for r in tr], [r["image"] for r in tr],
+                         then=then)
+        xb = last_hidden(model, processor, [msgs(r["question"], r["response"]) for r in ev_rows], ev_images,
+                         then=then)
         ya = [r["correct"] for r in tr]
         yb = [bool(r["correct"]) for r in ev_rows]
         out[name] = {f"layer{k}": round(probe_auroc(xa[:, k], ya, xb[:, k], yb), 4) for k in range(xa.shape[1])}

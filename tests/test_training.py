@@ -878,6 +878,37 @@ def test_grounded_probe_script_runs_on_the_embedded_model(tmp_path):
     assert (tmp_path / "results.md").exists()
 
 
+def test_the_probe_reads_the_position_that_predicts_the_confidence_digits():
+    """The options share a leading " ": the probe's state is the one at that token, whose
+    logits score the digits, as a forward over the prompt and a whole option gives it."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import grounded_probe
+    finally:
+        sys.path.pop(0)
+    from PIL import Image
+
+    from csp_utils.vlm import engine, prompts
+
+    model, processor = models.load_vlm("embedded", dtype=torch.float32)
+    model.eval()
+    options = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout="follow_up")
+    then = grounded_probe.shared_prefix(options)
+    assert then and all(o[:len(then)] == then and len(o) > len(then) for o in options)
+    msgs = [prompts.confidence_messages("Is there a red cube in the image?", a, layout="follow_up") for a in ("Yes", "No")]
+    images = [Image.new("RGB", (64, 64), c) for c in ("white", "gray")]
+    got = grounded_probe.last_hidden(model, processor, msgs, images, then=then)
+    for i in range(2):
+        p = engine.plain_prompts(model, processor, msgs[i:i + 1], images[i:i + 1], shortcuts=True)
+        ids = torch.cat([p.input_ids, torch.tensor([options[5]])], 1)
+        with torch.no_grad():
+            o = model(input_ids=ids, attention_mask=torch.ones_like(ids), **p.image_inputs, output_hidden_states=True)
+        at = p.input_ids.shape[1] + len(then) - 1   # the " " whose logits score the digits
+        for layer, h in enumerate(o.hidden_states):
+            torch.testing.assert_close(got[i, layer], h[0, at], rtol=1e-4, atol=1e-4, msg=f"row {i} layer {layer}")
+    assert not torch.allclose(got, grounded_probe.last_hidden(model, processor, msgs, images), atol=1e-3)
+
+
 def test_the_checkpoint_key_names_the_init_adapter_by_its_weights_not_its_folder(tmp_path):
     from safetensors.torch import save_file
 
