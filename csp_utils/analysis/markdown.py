@@ -193,10 +193,11 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
             f"model: {', '.join(notes)}. Every set, model and paired difference: [docs/results.md](docs/results.md).")
 
 
-def results_document(results, methods=("sft_simpo",)) -> str:
-    """``docs/results.md``: per base model, the full per-set table and every paired difference."""
+def results_document(results, methods=("sft_simpo",), source: str = "figures/results/") -> str:
+    """``docs/results.md``: per base model, the full per-set table and every paired difference;
+    ``source`` names the results folder it is written from."""
     parts = ["# Results (generated)", "",
-             "Written by `notebooks/07_figures.ipynb` from `figures/results/`; do not edit by hand. "
+             f"Written by `notebooks/07_figures.ipynb` from `{source}`; do not edit by hand. "
              "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md)."]
     for label, folder in _bases(results).items():
         head, paired = _tables(folder)
