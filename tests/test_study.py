@@ -196,13 +196,23 @@ def test_params_files_name_existing_notebooks():
 
 
 def test_only_the_default_study_publishes_into_the_repository():
-    """figures/, the README's results and docs/ hold the default run's outputs: no other
-    params file may write there (its figures stay in its run folder)."""
+    """figures/, the README's results, docs/results.md and docs/notebooks/ hold the default run's
+    outputs: no other params file may write there (its figures stay in its run folder). Another
+    study may publish its own results page and compact results, under paths of its own."""
     publish = {"figures_dir", "publish_results", "readme", "results_doc", "publish_notebooks"}
+    own = {"publish_results", "results_doc"}
+    targets = {}
     for path in sorted((REPO / "params").glob("*.yaml")):
         stages = planning.load_params(path)["stages"]
-        writes = {k for name, p in stages.items() if name.startswith("07_figures") for k in (p or {}) if k in publish}
-        assert writes == (publish if path.name == "default.yaml" else set()), path
+        given = {k: v for name, p in stages.items() if name.startswith("07_figures") for k, v in (p or {}).items()
+                 if k in publish}
+        if path.name == "default.yaml":
+            assert set(given) == publish, path
+        else:
+            assert set(given) <= own, path
+        for key, value in given.items():
+            assert Path(value).as_posix().rstrip("/") not in targets, f"{path.name}: {key} {value} is {targets.get(value)}'s too"
+            targets[Path(value).as_posix().rstrip("/")] = path.name
 
 
 # ---------------------------------------------------------------- the driver on tiny notebooks
