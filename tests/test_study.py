@@ -434,6 +434,19 @@ def test_kernels_are_encrypted_and_shut_down_without_a_ctrl_c(toy, capfd, monkey
     assert signal.SIGINT not in sent
 
 
+def test_a_kernel_manager_whose_kernel_never_starts_leaves_no_socket_folder():
+    import gc
+
+    from csp_utils.pipeline import execute
+
+    manager = execute._kernel_manager_class()()
+    folder = Path(manager._socket_dir)
+    assert folder.is_dir() and manager.ip.startswith(str(folder))
+    del manager
+    gc.collect()
+    assert not folder.exists()
+
+
 def test_healthy_runs_pass_each_notebook_only_what_it_declares(toy, caplog):
     with caplog.at_level("WARNING"):
         run = toy({"10_make": {"rate": 1}, "11_use": {}})  # int where a float is expected

@@ -41,7 +41,7 @@ from csp_utils.dataset import sources
 from csp_utils.dataset.grounding import AnnotationGrounder, GroundingResult, _finish
 from csp_utils.dataset.sources import Source, SourceItem
 from csp_utils.world import scenes
-from csp_utils.world.benchmarks import _read_json_rows
+from csp_utils.world.benchmarks import read_json_rows
 
 POPE_KINDS = ("random", "popular", "adversarial")
 VENDORED_POPE = DATA / "benchmarks" / "pope"
@@ -85,7 +85,7 @@ def pope_eval_images(path) -> set[str]:
         raise FileNotFoundError(f"no POPE question files at {path}")
     names = set()
     for f in files:
-        for i, row in enumerate(_read_json_rows(f.read_text(encoding="utf-8"), str(f))):
+        for i, row in enumerate(read_json_rows(f.read_text(encoding="utf-8"), str(f))):
             image = row.get("image", row.get("image_source"))
             if image is None:
                 raise ValueError(f"{f}, question {i}: no 'image' field; is this a POPE question file?")

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,8 @@ def _kernel_manager_class():
             # directory) is shared by kernels running side by side, which then read each
             # other's messages
             self._socket_dir = tempfile.mkdtemp(prefix="csp-kernel-")
+            # removed at shutdown, or with the manager when its kernel never started
+            weakref.finalize(self, shutil.rmtree, self._socket_dir, True)
             kw.setdefault("ip", os.path.join(self._socket_dir, "kernel"))
             super().__init__(**kw)
             self._quiet_shutdown = False

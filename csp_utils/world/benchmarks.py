@@ -200,7 +200,7 @@ def _answers_for(items: Sequence[QAItem], answers) -> list[str]:
 _POPE_Q = re.compile(r"^Is there (?:a|an) (.+?) in the (?:image|picture)\?$")
 
 
-def _read_json_rows(text: str, source: str) -> list[dict]:
+def read_json_rows(text: str, source: str) -> list[dict]:
     """JSON Lines, a JSON array, or an object holding the array under a usual key."""
     text = text.strip()
     if not text:
@@ -263,7 +263,7 @@ def load_pope(path_or_file, image_folder, split_name: str | None = None) -> Benc
     text, source = _pope_source(path_or_file, split_name)
     stem = Path(source).stem
     kind = split_name or next((k for k in POPE_KINDS if stem.endswith(k)), stem)
-    rows = _read_json_rows(text, source)
+    rows = read_json_rows(text, source)
     items = []
     for i, row in enumerate(rows):
         q = str(_field(row, ("text", "question", "query", "prompt"), "question text", source, i))
