@@ -22,8 +22,9 @@ confidence-only adapter to follow the base model's own correctness?
    position that predicts the reply's first distinguishing token: the answer prompt's last
    position, and for a confidence layout the options' shared " " after it, where the digits
    are scored; trained on the training rows, AUROC of own correctness on the held-out rows)
-   for the answer prompt and each confidence layout: is the evidence there to be read? With ``--probe-adapter`` the hidden states are also read with that trained
-   adapter on (is the evidence at its confidence position now?).
+   for the answer prompt and each confidence layout: is the evidence there to be read? With
+   ``--probe-adapter`` the hidden states are also read with that trained adapter on (is the
+   evidence at its confidence position now?).
 
 Writes ``results.json`` and ``results.md`` under ``--out`` (runs already trained are kept:
 their adapters are reused when the configuration is unchanged).
@@ -161,14 +162,6 @@ def pooled(rows_by_set):
 
 
 # ----------------------------------------------------------------------------- linear probe
-def shared_prefix(seqs: list[list[int]]) -> list[int]:
-    """The tokens every reply starts with (the options' " " before their digits, for one)."""
-    n = 0
-    while all(len(q) > n and q[n] == seqs[0][n] for q in seqs):
-        n += 1
-    return list(seqs[0][:n])
-
-
 def last_hidden(model, processor, msgs_list, images, batch_size: int = 64, then: list[int] = ()):
     """(N, layers + 1, H) hidden states at the position that predicts the first token in which the
     replies differ: the last prompt position (generation prompt on), after the tokens ``then``
@@ -231,7 +224,7 @@ def probe_layouts(model, processor, train_rows, eval_rows_images, layouts):
             return prompts.confidence_messages(q, a, layout=name)
 
         then = (engine.yes_no_tokens(processor).prefix if name == "answer_prompt"
-                else shared_prefix(engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=name)))
+                else engine.common_prefix(engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout=name)))
         xa = last_hidden(model, processor, [msgs(r["question"], r["answer"]) for r in tr], [r["image"] for r in tr],
                          then=then)
         xb = last_hidden(model, processor, [msgs(r["question"], r["response"]) for r in ev_rows], ev_images,

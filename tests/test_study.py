@@ -211,8 +211,9 @@ def test_only_the_default_study_publishes_into_the_repository():
         else:
             assert set(given) <= own, path
         for key, value in given.items():
-            assert Path(value).as_posix().rstrip("/") not in targets, f"{path.name}: {key} {value} is {targets.get(value)}'s too"
-            targets[Path(value).as_posix().rstrip("/")] = path.name
+            where = Path(value).as_posix().rstrip("/")
+            assert where not in targets, f"{path.name}: {key} {value} is {targets.get(where)}'s too"
+            targets[where] = path.name
 
 
 # ---------------------------------------------------------------- the driver on tiny notebooks

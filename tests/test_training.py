@@ -893,7 +893,7 @@ def test_the_probe_reads_the_position_that_predicts_the_confidence_digits():
     model, processor = models.load_vlm("embedded", dtype=torch.float32)
     model.eval()
     options = engine.option_token_ids(processor, prompts.CONFIDENCE_LEVELS, layout="follow_up")
-    then = grounded_probe.shared_prefix(options)
+    then = engine.common_prefix(options)
     assert then and all(o[:len(then)] == then and len(o) > len(then) for o in options)
     msgs = [prompts.confidence_messages("Is there a red cube in the image?", a, layout="follow_up") for a in ("Yes", "No")]
     images = [Image.new("RGB", (64, 64), c) for c in ("white", "gray")]

@@ -30,10 +30,11 @@ expanded ones, then the rest in order.
 
 from __future__ import annotations
 
-METHOD_NAMES = ("paper_csp", "grounded_csp", "distilled", "distilled_activated")
-# the methods trained on each base's grounded rows: SFT stage prefix and the name they report under
-GROUNDED_FAMILY = (("grounded_csp", "g", "grounded"), ("distilled", "d", "distilled"),
-                   ("distilled_activated", "a", "distilled_activated"))
+from csp_utils.train import methods
+
+# the methods trained on each base's grounded rows, with the prefix of their SFT stages' tags
+GROUNDED_FAMILY = (("grounded_csp", "g"), ("distilled", "d"), ("distilled_activated", "a"))
+METHOD_NAMES = ("paper_csp",) + tuple(method for method, _ in GROUNDED_FAMILY)
 STUDY_KEYS = ("bases", "seeds", "data")  # top-level params that the expansion reads
 
 
@@ -93,7 +94,7 @@ def _datasets(bases: dict, seeds: dict, data: dict) -> dict:
     for k in range(seeds.get("paper_csp", 0)):
         stages["02_build_perturbed_dataset" + (f"@s{k}" if k else "")] = {
             **({"data": data["paper_csp"]} if "paper_csp" in data else {}), **({"build": {"seed": k}} if k else {})}
-    if any(seeds.get(method) for method, _, _ in GROUNDED_FAMILY):
+    if any(seeds.get(method) for method, _ in GROUNDED_FAMILY):
         for i, (base, tag) in enumerate(bases.items()):
             stages["02_build_perturbed_dataset@grounded" + (f"_{tag}" if tag else "")] = {
                 **_base(base, i == 0), **({"data": data["grounded_csp"]} if "grounded_csp" in data else {}),
@@ -115,7 +116,7 @@ def _training(base: str, tag: str | None, first: bool, seeds: dict) -> dict:
         stages["03_train_sft" + suffix] = {**own, **({"sft": {"seed": k}} if k else {})}
         stages["04_train_simpo" + suffix] = {**own, **({"simpo": {"seed": k}} if k else {})}
     letter = tag[0] if tag else ""
-    for method, prefix, _ in GROUNDED_FAMILY:
+    for method, prefix in GROUNDED_FAMILY:
         for k in range(seeds.get(method, 0)):
             stages[f"03_train_sft@{prefix}{letter}{k}"] = {
                 **_base(base, first), "dataset": _grounded_folder(tag), "method": method,
@@ -130,7 +131,8 @@ def _evaluation(template: dict, base: str, tag: str | None, seeds: dict) -> dict
         label = f"sft_simpo@s{k}"
         models.append(label if adapter == label else f"{label}={adapter}")
     letter = tag[0] if tag else ""
-    for method, prefix, label in GROUNDED_FAMILY:
+    for method, prefix in GROUNDED_FAMILY:
+        label = methods.method(method).reports_as
         models += [f"{label}@s{k}=sft@{prefix}{letter}{k}" for k in range(seeds.get(method, 0))]
     where = {} if tag is None else {"base_model": base, "results": f"results/{tag}"}
     return {**where, "models": models, **template}

@@ -367,15 +367,21 @@ class YesNoTokens:
     no: list[int]
 
 
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens every one of ``seqs`` starts with."""
+    c = 0
+    while all(len(q) > c and q[c] == seqs[0][c] for q in seqs):
+        c += 1
+    return list(seqs[0][:c])
+
+
 def yes_no_tokens(processor) -> YesNoTokens:
     seqs = {v: reply_tokens(processor, v) for v in ("Yes", "yes", "No", "no")}
     a, b = seqs["Yes"], seqs["No"]
-    c = 0
-    while c < min(len(a), len(b)) and a[c] == b[c]:
-        c += 1
+    prefix = common_prefix([a, b])
+    c = len(prefix)
     if c >= min(len(a), len(b)):
         raise ValueError(f"'Yes' and 'No' replies do not differ in tokens: {a} vs {b}")
-    prefix = a[:c]
     tok = tokenizer_of(processor)
 
     def at_c(main, variant):
