@@ -172,16 +172,18 @@ def paper_llava7b() -> TrainingConfigs:
     )
 
 
+PRESETS = {"tiny_default": tiny_default, "paper_llava7b": paper_llava7b}
+
+
 def make_configs(preset: str = "tiny_default", sft: dict | None = None, simpo: dict | None = None,
                  merge: bool = False, method: str | None = None) -> TrainingConfigs:
-    """A hardware preset, the ``method``'s settings over it (:mod:`csp_utils.train.methods`; None:
-    the preset alone), then the overrides, as notebooks and scripts pass them: ``None`` values
+    """A hardware preset, the ``method``'s recipe over it, then what the method tuned on this
+    preset (:mod:`csp_utils.train.methods`; None: the preset alone), then the overrides, as notebooks and scripts pass them: ``None`` values
     mean "keep what is there", and a ``"lora"`` dict changes only the keys it names."""
-    presets = {"tiny_default": tiny_default, "paper_llava7b": paper_llava7b}
-    if preset not in presets:
-        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}")
-    configs = presets[preset]()
-    layers = [(methods.method(method).sft, methods.method(method).simpo)] if method is not None else []
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    configs = PRESETS[preset]()
+    layers = methods.method(method).stage_layers(preset) if method is not None else []
     for sft_changes, simpo_changes in layers + [(sft or {}, simpo or {})]:
         for stage, changes in ((configs.sft, sft_changes), (configs.simpo, simpo_changes)):
             for key, value in changes.items():
