@@ -4,7 +4,7 @@ confidence-only adapter to follow the base model's own correctness?
     python scripts/grounded_probe.py [--out runs/grounded_probe] [--threads 1]
         [--train-scenes 600] [--eval-scenes 100] [--flip-share 0.0]
         [--layouts single_turn follow_up question_first] [--losses ce brier soft_ce]
-        [--target internal] [--steps 200] [--lr 5e-3] [--r 16] [--batch 16] [--seed 0]
+        [--target internal] [--steps 200] [--lr LR] [--r R] [--batch N] [--seed 0]
         [--rows-dir DIR] [--no-probe] [--base embedded] [--probe-adapter DIR]
 
 1. Training rows in the grounded schema, all clean: world POPE-style questions (random
@@ -12,7 +12,9 @@ confidence-only adapter to follow the base model's own correctness?
    ``internal`` = its temperature-scaled internal probability of that answer (T fitted on these
    rows), ``correct`` and ``cell`` beside it; a share of answer-flip rows (opposite answer,
    complementary target).
-2. A LoRA per (layout, loss), trained with ``regimes.train_sft`` on the option losses.
+2. A LoRA per (layout, loss), trained with ``regimes.train_sft`` on the option losses, grounded
+   CSP's recipe on the embedded preset otherwise (``learning_curve.recipe_config``: ``--lr``,
+   ``--r`` and ``--batch`` override it only where given).
 3. Held-out world POPE (random, adversarial) from eval-split scenes, evaluated with the
    confidence-only adapter (answers are the base model's): AUROC, Brier, ECE of the
    single-pass expected confidence, beside the base model's internal probability and its
@@ -37,6 +39,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+from learning_curve import recipe_config  # scripts/ is on the path: the script's own folder
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -247,9 +251,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--losses", nargs="*", default=["ce", "brier", "soft_ce"], help="none: no adapter trained")
     ap.add_argument("--target", default="internal", choices=["correct", "cell", "internal"])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=None, help="default: grounded CSP's")
+    ap.add_argument("--r", type=int, default=None, help="LoRA rank, alpha twice it; default: grounded CSP's")
+    ap.add_argument("--batch", type=int, default=None, help="default: grounded CSP's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-probe", action="store_true")
     ap.add_argument("--rows-dir", default=None, help="where the training rows are cached (default: --out)")
@@ -262,7 +266,7 @@ def main(argv=None) -> dict:
 
     from csp_utils.core import baselines
     from csp_utils.vlm import models
-    from csp_utils.train import callbacks, regimes, settings
+    from csp_utils.train import callbacks, regimes
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -302,11 +306,8 @@ def main(argv=None) -> dict:
                                                                    [bool(r["correct"]) for r in base_layout])
         for loss in args.losses:
             name = f"{layout}-{loss}-{args.target}"
-            cfg = settings.SFTConfigCSP(
-                lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05), confidence_target=args.target,
-                layout=layout, loss=loss, learning_rate=args.lr, max_steps=args.steps,
-                per_device_train_batch_size=args.batch, warmup=0.05, logging_steps=25, save_steps=10_000,
-                seed=args.seed)
+            cfg = recipe_config(args, confidence_target=args.target, layout=layout, loss=loss,
+                                max_steps=args.steps, logging_steps=25, save_steps=10_000, seed=args.seed)
             t2 = time.time()
             res = regimes.train_sft(args.base, ds, out, cfg, name=name)
             train_s = time.time() - t2

@@ -3,17 +3,18 @@ answers within a set when it sees more rows, and with which target, layout and c
 
     python scripts/learning_curve.py [--base embedded] [--out runs/learning_curve/<base>]
         [--points 600:200 2400:800 9600:3200] [--targets internal correct]
-        [--layouts follow_up inline] [--clean-shares 1.0] [--questions benchmark]
-        [--seeds 0] [--checkpoints 4] [--val-images 100] [--threads 1]
+        [--layouts follow_up inline] [--clean-shares SHARE ...] [--questions world|benchmark]
+        [--seeds 0] [--checkpoints 4] [--val-images 100] [--lr LR] [--r R] [--batch N] [--threads 1]
 
 1. One grounded dataset per clean share on CSP scenes 0 .. max(points) - 1, built by the study's
-   builder (``perturbed_dataset.build_perturbed_dataset`` with ``targets: grounded``, levels
-   10/40/70/100, no flip rows, ``questions`` the question source); a point with fewer scenes
+   builder with grounded CSP's build settings (``methods.build_fields("grounded_csp")``; the
+   clean share and question source the recipe's unless given); a point with fewer scenes
    trains on the rows of its first scenes (the same targets: T is fitted once, on the held-out
    20% of the largest build's scenes).
 2. A confidence-only LoRA per point (scenes:steps) x target x layout x clean share x seed, the
-   study's grounded recipe otherwise (soft-CE on the eleven options, lr 5e-3, batch 16, r 16),
-   saving ``--checkpoints`` evenly spaced checkpoints.
+   study's grounded recipe on the embedded preset otherwise
+   (``settings.make_configs("tiny_default", method="grounded_csp")``; ``--lr``, ``--r`` (alpha
+   twice it) and ``--batch`` override it only where given), saving ``--checkpoints`` evenly spaced checkpoints.
 3. Every checkpoint scored on a **validation split**: the six clean sets' generators (POPE
    random / popular / adversarial, AMBER-style existence / attribute / relation) on CSP-split
    scenes far from the training ones (``VALIDATION_STARTS``), never evaluation images. Within-set
@@ -41,13 +42,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+METHOD = "grounded_csp"  # the recipe every run starts from
 VALIDATION_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute",
                    "amber-relation")
 # CSP-split scene ranges of the validation sets (training builds use CSP scenes from 0 upwards)
 VALIDATION_STARTS = {"pope-random": 300_000, "pope-popular": 330_000, "pope-adversarial": 360_000,
                      "amber-existence": 400_000, "amber-attribute": 430_000, "amber-relation": 460_000,
                      "calibration": 490_000}
-LEVELS = (10, 40, 70, 100)
 
 
 def parse_point(text: str) -> tuple[int, int]:
@@ -99,10 +100,11 @@ def check_disjoint(suite: dict, max_scenes: int) -> None:
 
 def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0):
     from csp_utils.dataset import buildconfig, perturbed_dataset, sources
+    from csp_utils.train import methods
     from csp_utils.world import scenes as world
 
-    config = buildconfig.BuildConfig(targets="grounded", levels=list(LEVELS), seed=seed,
-                            grounded={"flip_rows": False, "clean_share": clean_share, "questions": questions})
+    config = buildconfig.BuildConfig(**methods.build_fields(
+        METHOD, {"seed": seed, "grounded": {"clean_share": clean_share, "questions": questions}}))
     source = sources.world_source(world.make_scenes("csp", n_scenes), 4, seed=seed)
     return perturbed_dataset.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
                                       progress=True)
@@ -187,6 +189,17 @@ def run_name(cs: float, target: str, layout: str, scenes: int, steps: int, seed:
     return f"{questions}-cs{round(100 * cs):03d}-{target}-{layout}-n{scenes}-t{steps}-s{seed}"
 
 
+def recipe_config(args, **sft):
+    """Grounded CSP's SFT config on the embedded preset with ``sft`` over it; ``--lr``, ``--r``
+    (alpha twice it) and ``--batch`` only where given."""
+    from csp_utils.train import settings
+
+    if args.r is not None:
+        sft["lora"] = {**sft.get("lora", {}), "r": args.r, "alpha": 2 * args.r}
+    flags = {"learning_rate": args.lr, "per_device_train_batch_size": args.batch}
+    return settings.make_configs("tiny_default", method=METHOD, sft={**flags, **sft}).sft
+
+
 def layout_label(layout: str, activation: str) -> str:
     """The layout as the results name it: ``follow_up+aLoRA`` for an activated adapter."""
     return layout + ("+aLoRA" if activation == "confidence" else "")
@@ -199,16 +212,16 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--points", nargs="+", type=parse_point, default=[(600, 200), (2400, 800), (9600, 3200)])
     ap.add_argument("--targets", nargs="+", default=["internal", "correct"], choices=["internal", "correct", "cell", "blend"])
     ap.add_argument("--layouts", nargs="+", default=["follow_up", "inline"])
-    ap.add_argument("--clean-shares", nargs="+", type=float, default=[1.0])
+    ap.add_argument("--clean-shares", nargs="+", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--activation", default="all", choices=["all", "confidence"],
                     help="confidence: an activated LoRA (PEFT's aLoRA) that acts from the follow-up question on")
-    ap.add_argument("--questions", default="benchmark", choices=["world", "benchmark"])
+    ap.add_argument("--questions", default=None, choices=["world", "benchmark"], help="default: the recipe's")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints scored per run")
     ap.add_argument("--val-images", type=int, default=100, help="scenes per validation set")
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--r", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    ap.add_argument("--r", type=int, default=None, help="LoRA rank, alpha twice it; default: the recipe's")
+    ap.add_argument("--batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--adapters", nargs="*", default=[], metavar="LABEL=DIR",
                     help="also score these trained grounded adapters on the validation split (e.g. the study's)")
@@ -217,8 +230,11 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from csp_utils.vlm import models
-    from csp_utils.train import regimes, settings
+    from csp_utils.train import methods, regimes, settings
 
+    recipe = methods.build_fields(METHOD)["grounded"]
+    args.questions = args.questions or recipe["questions"]
+    args.clean_shares = args.clean_shares or [recipe["clean_share"]]
     torch.set_num_threads(args.threads)
     # checkpoints carry no base-model record; they are put on the base they were trained on
     warnings.filterwarnings("ignore", message=".*records no base model.*")
@@ -268,12 +284,10 @@ def main(argv=None) -> list[dict]:
                         label = layout_label(layout, args.activation)
                         name = run_name(cs, target, label, scenes, steps, seed, args.questions)
                         every = max(1, steps // args.checkpoints)
-                        cfg = settings.SFTConfigCSP(
-                            lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05,
-                                                       activation=args.activation),
-                            confidence_target=target, layout=layout, loss="soft_ce", learning_rate=args.lr,
-                            max_steps=steps, per_device_train_batch_size=args.batch, warmup=0.05,
-                            logging_steps=max(1, steps // 20), save_steps=every, save_total_limit=None, seed=seed)
+                        cfg = recipe_config(args, confidence_target=target, layout=layout, max_steps=steps,
+                                            seed=seed, lora={"activation": args.activation},
+                                            logging_steps=max(1, steps // 20), save_steps=every)
+                        cfg.save_total_limit = None  # every checkpoint is scored (None in make_configs keeps 2)
                         t2 = time.time()
                         res = regimes.train_sft(args.base, subset, out / "train", cfg, name=name)
                         train_s = time.time() - t2
@@ -286,7 +300,7 @@ def main(argv=None) -> list[dict]:
                             got = {k: elicit(model, proc, b, layout, "confidence") for k, b in val_sets.items()}
                             row = {"key": key, "run": name, "questions": args.questions, "clean_share": cs,
                                    "target": target, "layout": label, "scenes": scenes, "steps": steps,
-                                   "seed": seed, "step": step, "rows_seen": step * args.batch,
+                                   "seed": seed, "step": step, "rows_seen": step * cfg.per_device_train_batch_size,
                                    "training_rows": len(subset), "train_s": round(train_s, 1),
                                    "eval_s": round(time.time() - t3, 1), **set_scores(got)}
                             with results_path.open("a") as f:
