@@ -230,11 +230,12 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from csp_utils.vlm import models
+    from csp_utils.dataset import buildconfig
     from csp_utils.train import methods, regimes, settings
 
-    recipe = methods.build_fields(METHOD)["grounded"]
-    args.questions = args.questions or recipe["questions"]
-    args.clean_shares = args.clean_shares or [recipe["clean_share"]]
+    recipe = buildconfig.BuildConfig(**methods.build_fields(METHOD)).grounded
+    args.questions = args.questions or recipe.questions
+    args.clean_shares = args.clean_shares or [recipe.clean_share]
     torch.set_num_threads(args.threads)
     # checkpoints carry no base-model record; they are put on the base they were trained on
     warnings.filterwarnings("ignore", message=".*records no base model.*")

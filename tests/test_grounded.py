@@ -20,7 +20,8 @@ N_SCENES = 24
 
 
 def _cfg(**grounded):
-    grounded.setdefault("batch_size", 32)
+    # noised rows, flipped rows and world questions: every part of the builder runs
+    grounded = {"batch_size": 32, "clean_share": 0.5, "flip_rows": True, "questions": "world", **grounded}
     return buildconfig.BuildConfig(levels=LEVELS, targets="grounded", shard_size=30, seed=0, grounded=grounded)
 
 
@@ -324,7 +325,8 @@ def test_notebook_builds_grounded_rows(tmp_path):
     pm.execute_notebook(str(repo / "notebooks" / "02_build_perturbed_dataset.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=dict(run_dir=str(run), data={"n_scenes": 10},
                                         build={"levels": [10, 50, 100], "targets": "grounded", "shard_size": 20,
-                                               "grounded": {"temperature_holdout": 0.5}}),
+                                               "grounded": {"temperature_holdout": 0.5, "flip_rows": True,
+                                                            "clean_share": 0.5, "questions": "world"}}),
                         cwd=str(repo), progress_bar=False, kernel_name="python3")
     report = json.loads((run / "dataset" / "build_report.json").read_text())
     assert report["targets"] == "grounded" and report["rows"] == 80 and report["flip_rows"] == 40

@@ -43,8 +43,8 @@ def test_benchmark_questions_are_deterministic_per_scene_and_come_from_the_clean
                for s, qs in zip(scenes[:5], a))
 
 
-def test_question_source_is_checked_and_world_stays_the_default():
-    assert buildconfig.GroundedOptions().questions == "world"
+def test_question_source_is_checked_and_the_benchmark_generators_are_the_default():
+    assert buildconfig.GroundedOptions().questions == "benchmark"
     with pytest.raises(ValueError, match="questions must be one of"):
         buildconfig.GroundedOptions(questions="pope")
     s = world.make_scenes("csp", 1)[0]

@@ -39,7 +39,8 @@ def grounded_rows(embedded, tmp_path_factory):
     """A small grounded build with the study's builder settings (clean, key- and distractor-noised rows)."""
     model, processor = embedded
     cfg = buildconfig.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
-                         grounded={"flip_rows": False, "temperature_holdout": 0.6, "batch_size": 32})
+                         grounded={"clean_share": 0.5, "questions": "world", "temperature_holdout": 0.6,
+                                   "batch_size": 32})
     src = sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a 6-scene build may warn about too few held-out rows for T
@@ -168,7 +169,8 @@ def test_own_distribution_script_scores_unseen_scenes_and_refuses_seen_ones(embe
     model, processor = embedded
     run = tmp_path / "run"
     cfg = buildconfig.BuildConfig(levels=(10, 40, 70, 100), targets="grounded", shard_size=40, seed=0,
-                         grounded={"flip_rows": False, "temperature_holdout": 0.6, "batch_size": 32})
+                         grounded={"clean_share": 0.5, "questions": "world", "temperature_holdout": 0.6,
+                                   "batch_size": 32})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = perturbed_dataset.build_perturbed_dataset(sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0),

@@ -20,15 +20,17 @@ FORMAT_VERSION = 1  # bump when the row layout or the noise changes: old folders
 
 @dataclass
 class GroundedOptions:
-    clean_share: float = 0.5          # share of each scene's questions kept clean (rounded up per scene)
-    flip_rows: bool = True            # add the answer-flip copy of every row
+    """How grounded rows are built; the defaults are grounded CSP's recipe (train/methods.py)."""
+
+    clean_share: float = 1.0          # share of each scene's questions kept clean (rounded up per scene)
+    flip_rows: bool = False           # add the answer-flip copy of every row
     distractor_noise: bool = True     # False: only key noise; questions whose objects are absent stay clean
     key_share: float = 0.5            # noised questions whose objects are present: share noised on them
     temperature_holdout: float = 0.2  # share of scenes whose clean rows fit T (marked split="heldout")
     batch_size: int = 128             # questions per model batch
     max_new_tokens: int = 4           # the greedy answer reply
     bright_tolerance: float = 0.03    # bright-scene share: clean may fall at most this far below noised
-    questions: str = "world"          # "world" (scenes.world_questions) | "benchmark" (the clean sets' generators)
+    questions: str = "benchmark"      # "world" (scenes.world_questions) | "benchmark" (the clean sets' generators)
 
     def __post_init__(self):
         for name in ("clean_share", "key_share"):

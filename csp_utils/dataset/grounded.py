@@ -20,7 +20,7 @@ likely the quoted answer is to be right (schema: ``GROUNDED_COLUMNS``):
   ``internal_p`` its temperature-scaled internal yes/no probability, T fitted on the clean
   rows of a held-out share of the training scenes (``split == "heldout"``); ``cell_acc``
   the model's accuracy in the row's (level, quoted answer, kind) cell.
-* Answer-flip rows quote the opposite answer of the same image and question with the
+* Answer-flip rows (``flip_rows``) quote the opposite answer of the same image and question with the
   complementary targets (``correct`` and ``internal_p`` complemented, ``cell_acc`` of the
   flipped answer's cell).
 

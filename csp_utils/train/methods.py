@@ -77,8 +77,7 @@ class Method:
 PAPER_CSP = Method(tuned={"tiny_default": {"sft": {"max_steps": 400}, "simpo": {"max_steps": 250}}},
                    reports_as="sft_simpo")
 GROUNDED_CSP = Method(
-    build={"targets": "grounded", "levels": (10, 40, 70, 100),
-           "grounded": {"flip_rows": False, "clean_share": 1.0, "questions": "benchmark"}},
+    build={"targets": "grounded", "levels": (10, 40, 70, 100)},  # buildconfig.GroundedOptions' defaults
     sft={"confidence_target": "correct", "layout": "inline", "loss": "soft_ce"},
     tuned={"tiny_default": {"sft": {"max_steps": 600, "learning_rate": 5e-3}}},
     reports_as="grounded")
