@@ -1,5 +1,6 @@
 """DESIGN.md against the package: its module table lists every module, its import table is the
-folders' real module-level imports, and no modules import each other around a circle."""
+folders' real module-level imports, evaluation never imports training nor analysis datasets or
+models, and no modules import each other around a circle."""
 
 from __future__ import annotations
 
@@ -77,6 +78,17 @@ def test_the_import_table_is_the_folders_module_level_imports():
     order = re.search(r"```\n(core <- .*)\n```", _section("Imports")).group(1).split(" <- ")
     for folder, targets in real.items():  # layers: only folders below
         assert all(order.index(t) < order.index(folder) for t in targets), (folder, targets)
+
+
+# Folders below these that they still never import, not even inside a function: the evaluation
+# needs no training code, and the analysis reads saved results, never datasets or models.
+NEVER = {"evaluate": {"train"}, "analysis": {"dataset", "vlm"}}
+
+
+def test_evaluation_imports_no_training_and_analysis_no_dataset_or_model():
+    found = [f"{_name(path)} imports {target}" for path in PACKAGE.rglob("*.py")
+             for target, _ in _imports(path) if _folder(target) in NEVER.get(_folder(_name(path)), ())]
+    assert not found, found
 
 
 def test_no_modules_import_each_other_around_a_circle():

@@ -13,7 +13,7 @@ from csp_utils.evaluate.suites import level_of
 from csp_utils.train import shaping
 from csp_utils.vlm import engine
 from csp_utils.vlm import parsing, prompts
-from csp_utils.world import scenes
+from csp_utils.world import scenes, schema
 
 LEVELS = (10, 40, 70, 100)
 N_SCENES = 24
@@ -296,7 +296,7 @@ def test_grounded_evaluation_set():
     ids = [it.question_id for it in b.items]
     assert len(set(ids)) == len(ids)
     assert {it.label for it in b.items} == {"yes", "no"}
-    combos = {(grounded.noise_on_of(q), level_of(q)) for q in ids}
+    combos = {(schema.noise_on_of(q), level_of(q)) for q in ids}
     assert combos == {("none", 100), ("key", 20), ("key", 60), ("distractor", 20), ("distractor", 60)}
     for it in b.items:
         sid = it.question_id.split("-q")[0]
@@ -309,9 +309,9 @@ def test_grounded_evaluation_set():
         scene = scenes.make_scene("eval", scenes.parse_scene_id(sid)[1])
         changed = (np.asarray(b.image_loader(it.question_id)) != scene.image).any(-1)
         asked = grounded.asked_mask(scene, it.objects, AnnotationGrounder.from_scenes([scene]).vocabulary)
-        if grounded.noise_on_of(it.question_id) == "distractor":
+        if schema.noise_on_of(it.question_id) == "distractor":
             assert not (changed & asked).any()
-        elif grounded.noise_on_of(it.question_id) == "none":
+        elif schema.noise_on_of(it.question_id) == "none":
             assert not changed.any()
     again = grounded.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
     assert all((np.asarray(b.image_loader(q)) == np.asarray(again.image_loader(q))).all() for q in ids[::7])

@@ -20,9 +20,7 @@ from PIL import Image
 from csp_utils.analysis import outputs, plots, tables
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED
 from csp_utils.core.paths import REPO
-from csp_utils.dataset import grounding, perturbation
 from csp_utils.evaluate import suites
-from csp_utils.world import benchmarks
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
            "grounded_perturbed.csv", "ablation.csv", "timings.json", "base_model.json")
@@ -173,17 +171,7 @@ def prune_stale_figures(figures_dir, written: list[Path]) -> list[Path]:
 
 def perturbation_grid_figure(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int = 0):
     """The CSP perturbation of a few held-out scenes' key objects (deterministic, no model)."""
-    scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
-    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
-    images, titles = [], []
-    for s in scene_list:
-        obj = s.objects[0]
-        res = grounder.ground(s.to_pil(), [obj.category], s.scene_id)
-        arrs = perturbation.perturb_levels_array(s.image, res.mask, levels,
-                                                 perturbation.NoiseConfig(seed=seed), key=s.scene_id)
-        for level, arr in zip(levels, arrs):
-            images.append(arr)
-            titles.append(f"{obj.category}, c={level}%")
+    images, titles = suites.perturbation_examples(levels, n_scenes, seed)
     return plots.image_grid(images, titles, ncols=len(levels), suptitle="CSP noise on the key object")
 
 

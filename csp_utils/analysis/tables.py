@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from csp_utils.core import metrics
-from csp_utils.dataset import grounded
 from csp_utils.evaluate.matrix import model_names
 from csp_utils.evaluate.suites import GROUNDED_SET, POOLS, level_of, scene_of
+from csp_utils.world.schema import noise_on_of
 
 
 # ------------------------------------------------------------------ headline numbers
@@ -384,7 +384,7 @@ def noise_table(rows: list[dict] | pd.DataFrame, framing: str = "third", readout
     df = df.dropna(subset=["confidence"])
     if df.empty:
         return pd.DataFrame()
-    df = df.assign(noise_on=df["question_id"].map(grounded.noise_on_of))
+    df = df.assign(noise_on=df["question_id"].map(noise_on_of))
     out = []
     for (model, noise_on), g in df.groupby(["model", "noise_on"]):
         conf, correct = g["confidence"].to_numpy(float), g["correct"].to_numpy(int)

@@ -52,8 +52,6 @@ from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
-
-NOISE_ON = ("none", "key", "distractor")
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.
 BRIGHT_LUMA = 200
 BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
@@ -612,12 +610,6 @@ def grounded_report(ds, shard_stats, fin_stats, config, options, grounder_name, 
 # The held-out grounded perturbed evaluation set
 
 
-def noise_on_of(question_id: str) -> str | None:
-    """The noise target encoded in a grounded evaluation question id (``...@key@c40``)."""
-    parts = question_id.split("@")
-    return parts[-2] if len(parts) >= 3 and parts[-2] in NOISE_ON else None
-
-
 def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10, 40, 70),
                                  start: int = GROUNDED_EVAL_START, seed: int = 0, questions_per_scene: int = 4, noise_gamma: float | None = None,
                                  image_size: int = 64, name: str = "grounded-perturbed"):
@@ -625,7 +617,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     clean, and at each level with noise on its objects (where present) and on a distractor.
 
     Question ids end in ``@<noise_on>@c<level>`` (``suites.level_of`` reads the level,
-    :func:`noise_on_of` the target); each is its own image_id, as in ``perturbed_benchmark``.
+    :func:`csp_utils.world.schema.noise_on_of` the target); each is its own image_id, as in ``perturbed_benchmark``.
     """
     from PIL import Image
 

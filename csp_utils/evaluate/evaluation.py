@@ -85,8 +85,7 @@ from tqdm import tqdm
 
 from csp_utils.vlm import engine
 from csp_utils.core import metrics
-from csp_utils.train import settings
-from csp_utils.vlm import scoring
+from csp_utils.vlm import models, scoring
 from csp_utils.vlm import parsing, prompts
 from csp_utils.vlm.engine import chat_texts, generate_on, option_token_ids, yes_no_tokens
 
@@ -276,11 +275,11 @@ def config_for_adapter(config: EvalConfig, adapter_dir=None, adapter_scope: str 
     adapters trained on grounded targets, whose training never taught the answer turn);
     otherwise ``config``'s own values."""
     record = {}
-    path = Path(adapter_dir) / settings.CONFIG_FILE if adapter_dir is not None else None
+    path = Path(adapter_dir) / models.CONFIG_FILE if adapter_dir is not None else None
     if path is not None and path.exists():
         record = json.loads(path.read_text())
     if adapter_scope is None:
-        grounded = record.get("confidence_target") in settings.GROUNDED_TARGETS
+        grounded = record.get("confidence_target") in models.GROUNDED_TARGETS
         adapter_scope = "confidence" if grounded else config.adapter_scope
     layout = layout or record.get("layout") or config.layout
     if adapter_dir is None:

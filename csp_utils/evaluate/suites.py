@@ -108,6 +108,23 @@ def perturbed_benchmark(cfg: SuiteConfig, noise: str = "local") -> benchmarks.Be
     return benchmarks.Benchmark("perturbed", "pope", items, lambda i: Image.fromarray(images[i]), "yes")
 
 
+def perturbation_examples(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int = 0) -> tuple[list, list[str]]:
+    """CSP noise on the first object of a few held-out scenes at each level (deterministic, no
+    model): the images and their titles, for the perturbation figure."""
+    scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
+    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
+    images, titles = [], []
+    for s in scene_list:
+        obj = s.objects[0]
+        res = grounder.ground(s.to_pil(), [obj.category], s.scene_id)
+        arrs = perturbation.perturb_levels_array(s.image, res.mask, levels,
+                                                 perturbation.NoiseConfig(seed=seed), key=s.scene_id)
+        for level, arr in zip(levels, arrs):
+            images.append(arr)
+            titles.append(f"{obj.category}, c={level}%")
+    return images, titles
+
+
 def level_of(question_id: str) -> int | None:
     m = re.search(r"@c(\d+)$", question_id)
     return int(m.group(1)) if m else None

@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 
 from csp_utils.train import methods
 from csp_utils.vlm import prompts
+from csp_utils.vlm.models import CONFIG_FILE, GROUNDED_TARGETS  # noqa: F401 (the adapter folder's record)
 
 
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
-GROUNDED_TARGETS = ("correct", "cell", "internal", "blend")
 CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
 LOSSES = ("ce", "brier", "soft_ce")
-CONFIG_FILE = "training_config.json"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc",
                "chosen_logp", "rejected_logp", "mean_token_accuracy")
 

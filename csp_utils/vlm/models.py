@@ -178,6 +178,10 @@ def _check_loading_info(info: dict, source: str, allow_partial: bool) -> None:
 # --------------------------------------------------------------------------- base fingerprints
 
 BASE_RECORD = "csp_base.json"  # in an adapter folder: which base model it was trained on
+CONFIG_FILE = "training_config.json"  # in an adapter folder: the training config (layout, target, ...)
+# Confidence targets read from the base model's own answers: an adapter trained on one never
+# learnt the answer turn, so the evaluation asks the answer of the base model.
+GROUNDED_TARGETS = ("correct", "cell", "internal", "blend")
 _FINGERPRINT_VALUES = 64
 
 

@@ -1,4 +1,5 @@
-"""The question record every set and source shares: world questions, POPE, AMBER, training sources."""
+"""The question record every set and source shares: world questions, POPE, AMBER, training
+sources; and what a grounded question's id encodes."""
 
 from __future__ import annotations
 
@@ -15,3 +16,12 @@ class QAItem:
     kind: str              # "existence" | "attribute" | "relation"
     objects: list[str]     # key object phrases of the question
     subtype: str = ""      # finer type: AMBER "state"/"number"/"action"; world "color"/"size"/"count"/relation
+
+
+NOISE_ON = ("none", "key", "distractor")  # where a grounded row's noise lies
+
+
+def noise_on_of(question_id: str) -> str | None:
+    """The noise target encoded in a grounded evaluation question id (``...@key@c40``)."""
+    parts = question_id.split("@")
+    return parts[-2] if len(parts) >= 3 and parts[-2] in NOISE_ON else None
