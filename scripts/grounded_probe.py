@@ -59,11 +59,9 @@ def own_answers(model, processor, items, images, batch_size: int = 64):
     for s in range(0, len(items), batch_size):
         its, ims = items[s:s + batch_size], images[s:s + batch_size]
         msgs = [prompts.answer_messages(it.question) for it in its]
-        p = engine.plain_prompts(model, processor, msgs, ims, shortcuts=True)
-        raw, new, logits = engine.generate_on(model, processor, p, len(yn.prefix) + 1)
-        parsed = [parsing.parse_yes_no(r, "pope") for r in raw]
-        internal = engine.internal_probs(logits, new, parsed, yn)
-        out += [(a.capitalize() if a else None, q[0]) for a, q in zip(parsed, internal)]
+        turn = engine.answer_turn(model, processor, msgs, ims, len(yn.prefix) + 1,
+                                  lambda r: parsing.parse_yes_no(r, "pope"), yn, share_prefix=False)
+        out += [(a.capitalize() if a else None, q[0]) for a, q in zip(turn.parsed, turn.internal)]
     return out
 
 

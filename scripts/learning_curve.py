@@ -231,7 +231,7 @@ def main(argv=None) -> list[dict]:
 
     from csp_utils.vlm import models
     from csp_utils.dataset import buildconfig
-    from csp_utils.train import methods, regimes, settings
+    from csp_utils.train import methods, regimes
 
     recipe = buildconfig.BuildConfig(**methods.build_fields(METHOD)).grounded
     args.questions = args.questions or recipe.questions
@@ -259,7 +259,7 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"--adapters takes LABEL=DIR, got {spec!r}")
         if label in done:
             continue
-        record = json.loads((Path(folder) / settings.CONFIG_FILE).read_text())
+        record = json.loads((Path(folder) / models.CONFIG_FILE).read_text())
         cfg = record["config"]
         model, _ = models.load_vlm(args.base, adapter=folder, dtype=torch.float32)
         t3 = time.time()

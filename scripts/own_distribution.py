@@ -58,14 +58,15 @@ def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
 def check_adapter_dataset(adapter: Path, dataset_dir: Path) -> dict:
     """The adapter's training record; refuses a dataset other than the one it was trained on."""
     from csp_utils.dataset import perturbed_dataset
-    from csp_utils.train import regimes, settings
+    from csp_utils.train import regimes
+    from csp_utils.vlm import models
 
-    record = json.loads((adapter / settings.CONFIG_FILE).read_text())
+    record = json.loads((adapter / models.CONFIG_FILE).read_text())
     key = regimes._dataset_key(perturbed_dataset.load_perturbed_dataset(dataset_dir))
     if record.get("dataset_fingerprint") not in (None, key):
         raise ValueError(f"{adapter} was trained on dataset {record['dataset_fingerprint']}, "
                          f"not on {dataset_dir} ({key})")
-    if record.get("confidence_target") not in settings.GROUNDED_TARGETS:
+    if record.get("confidence_target") not in models.GROUNDED_TARGETS:
         raise ValueError(f"{adapter} is not a grounded adapter (target {record.get('confidence_target')!r})")
     return record
 

@@ -197,6 +197,18 @@ def test_hf_malformed_rows_are_counted(tmp_path):
     src = sources.hf_source(ds, on_error="report")
     assert [it.sample_id for it in src] == ["hf-0000000", "hf-0000004"]
     assert src.report["malformed_by_reason"] == {"missing_image": 1, "empty_field": 2}
+    # notebook 02 reaches it through make_source: a dataset saved to disk, the same modes
+    ds.save_to_disk(str(tmp_path / "hf"))
+    dino = {"kind": "dino_sam"}
+    src, grounder, size = coco.make_source("hf", hf_dataset=tmp_path / "hf", on_error="report", image_size=8,
+                                           grounder=dino)
+    assert [it.sample_id for it in src] == ["hf-0000000", "hf-0000004"] and grounder is None and size == 8
+    with pytest.raises(ValueError, match="row 1: column 'image' holds no image"):
+        coco.make_source("hf", hf_dataset=tmp_path / "hf", image_size=8, grounder=dino)
+    with pytest.raises(ValueError, match="needs hf_dataset"):
+        coco.make_source("hf", image_size=8, grounder=dino)
+    with pytest.raises(ValueError, match="hf source carries no annotations"):
+        coco.make_source("hf", hf_dataset=tmp_path / "hf", image_size=8)
 
 
 def test_a_build_folder_refuses_another_source(tmp_path):

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from csp_utils.analysis import plots
+from csp_utils.dataset import grounded
 from csp_utils.train import callbacks, regimes, settings, shaping, trainers
 from csp_utils.vlm import models, prompts
 from csp_utils.vlm.embedded import build
@@ -151,7 +152,7 @@ def test_measured_targets_are_cell_accuracies(tiny_vlm):
     ds = make_dataset()
     measured = shaping.measured_accuracy_targets(model, processor, ds, batch_size=7)
     # Batching with padding must not change any answer.
-    one_by_one = shaping.greedy_yes_no(model, processor, [r["image"] for r in ds], ds["question"], batch_size=1)
+    one_by_one = grounded.model_answers(model, processor, ds["question"], [r["image"] for r in ds], batch_size=1).own
     assert set(one_by_one) <= {"Yes", "No"}
     assert measured.own_answers == one_by_one
     for i, row in enumerate(ds):
@@ -404,7 +405,7 @@ def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tm
     for name, result in results.items():
         folder = run / "adapters" / name
         assert result.completed and result.adapter_dir == folder and result.global_step == 6
-        record = json.loads((folder / settings.CONFIG_FILE).read_text())
+        record = json.loads((folder / models.CONFIG_FILE).read_text())
         assert record["stage"] == ("sft" if name == "sft" else "simpo") and record["global_step"] == 6
         assert any(float(t.abs().max()) > 0 for k, t in adapter_tensors(folder).items() if "lora_B" in k)
         model, processor = load_base(work)
@@ -412,7 +413,7 @@ def test_three_regimes_write_loadable_adapters_and_simpo_widens_margins(work, tm
         assert any("lora_A" in n for n, _ in peft_model.named_parameters())
         rows = callbacks.read_training_log(run / "train_logs" / f"{name}.csv")
         assert [r["step"] for r in rows] == list(range(1, 7))
-    assert json.loads((run / "adapters" / "sft_simpo" / settings.CONFIG_FILE).read_text())["init_adapter"].endswith("sft")
+    assert json.loads((run / "adapters" / "sft_simpo" / models.CONFIG_FILE).read_text())["init_adapter"].endswith("sft")
     assert results["sft_simpo"].n_dropped_pairs == N_SAMPLES
     assert callbacks.read_training_log(run / "train_logs" / "sft_simpo.csv")[0]["margin"] is not None
 
@@ -558,7 +559,7 @@ def test_two_processes_write_a_loadable_adapter(work, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("sft", "sft_simpo"):
-        record = json.loads((run / "adapters" / name / settings.CONFIG_FILE).read_text())
+        record = json.loads((run / "adapters" / name / models.CONFIG_FILE).read_text())
         assert record["world_size"] == 2 and record["global_step"] == 2
         model, _ = models.load_vlm(work / "base", adapter=run / "adapters" / name)
         assert isinstance(model, PeftModel)
@@ -776,7 +777,7 @@ def test_option_loss_has_gradients_and_training_writes_an_adapter(work, tmp_path
                             layout="follow_up", learning_rate=5e-3)
     result = regimes.train_sft(work / "base", ds, tmp_path, cfg)
     assert result.completed and result.global_step == 3
-    record = json.loads((result.adapter_dir / settings.CONFIG_FILE).read_text())
+    record = json.loads((result.adapter_dir / models.CONFIG_FILE).read_text())
     assert record["layout"] == "follow_up" and record["loss"] == "brier" and record["confidence_target"] == "internal"
     tensors = adapter_tensors(result.adapter_dir)
     assert any("lora_B" in k and float(v.abs().sum()) > 0 for k, v in tensors.items())  # B moved from zero
@@ -791,7 +792,7 @@ def test_sft_then_simpo_on_grounded_rows_in_the_follow_up_layout(work, tmp_path)
     cfg.sft.loss = "brier"
     results = regimes.train_regime("sft_simpo", str(work / "base"), make_grounded_dataset(n=8), tmp_path, cfg)
     assert all(r.completed for r in results.values()) and set(results) == {"sft", "sft_simpo"}
-    record = json.loads((results["sft_simpo"].adapter_dir / settings.CONFIG_FILE).read_text())
+    record = json.loads((results["sft_simpo"].adapter_dir / models.CONFIG_FILE).read_text())
     assert record["layout"] == "follow_up" and record["confidence_target"] == "cell"
     assert record["n_examples"] == 8 and record["n_dropped_pairs"] == 0
     logged = callbacks.read_training_log(results["sft_simpo"].log_csv)

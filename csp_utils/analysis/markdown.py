@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from csp_utils.analysis.tables import MAIN_COMBO, POOLED, SEED_METRICS, per_seed_text, strongest_baseline
+from csp_utils.analysis.tables import MAIN_COMBO, POOLED, SEED_METRICS, per_seed_text, read_result, strongest_baseline
 from csp_utils.evaluate.suites import CLEAN_SETS, GROUNDED_SET
 
 
@@ -127,17 +127,12 @@ def write_readme_section(readme, text: str, tag: str = "results") -> None:
     readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
-def _read(results_dir: Path, name: str) -> pd.DataFrame | None:
-    path = results_dir / name
-    return pd.read_csv(path) if path.exists() else None
-
-
 def _tables(results_dir):
     results_dir = Path(results_dir)
-    head = _read(results_dir, "headline.csv")
+    head = read_result(results_dir, "headline.csv")
     if head is None:
         raise FileNotFoundError(f"{results_dir}/headline.csv not found: run the evaluation notebook first")
-    paired = _read(results_dir, "paired.csv")
+    paired = read_result(results_dir, "paired.csv")
     return head, paired
 
 
@@ -212,7 +207,7 @@ def results_document(results, methods=("sft_simpo",), source: str = "figures/res
                   markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest),
                   "", f"### {title.capitalize()}: each seed of the models with several", "",
                   seed_markdown(head, *MAIN_COMBO)]
-        noise = _read(folder, "grounded_perturbed.csv")
+        noise = read_result(folder, "grounded_perturbed.csv")
         if noise is not None and len(noise):
             parts += ["", f"### {title.capitalize()}: the grounded perturbed set by noise target", "",
                       "Confidence that follows correctness falls under noise on the asked object only where the "

@@ -18,17 +18,12 @@ import pandas as pd
 from PIL import Image
 
 from csp_utils.analysis import outputs, plots, tables
-from csp_utils.analysis.tables import MAIN_COMBO, POOLED
+from csp_utils.analysis.tables import MAIN_COMBO, POOLED, read_result
 from csp_utils.core.paths import REPO
 from csp_utils.evaluate import suites
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
            "grounded_perturbed.csv", "ablation.csv", "timings.json", "base_model.json")
-
-
-def _read(results_dir: Path, name: str) -> pd.DataFrame | None:
-    path = results_dir / name
-    return pd.read_csv(path) if path.exists() else None
 
 
 def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "base",
@@ -80,7 +75,7 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
                 save(plots.internal_vs_verbalized(g["internal_prob"], g["confidence"], g["correct"].astype(int),
                                                   title=f"{name}: internal vs verbalized"),
                      outputs.INTERNAL_VS_VERBALIZED.format(model=name))
-    head = _read(results_dir, "headline.csv")
+    head = read_result(results_dir, "headline.csv")
     if head is not None and "ece15" in head.columns:
         main = head[((head["framing"] == MAIN_COMBO[0]) & (head["readout"] == MAIN_COMBO[1])) | (head["framing"] == "-")]
         cl = ", ".join(sorted(set(main["cluster"])))
@@ -98,7 +93,7 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
                 save(plots.metric_intervals(main, units=units, title=f"{name.capitalize()} sets "
                                                                      f"(95% intervals, resampling by {cl})"),
                      outputs.METRICS_SETS.format(group=name))
-    paired = _read(results_dir, "paired.csv")
+    paired = read_result(results_dir, "paired.csv")
     if paired is not None and len(paired):
         sub = paired[(paired["method"] == after) & paired["set"].isin(POOLED)]
         if len(sub):
@@ -194,7 +189,7 @@ def publish_results(results_dir, dest) -> list[Path]:
 def paired_verdicts(results_dir, after: str = "sft_simpo") -> pd.DataFrame:
     """``after`` against the base model and each baseline, per set and pool: paired
     differences in ECE, Brier, AUROC and accuracy with intervals and verdicts."""
-    paired = _read(Path(results_dir), "paired.csv")
+    paired = read_result(Path(results_dir), "paired.csv")
     if paired is None or paired.empty:
         return pd.DataFrame()
     sub = paired[paired["method"] == after]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,12 @@ from csp_utils.core import metrics
 from csp_utils.evaluate.matrix import model_names
 from csp_utils.evaluate.suites import GROUNDED_SET, POOLS, level_of, scene_of
 from csp_utils.world.schema import noise_on_of
+
+
+def read_result(results_dir, name: str) -> pd.DataFrame | None:
+    """A results CSV of ``results_dir``, or None where the study did not write it."""
+    path = Path(results_dir) / name
+    return pd.read_csv(path) if path.exists() else None
 
 
 # ------------------------------------------------------------------ headline numbers

@@ -41,9 +41,8 @@ from csp_utils.dataset import sources
 from csp_utils.dataset.grounding import AnnotationGrounder, GroundingResult, _finish
 from csp_utils.dataset.sources import Source, SourceItem
 from csp_utils.world import scenes
-from csp_utils.world.benchmarks import read_json_rows
+from csp_utils.world.benchmarks import POPE_KINDS, read_json_rows
 
-POPE_KINDS = ("random", "popular", "adversarial")
 VENDORED_POPE = DATA / "benchmarks" / "pope"
 _NUMBER = re.compile(r"(\d+)(?:\.[A-Za-z]+)?$")
 
@@ -360,18 +359,20 @@ def grounder_spec(grounder, detector=None, segmenter=None):
 
 def make_source(source: str = "world", *, base_model="embedded", seed: int = 0, image_size="auto", n_scenes: int = 200,
                 questions_per_scene: int = 4, coco_instances=None, coco_train_images=None, pope_kind: str = "random",
-                n_images: int | None = None, eval_images=None, jsonl=None, jsonl_images=None,
-                on_error: str = "raise", grounder="annotations"):
+                n_images: int | None = None, eval_images=None, jsonl=None, jsonl_images=None, hf_dataset=None,
+                hf_columns: dict | None = None, on_error: str = "raise", grounder="annotations"):
     """(source, grounder or None, image size) for notebook 02's parameters.
 
     ``source``: "world" (the object world's CSP split), "coco" (``coco_instances`` +
-    ``coco_train_images``) or "jsonl" (``jsonl`` + ``jsonl_images``). ``image_size="auto"``
+    ``coco_train_images``), "jsonl" (``jsonl`` + ``jsonl_images``) or "hf" (``hf_dataset``: a
+    Hugging Face dataset saved with ``save_to_disk``; ``hf_columns``: ``sources.hf_source``'s
+    column keywords). ``image_size="auto"``
     takes the base model's input size for photographs (None for the world, whose images are
     made at the model's size). The grounder is None when the builder's default fits (the world's
     annotations, or a detector spec); the COCO oracle when ``grounder="annotations"``.
     """
-    if source not in ("world", "coco", "jsonl"):
-        raise ValueError(f"source must be 'world', 'coco' or 'jsonl', got {source!r}")
+    if source not in ("world", "coco", "jsonl", "hf"):
+        raise ValueError(f"source must be 'world', 'coco', 'jsonl' or 'hf', got {source!r}")
     if source == "world":
         size = None if image_size == "auto" else image_size
         src = sources.world_source(scenes.make_scenes("csp", n_scenes), questions_per_scene=questions_per_scene, seed=seed)
@@ -384,10 +385,17 @@ def make_source(source: str = "world", *, base_model="embedded", seed: int = 0, 
         src = coco_source(coco_instances, coco_train_images, kind=pope_kind, n_images=n_images, seed=seed,
                           eval_images=eval_images, image_size=size)
         return src, (annotation_grounder(coco_instances) if grounder == "annotations" else None), size
+    if grounder in ("annotations", "boxes"):
+        raise ValueError(f"a {source} source carries no annotations: use a dino_sam grounder")
+    if source == "hf":
+        if hf_dataset is None:
+            raise ValueError("source='hf' needs hf_dataset (a folder written by datasets' save_to_disk)")
+        import datasets
+
+        src = sources.hf_source(datasets.load_from_disk(str(hf_dataset)), on_error=on_error, **(hf_columns or {}))
+        return resize_source(src, size), None, size
     if jsonl is None or jsonl_images is None:
         raise ValueError("source='jsonl' needs jsonl (the file) and jsonl_images (its image folder)")
-    if grounder in ("annotations", "boxes"):
-        raise ValueError("a jsonl source carries no annotations: use a dino_sam grounder")
     return resize_source(sources.jsonl_source(jsonl, jsonl_images, on_error=on_error), size), None, size
 
 

@@ -57,7 +57,6 @@ BRIGHT_LUMA = 200
 BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
 # Eval-split scene range of the grounded perturbed evaluation set (suites._STARTS ends at 500_000 + n).
 GROUNDED_EVAL_START = 600_000
-QUESTION_SOURCES = ("world", "benchmark")
 # POPE's popular/adversarial negatives rank categories by set statistics: counted over a fixed
 # run of CSP scenes, so a scene's questions do not depend on which other scenes are built
 REFERENCE_SCENES = 1000
@@ -284,13 +283,10 @@ def model_answers(model, processor, questions: Sequence[str], images: Sequence, 
     for s in range(0, len(questions), batch_size):
         qs, ims = list(questions[s:s + batch_size]), list(images[s:s + batch_size])
         msgs = [prompts.answer_messages(q) for q in qs]
-        texts = engine.chat_texts(processor, msgs)
-        _, p = engine.shared_prefix(model, processor, msgs, ims, texts, shortcuts=True)
-        raw, new_ids, logits = engine.generate_on(model, processor, p, max(max_new_tokens, c + 1))
-        parsed = [parsing.parse_yes_no(r) for r in raw]
-        internal = engine.internal_probs(logits, new_ids, parsed, yn)
+        turn = engine.answer_turn(model, processor, msgs, ims, max(max_new_tokens, c + 1), parsing.parse_yes_no, yn)
+        logits = turn.step_logits
         probs = torch.softmax(logits[c].float(), -1) if c < len(logits) else None
-        for i, (r, a, (p_own, _)) in enumerate(zip(raw, parsed, internal)):
+        for i, (r, a, (p_own, _)) in enumerate(zip(turn.raw, turn.parsed, turn.internal)):
             if p_own is None:  # unparsed (or off the yes/no path): the decision step decides
                 fallback += 1
                 p_yes = float(probs[i, yn.yes].sum() / (probs[i, yn.yes].sum() + probs[i, yn.no].sum()))

@@ -353,25 +353,13 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
 def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn):
     """Greedy answers, parsed answers and internal probabilities of one batch."""
     answer_msgs = [prompts.answer_messages(it.question, config=config.prompt_config) for it in items]
-    answer_texts = chat_texts(processor, answer_msgs)
     with _answer_context(model, config):
-        if config.share_prefix:
-            prefix, answer_prompts = engine.shared_prefix(model, processor, answer_msgs, images, answer_texts,
-                                                          shortcuts=True)
-        else:
-            prefix, answer_prompts = None, engine.plain_prompts(model, processor, answer_msgs, images, answer_texts,
-                                                                shortcuts=True)
         # no shared prefix (e.g. the question comes before the image): at least encode the
         # images once for the answer and every confidence prompt
-        encoded = None
-        if prefix is None and config.reuse_image_features and not engine.uses_mrope(model):
-            encoded = engine.encode_images(model, answer_prompts.image_inputs, processor, answer_prompts, answer_texts)
-            if encoded is not None:
-                answer_prompts.image_inputs = encoded.replace(answer_prompts.image_inputs)
-        raw, new_ids, logits = generate_on(model, processor, answer_prompts, config.max_new_tokens)
-    parsed = [parse(r) for r in raw]
-    internal = engine.internal_probs(logits, new_ids, parsed, yn)
-    return raw, parsed, internal, prefix, encoded
+        turn = engine.answer_turn(model, processor, answer_msgs, images, config.max_new_tokens, parse, yn,
+                                  share_prefix=config.share_prefix,
+                                  reuse_image_features=config.reuse_image_features)
+    return turn.raw, turn.parsed, turn.internal, turn.prefix, turn.encoded
 
 
 def _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config: EvalConfig) -> list[dict]:

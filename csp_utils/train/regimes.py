@@ -22,9 +22,10 @@ from csp_utils.train.trainers import (SimPOCollator, base_name, build_option_tra
                                       use_cpu)
 from csp_utils.train.shaping import (MeasuredTargets, load_perturbed_dataset, measured_accuracy_targets, sft_rows,
                                      simpo_pairs)
-from csp_utils.train.settings import (CONFIG_FILE, REGIMES, REGIME_ADAPTERS, SFTConfigCSP, SimPOConfigCSP,
+from csp_utils.train.settings import (REGIMES, REGIME_ADAPTERS, SFTConfigCSP, SimPOConfigCSP,
                                       TrainingConfigs, tiny_default)
 from csp_utils.train.callbacks import csv_log_callback
+from csp_utils.vlm.models import CONFIG_FILE
 
 
 # --------------------------------------------------------------------------- training

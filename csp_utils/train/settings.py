@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from csp_utils.train import methods
 from csp_utils.vlm import prompts
-from csp_utils.vlm.models import CONFIG_FILE, GROUNDED_TARGETS  # noqa: F401 (the adapter folder's record)
+from csp_utils.vlm.models import GROUNDED_TARGETS
 
 
 REGIMES = ("sft", "simpo", "sft_simpo")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+from csp_utils.dataset import grounded
 from csp_utils.dataset.store import DIGESTS_FILE, verify_dataset_folder
 from csp_utils.train.settings import GROUNDED_TARGETS, check_simpo_layout
 from csp_utils.vlm import prompts
@@ -86,52 +86,6 @@ def with_image(messages: list[dict], image) -> list[dict]:
     return out
 
 
-def _reply_first_tokens(processor) -> tuple[int, int]:
-    """Token ids that start the replies "Yes" and "No" right after the generation prompt."""
-    tok = processor.tokenizer
-    convo = prompts.answer_messages("Is there a circle in the image?")
-    prompt_ids = tok(processor.apply_chat_template(convo, add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"]
-    firsts = []
-    for word in ("Yes", "No"):
-        full = processor.apply_chat_template(convo + [prompts.assistant_turn(word)], tokenize=False)
-        ids = tok(full, add_special_tokens=False)["input_ids"]
-        if ids[: len(prompt_ids)] != prompt_ids:
-            raise ValueError("the chat template's generation prompt is not a token prefix of the full conversation")
-        firsts.append(ids[len(prompt_ids)])
-    if firsts[0] == firsts[1]:
-        raise ValueError(f"'Yes' and 'No' start with the same token ({firsts[0]}) for this tokenizer; "
-                         "next-token yes/no needs distinct first tokens")
-    return firsts[0], firsts[1]
-
-
-def greedy_yes_no(model, processor, images: Sequence, questions: Sequence[str], batch_size: int = 32) -> list[str]:
-    """Greedy Yes/No answers from one forward per batch: compare the next-token logits of
-    the two replies' first tokens after the answer prompt."""
-    import torch
-
-    yes_id, no_id = _reply_first_tokens(processor)
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(questions), batch_size):
-            convs = [with_image(prompts.answer_messages(q), img.convert("RGB"))
-                     for q, img in zip(questions[start:start + batch_size], images[start:start + batch_size])]
-            # Right padding keeps positions as in training; the last real token is read by index.
-            batch = processor.apply_chat_template(
-                convs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-                processor_kwargs={"padding": True, "padding_side": "right", "add_special_tokens": False})
-            batch = {k: v.to(device) for k, v in batch.items()}
-            last = batch["attention_mask"].sum(1) - 1
-            logits = model(**batch, use_cache=False).logits
-            pick = logits[torch.arange(len(last), device=device), last]
-            answers += ["Yes" if y >= n else "No" for y, n in zip(pick[:, yes_id].tolist(), pick[:, no_id].tolist())]
-    model.train(was_training)
-    return answers
-
-
 def measured_accuracy_targets(model, processor, dataset, batch_size: int = 32) -> MeasuredTargets:
     """The base model's measured accuracy in each (confidence level, own answer) cell.
 
@@ -149,8 +103,10 @@ def measured_accuracy_targets(model, processor, dataset, batch_size: int = 32) -
         warnings.warn(f"every training answer is {truth[0]!r}: measured targets collapse to 0% / 100% per "
                       "(level, own answer) cell; build the dataset with include_negatives=True", stacklevel=2)
     levels = [int(c) for c in ds["confidence"]]
-    images = _LazyImages(ds)
-    own = greedy_yes_no(model, processor, images, questions, batch_size)
+    was_training = model.training
+    model.eval()
+    own = grounded.model_answers(model, processor, questions, _LazyImages(ds), batch_size).own
+    model.train(was_training)
     correct = [o == t for o, t in zip(own, truth)]
     tally: dict[str, list[int]] = {}
     for level, answer, ok in zip(levels, own, correct):

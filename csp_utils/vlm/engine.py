@@ -14,8 +14,9 @@ computation (tested), only faster.
   replaced by one array operation and a plain tokenization, once they reproduced its output
   exactly on a real batch of that processor and image size.
 * Option scoring continues these prompts: :mod:`csp_utils.vlm.scoring`.
-* :func:`yes_no_tokens` / :func:`internal_probs`: the model's probability of its own yes/no
-  answer at the step where the "Yes" and "No" replies first differ.
+* :func:`answer_turn`: greedy yes/no answers with :func:`internal_probs`, the model's
+  probability of its own answer at the step where the "Yes" and "No" replies first differ
+  (:func:`yes_no_tokens`).
 
 ``scripts/bench_elicitation.py`` compares this with the naive loop. What is asked, stored
 and summarised lives in :mod:`csp_utils.evaluate.evaluation`.
@@ -365,6 +366,7 @@ class YesNoTokens:
     prefix: list[int]        # tokens shared by the "Yes" and "No" replies (often none)
     yes: list[int]           # token ids at position len(prefix) that mean yes
     no: list[int]
+    reply: tuple[int, int] = (-1, -1)   # the "Yes" and the "No" reply's own token there
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
@@ -395,7 +397,7 @@ def yes_no_tokens(processor) -> YesNoTokens:
     yes, no = at_c("Yes", "yes"), at_c("No", "no")
     if set(yes) & set(no):
         raise ValueError(f"yes and no share a token at the decision step: {yes} / {no}")
-    return YesNoTokens(prefix=prefix, yes=yes, no=no)
+    return YesNoTokens(prefix=prefix, yes=yes, no=no, reply=(a[c], b[c]))
 
 
 # ------------------------------------------------------------------ prompts as inputs
@@ -748,6 +750,40 @@ def generate_on(model, processor, p: Prompts, max_new_tokens: int):
 def generate_replies(model, processor, messages, images, max_new_tokens: int):
     """Greedy replies to chat conversations with one image each; see :func:`generate_on`."""
     return generate_on(model, processor, plain_prompts(model, processor, messages, images), max_new_tokens)
+
+
+@dataclass
+class AnswerTurn:
+    """A batch's greedy yes/no answers (:func:`answer_turn`)."""
+
+    raw: list[str]                      # the greedy replies
+    parsed: list                        # each reply read by ``parse`` ("yes" | "no" | None)
+    internal: list[tuple[float | None, float | None]]   # :func:`internal_probs` of each parsed answer
+    step_logits: list                   # generate_on's per-step logits
+    prefix: object = None               # the shared prefix the prompts continued from, or None
+    encoded: "EncodedImages | None" = None   # the images through the vision encoder, or None
+
+
+def answer_turn(model, processor, messages, images, max_new_tokens: int, parse, yn: YesNoTokens,
+                share_prefix: bool = True, reuse_image_features: bool = False) -> AnswerTurn:
+    """The model's greedy answers to a batch of answer prompts (one image each) and the
+    internal probability of each parsed answer: the evaluation's answer turn, also what the
+    grounded builder records. ``share_prefix``: template head + image once per batch where
+    exact; without a shared prefix, ``reuse_image_features`` encodes the images once so that
+    later prompts on them skip the vision tower (``encoded``)."""
+    texts = chat_texts(processor, messages)
+    if share_prefix:
+        prefix, p = shared_prefix(model, processor, messages, images, texts, shortcuts=True)
+    else:
+        prefix, p = None, plain_prompts(model, processor, messages, images, texts, shortcuts=True)
+    encoded = None
+    if prefix is None and reuse_image_features and not uses_mrope(model):
+        encoded = encode_images(model, p.image_inputs, processor, p, texts)
+        if encoded is not None:
+            p.image_inputs = encoded.replace(p.image_inputs)
+    raw, new_ids, step_logits = generate_on(model, processor, p, max_new_tokens)
+    parsed = [parse(r) for r in raw]
+    return AnswerTurn(raw, parsed, internal_probs(step_logits, new_ids, parsed, yn), step_logits, prefix, encoded)
 
 
 def internal_probs(step_logits, new_ids, answers, yn: YesNoTokens) -> list[tuple[float | None, float | None]]:

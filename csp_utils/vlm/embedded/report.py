@@ -25,7 +25,7 @@ from csp_utils.vlm.embedded.checkpoint import META_FILE, MODEL_FILE, sha256_file
 from csp_utils.vlm.embedded.config import PretrainConfig, world_config
 from csp_utils.vlm.embedded.data import ChatEncoder, ImageCodec, patch_label_rows
 from csp_utils.vlm.embedded.losses import patch_features
-from csp_utils.vlm.engine import position_ids_from_mask
+from csp_utils.vlm.engine import position_ids_from_mask, yes_no_tokens
 from csp_utils.world import benchmarks
 from csp_utils.world import scenes as sc
 
@@ -42,10 +42,13 @@ def pope_sets(scs) -> dict[str, list]:
     return {k: benchmarks.build_world_pope(scs, k, seed=HELDOUT_SEED, stats=stats).items for k in benchmarks.POPE_KINDS}
 
 
-def _yes_no_ids(tokenizer) -> tuple[int, int]:
-    yes = tokenizer(" Yes", add_special_tokens=False)["input_ids"]
-    no = tokenizer(" No", add_special_tokens=False)["input_ids"]
-    return yes[0], no[0]
+def _yes_no_ids(processor) -> tuple[int, int]:
+    """The tokens the "Yes" and "No" replies start with (the next-token read-out needs the
+    replies to differ at their first token, as the embedded tokenizer's do)."""
+    yn = yes_no_tokens(processor)
+    if yn.prefix:
+        raise ValueError(f"the next-token yes/no read-out needs replies that differ at their first token, got {yn}")
+    return yn.reply
 
 
 def _images_for(items, images):
@@ -68,7 +71,7 @@ def yes_no_probabilities(model, processor, items, images, batch_size: int = 64) 
     """
     tok = processor.tokenizer
     tok.padding_side = "left"
-    yes_id, no_id = _yes_no_ids(tok)
+    yes_id, no_id = _yes_no_ids(processor)
     imgs = [_as_pil(im) for im in _images_for(items, images)]
     out = []
     was_training = model.training
