@@ -122,14 +122,6 @@ def positive_class(set_name: str) -> str:
     return "no" if set_name.startswith(("amber", "official-amber")) else "yes"
 
 
-def image_of(row) -> str:
-    """A row's bootstrap cluster: the world scene behind its image (its question id when the
-    row has no image id, as in older per-question files)."""
-    image = row.get("image_id") if hasattr(row, "get") else None
-    if image is None or (isinstance(image, float) and math.isnan(image)):
-        image = row["question_id"]
-    return scene_of(image)
-
 
 def _f1(truth: np.ndarray, pred: np.ndarray) -> float:
     tp = float(np.sum(truth & pred))

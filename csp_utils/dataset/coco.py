@@ -31,7 +31,6 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -305,20 +304,9 @@ def coco_source(instances, image_folder, kind: str = "random", n_present: int = 
     return source
 
 
-def write_pope_file(rows: Iterable[dict], path) -> Path:
-    """Questions in the official POPE layout (JSON Lines of question_id, image, text, label)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for i, r in enumerate(rows, 1):
-            f.write(json.dumps({"question_id": i, "image": r["file_name"], "text": r["question"],
-                                "label": r["answer"].lower()}) + "\n")
-    return path
-
-
 __all__ = ["POPE_KINDS", "make_source", "record_source", "resize_source", "grounder_spec", "load_instances", "coco_number", "pope_eval_images", "check_no_eval_overlap",
            "pope_questions", "processor_image_size", "image_processor_size", "resize_shortest_edge",
-           "ResizedAnnotationGrounder", "annotation_grounder", "coco_source", "write_pope_file"]
+           "ResizedAnnotationGrounder", "annotation_grounder", "coco_source"]
 
 
 # ---------------------------------------------------------------------------------------

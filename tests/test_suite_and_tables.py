@@ -1,7 +1,14 @@
+"""Confidence baselines, the evaluation suite's sets and the analysis tables built from result
+rows: bootstrap intervals, paired comparisons, seeds, the Markdown results."""
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from csp_utils.core import baselines
+from csp_utils.analysis import tables
+from csp_utils.core import baselines, metrics
+from csp_utils.evaluate import matrix, suites
+from csp_utils.world import benchmarks, scenes
 
 
 def test_temperature_recovers_overconfidence():
@@ -27,8 +34,6 @@ def test_temperature_one_is_identity_and_errors():
 
 def test_suite_takes_the_official_files(benchmarks_dir, tmp_path):
     # Images are not shipped: the suite builds the sets lazily, a missing image is named on use.
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     cfg = suites.SuiteConfig(pope_dir=str(benchmarks_dir / "pope"), coco_images=str(tmp_path),
                                  amber_dir=str(benchmarks_dir / "amber"), amber_images=str(tmp_path),
@@ -54,9 +59,6 @@ def _rows(model, set_, n, acc, conf, seed=0, internal=0.9):
 
 
 def test_headline_table_pools_seeds_and_bootstraps_by_question():
-    from csp_utils.core import metrics
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rows = _rows("csp@s0", "pope-random", 200, 0.7, 0.7, seed=1) + _rows("csp@s1", "pope-random", 200, 0.7, 0.9, seed=1)
     table = tables.headline_table(rows, n_boot=200, seed=0)
@@ -73,8 +75,6 @@ def test_headline_table_pools_seeds_and_bootstraps_by_question():
 @pytest.mark.parametrize("case", ["ties", "continuous", "one_class", "all_missing"])
 def test_resampled_metrics_equal_row_by_row_metrics(case):
     """The bootstrap's one-bincount metrics equal _metric_values on each resample's rows."""
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rng = np.random.default_rng(3)
     n = 120
@@ -98,8 +98,6 @@ def test_resampled_metrics_equal_row_by_row_metrics(case):
 
 
 def test_baseline_rows_use_the_base_models_answers():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rows = (_rows("base", "train-sample", 100, 0.8, 0.95) + _rows("base", "calibration", 300, 0.75, 0.95, seed=2)
             + _rows("base", "pope-random", 50, 0.7, 0.95, seed=3))
@@ -116,8 +114,6 @@ def test_baseline_rows_use_the_base_models_answers():
 
 
 def test_answer_constant_is_training_accuracy_given_the_own_answer():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     train = _rows("base", "train-sample", 8, 1.0, 0.9)
     for r, (answer, ok) in zip(train, [("yes", 1), ("yes", 1), ("yes", 1), ("yes", 0),
@@ -147,8 +143,6 @@ def _image_rows(model, set_, n_images, per_image, seed=0, conf_fn=None, image_pr
 
 
 def test_image_bootstrap_is_wider_than_question_bootstrap_for_clustered_rows():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rows = _image_rows("m", "pope-random", 60, 6, conf_fn=lambda ok, rng: 0.9 if rng.random() < 0.5 else 0.6)
     img = tables.headline_table(rows, n_boot=400, seed=0, cluster="image").iloc[0]
@@ -163,9 +157,6 @@ def test_image_bootstrap_is_wider_than_question_bootstrap_for_clustered_rows():
 
 
 def test_headline_pools_sets_and_reports_image_share():
-    from csp_utils.core import metrics
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rows = (_image_rows("m", "pope-random", 20, 6, conf_fn=lambda ok, rng: 0.9 if ok else 0.5)
             + _image_rows("m", "amber-existence", 10, 2, seed=1, image_prefix="eval-1")
@@ -183,8 +174,6 @@ def test_headline_pools_sets_and_reports_image_share():
 
 
 def test_paired_table_same_resamples_and_verdicts():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     good = lambda ok, rng: 0.95 if ok else 0.2  # noqa: E731
     rows = _image_rows("csp@s0", "pope-random", 80, 6, conf_fn=good) + _image_rows("base", "pope-random", 80, 6)
@@ -205,8 +194,6 @@ def test_paired_table_same_resamples_and_verdicts():
 
 def test_paired_interval_is_narrower_than_the_unpaired_one():
     """Both methods move with the images: the paired difference cancels the image effect."""
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rows = _image_rows("a", "pope-random", 100, 6, conf_fn=lambda ok, rng: 0.8 if ok else 0.4)
     rows += [{**r, "model": "base", "confidence": r["confidence"] + 0.05} for r in rows]
@@ -220,9 +207,6 @@ def test_paired_interval_is_narrower_than_the_unpaired_one():
 
 
 def test_strongest_baseline_is_the_lowest_pooled_clean_brier():
-    import pandas as pd
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     head = pd.DataFrame({"model": ["baseline:constant", "baseline:internal", "baseline:internal", "base"],
                          "set": ["pooled-clean", "pooled-clean", "pooled-transfer", "pooled-clean"],
@@ -237,9 +221,6 @@ SMALL = dict(n_pope_images=4, n_amber_images=4, n_transfer_images=2, n_calibrati
 
 
 def test_suite_sets_share_no_image_with_each_other_or_a_training_split():
-    from csp_utils.world import scenes
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     suite = suites.build_suite(suites.SuiteConfig(**SMALL))
     desc = suites.set_descriptions(suite)
@@ -262,9 +243,6 @@ def test_suite_sets_share_no_image_with_each_other_or_a_training_split():
 
 
 def test_check_disjoint_names_the_sets_sharing_an_image():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
-    from csp_utils.world import benchmarks
 
     scene_list = benchmarks.pope_scenes(2)
     shared = {k: benchmarks.build_world_pope(scene_list, k) for k in ("random", "popular")}
@@ -278,7 +256,6 @@ def test_check_disjoint_names_the_sets_sharing_an_image():
 def test_default_sizes():
     """POPE sets hold >= 300 images each at the default, in the config and in what the params run."""
     from pathlib import Path
-    from csp_utils.evaluate import suites
     from csp_utils.pipeline import planning
 
     assert suites.SuiteConfig().n_pope_images >= 300
@@ -291,8 +268,7 @@ def test_default_sizes():
 
 
 def test_compact_markdown_table_and_results_document(tmp_path):
-    from csp_utils.analysis import markdown, tables
-    from csp_utils.evaluate import matrix, suites
+    from csp_utils.analysis import markdown
 
     rows = []
     for set_, prefix in (("pope-random", "eval-0"), ("transfer-blur", "eval-2")):
@@ -356,8 +332,7 @@ def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unch
                                                                                        one_torch_thread):
     """The second confidence-only adapter takes the first one's answers (never the base
     model's, never a file written before the call); every file equals a run without reuse."""
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import evaluation, matrix, suites
+    from csp_utils.evaluate import evaluation
     from helpers import make_benchmark
 
     base, (a0, a1) = _tiny_base_and_adapters(tmp_path, 2)
@@ -392,8 +367,6 @@ def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unch
 
 
 def test_paired_against_compares_each_variant_with_the_reference_on_the_same_resamples():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     ref = _rows("full@g0", "pope-random", 300, 0.7, 0.7, seed=1)
     worse = _rows("variant@x", "pope-random", 300, 0.7, 0.99, seed=1)      # same answers, overconfident
@@ -422,8 +395,6 @@ def _two_sets(model, conf_by_set, seed=0, n=300):
 def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc():
     """Knowing which set is harder earns pooled AUROC but no within-set AUROC, and is level
     with a constant baseline on within-set AUROC."""
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     knows_sets = _two_sets("setwise", {"pope-random": 0.9, "amber-relation": 0.6})
     constant = [{**r, "model": "baseline:constant", "confidence": 0.75} for r in knows_sets]
@@ -442,9 +413,6 @@ def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc(
 
 
 def test_within_set_auroc_resampled_equals_row_by_row():
-    from csp_utils.core import metrics
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rng = np.random.default_rng(5)
     n = 200
@@ -464,8 +432,6 @@ def test_within_set_auroc_resampled_equals_row_by_row():
 
 
 def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     # the same questions and answers under three seeds; seed s2's confidence is noise
     rows = []
@@ -498,8 +464,6 @@ def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
 def test_paired_against_pairs_seed_with_seed():
     """A method against another, both with seeds: the same seed positions are drawn for both,
     so a method against a copy of itself differs by exactly 0 in every resample."""
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rows = []
     rng = np.random.default_rng(1)
@@ -513,8 +477,6 @@ def test_paired_against_pairs_seed_with_seed():
 
 
 def test_variant_seeds_and_labels():
-    from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     seeded = tables.variant_seeds({"full": ["sft@g0", "sft@g1"], "base": "base"})
     assert seeded == {"full": ["sft@g0", "sft@g1"], "base": ["base"]}
