@@ -314,7 +314,7 @@ def _one_line_refusal(rc: int, text: str, *needles: str) -> tuple[bool, str]:
 
 
 def refused_before_anything(params, work, model) -> list[tuple]:
-    """Values that used to be dropped or checked late: refused before the first stage, in one line."""
+    """Values a stage could drop or check late: refused before the first stage, in one line."""
     rows = []
     cases = [("--set n_scenes=abc (a stage sets its own)", ("--set", "n_scenes=abc"), ("ambiguous", "00_world_and_benchmarks")),
              ("--set n_scenes=200 on a finished run", ("--set", "n_scenes=200"), ("ambiguous", "00_world_and_benchmarks")),

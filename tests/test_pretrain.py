@@ -627,7 +627,7 @@ def test_pretrain_module_runs_the_command_line(monkeypatch, capsys):
 
 
 def test_two_builds_into_one_folder_never_run_at_once(tiny_cfg, tmp_path, monkeypatch):
-    """Two stages finding no model used to train it into the same folder at once."""
+    """Two stages finding no model never train it into the same folder at once."""
     import os
     import socket
     import subprocess

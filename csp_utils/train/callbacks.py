@@ -64,7 +64,7 @@ def csv_log_callback(path: str | os.PathLike):
 
 def stop_after_steps_callback(steps: int, save: bool = False):
     """Stops training once ``steps`` optimizer steps are done, like a kill: nothing is saved
-    beyond the regular checkpoints unless ``save`` (a clean pause for time-boxed sessions)."""
+    beyond the regular checkpoints unless ``save`` (a clean pause that a later run resumes)."""
     base = _callback_base()
 
     class StopAfterSteps(base):
