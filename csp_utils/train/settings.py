@@ -17,7 +17,7 @@ from csp_utils.vlm import prompts
 REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
-GROUNDED_TARGETS = ("correct", "cell", "internal", "blend")
+GROUNDED_TARGETS = ("correct", "cell", "internal", "blend", "calibrated")
 CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
 LOSSES = ("ce", "brier", "soft_ce")
 CONFIG_FILE = "training_config.json"
