@@ -275,6 +275,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints scored per run")
     ap.add_argument("--val-images", type=int, default=100, help="scenes per validation set")
+    ap.add_argument("--loss", default="soft_ce", choices=["soft_ce", "binomial_ce", "brier"])
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--batch", type=int, default=16)
@@ -345,7 +346,7 @@ def main(argv=None) -> list[dict]:
                         cfg = settings.SFTConfigCSP(
                             lora=settings.LoraSettings(r=args.r, alpha=2 * args.r, dropout=0.05,
                                                        activation=args.activation),
-                            confidence_target=target, layout=layout, loss="soft_ce", learning_rate=args.lr,
+                            confidence_target=target, layout=layout, loss=args.loss, learning_rate=args.lr,
                             max_steps=steps, per_device_train_batch_size=args.batch, warmup=0.05,
                             logging_steps=max(1, steps // 20), save_steps=every, save_total_limit=None, seed=seed)
                         t2 = time.time()
