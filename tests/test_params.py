@@ -88,13 +88,14 @@ def test_the_default_study_expands_into_its_stages():
     names = [s.name for s in planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS]
                                                                                 .index("default.yaml")]))]
     paper = [f"{n}{t}" for t in ("", "@s1", "@s2") for n in ("03_train_sft", "04_train_simpo")]
-    noconf = [f"{n}@noconf{k}" for k in ("", "1", "2") for n in ("03_train_sft", "04_train_simpo")]
+    deep = [f"{n}@deep{k}" for k in ("", "1", "2") for n in ("03_train_sft", "04_train_simpo")]
     assert names == (["00_world_and_benchmarks", "01_perturbation_explorer", "02_build_perturbed_dataset",
                       "02_build_perturbed_dataset@s1", "02_build_perturbed_dataset@s2",
-                      "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_noconf"]
-                     + paper + [f"03_train_sft@g{k}" for k in range(3)] + ["03_train_sft@d0"]
-                     + noconf + [f"03_train_sft@gn{k}" for k in range(3)] + ["03_train_sft@dn0"]
-                     + ["05_evaluate", "05_evaluate@noconf", "07_figures"])
+                      "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_deep",
+                      "02_build_perturbed_dataset@calibrated_activated_deep"]
+                     + paper + [f"03_train_sft@{m}{k}" for m in "ga" for k in range(3)]
+                     + deep + [f"03_train_sft@{m}d{k}" for m in "gac" for k in range(3)]
+                     + ["05_evaluate", "05_evaluate@deep", "07_figures"])
 
 
 def test_the_deep_study_trains_the_activated_recipe_on_its_own_grounded_rows():
