@@ -380,3 +380,17 @@ def test_notebook_builds_grounded_rows(tmp_path):
     report = json.loads((run / "dataset" / "build_report.json").read_text())
     assert report["targets"] == "grounded" and report["rows"] == 80 and report["flip_rows"] == 40
     assert (run / "figures").exists()
+
+
+def test_a_build_is_named_by_the_model_weights_not_their_path(tiny_vlm, tmp_path):
+    import shutil
+
+    from csp_utils.vlm import models
+
+    model, _ = tiny_vlm
+    src = Path(models.__file__).parent.parent / "data" / "tiny_llava_deep"
+    shutil.copytree(src, tmp_path / "moved")
+    a = models.load_vlm(str(src))[0]
+    b = models.load_vlm(str(tmp_path / "moved"))[0]
+    assert grounded._fingerprint(a) == grounded._fingerprint(b) != grounded._fingerprint(model)
+    assert str(src) not in grounded._fingerprint(a)

@@ -539,10 +539,16 @@ def accuracy_table(ds) -> dict[str, dict]:
 
 
 def _fingerprint(model) -> str:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", "") or type(model).__name__
+    """The answering model as its weights' digest, so that a moved or copied checkout (another
+    path to the same weights) resumes its builds; its path only where the weights cannot be read."""
+    from csp_utils.vlm.models import base_fingerprint
+
     n = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    return f"{name}({n} params)"
+    digest = base_fingerprint(model) if hasattr(model, "state_dict") else None
+    if digest is None:
+        cfg = getattr(model, "config", None)
+        return f"{getattr(cfg, '_name_or_path', '') or type(model).__name__}({n} params)"
+    return f"weights {digest[:16]}({n} params)"
 
 
 def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, out_dir, config: BuildConfig,
