@@ -5,6 +5,7 @@ answers within a set when it sees more rows, and with which target, layout and c
         [--points 600:200 2400:800 9600:3200] [--targets internal correct]
         [--layouts follow_up inline] [--clean-shares SHARE ...] [--questions world|benchmark]
         [--seeds 0] [--checkpoints 4] [--val-images 100] [--lr LR] [--r R] [--batch N] [--threads 1]
+        [--loss soft_ce|binomial_ce|brier] [--global-share 0.0] [--perturbed-val 0]
 
 1. One grounded dataset per clean share on CSP scenes 0 .. max(points) - 1, built by the study's
    builder with grounded CSP's build settings (``methods.build_fields("grounded_csp")``; the
@@ -23,6 +24,12 @@ answers within a set when it sees more rows, and with which target, layout and c
    validation set), the ceiling a read-out of the answer's own evidence reaches.
 4. Early stopping and selection read the validation scores only: per run the checkpoint with the
    highest within-set AUROC (lower Brier breaks ties).
+5. With ``--perturbed-val N``, every checkpoint (and the base model's temperature-scaled
+   probability) is also scored on CSP-perturbed validation rows: N CSP-split scenes
+   (``PERTURBED_VAL_START`` on), each question planned as the training build plans it (the
+   same clean, global and key shares and levels), so the validation rows perturb as the
+   training rows do on images never trained on. Brier, ECE, mean confidence and accuracy there,
+   pooled and per noise target.
 
 Writes as it goes and resumes: ``results.jsonl`` (one line per scored checkpoint), then
 ``results.md`` (the table) and ``learning_curve.png``/``.pdf`` (within-set AUROC against
@@ -43,6 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 METHOD = "grounded_csp"  # the recipe every run starts from
+# CSP-split scenes of the perturbed validation rows (past the clean validation sets' ranges)
+PERTURBED_VAL_START = 520_000
 VALIDATION_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute",
                    "amber-relation")
 # CSP-split scene ranges of the validation sets (training builds use CSP scenes from 0 upwards)
@@ -98,13 +107,66 @@ def check_disjoint(suite: dict, max_scenes: int) -> None:
                 raise ValueError(f"{it.image_id} is in validation sets {seen[it.image_id]} and {name}")
 
 
-def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0):
-    from csp_utils.dataset import buildconfig, perturbed_dataset, sources
+def build_config(clean_share: float, questions: str, seed: int = 0, global_share: float = 0.0):
+    """Grounded CSP's build with the given shares and question source (no whole-image noise
+    field where there is none, so that such builds keep their hash)."""
+    from csp_utils.dataset import buildconfig
     from csp_utils.train import methods
+
+    grounded = {"clean_share": clean_share, "questions": questions, **({"global_share": global_share}
+                                                                         if global_share else {})}
+    return buildconfig.BuildConfig(**methods.build_fields(METHOD, {"seed": seed, "grounded": grounded}))
+
+
+def perturbed_validation(n_scenes: int, config, seed: int = 0):
+    """CSP-split scenes from ``PERTURBED_VAL_START``, each question given the variant the
+    training build ``config`` would plan for it (clean, or noised on the asked object, a
+    distractor or the whole image): a benchmark whose question ids are the variants' sample ids."""
+    from PIL import Image
+
+    from csp_utils.dataset import buildconfig, grounded
+    from csp_utils.dataset.grounding import AnnotationGrounder
+    from csp_utils.world import benchmarks, scenes as world
+    from csp_utils.world.schema import QAItem
+
+    wc = world.WorldConfig()
+    opts, noise_cfg = buildconfig.options_of(config), config.effective_noise()
+    scene_list = world.make_scenes("csp", n_scenes, wc, start=PERTURBED_VAL_START)
+    grounder = AnnotationGrounder.from_scenes(scene_list)
+    images, items = {}, []
+    for sc in scene_list:
+        qs = grounded.scene_questions(sc, 4, seed, set_name="perturbed-val", source=opts.questions, world_config=wc)
+        for v in grounded.plan_scene(sc, qs, grounder, buildconfig.noised_levels(config), opts, seed, wc):
+            images[v.sample_id] = grounded.variant_image(sc, v, noise_cfg)
+            items.append(QAItem(v.sample_id, v.sample_id, v.qa.question, v.qa.label, "perturbed-val", v.qa.kind,
+                                list(v.qa.objects), subtype=v.qa.subtype))
+    return benchmarks.Benchmark("perturbed-val", "pope", items, lambda i: Image.fromarray(images[i]), "yes")
+
+
+def perturbed_scores(rows: list[dict], key: str = "confidence") -> dict:
+    """Brier, ECE, mean confidence and accuracy of ``key`` on the perturbed validation rows,
+    pooled and per noise target (the sample id's ``@<noise_on>@``)."""
+    from csp_utils.core import metrics
+
+    groups: dict[str, list[dict]] = {"all": []}
+    for r in rows:
+        if r[key] is None:
+            continue
+        groups["all"].append(r)
+        groups.setdefault(r["question_id"].split("@")[-2], []).append(r)
+    out = {}
+    for name, rs in groups.items():
+        s = metrics.calibration_summary([r[key] for r in rs], [bool(r["correct"]) for r in rs])
+        out[name] = {k: round(float(s[k]), 4) for k in ("brier", "ece", "mean_confidence", "accuracy")} | {"n": len(rs)}
+    return out
+
+
+def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0,
+                  global_share: float = 0.0):
+    from csp_utils.dataset import perturbed_dataset, sources
     from csp_utils.world import scenes as world
 
-    config = buildconfig.BuildConfig(**methods.build_fields(
-        METHOD, {"seed": seed, "grounded": {"clean_share": clean_share, "questions": questions}}))
+    config = build_config(clean_share, questions, seed, global_share)
     source = sources.world_source(world.make_scenes("csp", n_scenes), 4, seed=seed)
     return perturbed_dataset.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
                                       progress=True)
@@ -153,7 +215,7 @@ def set_scores(rows_by_set: dict, key: str = "confidence") -> dict:
             "mean_confidence": round(float(s["mean_confidence"]), 4), "accuracy": round(float(s["accuracy"]), 4)}
 
 
-def base_baselines(model, processor, suite: dict, out: Path) -> dict:
+def base_baselines(model, processor, suite: dict, out: Path, perturbed=None) -> dict:
     """The base model's internal probability and its temperature-scaled version on the validation sets."""
     import numpy as np
 
@@ -170,6 +232,12 @@ def base_baselines(model, processor, suite: dict, out: Path) -> dict:
             p = r["internal_prob"]
             r["internal_T"] = None if p is None else float(baselines.temperature_scale(np.array([p]), T)[0])
     res = {"temperature": T, "internal_T": set_scores(rows, "internal_T"), "n": {k: len(v) for k, v in rows.items()}}
+    if perturbed is not None:
+        prow = elicit(model, processor, perturbed, "single_turn", "all")
+        for r in prow:
+            p = r["internal_prob"]
+            r["internal_T"] = None if p is None else float(baselines.temperature_scale(np.array([p]), T)[0])
+        res["perturbed"] = perturbed_scores(prow, "internal_T")
     path.write_text(json.dumps(res, indent=2))
     return res
 
@@ -196,7 +264,7 @@ def recipe_config(args, **sft):
 
     if args.r is not None:
         sft["lora"] = {**sft.get("lora", {}), "r": args.r, "alpha": 2 * args.r}
-    flags = {"learning_rate": args.lr, "per_device_train_batch_size": args.batch}
+    flags = {"learning_rate": args.lr, "per_device_train_batch_size": args.batch, "loss": args.loss}
     return settings.make_configs("tiny_default", method=METHOD, sft={**flags, **sft}).sft
 
 
@@ -210,12 +278,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--base", default="embedded")
     ap.add_argument("--out", default=None)
     ap.add_argument("--points", nargs="+", type=parse_point, default=[(600, 200), (2400, 800), (9600, 3200)])
-    ap.add_argument("--targets", nargs="+", default=["internal", "correct"], choices=["internal", "correct", "cell", "blend"])
+    ap.add_argument("--targets", nargs="+", default=["internal", "correct"],
+                    choices=["internal", "correct", "cell", "blend", "calibrated"])
     ap.add_argument("--layouts", nargs="+", default=["follow_up", "inline"])
     ap.add_argument("--clean-shares", nargs="+", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--activation", default="all", choices=["all", "confidence"],
                     help="confidence: an activated LoRA (PEFT's aLoRA) that acts from the follow-up question on")
     ap.add_argument("--questions", default=None, choices=["world", "benchmark"], help="default: the recipe's")
+    ap.add_argument("--global-share", type=float, default=0.0,
+                    help="share of the noised questions noised on the whole image")
+    ap.add_argument("--perturbed-val", type=int, default=0, metavar="N",
+                    help="also score on CSP-perturbed validation rows of N scenes (planned like the training rows)")
+    ap.add_argument("--loss", default=None, choices=["soft_ce", "binomial_ce", "brier"], help="default: the recipe's")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--checkpoints", type=int, default=4, help="evenly spaced checkpoints scored per run")
     ap.add_argument("--val-images", type=int, default=100, help="scenes per validation set")
@@ -247,7 +321,11 @@ def main(argv=None) -> list[dict]:
     check_disjoint(suite, max_scenes)
     base, proc = models.load_vlm(args.base, dtype=torch.float32)
     t0 = time.time()
-    ref = base_baselines(base, proc, suite, out)
+    # the first clean share's plan stands for the perturbed validation rows
+    perturbed = (perturbed_validation(args.perturbed_val, build_config(args.clean_shares[0], args.questions, 0,
+                                                                       args.global_share))
+                 if args.perturbed_val else None)
+    ref = base_baselines(base, proc, suite, out, perturbed)
     print(f"[validation] internal (T) within-set AUROC {ref['internal_T']['within_auroc']} "
           f"Brier {ref['internal_T']['brier']} ({time.time() - t0:.0f} s)", flush=True)
     val_sets = {k: v for k, v in suite.items() if k in VALIDATION_SETS}
@@ -275,7 +353,8 @@ def main(argv=None) -> list[dict]:
         print(f"[score] {label}: within-set AUROC {row['within_auroc']} Brier {row['brier']}", flush=True)
     for cs in args.clean_shares:
         t1 = time.time()
-        data = build_dataset(base, proc, max_scenes, cs, args.questions, out / "data" / f"{args.questions}-cs{round(100 * cs):03d}")
+        data = build_dataset(base, proc, max_scenes, cs, args.questions,
+                             out / "data" / f"{args.questions}-cs{round(100 * cs):03d}", global_share=args.global_share)
         print(f"[data] clean share {cs}: {len(data)} rows ({time.time() - t1:.0f} s)", flush=True)
         for scenes, steps in args.points:
             subset = first_scenes(data, scenes)
@@ -299,15 +378,20 @@ def main(argv=None) -> list[dict]:
                             t3 = time.time()
                             model, _ = models.load_vlm(args.base, adapter=ckpt, dtype=torch.float32)
                             got = {k: elicit(model, proc, b, layout, "confidence") for k, b in val_sets.items()}
+                            if perturbed is not None:
+                                got_p = perturbed_scores(elicit(model, proc, perturbed, layout, "confidence"))
                             row = {"key": key, "run": name, "questions": args.questions, "clean_share": cs,
                                    "target": target, "layout": label, "scenes": scenes, "steps": steps,
                                    "seed": seed, "step": step, "rows_seen": step * cfg.per_device_train_batch_size,
                                    "training_rows": len(subset), "train_s": round(train_s, 1),
-                                   "eval_s": round(time.time() - t3, 1), **set_scores(got)}
+                                   "eval_s": round(time.time() - t3, 1), **set_scores(got),
+                                   **({"perturbed": got_p} if perturbed is not None else {})}
                             with results_path.open("a") as f:
                                 f.write(json.dumps(row) + "\n")
                             done.add(key)
-                            print(f"[score] {key}: within-set AUROC {row['within_auroc']} Brier {row['brier']} "
+                            more = (f" perturbed Brier {got_p['all']['brier']} ECE {got_p['all']['ece']}"
+                                    if perturbed is not None else "")
+                            print(f"[score] {key}: within-set AUROC {row['within_auroc']} Brier {row['brier']}{more} "
                                   f"({row['eval_s']} s)", flush=True)
     rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
     (out / "results.md").write_text(markdown(rows, ref))

@@ -166,6 +166,57 @@ def test_without_distractor_noise_only_key_rows_are_noised(tiny_vlm, tmp_path):
     assert report["clean_no_noise_target"] > 0  # absent objects, nothing to noise: kept clean, counted
 
 
+def test_global_noise_covers_the_whole_image_and_keeps_other_builds(tiny_vlm, tmp_path, built):
+    model, processor = tiny_vlm
+    ds = _build(model, processor, tmp_path / "glob", n=12, clean_share=0.5, global_share=0.5, flip_rows=False)
+    on = list(ds["noise_on"])
+    assert {"none", "global"} <= set(on) and set(on) <= set(grounded.NOISE_ON)
+    for i in [k for k, n in enumerate(on) if n == "global"][:3]:
+        row = ds[i]
+        assert row["mask_area"] == 1.0 and row["noise_region"] == "global"
+        # noise lands beyond the scene's objects: the background changes too
+        objects = np.zeros(_scene(row["image_id"]).image.shape[:2], dtype=bool)
+        for o in _scene(row["image_id"]).objects:
+            objects |= o.mask
+        assert _changed(row)[~objects].mean() > 0.3
+    # without whole-image noise the config, its hash and the draws stay what they were
+    assert "global_share" not in _cfg().to_dict()["grounded"]
+    assert "global_share" in _cfg(global_share=0.5).to_dict()["grounded"]
+    again = _build(model, processor, tmp_path / "again", temperature_holdout=0.6)
+    assert list(again["sample_id"]) == list(built[0]["sample_id"])
+
+
+def test_calibrated_target_is_a_perturbation_aware_logistic_model(tiny_vlm, tmp_path):
+    model, processor = tiny_vlm
+    ds = _build(model, processor, tmp_path / "cal", n=24, clean_share=0.5, global_share=0.5, flip_rows=False,
+                temperature_holdout=0.6)
+    report = json.loads((tmp_path / "cal" / "build_report.json").read_text())
+    cal = report["calibration_model"]
+    assert cal["fitted"] and cal["rows"] == sum(s == "heldout" for s in ds["split"])
+    conds = [grounded.condition_of(n, c) for n, c in zip(ds["noise_on"], ds["level"])]
+    assert set(cal["conditions"]) == {c for c, s in zip(conds, ds["split"]) if c != "clean" and s == "heldout"}
+    # refitted from the held-out rows alone, the model gives every row's target
+    pick = [i for i, s in enumerate(ds["split"]) if s == "heldout"]
+    X = grounded.calibration_features(np.array(ds["p_own_raw"])[pick], np.array(ds["own_answer"])[pick],
+                                      np.array(conds, dtype=object)[pick], cal["conditions"])
+    w = baselines.fit_logistic(X, np.array(ds["own_correct"])[pick], l2=[0, 0, 0] + [cal["l2"]] * (X.shape[1] - 3))
+    assert np.allclose(w, cal["weights"], atol=1e-4)
+    Xall = grounded.calibration_features(np.array(ds["p_own_raw"]), np.array(ds["own_answer"]),
+                                         np.array(conds, dtype=object), cal["conditions"])
+    assert np.allclose(baselines.logistic_predict(Xall, w), ds["calibrated_p"], atol=1e-3)
+    assert shaping.grounded_targets(ds, "calibrated") == [int(round(100 * p)) for p in ds["calibrated_p"]]
+
+
+def test_logistic_fit_matches_the_closed_form_of_one_feature():
+    # with a constant alone the maximum-likelihood probability is the mean
+    y = np.array([1, 1, 1, 0] * 10, float)
+    w = baselines.fit_logistic(np.ones((40, 1)), y)
+    assert baselines.logistic_predict(np.ones((1, 1)), w)[0] == pytest.approx(0.75, abs=1e-5)
+    # an L2 penalty shrinks the weight towards zero
+    w2 = baselines.fit_logistic(np.ones((40, 1)), y, l2=[100.0])
+    assert 0 < w2[0] < w[0]
+
+
 def _reference_answer(model, processor, question, image):
     """One question at a time: the greedy reply, parsed, else the yes/no decision at its first step."""
     import torch
@@ -327,3 +378,17 @@ def test_notebook_builds_grounded_rows(tmp_path):
     report = json.loads((run / "dataset" / "build_report.json").read_text())
     assert report["targets"] == "grounded" and report["rows"] == 80 and report["flip_rows"] == 40
     assert (run / "figures").exists()
+
+
+def test_a_build_is_named_by_the_model_weights_not_their_path(tiny_vlm, tmp_path):
+    import shutil
+
+    from csp_utils.vlm import models
+
+    model, _ = tiny_vlm
+    src = Path(models.__file__).parent.parent / "data" / "tiny_llava_deep"
+    shutil.copytree(src, tmp_path / "moved")
+    a = models.load_vlm(str(src))[0]
+    b = models.load_vlm(str(tmp_path / "moved"))[0]
+    assert grounded._fingerprint(a) == grounded._fingerprint(b) != grounded._fingerprint(model)
+    assert str(src) not in grounded._fingerprint(a)

@@ -88,13 +88,14 @@ def test_the_default_study_expands_into_its_stages():
     names = [s.name for s in planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS]
                                                                                 .index("default.yaml")]))]
     paper = [f"{n}{t}" for t in ("", "@s1", "@s2") for n in ("03_train_sft", "04_train_simpo")]
-    noconf = [f"{n}@noconf{k}" for k in ("", "1", "2") for n in ("03_train_sft", "04_train_simpo")]
+    deep = [f"{n}@deep{k}" for k in ("", "1", "2") for n in ("03_train_sft", "04_train_simpo")]
     assert names == (["00_world_and_benchmarks", "01_perturbation_explorer", "02_build_perturbed_dataset",
                       "02_build_perturbed_dataset@s1", "02_build_perturbed_dataset@s2",
-                      "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_noconf"]
-                     + paper + [f"03_train_sft@g{k}" for k in range(3)] + ["03_train_sft@d0"]
-                     + noconf + [f"03_train_sft@gn{k}" for k in range(3)] + ["03_train_sft@dn0"]
-                     + ["05_evaluate", "05_evaluate@noconf", "07_figures"])
+                      "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_deep",
+                      "02_build_perturbed_dataset@calibrated_activated_deep"]
+                     + paper + [f"03_train_sft@{m}{k}" for m in "ga" for k in range(3)]
+                     + deep + [f"03_train_sft@{m}d{k}" for m in "gac" for k in range(3)]
+                     + ["05_evaluate", "05_evaluate@deep", "07_figures"])
 
 
 def test_the_deep_study_trains_the_activated_recipe_on_its_own_grounded_rows():
@@ -110,3 +111,35 @@ def test_the_deep_study_trains_the_activated_recipe_on_its_own_grounded_rows():
     assert "distilled_activated@s2=sft@a2" in stage["05_evaluate"].parameters["models"]
     sft = settings.make_configs(method="distilled_activated").sft
     assert (sft.confidence_target, sft.layout, sft.lora.activation) == ("internal", "follow_up", "confidence")
+
+
+def test_a_method_with_rows_of_its_own_gets_its_own_dataset_and_per_base_seeds():
+    from csp_utils.pipeline import expand
+
+    params = {"name": "x", "base_model": "embedded", "bases": {"embedded": None, "embedded-deep": "deep"},
+              "seeds": {"distilled_activated": 1, "calibrated_activated": {"embedded-deep": 2}},
+              "data": {"grounded_csp": {"n_scenes": 8}, "calibrated_activated": {"n_scenes": 6}},
+              "stages": {"05_evaluate": {}}}
+    stages = expand.expand_study(params)["stages"]
+    assert stages["02_build_perturbed_dataset@calibrated_activated_deep"] == {
+        "base_model": "embedded-deep", "data": {"n_scenes": 6}, "dataset": "calibrated_activated@deep",
+        "method": "calibrated_activated"}
+    # no calibrated seeds on the first base: neither its rows nor its trainings
+    assert "02_build_perturbed_dataset@calibrated_activated" not in stages
+    assert [n for n in stages if n.startswith("03_train_sft@c")] == ["03_train_sft@cd0", "03_train_sft@cd1"]
+    assert stages["03_train_sft@cd1"]["dataset"] == "calibrated_activated@deep"
+    assert stages["03_train_sft@ad0"]["dataset"] == "grounded@deep"
+    assert "calibrated_activated@s1=sft@cd1" in stages["05_evaluate@deep"]["models"]
+    assert not any(m.startswith("calibrated") for m in stages["05_evaluate"]["models"])
+    with pytest.raises(ValueError, match="seed count"):
+        expand.expand_study({**params, "seeds": {"grounded_csp": "3"}})
+    with pytest.raises(ValueError, match="outside bases"):
+        expand.expand_study({**params, "seeds": {"grounded_csp": {"embedded-dep": 1}}})
+
+
+def test_the_calibrated_method_trains_on_noised_rows_with_the_measured_target():
+    m = settings.make_configs(method="calibrated_activated")
+    assert (m.sft.confidence_target, m.sft.layout, m.sft.lora.activation) == ("calibrated", "follow_up", "confidence")
+    from csp_utils.train import methods
+    g = methods.build_fields("calibrated_activated")["grounded"]
+    assert g["clean_share"] == 0.5 and g["global_share"] == 0.5

@@ -689,6 +689,23 @@ def test_two_point_targets_put_the_mass_around_the_target_with_its_mean():
     assert int((q > 0).sum()) == 2 + 1 + 1 + 1 + 2
 
 
+def test_binomial_targets_are_the_binomial_over_the_options_with_the_target_mean():
+    from math import comb
+
+    o = torch.tensor([x / 100 for x in prompts.CONFIDENCE_LEVELS], dtype=torch.float64)
+    y = torch.tensor([0.73, 0.0, 1.0, 0.5], dtype=torch.float64)
+    q = trainers.binomial_targets(y, o)
+    torch.testing.assert_close(q.sum(1), torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(q @ o, y, atol=1e-5, rtol=0)
+    assert float(q[0, 7]) == pytest.approx(comb(10, 7) * 0.73 ** 7 * 0.27 ** 3)
+    assert float(q[1, 0]) == pytest.approx(1.0, abs=1e-4) and float(q[2, 10]) == pytest.approx(1.0, abs=1e-4)
+    ll = torch.log_softmax(torch.randn(4, 11, dtype=torch.float64), -1)
+    torch.testing.assert_close(trainers.option_losses(ll, y, prompts.CONFIDENCE_LEVELS, "binomial_ce"),
+                               -(q * ll).sum(-1))
+    with pytest.raises(ValueError, match="evenly spaced"):
+        trainers.binomial_targets(y, o ** 2)
+
+
 def test_grounded_simpo_pairs_choose_the_nearest_and_reject_the_farthest_option():
     assert shaping.nearest_and_farthest_option(73) == (70, 0)
     assert shaping.nearest_and_farthest_option(12) == (10, 100)

@@ -307,12 +307,15 @@ def confidence_vs_level(
     ylabel: str = "Verbalized confidence",
     diagonal: bool = True,
     title: str | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> Figure:
     """Mean +- std of ``confidence`` per ``level``, one line per ``model``.
 
     ``df`` columns: ``level, confidence, model``. The y = x diagonal is drawn for reference
     (a model that says exactly the level); pass ``diagonal=False`` when level and
-    confidence are not in the same units.
+    confidence are not in the same units. ``reference`` (columns ``level, accuracy``, in the
+    confidence's units) draws the base model's accuracy per level: the line a calibrated
+    confidence follows.
     """
     need = {"level", "confidence", "model"}
     if missing := need - set(df.columns):
@@ -329,12 +332,44 @@ def confidence_vs_level(
     if diagonal:
         lo = float(min(df["level"].min(), df["confidence"].min()))
         hi = float(max(df["level"].max(), df["confidence"].max()))
-        ax.plot([lo, hi], [lo, hi], ls="--", color="0.45", lw=1.2, label="y = x")
+        ax.plot([lo, hi], [lo, hi], ls="--", color="0.45", lw=1.2, label="y = x (the paper's target)")
+    if reference is not None and len(reference):
+        r = reference.sort_values("level")
+        ax.plot(r["level"].to_numpy(float), r["accuracy"].to_numpy(float), color="black", lw=2.2,
+                label="base model's accuracy (what calibrated says)")
     ax.set_xlabel(xlabel, fontsize=FONT)
     ax.set_ylabel(ylabel, fontsize=FONT)
     if title:
         ax.set_title(title, fontsize=FONT)
     ax.legend(fontsize=FONT - 1, frameon=False)
+    _style(ax)
+    fig.tight_layout()
+    return fig
+
+
+def confidence_vs_accuracy(df: pd.DataFrame, title: str | None = None) -> Figure:
+    """Mean confidence against accuracy, one marker per ``set`` (a degradation) and one colour per
+    ``model``; points on the diagonal are calibrated on that set, points above it overconfident.
+    ``df`` columns: ``set, model, accuracy, confidence`` (fractions)."""
+    need = {"set", "model", "accuracy", "confidence"}
+    if missing := need - set(df.columns):
+        raise ValueError(f"confidence_vs_accuracy needs columns {sorted(need)}; missing {sorted(missing)}")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    sets, models = list(dict.fromkeys(df["set"])), list(dict.fromkeys(df["model"]))
+    for _, r in df.iterrows():
+        i, j = models.index(r["model"]), sets.index(r["set"])
+        ax.plot(r["accuracy"], r["confidence"], ls="none", marker=MARKERS[j % len(MARKERS)], ms=8,
+                color=PALETTE(i % 10), mfc="none" if i % 2 else PALETTE(i % 10))
+    lo = float(min(df["accuracy"].min(), df["confidence"].min(), 0.4))
+    ax.plot([lo, 1], [lo, 1], ls="--", color="0.45", lw=1.2)
+    handles = [plt.Line2D([], [], color=PALETTE(i % 10), marker="o", ls="none", label=str(m)) for i, m in enumerate(models)]
+    handles += [plt.Line2D([], [], color="0.3", marker=MARKERS[j % len(MARKERS)], ls="none", mfc="none",
+                           label=str(s)) for j, s in enumerate(sets)]
+    ax.legend(handles=handles, fontsize=FONT - 1, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("Accuracy of the base model's answers", fontsize=FONT)
+    ax.set_ylabel("Mean confidence", fontsize=FONT)
+    if title:
+        ax.set_title(title, fontsize=FONT)
     _style(ax)
     fig.tight_layout()
     return fig

@@ -63,10 +63,17 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
             lv = lv[(lv["framing"] == MAIN_COMBO[0]) & (lv["readout"] == MAIN_COMBO[1])].dropna(subset=["confidence"])
             df = pd.DataFrame({"level": lv["level"], "confidence": lv["confidence"] * 100,
                                "model": lv["model"].map(tables.model_group)})
+            base = lv[lv["model"] == "base"]
+            reference = (base.groupby("level")["correct"].mean() * 100).rename("accuracy").reset_index()
             save(plots.confidence_vs_level(df, xlabel="Target confidence / noise level (%)",
                                            ylabel="Verbalized confidence (%)",
-                                           title="Confidence vs CSP noise level (held-out scenes)"),
+                                           title="Confidence vs CSP noise level (held-out scenes)",
+                                           reference=reference),
                  outputs.CONFIDENCE_VS_LEVEL)
+        acc = tables.confidence_accuracy_table(pq, transfer)
+        if len(acc):
+            save(plots.confidence_vs_accuracy(acc, title="Degraded images never trained on: confidence vs accuracy"),
+                 outputs.CONFIDENCE_VS_ACCURACY)
         both = pq[(pq["framing"] == MAIN_COMBO[0]) & (pq["readout"] == MAIN_COMBO[1])
                   & ~pq["set"].isin(["perturbed"])].dropna(subset=["confidence", "internal_prob"])
         for name in ("base", after):

@@ -366,6 +366,22 @@ def figure_data(rows: list[dict]) -> pd.DataFrame:
     return df[[c for c in FIGURE_COLUMNS if c in df.columns]]
 
 
+def confidence_accuracy_table(rows: list[dict] | pd.DataFrame, sets, framing: str = "third",
+                              readout: str = "single_pass") -> pd.DataFrame:
+    """Per set and model group (seeds pooled): accuracy, mean confidence, Brier, ECE10 and the
+    within-set AUROC of the main framing and read-out (baselines, with no framing, alike)."""
+    df = pd.DataFrame(rows)
+    df = df[df["set"].isin(list(sets)) & df["framing"].isin([framing, "-"]) & df["readout"].isin([readout, "-"])]
+    df = df.dropna(subset=["confidence"])
+    out = []
+    for (s, group), g in df.groupby(["set", df["model"].map(model_group)], sort=False):
+        conf, correct = g["confidence"].to_numpy(float), g["correct"].to_numpy(int)
+        out.append({"set": s, "model": group, "n": len(g), "accuracy": correct.mean(), "confidence": conf.mean(),
+                    "brier": metrics.brier(conf, correct), "ece": metrics.ece(conf, correct),
+                    "auroc": metrics.auroc(conf, correct) if 0 < correct.sum() < len(correct) else math.nan})
+    return pd.DataFrame(out)
+
+
 def level_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     """Rows of the held-out perturbed set -> (model, level, confidence, correct)."""
     df = pd.DataFrame(rows)

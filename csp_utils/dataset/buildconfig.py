@@ -26,6 +26,7 @@ class GroundedOptions:
     flip_rows: bool = False           # add the answer-flip copy of every row
     distractor_noise: bool = True     # False: only key noise; questions whose objects are absent stay clean
     key_share: float = 0.5            # noised questions whose objects are present: share noised on them
+    global_share: float = 0.0         # noised questions whose noise covers the whole image (drawn first)
     temperature_holdout: float = 0.2  # share of scenes whose clean rows fit T (marked split="heldout")
     batch_size: int = 128             # questions per model batch
     max_new_tokens: int = 4           # the greedy answer reply
@@ -33,7 +34,7 @@ class GroundedOptions:
     questions: str = "benchmark"      # "world" (scenes.world_questions) | "benchmark" (the clean sets' generators)
 
     def __post_init__(self):
-        for name in ("clean_share", "key_share"):
+        for name in ("clean_share", "key_share", "global_share"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"GroundedOptions.{name} must be a fraction in [0, 1], got {v!r}")
@@ -94,6 +95,8 @@ class BuildConfig:
         d["noise"]["levels"] = list(d["noise"]["levels"])
         if self.targets == "paper":  # the paper build's config (and so its hash) stays what it was
             del d["targets"], d["grounded"]
+        elif d["grounded"]["global_share"] == 0.0:  # builds without whole-image noise keep their hash
+            del d["grounded"]["global_share"]
         return d
 
 

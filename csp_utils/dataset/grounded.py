@@ -14,12 +14,18 @@ likely the quoted answer is to be right (schema: ``GROUNDED_COLUMNS``):
   annotations find them) or on a *distractor* (``"distractor"``): another object of the
   scene whose category the question does not mention, or, where there is none, the mask of
   an object of another CSP scene (the same mask-area distribution). A distractor region never
-  touches the asked objects' pixels, so noise does not imply that the answer is "no".
+  touches the asked objects' pixels, so noise does not imply that the answer is "no". With
+  ``global_share`` > 0, that share of the noised questions is noised on the whole image
+  (``"global"``) instead.
 * The quoted answer is the base model's own greedy answer on that image (batched through
   the evaluation path: one shared-prefix prompt pass and ``generate`` per batch);
   ``internal_p`` its temperature-scaled internal yes/no probability, T fitted on the clean
   rows of a held-out share of the training scenes (``split == "heldout"``); ``cell_acc``
-  the model's accuracy in the row's (level, quoted answer, kind) cell.
+  the model's accuracy in the row's (level, quoted answer, kind) cell; ``calibrated_p`` the
+  probability that the answer is right given its raw internal probability *and* the
+  perturbation it was given under (a logistic model with a temperature and a bias per
+  (noise target, level), fitted on every row of the held-out scenes): what the model's own
+  probability is worth on an image degraded that way.
 * Answer-flip rows (``flip_rows``) quote the opposite answer of the same image and question with the
   complementary targets (``correct`` and ``internal_p`` complemented, ``cell_acc`` of the
   flipped answer's cell).
@@ -51,7 +57,7 @@ from csp_utils.dataset.grounding import AnnotationGrounder
 from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
 from csp_utils.world import benchmarks, scenes as world
-from csp_utils.world.schema import QAItem
+from csp_utils.world.schema import NOISE_ON, QAItem
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.
 BRIGHT_LUMA = 200
 BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
@@ -68,6 +74,7 @@ GROUNDED_COLUMNS = (
     "sample_id", "source_id", "image_id", "image", "question", "label", "kind", "subtype", "key_objects",
     "level", "noise_on", "noise_region", "mask_area", "bright_scene", "noise_on_bright", "split",
     "raw_answer", "own_answer", "answer", "flipped", "correct", "internal_p_raw", "internal_p", "cell_acc",
+    "calibrated_p",
 )
 
 
@@ -83,9 +90,10 @@ GROUNDED_COLUMNS = (
 class Variant:
     qa: object                  # schema.QAItem
     level: int                  # 100 = clean
-    noise_on: str               # "none" | "key" | "distractor"
+    noise_on: str               # "none" | "key" | "distractor" | "global"
     mask: np.ndarray | None     # the noised pixels
     region: str                 # "" | "key" | "object" (another object of the scene) | "random" (another scene's mask)
+                                # | "global" (the whole image)
     noise_on_bright: bool       # the noised pixels belong to a bright object
 
     @property
@@ -156,7 +164,13 @@ def plan_scene(scene: world.Scene, questions: Sequence, grounder, levels: Sequen
         key = np.asarray(res.mask, dtype=bool) if res.mask is not None and np.asarray(res.mask).any() else None
         level = int(levels[int(rng.integers(len(levels)))])
         use_key = bool(rng.random() < options.key_share)
+        # drawn only when asked for, so builds without whole-image noise keep their draws
+        use_global = options.global_share > 0 and bool(rng.random() < options.global_share)
         choices = ([] if key is None else ["key"]) + (["distractor"] if options.distractor_noise else [])
+        if use_global and i not in clean:
+            out.append(Variant(qa, level, "global", np.ones(scene.image.shape[:2], dtype=bool), "global",
+                               is_bright_scene(scene)))
+            continue
         if i in clean or not choices:
             if i not in clean:
                 stats["clean_no_noise_target"] += 1  # absent objects and no distractor noise: nothing to noise
@@ -407,36 +421,80 @@ def _pooled(levels, answers, correct) -> dict[str, int]:
     return {k: int(round(100 * sum(v) / len(v))) for k, v in out.items()}
 
 
+def condition_of(noise_on: str, level: int) -> str:
+    return "clean" if noise_on == "none" else f"{noise_on}@c{int(level):03d}"
+
+
+def calibration_features(p_raw, answers, conditions, known: Sequence[str]) -> np.ndarray:
+    """(N, 3 + 2 len(known)): constant, logit of the own answer's raw probability, answer "yes";
+    per known perturbation condition an indicator and its product with the logit (a condition
+    not among ``known`` reads as clean)."""
+    x = baselines.answer_logit(p_raw)
+    cond = np.asarray(conditions, dtype=object)
+    cols = [np.ones_like(x), x, np.array([str(a).lower() == "yes" for a in answers], dtype=float)]
+    for c in known:
+        ind = (cond == c).astype(float)
+        cols += [ind, ind * x]
+    return np.stack(cols, axis=1)
+
+
+def fit_calibration_model(ds, l2: float = 1.0) -> tuple[dict | None, dict]:
+    """A logistic model of own correctness on every row of the held-out scenes: a temperature
+    and bias for clean images and, shrunk towards them (L2 ``l2``), one per perturbation
+    condition. Returns (model or None when too few rows, info)."""
+    split = np.array(ds["split"])
+    pick = split == "heldout"
+    conds = np.array([condition_of(n, c) for n, c in zip(ds["noise_on"], ds["level"])], dtype=object)
+    y = np.array(ds["own_correct"], float)[pick]
+    info = {"rows": int(pick.sum()), "accuracy": float(y.mean()) if y.size else None}
+    if y.size < 20 or y.min() == y.max():
+        warnings.warn(f"too few held-out rows to fit the calibration model ({y.size}, accuracy {info['accuracy']}): "
+                      "calibrated_p = internal_p; build more scenes or raise temperature_holdout", stacklevel=2)
+        return None, {**info, "fitted": False}
+    known = sorted({c for c in conds[pick] if c != "clean"})
+    X = calibration_features(np.array(ds["p_own_raw"], float)[pick], np.array(ds["own_answer"])[pick],
+                             conds[pick], known)
+    w = baselines.fit_logistic(X, y, l2=[0.0, 0.0, 0.0] + [l2] * (2 * len(known)))
+    model = {"conditions": known, "weights": [float(v) for v in w], "l2": l2}
+    return model, {**info, "fitted": True, **model}
+
+
 def finalize(ds, options: GroundedOptions, stats: Counter):
-    """Add the quoted answer and the targets, then the flip rows; returns (dataset, T, temperature info, cells)."""
+    """Add the quoted answer and the targets, then the flip rows; returns (dataset, T, temperature info,
+    cells, calibration info)."""
     from datasets import concatenate_datasets
 
     T, t_info = fit_heldout_temperature(ds)
+    cal, cal_info = fit_calibration_model(ds)
     levels, kinds, own = list(ds["level"]), list(ds["kind"]), list(ds["own_answer"])
     own_ok = [int(x) for x in ds["own_correct"]]
     p_raw = np.array(ds["p_own_raw"], float)
     p_t = baselines.temperature_scale(p_raw, T)
+    p_cal = p_t if cal is None else baselines.logistic_predict(
+        calibration_features(p_raw, own, [condition_of(n, c) for n, c in zip(ds["noise_on"], levels)],
+                             cal["conditions"]), cal["weights"])
     cells = cell_accuracies(levels, own, kinds, own_ok)
     pooled = _pooled(levels, own, own_ok)
 
-    def with_targets(d, answers, flipped, correct, p_quoted, p_quoted_raw):
+    def with_targets(d, answers, flipped, correct, p_quoted, p_quoted_raw, p_quoted_cal):
         cell = [_cell_target(cells, pooled, c, a, k, stats) for c, a, k in zip(levels, answers, kinds)]
         cols = {"answer": answers, "flipped": [flipped] * len(answers), "correct": correct,
                 "internal_p_raw": [float(x) for x in p_quoted_raw], "internal_p": [float(x) for x in p_quoted],
-                "cell_acc": cell}
+                "cell_acc": cell, "calibrated_p": [float(x) for x in p_quoted_cal]}
         for name, values in cols.items():
             d = d.add_column(name, values)
         return d
 
-    base = with_targets(ds, own, False, own_ok, p_t, p_raw)
+    base = with_targets(ds, own, False, own_ok, p_t, p_raw, p_cal)
     parts = [base]
     if options.flip_rows:
         flip = ds.remove_columns(["sample_id"]).add_column("sample_id", [f"{s}~flip" for s in ds["sample_id"]])
         flip = flip.select_columns(ds.column_names)
         other = ["No" if a == "Yes" else "Yes" for a in own]
-        parts.append(with_targets(flip, other, True, [1 - x for x in own_ok], 1.0 - p_t, 1.0 - p_raw))
+        parts.append(with_targets(flip, other, True, [1 - x for x in own_ok], 1.0 - p_t, 1.0 - p_raw, 1.0 - p_cal))
     out = concatenate_datasets(parts) if len(parts) > 1 else base
-    return out.select_columns([c for c in GROUNDED_COLUMNS] + ["own_correct", "p_own_raw"]), T, t_info, cells
+    out = out.select_columns([c for c in GROUNDED_COLUMNS] + ["own_correct", "p_own_raw"])
+    return out, T, t_info, cells, cal_info
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,10 +533,16 @@ def accuracy_table(ds) -> dict[str, dict]:
 
 
 def _fingerprint(model) -> str:
-    cfg = getattr(model, "config", None)
-    name = getattr(cfg, "_name_or_path", "") or type(model).__name__
+    """The answering model as its weights' digest, so that a moved or copied checkout (another
+    path to the same weights) resumes its builds; its path only where the weights cannot be read."""
+    from csp_utils.vlm.models import base_fingerprint
+
     n = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-    return f"{name}({n} params)"
+    digest = base_fingerprint(model) if hasattr(model, "state_dict") else None
+    if digest is None:
+        cfg = getattr(model, "config", None)
+        return f"{getattr(cfg, '_name_or_path', '') or type(model).__name__}({n} params)"
+    return f"weights {digest[:16]}({n} params)"
 
 
 def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, out_dir, config: BuildConfig,
@@ -540,12 +604,13 @@ def build_grounded_dataset(scene_list: Sequence[world.Scene], model, processor, 
         if merged is None:
             raise ValueError("the grounded build produced no rows")
         derived["stats"] = Counter()
-        final, derived["T"], derived["t_info"], derived["cells"] = finalize(merged, options, derived["stats"])
+        final, derived["T"], derived["t_info"], derived["cells"], derived["calibration"] = finalize(
+            merged, options, derived["stats"])
         return final
 
     def report(result, shard_stats):
         out = grounded_report(result, shard_stats, derived["stats"], config, options, grounder_name, chash,
-                              derived["T"], derived["t_info"], derived["cells"])
+                              derived["T"], derived["t_info"], derived["cells"], derived["calibration"])
         if not out["bright_balance"]["ok"]:
             warnings.warn(f"bright objects are rarer in clean rows than in noised ones: {out['bright_balance']}")
         return out
@@ -565,7 +630,8 @@ def _noise_on_bright(noise_on, on_bright) -> dict[str, float]:
     return {k: round(sum(v) / len(v), 4) for k, v in sorted(t.items())}
 
 
-def grounded_report(ds, shard_stats, fin_stats, config, options, grounder_name, chash, T, t_info, cells) -> dict:
+def grounded_report(ds, shard_stats, fin_stats, config, options, grounder_name, chash, T, t_info, cells,
+                    calibration: dict) -> dict:
     total = Counter()
     for st in shard_stats:
         total.update(st["counts"])
@@ -592,6 +658,7 @@ def grounded_report(ds, shard_stats, fin_stats, config, options, grounder_name, 
         "answers_from_decision_step": total["answers_from_decision_step"],
         "cell_fallbacks": total["cell_fallbacks"],
         "temperature": {"T": round(T, 5), **t_info},
+        "calibration_model": calibration,
         "base_accuracy": accuracy_table(ds),
         "cells": cells,
         "bright_balance": bright_balance(ds["bright_scene"], noise_on, options.bright_tolerance),

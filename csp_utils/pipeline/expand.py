@@ -20,6 +20,11 @@ run folders use them):
   stages ``03_train_sft@g{k}`` (another base: ``@g{t}{k}``, ``t`` its tag's first letter).
 * ``distilled``, ``distilled_activated``: SFT stages ``03_train_sft@d{k}`` / ``@a{k}``
   (``@d{t}{k}`` / ``@a{t}{k}``) on the base's grounded dataset.
+* ``calibrated_activated``: rows of its own (half of them noised), one dataset per base model
+  (``@calibrated_activated`` into ``calibrated_activated``, or ``..._{tag}`` / ``...@{tag}``),
+  SFT stages ``03_train_sft@c{k}`` (``@c{t}{k}``).
+* A seed count is a number (every base model) or a mapping of base model -> number (bases
+  left out get none).
 * ``05_evaluate`` (``@{tag}``, results under ``results/{tag}``): the base model and every
   adapter, reported per method and seed (``sft_simpo@s0``, ``grounded@s0=sft@g0``, ...).
 * ``07_figures``: the other bases' results as ``more_results``.
@@ -33,7 +38,8 @@ from __future__ import annotations
 from csp_utils.train import methods
 
 # the methods trained on each base's grounded rows, with the prefix of their SFT stages' tags
-GROUNDED_FAMILY = (("grounded_csp", "g"), ("distilled", "d"), ("distilled_activated", "a"))
+GROUNDED_FAMILY = (("grounded_csp", "g"), ("distilled", "d"), ("distilled_activated", "a"),
+                   ("calibrated_activated", "c"))
 METHOD_NAMES = ("paper_csp",) + tuple(method for method, _ in GROUNDED_FAMILY)
 STUDY_KEYS = ("bases", "seeds", "data")  # top-level params that the expansion reads
 
@@ -62,6 +68,12 @@ def expand_study(params: dict) -> dict:
         raise ValueError(f"bases: the first base model must be the study's base_model ({first!r})")
 
     stages = {k: v for k, v in given.items() if k.split("@")[0] < "02"}
+    for method, n in seeds.items():
+        counts = n.values() if isinstance(n, dict) else [n]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError(f"seeds: {method} takes a seed count (>= 0) or a mapping base model -> count, got {n!r}")
+        if isinstance(n, dict) and set(n) - set(bases):
+            raise ValueError(f"seeds: {method} names base models outside bases: {sorted(set(n) - set(bases))}")
     stages.update(_datasets(bases, seeds, data))
     for i, (base, tag) in enumerate(bases.items()):
         stages.update(_training(base, tag, i == 0, seeds))
@@ -73,6 +85,17 @@ def expand_study(params: dict) -> dict:
     out = {k: v for k, v in params.items() if k not in STUDY_KEYS}
     out["stages"] = stages
     return out
+
+
+def _count(seeds: dict, method: str, base: str) -> int:
+    n = seeds.get(method, 0)
+    return n.get(base, 0) if isinstance(n, dict) else n
+
+
+def _rows_of(method: str) -> str:
+    """The dataset a grounded method trains on: grounded CSP's rows where its build is theirs,
+    else rows of its own (named after it)."""
+    return "grounded" if methods.method(method).build == methods.method("grounded_csp").build else method
 
 
 def _paper_tag(tag: str | None, k: int, first: bool) -> str:
@@ -91,24 +114,26 @@ def _base(base: str, first: bool) -> dict:
 
 def _datasets(bases: dict, seeds: dict, data: dict) -> dict:
     stages = {}
-    for k in range(seeds.get("paper_csp", 0)):
+    for k in range(max([_count(seeds, "paper_csp", b) for b in bases] or [0])):
         stages["02_build_perturbed_dataset" + (f"@s{k}" if k else "")] = {
             **({"data": data["paper_csp"]} if "paper_csp" in data else {}), **({"build": {"seed": k}} if k else {})}
-    if any(seeds.get(method) for method, _ in GROUNDED_FAMILY):
+    for rows in dict.fromkeys(_rows_of(m) for m, _ in GROUNDED_FAMILY):
+        owner = "grounded_csp" if rows == "grounded" else rows
         for i, (base, tag) in enumerate(bases.items()):
-            stages["02_build_perturbed_dataset@grounded" + (f"_{tag}" if tag else "")] = {
-                **_base(base, i == 0), **({"data": data["grounded_csp"]} if "grounded_csp" in data else {}),
-                "dataset": _grounded_folder(tag), "method": "grounded_csp"}
+            if any(_count(seeds, m, base) for m, _ in GROUNDED_FAMILY if _rows_of(m) == rows):
+                stages[f"02_build_perturbed_dataset@{rows}" + (f"_{tag}" if tag else "")] = {
+                    **_base(base, i == 0), **({"data": data[owner]} if owner in data else {}),
+                    "dataset": _grounded_folder(tag, rows), "method": owner}
     return stages
 
 
-def _grounded_folder(tag: str | None) -> str:
-    return f"grounded@{tag}" if tag else "grounded"
+def _grounded_folder(tag: str | None, rows: str = "grounded") -> str:
+    return f"{rows}@{tag}" if tag else rows
 
 
 def _training(base: str, tag: str | None, first: bool, seeds: dict) -> dict:
     stages = {}
-    for k in range(seeds.get("paper_csp", 0)):
+    for k in range(_count(seeds, "paper_csp", base)):
         name = _paper_tag(tag, k, first)
         own = {**_base(base, first), **({"tag": "@s0"} if first and k == 0 else {}),
                **({"dataset": f"dataset@s{k}"} if k else {})}
@@ -117,23 +142,23 @@ def _training(base: str, tag: str | None, first: bool, seeds: dict) -> dict:
         stages["04_train_simpo" + suffix] = {**own, **({"simpo": {"seed": k}} if k else {})}
     letter = tag[0] if tag else ""
     for method, prefix in GROUNDED_FAMILY:
-        for k in range(seeds.get(method, 0)):
+        for k in range(_count(seeds, method, base)):
             stages[f"03_train_sft@{prefix}{letter}{k}"] = {
-                **_base(base, first), "dataset": _grounded_folder(tag), "method": method,
+                **_base(base, first), "dataset": _grounded_folder(tag, _rows_of(method)), "method": method,
                 **({"sft": {"seed": k}} if k else {})}
     return stages
 
 
 def _evaluation(template: dict, base: str, tag: str | None, seeds: dict) -> dict:
     models = ["base"]
-    for k in range(seeds.get("paper_csp", 0)):
+    for k in range(_count(seeds, "paper_csp", base)):
         adapter = f"sft_simpo@{_paper_tag(tag, k, tag is None)}"
         label = f"sft_simpo@s{k}"
         models.append(label if adapter == label else f"{label}={adapter}")
     letter = tag[0] if tag else ""
     for method, prefix in GROUNDED_FAMILY:
         label = methods.method(method).reports_as
-        models += [f"{label}@s{k}=sft@{prefix}{letter}{k}" for k in range(seeds.get(method, 0))]
+        models += [f"{label}@s{k}=sft@{prefix}{letter}{k}" for k in range(_count(seeds, method, base))]
     where = {} if tag is None else {"base_model": base, "results": f"results/{tag}"}
     return {**where, "models": models, **template}
 

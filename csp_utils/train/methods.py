@@ -25,7 +25,13 @@ they were tuned on (DESIGN.md, "Methods and params", has the table per preset).
   answer position holds its evidence below the last layer (``embedded-deep``) this is the one
   recipe that ranks the model's own answers within a set on the validation split; on the
   3-layer bases the evidence forms in the last layer, out of reach (docs/grounded.md, fourth
-  round). Run by ``params/deep.yaml``.
+  round).
+* ``calibrated_activated``: ``distilled_activated``'s training on rows of which half are noised
+  by CSP (the whole image, the asked object or a distractor, levels 10/40/70), each with the
+  ``calibrated`` target: the probability that the base model's answer on *that* image is right,
+  given its own probability and the perturbation (a logistic model fitted on held-out training
+  scenes). The confidence turn must read the degradation from the image: no level is given at
+  test time (docs/grounded.md, fifth round).
 """
 
 from __future__ import annotations
@@ -88,8 +94,12 @@ DISTILLED_ACTIVATED = Method(
     sft={**DISTILLED.sft, "layout": "follow_up", "lora": {"activation": "confidence"}},
     tuned={"tiny_default": {"sft": {**GROUNDED_CSP.tuned["tiny_default"]["sft"], "max_steps": 800}}},
     reports_as="distilled_activated")
+CALIBRATED_ACTIVATED = Method(
+    build={**GROUNDED_CSP.build, "grounded": {"clean_share": 0.5, "global_share": 0.5}},
+    sft={**DISTILLED_ACTIVATED.sft, "confidence_target": "calibrated"},
+    tuned=DISTILLED_ACTIVATED.tuned, reports_as="calibrated_activated")
 METHODS = {"paper_csp": PAPER_CSP, "grounded_csp": GROUNDED_CSP, "distilled": DISTILLED,
-           "distilled_activated": DISTILLED_ACTIVATED}
+           "distilled_activated": DISTILLED_ACTIVATED, "calibrated_activated": CALIBRATED_ACTIVATED}
 
 
 def method(name: str) -> Method:

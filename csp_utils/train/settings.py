@@ -19,7 +19,7 @@ REGIMES = ("sft", "simpo", "sft_simpo")
 # Regime -> the adapter folders it writes, in order (names from DESIGN.md's run folder).
 REGIME_ADAPTERS = {"sft": ("sft",), "simpo": ("simpo_only",), "sft_simpo": ("sft", "sft_simpo")}
 CONFIDENCE_TARGETS = ("paper", "measured") + GROUNDED_TARGETS
-LOSSES = ("ce", "brier", "soft_ce")
+LOSSES = ("ce", "brier", "soft_ce", "binomial_ce")
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "margin", "reward_acc",
                "chosen_logp", "rejected_logp", "mean_token_accuracy")
 
@@ -113,6 +113,7 @@ class SFTConfigCSP(StageConfig):
     replay_fraction: float = 0.0
     loss: str = "ce"                       # "ce" (reply cross-entropy) | "brier" (expected Brier over options)
                                            # | "soft_ce" (option cross-entropy to a two-point target)
+                                           # | "binomial_ce" (to the binomial over the options with mean y)
     # trl's fused LM head scores only the reply positions, in tiles, and logs token accuracy and
     # entropy: it saves memory on large vocabularies (a 7B LLaVA's 32k) but costs ~30% per step
     # on CPU and small models. False: the model's own cross-entropy, same loss value.

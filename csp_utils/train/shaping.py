@@ -23,6 +23,8 @@ GROUNDED_COLUMNS = ("image", "question", "answer", "correct", "cell_acc", "inter
 
 
 def required_columns(target: str | None = None) -> tuple[str, ...]:
+    if target == "calibrated":
+        return GROUNDED_COLUMNS + ("calibrated_p",)
     return GROUNDED_COLUMNS if target in GROUNDED_TARGETS else REQUIRED_COLUMNS
 
 
@@ -151,7 +153,7 @@ def confidence_examples(ds, target: str, measured: MeasuredTargets | None = None
 def grounded_targets(ds, target: str) -> list[int]:
     """Per row of a grounded dataset, the target as an integer percent: ``correct`` ->
     100 x correct, ``cell`` -> cell_acc, ``internal`` -> round(100 x internal_p), ``blend`` ->
-    round(50 x internal_p + 50 x correct). The data
+    round(50 x internal_p + 50 x correct), ``calibrated`` -> round(100 x calibrated_p). The data
     already states each value for the QUOTED answer (flip rows included)."""
     if target == "correct":
         values = [100 * int(c) for c in ds["correct"]]
@@ -159,6 +161,8 @@ def grounded_targets(ds, target: str) -> list[int]:
         values = [int(c) for c in ds["cell_acc"]]
     elif target == "internal":
         values = [int(round(100 * float(p))) for p in ds["internal_p"]]
+    elif target == "calibrated":
+        values = [int(round(100 * float(p))) for p in ds["calibrated_p"]]
     elif target == "blend":
         values = [int(round(50 * float(p) + 50 * int(c))) for p, c in zip(ds["internal_p"], ds["correct"])]
     else:

@@ -305,7 +305,9 @@ def option_losses(logliks, targets, options: Sequence[int], loss: str):
     cross-entropy of the softmax over options to the target distribution that splits its
     mass between the two options around y so that its mean is y (73% -> 0.7 on 70%, 0.3 on
     80%); unlike the expected Brier score, whose gradient vanishes once the option
-    distribution is (nearly) one-hot, its gradient is p - q."""
+    distribution is (nearly) one-hot, its gradient is p - q. ``"binomial_ce"``: the same
+    cross-entropy to the whole distribution y implies over the K evenly spaced options,
+    Binomial(K - 1, y) (mean y; every option weighted, the nearer the heavier)."""
     import torch
 
     o = torch.tensor([x / 100 for x in options], dtype=logliks.dtype, device=logliks.device)
@@ -314,12 +316,29 @@ def option_losses(logliks, targets, options: Sequence[int], loss: str):
         return (logliks.softmax(-1) * (o[None, :] - y[:, None]) ** 2).sum(-1)
     if loss == "soft_ce":
         return -(two_point_targets(y, o) * logliks.log_softmax(-1)).sum(-1)
+    if loss == "binomial_ce":
+        return -(binomial_targets(y, o) * logliks.log_softmax(-1)).sum(-1)
     if loss == "ce":
         # in whole percents, so that ties are exact and go to the lower option (argmin takes the first)
         percent = torch.tensor(list(options), dtype=logliks.dtype, device=logliks.device)
         nearest = (percent[None, :] - (100 * y).round()[:, None]).abs().argmin(-1)
         return -logliks.gather(1, nearest[:, None]).squeeze(1)
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def binomial_targets(y, o):
+    """(B, K) Binomial(K - 1, y) over the K options ``o``, which must be evenly spaced from 0 to 1
+    (0%, 10%, ..., 100%): option k's mass is the chance of k successes in K - 1 draws of y."""
+    import torch
+
+    K = len(o)
+    grid = torch.linspace(0, 1, K, dtype=o.dtype, device=o.device)
+    if not torch.allclose(o, grid):
+        raise ValueError("binomial targets need options evenly spaced from 0 to 1")
+    k = torch.arange(K, dtype=y.dtype, device=y.device)
+    logc = torch.lgamma(torch.tensor(float(K), dtype=y.dtype)) - torch.lgamma(k + 1) - torch.lgamma(K - k)
+    y = y.clamp(1e-6, 1 - 1e-6)[:, None]
+    return torch.exp(logc[None, :] + k[None, :] * torch.log(y) + (K - 1 - k[None, :]) * torch.log1p(-y))
 
 
 def two_point_targets(y, o):

@@ -181,7 +181,7 @@ BASE_RECORD = "csp_base.json"  # in an adapter folder: which base model it was t
 CONFIG_FILE = "training_config.json"  # in an adapter folder: the training config (layout, target, ...)
 # Confidence targets read from the base model's own answers: an adapter trained on one never
 # learnt the answer turn, so the evaluation asks the answer of the base model.
-GROUNDED_TARGETS = ("correct", "cell", "internal", "blend")
+GROUNDED_TARGETS = ("correct", "cell", "internal", "blend", "calibrated")
 _FINGERPRINT_VALUES = 64
 
 

@@ -18,7 +18,7 @@ class QAItem:
     subtype: str = ""      # finer type: AMBER "state"/"number"/"action"; world "color"/"size"/"count"/relation
 
 
-NOISE_ON = ("none", "key", "distractor")  # where a grounded row's noise lies
+NOISE_ON = ("none", "key", "distractor", "global")  # where a grounded row's noise lies
 
 
 def noise_on_of(question_id: str) -> str | None:
