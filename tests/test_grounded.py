@@ -204,6 +204,8 @@ def test_calibrated_target_is_a_perturbation_aware_logistic_model(tiny_vlm, tmp_
     Xall = grounded.calibration_features(np.array(ds["p_own_raw"]), np.array(ds["own_answer"]),
                                          np.array(conds, dtype=object), cal["conditions"])
     assert np.allclose(baselines.logistic_predict(Xall, w), ds["calibrated_p"], atol=1e-3)
+    from csp_utils.train import shaping
+
     assert shaping.grounded_targets(ds, "calibrated") == [int(round(100 * p)) for p in ds["calibrated_p"]]
 
 
