@@ -95,7 +95,9 @@ def before_invocation(model, p: Prompts, invocation: list[int]) -> Prompts | Non
             or any(getattr(v, "shape", (0,))[:2] == (B, T) for v in p.image_inputs.values())):
         return None
     pos = position_ids_from_mask(mask)
-    with torch.no_grad():
+    # the adapter switched off rather than left to find no invocation: the same base outputs
+    # without the activated layers' per-call masking
+    with torch.no_grad(), model.disable_adapter():
         out = model(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], position_ids=pos[:, :cut], **p.image_inputs,
                     use_cache=True, **keeps_last_logits_only(model))
     return Prompts(ids, mask, {}, prefix_cache=cache_of(out), prefix_len=cut)
