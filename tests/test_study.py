@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -250,6 +251,16 @@ time.sleep(seconds)
 '''
 
 
+# What a client stuck after a widget cell sees (papermill #723): the kernel reports idle for the
+# cell, yet no reply comes. The cell says "idle" itself and then keeps the reply back.
+STALL = '''
+kernel = get_ipython().kernel
+kernel._publish_status("idle", "shell")
+import time
+time.sleep(100)
+'''
+
+
 def _notebook(path: Path, parameters: str, code: str) -> None:
     import nbformat
 
@@ -271,12 +282,14 @@ def toy(tmp_path, monkeypatch):
     _notebook(books / "11_use.ipynb", 'run_dir = "runs/dev"\nname = "data"\nout = "summary.txt"', USE)
     _notebook(books / "12_hang.ipynb", 'run_dir = "runs/dev"\nseed = 0', "import time\ntime.sleep(60)")
     _notebook(books / "13_slow.ipynb", 'run_dir = "runs/dev"\nseed = 0\nname = "slow"\nseconds = 3', SLOW)
+    _notebook(books / "14_stall.ipynb", 'run_dir = "runs/dev"\nseed = 0', STALL)
     monkeypatch.setattr(stages, "NOTEBOOKS", books)
     monkeypatch.setattr(stages, "STAGES", {
         "10_make": stages.StageSpec(outputs=lambda p: [p["name"]]),
         "11_use": stages.StageSpec(outputs=lambda p: [p["out"]], inputs=lambda p: [p["name"]]),
         "12_hang": stages.StageSpec(outputs=lambda p: [], cell_timeout=3),
         "13_slow": stages.StageSpec(outputs=lambda p: [p["name"] + ".json"]),
+        "14_stall": stages.StageSpec(outputs=lambda p: [], cell_timeout=120),
     })
 
     def run(stages: dict, **kw):
@@ -414,6 +427,22 @@ def test_a_hanging_cell_fails_naming_the_stage_and_cell(toy):
         toy({"12_hang": {}})
     with pytest.raises(SystemExit, match="limit of 1 s"):
         toy({"12_hang": {"cell_timeout": 1}})
+
+
+def test_a_kernel_left_idle_while_papermill_waits_fails_its_stage_and_the_other_goes_on(toy, monkeypatch, tmp_path):
+    """A cell after which the client waits on an idle kernel fails its stage within the idle
+    limit (not the cell limit of 120 s), in one line naming the notebook and the cell; the
+    stage running beside it finishes."""
+    monkeypatch.setenv("CSP_IDLE_LIMIT_S", "3")
+    t0 = time.time()
+    stalled = r"14_stall failed: 14_stall.ipynb: cell \d+ of the executed copy \('kernel = get_ipython\(\).kernel'\) " \
+              r"left papermill waiting on an idle kernel for more than 3 s; the kernel was stopped\n"
+    with pytest.raises(SystemExit, match=stalled):
+        toy({"14_stall": {}, "13_slow": {"seconds": 8}}, jobs=2)
+    assert time.time() - t0 < 60
+    run = tmp_path / "runs" / "toy"
+    assert (run / "markers" / "13_slow.json").exists() and (run / "slow.json").exists()
+    assert not (run / "markers" / "14_stall.json").exists()
 
 
 def test_kernels_are_encrypted_and_shut_down_without_a_ctrl_c(toy, capfd, monkeypatch):
