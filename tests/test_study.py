@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -945,3 +946,53 @@ def test_a_damaged_input_is_refused_before_the_stages_outputs_are_removed(toy, t
     with pytest.raises(SystemExit, match="11_use failed: it reads the outputs of 10_make, which has not finished"):
         toy({"10_make": {}, "11_use": {}}, only=["11_use"], runs_root=tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "toy" / "summary.txt").exists()
+
+
+# ---------------------------------------------------------------- notebook 01 in a batch run
+def _explorer_runs(tmp_path, times: int) -> list[float]:
+    """Notebook 01 through papermill ``times`` times in a row, as the driver runs it (its kernel
+    manager: kernels marked as batch, watched for a stalled client), with tiny parameters;
+    each executed copy must hold no widget, only the stills. Returns each run's seconds."""
+    from csp_utils.pipeline import execute
+    from csp_utils.pipeline.planning import Stage
+
+    params = {"grid_levels": [100, 10], "photo": "coins", "photo_box": [10, 10, 60, 60]}
+    seconds = []
+    for i in range(times):
+        stage = Stage("01_perturbation_explorer", params, ["figures/perturbation_grid*"], [], [], [], False, 300)
+        out = tmp_path / f"01_run{i}.ipynb"
+        t0 = time.time()
+        execute.execute_stage(stage, tmp_path / "run", out, log_output=False)
+        seconds.append(time.time() - t0)
+        outputs = [o for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), i
+        assert sum("image/jpeg" in o.get("data", {}) for o in outputs) == 4   # two views, two stills
+    return seconds
+
+
+def test_the_explorer_in_a_batch_run_builds_no_widgets(tmp_path):
+    seconds = _explorer_runs(tmp_path, 2)
+    assert max(seconds) < 120, seconds   # a stalled run sat at the 600 s cell limit
+
+
+@pytest.mark.slow
+def test_the_explorer_runs_ten_times_in_a_row_each_in_its_normal_time(tmp_path):
+    seconds = _explorer_runs(tmp_path, 10)
+    assert max(seconds) < 3 * sorted(seconds)[len(seconds) // 2] + 10, seconds
+
+
+def test_a_kernel_started_by_papermill_itself_counts_as_a_batch_kernel(tmp_path, monkeypatch):
+    """Outside the driver (no CSP_BATCH), papermill's command line as the kernel's parent
+    marks the run as a batch run."""
+    import nbformat
+
+    book = tmp_path / "probe.ipynb"
+    _notebook(book, "x = 0", "from csp_utils.pipeline.stages import batch_kernel\nprint('batch', batch_kernel())")
+    env = {k: v for k, v in os.environ.items() if k != stages.BATCH_ENV}
+    papermill = Path(sys.executable).with_name("papermill")
+    subprocess.run([str(papermill), str(book), str(tmp_path / "out.ipynb"), "-k", "python3", "--no-progress-bar"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    out = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4)
+    assert "batch True" in "".join(o.get("text", "") for o in out.cells[-1].outputs)
+    monkeypatch.delenv(stages.BATCH_ENV, raising=False)
+    assert not stages.batch_kernel(), "this process (pytest) is not a batch kernel: the check can fail"

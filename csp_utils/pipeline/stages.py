@@ -184,10 +184,12 @@ def batch_kernel() -> bool:
     if os.environ.get(BATCH_ENV) == "1":
         return True
     try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return any(name in parent for name in ("papermill", "nbconvert", "nbclient"))
+    # the program itself (papermill's script, python -m papermill), not any argument naming it
+    programs = [Path(a).name for a in args[:2]] + [b for a, b in zip(args, args[1:3]) if a == "-m"]
+    return any(p in ("papermill", "jupyter-nbconvert", "nbconvert") for p in programs)
 
 
 # ------------------------------------------------------------------ run folders
