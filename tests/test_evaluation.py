@@ -209,13 +209,14 @@ def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, re
 
 
 # ------------------------------------------------------------------ confidence-only adapters
-def _with_random_adapter(model, scale: float, seed: int = 0):
-    """``model`` (a copy) under a LoRA whose B is random, so the adapter changes its outputs."""
+def _with_random_adapter(model, scale: float, seed: int = 0, config=None):
+    """``model`` (a copy) under a LoRA (``config``, else one on every linear layer of the
+    language model and projector) whose B is random, so the adapter changes its outputs."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=[
+    peft_model = get_peft_model(copy.deepcopy(model), config or LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"]))
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -256,23 +257,12 @@ def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
 
 
 # ------------------------------------------------------------------ activated adapters
-def _with_random_activated_adapter(model, processor, scale: float, seed: int = 0):
-    """``model`` (a copy) under an activated LoRA (PEFT's aLoRA, invoked by the third-person
-    follow-up question) whose B is random, so the adapter changes the confidence."""
-    import copy
-
-    from peft import get_peft_model
-
+def _with_random_activated_adapter(model, processor, scale: float):
+    """An activated LoRA (PEFT's aLoRA, invoked by the third-person follow-up question)."""
     from csp_utils.train import settings, trainers
 
     config = trainers.lora_config(model, settings.LoraSettings(r=8, activation="confidence"), processor)
-    peft_model = get_peft_model(copy.deepcopy(model), config)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, scale)
-    return peft_model.eval()
+    return _with_random_adapter(model, scale, config=config)
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_text_first"])
