@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from csp_utils.vlm.engine import (Prompts, attn_implementation, cache_of, device_dtype, fork_cache, keeps_last_logits_only,
-                                  last_occurrence, model_inputs, plain_prompts, position_ids_from_mask, rows_repeated, tokenizer_of,
-                                  uses_mrope)
+                                  last_occurrence, model_inputs, plain_prompts, position_ids_from_mask, rows_repeated,
+                                  tokenizer_of, uses_mrope)
 
 
 def score_options(model, processor, messages, images, option_ids, option_chunk: int | None = None,
