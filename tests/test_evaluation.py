@@ -209,13 +209,14 @@ def test_layouts_on_the_fast_path_equal_one_question_at_a_time(layout, which, re
 
 
 # ------------------------------------------------------------------ confidence-only adapters
-def _with_random_adapter(model, scale: float, seed: int = 0):
-    """``model`` (a copy) under a LoRA whose B is random, so the adapter changes its outputs."""
+def _with_random_adapter(model, scale: float, seed: int = 0, config=None):
+    """``model`` (a copy) under a LoRA (``config``, else one on every linear layer of the
+    language model and projector) whose B is random, so the adapter changes its outputs."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=[
+    peft_model = get_peft_model(copy.deepcopy(model), config or LoraConfig(r=8, lora_alpha=16, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"]))
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -253,6 +254,76 @@ def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
         np.testing.assert_allclose(r["option_logliks"], ref, atol=1e-4, rtol=0)
     base_singles = [r for r in base_rows if r["readout"] == "single_pass"]
     assert any(abs(a["confidence"] - b["confidence"]) > 1e-3 for a, b in zip(singles, base_singles))
+
+
+# ------------------------------------------------------------------ activated adapters
+def _with_random_activated_adapter(model, processor, scale: float):
+    """An activated LoRA (PEFT's aLoRA, invoked by the third-person follow-up question)."""
+    from csp_utils.train import settings, trainers
+
+    config = trainers.lora_config(model, settings.LoraSettings(r=8, activation="confidence"), processor)
+    return _with_random_adapter(model, scale, config=config)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_text_first"])
+@pytest.mark.parametrize("scope", ["confidence", "all"])
+def test_an_activated_adapter_continues_the_answer_turns_cache_with_the_same_rows(which, scope, request, monkeypatch):
+    """The confidence prompts continue the answer prompts' KV cache (no image, no question fed
+    again) and give today's rows: answers equal, confidences within 1e-6; the adapter acts
+    there (its confidences are not the base model's)."""
+    base, proc = request.getfixturevalue(which)
+    adapted = _with_random_activated_adapter(base, proc, 0.5)
+    bench = make_benchmark(10)
+    items, images, parse = bench.items, bench_images(bench, bench.items), ev.answer_parser(bench)
+    cfg = ev.EvalConfig(framings=("third", "first"), batch_size=5, max_new_tokens=6, confidence_max_new_tokens=4,
+                        layout="follow_up", adapter_scope=scope)
+    taken, real = [], engine.continued_prompts
+    monkeypatch.setattr(engine, "continued_prompts", lambda *a, **k: taken.append(real(*a, **k)) or taken[-1])
+
+    def rows(model, config):
+        return [r for s in range(0, 10, 5)
+                for r in ev.elicit_batch(model, proc, items[s:s + 5], images[s:s + 5], config, "m", parse)]
+
+    new = rows(adapted, cfg)
+    assert len(taken) == 4 and all(p is not None and p.prefix_cache is not None for p in taken)
+    assert all(not p.image_inputs for p in taken), "the image is not given again"
+    old = rows(adapted, dataclasses.replace(cfg, continue_answer_cache=False))
+    assert len(taken) == 4, "today's path builds its prompts whole"
+    assert len(new) == len(old)
+    for a, b in zip(new, old):
+        same = {k: a[k] for k in SCHEMA if k not in ("confidence", "option_probs", "option_logliks")}
+        assert same == {k: b[k] for k in same}, "answers, read-outs and the internal probability equal"
+        if a["readout"] == "single_pass":   # float32 log-likelihoods of ~-20: within their last bits
+            assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-6)
+            np.testing.assert_allclose(a["option_probs"], b["option_probs"], atol=1e-6, rtol=0)
+            np.testing.assert_allclose(a["option_logliks"], b["option_logliks"], atol=0, rtol=1e-6)
+    plain = rows(base, dataclasses.replace(cfg, adapter_scope="all"))
+    third = [(a, b) for a, b in zip(new, plain) if a["framing"] == "third" and a["readout"] == "single_pass"]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in third) > 1e-3, "the adapter acts"
+    first = [(a, b) for a, b in zip(new, plain) if a["framing"] == "first" and a["readout"] == "single_pass"]
+    assert max(abs(a["confidence"] - b["confidence"]) for a, b in first) < 1e-5, "not invoked: the base model"
+
+
+def test_continued_prompts_refuse_what_they_cannot_continue_exactly(tiny):
+    model, proc = tiny
+    msgs = [prompts.answer_messages("Is there a red star?")]
+    before_texts = engine.chat_texts(proc, msgs)
+    before = engine.plain_prompts(model, proc, msgs, noise_images(1))
+    cache = object()
+    follow = engine.chat_texts(proc, [prompts.confidence_messages("Is there a red star?", "Yes", layout="follow_up")])
+    assert engine.continued_prompts(proc, before, cache, before_texts, follow) is not None
+    other = engine.chat_texts(proc, [prompts.confidence_messages("Is there a star?", "Yes", layout="follow_up")])
+    assert engine.continued_prompts(proc, before, cache, before_texts, other) is None      # another head
+    assert engine.continued_prompts(proc, before, None, before_texts, follow) is None      # no cache kept
+    invocation = engine.invocation_tokens(proc)
+    assert engine.continued_prompts(proc, before, cache, before_texts, follow, invocation) is not None
+    tok = engine.tokenizer_of(proc)
+    assert len(tok(" Yes", add_special_tokens=False)["input_ids"]) == 1
+    seam = [before_texts[0] + " Ye"]   # the tail "s" would sit inside the whole text's token " Yes"
+    assert engine.continued_prompts(proc, before, cache, seam, [before_texts[0] + " Yes"]) is None
+    # the invocation already in the cached part: PEFT would not find it in the new tokens alone
+    assert engine.continued_prompts(proc, before, cache, follow, [follow[0] + " Yes"]) is not None
+    assert engine.continued_prompts(proc, before, cache, follow, [follow[0] + " Yes"], invocation) is None
 
 
 # ------------------------------------------------- answers of another confidence-only adapter

@@ -11,7 +11,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -250,6 +252,16 @@ time.sleep(seconds)
 '''
 
 
+# What a client stuck after a widget cell sees (papermill #723): the kernel reports idle for the
+# cell, yet no reply comes. The cell says "idle" itself and then keeps the reply back.
+STALL = '''
+kernel = get_ipython().kernel
+kernel._publish_status("idle", "shell")
+import time
+time.sleep(100)
+'''
+
+
 def _notebook(path: Path, parameters: str, code: str) -> None:
     import nbformat
 
@@ -271,12 +283,14 @@ def toy(tmp_path, monkeypatch):
     _notebook(books / "11_use.ipynb", 'run_dir = "runs/dev"\nname = "data"\nout = "summary.txt"', USE)
     _notebook(books / "12_hang.ipynb", 'run_dir = "runs/dev"\nseed = 0', "import time\ntime.sleep(60)")
     _notebook(books / "13_slow.ipynb", 'run_dir = "runs/dev"\nseed = 0\nname = "slow"\nseconds = 3', SLOW)
+    _notebook(books / "14_stall.ipynb", 'run_dir = "runs/dev"\nseed = 0', STALL)
     monkeypatch.setattr(stages, "NOTEBOOKS", books)
     monkeypatch.setattr(stages, "STAGES", {
         "10_make": stages.StageSpec(outputs=lambda p: [p["name"]]),
         "11_use": stages.StageSpec(outputs=lambda p: [p["out"]], inputs=lambda p: [p["name"]]),
         "12_hang": stages.StageSpec(outputs=lambda p: [], cell_timeout=3),
         "13_slow": stages.StageSpec(outputs=lambda p: [p["name"] + ".json"]),
+        "14_stall": stages.StageSpec(outputs=lambda p: [], cell_timeout=120),
     })
 
     def run(stages: dict, **kw):
@@ -414,6 +428,22 @@ def test_a_hanging_cell_fails_naming_the_stage_and_cell(toy):
         toy({"12_hang": {}})
     with pytest.raises(SystemExit, match="limit of 1 s"):
         toy({"12_hang": {"cell_timeout": 1}})
+
+
+def test_a_kernel_left_idle_while_papermill_waits_fails_its_stage_and_the_other_goes_on(toy, monkeypatch, tmp_path):
+    """A cell after which the client waits on an idle kernel fails its stage within the idle
+    limit (not the cell limit of 120 s), in one line naming the notebook and the cell; the
+    stage running beside it finishes."""
+    monkeypatch.setenv("CSP_IDLE_LIMIT_S", "3")
+    t0 = time.time()
+    stalled = r"14_stall failed: 14_stall.ipynb: cell \d+ of the executed copy \('kernel = get_ipython\(\).kernel'\) " \
+              r"left papermill waiting on an idle kernel for more than 3 s; the kernel was stopped\n"
+    with pytest.raises(SystemExit, match=stalled):
+        toy({"14_stall": {}, "13_slow": {"seconds": 8}}, jobs=2)
+    assert time.time() - t0 < 60
+    run = tmp_path / "runs" / "toy"
+    assert (run / "markers" / "13_slow.json").exists() and (run / "slow.json").exists()
+    assert not (run / "markers" / "14_stall.json").exists()
 
 
 def test_kernels_are_encrypted_and_shut_down_without_a_ctrl_c(toy, capfd, monkeypatch):
@@ -916,3 +946,53 @@ def test_a_damaged_input_is_refused_before_the_stages_outputs_are_removed(toy, t
     with pytest.raises(SystemExit, match="11_use failed: it reads the outputs of 10_make, which has not finished"):
         toy({"10_make": {}, "11_use": {}}, only=["11_use"], runs_root=tmp_path / "fresh")
     assert not (tmp_path / "fresh" / "toy" / "summary.txt").exists()
+
+
+# ---------------------------------------------------------------- notebook 01 in a batch run
+def _explorer_runs(tmp_path, times: int) -> list[float]:
+    """Notebook 01 through papermill ``times`` times in a row, as the driver runs it (its kernel
+    manager: kernels marked as batch, watched for a stalled client), with tiny parameters;
+    each executed copy must hold no widget, only the stills. Returns each run's seconds."""
+    from csp_utils.pipeline import execute
+    from csp_utils.pipeline.planning import Stage
+
+    params = {"grid_levels": [100, 10], "photo": "coins", "photo_box": [10, 10, 60, 60]}
+    seconds = []
+    for i in range(times):
+        stage = Stage("01_perturbation_explorer", params, ["figures/perturbation_grid*"], [], [], [], False, 300)
+        out = tmp_path / f"01_run{i}.ipynb"
+        t0 = time.time()
+        execute.execute_stage(stage, tmp_path / "run", out, log_output=False)
+        seconds.append(time.time() - t0)
+        outputs = [o for c in json.loads(out.read_text())["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+        assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs), i
+        assert sum("image/jpeg" in o.get("data", {}) for o in outputs) == 4   # two views, two stills
+    return seconds
+
+
+def test_the_explorer_in_a_batch_run_builds_no_widgets(tmp_path):
+    seconds = _explorer_runs(tmp_path, 2)
+    assert max(seconds) < 120, seconds   # a stalled run sat at the 600 s cell limit
+
+
+@pytest.mark.slow
+def test_the_explorer_runs_ten_times_in_a_row_each_in_its_normal_time(tmp_path):
+    seconds = _explorer_runs(tmp_path, 10)
+    assert max(seconds) < 3 * sorted(seconds)[len(seconds) // 2] + 10, seconds
+
+
+def test_a_kernel_started_by_papermill_itself_counts_as_a_batch_kernel(tmp_path, monkeypatch):
+    """Outside the driver (no CSP_BATCH), papermill's command line as the kernel's parent
+    marks the run as a batch run."""
+    import nbformat
+
+    book = tmp_path / "probe.ipynb"
+    _notebook(book, "x = 0", "from csp_utils.pipeline.stages import batch_kernel\nprint('batch', batch_kernel())")
+    env = {k: v for k, v in os.environ.items() if k != stages.BATCH_ENV}
+    papermill = Path(sys.executable).with_name("papermill")
+    subprocess.run([str(papermill), str(book), str(tmp_path / "out.ipynb"), "-k", "python3", "--no-progress-bar"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    out = nbformat.read(str(tmp_path / "out.ipynb"), as_version=4)
+    assert "batch True" in "".join(o.get("text", "") for o in out.cells[-1].outputs)
+    monkeypatch.delenv(stages.BATCH_ENV, raising=False)
+    assert not stages.batch_kernel(), "this process (pytest) is not a batch kernel: the check can fail"

@@ -876,6 +876,51 @@ def test_an_activated_adapter_keeps_the_base_models_states_before_the_confidence
     assert float((got[-1][:, start:] - ref[-1][:, start:]).abs().max()) > 1e-4, "the adapter acts from the question on"
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_an_activated_adapter_trains_past_its_prefix_with_the_same_loss_and_gradients(work, tmp_path, dropout,
+                                                                                      monkeypatch):
+    """The option loss of an activated adapter with the part before the invocation run once
+    without gradient equals the whole prompt's forward and backward: loss and every LoRA
+    gradient within float error (train mode, LoRA dropout on or off, same seed)."""
+    from peft import get_peft_model
+
+    from csp_utils.vlm import scoring
+
+    model, processor = load_base(work)
+    cfg = dataclass_replace(small_configs().sft, loss="soft_ce", confidence_target="internal", layout="follow_up",
+                            lora=settings.LoraSettings(activation="confidence", dropout=dropout))
+    model = get_peft_model(model, trainers.lora_config(model, cfg.lora, processor))
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero LoRA B so that both LoRA matrices take gradients
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    rows = trainers.option_rows(make_grounded_dataset(), "internal")
+    trainer = trainers.build_option_trainer(model, processor, rows, cfg, tmp_path)
+    batch = trainer.data_collator([rows[i] for i in range(6)])
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1, "the test needs prompts of mixed lengths"
+    cuts, real = [], scoring.before_invocation
+    monkeypatch.setattr(scoring, "before_invocation", lambda *a: cuts.append(real(*a)) or cuts[-1])
+    model.train()
+
+    def loss_and_grads(split: bool):
+        trainer.split_activated = split
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole_loss, whole = loss_and_grads(False)
+    assert cuts == []
+    split_loss, split = loss_and_grads(True)
+    assert len(cuts) == 1 and cuts[0] is not None and cuts[0].prefix_len > 64, "image and question in the cache"
+    assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+    assert whole.keys() == split.keys() and any(float(g.abs().max()) > 1e-4 for g in whole.values())
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_grounded_probe_script_runs_on_the_embedded_model(tmp_path):
     """The experiment script end to end at toy size: rows, one adapter, confidence-only

@@ -27,7 +27,12 @@ Confidence-only adapters: with ``EvalConfig.adapter_scope="confidence"`` and a P
 the answer turn runs with the adapter disabled (``model.disable_adapter()``), so answers and
 the internal probability are the base model's, and only the confidence prompts see the
 adapter. Nothing computed under one is reused under the other (prefix caches, encoded
-images). ``"all"`` (the default) lets the adapted model answer too. Such an adapter may
+images), except for an activated adapter (PEFT's aLoRA) in the follow-up layout: every
+state before its invocation is the base model's, so the confidence prompts continue the
+answer prompts' KV cache (image included) with only the answer and the follow-up question
+fed (:func:`engine.continued_prompts`). Where that is not exact (a tokenizer that merges
+across the seam, an invocation outside the new tokens, multimodal RoPE, another layout)
+they are built whole as for any adapter. ``"all"`` (the default) lets the adapted model answer too. Such an adapter may
 take its answer-turn fields from the rows of another confidence-only adapter on the same
 base model (``evaluate(answers_from=...)``, checked by :func:`load_answers`) instead of
 generating them again.
@@ -108,6 +113,8 @@ class EvalConfig:
     response: str = "raw"           # {response} = "raw" reply, or "parsed" ("Yes"/"No")
     share_prefix: bool = True       # run template head + image once per batch (where exact)
     reuse_image_features: bool = True  # without a shared prefix: the vision encoder once per batch for all prompts
+    continue_answer_cache: bool = True  # activated adapter, follow-up layout: confidence prompts continue the
+                                        # answer prompts' KV cache (exact: states before the invocation are the base's)
     seed: int = 0
     prompt_config: prompts.PromptConfig | None = None
     progress: bool = True
@@ -302,6 +309,8 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     if option_ids is None and "single_pass" in config.readouts:
         option_ids = option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
     separate = answers_on_base(model, config)
+    invocation = continues_answer_turn(model, config) if answers is None else None
+    answer_turn = None
     if answers is not None:
         if not separate:
             raise ValueError("answers can stand in only for the answer turn of a confidence-only adapter "
@@ -313,8 +322,8 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
         internal = [(a["internal_prob"], a["internal_prob_raw"]) for a in answers]
         prefix = encoded = None
     else:
-        raw, parsed, internal, prefix, encoded = _answer_turn(model, processor, items, images, config, parse,
-                                                              yn or yes_no_tokens(processor))
+        raw, parsed, internal, prefix, encoded, answer_turn = _answer_turn(
+            model, processor, items, images, config, parse, yn or yes_no_tokens(processor), invocation is not None)
     responses = [_response_text(r, p, config.response) for r, p in zip(raw, parsed)]
     if separate:  # computed by the base model: the adapter's confidence prompts need their own
         prefix = encoded = None
@@ -323,7 +332,11 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     for framing in config.framings:
         msgs = [prompts.confidence_messages(it.question, resp, framing=framing, config=pc, layout=config.layout)
                 for it, resp in zip(items, responses)]
-        conf_prompts = prefix.prompts(msgs) if prefix is not None else None
+        conf_prompts = None
+        if answer_turn is not None:
+            conf_prompts = engine.continued_prompts(processor, *answer_turn, chat_texts(processor, msgs), invocation)
+        if conf_prompts is None and prefix is not None:
+            conf_prompts = prefix.prompts(msgs)
         if conf_prompts is None and separate and prefix is None and encoded is None:
             conf_texts = chat_texts(processor, msgs)
             if config.share_prefix:
@@ -350,16 +363,17 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     return [rows[(i, f, r)] for i in range(len(items)) for f in config.framings for r in config.readouts]
 
 
-def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn):
-    """Greedy answers, parsed answers and internal probabilities of one batch."""
+def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn, keep_cache: bool = False):
+    """Greedy answers, parsed answers and internal probabilities of one batch; with
+    ``keep_cache`` also ``(prompts, prompt cache, texts)`` of the answer prompts (else None)."""
     answer_msgs = [prompts.answer_messages(it.question, config=config.prompt_config) for it in items]
     with _answer_context(model, config):
         # no shared prefix (e.g. the question comes before the image): at least encode the
         # images once for the answer and every confidence prompt
         turn = engine.answer_turn(model, processor, answer_msgs, images, config.max_new_tokens, parse, yn,
                                   share_prefix=config.share_prefix,
-                                  reuse_image_features=config.reuse_image_features)
-    return turn.raw, turn.parsed, turn.internal, turn.prefix, turn.encoded
+                                  reuse_image_features=config.reuse_image_features, keep_cache=keep_cache)
+    return turn.raw, turn.parsed, turn.internal, turn.prefix, turn.encoded, turn.kept
 
 
 def _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config: EvalConfig) -> list[dict]:
@@ -430,6 +444,14 @@ def has_adapter(model) -> bool:
 def answers_on_base(model, config: EvalConfig) -> bool:
     """True when the answer turn runs on the base model (a confidence-only adapter)."""
     return config.adapter_scope == "confidence" and has_adapter(model)
+
+
+def continues_answer_turn(model, config: EvalConfig) -> list[int] | None:
+    """The invocation tokens of an activated adapter whose confidence prompts may continue
+    the answer turn's cache (follow-up layout, 1-D positions), else None."""
+    if not config.continue_answer_cache or config.layout != "follow_up" or engine.uses_mrope(model):
+        return None
+    return engine.activated_invocation(model)
 
 
 def _answer_context(model, config: EvalConfig):

@@ -10,6 +10,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from csp_utils.core.paths import REPO
 from csp_utils.pipeline.planning import Stage
-from csp_utils.pipeline.stages import notebook_of
+from csp_utils.pipeline.stages import BATCH_ENV, notebook_of
 from csp_utils.pipeline.markers import (StageFailed, changed_outputs, digest_and_files, hash_json, marker_path,
                                         os_problem, read_marker, running_path, write_json)
 
@@ -38,6 +40,51 @@ def _timed_out_cell(out_nb: Path) -> str:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+IDLE_LIMIT_S = 120    # a kernel idle this long while its notebook still runs: the client is stuck
+
+
+def idle_limit() -> float:
+    """Seconds a kernel may sit idle while papermill still runs its notebook:
+    ``CSP_IDLE_LIMIT_S`` in the environment, else :data:`IDLE_LIMIT_S`."""
+    return float(os.environ.get("CSP_IDLE_LIMIT_S", IDLE_LIMIT_S))
+
+
+class _IdleWatch(threading.Thread):
+    """Watches a kernel's status messages (a second subscriber to its IOPub channel) and kills
+    it once it has been idle for ``limit`` seconds without a new request: while papermill runs
+    a notebook, requests follow each other within milliseconds, so an idle kernel that long
+    means a client still waiting on a cell the kernel has finished (nbclient's wait after
+    widget cells, papermill #723). The client then sees a dead kernel and the stage fails."""
+
+    def __init__(self, manager, limit: float):
+        super().__init__(daemon=True, name="csp-idle-watch")
+        self.manager, self.limit = manager, limit
+        self.stalled = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from queue import Empty
+
+        from jupyter_client import BlockingKernelClient
+
+        client = BlockingKernelClient()
+        client.load_connection_info(self.manager.get_connection_info())
+        client.start_channels(shell=False, iopub=True, stdin=False, hb=False, control=False)
+        idle_since = None
+        try:
+            while not self.done.is_set():
+                try:
+                    msg = client.get_iopub_msg(timeout=0.5)
+                except Empty:
+                    if idle_since is not None and time.monotonic() - idle_since > self.limit:
+                        self.stalled = True
+                        self.manager.provisioner.process.kill()
+                        return
+                    continue
+                state = msg["content"].get("execution_state") if msg["msg_type"] == "status" else None
+                idle_since = time.monotonic() if state == "idle" else None
+        finally:
+            client.stop_channels()
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -71,8 +118,12 @@ def _kernel_manager_class():
     (next to the connection file) never leave the machine, so there is nothing to encrypt;
     CurveZMQ over TCP, the other way to silence the warning, once left a study test waiting
     forever on a kernel that sat idle. The shutdown request alone ends an idle kernel; a busy
-    one (a cell past its limit) still gets SIGTERM, then SIGKILL, from jupyter_client."""
+    one (a cell past its limit) still gets SIGTERM, then SIGKILL, from jupyter_client.
+    Each kernel is watched for a client stuck on it (:class:`_IdleWatch`; the class's
+    ``watches`` list them) and told it runs in a batch (``CSP_BATCH``: no widgets)."""
     from jupyter_client import AsyncKernelManager
+
+    watches: list[_IdleWatch] = []
 
     class DriverKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
@@ -91,13 +142,19 @@ def _kernel_manager_class():
             preexec = _die_with_parent()
             if preexec is not None:
                 kw["preexec_fn"] = preexec
-            return await super()._async_launch_kernel(kernel_cmd, **kw)
+            kw["env"] = {**(kw.get("env") or os.environ), BATCH_ENV: "1"}  # no person at this notebook
+            await super()._async_launch_kernel(kernel_cmd, **kw)
+            self._watch = _IdleWatch(self, idle_limit())
+            watches.append(self._watch)
+            self._watch.start()
 
         async def _async_interrupt_kernel(self):
             if not self._quiet_shutdown:
                 await super()._async_interrupt_kernel()
 
         async def shutdown_kernel(self, now: bool = False, restart: bool = False):
+            if getattr(self, "_watch", None) is not None:
+                self._watch.done.set()
             self._quiet_shutdown = True
             try:
                 await super()._async_shutdown_kernel(now=now, restart=restart)
@@ -106,19 +163,29 @@ def _kernel_manager_class():
                 if not restart:
                     shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+    DriverKernelManager.watches = watches
     return DriverKernelManager
 
 
 def execute_stage(stage: Stage, run_dir: Path, out_nb: Path, log_output: bool, notebook: Path | None = None) -> None:
-    """Run the notebook; a failing cell or one past the stage's time limit stops the study."""
+    """Run the notebook; a failing cell, one past the stage's time limit, or a kernel left idle
+    while papermill still waits (:func:`idle_limit`) fails the stage."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
+    notebook = Path(notebook or notebook_of(stage.name))
+    manager = _kernel_manager_class()
     try:
-        pm.execute_notebook(str(notebook or notebook_of(stage.name)), str(out_nb),
-                            parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
-                            progress_bar=False, log_output=log_output, kernel_name="python3",
-                            execution_timeout=stage.cell_timeout, kernel_manager_class=_kernel_manager_class())
+        try:
+            pm.execute_notebook(str(notebook), str(out_nb),
+                                parameters={**stage.parameters, "run_dir": str(run_dir)}, cwd=str(REPO),
+                                progress_bar=False, log_output=log_output, kernel_name="python3",
+                                execution_timeout=stage.cell_timeout, kernel_manager_class=manager)
+        finally:  # a stopped idle kernel surfaces as whatever the client saw: say what happened
+            if any(w.stalled for w in manager.watches):
+                raise StageFailed(stage.name, f"{notebook.name}: {_timed_out_cell(out_nb)} left papermill waiting on "
+                                  f"an idle kernel for more than {idle_limit():g} s; the kernel was stopped",
+                                  out_nb) from None
     except pm.PapermillExecutionError as err:
         raise StageFailed(stage.name, f"{err.ename}: {err.evalue}", out_nb) from None
     except CellTimeoutError:

@@ -5,6 +5,7 @@ and notebooks are.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,26 @@ STAGES: dict[str, StageSpec] = {
         cell_timeout=HOUR, types=dict.fromkeys(("results_dir", "figures_dir", "publish_results", "readme",
                                                 "results_doc", "publish_notebooks"), (str,))),
 }
+
+
+# ------------------------------------------------------------------ batch kernels
+BATCH_ENV = "CSP_BATCH"   # "1" in the environment of every kernel the driver starts
+
+
+def batch_kernel() -> bool:
+    """True in a kernel that runs a notebook unattended: one the driver started (``CSP_BATCH``)
+    or one whose parent process is papermill or nbconvert (Linux: ``/proc``). Nobody moves a
+    widget there, and nbclient can leave such a run waiting on an idle kernel after a cell
+    that builds ``interact`` widgets (papermill #723, nbclient #312)."""
+    if os.environ.get(BATCH_ENV) == "1":
+        return True
+    try:
+        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    # the program itself (papermill's script, python -m papermill), not any argument naming it
+    programs = [Path(a).name for a in args[:2]] + [b for a, b in zip(args, args[1:3]) if a == "-m"]
+    return any(p in ("papermill", "jupyter-nbconvert", "nbconvert") for p in programs)
 
 
 # ------------------------------------------------------------------ run folders

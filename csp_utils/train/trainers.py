@@ -285,11 +285,17 @@ class OptionCollator:
         return enc
 
 
-def option_logliks(model, batch: dict, option_ids):
+def option_logliks(model, batch: dict, option_ids, split_activated: bool = True):
     """(B, K) summed token log-likelihood of each option as the reply, with gradients: the
-    evaluation's single-pass scoring (prefix tree behind the prompt, one forward)."""
+    evaluation's single-pass scoring (prefix tree behind the prompt, one forward). With an
+    activated adapter (and ``split_activated``) what precedes its invocation runs once without
+    gradient and the rest continues its cache (:func:`scoring.before_invocation`): the same
+    loss and gradients, without a backward pass through the image and the question."""
     rest = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "targets")}
     p = engine.Prompts(batch["input_ids"], batch["attention_mask"], rest)
+    invocation = engine.activated_invocation(model) if split_activated else None
+    if invocation is not None:
+        p = scoring.before_invocation(model, p, invocation) or p
     attn = engine.attn_implementation(model)
     if attn not in ("sdpa", "eager"):
         raise ValueError(f"option losses need an attention that takes a custom mask (sdpa, eager), not {attn!r}")
@@ -371,6 +377,7 @@ def _option_trainer_class():
         (batches from ``OptionCollator``; see :func:`option_losses`)."""
 
         loss_is_scaled_for_ga = False
+        split_activated = True   # see option_logliks; False: the whole prompt with gradient
 
         def __init__(self, *args, loss: str = "brier", option_ids=None, options=prompts.CONFIDENCE_LEVELS,
                      **kwargs):
@@ -380,7 +387,7 @@ def _option_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             targets = inputs["targets"]
-            ll = option_logliks(model, inputs, self.option_ids)
+            ll = option_logliks(model, inputs, self.option_ids, self.split_activated)
             loss = option_losses(ll, targets, self.options, self.loss_kind).mean()
             with torch.no_grad():
                 o = torch.tensor([x / 100 for x in self.options], device=ll.device)

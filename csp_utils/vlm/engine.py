@@ -162,6 +162,57 @@ def invocation_tokens(processor, framing: str = "third", config: prompts.PromptC
     return ids
 
 
+def activated_invocation(model) -> list[int] | None:
+    """The invocation tokens of the model's active adapter where it is an activated one
+    (PEFT's aLoRA, ``alora_invocation_tokens``), else None. Every state before the last
+    occurrence of these tokens is then the base model's."""
+    configs = getattr(model, "peft_config", None)
+    active = getattr(model, "active_adapter", None)
+    if not isinstance(configs, dict) or not isinstance(active, str) or active not in configs:
+        return None
+    tokens = getattr(configs[active], "alora_invocation_tokens", None)
+    return [int(t) for t in tokens] if tokens else None
+
+
+def last_occurrence(ids: list[int], seq: list[int]) -> int | None:
+    """Where the last occurrence of ``seq`` in ``ids`` starts, or None."""
+    n = len(seq)
+    return next((k for k in range(len(ids) - n, -1, -1) if ids[k:k + n] == seq), None)
+
+
+def continued_prompts(processor, before: Prompts, cache, before_texts, texts,
+                      invocation: list[int] | None = None) -> Prompts | None:
+    """Prompts that continue ``before`` (prompts whose KV ``cache`` holds all their positions)
+    with the rest of ``texts``: each text must be its ``before`` text plus a tail, and tokenize
+    as the ``before`` text's tokens followed by the tail's own (a tokenizer that merges across
+    the seam gives None). The padding of ``before`` stays where it is, so each row's tail
+    follows a gap (positions skip it, as on a shared prefix). With an activated adapter's
+    ``invocation`` the last occurrence of it must lie inside the tail (or nowhere): PEFT then
+    finds it in the tail alone just as in the whole prompt."""
+    if cache is None or len(texts) != len(before_texts):
+        return None
+    tails = []
+    for head, text in zip(before_texts, texts):
+        if not text.startswith(head) or len(text) == len(head):
+            return None
+        tails.append(text[len(head):])
+    tok = tokenizer_of(processor)
+    tail_ids = tok(tails, add_special_tokens=False)["input_ids"]
+    heads = tok(list(before_texts), add_special_tokens=False)["input_ids"]
+    wholes = tok(list(texts), add_special_tokens=False)["input_ids"]
+    if any(not t or w != h + t for w, h, t in zip(wholes, heads, tail_ids)):
+        return None
+    if invocation is not None:
+        starts = [last_occurrence(w, invocation) for w in wholes]
+        if any(k is not None and k < len(h) for k, h in zip(starts, heads)):
+            return None
+    dev = before.input_ids.device
+    ids, mask = (t.to(dev) for t in _left_padded(tail_ids, tok))
+    T = before.input_ids.shape[1]
+    return Prompts(torch.cat([before.input_ids, ids], 1), torch.cat([before.attention_mask, mask], 1), {},
+                   prefix_cache=cache, prefix_len=T)
+
+
 def encode(processor, messages: list[list[dict]], images: list, device=None, dtype=None, texts=None):
     """Chat-template each conversation (with the generation prompt) and batch it, left-padded.
 
@@ -719,8 +770,9 @@ def shared_prefix(model, processor, messages, images, texts=None,
 
 
 # ------------------------------------------------------------------------- generation
-def generate_on(model, processor, p: Prompts, max_new_tokens: int):
-    """Greedy replies for a batch: ``(texts, new_token_ids, step_logits)``.
+def generate_on(model, processor, p: Prompts, max_new_tokens: int, keep_cache: bool = False):
+    """Greedy replies for a batch: ``(texts, new_token_ids, step_logits)``, with ``keep_cache``
+    also the KV cache of the prompt alone (:func:`prompt_cache`; None where it cannot be cut).
 
     ``step_logits[t]`` is the (B, V) raw logits of generation step t (float32, CPU).
     """
@@ -744,7 +796,25 @@ def generate_on(model, processor, p: Prompts, max_new_tokens: int):
         )
     new = out.sequences[:, p.input_ids.shape[1]:]
     texts = [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
-    return texts, new.cpu(), [lg.float().cpu() for lg in out.logits]
+    result = texts, new.cpu(), [lg.float().cpu() for lg in out.logits]
+    if keep_cache:
+        return (*result, prompt_cache(cache_of(out), p.input_ids.shape[1]))
+    return result
+
+
+def prompt_cache(cache, length: int):
+    """The first ``length`` positions of a dynamic KV cache (``cache`` untouched): after
+    ``generate``, the prompt's states exactly as its prefill computed them (later steps only
+    append). None for other cache types."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return None
+    if any(layer.keys.shape[-2] < length for layer in layers):
+        return None
+    out = fork_cache(cache)
+    for layer in out.layers:
+        layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+    return out
 
 
 def generate_replies(model, processor, messages, images, max_new_tokens: int):
@@ -762,15 +832,17 @@ class AnswerTurn:
     step_logits: list                   # generate_on's per-step logits
     prefix: object = None               # the shared prefix the prompts continued from, or None
     encoded: "EncodedImages | None" = None   # the images through the vision encoder, or None
+    kept: tuple | None = None           # with keep_cache: (prompts, prompt cache, texts), where the cache could be cut
 
 
 def answer_turn(model, processor, messages, images, max_new_tokens: int, parse, yn: YesNoTokens,
-                share_prefix: bool = True, reuse_image_features: bool = False) -> AnswerTurn:
+                share_prefix: bool = True, reuse_image_features: bool = False, keep_cache: bool = False) -> AnswerTurn:
     """The model's greedy answers to a batch of answer prompts (one image each) and the
     internal probability of each parsed answer: the evaluation's answer turn, also what the
     grounded builder records. ``share_prefix``: template head + image once per batch where
     exact; without a shared prefix, ``reuse_image_features`` encodes the images once so that
-    later prompts on them skip the vision tower (``encoded``)."""
+    later prompts on them skip the vision tower (``encoded``). ``keep_cache`` keeps the answer
+    prompts' own KV cache for a confidence turn that continues them (``kept``)."""
     texts = chat_texts(processor, messages)
     if share_prefix:
         prefix, p = shared_prefix(model, processor, messages, images, texts, shortcuts=True)
@@ -781,9 +853,11 @@ def answer_turn(model, processor, messages, images, max_new_tokens: int, parse, 
         encoded = encode_images(model, p.image_inputs, processor, p, texts)
         if encoded is not None:
             p.image_inputs = encoded.replace(p.image_inputs)
-    raw, new_ids, step_logits = generate_on(model, processor, p, max_new_tokens)
+    raw, new_ids, step_logits, *cache = generate_on(model, processor, p, max_new_tokens, keep_cache=keep_cache)
     parsed = [parse(r) for r in raw]
-    return AnswerTurn(raw, parsed, internal_probs(step_logits, new_ids, parsed, yn), step_logits, prefix, encoded)
+    kept = (p, cache[0], texts) if keep_cache and cache[0] is not None else None
+    return AnswerTurn(raw, parsed, internal_probs(step_logits, new_ids, parsed, yn), step_logits, prefix, encoded,
+                      kept)
 
 
 def internal_probs(step_logits, new_ids, answers, yn: YesNoTokens) -> list[tuple[float | None, float | None]]:

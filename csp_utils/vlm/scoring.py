@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from csp_utils.vlm.engine import (Prompts, attn_implementation, cache_of, device_dtype, fork_cache, keeps_last_logits_only,
-                                  model_inputs, plain_prompts, position_ids_from_mask, rows_repeated, tokenizer_of,
-                                  uses_mrope)
+                                  last_occurrence, model_inputs, plain_prompts, position_ids_from_mask, rows_repeated,
+                                  tokenizer_of, uses_mrope)
 
 
 def score_options(model, processor, messages, images, option_ids, option_chunk: int | None = None,
@@ -72,6 +72,35 @@ def score_options_on(model, processor, p: Prompts, option_ids, option_chunk: int
         if rest:
             scores += _continue_expand(model, processor, cache_of(out), mask, pos, option_ids, rest, option_chunk)
     return scores.numpy().astype(np.float64)
+
+
+def before_invocation(model, p: Prompts, invocation: list[int]) -> Prompts | None:
+    """``p`` with the columns before every row's activated-adapter ``invocation`` (the image,
+    the question, the answer) run once, without gradient, into a KV cache: the prompts then
+    continue from it (``prefix_len``). No adapter weight acts there, so the states are the
+    base model's either way and take no gradient. None where that does not hold or cannot be
+    checked: a row without the invocation, image tokens after the cut, per-token image
+    inputs, a cache already there, multimodal RoPE, or a row that is all padding before the cut."""
+    if p.prefix_cache is not None or uses_mrope(model):
+        return None
+    ids, mask = p.input_ids, p.attention_mask
+    starts = [last_occurrence(row.tolist(), invocation) for row in ids]
+    if any(s is None for s in starts):
+        return None
+    cut = min(starts)
+    B, T = ids.shape
+    image_id = getattr(model.config, "image_token_id", None)
+    if (cut < 1 or not bool(mask[:, :cut].any(1).all())
+            or (image_id is not None and bool((ids[:, cut:] == image_id).any()))
+            or any(getattr(v, "shape", (0,))[:2] == (B, T) for v in p.image_inputs.values())):
+        return None
+    pos = position_ids_from_mask(mask)
+    # the adapter switched off rather than left to find no invocation: the same base outputs
+    # without the activated layers' per-call masking
+    with torch.no_grad(), model.disable_adapter():
+        out = model(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], position_ids=pos[:, :cut], **p.image_inputs,
+                    use_cache=True, **keeps_last_logits_only(model))
+    return Prompts(ids, mask, {}, prefix_cache=cache_of(out), prefix_len=cut)
 
 
 def _option_tree(option_ids):
