@@ -432,3 +432,81 @@ def test_image_variance_share():
     with_missing[0] = np.nan
     assert 0 < M.image_variance_share(with_missing, images) < 1
     assert np.isnan(M.image_variance_share(np.full(12, 0.7), images))
+
+
+# ------------------------------------------------------------------ selective prediction
+def _orders_of_ties(conf):
+    """Every order of the answers by falling confidence, ties in every order of their own."""
+    groups = [np.flatnonzero(conf == v) for v in sorted(set(conf.tolist()), reverse=True)]
+    for perms in itertools.product(*[itertools.permutations(g) for g in groups]):
+        yield np.array([i for p in perms for i in p])
+
+
+def _direct_selective(conf, correct):
+    """Sort, cumulative errors / rank, mean; accuracy of the first k kept: averaged over the orders of ties."""
+    aurcs, kept_acc = [], []
+    for order in _orders_of_ties(conf):
+        errors = np.cumsum(1 - correct[order])
+        ranks = np.arange(1, conf.size + 1)
+        aurcs.append(np.mean(errors / ranks))
+        kept_acc.append(1 - errors / ranks)
+    return float(np.mean(aurcs)), np.mean(kept_acc, axis=0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_aurc_equals_the_direct_computation_ties_averaged(ties):
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n = int(rng.integers(2, 8))
+        conf = rng.choice([0.1, 0.5, 0.9], n) if ties else rng.random(n)
+        correct = (rng.random(n) < 0.6).astype(int)
+        expect, acc_at = _direct_selective(conf, correct)
+        got = M.selective_metrics(conf, correct, coverages=np.arange(1, n + 1) / n)
+        assert M.aurc(conf, correct) == pytest.approx(expect, abs=1e-12)
+        for k in range(1, n + 1):   # selective accuracy keeping the k most confident
+            assert got[M.sel_acc_key(k / n)] == pytest.approx(acc_at[k - 1], abs=1e-12)
+        assert M.risk_coverage(conf, correct, np.arange(1, n + 1) / n) == pytest.approx(1 - acc_at, abs=1e-12)
+        oracle, _ = _direct_selective(correct.astype(float), correct)
+        assert got["eaurc"] == pytest.approx(expect - oracle, abs=1e-12)
+        rate = 1 - correct.mean()
+        if 0 < rate < 1:
+            assert got["prr"] == pytest.approx((rate - expect) / (rate - oracle), abs=1e-9)
+        else:
+            assert np.isnan(got["prr"])
+
+
+def test_selective_metrics_order_matters_and_the_oracle_has_no_excess():
+    correct = np.array([1, 1, 0, 1, 0, 0, 1, 1])
+    good = M.selective_metrics(correct * 0.8 + 0.1, correct)
+    assert good["eaurc"] == pytest.approx(0.0, abs=1e-12) and good["prr"] == pytest.approx(1.0)
+    worst = M.selective_metrics(1 - correct * 0.8, correct)
+    assert worst["aurc"] > M.aurc(np.full(8, 0.5), correct) > good["aurc"]
+    assert M.aurc(np.full(8, 0.5), correct) == pytest.approx(1 - correct.mean())   # one tie group: the error rate
+    assert worst["prr"] == pytest.approx(-1.0, abs=0.5) and worst["prr"] < 0
+    assert good["sel_acc50"] == 1.0
+
+
+def test_nll_clips_and_equals_the_direct_computation():
+    conf, correct = np.array([0.0, 0.3, 0.9, 1.0]), np.array([0, 1, 1, 0])
+    q = np.clip(conf, M.NLL_CLIP, 1 - M.NLL_CLIP)
+    assert M.nll(conf, correct) == pytest.approx(-np.mean(np.where(correct == 1, np.log(q), np.log(1 - q))))
+    assert np.isfinite(M.nll([1.0], [0])) and M.nll([1.0], [0]) == pytest.approx(-np.log(M.NLL_CLIP))
+
+
+@pytest.mark.parametrize("values", ["verbal", "continuous"])
+def test_resampled_selective_metrics_equal_them_on_the_resampled_rows(values):
+    rng = np.random.default_rng(7)
+    n, C = 120, 25
+    conf = rng.choice(np.arange(11) / 10, n) if values == "verbal" else rng.random(n)
+    conf[rng.random(n) < 0.1] = np.nan
+    correct = (rng.random(n) < 0.7).astype(float)
+    codes = rng.integers(0, C, n)
+    counts = M.resample_counts(C, 15, seed=2)
+    fast = M.resampled_calibration(conf, correct, codes, counts, (), adaptive=False, nll=True, selective=True)
+    for b in range(len(counts)):
+        idx = np.repeat(np.arange(n), counts[b, codes])
+        ok = ~np.isnan(conf[idx])
+        c, y = conf[idx][ok], correct[idx][ok]
+        expect = M.selective_metrics(c, y) | {"nll": M.nll(c, y)}
+        for k, v in expect.items():
+            assert fast[k][b] == pytest.approx(v, abs=1e-9, nan_ok=True), (k, b)
