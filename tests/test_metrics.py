@@ -510,3 +510,63 @@ def test_resampled_selective_metrics_equal_them_on_the_resampled_rows(values):
         expect = M.selective_metrics(c, y) | {"nll": M.nll(c, y)}
         for k, v in expect.items():
             assert fast[k][b] == pytest.approx(v, abs=1e-9, nan_ok=True), (k, b)
+
+
+# ------------------------------------------------------------------ recalibrators
+def _isotonic_direct(x, y):
+    """The isotonic fit at each distinct x by its min-max formula: max over j <= i of min over
+    k >= i of the weighted mean of the values from the j-th to the k-th distinct x."""
+    xs = np.unique(x)
+    s = np.array([y[x == v].sum() for v in xs])
+    w = np.array([(x == v).sum() for v in xs], float)
+    return xs, np.array([max(min(s[j:k + 1].sum() / w[j:k + 1].sum() for k in range(i, xs.size))
+                             for j in range(i + 1)) for i in range(xs.size)])
+
+
+def test_isotonic_equals_the_min_max_formula_and_interpolates_between_steps():
+    from csp_utils.core import baselines
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        n = int(rng.integers(3, 40))
+        x = rng.choice(np.arange(11) / 10, n) if rng.random() < 0.5 else rng.random(n)
+        y = (rng.random(n) < x).astype(float)
+        fit = baselines.fit_recalibrator("isotonic", x, y)
+        xs, expect = _isotonic_direct(x, y)
+        np.testing.assert_allclose(fit.apply(xs), expect, atol=1e-12)
+    fit = baselines.fit_recalibrator("isotonic", [0.2, 0.4], [0, 1])
+    assert fit.apply([0.0, 0.3, 1.0]) == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_platt_with_an_answer_term_sets_the_likelihood_gradient_to_zero():
+    from csp_utils.core import baselines
+
+    rng = np.random.default_rng(8)
+    n = 400
+    p, yes = rng.uniform(0.5, 0.99, n), rng.random(n) < 0.5
+    correct = (rng.random(n) < np.where(yes, p - 0.3, p)).astype(float)   # "yes" answers overconfident
+    fit = baselines.fit_recalibrator("platt", p, correct, yes)
+    q = fit.apply(p, yes)
+    z = np.log(p) - np.log1p(-p)
+    for feature in (np.ones(n), z, yes.astype(float)):   # the score equations of the logistic fit
+        assert abs(np.sum((q - correct) * feature)) < 1e-3 * n
+    assert fit.c < -0.5                                  # it learned the answer's shift
+    assert np.mean((q - correct) ** 2) < np.mean((p - correct) ** 2)
+
+
+def test_histogram_binning_maps_each_bin_to_its_calibration_accuracy():
+    import pandas as pd
+
+    from csp_utils.core import baselines
+
+    rng = np.random.default_rng(2)
+    x = rng.choice(np.arange(11) / 10, 300)
+    x = x[x < 0.75]                                  # the top bins get no calibration answer
+    y = (rng.random(x.size) < 0.6).astype(float)
+    fit = baselines.fit_recalibrator("histogram", x, y)
+    per_bin = pd.Series(y).groupby(M.bin_index(x, 10)).mean()
+    test = np.array([0.0, 0.1, 0.15, 0.3, 0.7, 0.95, 1.0])
+    expect = [per_bin.get(k, y.mean()) for k in M.bin_index(test, 10)]
+    np.testing.assert_allclose(fit.apply(test), expect)
+    with pytest.raises(ValueError, match="unknown"):
+        baselines.fit_recalibrator("beta", x, y)
