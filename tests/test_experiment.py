@@ -131,6 +131,38 @@ def test_answer_constant_is_training_accuracy_given_the_own_answer():
     assert conf == pytest.approx([0.75, 0.25, 0.5])  # after "yes", after "no", else overall training accuracy
 
 
+def test_recalibrations_are_fitted_on_the_calibration_set_only():
+    from csp_utils.core import baselines
+    from csp_utils.evaluate import matrix
+
+    rng = np.random.default_rng(0)
+    calib = []
+    for model in ("base", "csp@s1"):
+        rs = _rows(model, "calibration", 200, 0.7, None, seed=4)
+        for r in rs:
+            r["confidence"] = float(rng.choice([0.5, 0.9, 1.0]))
+            r["internal_prob"] = float(rng.uniform(0.5, 1.0))
+        calib += rs
+    test = _rows("base", "pope-random", 60, 0.6, 0.9, seed=5) + _rows("csp@s1", "pope-random", 60, 0.6, 0.9, seed=5)
+    test[0]["confidence"] = None                       # an unparsed reply stays unparsed
+    out = matrix.recalibrated_rows(calib + test)
+    names = {r["model"] for r in out}
+    assert names == {"baseline:platt", "baseline:isotonic", "baseline:histogram", "base+platt", "base+isotonic",
+                     "base+histogram", "csp+platt@s1", "csp+isotonic@s1", "csp+histogram@s1"}
+    assert {r["set"] for r in out} == {"pope-random"}
+    # the scored set's labels and correctness change nothing: only the calibration set is fitted
+    flipped = [{**r, "correct": not r["correct"], "label": "no"} for r in test]
+    again = matrix.recalibrated_rows(calib + flipped)
+    assert [r["confidence"] for r in again] == [r["confidence"] for r in out]
+    iso = [r["confidence"] for r in out if r["model"] == "csp+isotonic@s1"]
+    fit = baselines.fit_recalibrator("isotonic", [r["confidence"] for r in calib if r["model"] == "csp@s1"],
+                                     [r["correct"] for r in calib if r["model"] == "csp@s1"])
+    assert iso == pytest.approx(list(fit.apply([0.9] * 60)))
+    internal = [r for r in out if r["model"] == "baseline:platt"]
+    assert internal[0]["framing"] == "-" and internal[0]["confidence"] is not None   # from the internal probability
+    assert [r["confidence"] for r in out if r["model"] == "base+platt"][0] is None
+
+
 def _image_rows(model, set_, n_images, per_image, seed=0, conf_fn=None, image_prefix="eval-0"):
     """Rows whose correctness is shared within an image (the case a question bootstrap gets wrong)."""
     rng = np.random.default_rng(seed)
