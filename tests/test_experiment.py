@@ -473,26 +473,32 @@ def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc(
     assert pooled["verdict"] == "better"                     # what the pooled metric would have claimed
 
 
-def test_within_set_auroc_resampled_equals_row_by_row():
+def test_within_set_metrics_resampled_equal_row_by_row():
     from csp_utils.core import metrics
     from csp_utils.analysis import tables
-    from csp_utils.evaluate import matrix, suites
 
     rng = np.random.default_rng(5)
     n = 200
     conf, correct = rng.random(n), (rng.random(n) < 0.7).astype(float)
     conf[rng.random(n) < 0.05] = np.nan
+    conf[:40] = np.round(conf[:40], 1)                      # ties too
     sets = np.where(rng.random(n) < 0.4, "a", "b")
     codes = rng.integers(0, 50, n)
     drawn = np.stack([np.bincount(rng.integers(0, 50, 50), minlength=50) for _ in range(20)])
-    fast = tables.within_set_auroc(conf, correct, sets, codes, drawn)
+    fast = tables.within_set_metrics(conf, correct, sets, codes, drawn)
+    assert set(fast) == set(tables.WITHIN_SET) and {"aurc", "eaurc", "sel_acc80", "prr"} <= set(fast)
     for b in range(len(drawn)):
         idx = np.repeat(np.arange(n), drawn[b, codes])
-        slow = np.mean([metrics.auroc(conf[idx][(sets[idx] == s) & ~np.isnan(conf[idx])],
-                                      correct[idx][(sets[idx] == s) & ~np.isnan(conf[idx])]) for s in ("a", "b")])
-        assert fast[b] == pytest.approx(slow, abs=1e-12)
-    point = tables.within_set_auroc(conf, correct, sets, codes, np.ones((1, 50)))[0]
-    assert point == pytest.approx(tables.mean_set_auroc(conf, correct, sets))
+        per_set = []
+        for s in ("a", "b"):
+            m = (sets[idx] == s) & ~np.isnan(conf[idx])
+            c, y = conf[idx][m], correct[idx][m]
+            per_set.append({"auroc_within": metrics.auroc(c, y)} | metrics.selective_metrics(c, y))
+        for k in fast:
+            assert fast[k][b] == pytest.approx(np.mean([p[k] for p in per_set]), abs=1e-9), k
+    point = tables.within_set_metrics(conf, correct, sets, codes, np.ones((1, 50)))
+    for k, v in tables.mean_set_metrics(conf, correct, sets).items():
+        assert point[k][0] == pytest.approx(v, abs=1e-12), k
 
 
 def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():
