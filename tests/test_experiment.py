@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 from csp_utils.core import baselines
@@ -336,24 +337,36 @@ def test_compact_markdown_table_and_results_document(tmp_path):
     rows += _image_rows("sft@s0", "pope-random", 20, 6) + _image_rows("sft@s0", "transfer-blur", 20, 6, image_prefix="eval-2")
     tables.headline_table(rows, n_boot=50).to_csv(tmp_path / "headline.csv", index=False)
     tables.paired_table(rows, n_boot=50).to_csv(tmp_path / "paired.csv", index=False)
-    table = markdown.results_markdown(tmp_path)
-    body = [line for line in table.splitlines() if line.startswith("| pooled")]
+    pooled = markdown.pooled_markdown(tmp_path)
+    body = [line for line in pooled.splitlines() if line.startswith("| pooled")]
     # per pool: the base model, the headline methods, the strongest baseline (no other model)
     assert len(body) == 6 and not any("| sft |" in line for line in body)
     assert sum(line.split("|")[3].strip() == "base" for line in body) == 2
-    assert "`baseline:constant`" in table and "resampling seeds, then images" in table
-    assert "within-set AUROC" in table.splitlines()[0]
+    assert "`baseline:constant`" in pooled and "resampling seeds, then images" in pooled
     assert any("better" in line for line in body if "sft_simpo" in line)
+    # the README's compact table: per base model and shown model, clean ranking and Brier, transfer Brier
+    table = markdown.results_markdown(tmp_path)
+    assert table.splitlines()[0] == ("| base model | model | seeds | within-set AUROC (clean) | Brier (clean) | "
+                                     "ECE10 (clean) | Brier (transfer) |")
+    body = [line.split(" | ") for line in table.splitlines()[2:] if line.startswith("| base |")]
+    head = pd.read_csv(tmp_path / "headline.csv")
+    row = head[(head["model"] == "sft_simpo") & (head["set"] == "pooled-transfer")].iloc[0]
+    assert [b[1] for b in body] == ["base", "sft_simpo", "baseline:constant"]
+    assert body[1][6].rstrip(" |") == f"{row['brier']:.3f}" and "[" in body[1][3]
+    assert "`baseline:constant`" in table and "docs/results.md" in table
     doc = markdown.results_document(tmp_path)
     assert "| pope-random | sft |" in doc and "paired differences of sft_simpo" in doc
+    assert "selective prediction" in doc and "| AURC |" in doc and "isotonic" in doc
     # two base models, two methods: each base model with its own rows and strongest baseline
     (tmp_path / "other").mkdir()
     for name in ("headline.csv", "paired.csv"):
         (tmp_path / "other" / name).write_bytes((tmp_path / name).read_bytes())
     both = {"planted": tmp_path, "noconf": tmp_path / "other"}
-    body = [line for line in markdown.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
+    body = [line for line in markdown.pooled_markdown(both, methods=("sft_simpo", "sft")).splitlines()
             if line.startswith("| pooled")]
     assert len(body) == 16 and sum("| noconf |" in line for line in body) == 8
+    compact = markdown.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
+    assert sum(line.startswith("| noconf |") for line in compact) == 4
     assert "## Base model `noconf`" in markdown.results_document(both)
 
 
