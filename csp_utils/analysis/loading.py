@@ -57,3 +57,9 @@ def per_question(path, top_label: str = "main") -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     out["correct"] = out["correct"].astype(bool)
     return out[list(KEYS) + [c for c in out.columns if c not in KEYS]]
+
+
+def as_rows(df: pd.DataFrame) -> list[dict]:
+    """The rows of a per-question table as the dicts the bootstrap tables take (missing values None)."""
+    df = df.astype(object)
+    return df.where(df.notna(), None).to_dict("records")
