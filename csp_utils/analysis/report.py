@@ -27,7 +27,7 @@ from csp_utils.evaluate import suites
 from csp_utils.world import benchmarks
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
-           "grounded_perturbed.csv", "ablation.csv", "timings.json", "base_model.json")
+           "grounded_perturbed.csv", "ablation.csv", "timings.json", "base_model.json", "sources_cost.json")
 
 
 def _read(results_dir: Path, name: str) -> pd.DataFrame | None:

@@ -30,14 +30,14 @@ def answer_conditioned_accuracy(answers, correct) -> dict[str, float]:
     return {k: float(y[a == k].mean()) for k in ("yes", "no") if np.any(a == k)}
 
 
-def _answer_logit(p_answer: np.ndarray) -> np.ndarray:
+def answer_logit(p_answer: np.ndarray) -> np.ndarray:
     """Binary logit of the chosen answer over the other one (yes/no renormalised)."""
     p = np.clip(np.asarray(p_answer, dtype=float), _EPS, 1 - _EPS)
     return np.log(p) - np.log1p(-p)
 
 
 def temperature_scale(p_answer, temperature: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-_answer_logit(p_answer) / temperature))
+    return 1.0 / (1.0 + np.exp(-answer_logit(p_answer) / temperature))
 
 
 def fit_temperature(p_answer, correct, bounds=(0.05, 20.0)) -> float:
@@ -52,7 +52,7 @@ def fit_temperature(p_answer, correct, bounds=(0.05, 20.0)) -> float:
         raise ValueError(f"p_answer and correct need equal, non-zero lengths; got {p.shape} and {y.shape}")
     if not np.all(np.isfinite(p)):
         raise ValueError("p_answer has non-finite values; drop missing rows before fitting")
-    z = _answer_logit(p)
+    z = answer_logit(p)
 
     def nll(log_t: float) -> float:
         q = np.clip(1.0 / (1.0 + np.exp(-z / np.exp(log_t))), _EPS, 1 - _EPS)
@@ -68,28 +68,36 @@ def fit_temperature(p_answer, correct, bounds=(0.05, 20.0)) -> float:
 RECALIBRATORS = ("platt", "isotonic", "histogram")
 
 
+def fit_logistic(X, y, l2: float = 0.0) -> np.ndarray:
+    """Weights of a logistic regression of ``y`` (0/1) on the columns of ``X`` (give it a column
+    of ones for an intercept), by maximum likelihood with ``l2`` times the squared weights
+    added (the last column, the intercept by convention, is not penalised)."""
+    from scipy.optimize import minimize
+
+    X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
+    pen = np.r_[np.full(X.shape[1] - 1, float(l2)), 0.0]
+
+    def loss(w):
+        t = X @ w
+        return (float(np.sum(np.logaddexp(0.0, t) - y * t) + np.sum(pen * w * w)),
+                X.T @ (1.0 / (1.0 + np.exp(-t)) - y) + 2 * pen * w)
+
+    return minimize(loss, np.zeros(X.shape[1]), jac=True, method="BFGS").x
+
+
 class Platt:
     """Platt scaling with an answer term: sigmoid(a * logit(p) + b + c * [answer is yes]),
     fitted by maximum likelihood of correctness (a confidence after "yes" and one after "no" may
     need different shifts; the term is what lets it re-order answers across the two)."""
 
     def __init__(self, conf, correct, answer_yes=None):
-        z, y, s = _answer_logit(conf), np.asarray(correct, dtype=float), _yes(answer_yes, np.size(conf))
-        X = np.column_stack([z, np.ones_like(z), s])
-        if not s.any() or s.all():   # one answer only: its term is the intercept's twin
-            X = X[:, :2]
-
-        def loss(w):
-            t = X @ w
-            return float(np.sum(np.logaddexp(0.0, t) - y * t)), X.T @ (1.0 / (1.0 + np.exp(-t)) - y)
-
-        from scipy.optimize import minimize
-
-        w = minimize(loss, np.r_[1.0, 0.0, np.zeros(X.shape[1] - 2)], jac=True, method="BFGS").x
-        self.a, self.b, self.c = float(w[0]), float(w[1]), float(w[2]) if w.size > 2 else 0.0
+        z, y, s = answer_logit(conf), np.asarray(correct, dtype=float), _yes(answer_yes, np.size(conf))
+        both = s.any() and not s.all()   # one answer only: its term would be the intercept's twin
+        w = fit_logistic(np.column_stack([z, s, np.ones_like(z)] if both else [z, np.ones_like(z)]), y)
+        self.a, self.b, self.c = float(w[0]), float(w[-1]), float(w[1]) if both else 0.0
 
     def apply(self, conf, answer_yes=None) -> np.ndarray:
-        t = self.a * _answer_logit(conf) + self.b + self.c * _yes(answer_yes, np.size(conf))
+        t = self.a * answer_logit(conf) + self.b + self.c * _yes(answer_yes, np.size(conf))
         return 1.0 / (1.0 + np.exp(-t))
 
     def params(self) -> dict:

@@ -38,14 +38,10 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
     again. Only sets that both evaluations run from the start here qualify, so the answers come
     from the same batches as a new generation would: the rows are identical either way.
     """
-    import torch
-
     from csp_utils.evaluate import evaluation
     from csp_utils.vlm import models
 
-    kwargs = {k: v for k, v in (load_kwargs or {}).items() if v is not None}
-    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs = model_kwargs(load_kwargs)
     paths = []
     sources: dict[tuple, tuple[Path, str]] = {}   # (answer key, set) -> (results file, model)
     for spec in specs:
@@ -64,6 +60,17 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
                 sources[(key, name)] = (path, spec.name)
         del model
     return paths
+
+
+def model_kwargs(load_kwargs: dict | None) -> dict:
+    """The notebooks' load keywords for ``models.load_vlm``: None values dropped, a dtype name
+    (other than "auto") turned into the torch dtype."""
+    import torch
+
+    kwargs = {k: v for k, v in (load_kwargs or {}).items() if v is not None}
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
 
 
 def answer_key(spec: ModelSpec, cfg) -> tuple | None:
