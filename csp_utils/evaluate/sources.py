@@ -162,7 +162,7 @@ def source_rows(model, processor, suite: dict, base_rows: list[dict], calibratio
     feats, costs, order = {}, {}, []
     for name, bench in suite.items():
         items = [it for it in bench.items if (name, it.question_id) in by_q]
-        if not items:
+        if not items or (name in skip_sets and name != calibration_set):
             continue
         images = [bench.image_loader(it.image_id).convert("RGB") for it in items]
         answers = [by_q[(name, it.question_id)]["answer"] for it in items]
