@@ -348,10 +348,10 @@ def risk_coverage(panels: Mapping[str, Mapping[str, tuple[Sequence, Sequence]]],
 
     ``panels``: {panel title: {label: (coverages, risks)}}; the line labelled ``oracle`` (the
     order that keeps every right answer first) is drawn grey and dashed. The legend gives each
-    line's area under the curve (its AURC on that grid).
+    line's area under the curve on its coverage grid (the AURC up to the grid's resolution).
     """
     n_lines = max(len(lines) for lines in panels.values())
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.4 + 0.22 * n_lines), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.8 * len(panels), 4.4 + 0.22 * n_lines), squeeze=False)
     colors = [PALETTE(k) for k in range(10) if k != 7]   # tab10's grey is the oracle's
     for ax, (title, lines) in zip(axes[0], panels.items()):
         for i, (label, (cov, risk)) in enumerate(lines.items()):
