@@ -199,7 +199,7 @@ def test_calibrated_target_is_a_perturbation_aware_logistic_model(tiny_vlm, tmp_
     pick = [i for i, s in enumerate(ds["split"]) if s == "heldout"]
     X = grounded.calibration_features(np.array(ds["p_own_raw"])[pick], np.array(ds["own_answer"])[pick],
                                       np.array(conds, dtype=object)[pick], cal["conditions"])
-    w = baselines.fit_logistic(X, np.array(ds["own_correct"])[pick], l2=[0, 0, 0] + [cal["l2"]] * (X.shape[1] - 3))
+    w = baselines.fit_logistic(X, np.array(ds["own_correct"])[pick], l2=[0, 0, 0] + [cal["l2"] / 2] * (X.shape[1] - 3))
     assert np.allclose(w, cal["weights"], atol=1e-4)
     Xall = grounded.calibration_features(np.array(ds["p_own_raw"]), np.array(ds["own_answer"]),
                                          np.array(conds, dtype=object), cal["conditions"])

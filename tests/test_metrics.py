@@ -330,16 +330,17 @@ def test_resampled_calibration_equals_metrics_on_the_resampled_rows(values):
     correct = (rng.random(n) < 0.7).astype(float)
     codes = rng.integers(0, C, n)
     counts = M.resample_counts(C, 20, seed=1)
-    fast = M.resampled_calibration(conf, correct, codes, counts, (10, 15))
+    fast = M.resampled_calibration(conf, correct, codes, counts, (10, 15), nll=True, selective=True)
     for b in range(len(counts)):
         idx = np.repeat(np.arange(n), counts[b, codes])
         c, y = conf[idx], correct[idx]
         ok = ~np.isnan(c)
         c, y = c[ok], y[ok]
         expect = {"ece": M.ece(c, y), "ece15": M.ece(c, y, 15), "adaptive_ece": M.adaptive_ece(c, y),
-                  "brier": M.brier(c, y), "auroc": M.auroc(c, y)}
+                  "brier": M.brier(c, y), "auroc": M.auroc(c, y), "nll": M.nll(c, y)} | M.selective_metrics(c, y)
+        assert set(expect) == set(fast)
         for k, v in expect.items():
-            assert fast[k][b] == pytest.approx(v, abs=1e-12, nan_ok=True), (k, b)
+            assert fast[k][b] == pytest.approx(v, abs=1e-9 if k in M.SELECTIVE_KEYS else 1e-12, nan_ok=True), (k, b)
 
 
 def test_resampled_calibration_per_resample_path():
@@ -432,3 +433,122 @@ def test_image_variance_share():
     with_missing[0] = np.nan
     assert 0 < M.image_variance_share(with_missing, images) < 1
     assert np.isnan(M.image_variance_share(np.full(12, 0.7), images))
+
+
+# ------------------------------------------------------------------ selective prediction
+def _orders_of_ties(conf):
+    """Every order of the answers by falling confidence, ties in every order of their own."""
+    groups = [np.flatnonzero(conf == v) for v in sorted(set(conf.tolist()), reverse=True)]
+    for perms in itertools.product(*[itertools.permutations(g) for g in groups]):
+        yield np.array([i for p in perms for i in p])
+
+
+def _direct_selective(conf, correct):
+    """Sort, cumulative errors / rank, mean; accuracy of the first k kept: averaged over the orders of ties."""
+    aurcs, kept_acc = [], []
+    for order in _orders_of_ties(conf):
+        errors = np.cumsum(1 - correct[order])
+        ranks = np.arange(1, conf.size + 1)
+        aurcs.append(np.mean(errors / ranks))
+        kept_acc.append(1 - errors / ranks)
+    return float(np.mean(aurcs)), np.mean(kept_acc, axis=0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_aurc_equals_the_direct_computation_ties_averaged(ties):
+    rng = np.random.default_rng(11)
+    for _ in range(40):
+        n = int(rng.integers(2, 8))
+        conf = rng.choice([0.1, 0.5, 0.9], n) if ties else rng.random(n)
+        correct = (rng.random(n) < 0.6).astype(int)
+        expect, acc_at = _direct_selective(conf, correct)
+        got = M.selective_metrics(conf, correct, coverages=np.arange(1, n + 1) / n)
+        assert M.aurc(conf, correct) == pytest.approx(expect, abs=1e-12)
+        for k in range(1, n + 1):   # selective accuracy keeping the k most confident
+            assert got[M.sel_acc_key(k / n)] == pytest.approx(acc_at[k - 1], abs=1e-12)
+        assert M.risk_coverage(conf, correct, np.arange(1, n + 1) / n) == pytest.approx(1 - acc_at, abs=1e-12)
+        oracle, _ = _direct_selective(correct.astype(float), correct)
+        assert got["eaurc"] == pytest.approx(expect - oracle, abs=1e-12)
+        rate = 1 - correct.mean()
+        if 0 < rate < 1:
+            assert got["prr"] == pytest.approx((rate - expect) / (rate - oracle), abs=1e-9)
+        else:
+            assert np.isnan(got["prr"])
+
+
+def test_selective_metrics_order_matters_and_the_oracle_has_no_excess():
+    correct = np.array([1, 1, 0, 1, 0, 0, 1, 1])
+    good = M.selective_metrics(correct * 0.8 + 0.1, correct)
+    assert good["eaurc"] == pytest.approx(0.0, abs=1e-12) and good["prr"] == pytest.approx(1.0)
+    worst = M.selective_metrics(1 - correct * 0.8, correct)
+    assert worst["aurc"] > M.aurc(np.full(8, 0.5), correct) > good["aurc"]
+    assert M.aurc(np.full(8, 0.5), correct) == pytest.approx(1 - correct.mean())   # one tie group: the error rate
+    assert worst["prr"] == pytest.approx(-1.0, abs=0.5) and worst["prr"] < 0
+    assert good["sel_acc50"] == 1.0
+
+
+def test_nll_clips_and_equals_the_direct_computation():
+    conf, correct = np.array([0.0, 0.3, 0.9, 1.0]), np.array([0, 1, 1, 0])
+    q = np.clip(conf, M.NLL_CLIP, 1 - M.NLL_CLIP)
+    assert M.nll(conf, correct) == pytest.approx(-np.mean(np.where(correct == 1, np.log(q), np.log(1 - q))))
+    assert np.isfinite(M.nll([1.0], [0])) and M.nll([1.0], [0]) == pytest.approx(-np.log(M.NLL_CLIP))
+
+
+# ------------------------------------------------------------------ recalibrators
+def _isotonic_direct(x, y):
+    """The isotonic fit at each distinct x by its min-max formula: max over j <= i of min over
+    k >= i of the weighted mean of the values from the j-th to the k-th distinct x."""
+    xs = np.unique(x)
+    s = np.array([y[x == v].sum() for v in xs])
+    w = np.array([(x == v).sum() for v in xs], float)
+    return xs, np.array([max(min(s[j:k + 1].sum() / w[j:k + 1].sum() for k in range(i, xs.size))
+                             for j in range(i + 1)) for i in range(xs.size)])
+
+
+def test_isotonic_equals_the_min_max_formula_and_interpolates_between_steps():
+    from csp_utils.core import baselines
+
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        n = int(rng.integers(3, 40))
+        x = rng.choice(np.arange(11) / 10, n) if rng.random() < 0.5 else rng.random(n)
+        y = (rng.random(n) < x).astype(float)
+        fit = baselines.fit_recalibrator("isotonic", x, y)
+        xs, expect = _isotonic_direct(x, y)
+        np.testing.assert_allclose(fit.apply(xs), expect, atol=1e-12)
+    fit = baselines.fit_recalibrator("isotonic", [0.2, 0.4], [0, 1])
+    assert fit.apply([0.0, 0.3, 1.0]) == pytest.approx([0.0, 0.5, 1.0])
+
+
+def test_platt_with_an_answer_term_sets_the_likelihood_gradient_to_zero():
+    from csp_utils.core import baselines
+
+    rng = np.random.default_rng(8)
+    n = 400
+    p, yes = rng.uniform(0.5, 0.99, n), rng.random(n) < 0.5
+    correct = (rng.random(n) < np.where(yes, p - 0.3, p)).astype(float)   # "yes" answers overconfident
+    fit = baselines.fit_recalibrator("platt", p, correct, yes)
+    q = fit.apply(p, yes)
+    z = np.log(p) - np.log1p(-p)
+    for feature in (np.ones(n), z, yes.astype(float)):   # the score equations of the logistic fit
+        assert abs(np.sum((q - correct) * feature)) < 1e-3 * n
+    assert fit.c < -0.5                                  # it learned the answer's shift
+    assert np.mean((q - correct) ** 2) < np.mean((p - correct) ** 2)
+
+
+def test_histogram_binning_maps_each_bin_to_its_calibration_accuracy():
+    import pandas as pd
+
+    from csp_utils.core import baselines
+
+    rng = np.random.default_rng(2)
+    x = rng.choice(np.arange(11) / 10, 300)
+    x = x[x < 0.75]                                  # the top bins get no calibration answer
+    y = (rng.random(x.size) < 0.6).astype(float)
+    fit = baselines.fit_recalibrator("histogram", x, y)
+    per_bin = pd.Series(y).groupby(M.bin_index(x, 10)).mean()
+    test = np.array([0.0, 0.1, 0.15, 0.3, 0.7, 0.95, 1.0])
+    expect = [per_bin.get(k, y.mean()) for k in M.bin_index(test, 10)]
+    np.testing.assert_allclose(fit.apply(test), expect)
+    with pytest.raises(ValueError, match="unknown"):
+        baselines.fit_recalibrator("beta", x, y)

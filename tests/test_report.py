@@ -161,3 +161,74 @@ def test_ablation_tables_script_pairs_each_variant_with_its_reference(tmp_path):
     assert rows[1].startswith("| variant | 3 |") and "+0.050 [+0.020, +0.080] better" in rows[1]
     done = subprocess.run([sys.executable, str(script), str(tmp_path), "--suffix", "_y"], capture_output=True, text=True)
     assert done.returncode != 0 and "ablation_y.csv not found" in done.stderr
+
+
+def _per_question_rows(rng, models, sets, n=60):
+    return [{"model": m, "set": s, "framing": "-" if m.startswith("baseline:") else "third",
+             "readout": "-" if m.startswith("baseline:") else "single_pass", "question_id": f"{s}-{i}",
+             "image_id": f"eval-{i // 3}", "label": "yes", "answer": "yes", "correct": bool(ok),
+             "confidence": float(np.clip(0.5 + 0.4 * ok - 0.2 * rng.random(), 0, 1)), "internal_prob": 0.9}
+            for m in models for s in sets for i, ok in enumerate(rng.random(n) < 0.7)]
+
+
+def test_per_question_loader_reads_run_and_results_folders_with_tidy_columns(tmp_path):
+    from csp_utils.analysis import loading, tables
+
+    rng = np.random.default_rng(1)
+    res = tmp_path / "run" / "results"
+    (res / "noconf").mkdir(parents=True)
+    main = _per_question_rows(rng, ["base", "sft_simpo@s0", "sft_simpo@s1", "baseline:temperature"], ["pope-random"])
+    other = _per_question_rows(rng, ["base"], ["pope-random", "transfer-blur"])
+    tables.figure_data(main).to_csv(res / loading.PER_QUESTION, index=False)
+    tables.figure_data(other).to_csv(res / "noconf" / loading.PER_QUESTION, index=False)
+    for path in (tmp_path / "run", res):                  # a run folder or its results folder
+        df = loading.per_question(path, top_label="embedded")
+        assert list(df.columns[:7]) == ["base", "method", "seed", "model", "set", "framing", "readout"]
+        assert len(df) == len(main) + len(other)
+        assert set(df["base"]) == {"embedded", "noconf"}
+        got = df[df["model"] == "sft_simpo@s1"]
+        assert set(got["method"]) == {"sft_simpo"} and set(got["seed"]) == {"s1"} and len(got) == 60
+        assert df["correct"].dtype == bool and set(df.loc[df["model"] == "base", "seed"]) == {""}
+    with pytest.raises(FileNotFoundError, match="per_question"):
+        loading.per_question(tmp_path / "empty")
+
+
+def test_headline_aurc_equals_it_recomputed_from_the_per_question_file(tmp_path):
+    """What a reader checks from the published files: a set's AURC in headline.csv is the AURC
+    of that set's per-question rows, and a pool's the mean of its sets'."""
+    from csp_utils.analysis import loading, tables
+    from csp_utils.core import metrics
+
+    rng = np.random.default_rng(3)
+    sets = ["pope-random", "amber-existence"]
+    rows = _per_question_rows(rng, ["base", "sft_simpo@s0", "sft_simpo@s1"], sets)
+    for r in rows[::7]:
+        r["confidence"] = round(r["confidence"], 1)          # ties
+    head = tables.headline_table(rows, n_boot=30)
+    tables.figure_data(rows).to_csv(tmp_path / loading.PER_QUESTION, index=False)
+    pq = loading.per_question(tmp_path)
+    for method in ("base", "sft_simpo"):
+        per_set = []
+        for s in sets:
+            g = pq[(pq["method"] == method) & (pq["set"] == s)]
+            per_set.append(metrics.aurc(g["confidence"], g["correct"]))
+            r = head[(head["model"] == method) & (head["set"] == s)].iloc[0]
+            assert r["aurc"] == pytest.approx(per_set[-1], abs=1e-12)
+            assert r["aurc_low"] <= r["aurc"] <= r["aurc_high"]
+        pooled = head[(head["model"] == method) & (head["set"] == "pooled-clean")].iloc[0]
+        assert pooled["aurc"] == pytest.approx(np.mean(per_set), abs=1e-12)
+
+
+def test_risk_coverage_figure_draws_methods_baselines_and_the_oracle(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    sets = ["pope-random", "transfer-blur"]
+    pq = pd.DataFrame(_per_question_rows(rng, ["base", "sft_simpo@s0", "sft_simpo+isotonic@s0",
+                                               "baseline:temperature"], sets))
+    fig = report.risk_coverage_figure(pq, {"clean sets": sets[:1], "transfer sets": sets[1:]})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert [t.split(" (")[0] for t in labels] == ["base", "sft_simpo", "baseline:temperature", "oracle"]
+    from csp_utils.core import metrics
+    g = pq[(pq["model"] == "sft_simpo@s0") & (pq["set"] == "pope-random")]
+    assert labels[1] == f"sft_simpo ({np.mean(metrics.risk_coverage(g['confidence'], g['correct'], report.COVERAGE_GRID)):.3f})"

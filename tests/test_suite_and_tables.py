@@ -127,6 +127,38 @@ def test_answer_constant_is_training_accuracy_given_the_own_answer():
     assert conf == pytest.approx([0.75, 0.25, 0.5])  # after "yes", after "no", else overall training accuracy
 
 
+def test_recalibrations_are_fitted_on_the_calibration_set_only():
+    from csp_utils.core import baselines
+    from csp_utils.evaluate import matrix
+
+    rng = np.random.default_rng(0)
+    calib = []
+    for model in ("base", "csp@s1"):
+        rs = _rows(model, "calibration", 200, 0.7, None, seed=4)
+        for r in rs:
+            r["confidence"] = float(rng.choice([0.5, 0.9, 1.0]))
+            r["internal_prob"] = float(rng.uniform(0.5, 1.0))
+        calib += rs
+    test = _rows("base", "pope-random", 60, 0.6, 0.9, seed=5) + _rows("csp@s1", "pope-random", 60, 0.6, 0.9, seed=5)
+    test[0]["confidence"] = None                       # an unparsed reply stays unparsed
+    out = matrix.recalibrated_rows(calib + test)
+    names = {r["model"] for r in out}
+    assert names == {"baseline:platt", "baseline:isotonic", "baseline:histogram", "base+platt", "base+isotonic",
+                     "base+histogram", "csp+platt@s1", "csp+isotonic@s1", "csp+histogram@s1"}
+    assert {r["set"] for r in out} == {"pope-random"}
+    # the scored set's labels and correctness change nothing: only the calibration set is fitted
+    flipped = [{**r, "correct": not r["correct"], "label": "no"} for r in test]
+    again = matrix.recalibrated_rows(calib + flipped)
+    assert [r["confidence"] for r in again] == [r["confidence"] for r in out]
+    iso = [r["confidence"] for r in out if r["model"] == "csp+isotonic@s1"]
+    fit = baselines.fit_recalibrator("isotonic", [r["confidence"] for r in calib if r["model"] == "csp@s1"],
+                                     [r["correct"] for r in calib if r["model"] == "csp@s1"])
+    assert iso == pytest.approx(list(fit.apply([0.9] * 60)))
+    internal = [r for r in out if r["model"] == "baseline:platt"]
+    assert internal[0]["framing"] == "-" and internal[0]["confidence"] is not None   # from the internal probability
+    assert [r["confidence"] for r in out if r["model"] == "base+platt"][0] is None
+
+
 def _image_rows(model, set_, n_images, per_image, seed=0, conf_fn=None, image_prefix="eval-0"):
     """Rows whose correctness is shared within an image (the case a question bootstrap gets wrong)."""
     rng = np.random.default_rng(seed)
@@ -280,24 +312,36 @@ def test_compact_markdown_table_and_results_document(tmp_path):
     rows += _image_rows("sft@s0", "pope-random", 20, 6) + _image_rows("sft@s0", "transfer-blur", 20, 6, image_prefix="eval-2")
     tables.headline_table(rows, n_boot=50).to_csv(tmp_path / "headline.csv", index=False)
     tables.paired_table(rows, n_boot=50).to_csv(tmp_path / "paired.csv", index=False)
-    table = markdown.results_markdown(tmp_path)
-    body = [line for line in table.splitlines() if line.startswith("| pooled")]
+    pooled = markdown.pooled_markdown(tmp_path)
+    body = [line for line in pooled.splitlines() if line.startswith("| pooled")]
     # per pool: the base model, the headline methods, the strongest baseline (no other model)
     assert len(body) == 6 and not any("| sft |" in line for line in body)
     assert sum(line.split("|")[3].strip() == "base" for line in body) == 2
-    assert "`baseline:constant`" in table and "resampling seeds, then images" in table
-    assert "within-set AUROC" in table.splitlines()[0]
+    assert "`baseline:constant`" in pooled and "resampling seeds, then images" in pooled
     assert any("better" in line for line in body if "sft_simpo" in line)
+    # the README's compact table: per base model and shown model, clean ranking and Brier, transfer Brier
+    table = markdown.results_markdown(tmp_path)
+    assert table.splitlines()[0] == ("| base model | model | seeds | within-set AUROC (clean) | Brier (clean) | "
+                                     "ECE10 (clean) | Brier (transfer) |")
+    body = [line.split(" | ") for line in table.splitlines()[2:] if line.startswith("| base |")]
+    head = pd.read_csv(tmp_path / "headline.csv")
+    row = head[(head["model"] == "sft_simpo") & (head["set"] == "pooled-transfer")].iloc[0]
+    assert [b[1] for b in body] == ["base", "sft_simpo", "baseline:constant"]
+    assert body[1][6].rstrip(" |") == f"{row['brier']:.3f}" and "[" in body[1][3]
+    assert "`baseline:constant`" in table and "docs/results.md" in table
     doc = markdown.results_document(tmp_path)
     assert "| pope-random | sft |" in doc and "paired differences of sft_simpo" in doc
+    assert "selective prediction" in doc and "| AURC |" in doc and "isotonic" in doc
     # two base models, two methods: each base model with its own rows and strongest baseline
     (tmp_path / "other").mkdir()
     for name in ("headline.csv", "paired.csv"):
         (tmp_path / "other" / name).write_bytes((tmp_path / name).read_bytes())
     both = {"planted": tmp_path, "noconf": tmp_path / "other"}
-    body = [line for line in markdown.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
+    body = [line for line in markdown.pooled_markdown(both, methods=("sft_simpo", "sft")).splitlines()
             if line.startswith("| pooled")]
     assert len(body) == 16 and sum("| noconf |" in line for line in body) == 8
+    compact = markdown.results_markdown(both, methods=("sft_simpo", "sft")).splitlines()
+    assert sum(line.startswith("| noconf |") for line in compact) == 4
     assert "## Base model `noconf`" in markdown.results_document(both)
 
 
@@ -412,23 +456,30 @@ def test_a_per_set_constant_ranks_nothing_within_sets_whatever_its_pooled_auroc(
     assert pooled["verdict"] == "better"                     # what the pooled metric would have claimed
 
 
-def test_within_set_auroc_resampled_equals_row_by_row():
+def test_within_set_metrics_resampled_equal_row_by_row():
 
     rng = np.random.default_rng(5)
     n = 200
     conf, correct = rng.random(n), (rng.random(n) < 0.7).astype(float)
     conf[rng.random(n) < 0.05] = np.nan
+    conf[:40] = np.round(conf[:40], 1)                      # ties too
     sets = np.where(rng.random(n) < 0.4, "a", "b")
     codes = rng.integers(0, 50, n)
     drawn = np.stack([np.bincount(rng.integers(0, 50, 50), minlength=50) for _ in range(20)])
-    fast = tables.within_set_auroc(conf, correct, sets, codes, drawn)
+    fast = tables.within_set_metrics(conf, correct, sets, codes, drawn)
+    assert set(fast) == set(tables.WITHIN_SET) and {"aurc", "eaurc", "sel_acc80", "prr"} <= set(fast)
     for b in range(len(drawn)):
         idx = np.repeat(np.arange(n), drawn[b, codes])
-        slow = np.mean([metrics.auroc(conf[idx][(sets[idx] == s) & ~np.isnan(conf[idx])],
-                                      correct[idx][(sets[idx] == s) & ~np.isnan(conf[idx])]) for s in ("a", "b")])
-        assert fast[b] == pytest.approx(slow, abs=1e-12)
-    point = tables.within_set_auroc(conf, correct, sets, codes, np.ones((1, 50)))[0]
-    assert point == pytest.approx(tables.mean_set_auroc(conf, correct, sets))
+        per_set = []
+        for s in ("a", "b"):
+            m = (sets[idx] == s) & ~np.isnan(conf[idx])
+            c, y = conf[idx][m], correct[idx][m]
+            per_set.append({"auroc_within": metrics.auroc(c, y)} | metrics.selective_metrics(c, y))
+        for k in fast:
+            assert fast[k][b] == pytest.approx(np.mean([p[k] for p in per_set]), abs=1e-9), k
+    point = tables.within_set_metrics(conf, correct, sets, codes, np.ones((1, 50)))
+    for k, v in tables.mean_set_metrics(conf, correct, sets).items():
+        assert point[k][0] == pytest.approx(v, abs=1e-12), k
 
 
 def test_seed_spread_is_in_the_interval_and_seeds_pair_by_position():

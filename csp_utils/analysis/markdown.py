@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED, SEED_METRICS, per_seed_text, read_result, strongest_baseline
+from csp_utils.core import metrics
 from csp_utils.evaluate.suites import CLEAN_SETS, GROUNDED_SET
 
 
@@ -18,6 +19,12 @@ def fmt(r, k, digits=3):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if lo == lo and hi == hi else f"{v:.{digits}f}"
+
+
+def value(r, k, digits=3) -> str:
+    """A point value without its interval ("n/a" when missing)."""
+    v = None if r is None else r.get(k)
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def main_rows(df: pd.DataFrame, framing: str, readout: str) -> pd.DataFrame:
@@ -149,8 +156,8 @@ def _bases(results) -> dict[str, Path]:
 README_REFERENCES = ("base", "baseline:answer_constant")   # shown beside the methods in the README table
 
 
-def results_markdown(results, methods=("sft_simpo",)) -> str:
-    """The README's results table: pooled clean and pooled transfer x each base model x (the
+def pooled_markdown(results, methods=("sft_simpo",)) -> str:
+    """The pooled table of docs/results.md: pooled clean and pooled transfer x each base model x (the
     base model, each CSP method in ``methods``, the answer-conditioned constant, the strongest
     baseline), with paired Brier and within-set AUROC differences against that baseline (lowest
     pooled clean Brier, chosen per base model by :func:`strongest_baseline` before
@@ -164,12 +171,11 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
     tables = {label: _tables(folder) for label, folder in _bases(results).items()}
     for set_ in POOLED:
         for label, (head, paired) in tables.items():
-            strongest = strongest_baseline(head)
+            strongest, shown = _shown(head, methods)
             main = main_rows(head, *MAIN_COMBO)
             main = main[main["set"] == set_]
             clusters |= set(main.get("cluster", pd.Series(dtype=str)))
-            shown = [m for m in ("base", *methods, *README_REFERENCES[1:], strongest) if m in set(main["model"])]
-            for model in dict.fromkeys(shown):
+            for model in (m for m in shown if m in set(main["model"])):
                 r = main[main["model"] == model].iloc[0]
                 pooled = f"{fmt(r, 'auroc')} ({r['auroc_set_constant']:.3f})"
                 lines.append("| " + " | ".join([set_, label or "base", model, str(int(r["seeds"])),
@@ -185,7 +191,81 @@ def results_markdown(results, methods=("sft_simpo",)) -> str:
             "Within-set AUROC: the mean of the per-set AUROCs (six clean sets, five transfer sets); pooled AUROC "
             "mixes sets, and the per-set constant in brackets (a confidence that knows only each set's accuracy) "
             f"shows what set difficulty alone earns there. Strongest baseline (lowest pooled clean Brier) per base "
-            f"model: {', '.join(notes)}. Every set, model and paired difference: [docs/results.md](docs/results.md).")
+            f"model: {', '.join(notes)}.")
+
+
+def _shown(head: pd.DataFrame, methods) -> tuple[str, list[str]]:
+    """(strongest baseline, the models a compact table shows: the base model, ``methods``, the
+    answer-conditioned constant, the strongest baseline) of one base model's headline table."""
+    strongest = strongest_baseline(head)
+    present = set(head["model"])
+    return strongest, [m for m in dict.fromkeys(("base", *methods, *README_REFERENCES[1:], strongest)) if m in present]
+
+
+def results_markdown(results, methods=("sft_simpo",)) -> str:
+    """The README's compact results table: per base model, each shown model (:func:`_shown`)
+    with its seeds, clean within-set AUROC with interval, clean Brier and ECE10, and transfer
+    Brier (pooled sets; the strongest baseline, lowest pooled clean Brier, is chosen per base
+    model before any method is looked at). The full tables are in docs/results.md."""
+    head_cols = ["base model", "model", "seeds", "within-set AUROC (clean)", "Brier (clean)", "ECE10 (clean)",
+                 "Brier (transfer)"]
+    lines = ["| " + " | ".join(head_cols) + " |", "|" + "---|" * len(head_cols)]
+    clusters, notes = set(), []
+    for label, folder in _bases(results).items():
+        head, _ = _tables(folder)
+        strongest, shown = _shown(head, methods)
+        notes.append(f"`{label or 'base'}`: `{strongest}`")
+        main = main_rows(head, *MAIN_COMBO)
+        clusters |= set(main.get("cluster", pd.Series(dtype=str)))
+        for model in shown:
+            cell = {}
+            for set_ in POOLED:
+                r = main[(main["model"] == model) & (main["set"] == set_)]
+                cell[set_] = r.iloc[0] if len(r) else None
+            clean, transfer = cell[POOLED[0]], cell[POOLED[1]]
+            if clean is None:
+                continue
+            lines.append("| " + " | ".join([label or "base", model, str(int(clean["seeds"])),
+                                            fmt(clean, "auroc_within"), value(clean, "brier"), value(clean, "ece"),
+                                            value(transfer, "brier")]) + " |")
+    return ("\n".join(lines) + f"\n\nPooled clean (six sets) and pooled transfer (five sets); {MAIN_COMBO[0]} person, "
+            f"{MAIN_COMBO[1].replace('_', ' ')} read-out; seeds pooled. Within-set AUROC: the mean of the per-set AUROCs, "
+            f"95% bootstrap interval resampling seeds, then {', '.join(sorted(clusters))}s. Strongest baseline (lowest "
+            f"pooled clean Brier) per base model: {', '.join(notes)}. Intervals of every metric, each seed, paired "
+            "differences, selective prediction (AURC, accuracy at 80% coverage) and the recalibrated confidences: "
+            "[docs/results.md](docs/results.md).")
+
+
+SELECTIVE_COLUMNS = (("aurc", "AURC"), ("eaurc", "excess AURC"), ("sel_acc50", "accuracy at 50%"),
+                     ("sel_acc80", "accuracy at 80%"), ("sel_acc90", "accuracy at 90%"), ("prr", "PRR"), ("nll", "NLL"))
+RECALIBRATION_NOTE = ("`+platt`, `+isotonic`, `+histogram` (and `baseline:platt`, ... on the internal probability): "
+                      "the confidence recalibrated, fitted on the calibration set only. A strictly increasing map "
+                      "(temperature scaling) cannot change within-set AUROC or AURC; isotonic regression and histogram "
+                      "binning are monotone and change them only through the ties they create; Platt's answer term "
+                      "can re-order answers across \"yes\" and \"no\".")
+
+
+def selective_markdown(df: pd.DataFrame, sets=POOLED, framing: str = "third", readout: str = "single_pass") -> str:
+    """Selective prediction and NLL per set (and pool) for every model and baseline: AURC, excess
+    AURC, selective accuracy at 50/80/90% coverage, PRR (a pool's: the mean of its sets'), and NLL."""
+    keep = main_rows(df, framing, readout)
+    keep = keep[keep["set"].isin(sets)]
+    if keep.empty or "aurc" not in keep:
+        return "_no selective-prediction columns in these results_"
+    head = ["set", "model", "seeds"] + [name for _, name in SELECTIVE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for set_ in sets:
+        for _, r in keep[keep["set"] == set_].iterrows():
+            lines.append("| " + " | ".join([set_, r["model"], str(int(r.get("seeds", 1)))]
+                                           + [fmt(r, k) for k, _ in SELECTIVE_COLUMNS]) + " |")
+    lines += ["", "Answers kept in order of falling confidence, ties averaged. AURC: mean selective risk over "
+                  "coverages (lower is better); excess AURC: AURC minus the oracle order's (right answers first); "
+                  "accuracy at c%: of the most confident c% of answers; PRR: share of the oracle's AURC gain over a "
+                  "random order that the confidence achieves (1 oracle, 0 random). A pool's selective metrics are "
+                  "the mean of its sets', as within-set AUROC. NLL clipped at "
+                  f"{metrics.NLL_CLIP:g} and pooled over rows, as Brier. 95% intervals resampling seeds, then images. "
+                  + RECALIBRATION_NOTE]
+    return "\n".join(lines)
 
 
 def results_document(results, methods=("sft_simpo",), source: str = "figures/results/") -> str:
@@ -194,6 +274,7 @@ def results_document(results, methods=("sft_simpo",), source: str = "figures/res
     parts = ["# Results (generated)", "",
              f"Written by `notebooks/07_figures.ipynb` from `{source}`; do not edit by hand. "
              "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md)."]
+    parts += ["", "## Pooled sets, every base model", "", pooled_markdown(results, methods)]
     for label, folder in _bases(results).items():
         head, paired = _tables(folder)
         strongest = strongest_baseline(head)
@@ -205,6 +286,8 @@ def results_document(results, methods=("sft_simpo",), source: str = "figures/res
         parts += ["", f"## {title.capitalize()}: every model and baseline, per set and pooled", "",
                   f"Strongest baseline (lowest pooled clean Brier): `{strongest}`.", "",
                   markdown_table(head, *MAIN_COMBO, sets=sets, paired=paired, reference=strongest),
+                  "", f"### {title.capitalize()}: selective prediction (abstaining on the least confident answers)", "",
+                  selective_markdown(head, sets=tuple(u for u in sets if u not in ("perturbed", GROUNDED_SET))),
                   "", f"### {title.capitalize()}: each seed of the models with several", "",
                   seed_markdown(head, *MAIN_COMBO)]
         noise = read_result(folder, "grounded_perturbed.csv")

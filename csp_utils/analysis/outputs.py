@@ -12,12 +12,14 @@ INTERNAL_VS_VERBALIZED = "internal_vs_verbalized_{model}"
 METRICS_POOLED = "metrics_pooled"
 METRICS_SETS = "metrics_{group}_sets"
 PAIRED_POOLED = "paired_differences_pooled"
+RISK_COVERAGE = "risk_coverage"
 ABLATION = "ablation{suffix}_{metric}{unit}"  # one per metric of each results/ablation<suffix>.csv
 TRAINING = "training_{log}"                   # one per training log
 PERTURBATION_GRID = "perturbation_grid_scenes"
 CONFIDENCE_VS_ACCURACY = "confidence_vs_accuracy_transfer"
 REPORT_FIGURES = (RELIABILITY_CLEAN, RELIABILITY_TRANSFER, CONFIDENCE_VS_LEVEL, INTERNAL_VS_VERBALIZED, METRICS_POOLED,
-                  METRICS_SETS, PAIRED_POOLED, ABLATION, TRAINING, PERTURBATION_GRID, CONFIDENCE_VS_ACCURACY)
+                  METRICS_SETS, PAIRED_POOLED, RISK_COVERAGE, ABLATION, TRAINING, PERTURBATION_GRID,
+                  CONFIDENCE_VS_ACCURACY)
 EXTENSIONS = ("png", "pdf")
 
 

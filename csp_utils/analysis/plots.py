@@ -52,7 +52,9 @@ def _style(ax) -> None:
 
 # ----------------------------------------------------------------------- saving
 METRIC_LABELS = {"ece": "ECE (10 bins)", "ece15": "ECE (15 bins)", "adaptive_ece": "adaptive ECE", "mce": "MCE", "brier": "Brier score",
-                 "auroc": "AUROC", "auroc_within": "within-set AUROC", "accuracy": "accuracy", "f1": "F1"}
+                 "auroc": "AUROC", "auroc_within": "within-set AUROC", "accuracy": "accuracy", "f1": "F1",
+                 "nll": "NLL", "aurc": "AURC", "eaurc": "excess AURC", "prr": "PRR", "sel_acc50": "accuracy at 50% coverage",
+                 "sel_acc80": "accuracy at 80% coverage", "sel_acc90": "accuracy at 90% coverage"}
 
 
 def metric_label(metric) -> str:
@@ -371,6 +373,41 @@ def confidence_vs_accuracy(df: pd.DataFrame, title: str | None = None) -> Figure
     if title:
         ax.set_title(title, fontsize=FONT)
     _style(ax)
+    fig.tight_layout()
+    return fig
+
+
+def risk_coverage(panels: Mapping[str, Mapping[str, tuple[Sequence, Sequence]]], oracle: str = "oracle",
+                  suptitle: str | None = None) -> Figure:
+    """Selective risk against coverage: a panel per group of sets, a line per model.
+
+    ``panels``: {panel title: {label: (coverages, risks)}}; the line labelled ``oracle`` (the
+    order that keeps every right answer first) is drawn grey and dashed. The legend gives each
+    line's area under the curve on its coverage grid (the AURC up to the grid's resolution).
+    """
+    n_lines = max(len(lines) for lines in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.8 * len(panels), 4.4 + 0.22 * n_lines), squeeze=False)
+    colors = [PALETTE(k) for k in range(10) if k != 7]   # tab10's grey is the oracle's
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for i, (label, (cov, risk)) in enumerate(lines.items()):
+            cov, risk = np.asarray(cov, float), np.asarray(risk, float)
+            area = float(np.mean(risk))
+            if label == oracle:
+                ax.plot(cov, risk, color="0.45", ls="--", lw=1.4, label=f"{label} ({area:.3f})")
+                continue
+            # a line style per model too: lines that coincide (a monotone recalibration) stay visible
+            ax.plot(cov, risk, color=colors[i % len(colors)], ls=LINESTYLES[i % len(LINESTYLES)], lw=1.6,
+                    label=f"{label} ({area:.3f})")
+        ax.set_xlabel("coverage (share of answers kept, most confident first)", fontsize=FONT)
+        ax.set_ylabel("selective risk (error rate of the kept)", fontsize=FONT)
+        ax.set_title(title, fontsize=FONT)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=FONT - 1, frameon=False, title="model (AURC)", title_fontsize=FONT - 1, ncol=2,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.16))
+        _style(ax)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=FONT)
     fig.tight_layout()
     return fig
 

@@ -14,16 +14,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from csp_utils.analysis import outputs, plots, tables
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED, read_result
+from csp_utils.core import metrics
 from csp_utils.core.paths import REPO
 from csp_utils.evaluate import suites
 
 COMPACT = ("headline.csv", "paired.csv", "sets.json", "summary.csv", "per_question.csv.gz", "level_spearman.csv",
-           "grounded_perturbed.csv", "ablation.csv", "timings.json", "base_model.json")
+           "grounded_perturbed.csv", "ablation.csv", "timings.json", "base_model.json", "sources_cost.json")
 
 
 def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "base",
@@ -37,6 +39,45 @@ def reliability_before_after(pq: pd.DataFrame, sets, after: str, before: str = "
             if len(g):
                 cells.setdefault(name, {})[set_] = (g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy())
     return plots.reliability_matrix(cells, suptitle=f"Before / after CSP ({combo[0]} person, {combo[1]})")
+
+
+COVERAGE_GRID = np.arange(1, 101) / 100
+
+
+def mean_risk_coverage(pq: pd.DataFrame, sets, coverages=COVERAGE_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """The risk-coverage curve of one model's rows as the mean over ``sets`` of each set's own
+    curve (seeds pooled within a set), as AURC is pooled; parsed confidences only."""
+    curves = []
+    for set_ in sets:
+        g = pq[pq["set"] == set_].dropna(subset=["confidence"])
+        if len(g):
+            curves.append(metrics.risk_coverage(g["confidence"].to_numpy(float), g["correct"].astype(int).to_numpy(),
+                                                 coverages))
+    return coverages, np.mean(curves, axis=0)
+
+
+def risk_coverage_figure(pq: pd.DataFrame, groups: dict, base: str = "base", combo=MAIN_COMBO):
+    """Risk against coverage, a panel per group of sets ({title: sets}): every model at ``combo``
+    and every baseline (recalibrated methods left out: their ``+`` twins would double the
+    lines), and the oracle order of the ``base`` model's answers."""
+    main = pq[((pq["framing"] == combo[0]) & (pq["readout"] == combo[1])) | (pq["framing"] == "-")]
+    main = main.assign(group=main["model"].map(tables.model_group))
+    names = [m for m in dict.fromkeys(main["group"]) if "+" not in m]
+    names = sorted(names, key=lambda m: (m.startswith("baseline:"), m != base))
+    panels = {}
+    for title, sets in groups.items():
+        lines = {m: mean_risk_coverage(main[main["group"] == m], sets) for m in names}
+        own = main[(main["group"] == base) & main["set"].isin(sets)]
+        oracle = []
+        for set_ in sets:
+            y = own.loc[own["set"] == set_, "correct"].astype(int).to_numpy()
+            if y.size:
+                oracle.append(metrics.oracle_risk_coverage(y, COVERAGE_GRID))
+        if oracle:
+            lines[f"oracle ({base}'s answers)"] = (COVERAGE_GRID, np.mean(oracle, axis=0))
+        panels[title] = lines
+    return plots.risk_coverage(panels, oracle=f"oracle ({base}'s answers)", suptitle=f"Risk against coverage, mean of the per-set curves "
+                                                f"({combo[0]} person, {combo[1].replace('_', ' ')})")
 
 
 def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbation_grid: bool = True) -> list[Path]:
@@ -74,6 +115,9 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
         if len(acc):
             save(plots.confidence_vs_accuracy(acc, title="Degraded images never trained on: confidence vs accuracy"),
                  outputs.CONFIDENCE_VS_ACCURACY)
+        rc_groups = {f"{name} sets": units for name, units in (("clean", clean), ("transfer", transfer)) if units}
+        if rc_groups:
+            save(risk_coverage_figure(pq, rc_groups), outputs.RISK_COVERAGE)
         both = pq[(pq["framing"] == MAIN_COMBO[0]) & (pq["readout"] == MAIN_COMBO[1])
                   & ~pq["set"].isin(["perturbed"])].dropna(subset=["confidence", "internal_prob"])
         for name in ("base", after):

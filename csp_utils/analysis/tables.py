@@ -32,11 +32,15 @@ def read_result(results_dir, name: str) -> pd.DataFrame | None:
 POOLED = ("pooled-clean", "pooled-transfer")
 MAIN_COMBO = ("third", "single_pass")   # framing and read-out of the figures and the README table
 HEADLINE = ("accuracy", "ece", "ece15", "brier", "auroc_within", "auroc")
-CALIBRATION_METRICS = ("ece", "ece15", "adaptive_ece", "brier", "auroc")
+CALIBRATION_METRICS = ("ece", "ece15", "adaptive_ece", "brier", "auroc", "nll")
 # auroc_within: the mean over a pool's sets of each set's own AUROC (a set's AUROC for a set);
-# "auroc" on a pool mixes sets, so knowing which set is harder earns it (auroc_set_constant)
-PAIRED_METRICS = ("accuracy", "ece", "ece15", "brier", "auroc_within", "auroc")
-SEED_METRICS = ("accuracy", "ece", "brier", "auroc_within", "auroc")   # reported per seed too
+# "auroc" on a pool mixes sets, so knowing which set is harder earns it (auroc_set_constant).
+# The selective metrics (AURC, excess AURC, PRR, selective accuracy) rank answers too: a pool's
+# value is likewise the mean of its sets' own.
+WITHIN_SET = ("auroc_within", *metrics.SELECTIVE_KEYS)
+SELECTIVE = metrics.SELECTIVE_KEYS
+PAIRED_METRICS = ("accuracy", "ece", "ece15", "brier", "nll", "auroc_within", "auroc", *SELECTIVE)
+SEED_METRICS = ("accuracy", "ece", "brier", "auroc_within", "auroc", "aurc")   # reported per seed too
 
 
 def model_group(name: str) -> str:
@@ -77,10 +81,11 @@ def two_level_counts(seed_counts: np.ndarray, image_counts: np.ndarray) -> np.nd
     return (seed_counts[:, :, None] * image_counts[:, None, :]).reshape(B, S * image_counts.shape[1])
 
 
-def within_set_auroc(conf, correct, sets, codes, counts) -> np.ndarray:
-    """(B,) the mean over sets of each set's AUROC, for B cluster resamples at once
-    (``codes``/``counts`` as :func:`metrics.resampled_calibration`; ``counts`` of ones: the point
-    estimate). A set whose resample has one class only is left out of that resample's mean."""
+def within_set_metrics(conf, correct, sets, codes, counts) -> dict[str, np.ndarray]:
+    """(B,) per key of :data:`WITHIN_SET`: the mean over sets of each set's own AUROC and
+    selective metrics, for B cluster resamples at once (``codes``/``counts`` as
+    :func:`metrics.resampled_calibration`; ``counts`` of ones: the point estimate). A set whose
+    resample has one class only is left out of that resample's AUROC mean (its AURC stands)."""
     conf, correct, sets = np.asarray(conf, float), np.asarray(correct, float), np.asarray(sets)
     codes = np.asarray(codes, np.int64)
     K = np.atleast_2d(np.asarray(counts, float))
@@ -88,25 +93,34 @@ def within_set_auroc(conf, correct, sets, codes, counts) -> np.ndarray:
     for s in pd.unique(sets):
         m = sets == s
         used, local = np.unique(codes[m], return_inverse=True)
-        per_set.append(metrics.resampled_calibration(conf[m], correct[m], local, K[:, used], (), adaptive=False)["auroc"])
-    if not per_set:
-        return np.full(K.shape[0], np.nan)
-    stacked = np.vstack(per_set)
-    ok = ~np.isnan(stacked)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(ok.any(0), np.where(ok, stacked, 0.0).sum(0) / ok.sum(0), np.nan)
+        per_set.append(metrics.resampled_calibration(conf[m], correct[m], local, K[:, used], (), adaptive=False,
+                                                     selective=True))
+    out = {}
+    for key in WITHIN_SET:
+        if not per_set:
+            out[key] = np.full(K.shape[0], np.nan)
+            continue
+        stacked = np.vstack([p["auroc" if key == "auroc_within" else key] for p in per_set])
+        ok = ~np.isnan(stacked)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[key] = np.where(ok.any(0), np.where(ok, stacked, 0.0).sum(0) / ok.sum(0), np.nan)
+    return out
 
 
-def mean_set_auroc(conf, correct, sets) -> float:
-    """The mean over sets of each set's AUROC (rows with no confidence left out, one-class sets
-    skipped): the point value of :func:`within_set_auroc`."""
+def mean_set_metrics(conf, correct, sets) -> dict[str, float]:
+    """The point values of :func:`within_set_metrics`, row by row: per set (rows with no
+    confidence left out) its AUROC (one-class sets skipped) and selective metrics, averaged."""
     conf, correct, sets = np.asarray(conf, float), np.asarray(correct, float), np.asarray(sets)
-    vals = []
+    vals: dict[str, list] = {k: [] for k in WITHIN_SET}
     for s in pd.unique(sets):
         m = (sets == s) & ~np.isnan(conf)
+        if not m.any():
+            continue
         if 0 < correct[m].sum() < m.sum():
-            vals.append(metrics.auroc(conf[m], correct[m]))
-    return float(np.mean(vals)) if vals else math.nan
+            vals["auroc_within"].append(metrics.auroc(conf[m], correct[m]))
+        for k, v in metrics.selective_metrics(conf[m], correct[m]).items():
+            vals[k].append(v)
+    return {k: float(np.nanmean(v)) if v and not np.all(np.isnan(v)) else math.nan for k, v in vals.items()}
 
 
 def set_constant_auroc(correct, sets) -> float:
@@ -138,7 +152,7 @@ def _metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.ndarray, pre
     if c.size == 0:
         return out | {k: math.nan for k in CALIBRATION_METRICS}
     return out | {"ece": metrics.ece(c, y), "ece15": metrics.ece(c, y, 15), "adaptive_ece": metrics.adaptive_ece(c, y),
-                  "brier": metrics.brier(c, y), "auroc": metrics.auroc(c, y)}
+                  "brier": metrics.brier(c, y), "auroc": metrics.auroc(c, y), "nll": metrics.nll(c, y)}
 
 
 def _resampled_metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.ndarray, pred: np.ndarray,
@@ -156,7 +170,7 @@ def _resampled_metric_values(conf: np.ndarray, correct: np.ndarray, truth: np.nd
         out["f1"] = np.where(np.isnan(out["f1"]), 0.0, out["f1"])
         out["coverage"] = per(~np.isnan(conf)) / total
     # adaptive ECE: point estimate only (the tables report 10- and 15-bin ECE with intervals)
-    return out | metrics.resampled_calibration(conf, correct, codes, counts, (10, 15), adaptive=False)
+    return out | metrics.resampled_calibration(conf, correct, codes, counts, (10, 15), adaptive=False, nll=True)
 
 
 def _frame(rows, pool_seeds: bool = True) -> pd.DataFrame:
@@ -197,15 +211,14 @@ def _scored(g: pd.DataFrame, key: str, uniq, image_counts: np.ndarray, uniform: 
     counts = two_level_counts(seed_resample_counts(len(seeds), uniform), image_counts)
     arrays = (g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
     boots = _resampled_metric_values(*arrays, codes, counts)
-    boots["auroc_within"] = within_set_auroc(arrays[0], arrays[1], g["set"].to_numpy(), codes, counts)
+    boots |= within_set_metrics(arrays[0], arrays[1], g["set"].to_numpy(), codes, counts)
     return _point_values(g), boots
 
 
 def _point_values(g: pd.DataFrame) -> dict:
-    """:func:`_metric_values` of a group's rows, with the within-set AUROC."""
+    """:func:`_metric_values` of a group's rows, with the within-set AUROC and selective metrics."""
     point = _metric_values(g["conf"].to_numpy(), g["ok"].to_numpy(), g["truth"].to_numpy(), g["pred"].to_numpy())
-    point["auroc_within"] = mean_set_auroc(g["conf"].to_numpy(), g["ok"].to_numpy(), g["set"].to_numpy())
-    return point
+    return point | mean_set_metrics(g["conf"].to_numpy(), g["ok"].to_numpy(), g["set"].to_numpy())
 
 
 def per_seed_text(value, digits: int = 3) -> str:

@@ -6,12 +6,16 @@
 - ``internal``: the model's own probability of the answer it gave (yes/no token probability).
 - ``temperature``: that probability temperature-scaled (Guo et al. 2017), T fitted on a
   held-out split by minimising the negative log-likelihood of correctness.
+- Recalibrators of any confidence, fitted on a held-out split: Platt scaling with an answer
+  term, isotonic regression, histogram binning.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
+
+from csp_utils.core.metrics import bin_index
 
 _EPS = 1e-6
 
@@ -58,23 +62,111 @@ def fit_temperature(p_answer, correct, bounds=(0.05, 20.0)) -> float:
     return float(np.exp(res.x))
 
 
-def fit_logistic(features, correct, l2=None) -> np.ndarray:
-    """Weights of a logistic model of correctness (maximum likelihood, L2 penalty ``l2[j]`` on
-    weight j; none by default). ``features`` (N, D) holds its own constant column."""
-    X, y = np.asarray(features, dtype=float), np.asarray(correct, dtype=float)
+# ------------------------------------------------------------------ post-hoc recalibrators
+# Each is fitted on one sample (the suite's calibration set) and applied to another; ``apply``
+# maps confidences (fractions) and, for Platt, the own answers, to recalibrated confidences.
+RECALIBRATORS = ("platt", "isotonic", "histogram")
+
+
+def fit_logistic(X, y, l2=0.0) -> np.ndarray:
+    """Weights of a logistic regression of ``y`` (0/1) on the columns of ``X`` (give it a column
+    of ones for an intercept), by maximum likelihood with ``l2`` times the squared weights
+    added: a number for every column but the last (the intercept by convention), or one
+    number per column."""
+    X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
     if X.ndim != 2 or X.shape[0] != y.size or y.size == 0:
-        raise ValueError(f"features must be (N, D) with N = len(correct); got {X.shape} and {y.size}")
-    lam = np.zeros(X.shape[1]) if l2 is None else np.asarray(l2, dtype=float)
+        raise ValueError(f"X must be (N, D) with N = len(y); got {X.shape} and {y.size}")
+    pen = (np.asarray(l2, dtype=float) if np.ndim(l2) else np.r_[np.full(X.shape[1] - 1, float(l2)), 0.0])
+    if pen.shape != (X.shape[1],):
+        raise ValueError(f"l2 needs one value per column of X ({X.shape[1]}), got {pen.shape[0]}")
 
     def loss(w):
-        z = X @ w
-        # log(1 + e^z) - y z, stable for large |z|
-        nll = np.logaddexp(0.0, z) - y * z
-        grad = X.T @ (1.0 / (1.0 + np.exp(-z)) - y) + lam * w
-        return nll.sum() + 0.5 * (lam * w * w).sum(), grad
+        t = X @ w
+        return (float(np.sum(np.logaddexp(0.0, t) - y * t) + np.sum(pen * w * w)),
+                X.T @ (1.0 / (1.0 + np.exp(-t)) - y) + 2 * pen * w)
 
-    res = minimize(loss, np.zeros(X.shape[1]), jac=True, method="L-BFGS-B")
-    return res.x
+    return minimize(loss, np.zeros(X.shape[1]), jac=True, method="BFGS").x
+
+
+class Platt:
+    """Platt scaling with an answer term: sigmoid(a * logit(p) + b + c * [answer is yes]),
+    fitted by maximum likelihood of correctness (a confidence after "yes" and one after "no" may
+    need different shifts; the term is what lets it re-order answers across the two)."""
+
+    def __init__(self, conf, correct, answer_yes=None):
+        z, y, s = answer_logit(conf), np.asarray(correct, dtype=float), _yes(answer_yes, np.size(conf))
+        both = s.any() and not s.all()   # one answer only: its term would be the intercept's twin
+        w = fit_logistic(np.column_stack([z, s, np.ones_like(z)] if both else [z, np.ones_like(z)]), y)
+        self.a, self.b, self.c = float(w[0]), float(w[-1]), float(w[1]) if both else 0.0
+
+    def apply(self, conf, answer_yes=None) -> np.ndarray:
+        t = self.a * answer_logit(conf) + self.b + self.c * _yes(answer_yes, np.size(conf))
+        return 1.0 / (1.0 + np.exp(-t))
+
+    def params(self) -> dict:
+        return {"a": self.a, "b": self.b, "c_yes": self.c}
+
+
+def _yes(answer_yes, n: int) -> np.ndarray:
+    return np.zeros(n) if answer_yes is None else np.asarray(answer_yes, dtype=float).ravel()
+
+
+class Isotonic:
+    """Isotonic regression of correctness on confidence (pool-adjacent-violators, equal
+    confidences pooled first); between fitted confidences it interpolates linearly, outside
+    their range it keeps the end values."""
+
+    def __init__(self, conf, correct, answer_yes=None):
+        x, y = np.asarray(conf, dtype=float).ravel(), np.asarray(correct, dtype=float).ravel()
+        xs, inverse = np.unique(x, return_inverse=True)
+        w = np.bincount(inverse.ravel()).astype(float)
+        mean = np.bincount(inverse.ravel(), weights=y) / w
+        blocks: list[list[float]] = []          # [value, weight, number of distinct confidences]
+        for m, wt in zip(mean, w):
+            blocks.append([m, wt, 1])
+            while len(blocks) > 1 and blocks[-2][0] >= blocks[-1][0]:
+                v2, w2, k2 = blocks.pop()
+                v1, w1, k1 = blocks.pop()
+                blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, k1 + k2])
+        self.x = xs
+        self.y = np.repeat([b[0] for b in blocks], [b[2] for b in blocks])
+
+    def apply(self, conf, answer_yes=None) -> np.ndarray:
+        return np.interp(np.asarray(conf, dtype=float), self.x, self.y)
+
+    def params(self) -> dict:
+        return {"n_steps": int(np.unique(self.y).size)}
+
+
+class Histogram:
+    """Histogram binning (Zadrozny and Elkan 2001): each equal-width bin (the ECE's bins) maps to
+    the calibration accuracy in it; a bin with no calibration answer maps to the overall one."""
+
+    def __init__(self, conf, correct, answer_yes=None, n_bins: int = 10):
+        c, y = np.asarray(conf, dtype=float).ravel(), np.asarray(correct, dtype=float).ravel()
+        k = bin_index(c, n_bins)
+        count = np.bincount(k, minlength=n_bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.values = np.where(count > 0, np.bincount(k, weights=y, minlength=n_bins) / count, y.mean())
+        self.n_bins = n_bins
+
+    def apply(self, conf, answer_yes=None) -> np.ndarray:
+        return self.values[bin_index(np.asarray(conf, dtype=float), self.n_bins)]
+
+    def params(self) -> dict:
+        return {"bins": [round(float(v), 6) for v in self.values]}
+
+
+def fit_recalibrator(kind: str, conf, correct, answer_yes=None):
+    """A fitted recalibrator of ``kind`` (one of :data:`RECALIBRATORS`)."""
+    classes = {"platt": Platt, "isotonic": Isotonic, "histogram": Histogram}
+    if kind not in classes:
+        raise ValueError(f"unknown recalibrator {kind!r}; one of {RECALIBRATORS}")
+    c, y = np.asarray(conf, dtype=float).ravel(), np.asarray(correct, dtype=float).ravel()
+    if c.size == 0 or c.size != y.size or not np.all(np.isfinite(c)):
+        raise ValueError(f"{kind}: need equal, non-zero numbers of finite confidences and correctness; "
+                         f"got {c.size} and {y.size}")
+    return classes[kind](c, y, answer_yes)
 
 
 def logistic_predict(features, weights) -> np.ndarray:

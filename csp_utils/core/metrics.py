@@ -218,6 +218,114 @@ def auroc(conf, correct) -> float:
     return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+# ------------------------------------------------------------------ selective prediction
+# Answers are kept in order of falling confidence; the risk at coverage k/n is the error rate
+# of the k kept. Tied confidences have no order of their own: every quantity below is its
+# expectation over random orders of the ties, which puts a tie group's errors evenly along its
+# ranks (the cumulative error count is linear inside the group).
+COVERAGES = (0.5, 0.8, 0.9)        # selective accuracy is reported at these coverages
+NLL_CLIP = 1e-3                    # confidences clipped to [NLL_CLIP, 1 - NLL_CLIP] in the NLL
+
+
+def sel_acc_key(coverage: float) -> str:
+    return f"sel_acc{round(coverage * 100)}"
+
+
+SELECTIVE_KEYS = ("aurc", "eaurc", "prr") + tuple(sel_acc_key(c) for c in COVERAGES)
+
+
+def nll(conf, correct, clip: float = NLL_CLIP) -> float:
+    """Negative log-likelihood of correctness, confidence clipped to [clip, 1 - clip] (a stated
+    100% that is wrong costs -log(clip), not infinity)."""
+    c, y = validate(conf, correct)
+    q = np.clip(c, clip, 1.0 - clip)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+def _harmonic(x: np.ndarray) -> np.ndarray:
+    """H(x) = sum_{j<=x} 1/j, extended to real x >= 0 (digamma(x + 1) + Euler's gamma)."""
+    from scipy.special import digamma
+
+    return digamma(np.asarray(x, dtype=float) + 1.0) + np.euler_gamma
+
+
+def _cumulative_errors(count: np.ndarray, err: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """(B,) expected errors among the ``kept`` (B,) most confident answers: ``count``/``err``
+    (B, U) rows and wrong rows at each distinct confidence, most confident first."""
+    before = np.cumsum(count, 1) - count
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.clip((kept[:, None] - before) / count, 0.0, 1.0)
+    return np.where(count > 0, err * share, 0.0).sum(1)
+
+
+def selective_from_counts(count, right, coverages=COVERAGES) -> dict[str, np.ndarray]:
+    """AURC, excess AURC, PRR and selective accuracy at ``coverages`` of B samples at once.
+
+    ``count``/``right`` (B, U): rows and right rows at each distinct confidence, most confident
+    first (weights may be any counts >= 0). The area under the risk-coverage curve sums, over
+    each tie group g (n_g rows, e_g wrong, N and E rows and errors before it), the risks
+    (E + e_g j / n_g) / (N + j) for j = 1..n_g; in closed form
+    (E - e_g N / n_g) (H(N + n_g) - H(N)) + e_g with H the harmonic number. The oracle keeps
+    every right answer first; PRR = (error rate - AURC) / (error rate - oracle AURC).
+    """
+    count = np.atleast_2d(np.asarray(count, dtype=float))
+    err = count - np.atleast_2d(np.asarray(right, dtype=float))
+    n, e = count.sum(1), err.sum(1)
+    before_n = np.cumsum(count, 1) - count
+    before_e = np.cumsum(err, 1) - err
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(count > 0, err / count, 0.0)
+        area = ((before_e - slope * before_n) * (_harmonic(before_n + count) - _harmonic(before_n)) + err).sum(1)
+        aurc = area / n
+        oracle = (e - (n - e) * (_harmonic(n) - _harmonic(n - e))) / n
+        rate = e / n
+        spread = rate - oracle
+        out = {"aurc": aurc, "eaurc": aurc - oracle,
+               "prr": np.where(spread > 1e-12, (rate - aurc) / spread, np.nan)}
+        for cov in coverages:
+            kept = cov * n
+            out[sel_acc_key(cov)] = 1.0 - _cumulative_errors(count, err, kept) / kept
+    return {k: np.where(n > 0, v, np.nan) for k, v in out.items()}
+
+
+def _by_confidence(conf, correct) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct confidences falling, rows at each, right rows at each)."""
+    c, y = validate(conf, correct)
+    u, inverse = np.unique(-c, return_inverse=True)
+    return -u, np.bincount(inverse.ravel()).astype(float), np.bincount(inverse.ravel(), weights=y)
+
+
+def selective_metrics(conf, correct, coverages=COVERAGES) -> dict[str, float]:
+    """``aurc``, ``eaurc``, ``prr`` and ``sel_acc<cov>`` of one sample (:func:`selective_from_counts`)."""
+    _, count, right = _by_confidence(conf, correct)
+    return {k: float(v[0]) for k, v in selective_from_counts(count[None], right[None], coverages).items()}
+
+
+def aurc(conf, correct) -> float:
+    """Area under the selective risk against coverage, ties averaged (Geifman et al. 2019)."""
+    return selective_metrics(conf, correct)["aurc"]
+
+
+def risk_coverage(conf, correct, coverages) -> np.ndarray:
+    """Selective risk (error rate of the answers kept) at each coverage in (0, 1], keeping
+    ``coverage * n`` answers in order of falling confidence, ties averaged. With
+    ``coverages = k / n`` for k = 1..n its mean is :func:`aurc`."""
+    _, count, right = _by_confidence(conf, correct)
+    cov = np.asarray(coverages, dtype=float).ravel()
+    if cov.size and (cov.min() <= 0 or cov.max() > 1):
+        raise ValueError("coverages must lie in (0, 1]")
+    kept = cov * count.sum()
+    K = np.broadcast_to(count, (cov.size, count.size))
+    E = np.broadcast_to(count - right, (cov.size, count.size))
+    return _cumulative_errors(K, E, kept) / kept
+
+
+def oracle_risk_coverage(correct, coverages) -> np.ndarray:
+    """The risk-coverage curve of the order that keeps every right answer first."""
+    y = as_binary(correct, "correct")
+    return risk_coverage(y.astype(float), y, coverages)
+
+
 # ---------------------------------------------------------------------------- bootstrap
 def bootstrap_ci(
     metric_fn: Callable[[np.ndarray, np.ndarray], float],
@@ -267,7 +375,8 @@ def bootstrap_ci(
 # default resampling unit is the image ("question" resamples single questions).
 CLUSTERS = ("image", "question")
 LOWER_IS_BETTER = {"ece": True, "ece15": True, "adaptive_ece": True, "brier": True, "auroc": False,
-                   "auroc_within": False, "accuracy": False, "f1": False}
+                   "auroc_within": False, "accuracy": False, "f1": False, "nll": True, "aurc": True,
+                   "eaurc": True, "prr": False, "sel_acc50": False, "sel_acc80": False, "sel_acc90": False}
 
 
 def resample_counts(n_clusters: int, n_boot: int, seed: int | np.random.Generator = 0) -> np.ndarray:
@@ -294,10 +403,12 @@ def cluster_codes(ids) -> tuple[np.ndarray, np.ndarray]:
 
 
 def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = (10, 15),
-                          adaptive: bool = True) -> dict[str, np.ndarray]:
+                          adaptive: bool = True, nll: bool = False,
+                          selective: bool = False) -> dict[str, np.ndarray]:
     """ECE (one key per bin count: ``ece`` for 10, ``ece15`` ...), adaptive ECE (unless
     ``adaptive=False``, which saves a third of the time on continuous confidences), Brier and
-    AUROC of B cluster resamples at once.
+    AUROC of B cluster resamples at once; with ``nll`` the clipped NLL, with ``selective`` the
+    keys of :func:`selective_from_counts` (AURC, excess AURC, PRR, selective accuracy).
 
     ``codes`` (n,): each row's cluster; ``counts`` (B, C): how often each cluster was drawn
     (:func:`resample_counts`). ECE and Brier come from per-cluster sums (per-bin confidence
@@ -317,7 +428,8 @@ def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = 
     B, C = K.shape
     if codes.size and codes.max() >= C:
         raise ValueError(f"cluster code {codes.max()} out of range for {C} clusters in counts")
-    keys = [_ece_key(k) for k in n_bins] + (["adaptive_ece"] if adaptive else []) + ["brier", "auroc"]
+    keys = ([_ece_key(k) for k in n_bins] + (["adaptive_ece"] if adaptive else []) + ["brier", "auroc"]
+            + (["nll"] if nll else []) + (list(SELECTIVE_KEYS) if selective else []))
     ok = ~np.isnan(conf)
     if not ok.any():
         return {k: np.full(B, np.nan) for k in keys}
@@ -331,6 +443,9 @@ def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = 
             gap = (np.bincount(idx, weights=y, minlength=C * nb) - np.bincount(idx, weights=c, minlength=C * nb))
             out[_ece_key(nb)] = np.abs(K @ gap.reshape(C, nb)).sum(1) / n
         out["brier"] = K @ per_cluster((c - y) ** 2) / n
+        if nll:
+            q = np.clip(c, NLL_CLIP, 1.0 - NLL_CLIP)
+            out["nll"] = -(K @ per_cluster(y * np.log(q) + (1 - y) * np.log1p(-q))) / n
         # AUROC and adaptive ECE need ranks: right / all rows at each distinct confidence
         order = np.argsort(c, kind="stable")
         cs = c[order]
@@ -357,6 +472,8 @@ def resampled_calibration(conf, correct, codes, counts, n_bins: Sequence[int] = 
         rank_sum = (right * (first_rank + (count + 1) / 2.0)).sum(1)   # midranks, as _midranks
         auc = (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
         out["auroc"] = np.where((n_pos == 0) | (n_neg == 0), np.nan, auc)
+        if selective:   # most confident first
+            out |= selective_from_counts(count[:, ::-1], right[:, ::-1])
         for k in keys:
             out[k] = np.where(n > 0, out[k], np.nan)
     return {k: out[k] for k in keys}
@@ -541,6 +658,12 @@ __all__ = [
     "adaptive_ece",
     "brier",
     "auroc",
+    "nll",
+    "aurc",
+    "selective_metrics",
+    "selective_from_counts",
+    "risk_coverage",
+    "oracle_risk_coverage",
     "bootstrap_ci",
     "resample_counts",
     "cluster_codes",

@@ -454,7 +454,8 @@ def fit_calibration_model(ds, l2: float = 1.0) -> tuple[dict | None, dict]:
     known = sorted({c for c in conds[pick] if c != "clean"})
     X = calibration_features(np.array(ds["p_own_raw"], float)[pick], np.array(ds["own_answer"])[pick],
                              conds[pick], known)
-    w = baselines.fit_logistic(X, y, l2=[0.0, 0.0, 0.0] + [l2] * (2 * len(known)))
+    # l2 / 2 per squared weight: the penalty of a unit Gaussian prior at l2 = 1
+    w = baselines.fit_logistic(X, y, l2=[0.0, 0.0, 0.0] + [l2 / 2] * (2 * len(known)))
     model = {"conditions": known, "weights": [float(v) for v in w], "l2": l2}
     return model, {**info, "fitted": True, **model}
 

@@ -38,14 +38,10 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
     again. Only sets that both evaluations run from the start here qualify, so the answers come
     from the same batches as a new generation would: the rows are identical either way.
     """
-    import torch
-
     from csp_utils.evaluate import evaluation
     from csp_utils.vlm import models
 
-    kwargs = {k: v for k, v in (load_kwargs or {}).items() if v is not None}
-    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
-        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs = model_kwargs(load_kwargs)
     paths = []
     sources: dict[tuple, tuple[Path, str]] = {}   # (answer key, set) -> (results file, model)
     for spec in specs:
@@ -64,6 +60,17 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
                 sources[(key, name)] = (path, spec.name)
         del model
     return paths
+
+
+def model_kwargs(load_kwargs: dict | None) -> dict:
+    """The notebooks' load keywords for ``models.load_vlm``: None values dropped, a dtype name
+    (other than "auto") turned into the torch dtype."""
+    import torch
+
+    kwargs = {k: v for k, v in (load_kwargs or {}).items() if v is not None}
+    if isinstance(kwargs.get("dtype"), str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    return kwargs
 
 
 def answer_key(spec: ModelSpec, cfg) -> tuple | None:
@@ -163,4 +170,47 @@ def baseline_rows(rows: list[dict], base: str = "base", calibration_set: str = "
             conf, param = confs[name]
             out.append({**r, "model": f"baseline:{name}", "framing": "-", "readout": "-", "confidence": conf,
                         "raw_confidence": None, "baseline_param": json.dumps(param)})
+    return out
+
+
+def recalibrated_name(model: str, kind: str) -> str:
+    """``sft_simpo@s1`` recalibrated by isotonic regression -> ``sft_simpo+isotonic@s1`` (the seed
+    stays last, so the seeds of a recalibrated method pool as the method's do)."""
+    group, at, seed = model.partition("@")
+    return f"{group}+{kind}{at}{seed}"
+
+
+def recalibrated_rows(rows: list[dict], base: str = "base", calibration_set: str = "calibration",
+                      skip_sets=("calibration", "train-sample"), framing: str = "third",
+                      readout: str = "single_pass", kinds=baselines.RECALIBRATORS) -> list[dict]:
+    """Post-hoc recalibrations, each fitted on the calibration set only and applied to every
+    other set: of the ``base`` model's internal probability (``baseline:platt``,
+    ``baseline:isotonic``, ``baseline:histogram``) and of every model's verbalized confidence
+    at (``framing``, ``readout``) (``<model>+<kind>``, fitted on that model's own calibration
+    rows). Platt's answer term is the model's own answer being "yes"."""
+    own = [r for r in rows if r["framing"] == framing and r["readout"] == readout
+           and not str(r["model"]).startswith("baseline:")]
+    sources = {}   # output name -> (rows of one model, the confidence it recalibrates)
+    for r in own:
+        sources.setdefault(str(r["model"]), []).append(r)
+    out = []
+    for model, rs in sources.items():
+        fields = [("confidence", model)] + ([("internal_prob", "baseline")] if model == base else [])
+        for field, owner in fields:
+            calib = [r for r in rs if r["set"] == calibration_set and r.get(field) is not None]
+            if not calib:
+                continue
+            yes = lambda rr: [str(r["answer"]).strip().lower() == "yes" for r in rr]  # noqa: E731
+            for kind in kinds:
+                fit = baselines.fit_recalibrator(kind, [r[field] for r in calib], [r["correct"] for r in calib],
+                                                 yes(calib))
+                name = f"baseline:{kind}" if owner == "baseline" else recalibrated_name(model, kind)
+                param = json.dumps({"recalibrates": f"{model}.{field}", "fitted_on": calibration_set,
+                                    "n_fit": len(calib)} | fit.params())
+                scored = [r for r in rs if r["set"] not in skip_sets]
+                raw = np.array([np.nan if r.get(field) is None else r[field] for r in scored], dtype=float)
+                confs = fit.apply(np.nan_to_num(raw, nan=0.5), yes(scored))
+                extra = {"framing": "-", "readout": "-"} if owner == "baseline" else {}
+                out += [{**r, "model": name, **extra, "confidence": None if np.isnan(x) else float(c),
+                         "raw_confidence": None, "baseline_param": param} for r, x, c in zip(scored, raw, confs)]
     return out
