@@ -7,10 +7,20 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from csp_utils.pipeline.stages import DRIVER_PARAMETERS, NUMBER, notebook_of, spec_of
+
+
+# ------------------------------------------------------------------ names
+def unknown_name(what: str, name, known) -> str:
+    """One line for a name that is not one of ``known``, with the closest known one."""
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    hint = f' Did you mean "{close[0]}"?' if close else ""
+    return f"unknown {what} {name!r}.{hint} Known: {', '.join(known)}"
 
 
 # ------------------------------------------------------------------ parameter checks
