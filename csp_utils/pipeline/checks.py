@@ -14,6 +14,30 @@ from pathlib import Path
 from csp_utils.pipeline.stages import DRIVER_PARAMETERS, NUMBER, notebook_of, spec_of
 
 
+# ------------------------------------------------------------------ notebooks
+def compile_notebook(notebook: Path) -> None:
+    """Every code cell compiled (IPython syntax turned into Python first, as the kernel does),
+    so that a syntax error stops the run before any stage starts or any output is removed:
+    one line naming the notebook, the cell and the line."""
+    import json
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:
+        cells = json.loads(notebook.read_text())["cells"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{notebook}: not a readable notebook ({err})") from None
+    transform = TransformerManager().transform_cell
+    for number, cell in enumerate(cells, 1):
+        if cell.get("cell_type") != "code":
+            continue
+        source = "".join(cell.get("source") or [])
+        try:
+            compile(transform(source), f"{notebook.name} cell {number}", "exec", dont_inherit=True)
+        except SyntaxError as err:
+            raise ValueError(f"{notebook}: cell {number}, line {err.lineno}: SyntaxError: {err.msg}") from None
+
+
 # ------------------------------------------------------------------ names
 def unknown_name(what: str, name, known) -> str:
     """One line for a name that is not one of ``known``, with the closest known one."""
@@ -59,6 +83,47 @@ def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> 
         raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
                          f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
     check_range(stage, name, value)
+    check_choice(stage, name, value)
+
+
+def _choices() -> dict:
+    """Parameter (a dotted path) -> the names it takes, from the constants the code checks them
+    against later (inside a stage); a list takes such names only."""
+    from csp_utils.dataset import buildconfig, perturbation
+    from csp_utils.evaluate import evaluation, suites
+    from csp_utils.train import methods, settings
+    from csp_utils.vlm import prompts
+
+    training = {"confidence_target": settings.CONFIDENCE_TARGETS, "layout": prompts.LAYOUTS,
+                "framing": prompts.FRAMINGS}
+    return {"method": tuple(methods.METHODS), "regime": ("sft_simpo", "simpo"), "preset": ("tiny_default", "paper_llava7b"),
+            "schedule": perturbation.SCHEDULES, "framing": prompts.FRAMINGS,
+            "readout": evaluation.READOUTS,
+            "build.framing": prompts.FRAMINGS, "build.failure_policy": buildconfig.FAILURE_POLICIES,
+            "build.targets": buildconfig.TARGETS, "build.questions": buildconfig.QUESTION_SOURCES,
+            "build.noise.schedule": perturbation.SCHEDULES, "build.noise.noise": perturbation.NOISE_KINDS,
+            **{f"{stage}.{k}": v for stage in ("sft", "simpo") for k, v in training.items()},
+            "sft.loss": settings.LOSSES,
+            "suite.transfer_kinds": tuple(suites.SuiteConfig().transfer_kinds),
+            "scoring.framings": prompts.FRAMINGS, "scoring.readouts": evaluation.READOUTS,
+            "scoring.layout": prompts.LAYOUTS, "scoring.adapter_scope": evaluation.ADAPTER_SCOPES,
+            "adapter_scope": evaluation.ADAPTER_SCOPES}
+
+
+_CHOICES: dict | None = None
+
+
+def check_choice(stage: str, name: str, value) -> None:
+    """A name (or every name of a list) is one the code knows, before any stage runs."""
+    global _CHOICES
+    if _CHOICES is None:
+        _CHOICES = _choices()
+    known = _CHOICES.get(name)
+    if known is None:
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is not None and item not in known:
+            raise ValueError(f"stage {stage}: {name!r}: {unknown_name('value', item, known)}")
 
 
 @dataclass(frozen=True)

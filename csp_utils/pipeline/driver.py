@@ -20,6 +20,7 @@ import yaml
 from csp_utils.core.lock import pid_lock
 from csp_utils.core.paths import REPO
 from csp_utils.core.versions import package_versions
+from csp_utils.vlm import models
 from csp_utils.pipeline.planning import Stage, apply_overrides, load_params, plan_study, within
 from csp_utils.pipeline.stages import notebook_of, resolve_run_dir
 from csp_utils.pipeline.markers import (StageFailed, check_inputs, clear_outputs, fingerprint_or_none, hash_json,
@@ -89,14 +90,22 @@ def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Sta
 
 
 def check_base_models(plan: list[Stage], only) -> None:
-    """Every selected stage that loads a model finds it, before anything runs: a missing shipped
-    model is an error saying how to restore it, never a rebuild started inside a stage."""
+    """Every stage that loads a model names one that exists (the lookup ``load_vlm`` makes,
+    with its "did you mean"), and every selected one finds it, before anything runs: a missing
+    shipped model is an error saying how to restore it, never a rebuild started inside a stage."""
+    resolved: set[str] = set()
     for stage in plan:
-        if stage.uses_model and (only is None or stage.name in only):
-            try:
-                model_fingerprint(stage.parameters.get("base_model", "embedded"))
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"stage {stage.name}: {err}") from None
+        if not stage.uses_model:
+            continue
+        name = str(stage.parameters.get("base_model", "embedded"))
+        try:
+            if name not in resolved:
+                models.resolve_model_name(name)
+                resolved.add(name)
+            if only is None or stage.name in only:
+                model_fingerprint(name)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"stage {stage.name}: base_model {err}") from None
 
 
 def check_jobs(jobs) -> int:
@@ -122,6 +131,40 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
             _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
     except OSError as err:  # before or between stages: the run folder itself
         raise RunFolderError(f"run folder {run_dir} cannot be written: {os_problem(err)}") from None
+    return run_dir
+
+
+def show_plan(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
+              only: list[str] | None = None, force: bool = False, overrides: dict | None = None,
+              jobs: int | None = None) -> Path:
+    """``--plan``: every check of a run, then each stage with its resolved parameters and what a
+    run would do with it (run, skip, rebuild, resume), read from the run folder's markers
+    without writing anything there."""
+    params, plan, name, run_dir = prepare_run(params_path, name, runs_root, overrides)
+    jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
+    _check_only(only, plan)
+    check_base_models(plan, only)
+    package = package_digest()
+    rerun: set[str] = set()
+    print(f"[plan] {len(plan)} stages into {run_dir} ({'exists' if run_dir.exists() else 'not created yet'}), "
+          f"jobs {jobs}")
+    for stage in plan:
+        if only is not None and stage.name not in only:
+            what = "not selected"
+        else:
+            parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
+            state, why = stage_state(run_dir, stage, hash_json(parts), parts)
+            after = [n for n in stage.inputs if n in rerun]
+            if after:
+                state, why = "fresh", "reads " + ", ".join(after) + ", which run first"
+            what = ("skip (up to date)" if state == "done" and not force else
+                    "resume (" + why + ")" if state == "resume" and not force else
+                    ("run" if read_marker(run_dir, stage.name) is None else "rebuild")
+                    + f" ({'forced' if force else why})")
+            if not what.startswith("skip"):
+                rerun.add(stage.name)
+        print(f"[plan] {stage.name}: {what}")
+        print(f"         {yaml.safe_dump(stage.parameters, default_flow_style=True, width=10**6).strip()}")
     return run_dir
 
 

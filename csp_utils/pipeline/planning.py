@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 from csp_utils.pipeline import stages
-from csp_utils.pipeline.checks import check_stage_parameters, check_value, notebook_defaults
+from csp_utils.pipeline.checks import check_stage_parameters, check_value, compile_notebook, notebook_defaults
 from csp_utils.pipeline.expand import expand_study
 from csp_utils.pipeline.stages import DRIVER_KEYS, DRIVER_PARAMETERS, RESERVED, notebook_of, spec_of
 
@@ -153,6 +153,8 @@ def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str])
 
 def plan_study(params: dict) -> list[Stage]:
     """Every stage, checked and resolved, in chain order; raises before anything runs."""
+    for notebook in dict.fromkeys(notebook_of(stage) for stage in params["stages"]):
+        compile_notebook(notebook)
     defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
     declared = set().union(*defaults.values()) if defaults else set()
     for name, value in _global_parameters(params).items():
