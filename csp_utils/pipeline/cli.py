@@ -1,4 +1,10 @@
 """The driver's command line: ``python -m csp_utils.study PARAMS [--name] [--only] [--set] ...``.
+
+A run writes only its run folder. Writing its results into the repository is a step of its own:
+
+    python -m csp_utils.study params/default.yaml --publish     # after the run: figures, results, README, notebooks
+    python -m csp_utils.study params/default.yaml --compare     # its numbers against the published ones
+    python -m csp_utils.study --figures-only figures/results    # redraw figures/ from the compact results
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import signal
 from csp_utils.core.paths import REPO
 from csp_utils.pipeline.driver import RunFolderError, run_study, show_plan
 from csp_utils.pipeline.planning import parse_set
+from csp_utils.pipeline.publish import figures_only, publish_study
 
 
 def _terminate(signum, frame):
@@ -28,6 +35,13 @@ def main(argv: list[str] | None = None) -> None:
                     "each gets cores / jobs threads")
     ap.add_argument("--plan", action="store_true", help="check everything, print each stage with its resolved "
                     "parameters and whether it would run, skip or rebuild; run nothing, write nothing")
+    ap.add_argument("--publish", action="store_true", help="write the finished run into the repository places the "
+                    "params' publish mapping names; prints what changed and how the numbers moved")
+    ap.add_argument("--compare", action="store_true", help="print how the finished run's numbers differ from the "
+                    "published ones; write nothing")
+    ap.add_argument("--figures-only", metavar="RESULTS", help="redraw every figure from compact results "
+                    "(e.g. figures/results) into --figures-dir after checking each input file; runs nothing")
+    ap.add_argument("--figures-dir", help="with --figures-only: where the figures go (default: the folder above RESULTS)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="override a global parameter (--set base_model=/path/to/model) or one stage's own "
                     "(--set 03_train_sft.sft.max_steps=4); values are YAML")
@@ -46,6 +60,13 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(str(err))
         overrides[key] = value
     try:
+        if args.figures_only:
+            written = figures_only(args.figures_only, args.figures_dir)
+            print(f"[figures] {len(written)} figures drawn from {args.figures_only}")
+            return
+        if args.publish or args.compare:
+            publish_study(args.params, args.name, args.runs_root, overrides, compare_only=args.compare)
+            return
         if args.plan:
             show_plan(args.params, args.name, args.runs_root, args.only, args.force, overrides, args.jobs)
             return
