@@ -82,8 +82,23 @@ def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> 
     if is_bool_as_number or not isinstance(value, types):
         raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
                          f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) and default:
+        _check_items(stage, name, value, default)
     check_range(stage, name, value)
     check_choice(stage, name, value)
+
+
+def _check_items(stage: str, name: str, value, default) -> None:
+    """A list's items have the type of the default's items (numbers for numbers; a bool never)."""
+    kinds = {type(x) for x in default}
+    if len(kinds) != 1:
+        return
+    kind = kinds.pop()
+    types = NUMBER if kind in NUMBER else (kind,)
+    for item in value:
+        if (isinstance(item, bool) and kind is not bool) or not isinstance(item, types):
+            raise ValueError(f"stage {stage}: parameter {name!r} = {value!r}: item {item!r} is a "
+                             f"{type(item).__name__}; its items are {kind.__name__}s (default {list(default)!r})")
 
 
 def _choices() -> dict:
