@@ -53,12 +53,26 @@ def _stderr_into(path: Path):
         sys.stderr.write(path.read_text())
 
 
+def _git_status() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def smoke_run(smoke_model, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
+    before = _git_status()
     with _stderr_into(runs / "stderr.txt"):
         run_dir = driver.run_study(SMOKE, runs_root=runs, overrides={"base_model": str(smoke_model)})
+    (runs / "git_status.txt").write_text(json.dumps([before, _git_status()]))
     return run_dir
+
+
+def test_a_run_writes_nothing_into_the_repository(smoke_run):
+    """The whole chain, notebook 07 included, leaves the repository's files as they were."""
+    before, after = json.loads((smoke_run.parent / "git_status.txt").read_text())
+    assert after == before
 
 
 def test_a_healthy_chain_prints_no_warning_and_no_error(smoke_run):
@@ -195,27 +209,6 @@ def test_params_files_name_existing_notebooks():
         assert params["stages"], path
 
 
-def test_only_the_default_study_publishes_into_the_repository():
-    """figures/, the README's results, docs/results.md and docs/notebooks/ hold the default run's
-    outputs: no other params file may write there (its figures stay in its run folder). Another
-    study may publish its own results page and compact results, under paths of its own."""
-    publish = {"figures_dir", "publish_results", "readme", "results_doc", "publish_notebooks"}
-    own = {"publish_results", "results_doc"}
-    targets = {}
-    for path in sorted((REPO / "params").glob("*.yaml")):
-        stages = planning.load_params(path)["stages"]
-        given = {k: v for name, p in stages.items() if name.startswith("07_figures") for k, v in (p or {}).items()
-                 if k in publish}
-        if path.name == "default.yaml":
-            assert set(given) == publish, path
-        else:
-            assert set(given) <= own, path
-        for key, value in given.items():
-            where = Path(value).as_posix().rstrip("/")
-            assert where not in targets, f"{path.name}: {key} {value} is {targets.get(where)}'s too"
-            targets[where] = path.name
-
-
 # ---------------------------------------------------------------- the driver on tiny notebooks
 MAKE = '''import os
 from pathlib import Path
@@ -285,6 +278,28 @@ def toy(tmp_path, monkeypatch):
         return driver.run_study(path, runs_root=kw.pop("runs_root", tmp_path / "runs"), **kw)
 
     return run
+
+
+def test_a_syntax_error_in_a_notebook_stops_the_run_before_any_output_is_removed(toy, tmp_path):
+    run = toy({"10_make": {"n": 2}, "11_use": {}})
+    book = stages.NOTEBOOKS / "11_use.ipynb"
+    nb = json.loads(book.read_text())
+    nb["cells"][2]["source"] = "x = 1\nprint((x)\n"
+    book.write_text(json.dumps(nb))
+    with pytest.raises(ValueError) as err:
+        toy({"10_make": {"n": 3}, "11_use": {}})
+    assert str(err.value) == f"{book}: cell 3, line 2: SyntaxError: '(' was never closed"
+    assert (run / "summary.txt").read_text() == "0\n1\n" and (run / "data" / "part-1.txt").exists()
+
+
+def test_an_unusable_home_is_said_once_not_per_kernel(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", "/proc/no-such-home")
+    monkeypatch.delenv("IPYTHONDIR", raising=False)
+    with _stderr_into(tmp_path / "stderr.txt"):
+        toy({"10_make": {"n": 2}, "11_use": {}})
+    err = (tmp_path / "stderr.txt").read_text()
+    assert "not a writable location" not in err, err
+    assert capsys.readouterr().out.count("is not writable: IPython's settings go to") == 1
 
 
 def _built(run_dir: Path) -> list[str]:

@@ -5,8 +5,11 @@ manifest (params, commit, package versions, machine, timings) kept up to date.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 import socket
 import platform
 import subprocess
@@ -108,6 +111,22 @@ def check_base_models(plan: list[Stage], only) -> None:
             raise FileNotFoundError(f"stage {stage.name}: base_model {err}") from None
 
 
+def ipython_dir_for_kernels() -> None:
+    """IPython keeps its settings under ``~/.ipython`` and warns in every kernel (and twice in
+    some) when it cannot write there (an unusable HOME): a scratch folder, said once, instead."""
+    if os.environ.get("IPYTHONDIR"):
+        return
+    home = Path(os.path.expanduser("~"))
+    folder = home / ".ipython"
+    usable = (os.access(folder, os.W_OK) if folder.exists() else home.is_dir() and os.access(home, os.W_OK))
+    if usable:
+        return
+    scratch = tempfile.mkdtemp(prefix="csp-ipython-")
+    atexit.register(shutil.rmtree, scratch, True)
+    os.environ["IPYTHONDIR"] = scratch
+    print(f"[study] HOME ({home}) is not writable: IPython's settings go to {scratch} for this run", flush=True)
+
+
 def check_jobs(jobs) -> int:
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive whole number of stages run at once, got {jobs!r}")
@@ -124,6 +143,7 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
     jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
     _check_only(only, plan)
     check_base_models(plan, only)
+    ipython_dir_for_kernels()
     try:
         (run_dir / "markers").mkdir(parents=True, exist_ok=True)
         (run_dir / "notebooks").mkdir(exist_ok=True)

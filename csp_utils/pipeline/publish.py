@@ -63,7 +63,11 @@ def check_results(results_dir: Path) -> list[Path]:
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise PublishError(f"{results_dir}: no such results folder")
-    folders = [results_dir] + sorted(p for p in results_dir.iterdir() if p.is_dir() and (p / "headline.csv").exists())
+    from csp_utils.analysis.report import COMPACT
+
+    # a subfolder holding any compact file is another base's results (a missing file there is named)
+    folders = [results_dir] + sorted(p for p in results_dir.iterdir()
+                                     if p.is_dir() and any((p / name).exists() for name in COMPACT))
     for folder in folders:
         for name in REQUIRED:
             if not (folder / name).is_file():
