@@ -579,9 +579,12 @@ def third_round_cases(params, work, model, reference) -> list[tuple]:
         if c["cell_type"] == "code":
             c["execution_count"], c["outputs"] = i, [{"output_type": "stream", "name": "stdout", "text": "x" * 50000}]
     path.write_text(json.dumps(nb, indent=2))
+    diff = subprocess.run(["git", "-C", str(clone), "diff", "--stat"], capture_output=True, text=True).stdout
+    subprocess.run(["git", "-C", str(clone), "add", "-A"], check=True)
     status = _git_status(clone)
-    rows.append(("notebook 00 run and saved as JupyterLab does", f"git status: {status.strip() or 'clean'}",
-                 "no output diff", "PASS" if not status.strip() else "FAIL"))
+    rows.append(("notebook 00 run and saved as JupyterLab does", f"git diff: {diff.strip() or 'empty'}; after git add, "
+                 f"git status: {status.strip() or 'clean'}", "no output diff",
+                 "PASS" if not diff.strip() and not status.strip() else "FAIL"))
     return rows
 
 
