@@ -101,14 +101,18 @@ def check_base_models(plan: list[Stage], only) -> None:
         if not stage.uses_model:
             continue
         name = str(stage.parameters.get("base_model", "embedded"))
+        selected = only is None or stage.name in only
         try:
             if name not in resolved:
                 models.resolve_model_name(name)
                 resolved.add(name)
-            if only is None or stage.name in only:
+            if selected:
                 model_fingerprint(name)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"stage {stage.name}: base_model {err}") from None
+        except FileNotFoundError as err:  # an unknown name is quoted first; a missing shipped model says so itself
+            if not selected and not isinstance(err, models.ModelNotFoundError):
+                continue  # a stage that does not run needs no weights, only a name that exists
+            what = "base_model " if isinstance(err, models.ModelNotFoundError) else ""
+            raise FileNotFoundError(f"stage {stage.name}: {what}{err}") from None
 
 
 def ipython_dir_for_kernels() -> None:
