@@ -5,6 +5,8 @@ clear refusal.
     python scripts/fault_injection.py                    # a kill point in every stage
     python scripts/fault_injection.py --model PATH       # reuse a tiny model instead of training one
 
+    python scripts/fault_injection.py --only-third-round --model PATH   # refusals up front, publishing, notebooks
+
 Cases: ``kill -9`` of the driver and its kernel at a random moment in a stage (then resumed), a
 second driver started on the same run folder at once, an output deleted, a byte flipped in a
 finished dataset shard, a parameter changed between runs (and changed back). The second
@@ -565,7 +567,13 @@ def third_round_cases(params, work, model, reference) -> list[tuple]:
     last = _last_line(driver.text())
     ok = rc == 1 and "interrupted (signal SIGINT)" in last
     rows.append(("SIGINT during 05", f"exit {rc}: {last[:120]}", "names its signal", "PASS" if ok else "FAIL"))
-    # a notebook run and saved in an editor: git status clean in a clone with the filter registered
+    rows.append(notebook_saved_in_editor(work))
+    return rows
+
+
+def notebook_saved_in_editor(work: Path) -> tuple:
+    """A clone with the notebook filter registered; notebook 00 saved with outputs as JupyterLab
+    does: no diff, and staging it leaves nothing to commit."""
     sys.path.insert(0, str(REPO))
     from csp_utils import nbclean
 
@@ -582,10 +590,9 @@ def third_round_cases(params, work, model, reference) -> list[tuple]:
     diff = subprocess.run(["git", "-C", str(clone), "diff", "--stat"], capture_output=True, text=True).stdout
     subprocess.run(["git", "-C", str(clone), "add", "-A"], check=True)
     status = _git_status(clone)
-    rows.append(("notebook 00 run and saved as JupyterLab does", f"git diff: {diff.strip() or 'empty'}; after git add, "
-                 f"git status: {status.strip() or 'clean'}", "no output diff",
-                 "PASS" if not diff.strip() and not status.strip() else "FAIL"))
-    return rows
+    return ("notebook 00 run and saved as JupyterLab does", f"git diff: {diff.strip() or 'empty'}; after git add, "
+            f"git status: {status.strip() or 'clean'}", "no output diff",
+            "PASS" if not diff.strip() and not status.strip() else "FAIL")
 
 
 # ------------------------------------------------------------------ main
