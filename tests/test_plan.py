@@ -144,6 +144,17 @@ def test_plan_prints_every_stage_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_interrupt_names_its_signal():
-    with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
-        cli._terminate(2, None)
+def test_an_interrupt_names_its_signal(tmp_path):
+    """SIGINT goes through the driver's handler, which names the signal (Python's own gave an
+    empty cause: ``interrupted ()``)."""
+    import signal
+
+    saved = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            cli.main([str(tmp_path / "missing.yaml")])
+        with pytest.raises(KeyboardInterrupt, match="signal SIGINT"):
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
