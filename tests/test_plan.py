@@ -158,3 +158,12 @@ def test_an_interrupt_names_its_signal(tmp_path):
     finally:
         signal.signal(signal.SIGINT, saved[0])
         signal.signal(signal.SIGTERM, saved[1])
+
+
+def test_a_misspelt_publish_key_is_refused_when_the_params_are_read(tmp_path):
+    params = copy.deepcopy(DEFAULT)
+    params["publish"]["readmee"] = params["publish"].pop("readme")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ValueError, match='publish: unknown key .readmee.. Did you mean "readme"'):
+        planning.load_params(path)

@@ -20,13 +20,8 @@ from csp_utils.core.paths import REPO
 from csp_utils.pipeline.checks import notebook_defaults, unknown_name
 from csp_utils.pipeline.driver import prepare_run
 from csp_utils.pipeline.markers import changed_outputs, read_marker
-from csp_utils.pipeline.stages import notebook_of
+from csp_utils.pipeline.stages import PUBLISH_KEYS, notebook_of
 
-# publish key -> what it holds
-PUBLISH_KEYS = {"figures": "the figures, drawn from the published compact results",
-                "results": "the compact results (CSV/JSON, training logs; another base's in a subfolder)",
-                "readme": "a Markdown file whose results section gets the pooled table",
-                "results_doc": "the full results page", "notebooks": "the run's executed notebooks"}
 REQUIRED = ("headline.csv", "per_question.csv.gz")  # what every figure and table starts from
 COMPARED = (("auroc_within", "within-set AUROC"), ("brier", "Brier"), ("ece", "ECE10"))
 

@@ -18,6 +18,11 @@ NOTEBOOKS = REPO / "notebooks"
 RESERVED = ("cell_timeout",)  # stage keys read by the driver, never passed to the notebook
 DRIVER_PARAMETERS = ("run_dir",)
 DRIVER_KEYS = ("stages", "name", "jobs", "publish")  # top-level params read by the driver, never passed to a notebook
+# what ``publish`` in a params file may name (``--publish`` writes a finished run there)
+PUBLISH_KEYS = {"figures": "the figures, drawn from the published compact results",
+                "results": "the compact results (CSV/JSON, training logs; another base's in a subfolder)",
+                "readme": "a Markdown file whose results section gets the pooled table",
+                "results_doc": "the full results page", "notebooks": "the run's executed notebooks"}
 HOUR = 3600
 
 
