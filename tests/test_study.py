@@ -292,6 +292,23 @@ def test_a_syntax_error_in_a_notebook_stops_the_run_before_any_output_is_removed
     assert (run / "summary.txt").read_text() == "0\n1\n" and (run / "data" / "part-1.txt").exists()
 
 
+def test_plan_tells_skip_from_rebuild_and_writes_nothing(toy, tmp_path, capsys):
+    run = toy({"10_make": {"n": 2}, "11_use": {}})
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    driver.show_plan(tmp_path / "params.yaml", runs_root=tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert "[plan] 10_make: skip (up to date)" in out and "[plan] 11_use: skip (up to date)" in out
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["stages"]["10_make"]["n"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    driver.show_plan(tmp_path / "params.yaml", runs_root=tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert "[plan] 10_make: rebuild (changed: parameters)" in out
+    assert "[plan] 11_use: rebuild (reads 10_make, which run first)" in out and "{n: 3, seed: 0}" in out
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
 def test_an_unusable_home_is_said_once_not_per_kernel(toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", "/proc/no-such-home")
     monkeypatch.delenv("IPYTHONDIR", raising=False)
