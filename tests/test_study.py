@@ -173,12 +173,14 @@ def test_rerun_skips_finished_stages_and_resumes_from_a_changed_one(smoke_run, s
 
 
 def test_a_failing_notebook_stops_the_chain_and_keeps_its_copy(tmp_path, smoke_model):
+    # a grounder spec is checked where it is built, inside the stage (names the driver knows are
+    # refused before anything runs)
     bad = {"name": "bad", "base_model": str(smoke_model),
-           "stages": {"02_build_perturbed_dataset": {"build": {"failure_policy": "no-such-policy"}, "data": {"n_scenes": 1}},
+           "stages": {"02_build_perturbed_dataset": {"build": {"grounder": "no-such-grounder"}, "data": {"n_scenes": 1}},
                       "07_figures": {}}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(SystemExit, match="02_build_perturbed_dataset failed.*failure_policy"):
+    with pytest.raises(SystemExit, match="02_build_perturbed_dataset failed.*grounder kind"):
         driver.run_study(path, runs_root=tmp_path / "runs")
     run = tmp_path / "runs" / "bad"
     assert (run / "notebooks" / "02_build_perturbed_dataset.ipynb").exists()
