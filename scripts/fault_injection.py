@@ -5,6 +5,8 @@ clear refusal.
     python scripts/fault_injection.py                    # a kill point in every stage
     python scripts/fault_injection.py --model PATH       # reuse a tiny model instead of training one
 
+    python scripts/fault_injection.py --only-third-round --model PATH   # refusals up front, publishing, notebooks
+
 Cases: ``kill -9`` of the driver and its kernel at a random moment in a stage (then resumed), a
 second driver started on the same run folder at once, an output deleted, a byte flipped in a
 finished dataset shard, a parameter changed between runs (and changed back). The second
@@ -450,6 +452,149 @@ def issue25_cases(params, work, model, reference) -> list[tuple]:
     return rows
 
 
+# ------------------------------------------------------------------ third round: late refusals, repository writes
+DEFAULT = REPO / "params" / "default.yaml"
+
+
+def _variant(work: Path, name: str, change, base: Path = DEFAULT) -> Path:
+    params = yaml.safe_load(base.read_text())
+    change(params)
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _git_status(repo: Path = REPO) -> str:
+    return subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True).stdout
+
+
+def third_round_cases(params, work, model, reference) -> list[tuple]:
+    """Stage settings beside bases/seeds, generated names, names and types resolved up front, a
+    syntax error in a notebook, figures from damaged compact results, an unusable HOME, an
+    interrupt's message and notebooks saved in an editor."""
+    rows = []
+    # stage settings beside bases/seeds: --plan shows them merged into every generated stage
+    merged = _variant(work, "merged", lambda p: p["stages"].update({
+        "03_train_sft": {"sft": {"max_steps": 2}},
+        "02_build_perturbed_dataset": {"build": {"levels": [0, 50, 100], "shard_size": 4}}}))
+    rc, text = run_to_end(merged, "plan", work, None, ("--plan",))
+    sft = [ln for ln in text.splitlines() if ln.strip().startswith("{") and "tag:" in ln and "sft:" in ln]
+    builds = [ln for ln in text.splitlines() if "shard_size: 4" in ln]
+    ok = rc == 0 and len(sft) == 14 and all("max_steps: 2" in ln for ln in sft) and len(builds) == 5 \
+        and not (work / "plan").exists()
+    rows.append(("stage settings beside bases/seeds (--plan)", f"exit {rc}; {len(sft)} SFT stages with max_steps 2, "
+                 f"{len(builds)} builds with shard_size 4", "merged into every generated stage; run folder untouched",
+                 "PASS" if ok else "FAIL"))
+    # two bases whose tags share a first letter; a tag that collides with the first base's names
+    twins = _variant(work, "twins", lambda p: p["bases"].update({"embedded-deep": "nodeep"}))
+    rc, text = run_to_end(twins, "plan", work, None, ("--plan",))
+    names = re.findall(r"\[plan\] (03_train_sft@g\S+):", text)
+    ok = rc == 0 and len(names) == len(set(names)) == 9
+    rows.append(("bases tagged noconf and nodeep", f"exit {rc}; grounded SFT stages: {', '.join(names)}",
+                 "distinct names" if ok else "names collide", "PASS" if ok else "FAIL"))
+    clash = _variant(work, "clash", lambda p: p["bases"].update({"embedded-deep": "s"}))
+    rc, text = run_to_end(clash, "clash", work, None)
+    ok, outcome = _one_line_refusal(rc, text, "two stages named 03_train_sft@s1", "base embedded-deep")
+    rows.append(("a tag whose names collide with the first base's", outcome, "refused naming both origins",
+                 "PASS" if ok and not (work / "clash").exists() else "FAIL"))
+    # names and types resolved before the first stage
+    for case, change, needles in [
+            ("bases: embedded-nocnf", lambda p: p.update(bases={"embedded": None, "embedded-nocnf": "noconf"}),
+             ('Did you mean "embedded-noconf"',)),
+            ("seeds: paper_csp '3'", lambda p: p["seeds"].update(paper_csp="3"), ("paper_csp = '3'",)),
+            ("seeds: paper_csp [3]", lambda p: p["seeds"].update(paper_csp=[3]), ("paper_csp = [3]",)),
+            ("seeds: paper_csp -2", lambda p: p["seeds"].update(paper_csp=-2), ("paper_csp = -2",)),
+            ("transfer_kinds: [blurr]", lambda p: p["stages"]["05_evaluate"]["suite"].update(transfer_kinds=["blurr"]),
+             ('Did you mean "blur"',))]:
+        path = _variant(work, "names", change)
+        rc, text = run_to_end(path, "names", work, None)
+        ok, outcome = _one_line_refusal(rc, text, *needles)
+        rows.append((case, outcome, "refused before any stage" if "running ->" not in text else "a stage ran",
+                     "PASS" if ok and "running ->" not in text else "FAIL"))
+    rc, text = run_to_end(params, "typo", work, None, ("--set", "base_model=embeded"))
+    ok, outcome = _one_line_refusal(rc, text, 'Did you mean "embedded"')
+    rows.append(("--set base_model=embeded", outcome, "refused before any stage" if "running ->" not in text
+                 else "a stage ran", "PASS" if ok and "running ->" not in text else "FAIL"))
+    # a syntax error in a code cell of 05: refused before 05's results are removed
+    copy = work / "repo_syntax"
+    for part in ("csp_utils", "notebooks", "params"):
+        shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__"))
+    book = copy / "notebooks" / "05_evaluate.ipynb"
+    nb = json.loads(book.read_text())
+    cell = next(i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and "parameters" not in
+                c["metadata"].get("tags", []))
+    nb["cells"][cell]["source"] = ["x = 1\n", "print((x)\n"] + nb["cells"][cell]["source"]
+    book.write_text(json.dumps(nb))
+    shutil.copytree(reference, work / "syntax")
+    kept = sorted((work / "syntax" / "results").rglob("*.*"))
+    rc, text = run_to_end(copy / "params" / "smoke.yaml", "syntax", work, model, ("--force",), repo=copy)
+    ok, outcome = _one_line_refusal(rc, text, "05_evaluate.ipynb", f"cell {cell + 1}", "line 2", "never closed")
+    still = all(p.exists() for p in kept) and "running ->" not in text
+    rows.append(("unclosed parenthesis in a code cell of 05", outcome, f"nothing ran; {len(kept)} result files kept: "
+                 f"{still}", "PASS" if ok and still else "FAIL"))
+    # figures from a truncated per_question.csv.gz: one line naming it, the figures kept
+    results, figures = work / "published" / "results", work / "published"
+    shutil.copytree(REPO / "figures", figures)
+    pq = results / "per_question.csv.gz"
+    pq.write_bytes(pq.read_bytes()[: pq.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in figures.glob("*.png")}
+    proc = subprocess.run([sys.executable, "-m", "csp_utils.study", "--figures-only", str(results)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}, capture_output=True,
+                          text=True)
+    ok, outcome = _one_line_refusal(proc.returncode, proc.stdout + proc.stderr, str(pq), "damaged")
+    same = before == {p: p.read_bytes() for p in figures.glob("*.png")}
+    rows.append(("--figures-only, truncated per_question.csv.gz", outcome, f"figures unchanged: {same}",
+                 "PASS" if ok and same else "FAIL"))
+    # an unusable HOME: said once, not per kernel
+    shutil.copytree(reference, work / "home")
+    saved = os.environ.get("HOME")
+    os.environ["HOME"] = "/proc/no-such-home"
+    try:
+        rc, text = run_to_end(params, "home", work, model, ("--only", "00_world_and_benchmarks", "--force"))
+    finally:
+        os.environ["HOME"] = saved or ""
+    warned = text.count("not a writable location")
+    ok = rc == 0 and warned == 0 and text.count("is not writable: IPython's settings go to") == 1
+    rows.append(("unusable HOME (00 rerun)", f"exit {rc}; IPython warnings: {warned}", "one line from the driver",
+                 "PASS" if ok else "FAIL"))
+    # SIGINT while a stage runs: the message names the signal
+    shutil.copytree(reference, work / "sigint")
+    driver = Driver(params, "sigint", work, model, ("--only", "05_evaluate", "--force"))
+    driver.wait_for(r"05_evaluate: running", 600)
+    time.sleep(2)
+    os.kill(driver.proc.pid, signal.SIGINT)
+    rc = driver.finish(600)
+    last = _last_line(driver.text())
+    ok = rc == 1 and "interrupted (signal SIGINT)" in last
+    rows.append(("SIGINT during 05", f"exit {rc}: {last[:120]}", "names its signal", "PASS" if ok else "FAIL"))
+    rows.append(notebook_saved_in_editor(work))
+    return rows
+
+
+def notebook_saved_in_editor(work: Path) -> tuple:
+    """A clone with the notebook filter registered; notebook 00 saved with outputs as JupyterLab
+    does: no diff, and staging it leaves nothing to commit."""
+    sys.path.insert(0, str(REPO))
+    from csp_utils import nbclean
+
+    clone = work / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    nbclean.install(clone)
+    path = clone / "notebooks" / "00_world_and_benchmarks.ipynb"
+    nb = json.loads(path.read_text())
+    nb["metadata"]["kernelspec"]["display_name"] = "Python 3 (ipykernel)"
+    for i, c in enumerate(nb["cells"]):
+        if c["cell_type"] == "code":
+            c["execution_count"], c["outputs"] = i, [{"output_type": "stream", "name": "stdout", "text": "x" * 50000}]
+    path.write_text(json.dumps(nb, indent=2))
+    diff = subprocess.run(["git", "-C", str(clone), "diff", "--stat"], capture_output=True, text=True).stdout
+    subprocess.run(["git", "-C", str(clone), "add", "-A"], check=True)
+    status = _git_status(clone)
+    return ("notebook 00 run and saved as JupyterLab does", f"git diff: {diff.strip() or 'empty'}; after git add, "
+            f"git status: {status.strip() or 'clean'}", "no output diff",
+            "PASS" if not diff.strip() and not status.strip() else "FAIL")
+
+
 # ------------------------------------------------------------------ main
 def build_model(work: Path) -> Path:
     from csp_utils.vlm.embedded.config import PretrainConfig
@@ -468,6 +613,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="a tiny model folder (default: train one, as the tests do)")
     ap.add_argument("--quick", action="store_true", help="kill points in 3 stages instead of every stage")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    ap.add_argument("--only-third-round", action="store_true",
+                    help="only the reference run and the third round's cases (stage settings beside bases, "
+                         "generated names, names resolved up front, a notebook syntax error, damaged compact results, "
+                         "a run leaving the repository as it was, HOME, SIGINT, notebooks saved in an editor)")
     ap.add_argument("--only-issue25", action="store_true",
                     help="only the reference run and the cases of issue 25 (refusals, a missing model, a damaged "
                          "adapter, a kill of the driver's group while 03 saves every step)")
@@ -478,11 +627,17 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     t0 = time.time()
     model = Path(args.model) if args.model else build_model(work)
+    status = _git_status()
     second, reference = reference_with_second_driver(SMOKE, work, model)
+    untouched = ("the repository during a run", "git status before and after the reference run: "
+                 + ("the same" if _git_status() == status else "different"), "a run writes only its run folder",
+                 "PASS" if _git_status() == status else "FAIL")
     seconds = json.loads((reference / "manifest.json").read_text())["timings_s"]
     print(f"[fault] reference run: {sum(seconds.values()):.0f} s; stages {seconds}", flush=True)
     if args.only_issue25:
         return _table(issue25_cases(SMOKE, work, model, reference) + [second], t0)
+    if args.only_third_round:
+        return _table(third_round_cases(SMOKE, work, model, reference) + [untouched], t0)
     stages = stages_of(SMOKE)
     kill_stages = ["02_build_perturbed_dataset", "03_train_sft", "05_evaluate"] if args.quick else stages
     rows = kill_chain(SMOKE, work, model, reference, kill_stages, seconds, random.Random(args.seed))
@@ -499,6 +654,7 @@ def main(argv=None) -> int:
         rows.append(parameter_changed(SMOKE, work, model, reference, "02_build_perturbed_dataset", "data.n_scenes",
                                       name="changed"))
     rows += issue25_cases(SMOKE, work, model, reference)
+    rows += third_round_cases(SMOKE, work, model, reference) + [untouched]
     return _table(rows, t0)
 
 

@@ -232,3 +232,56 @@ def test_risk_coverage_figure_draws_methods_baselines_and_the_oracle(tmp_path):
     from csp_utils.core import metrics
     g = pq[(pq["model"] == "sft_simpo@s0") & (pq["set"] == "pope-random")]
     assert labels[1] == f"sft_simpo ({np.mean(metrics.risk_coverage(g['confidence'], g['correct'], report.COVERAGE_GRID)):.3f})"
+
+
+def test_publish_drops_progress_bars_and_warnings_and_notes_only_sliders(tmp_path):
+    """A progress bar is a widget too (tqdm in a kernel) and a warning a stderr stream: neither
+    belongs in a published copy; the live-widget note goes under sliders only."""
+    nb = _notebook(_png_b64(16))
+    outputs = nb["cells"][0]["outputs"]
+    outputs.append({"output_type": "stream", "name": "stderr", "text": "\rLoading weights: 100%|#####| 12/12\n"})
+    outputs.append({"output_type": "stream", "name": "stderr", "text": "FutureWarning: `x` is deprecated\n"})
+    outputs.append({"output_type": "stream", "name": "stdout", "text": "rows: 12\n"})
+    outputs.append({"output_type": "display_data", "metadata": {}, "data": {
+        report.WIDGET_VIEW: {"model_id": "bar"}, "text/plain": "Loading weights: 100%|#####| 12/12"}})
+    outputs.append({"output_type": "display_data", "metadata": {}, "data": {
+        report.WIDGET_VIEW: {"model_id": "box"}, "text/plain": "interactive(children=(...))"}})
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {
+        "bar": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_p"]}},
+        "p": {"model_name": "FloatProgressModel", "state": {}},
+        "box": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_s"]}},
+        "s": {"model_name": "IntSliderModel", "state": {}}}}}
+    run = _fake_run(tmp_path, {"05_eval": nb}, finished={"05_eval"})
+    report.publish_notebooks(run, tmp_path / "pub")
+    out = json.loads((tmp_path / "pub" / "05_eval.ipynb").read_text())["cells"][0]["outputs"]
+    assert [o.get("name") or o["data"].get("text/plain") for o in out] == [
+        "<Figure>", "stdout", report.WIDGET_NOTE]
+
+
+def test_published_notebooks_name_the_run_folder_relative_and_no_machine_path(tmp_path):
+    from csp_utils.core.paths import REPO
+
+    run = tmp_path / "runs" / "default"
+    nb = _notebook(_png_b64(16))
+    nb["cells"].insert(0, {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "execution_count": 1,
+                           "outputs": [], "source": f'# Parameters\nrun_dir = "{run.resolve()}"\n'})
+    nb["cells"][1]["outputs"].append({"output_type": "stream", "name": "stdout",
+                                      "text": f"wrote {run.resolve()}/results/x.csv from {REPO}/notebooks\n"})
+    nb["metadata"]["papermill"] = {"parameters": {"run_dir": str(run.resolve())}}
+    _fake_run(tmp_path, {"00_world": nb}, finished={"00_world"})
+    report.publish_notebooks(run, tmp_path / "pub")
+    text = (tmp_path / "pub" / "00_world.ipynb").read_text()
+    published = json.loads(text)
+    assert 'run_dir = "runs/default"' in "".join(published["cells"][0]["source"])
+    assert "runs/default/results/x.csv from notebooks" in "".join(published["cells"][1]["outputs"][1]["text"])
+    assert str(tmp_path) not in text and str(REPO) not in text
+
+
+def test_the_published_notebooks_name_no_machine_path():
+    """Every published notebook in the repository: a relative run folder, no absolute paths."""
+    from csp_utils.core.paths import REPO
+
+    for path in sorted((REPO / "docs" / "notebooks").glob("*.ipynb")):
+        text = path.read_text()
+        for root in ("/work/", "/home/", "/tmp/", "/Users/", str(REPO)):
+            assert root not in text, (path.name, root)

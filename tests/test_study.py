@@ -55,12 +55,26 @@ def _stderr_into(path: Path):
         sys.stderr.write(path.read_text())
 
 
+def _git_status() -> str:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
 def smoke_run(smoke_model, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
+    before = _git_status()
     with _stderr_into(runs / "stderr.txt"):
         run_dir = driver.run_study(SMOKE, runs_root=runs, overrides={"base_model": str(smoke_model)})
+    (runs / "git_status.txt").write_text(json.dumps([before, _git_status()]))
     return run_dir
+
+
+def test_a_run_writes_nothing_into_the_repository(smoke_run):
+    """The whole chain, notebook 07 included, leaves the repository's files as they were."""
+    before, after = json.loads((smoke_run.parent / "git_status.txt").read_text())
+    assert after == before
 
 
 def test_a_healthy_chain_prints_no_warning_and_no_error(smoke_run):
@@ -161,12 +175,14 @@ def test_rerun_skips_finished_stages_and_resumes_from_a_changed_one(smoke_run, s
 
 
 def test_a_failing_notebook_stops_the_chain_and_keeps_its_copy(tmp_path, smoke_model):
+    # a grounder spec is checked where it is built, inside the stage (names the driver knows are
+    # refused before anything runs)
     bad = {"name": "bad", "base_model": str(smoke_model),
-           "stages": {"02_build_perturbed_dataset": {"build": {"failure_policy": "no-such-policy"}, "data": {"n_scenes": 1}},
+           "stages": {"02_build_perturbed_dataset": {"build": {"grounder": "no-such-grounder"}, "data": {"n_scenes": 1}},
                       "07_figures": {}}}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(SystemExit, match="02_build_perturbed_dataset failed.*failure_policy"):
+    with pytest.raises(SystemExit, match="02_build_perturbed_dataset failed.*grounder kind"):
         driver.run_study(path, runs_root=tmp_path / "runs")
     run = tmp_path / "runs" / "bad"
     assert (run / "notebooks" / "02_build_perturbed_dataset.ipynb").exists()
@@ -195,27 +211,6 @@ def test_params_files_name_existing_notebooks():
     for path in sorted((REPO / "params").glob("*.yaml")):
         params = planning.load_params(path)
         assert params["stages"], path
-
-
-def test_only_the_default_study_publishes_into_the_repository():
-    """figures/, the README's results, docs/results.md and docs/notebooks/ hold the default run's
-    outputs: no other params file may write there (its figures stay in its run folder). Another
-    study may publish its own results page and compact results, under paths of its own."""
-    publish = {"figures_dir", "publish_results", "readme", "results_doc", "publish_notebooks"}
-    own = {"publish_results", "results_doc"}
-    targets = {}
-    for path in sorted((REPO / "params").glob("*.yaml")):
-        stages = planning.load_params(path)["stages"]
-        given = {k: v for name, p in stages.items() if name.startswith("07_figures") for k, v in (p or {}).items()
-                 if k in publish}
-        if path.name == "default.yaml":
-            assert set(given) == publish, path
-        else:
-            assert set(given) <= own, path
-        for key, value in given.items():
-            where = Path(value).as_posix().rstrip("/")
-            assert where not in targets, f"{path.name}: {key} {value} is {targets.get(where)}'s too"
-            targets[where] = path.name
 
 
 # ---------------------------------------------------------------- the driver on tiny notebooks
@@ -299,6 +294,45 @@ def toy(tmp_path, monkeypatch):
         return driver.run_study(path, runs_root=kw.pop("runs_root", tmp_path / "runs"), **kw)
 
     return run
+
+
+def test_a_syntax_error_in_a_notebook_stops_the_run_before_any_output_is_removed(toy, tmp_path):
+    run = toy({"10_make": {"n": 2}, "11_use": {}})
+    book = stages.NOTEBOOKS / "11_use.ipynb"
+    nb = json.loads(book.read_text())
+    nb["cells"][2]["source"] = "x = 1\nprint((x)\n"
+    book.write_text(json.dumps(nb))
+    with pytest.raises(ValueError) as err:
+        toy({"10_make": {"n": 3}, "11_use": {}})
+    assert str(err.value) == f"{book}: cell 3, line 2: SyntaxError: '(' was never closed"
+    assert (run / "summary.txt").read_text() == "0\n1\n" and (run / "data" / "part-1.txt").exists()
+
+
+def test_plan_tells_skip_from_rebuild_and_writes_nothing(toy, tmp_path, capsys):
+    run = toy({"10_make": {"n": 2}, "11_use": {}})
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    capsys.readouterr()
+    driver.show_plan(tmp_path / "params.yaml", runs_root=tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert "[plan] 10_make: skip (up to date)" in out and "[plan] 11_use: skip (up to date)" in out
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["stages"]["10_make"]["n"] = 3
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    driver.show_plan(tmp_path / "params.yaml", runs_root=tmp_path / "runs")
+    out = capsys.readouterr().out
+    assert "[plan] 10_make: rebuild (changed: parameters)" in out
+    assert "[plan] 11_use: rebuild (reads 10_make, which run first)" in out and "{n: 3, seed: 0}" in out
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
+def test_an_unusable_home_is_said_once_not_per_kernel(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", "/proc/no-such-home")
+    monkeypatch.delenv("IPYTHONDIR", raising=False)
+    with _stderr_into(tmp_path / "stderr.txt"):
+        toy({"10_make": {"n": 2}, "11_use": {}})
+    err = (tmp_path / "stderr.txt").read_text()
+    assert "not a writable location" not in err, err
+    assert capsys.readouterr().out.count("is not writable: IPython's settings go to") == 1
 
 
 def _built(run_dir: Path) -> list[str]:

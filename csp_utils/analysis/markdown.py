@@ -272,7 +272,7 @@ def results_document(results, methods=("sft_simpo",), source: str = "figures/res
     """``docs/results.md``: per base model, the full per-set table and every paired difference;
     ``source`` names the results folder it is written from."""
     parts = ["# Results (generated)", "",
-             f"Written by `notebooks/07_figures.ipynb` from `{source}`; do not edit by hand. "
+             f"Written by the study's `--publish` step from `{source}`; do not edit by hand. "
              "Protocol, set sizes and success criteria: [evaluation.md](evaluation.md)."]
     parts += ["", "## Pooled sets, every base model", "", pooled_markdown(results, methods)]
     for label, folder in _bases(results).items():

@@ -297,13 +297,76 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_NOTE = "(a live widget: open the notebook in JupyterLab and run it to use it)"
 
 
+def _is_slider(out: dict, nb: dict) -> bool:
+    """A widget output that holds a slider (``interact``), not a progress bar: its model or one
+    of its children in the saved widget state is a slider (the repr where no state was saved)."""
+    state = nb.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state")
+    if not state:
+        return "Slider(" in "".join(out["data"].get("text/plain", ""))
+    todo, seen = [out["data"][WIDGET_VIEW].get("model_id")], set()
+    while todo:
+        model = state.get(todo.pop()) or {}
+        if "Slider" in model.get("model_name", "") or "Slider" in model.get("state", {}).get("_model_name", ""):
+            return True
+        children = model.get("state", {}).get("children") or []
+        todo += [c.removeprefix("IPY_MODEL_") for c in children if isinstance(c, str) and c not in seen]
+        seen.update(children)
+    return False
+
+
 def _note_widgets(nb: dict) -> None:
     """A widget's text fallback is its repr (``interactive(children=(IntSlider(...``), which is
-    what GitHub shows where the widget was: a line for the reader instead."""
+    what GitHub shows where the widget was: a line for the reader under a slider instead;
+    other widgets (progress bars) are dropped, since they show nothing once the run is over."""
     for cell in nb.get("cells", []):
+        kept = []
         for out in cell.get("outputs", []):
             if WIDGET_VIEW in out.get("data", {}):
+                if not _is_slider(out, nb):
+                    continue
                 out["data"]["text/plain"] = WIDGET_NOTE
+            kept.append(out)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+
+
+def _quiet(nb: dict) -> None:
+    """Drop stderr streams (progress bars, library warnings): a finished stage's errors are in
+    its error outputs, and its results in stdout and the displays."""
+    for cell in nb.get("cells", []):
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"] if not (o.get("output_type") == "stream"
+                                                                  and o.get("name") == "stderr")]
+
+
+def _relative_paths(nb: dict, run_dir: Path) -> None:
+    """The run folder as ``runs/<name>`` (relative to the repository, as every notebook resolves
+    it) and the repository as ``.``: a published copy names no path of the machine that ran it."""
+    run_dir = run_dir.resolve()
+    try:
+        rel = run_dir.relative_to(REPO.resolve()).as_posix()
+    except ValueError:
+        rel = f"runs/{run_dir.name}"
+    swaps = [(str(run_dir), rel), (str(REPO.resolve()) + "/", ""), (str(REPO.resolve()), ".")]
+
+    def fix(value):
+        if isinstance(value, str):
+            for a, b in swaps:
+                value = value.replace(a, b)
+            return value
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fix(v) if not k.startswith("image/") else v for k, v in value.items()}
+        return value
+
+    for cell in nb.get("cells", []):
+        cell["source"] = fix(cell.get("source", ""))
+        if "outputs" in cell:
+            cell["outputs"] = fix(cell["outputs"])
+    papermill = nb.get("metadata", {}).get("papermill")
+    if papermill:
+        nb["metadata"]["papermill"] = fix(papermill)
 
 
 def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX_NOTEBOOK_IMAGE_BYTES) -> dict:
@@ -330,6 +393,8 @@ def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX
             continue
         nb = json.loads(path.read_text())
         _note_widgets(nb)
+        _quiet(nb)
+        _relative_paths(nb, run_dir)
         actions = _shrink_notebook(nb, max_image_bytes)
         if actions:
             shrunk[path.name] = actions

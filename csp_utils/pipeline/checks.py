@@ -7,10 +7,44 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from csp_utils.pipeline.stages import DRIVER_PARAMETERS, NUMBER, notebook_of, spec_of
+
+
+# ------------------------------------------------------------------ notebooks
+def compile_notebook(notebook: Path) -> None:
+    """Every code cell compiled (IPython syntax turned into Python first, as the kernel does),
+    so that a syntax error stops the run before any stage starts or any output is removed:
+    one line naming the notebook, the cell and the line."""
+    import json
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:
+        cells = json.loads(notebook.read_text())["cells"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{notebook}: not a readable notebook ({err})") from None
+    transform = TransformerManager().transform_cell
+    for number, cell in enumerate(cells, 1):
+        if cell.get("cell_type") != "code":
+            continue
+        source = "".join(cell.get("source") or [])
+        try:
+            compile(transform(source), f"{notebook.name} cell {number}", "exec", dont_inherit=True)
+        except SyntaxError as err:
+            raise ValueError(f"{notebook}: cell {number}, line {err.lineno}: SyntaxError: {err.msg}") from None
+
+
+# ------------------------------------------------------------------ names
+def unknown_name(what: str, name, known) -> str:
+    """One line for a name that is not one of ``known``, with the closest known one."""
+    known = [str(k) for k in known]
+    close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.6)
+    hint = f' Did you mean "{close[0]}"?' if close else ""
+    return f"unknown {what} {name!r}.{hint} Known: {', '.join(known)}"
 
 
 # ------------------------------------------------------------------ parameter checks
@@ -48,7 +82,63 @@ def check_value(stage: str, name: str, value, default, declared: tuple = ()) -> 
     if is_bool_as_number or not isinstance(value, types):
         raise ValueError(f"stage {stage}: parameter {name!r} = {value!r} is a {type(value).__name__}; the "
                          f"default {default!r} takes {' or '.join(t.__name__ for t in types)}")
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)) and default:
+        _check_items(stage, name, value, default)
     check_range(stage, name, value)
+    check_choice(stage, name, value)
+
+
+def _check_items(stage: str, name: str, value, default) -> None:
+    """A list's items have the type of the default's items (numbers for numbers; a bool never)."""
+    kinds = {type(x) for x in default}
+    if len(kinds) != 1:
+        return
+    kind = kinds.pop()
+    types = NUMBER if kind in NUMBER else (kind,)
+    for item in value:
+        if (isinstance(item, bool) and kind is not bool) or not isinstance(item, types):
+            raise ValueError(f"stage {stage}: parameter {name!r} = {value!r}: item {item!r} is a "
+                             f"{type(item).__name__}; its items are {kind.__name__}s (default {list(default)!r})")
+
+
+def _choices() -> dict:
+    """Parameter (a dotted path) -> the names it takes, from the constants the code checks them
+    against later (inside a stage); a list takes such names only."""
+    from csp_utils.dataset import buildconfig, perturbation
+    from csp_utils.evaluate import evaluation, suites
+    from csp_utils.train import methods, settings
+    from csp_utils.vlm import prompts
+
+    training = {"confidence_target": settings.CONFIDENCE_TARGETS, "layout": prompts.LAYOUTS,
+                "framing": prompts.FRAMINGS}
+    return {"method": tuple(methods.METHODS), "regime": ("sft_simpo", "simpo"), "preset": ("tiny_default", "paper_llava7b"),
+            "schedule": perturbation.SCHEDULES, "framing": prompts.FRAMINGS,
+            "readout": evaluation.READOUTS,
+            "build.framing": prompts.FRAMINGS, "build.failure_policy": buildconfig.FAILURE_POLICIES,
+            "build.targets": buildconfig.TARGETS, "build.questions": buildconfig.QUESTION_SOURCES,
+            "build.noise.schedule": perturbation.SCHEDULES, "build.noise.noise": perturbation.NOISE_KINDS,
+            **{f"{stage}.{k}": v for stage in ("sft", "simpo") for k, v in training.items()},
+            "sft.loss": settings.LOSSES,
+            "suite.transfer_kinds": tuple(suites.SuiteConfig().transfer_kinds),
+            "scoring.framings": prompts.FRAMINGS, "scoring.readouts": evaluation.READOUTS,
+            "scoring.layout": prompts.LAYOUTS, "scoring.adapter_scope": evaluation.ADAPTER_SCOPES,
+            "adapter_scope": evaluation.ADAPTER_SCOPES}
+
+
+_CHOICES: dict | None = None
+
+
+def check_choice(stage: str, name: str, value) -> None:
+    """A name (or every name of a list) is one the code knows, before any stage runs."""
+    global _CHOICES
+    if _CHOICES is None:
+        _CHOICES = _choices()
+    known = _CHOICES.get(name)
+    if known is None:
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item is not None and item not in known:
+            raise ValueError(f"stage {stage}: {name!r}: {unknown_name('value', item, known)}")
 
 
 @dataclass(frozen=True)

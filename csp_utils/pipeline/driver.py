@@ -5,8 +5,11 @@ manifest (params, commit, package versions, machine, timings) kept up to date.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 import socket
 import platform
 import subprocess
@@ -20,6 +23,7 @@ import yaml
 from csp_utils.core.lock import pid_lock
 from csp_utils.core.paths import REPO
 from csp_utils.core.versions import package_versions
+from csp_utils.vlm import models
 from csp_utils.pipeline.planning import Stage, apply_overrides, load_params, plan_study, within
 from csp_utils.pipeline.stages import notebook_of, resolve_run_dir
 from csp_utils.pipeline.markers import (StageFailed, check_inputs, clear_outputs, fingerprint_or_none, hash_json,
@@ -89,14 +93,42 @@ def prepare_run(params_path, name, runs_root, overrides) -> tuple[dict, list[Sta
 
 
 def check_base_models(plan: list[Stage], only) -> None:
-    """Every selected stage that loads a model finds it, before anything runs: a missing shipped
-    model is an error saying how to restore it, never a rebuild started inside a stage."""
+    """Every stage that loads a model names one that exists (the lookup ``load_vlm`` makes,
+    with its "did you mean"), and every selected one finds it, before anything runs: a missing
+    shipped model is an error saying how to restore it, never a rebuild started inside a stage."""
+    resolved: set[str] = set()
     for stage in plan:
-        if stage.uses_model and (only is None or stage.name in only):
-            try:
-                model_fingerprint(stage.parameters.get("base_model", "embedded"))
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"stage {stage.name}: {err}") from None
+        if not stage.uses_model:
+            continue
+        name = str(stage.parameters.get("base_model", "embedded"))
+        selected = only is None or stage.name in only
+        try:
+            if name not in resolved:
+                models.resolve_model_name(name)
+                resolved.add(name)
+            if selected:
+                model_fingerprint(name)
+        except FileNotFoundError as err:  # an unknown name is quoted first; a missing shipped model says so itself
+            if not selected and not isinstance(err, models.ModelNotFoundError):
+                continue  # a stage that does not run needs no weights, only a name that exists
+            what = "base_model " if isinstance(err, models.ModelNotFoundError) else ""
+            raise FileNotFoundError(f"stage {stage.name}: {what}{err}") from None
+
+
+def ipython_dir_for_kernels() -> None:
+    """IPython keeps its settings under ``~/.ipython`` and warns in every kernel (and twice in
+    some) when it cannot write there (an unusable HOME): a scratch folder, said once, instead."""
+    if os.environ.get("IPYTHONDIR"):
+        return
+    home = Path(os.path.expanduser("~"))
+    folder = home / ".ipython"
+    usable = (os.access(folder, os.W_OK) if folder.exists() else home.is_dir() and os.access(home, os.W_OK))
+    if usable:
+        return
+    scratch = tempfile.mkdtemp(prefix="csp-ipython-")
+    atexit.register(shutil.rmtree, scratch, True)
+    os.environ["IPYTHONDIR"] = scratch
+    print(f"[study] HOME ({home}) is not writable: IPython's settings go to {scratch} for this run", flush=True)
 
 
 def check_jobs(jobs) -> int:
@@ -115,6 +147,7 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
     jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
     _check_only(only, plan)
     check_base_models(plan, only)
+    ipython_dir_for_kernels()
     try:
         (run_dir / "markers").mkdir(parents=True, exist_ok=True)
         (run_dir / "notebooks").mkdir(exist_ok=True)
@@ -122,6 +155,40 @@ def run_study(params_path: str | Path, name: str | None = None, runs_root: str |
             _run_locked(params, plan, name, run_dir, only, force, log_output, jobs)
     except OSError as err:  # before or between stages: the run folder itself
         raise RunFolderError(f"run folder {run_dir} cannot be written: {os_problem(err)}") from None
+    return run_dir
+
+
+def show_plan(params_path: str | Path, name: str | None = None, runs_root: str | Path = "runs",
+              only: list[str] | None = None, force: bool = False, overrides: dict | None = None,
+              jobs: int | None = None) -> Path:
+    """``--plan``: every check of a run, then each stage with its resolved parameters and what a
+    run would do with it (run, skip, rebuild, resume), read from the run folder's markers
+    without writing anything there."""
+    params, plan, name, run_dir = prepare_run(params_path, name, runs_root, overrides)
+    jobs = check_jobs(params.get("jobs", 1) if jobs is None else jobs)
+    _check_only(only, plan)
+    check_base_models(plan, only)
+    package = package_digest()
+    rerun: set[str] = set()
+    print(f"[plan] {len(plan)} stages into {run_dir} ({'exists' if run_dir.exists() else 'not created yet'}), "
+          f"jobs {jobs}")
+    for stage in plan:
+        if only is not None and stage.name not in only:
+            what = "not selected"
+        else:
+            parts = key_parts(stage, package, {n: read_marker(run_dir, n) for n in stage.inputs})
+            state, why = stage_state(run_dir, stage, hash_json(parts), parts)
+            after = [n for n in stage.inputs if n in rerun]
+            if after:
+                state, why = "fresh", "reads " + ", ".join(after) + ", which run first"
+            what = ("skip (up to date)" if state == "done" and not force else
+                    "resume (" + why + ")" if state == "resume" and not force else
+                    ("run" if read_marker(run_dir, stage.name) is None else "rebuild")
+                    + f" ({'forced' if force else why})")
+            if not what.startswith("skip"):
+                rerun.add(stage.name)
+        print(f"[plan] {stage.name}: {what}")
+        print(f"         {yaml.safe_dump(stage.parameters, default_flow_style=True, width=10**6).strip()}")
     return run_dir
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 from csp_utils.pipeline import stages
-from csp_utils.pipeline.checks import check_stage_parameters, check_value, notebook_defaults
+from csp_utils.pipeline.checks import (check_stage_parameters, check_value, compile_notebook, notebook_defaults,
+                                      unknown_name)
 from csp_utils.pipeline.expand import expand_study
 from csp_utils.pipeline.stages import DRIVER_KEYS, DRIVER_PARAMETERS, RESERVED, notebook_of, spec_of
 
@@ -44,6 +45,12 @@ def load_params(path: str | Path) -> dict:
         params = expand_study(params)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+    publish = params.get("publish")
+    if publish is not None and not isinstance(publish, dict):
+        raise ValueError(f"{path}: publish must be a mapping of what -> path inside the repository")
+    for key in publish or {}:
+        if key not in stages.PUBLISH_KEYS:
+            raise ValueError(f"{path}: publish: {unknown_name('key', key, stages.PUBLISH_KEYS)}")
     for stage in params["stages"]:
         if not notebook_of(stage).exists():
             raise ValueError(f"{path}: stage {stage!r} has no notebook {notebook_of(stage)}")
@@ -153,6 +160,8 @@ def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str])
 
 def plan_study(params: dict) -> list[Stage]:
     """Every stage, checked and resolved, in chain order; raises before anything runs."""
+    for notebook in dict.fromkeys(notebook_of(stage) for stage in params["stages"]):
+        compile_notebook(notebook)
     defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
     declared = set().union(*defaults.values()) if defaults else set()
     for name, value in _global_parameters(params).items():

@@ -18,7 +18,12 @@ from csp_utils.core.paths import REPO
 NOTEBOOKS = REPO / "notebooks"
 RESERVED = ("cell_timeout",)  # stage keys read by the driver, never passed to the notebook
 DRIVER_PARAMETERS = ("run_dir",)
-DRIVER_KEYS = ("stages", "name", "jobs")  # top-level params read by the driver, never passed to a notebook
+DRIVER_KEYS = ("stages", "name", "jobs", "publish")  # top-level params read by the driver, never passed to a notebook
+# what ``publish`` in a params file may name (``--publish`` writes a finished run there)
+PUBLISH_KEYS = {"figures": "the figures, drawn from the published compact results",
+                "results": "the compact results (CSV/JSON, training logs; another base's in a subfolder)",
+                "readme": "a Markdown file whose results section gets the pooled table",
+                "results_doc": "the full results page", "notebooks": "the run's executed notebooks"}
 HOUR = 3600
 
 
@@ -167,8 +172,7 @@ STAGES: dict[str, StageSpec] = {
     "07_figures": StageSpec(
         outputs=lambda p: (["results/train_logs"] if p["results_dir"] is None else []) + _figures_outputs(p),
         inputs=lambda p: (["results"] if p["results_dir"] is None else []) + ["train_logs"],
-        cell_timeout=HOUR, types=dict.fromkeys(("results_dir", "figures_dir", "publish_results", "readme",
-                                                "results_doc", "publish_notebooks"), (str,))),
+        cell_timeout=HOUR, types=dict.fromkeys(("results_dir", "figures_dir"), (str,))),
 }
 
 
