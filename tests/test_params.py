@@ -131,9 +131,9 @@ def test_a_method_with_rows_of_its_own_gets_its_own_dataset_and_per_base_seeds()
     assert stages["03_train_sft@ad0"]["dataset"] == "grounded@deep"
     assert "calibrated_activated@s1=sft@cd1" in stages["05_evaluate@deep"]["models"]
     assert not any(m.startswith("calibrated") for m in stages["05_evaluate"]["models"])
-    with pytest.raises(ValueError, match="seed count"):
+    with pytest.raises(ValueError, match="not a number of seeds"):
         expand.expand_study({**params, "seeds": {"grounded_csp": "3"}})
-    with pytest.raises(ValueError, match="outside bases"):
+    with pytest.raises(ValueError, match="outside bases.*Did you mean"):
         expand.expand_study({**params, "seeds": {"grounded_csp": {"embedded-dep": 1}}})
 
 

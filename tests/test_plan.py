@@ -32,12 +32,12 @@ def test_a_stage_listed_beside_bases_is_merged_over_every_stage_generated_from_i
         "02_build_perturbed_dataset": {"build": {"levels": [0, 50, 100], "shard_size": 4}},
         "03_train_sft@g1": {"sft": {"learning_rate": 0.01}}}))
     sft = {k: v for k, v in stages.items() if k.startswith("03_train_sft")}
-    assert len(sft) == 14 and all(v["sft"]["max_steps"] == 2 for v in sft.values())
+    assert len(sft) == 21 and all(v["sft"]["max_steps"] == 2 for v in sft.values())
     assert stages["03_train_sft@s1"]["sft"] == {"seed": 1, "max_steps": 2}  # the seed the expansion gives stays
     assert stages["03_train_sft@g1"]["sft"] == {"seed": 1, "max_steps": 2, "learning_rate": 0.01}
     assert "learning_rate" not in stages["03_train_sft@g2"]["sft"]
     builds = [v for k, v in stages.items() if k.startswith("02_build")]
-    assert len(builds) == 5 and all(v["build"]["shard_size"] == 4 for v in builds)
+    assert len(builds) == 6 and all(v["build"]["shard_size"] == 4 for v in builds)
     assert stages["02_build_perturbed_dataset@s2"]["build"] == {"seed": 2, "levels": [0, 50, 100], "shard_size": 4}
 
 
@@ -54,7 +54,7 @@ def test_a_listed_value_the_expansion_sets_otherwise_is_refused_naming_both_stag
 
 
 def test_bases_whose_tags_share_a_first_letter_get_distinct_stage_names():
-    stages = _expanded(lambda p: p["bases"].update({"embedded-deep": "nodeep"}))
+    stages = _expanded(lambda p: p["bases"].update({"embedded-noconf": "noconf", "embedded-deep": "nodeep"}))
     grounded = [k for k in stages if k.startswith("03_train_sft@g")]
     assert len(grounded) == len(set(grounded)) == 9
     assert {"03_train_sft@gnoc0", "03_train_sft@gnod0"} <= set(grounded)
@@ -102,8 +102,9 @@ def test_names_and_list_elements_are_resolved_before_anything_runs(override, mes
 ])
 def test_a_mistyped_base_model_is_refused_before_any_stage(tmp_path, params_file, bases, override, expect):
     params = yaml.safe_load((REPO / "params" / params_file).read_text())
-    if bases:
+    if bases:  # seed counts given per base name the default's bases: dropped with them
         params["bases"] = bases
+        params["seeds"] = {m: n for m, n in params["seeds"].items() if not isinstance(n, dict)}
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(params))
     sets = [f"{k}={v}" for k, v in override.items()]

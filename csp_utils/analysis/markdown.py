@@ -88,7 +88,7 @@ def seed_markdown(df: pd.DataFrame, framing: str = "third", readout: str = "sing
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in keep.iterrows():
         cells = [r["set"], r["model"], str(r["seed_labels"]).replace(";", " / ")]
-        cells += [per_seed_text(r[f"{m}_per_seed"]) for m in metrics_]
+        cells += [per_seed_text(r.get(f"{m}_per_seed")) for m in metrics_]  # results older than a metric lack it
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
