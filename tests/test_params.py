@@ -98,20 +98,18 @@ def test_the_default_study_expands_into_its_stages():
                      + ["05_evaluate", "05_evaluate@deep", "07_figures"])
 
 
-def test_the_deep_study_trains_the_activated_recipe_on_its_own_grounded_rows():
-    plan = planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS].index("deep.yaml")]))
-    names = [s.name for s in plan]
-    assert names == (["00_world_and_benchmarks", "02_build_perturbed_dataset@grounded"]
-                     + [f"03_train_sft@g{k}" for k in range(3)] + [f"03_train_sft@a{k}" for k in range(3)]
-                     + ["05_evaluate", "07_figures"])
+def test_the_deep_base_trains_the_activated_recipes_on_their_own_rows():
+    plan = planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS].index("default.yaml")]))
     stage = {s.name: s for s in plan}
-    assert stage["03_train_sft@a1"].parameters == {"base_model": "embedded-deep", "dataset": "grounded",
-                                                   "method": "distilled_activated", "sft": {"seed": 1},
-                                                   "tag": "@a1"}
-    assert "distilled_activated@s2=sft@a2" in stage["05_evaluate"].parameters["models"]
+    assert stage["03_train_sft@ad1"].parameters == {"base_model": "embedded-deep", "dataset": "grounded@deep",
+                                                    "method": "distilled_activated", "sft": {"seed": 1},
+                                                    "tag": "@ad1"}
+    assert stage["03_train_sft@cd2"].parameters["dataset"] == "calibrated_activated@deep"
+    models = stage["05_evaluate@deep"].parameters["models"]
+    assert "distilled_activated@s2=sft@ad2" in models and "calibrated_activated@s0=sft@cd0" in models
     sft = settings.make_configs(method="distilled_activated").sft
-    assert (sft.confidence_target, sft.layout, sft.lora.activation) == ("internal", "follow_up", "confidence")
-
+    assert (sft.confidence_target, sft.layout, sft.lora.activation, sft.loss) == (
+        "internal", "follow_up", "confidence", "binomial_ce")
 
 def test_a_method_with_rows_of_its_own_gets_its_own_dataset_and_per_base_seeds():
     from csp_utils.pipeline import expand
