@@ -171,8 +171,14 @@ def test_confidence_vs_level(tmp_path):
     means = df[df["model"] == "CSP"].groupby("level")["confidence"].mean()
     assert np.allclose(csp.get_ydata(), means.to_numpy())
     assert len(fig.axes[0].collections) == 2                   # a +- std band per model
-    assert legend_labels(fig.axes[0].get_legend()) == ["base", "CSP", "y = x"]
+    assert legend_labels(fig.axes[0].get_legend()) == ["base", "CSP", "y = x (the paper's target)"]
     assert fig.axes[0].get_ylabel() == "Confidence (%)"
+    # the base model's accuracy per level: the line a calibrated confidence follows
+    ref = pd.DataFrame({"level": [100, 0, 50], "accuracy": [90.0, 45.0, 60.0]})
+    with_ref = plots.confidence_vs_level(df, reference=ref)
+    acc = with_ref.axes[0].lines[-1]
+    assert list(acc.get_xdata()) == [0, 50, 100] and list(acc.get_ydata()) == [45.0, 60.0, 90.0]
+    assert legend_labels(with_ref.axes[0].get_legend())[-1] == "base model's accuracy (what calibrated says)"
     # a line drawn under another still shows: each model has its own line style and marker
     assert (base.get_linestyle(), base.get_marker()) != (csp.get_linestyle(), csp.get_marker())
     assert base.get_linestyle() != csp.get_linestyle() and base.get_marker() != csp.get_marker()
@@ -335,3 +341,27 @@ def test_paired_differences_marks_intervals_that_exclude_zero(tmp_path):
     assert all(p.stat().st_size > 0 for p in plots.save_figure(fig, tmp_path / "paired"))
     with pytest.raises(ValueError, match="missing"):
         plots.paired_differences(df.drop(columns="diff_low"))
+
+
+def test_confidence_against_accuracy_per_degradation_pools_seeds_per_method():
+    from csp_utils.analysis import tables
+
+    rows = []
+    for model, conf in (("base", 0.9), ("m@s0", 0.6), ("m@s1", 0.8)):
+        for s, acc_n in (("transfer-blur", 3), ("transfer-low_light", 1)):
+            for i in range(4):
+                rows.append({"model": model, "set": s, "framing": "third", "readout": "single_pass",
+                             "confidence": conf, "correct": i < acc_n})
+    rows.append({"model": "base", "set": "pope-random", "framing": "third", "readout": "single_pass",
+                 "confidence": 0.5, "correct": True})
+    t = tables.confidence_accuracy_table(rows, ["transfer-blur", "transfer-low_light"])
+    got = t.set_index(["set", "model"])
+    assert set(t["set"]) == {"transfer-blur", "transfer-low_light"}          # other sets left out
+    assert got.loc[("transfer-blur", "m"), "n"] == 8                          # seeds pooled
+    assert got.loc[("transfer-blur", "m"), "confidence"] == pytest.approx(0.7)
+    assert got.loc[("transfer-low_light", "m"), "accuracy"] == pytest.approx(0.25)
+    assert got.loc[("transfer-low_light", "base"), "brier"] == pytest.approx((0.1 ** 2 + 3 * 0.9 ** 2) / 4)
+    fig = plots.confidence_vs_accuracy(t)
+    assert len(fig.axes[0].lines) == len(t) + 1                               # a point per row and the diagonal
+    with pytest.raises(ValueError, match="needs columns"):
+        plots.confidence_vs_accuracy(t.drop(columns="accuracy"))

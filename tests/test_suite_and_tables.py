@@ -292,7 +292,7 @@ def test_default_sizes():
 
     assert suites.SuiteConfig().n_pope_images >= 300
     folder = Path(__file__).parents[1] / "params"
-    for name, stages in (("default", ("05_evaluate", "05_evaluate@noconf")), ("full", ("05_evaluate", "06_ablations"))):
+    for name, stages in (("default", ("05_evaluate", "05_evaluate@deep")), ("full", ("05_evaluate", "06_ablations"))):
         params = planning.load_params(folder / f"{name}.yaml")
         for stage in stages:
             suite = suites.SuiteConfig(**params["stages"][stage].get("suite", {}))
