@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from csp_utils.dataset.perturbation import NoiseConfig, validate_levels
+from csp_utils.dataset.csp_noise import NoiseConfig, validate_levels
 from csp_utils.vlm.prompts import FRAMINGS
 
 FAILURE_POLICIES = ("skip", "global", "clean")

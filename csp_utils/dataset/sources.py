@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from csp_utils.core.images import to_rgb
-from csp_utils.dataset import perturbation
+from csp_utils.dataset import csp_noise
 from csp_utils.world import scenes as world
 
 
@@ -78,7 +78,7 @@ def world_source(scenes, questions_per_scene: int = 4, seed: int = 0) -> Source:
 
     def items():
         for scene in scenes:
-            rng = np.random.default_rng(perturbation.sample_seed(seed, scene.scene_id))
+            rng = np.random.default_rng(csp_noise.sample_seed(seed, scene.scene_id))
             for qa in world.world_questions(scene, rng, questions_per_scene):
                 answer = "Yes" if str(qa.label).lower() == "yes" else "No"
                 yield SourceItem(

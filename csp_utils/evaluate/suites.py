@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from csp_utils.dataset import grounded
-from csp_utils.dataset import grounding, perturbation
+from csp_utils.dataset import grounded_rows
+from csp_utils.dataset import grounders, csp_noise
 from csp_utils.world import benchmarks, scenes as world
 from csp_utils.world.schema import QAItem
 
@@ -88,16 +88,16 @@ def perturbed_benchmark(cfg: SuiteConfig, noise: str = "local") -> benchmarks.Be
     wc = _world_config(cfg)
     scene_list = benchmarks.pope_scenes(cfg.n_perturbed_images, wc, split="eval", start=_STARTS["perturbed"])
     base = benchmarks.build_world_pope(scene_list, "random", n_pos=2, n_neg=0, seed=cfg.seed)
-    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
+    grounder = grounders.AnnotationGrounder.from_scenes(scene_list)
     by_id = {s.scene_id: s for s in scene_list}
-    noise_cfg = perturbation.NoiseConfig(noise=noise, seed=cfg.seed,
+    noise_cfg = csp_noise.NoiseConfig(noise=noise, seed=cfg.seed,
                                          **({"noise_gamma": cfg.noise_gamma} if cfg.noise_gamma else {}))
     images, items = {}, []
     for it in base.items:
         res = grounder.ground(by_id[it.image_id].to_pil(), it.objects, it.image_id)
         if res.mask is None:
             continue
-        arrs = perturbation.perturb_levels_array(by_id[it.image_id].image, res.mask, cfg.perturbed_levels,
+        arrs = csp_noise.perturb_levels_array(by_id[it.image_id].image, res.mask, cfg.perturbed_levels,
                                                  noise_cfg, key=it.question_id)
         for level, arr in zip(cfg.perturbed_levels, arrs):
             qid = f"{it.question_id}@c{level}"
@@ -112,13 +112,13 @@ def perturbation_examples(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int
     """CSP noise on the first object of a few held-out scenes at each level (deterministic, no
     model): the images and their titles, for the perturbation figure."""
     scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
-    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
+    grounder = grounders.AnnotationGrounder.from_scenes(scene_list)
     images, titles = [], []
     for s in scene_list:
         obj = s.objects[0]
         res = grounder.ground(s.to_pil(), [obj.category], s.scene_id)
-        arrs = perturbation.perturb_levels_array(s.image, res.mask, levels,
-                                                 perturbation.NoiseConfig(seed=seed), key=s.scene_id)
+        arrs = csp_noise.perturb_levels_array(s.image, res.mask, levels,
+                                                 csp_noise.NoiseConfig(seed=seed), key=s.scene_id)
         for level, arr in zip(levels, arrs):
             images.append(arr)
             titles.append(f"{obj.category}, c={level}%")
@@ -162,7 +162,7 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
     if want("perturbed"):
         suite["perturbed"] = perturbed_benchmark(cfg)
     if want(GROUNDED_SET) and cfg.n_grounded_images:
-        suite[GROUNDED_SET] = grounded.grounded_perturbed_benchmark(
+        suite[GROUNDED_SET] = grounded_rows.grounded_perturbed_benchmark(
             cfg.n_grounded_images, cfg.grounded_levels, seed=cfg.seed, noise_gamma=cfg.noise_gamma,
             image_size=cfg.image_size, name=GROUNDED_SET)
     check_disjoint(suite)

@@ -22,7 +22,7 @@ Design choices, briefly:
 * **Natural uncertainty.** :func:`degrade` makes blur, low-light, small-object, occlusion
   and clutter variants with a severity in [0, 1]; 0 leaves the image unchanged, and the
   random draws do not depend on severity, so images change monotonically with it. None of
-  them uses Gaussian pixel noise (that is CSP's perturbation, in ``csp_utils.dataset.perturbation``).
+  them uses Gaussian pixel noise (that is CSP's perturbation, in ``csp_utils.dataset.csp_noise``).
   A variant's ``scene_id`` gets a suffix (``"eval-000042~blur-0.50"``) so image loaders
   keyed by id never mix variants up.
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset.grounding import (AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask,
+from csp_utils.dataset.grounders import (AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask,
                                          counts_to_rle_string, decode_segmentation, dino_prompt, make_grounder,
                                          rle_decode, rle_encode, rle_string_to_counts, tiny_grounding_dino, tiny_sam)
 from csp_utils.world import scenes

@@ -49,11 +49,11 @@ from typing import Sequence
 import numpy as np
 
 from csp_utils.core.images import png_cell
-from csp_utils.dataset import perturbation
+from csp_utils.dataset import csp_noise
 from csp_utils.dataset.buildconfig import (BuildConfig, GroundedOptions, config_hash, grounder_fingerprint,
                                            noised_levels, options_of)
 from csp_utils.core import baselines
-from csp_utils.dataset.grounding import AnnotationGrounder
+from csp_utils.dataset.grounders import AnnotationGrounder
 from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
 from csp_utils.world import benchmarks, scenes as world
@@ -102,7 +102,7 @@ class Variant:
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
-    return np.random.default_rng(perturbation.sample_seed(seed, key))
+    return np.random.default_rng(csp_noise.sample_seed(seed, key))
 
 
 def _categories(phrases, vocabulary) -> set[str]:
@@ -189,10 +189,10 @@ def plan_scene(scene: world.Scene, questions: Sequence, grounder, levels: Sequen
     return out
 
 
-def variant_image(scene: world.Scene, v: Variant, noise_cfg: perturbation.NoiseConfig) -> np.ndarray:
+def variant_image(scene: world.Scene, v: Variant, noise_cfg: csp_noise.NoiseConfig) -> np.ndarray:
     if v.noise_on == "none":
         return scene.image
-    return perturbation.perturb_levels_array(scene.image, v.mask, (v.level,), noise_cfg, key=v.qa.question_id)[0]
+    return csp_noise.perturb_levels_array(scene.image, v.mask, (v.level,), noise_cfg, key=v.qa.question_id)[0]
 
 
 def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set_name: str = "world-train",
@@ -331,7 +331,7 @@ def _shard_features():
 
 def is_heldout(scene_id: str, seed: int, share: float) -> bool:
     """Scenes whose clean rows fit the temperature; drawn from (seed, scene id) alone."""
-    return perturbation.sample_seed(seed, f"heldout/{scene_id}") / 2.0 ** 63 < share
+    return csp_noise.sample_seed(seed, f"heldout/{scene_id}") / 2.0 ** 63 < share
 
 
 def shard_rows(scene_list: Sequence[world.Scene], questions: dict, grounder, model, processor,
@@ -685,7 +685,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     """
     from PIL import Image
 
-    levels = tuple(c for c in perturbation.validate_levels(levels) if c < 100)
+    levels = tuple(c for c in csp_noise.validate_levels(levels) if c < 100)
     if not levels:
         raise ValueError("grounded_perturbed_benchmark needs at least one level below 100")
     if not 0 < n_images <= 100_000:
@@ -693,7 +693,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     wc = world.WorldConfig(image_size=image_size)
     scene_list = world.make_scenes("eval", n_images, wc, start=start)
     grounder = AnnotationGrounder.from_scenes(scene_list)
-    noise_cfg = perturbation.NoiseConfig(noise="local", seed=seed,
+    noise_cfg = csp_noise.NoiseConfig(noise="local", seed=seed,
                                          **({"noise_gamma": noise_gamma} if noise_gamma else {}))
     images, items = {}, []
     for scene in scene_list:
@@ -710,7 +710,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
                 variants.append(("distractor", c, dmask))
             for noise_on, c, mask in variants:
                 qid = f"{qa.question_id}@{noise_on}@c{c}"
-                images[qid] = scene.image if mask is None else perturbation.perturb_levels_array(
+                images[qid] = scene.image if mask is None else csp_noise.perturb_levels_array(
                     scene.image, mask, (c,), noise_cfg, key=qa.question_id)[0]
                 items.append(QAItem(qid, qid, qa.question, qa.label, name, qa.kind, list(qa.objects),
                                                subtype=qa.subtype))
