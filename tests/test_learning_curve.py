@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from csp_utils.dataset import buildconfig, grounded_rows
-from csp_utils.world import scenes as world, benchmarks
+from csp_utils.world import scenes as world, benchmarks, language
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_question_source_is_checked_and_the_benchmark_generators_are_the_default
         buildconfig.GroundedOptions(questions="pope")
     s = world.make_scenes("csp", 1)[0]
     assert [q.question for q in grounded_rows.scene_questions(s, 4, 0)] == \
-        [q.question for q in world.world_questions(s, grounded_rows._rng(0, s.scene_id), 4)]
+        [q.question for q in language.world_questions(s, grounded_rows._rng(0, s.scene_id), 4)]
 
 
 def _script():

@@ -4,7 +4,7 @@ A grounded row is (image variant, question, quoted answer) with targets that des
 likely the quoted answer is to be right (schema: ``GROUNDED_COLUMNS``):
 
 * Questions come from CSP-split scenes, with both gold labels: ``questions="world"`` draws
-  them with ``scenes.world_questions``; ``questions="benchmark"`` with the evaluation sets'
+  them with ``language.world_questions``; ``questions="benchmark"`` with the evaluation sets'
   own generators (POPE-style existence with random, popular and adversarial negatives,
   AMBER-style attribute and relation), so the training rows hold the kind of errors the
   clean sets measure (the images stay CSP-split, never evaluation images).
@@ -56,11 +56,11 @@ from csp_utils.core import baselines
 from csp_utils.dataset.grounders import AnnotationGrounder
 from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
-from csp_utils.world import benchmarks, scenes as world
+from csp_utils.world import benchmarks, scenes as world, language, catalog
 from csp_utils.world.schema import NOISE_ON, QAItem
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.
 BRIGHT_LUMA = 200
-BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
+BRIGHT_COLORS = tuple(c for c, (r, g, b) in catalog.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
 # Eval-split scene range of the grounded perturbed evaluation set (suites._STARTS ends at 500_000 + n).
 GROUNDED_EVAL_START = 600_000
 # POPE's popular/adversarial negatives rank categories by set statistics: counted over a fixed
@@ -201,7 +201,7 @@ def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set
     from the evaluation sets' generators (:func:`benchmark_questions`)."""
     if source == "benchmark":
         return benchmark_questions(scene, questions_per_scene, seed, set_name, world_config)
-    return world.world_questions(scene, _rng(seed, scene.scene_id), questions_per_scene, set_name=set_name)
+    return language.world_questions(scene, _rng(seed, scene.scene_id), questions_per_scene, set_name=set_name)
 
 
 _REFERENCE_STATS: dict = {}
@@ -222,7 +222,7 @@ def benchmark_questions(scene: world.Scene, n: int, seed: int, set_name: str = "
     """Up to ``n`` distinct questions about a training scene from the clean sets' generators:
     existence from POPE (its present objects, and its random, popular and adversarial absent
     ones) and AMBER's absent-object questions, attribute and relation from AMBER; drawn like
-    ``scenes.world_questions`` (labels alternate, kinds by ``weights``, default existence 0.5,
+    ``language.world_questions`` (labels alternate, kinds by ``weights``, default existence 0.5,
     attribute 0.25, relation 0.25), from (seed, scene id) alone."""
     from dataclasses import replace
 

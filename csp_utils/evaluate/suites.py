@@ -17,12 +17,12 @@ import numpy as np
 
 from csp_utils.dataset import grounded_rows
 from csp_utils.dataset import grounders, csp_noise
-from csp_utils.world import benchmarks, scenes as world
+from csp_utils.world import benchmarks, scenes as world, catalog, degradations, language
 from csp_utils.world.schema import QAItem
 
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
-POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in world.DEGRADATIONS)}
+POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in catalog.DEGRADATIONS)}
 # first index of each set's eval-split range; make_scenes takes consecutive indices, pope_scenes
 # skips scenes with < 3 categories (about 4 of 5), so a range of 30,000 holds > 5,000 POPE images
 _STARTS = {"pope-random": 0, "pope-popular": 30_000, "pope-adversarial": 60_000,
@@ -42,7 +42,7 @@ class SuiteConfig:
     n_calibration_images: int = 100   # held-out split for the temperature baseline
     n_train_images: int = 100         # base-split scenes for the constant baseline
     n_perturbed_images: int = 40      # held-out CSP-perturbed scenes (confidence vs level)
-    transfer_kinds: tuple = world.DEGRADATIONS
+    transfer_kinds: tuple = catalog.DEGRADATIONS
     transfer_severity: float = 0.7
     perturbed_levels: tuple = (0, 20, 40, 60, 80, 100)
     n_grounded_images: int = 0        # held-out scenes, both labels, noise on the asked object or a distractor
@@ -73,9 +73,9 @@ def _with_set(bench: benchmarks.Benchmark, name: str) -> benchmarks.Benchmark:
 def transfer_benchmark(kind: str, cfg: SuiteConfig) -> benchmarks.Benchmark:
     """POPE-random questions on scenes with a natural degradation (never CSP noise)."""
     wc = _world_config(cfg)
-    start = _TRANSFER_START + _TRANSFER_STRIDE * world.DEGRADATIONS.index(kind)
+    start = _TRANSFER_START + _TRANSFER_STRIDE * catalog.DEGRADATIONS.index(kind)
     clean = benchmarks.pope_scenes(cfg.n_transfer_images, wc, split="eval", start=start)
-    degraded = [world.degrade(s, kind, cfg.transfer_severity, wc) for s in clean]
+    degraded = [degradations.degrade(s, kind, cfg.transfer_severity, wc) for s in clean]
     return _with_set(benchmarks.build_world_pope(degraded, "random", seed=cfg.seed), f"transfer-{kind}")
 
 
@@ -156,7 +156,7 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
     if want("train-sample"):
         train = world.make_scenes("base", cfg.n_train_images, wc)
         rng = np.random.default_rng(cfg.seed)
-        items = [q for s in train for q in world.world_questions(s, rng, 4, set_name="train-sample")]
+        items = [q for s in train for q in language.world_questions(s, rng, 4, set_name="train-sample")]
         suite["train-sample"] = benchmarks.Benchmark("train-sample", "pope", items,
                                                      benchmarks.scene_image_loader(train), "yes")
     if want("perturbed"):

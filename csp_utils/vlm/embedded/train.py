@@ -30,7 +30,7 @@ from csp_utils.vlm.embedded.build import build_processor, build_tiny_vlm
 from csp_utils.vlm.embedded.checkpoint import CHECKPOINT_DIR, MODEL_FILE, WARM_START_DIR
 from csp_utils.vlm.embedded.config import KINDS, PretrainConfig, world_config
 from csp_utils.world import benchmarks
-from csp_utils.world import scenes as sc
+from csp_utils.world import catalog
 from csp_utils.vlm.embedded.data import (ChatEncoder, ImageCodec, Pool, build_pool, collate, progress_bar,
                                          sample_joint_batch, step_generator, vision_data)
 from csp_utils.vlm.embedded.losses import (align_loss, init_vision_positions, joint_loss, patch_class_weights,
@@ -38,7 +38,7 @@ from csp_utils.vlm.embedded.losses import (align_loss, init_vision_positions, jo
 
 log = logging.getLogger("csp_utils.vlm.embedded")
 
-N_CAT, N_COL = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
+N_CAT, N_COL = len(catalog.CATEGORIES), len(catalog.COLOR_NAMES)
 OnStep = Callable[[str, int, float], None]
 
 
@@ -250,8 +250,8 @@ class JointObjective:
             hook = functools.partial(_keep_patch_hidden, self.captured, model.config.vision_feature_layer)
             self.hooks.append(model.model.vision_tower.register_forward_hook(hook))
         if self.align:
-            self.cat_words = word_token_ids(run.processor.tokenizer, sc.CATEGORIES)
-            self.col_words = word_token_ids(run.processor.tokenizer, sc.COLOR_NAMES)
+            self.cat_words = word_token_ids(run.processor.tokenizer, catalog.CATEGORIES)
+            self.col_words = word_token_ids(run.processor.tokenizer, catalog.COLOR_NAMES)
             if self.features is None:
                 hook = functools.partial(_keep_projected, self.captured)
                 self.hooks.append(model.model.multi_modal_projector.register_forward_hook(hook))
