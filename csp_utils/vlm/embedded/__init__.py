@@ -9,8 +9,8 @@ One concern per module, in the order a run uses them:
 - ``losses``: the losses of both stages;
 - ``checkpoint``: resumable checkpoints and finished-folder checks;
 - ``train``: the two stages and :func:`~csp_utils.vlm.embedded.train.pretrain`;
-- ``report``: held-out accuracy and confidence, and the model's ``csp_meta.json``;
-- ``cli``: ``python -m csp_utils.pretrain``.
+- ``heldout``: held-out accuracy and confidence, and the model's ``csp_meta.json``;
+- ``pretrain_cli``: ``python -m csp_utils.pretrain``.
 
 Yes/no answers alone leave a tiny LLaVA at chance, so training runs in two stages, as real
 VLMs are built:
