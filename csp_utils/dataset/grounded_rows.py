@@ -246,21 +246,8 @@ def benchmark_questions(scene: world.Scene, n: int, seed: int, set_name: str = "
         cands.sort(key=lambda qa: qa.question)
     rng = _rng(seed, f"benchmark/{scene.scene_id}")
     weights = weights or {"existence": 0.5, "attribute": 0.25, "relation": 0.25}
-    items, first = [], int(rng.integers(2))
-    for k in range(n):
-        want = ("yes", "no")[(k + first) % 2]
-        for label in (want, "no" if want == "yes" else "yes"):
-            kinds = [kd for kd in weights if weights[kd] > 0 and pool.get((kd, label))]
-            if kinds:
-                break
-        else:
-            break
-        w = np.array([weights[kd] for kd in kinds], float)
-        kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
-        cands = pool[kind, label]
-        qa = cands.pop(int(rng.integers(len(cands))))
-        items.append(replace(qa, question_id=f"{scene.scene_id}-q{k:02d}", set=set_name))
-    return items
+    return [replace(qa, question_id=f"{scene.scene_id}-q{k:02d}", set=set_name)
+            for k, _, _, qa in language.draw_balanced(pool, rng, n, weights)]
 
 
 def is_bright_scene(scene: world.Scene) -> bool:

@@ -108,12 +108,20 @@ def world_questions(scene: Scene, rng, n: int, set_name: str = "world-train",
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     weights = weights or {"existence": 0.5, "attribute": 0.25, "relation": 0.25}
     pool = _question_pool(scene, rng)
-    items, first = [], int(rng.integers(2))
+    return [QAItem(f"{scene.scene_id}-q{k:02d}", scene.scene_id, q, label, set_name, kind, objs, subtype=sub)
+            for k, kind, label, (q, sub, objs) in draw_balanced(pool, rng, n, weights)]
+
+
+def draw_balanced(pool: dict, rng: np.random.Generator, n: int, weights: dict[str, float]) -> list[tuple]:
+    """Up to ``n`` candidates drawn from ``pool`` (``{(kind, label): [candidate, ...]}``, drawn
+    ones removed), labels alternating yes and no from a random first one, each falling back
+    to the other label when its own is used up; kinds by ``weights`` among those with a
+    candidate of the label left. Returns ``(k, kind, label, candidate)`` per draw."""
+    drawn, first = [], int(rng.integers(2))
     for k in range(n):
         want = ("yes", "no")[(k + first) % 2]
-        labels = [want, "no" if want == "yes" else "yes"]
-        for label in labels:  # fall back to the other label if this one is used up
-            kinds = [kd for kd in weights if weights[kd] > 0 and pool[kd, label]]
+        for label in (want, "no" if want == "yes" else "yes"):
+            kinds = [kd for kd in weights if weights[kd] > 0 and pool.get((kd, label))]
             if kinds:
                 break
         else:
@@ -121,6 +129,5 @@ def world_questions(scene: Scene, rng, n: int, set_name: str = "world-train",
         w = np.array([weights[kd] for kd in kinds], float)
         kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
         cands = pool[kind, label]
-        q, sub, objs = cands.pop(int(rng.integers(len(cands))))
-        items.append(QAItem(f"{scene.scene_id}-q{k:02d}", scene.scene_id, q, label, set_name, kind, objs, subtype=sub))
-    return items
+        drawn.append((k, kind, label, cands.pop(int(rng.integers(len(cands))))))
+    return drawn
