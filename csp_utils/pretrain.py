@@ -6,7 +6,7 @@ The shipped models record this command in their ``csp_meta.json``; the code live
 ``csp_utils.vlm.embedded`` (``cli`` parses the command, ``train`` runs it).
 """
 
-from csp_utils.vlm.embedded.cli import main
+from csp_utils.vlm.embedded.pretrain_cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

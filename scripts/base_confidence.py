@@ -27,14 +27,14 @@ DEGRADED = ("blur", "low_light", "occlusion", "small")
 
 def conditions(n_scenes: int, severity: float) -> dict:
     """{"clean": Benchmark, kind: Benchmark}: the same eval scenes, clean and degraded."""
-    from csp_utils.world import benchmarks, scenes as world
+    from csp_utils.world import benchmarks, degradations
     from csp_utils.vlm.embedded.config import PretrainConfig, world_config
 
     wc = world_config(PretrainConfig())
     clean = benchmarks.pope_scenes(n_scenes, wc, split="eval")
     out = {"clean": benchmarks.build_world_pope(clean, "random")}
     for kind in DEGRADED:
-        degraded = [world.degrade(s, kind, severity, wc) for s in clean]
+        degraded = [degradations.degrade(s, kind, severity, wc) for s in clean]
         out[kind] = benchmarks.build_world_pope(degraded, "random")
     return out
 

@@ -28,11 +28,11 @@ def error_breakdown(model, processor, scenes) -> dict:
     """{"answer": {...}, "yes_by_area": {...}, "by_shape": {...}}: each key -> [n, accuracy]."""
     import numpy as np
 
-    from csp_utils.vlm.embedded import report
+    from csp_utils.vlm.embedded import heldout
 
-    sets = report.pope_sets(scenes)
+    sets = heldout.pope_sets(scenes)
     items = [it for v in sets.values() for it in v]
-    probs = report.unique_probabilities(model, processor, items, report.images_by_id(scenes))
+    probs = heldout.unique_probabilities(model, processor, items, heldout.images_by_id(scenes))
     by_id = {s.scene_id: s for s in scenes}
     groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for it, p in zip(items, probs):

@@ -37,11 +37,11 @@ def world_benchmark(n_questions: int, per_image: int = 6, seed: int = 0):
     """POPE-like questions on world scenes: ``per_image`` questions per image, as POPE asks."""
     import numpy as np
 
-    from csp_utils.world import benchmarks, scenes
+    from csp_utils.world import benchmarks, scenes, language
 
     rng = np.random.RandomState(seed)
     shots = scenes.make_scenes("eval", -(-n_questions // per_image))
-    items = [q for s in shots for q in scenes.world_questions(s, rng, per_image)][:n_questions]
+    items = [q for s in shots for q in language.world_questions(s, rng, per_image)][:n_questions]
     by_id = {s.scene_id: s.to_pil() for s in shots}
     return benchmarks.Benchmark("world-bench", "pope", items, by_id.__getitem__, "yes")
 

@@ -2,7 +2,7 @@
 
 (a) producing all 11 confidence levels of one image (eps draw + vectorised noise + PIL images)
     relative to ONE GroundingDINO -> SAM grounding pass of the same image (goal <= 1.3x).
-    Grounders: the tiny random-weight models of ``grounding.tiny_grounding_dino`` / ``tiny_sam``
+    Grounders: the tiny random-weight models of ``grounders.tiny_grounding_dino`` / ``tiny_sam``
     at the object world's default 64 px; with ``--realistic`` also GroundingDINO-tiny (Swin-T +
     BERT-base, 900 queries, 800 px input) and SAM ViT-B (1024 px input) at full size with random
     weights (same compute as the public checkpoints, none of their accuracy), on the 64 px scene
@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import numpy as np
 import torch
 
-from csp_utils.dataset import perturbation as P
+from csp_utils.dataset import csp_noise as P
 
 LEVELS = P.DEFAULT_LEVELS  # 11 levels, 0..100
 
@@ -74,7 +74,7 @@ def realistic_models():
                               GroundingDinoImageProcessorPil, GroundingDinoProcessor, SamConfig,
                               SamImageProcessorPil, SamModel, SamProcessor)
 
-    from csp_utils.dataset.grounding import _tiny_words
+    from csp_utils.dataset.grounders import _tiny_words
 
     words = _tiny_words()  # a word-level vocabulary: prompts tokenise; BERT-base's embedding size is kept
     tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
@@ -89,7 +89,7 @@ def realistic_models():
 
 
 def grounder_from(dino, sam, name):
-    from csp_utils.dataset.grounding import DinoSamGrounder
+    from csp_utils.dataset.grounders import DinoSamGrounder
 
     # box_threshold 0: random weights detect nothing above the usual 0.35, and a pass with no
     # boxes would skip SAM; at 0 every pass runs detector AND segmenter (max_boxes bounds SAM).
@@ -99,13 +99,13 @@ def grounder_from(dino, sam, name):
 
 
 def section_a(realistic: bool, repeats: int) -> list[tuple[str, float, float]]:
-    from csp_utils.dataset import grounding, keyobjects
+    from csp_utils.dataset import grounders, keyobjects
     from csp_utils.world import scenes
 
     scene = scenes.make_scene("csp", 0)
     phrase = scene.objects[0].name
     phrases = keyobjects.key_objects(f"Is there a {phrase} in the image?", "Yes", vocabulary="world")
-    mask = grounding.AnnotationGrounder.from_scenes([scene]).ground(scene.to_pil(), phrases, scene.scene_id).mask
+    mask = grounders.AnnotationGrounder.from_scenes([scene]).ground(scene.to_pil(), phrases, scene.scene_id).mask
     img = scene.to_pil()
     print(f"\n(a) all {len(LEVELS)} levels vs one GroundingDINO+SAM pass; scene {scene.scene_id} "
           f"{img.width}x{img.height} px, key objects {phrases}, mask {mask.mean():.1%}")
@@ -117,7 +117,7 @@ def section_a(realistic: bool, repeats: int) -> list[tuple[str, float, float]]:
 
     # image_size=96: at the helper's default 64, a square 64 px scene shrinks to a 1x1 map at
     # GroundingDINO's extra feature level and its GroupNorm raises (non-square images pass).
-    tiny = grounder_from(grounding.tiny_grounding_dino(image_size=96), grounding.tiny_sam(), "tiny GDINO+SAM")
+    tiny = grounder_from(grounders.tiny_grounding_dino(image_size=96), grounders.tiny_sam(), "tiny GDINO+SAM")
     g = best_time(lambda: tiny.ground(img, phrases), repeats)
     print(f"    tiny random GDINO+SAM pass (96 / 64 px inputs)  {fmt(g)}")
     results.append((f"tiny GDINO+SAM, {img.width} px scene", perturb / g, perturb_png / g))

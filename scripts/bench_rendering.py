@@ -19,7 +19,7 @@ import timeit
 import numpy as np
 from matplotlib.path import Path as PolygonPath
 
-from csp_utils.world import scenes as W
+from csp_utils.world import scenes as W, rendering
 
 
 def _best(fn, repeats: int) -> float:
@@ -28,7 +28,7 @@ def _best(fn, repeats: int) -> float:
 
 def _uncached(n: int) -> None:
     for i in range(n):
-        W._template.cache_clear()
+        rendering._template.cache_clear()
         W.make_scene("base", 100_000 + i)
 
 
@@ -43,8 +43,8 @@ def main() -> None:
     print(f"{args.scenes} scenes: {cached:.2f} s cached (goal < 5 s: {'met' if cached < 5 else 'NOT met'}), "
           f"{uncached:.2f} s with no cache ({uncached / cached:.1f}x)")
     u, v = np.random.default_rng(0).uniform(-1, 1, (2, 256, 256))
-    points, corners = np.column_stack([u.ravel(), v.ravel()]), W._star_points()
-    grid = _best(lambda: W._polygon(u, v, corners), args.repeats)
+    points, corners = np.column_stack([u.ravel(), v.ravel()]), rendering._star_points()
+    grid = _best(lambda: rendering._polygon(u, v, corners), args.repeats)
     pointwise = _best(lambda: PolygonPath(corners).contains_points(points), args.repeats)
     print(f"star inside test on 256 x 256: {1e3 * grid:.2f} ms vectorised, {1e3 * pointwise:.2f} ms matplotlib")
 

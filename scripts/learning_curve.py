@@ -124,8 +124,8 @@ def perturbed_validation(n_scenes: int, config, seed: int = 0):
     distractor or the whole image): a benchmark whose question ids are the variants' sample ids."""
     from PIL import Image
 
-    from csp_utils.dataset import buildconfig, grounded
-    from csp_utils.dataset.grounding import AnnotationGrounder
+    from csp_utils.dataset import buildconfig, grounded_rows
+    from csp_utils.dataset.grounders import AnnotationGrounder
     from csp_utils.world import benchmarks, scenes as world
     from csp_utils.world.schema import QAItem
 
@@ -135,9 +135,9 @@ def perturbed_validation(n_scenes: int, config, seed: int = 0):
     grounder = AnnotationGrounder.from_scenes(scene_list)
     images, items = {}, []
     for sc in scene_list:
-        qs = grounded.scene_questions(sc, 4, seed, set_name="perturbed-val", source=opts.questions, world_config=wc)
-        for v in grounded.plan_scene(sc, qs, grounder, buildconfig.noised_levels(config), opts, seed, wc):
-            images[v.sample_id] = grounded.variant_image(sc, v, noise_cfg)
+        qs = grounded_rows.scene_questions(sc, 4, seed, set_name="perturbed-val", source=opts.questions, world_config=wc)
+        for v in grounded_rows.plan_scene(sc, qs, grounder, buildconfig.noised_levels(config), opts, seed, wc):
+            images[v.sample_id] = grounded_rows.variant_image(sc, v, noise_cfg)
             items.append(QAItem(v.sample_id, v.sample_id, v.qa.question, v.qa.label, "perturbed-val", v.qa.kind,
                                 list(v.qa.objects), subtype=v.qa.subtype))
     return benchmarks.Benchmark("perturbed-val", "pope", items, lambda i: Image.fromarray(images[i]), "yes")
@@ -163,12 +163,12 @@ def perturbed_scores(rows: list[dict], key: str = "confidence") -> dict:
 
 def build_dataset(model, processor, n_scenes: int, clean_share: float, questions: str, out: Path, seed: int = 0,
                   global_share: float = 0.0):
-    from csp_utils.dataset import perturbed_dataset, sources
+    from csp_utils.dataset import paper_rows, sources
     from csp_utils.world import scenes as world
 
     config = build_config(clean_share, questions, seed, global_share)
     source = sources.world_source(world.make_scenes("csp", n_scenes), 4, seed=seed)
-    return perturbed_dataset.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
+    return paper_rows.build_perturbed_dataset(source, out_dir=out, config=config, model=model, processor=processor,
                                       progress=True)
 
 

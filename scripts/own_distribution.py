@@ -46,9 +46,9 @@ def scene_index(scene_id: str) -> int:
 
 def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
     """The CSP scene indices of a grounded training dataset and its build report."""
-    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import paper_rows
 
-    ds = perturbed_dataset.load_perturbed_dataset(dataset_dir)
+    ds = paper_rows.load_perturbed_dataset(dataset_dir)
     report = json.loads((Path(dataset_dir) / "build_report.json").read_text())
     if report.get("targets") != "grounded":
         raise ValueError(f"{dataset_dir} is not a grounded dataset")
@@ -57,12 +57,12 @@ def training_scenes(dataset_dir: Path) -> tuple[set[int], dict]:
 
 def check_adapter_dataset(adapter: Path, dataset_dir: Path) -> dict:
     """The adapter's training record; refuses a dataset other than the one it was trained on."""
-    from csp_utils.dataset import perturbed_dataset
+    from csp_utils.dataset import paper_rows
     from csp_utils.train import regimes
     from csp_utils.vlm import models
 
     record = json.loads((adapter / models.CONFIG_FILE).read_text())
-    key = regimes._dataset_key(perturbed_dataset.load_perturbed_dataset(dataset_dir))
+    key = regimes._dataset_key(paper_rows.load_perturbed_dataset(dataset_dir))
     if record.get("dataset_fingerprint") not in (None, key):
         raise ValueError(f"{adapter} was trained on dataset {record['dataset_fingerprint']}, "
                          f"not on {dataset_dir} ({key})")
@@ -75,7 +75,7 @@ def heldout_rows(model, processor, report: dict, start: int, n: int, out: Path):
     """Grounded rows on CSP scenes start .. start + n - 1 with the training build's config."""
     import warnings
 
-    from csp_utils.dataset import buildconfig, perturbed_dataset, sources
+    from csp_utils.dataset import buildconfig, paper_rows, sources
     from csp_utils.world import scenes
 
     build = buildconfig.BuildConfig(**report["config"])
@@ -87,7 +87,7 @@ def heldout_rows(model, processor, report: dict, start: int, n: int, out: Path):
     src = sources.world_source(scenes.make_scenes("csp", n, start=start), questions, seed=question_seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the held-out T fit of these rows is not used
-        return perturbed_dataset.build_perturbed_dataset(src, out_dir=out, config=build, model=model, processor=processor,
+        return paper_rows.build_perturbed_dataset(src, out_dir=out, config=build, model=model, processor=processor,
                                           progress=False)
 
 

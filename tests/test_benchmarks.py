@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.world import benchmarks, scenes as W
+from csp_utils.world import benchmarks, scenes as W, catalog
 from csp_utils.world.schema import QAItem
 
 
@@ -339,7 +339,7 @@ def test_world_amber(pope_world):
             assert (m.group(2) in (o.color, o.size)) == (i.label == "yes"), i.question
         else:
             word = re.match(r"^(?:Is|Are) there (\w+) ", i.question).group(1)
-            n = {v: k for k, v in W.NUMBER_WORDS.items()}[word]
+            n = {v: k for k, v in catalog.NUMBER_WORDS.items()}[word]
             assert (s.count(i.objects[0]) == n) == (i.label == "yes"), i.question
     rel = benchmarks.build_world_amber(pope_world, "relation")
     labels = Counter(i.label for i in rel.items)

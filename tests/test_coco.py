@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset import coco, buildconfig, perturbed_dataset, sources
+from csp_utils.dataset import coco, buildconfig, paper_rows, sources
 
 CATS = ["person", "dog", "cat", "car", "chair", "cup", "book"]
 
@@ -112,7 +112,7 @@ def test_source_resizes_and_the_oracle_follows(tmp_path):
     res = oracle.ground(img, item.objects, item.image_id)
     assert res.ok and res.mask.shape == (80, 120)
     assert np.isclose(res.mask.mean(), 6 * 20 / (40 * 60), rtol=0.15)  # the same fraction at twice the size
-    ds = perturbed_dataset.build_perturbed_dataset(src, oracle, tmp_path / "built", buildconfig.BuildConfig(levels=(0, 100)), progress=False)
+    ds = paper_rows.build_perturbed_dataset(src, oracle, tmp_path / "built", buildconfig.BuildConfig(levels=(0, 100)), progress=False)
     assert len(ds) == 2 * 9 and set(ds["grounding_status"]) == {"ok"} and ds[0]["image"].size == (120, 80)
 
 

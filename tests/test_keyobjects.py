@@ -7,7 +7,7 @@ import pytest
 
 from csp_utils.dataset.keyobjects import (Vocabulary, amber_vocabulary, coco_vocabulary, default_vocabulary,
                                           key_objects, pluralize, scan_objects)
-from csp_utils.world import scenes
+from csp_utils.world import scenes, language
 
 POPE_TEMPLATE = re.compile(r"^Is there an? (?P<obj>.+) in the image\?$")
 AMBER_RELATION = re.compile(r"^Is there direct contact between the (?P<a>\S+) and (?P<b>\S+)\?$")
@@ -81,7 +81,7 @@ def test_amber_coverage(amber):
 def test_world_questions_match_the_worlds_own_objects():
     n = 0
     for scene in scenes.make_scenes("eval", 20):
-        for item in scenes.world_questions(scene, 0, 12):
+        for item in language.world_questions(scene, 0, 12):
             assert key_objects(item.question) == list(item.objects), item.question
             n += 1
     assert n > 100

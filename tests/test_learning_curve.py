@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from csp_utils.dataset import buildconfig, grounded
-from csp_utils.world import scenes as world, benchmarks
+from csp_utils.dataset import buildconfig, grounded_rows
+from csp_utils.world import scenes as world, benchmarks, language
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_questions_are_deterministic_per_scene_and_come_from_the_clean_sets_generators():
     scenes = world.make_scenes("csp", 40)
-    a = [grounded.benchmark_questions(s, 4, 0) for s in scenes]
-    b = [grounded.benchmark_questions(s, 4, 0) for s in reversed(scenes)][::-1]
+    a = [grounded_rows.benchmark_questions(s, 4, 0) for s in scenes]
+    b = [grounded_rows.benchmark_questions(s, 4, 0) for s in reversed(scenes)][::-1]
     assert [[q.question for q in qs] for qs in a] == [[q.question for q in qs] for qs in b]
     kinds, labels = set(), set()
     for s, qs in zip(scenes, a):
@@ -27,10 +27,10 @@ def test_benchmark_questions_are_deterministic_per_scene_and_come_from_the_clean
         for kind in benchmarks.POPE_KINDS:
             if s.categories():
                 pope = benchmarks.build_world_pope([s], kind, n_pos=min(3, len(s.categories())),
-                                                   stats=grounded.reference_statistics())
+                                                   stats=grounded_rows.reference_statistics())
                 asked.update({q.question: q.label for q in pope.items})
         for kind in benchmarks.AMBER_KINDS:
-            amber = benchmarks.build_world_amber([s], kind, stats=grounded.reference_statistics())
+            amber = benchmarks.build_world_amber([s], kind, stats=grounded_rows.reference_statistics())
             asked.update({q.question: q.label for q in amber.items})
         for q in qs:
             assert asked[q.question] == q.label
@@ -39,7 +39,7 @@ def test_benchmark_questions_are_deterministic_per_scene_and_come_from_the_clean
             labels.add(q.label)
     assert kinds == {"existence", "attribute", "relation"} and labels == {"yes", "no"}
     # another question seed draws other questions
-    assert any([q.question for q in grounded.benchmark_questions(s, 4, 1)] != [q.question for q in qs]
+    assert any([q.question for q in grounded_rows.benchmark_questions(s, 4, 1)] != [q.question for q in qs]
                for s, qs in zip(scenes[:5], a))
 
 
@@ -48,8 +48,8 @@ def test_question_source_is_checked_and_the_benchmark_generators_are_the_default
     with pytest.raises(ValueError, match="questions must be one of"):
         buildconfig.GroundedOptions(questions="pope")
     s = world.make_scenes("csp", 1)[0]
-    assert [q.question for q in grounded.scene_questions(s, 4, 0)] == \
-        [q.question for q in world.world_questions(s, grounded._rng(0, s.scene_id), 4)]
+    assert [q.question for q in grounded_rows.scene_questions(s, 4, 0)] == \
+        [q.question for q in language.world_questions(s, grounded_rows._rng(0, s.scene_id), 4)]
 
 
 def _script():

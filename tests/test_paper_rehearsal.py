@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from csp_utils.dataset import coco, grounding
+from csp_utils.dataset import coco, grounders
 from csp_utils.pipeline import rehearsal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_the_dataset_was_grounded_by_groundingdino_then_sam(rehearsal_run, kit):
     # the noise sits where GroundingDINO -> SAM put the mask, at the model's input size
     spec = {"detector": str(kit / "models" / "grounding-dino"), "segmenter": str(kit / "models" / "sam"),
             "box_threshold": 0.0, "text_threshold": 0.0, "max_boxes": 2}
-    grounder = grounding.make_grounder(spec)
+    grounder = grounders.make_grounder(spec)
     sid = ds[0]["source_id"]
     rows = {r["confidence"]: r for r in ds.filter(lambda r: r["source_id"] == sid)}
     photo = coco.resize_shortest_edge(Image.open(kit / "coco" / "train2014" / rows[0]["image_id"]).convert("RGB"), 336)

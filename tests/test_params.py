@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from csp_utils.analysis import tables
-from csp_utils.dataset import buildconfig, coco, perturbation
+from csp_utils.dataset import buildconfig, coco, csp_noise
 from csp_utils.evaluate import evaluation, suites
 from csp_utils.pipeline import checks, planning, stages
 from csp_utils.train import methods, settings
@@ -52,7 +52,7 @@ def _overridden(notebook: str, own: dict, defaults: dict) -> dict:
     if notebook == "02_build_perturbed_dataset":
         config = dataclasses.asdict(buildconfig.BuildConfig())
         config["grounded"] = dataclasses.asdict(buildconfig.GroundedOptions())
-        config["noise"] = dataclasses.asdict(perturbation.NoiseConfig())
+        config["noise"] = dataclasses.asdict(csp_noise.NoiseConfig())
         over["build"] = methods.deep_merge(config, methods.build_fields(method))
         over["data"] = _defaults(coco.make_source)
     elif notebook in ("03_train_sft", "04_train_simpo"):

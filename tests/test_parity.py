@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from csp_utils.dataset import buildconfig, perturbed_dataset, sources
+from csp_utils.dataset import buildconfig, paper_rows, sources
 from csp_utils.evaluate import evaluation as ev, suites
 from csp_utils.train import regimes, settings, shaping, trainers
 from csp_utils.vlm import engine, models, prompts, scoring
@@ -44,7 +44,7 @@ def grounded_rows(embedded, tmp_path_factory):
     src = sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a 6-scene build may warn about too few held-out rows for T
-        ds = perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path_factory.mktemp("parity"), config=cfg, model=model,
+        ds = paper_rows.build_perturbed_dataset(src, out_dir=tmp_path_factory.mktemp("parity"), config=cfg, model=model,
                                         processor=processor, progress=False)
     assert {"none", "key", "distractor"} <= set(ds["noise_on"])
     return ds
@@ -173,7 +173,7 @@ def test_own_distribution_script_scores_unseen_scenes_and_refuses_seen_ones(embe
                                    "batch_size": 32})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds = perturbed_dataset.build_perturbed_dataset(sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0),
+        ds = paper_rows.build_perturbed_dataset(sources.world_source(scenes.make_scenes("csp", 6), 4, seed=0),
                                         out_dir=run / "grounded", config=cfg, model=model, processor=processor,
                                         progress=False)
     sft = settings.SFTConfigCSP(confidence_target="correct", layout="follow_up", loss="soft_ce", max_steps=2,

@@ -13,7 +13,7 @@ import pytest
 
 from csp_utils.core.paths import DATA
 from csp_utils.vlm import prompts
-from csp_utils.vlm.embedded import build, checkpoint, cli, config, data, losses, report, train
+from csp_utils.vlm.embedded import build, checkpoint, pretrain_cli, config, data, losses, heldout, train
 from csp_utils.vlm.embedded.config import PretrainConfig
 
 SHIPPED = DATA / "tiny_llava"
@@ -67,7 +67,7 @@ def test_rebuild_path_gives_a_loadable_complete_folder(tiny_run, tiny_cfg):
     assert processor.tokenizer.padding_side == "left"
     img = np.zeros((64, 64, 3), np.uint8)
     items = [_item("Is there a circle in the image?", "yes"), _item("Is there a star in this image?", "no")]
-    acc = report.yes_no_accuracy(model, processor, items, [img, img], batch_size=2)
+    acc = heldout.yes_no_accuracy(model, processor, items, [img, img], batch_size=2)
     assert 0.0 <= acc <= 1.0
     text = processor.apply_chat_template(prompts.answer_messages(items[0].question), add_generation_prompt=True,
                                          tokenize=False)
@@ -284,8 +284,8 @@ def test_yes_no_accuracy_batched_equals_one_by_one(tiny_vlm):
     imgs = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
     items = [_item("Is there a circle in the image?", "yes"), _item("Is the red square left of the star?", "no"),
              _item("Are there two hexagons in the image?", "yes")]
-    together = report.yes_no_probabilities(model, processor, items, imgs, batch_size=3)
-    alone = np.concatenate([report.yes_no_probabilities(model, processor, [it], [im]) for it, im in zip(items, imgs)])
+    together = heldout.yes_no_probabilities(model, processor, items, imgs, batch_size=3)
+    alone = np.concatenate([heldout.yes_no_probabilities(model, processor, [it], [im]) for it, im in zip(items, imgs)])
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
@@ -386,7 +386,7 @@ def test_error_breakdown_script_counts_every_question(tiny_run, tiny_cfg):
     model, processor = models.load_vlm(tiny_run)
     scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
     out = mod.error_breakdown(model, processor, scenes)
-    n = sum(len(v) for v in report.pope_sets(scenes).values())
+    n = sum(len(v) for v in heldout.pope_sets(scenes).values())
     assert sum(c for c, _ in out["answer"].values()) == n
     assert sum(c for c, _ in out["by_shape"].values()) == n
     assert sum(c for c, _ in out["yes_by_area"].values()) == out["answer"]["yes"][0]
@@ -440,10 +440,10 @@ def test_a_deeper_model_takes_a_shallower_ones_language_layers_at_the_bottom(tin
 
     from csp_utils.vlm import models
 
-    args, parsed = cli.parse_command(["--text-layers", "3"])
+    args, parsed = pretrain_cli.parse_command(["--text-layers", "3"])
     assert parsed.model.text_layers == 3 and parsed.model.text_hidden == PretrainConfig().model.text_hidden
     with pytest.raises(ValueError, match="at least one layer"):
-        cli.parse_command(["--text-layers", "0"])
+        pretrain_cli.parse_command(["--text-layers", "0"])
     depth = tiny_cfg.model.text_layers
     cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, text_layers=depth + 1),
                               init_from=str(tiny_run), init_parts=("vision_tower", "projector", "language_layers"),
@@ -483,12 +483,12 @@ def test_init_from_options_are_checked_before_training(tiny_cfg, tmp_path, over,
 
 
 def test_cli_set_overrides_config_fields_as_json():
-    assert cli.parse_sets(["lr=0.002", "existence_phase_steps=1500", "overconfident_levels=[70, 80]"]) == \
+    assert pretrain_cli.parse_sets(["lr=0.002", "existence_phase_steps=1500", "overconfident_levels=[70, 80]"]) == \
         {"lr": 0.002, "existence_phase_steps": 1500, "overconfident_levels": (70, 80)}
     with pytest.raises(ValueError, match="FIELD one of"):
-        cli.parse_sets(["learning_rate=0.1"])
+        pretrain_cli.parse_sets(["learning_rate=0.1"])
     with pytest.raises(ValueError, match="not JSON"):
-        cli.parse_sets(["lr=fast"])
+        pretrain_cli.parse_sets(["lr=fast"])
 
 
 # ----------------------------------------------------------------------------- shipped bases
@@ -504,7 +504,7 @@ def test_shipped_command_gives_the_recorded_config(folder):
     meta = json.loads((folder / "csp_meta.json").read_text())
     words = shlex.split(meta["command"])
     assert words[:3] == ["python", "-m", "csp_utils.pretrain"]
-    args, cfg = cli.parse_command(words[3:])
+    args, cfg = pretrain_cli.parse_command(words[3:])
     assert cfg.fingerprint() == meta["config_fingerprint"]
     assert cfg.seed == meta["seed"]
 
@@ -590,9 +590,9 @@ def test_gate_accuracy_is_the_mean_of_the_pope_set_accuracies(tiny_run, tiny_cfg
 
     model, processor = models.load_vlm(tiny_run)
     scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
-    sets, images = report.pope_sets(scenes), report.images_by_id(scenes)
-    per_set = [report.yes_no_accuracy(model, processor, items, images) for items in sets.values()]
-    assert report.gate_accuracy(model, processor, sets, images) == pytest.approx(np.mean(per_set), abs=1e-4)
+    sets, images = heldout.pope_sets(scenes), heldout.images_by_id(scenes)
+    per_set = [heldout.yes_no_accuracy(model, processor, items, images) for items in sets.values()]
+    assert heldout.gate_accuracy(model, processor, sets, images) == pytest.approx(np.mean(per_set), abs=1e-4)
 
 
 def test_verbalized_confidence_row_uses_the_model_answers_and_metrics_ece(tiny_vlm, tiny_cfg):
@@ -601,13 +601,13 @@ def test_verbalized_confidence_row_uses_the_model_answers_and_metrics_ece(tiny_v
 
     model, processor = tiny_vlm
     scenes = benchmarks.pope_scenes(4, config.world_config(tiny_cfg), split="eval")
-    items, images = report.pope_sets(scenes)["random"][:3], report.images_by_id(scenes)
-    row = report.verbalized_confidence(model, processor, items, images)
-    answers = ["Yes" if p >= 0.5 else "No" for p in report.yes_no_probabilities(model, processor, items, images)]
+    items, images = heldout.pope_sets(scenes)["random"][:3], heldout.images_by_id(scenes)
+    row = heldout.verbalized_confidence(model, processor, items, images)
+    answers = ["Yes" if p >= 0.5 else "No" for p in heldout.yes_no_probabilities(model, processor, items, images)]
     correct = np.array([a.lower() == it.label for a, it in zip(answers, items)])
     assert row["accuracy"] == round(float(correct.mean()), 4)
     for framing in prompts.FRAMINGS:
-        e = report.confidence_expectations(model, processor, items, images, answers, framing)
+        e = heldout.confidence_expectations(model, processor, items, images, answers, framing)
         assert 0.0 <= e.min() and e.max() <= 100.0
         assert row[f"mean_confidence_{framing}"] == round(float(e.mean()), 2)
         assert row[f"ece_{framing}"] == round(metrics.ece(e / 100.0, correct), 4)

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from csp_utils.world import scenes as W
+from csp_utils.world import scenes as W, catalog, scene_io, language, degradations, patch_labels, rendering
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +31,12 @@ def _same(a: W.Scene, b: W.Scene) -> bool:
 
 
 def test_vocabulary():
-    assert len(W.CATEGORIES) >= 12 and len(set(W.CATEGORIES)) == len(W.CATEGORIES)
-    assert 6 <= len(W.COLORS) <= 8 and W.SIZES == ("small", "large")
-    assert set(W.RELATIONS) == {"left of", "right of", "above", "below", "touching"}
-    members = [c for t in W.THEMES.values() for c in t]
-    assert sorted(members) == sorted(W.CATEGORIES)  # every category in exactly one theme
-    rgb = np.array(list(W.COLORS.values()), float)
+    assert len(catalog.CATEGORIES) >= 12 and len(set(catalog.CATEGORIES)) == len(catalog.CATEGORIES)
+    assert 6 <= len(catalog.COLORS) <= 8 and catalog.SIZES == ("small", "large")
+    assert set(catalog.RELATIONS) == {"left of", "right of", "above", "below", "touching"}
+    members = [c for t in catalog.THEMES.values() for c in t]
+    assert sorted(members) == sorted(catalog.CATEGORIES)  # every category in exactly one theme
+    rgb = np.array(list(catalog.COLORS.values()), float)
     dist = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)
     assert dist[~np.eye(len(rgb), dtype=bool)].min() > 60  # well separated colours
 
@@ -49,7 +49,7 @@ def test_scene_ground_truth(eval_scenes):
         assert cfg.min_objects <= len(s.objects) <= cfg.max_objects
         cover = np.zeros((64, 64), int)
         for o in s.objects:
-            assert o.category in W.CATEGORIES and o.color in W.COLORS and o.size in W.SIZES
+            assert o.category in catalog.CATEGORIES and o.color in catalog.COLORS and o.size in catalog.SIZES
             assert o.mask.shape == (64, 64) and o.mask.dtype == bool and o.mask.any()
             ys, xs = np.nonzero(o.mask)
             assert o.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
@@ -59,7 +59,7 @@ def test_scene_ground_truth(eval_scenes):
             inner[1:-1, 1:-1] &= o.mask[:-2, 1:-1] & o.mask[2:, 1:-1] & o.mask[1:-1, :-2] & o.mask[1:-1, 2:]
             if inner[1:-1, 1:-1].any():
                 med = np.median(s.image[1:-1, 1:-1][inner[1:-1, 1:-1]].astype(float), axis=0)
-                assert np.abs(med - W.COLORS[o.color]).max() <= 12, (s.scene_id, o.name, med)
+                assert np.abs(med - catalog.COLORS[o.color]).max() <= 12, (s.scene_id, o.name, med)
             cover += o.mask
         assert cover.max() <= 1  # visible masks never overlap
         assert s.categories() == {o.category for o in s.objects}
@@ -97,13 +97,13 @@ def test_splits_disjoint(eval_scenes):
 def test_frequency_skew_and_cooccurrence(eval_scenes):
     st = W.world_statistics(eval_scenes)
     freq = st["image_frequency"]
-    top, bottom = W.CATEGORIES[:4], W.CATEGORIES[-4:]
+    top, bottom = catalog.CATEGORIES[:4], catalog.CATEGORIES[-4:]
     assert sum(freq[c] for c in top) > 2 * sum(freq[c] for c in bottom)
     # categories of a theme co-occur more often than categories of different themes
-    theme = {c: t for t, cs in W.THEMES.items() for c in cs}
+    theme = {c: t for t, cs in catalog.THEMES.items() for c in cs}
     same, other = [], []
-    for a in W.CATEGORIES:
-        for b in W.CATEGORIES:
+    for a in catalog.CATEGORIES:
+        for b in catalog.CATEGORIES:
             if a < b:
                 rate = st["cooccurrence"][a][b] / max(1, min(freq[a], freq[b]))
                 (same if theme[a] == theme[b] else other).append(rate)
@@ -134,33 +134,33 @@ def test_relations_from_boxes():
 
 
 def test_save_load_roundtrip(tmp_path, eval_scenes):
-    originals = eval_scenes[:12] + [W.degrade(eval_scenes[0], "occlusion", 0.7),
-                                    W.degrade(eval_scenes[1], "clutter", 0.5)]
-    path = W.save_scenes(originals, tmp_path / "world")
+    originals = eval_scenes[:12] + [degradations.degrade(eval_scenes[0], "occlusion", 0.7),
+                                    degradations.degrade(eval_scenes[1], "clutter", 0.5)]
+    path = scene_io.save_scenes(originals, tmp_path / "world")
     assert path.name == "annotations.json" and len(list((tmp_path / "world" / "images").glob("*.png"))) == 14
-    loaded = W.load_scenes(tmp_path / "world")
+    loaded = scene_io.load_scenes(tmp_path / "world")
     assert len(loaded) == len(originals) and all(_same(a, b) for a, b in zip(originals, loaded))
     with pytest.raises(FileNotFoundError, match="annotations.json"):
-        W.load_scenes(tmp_path)
+        scene_io.load_scenes(tmp_path)
 
 
 def _diff(a, b):
     return float(np.abs(a.image.astype(float) - b.image.astype(float)).mean())
 
 
-@pytest.mark.parametrize("kind", W.DEGRADATIONS)
+@pytest.mark.parametrize("kind", catalog.DEGRADATIONS)
 def test_degrade_severity(kind, eval_scenes):
     pool = [s for s in eval_scenes[:60] if len(s.objects) >= 2][:6]
     for s in pool:
-        zero = W.degrade(s, kind, 0.0)
+        zero = degradations.degrade(s, kind, 0.0)
         assert np.array_equal(zero.image, s.image) and zero.variant == kind and zero.severity == 0.0
         assert all(np.array_equal(o.mask, p.mask) for o, p in zip(zero.objects, s.objects))
-        levels = [W.degrade(s, kind, v) for v in (0.25, 0.5, 0.75, 1.0)]
+        levels = [degradations.degrade(s, kind, v) for v in (0.25, 0.5, 0.75, 1.0)]
         d = [_diff(s, v) for v in levels]
         assert d[0] > 0 and d[-1] > d[0]
         assert all(b >= a * 0.9 for a, b in zip(d, d[1:])), (kind, d)  # monotone, give or take
         assert levels[1].scene_id == f"{s.scene_id}~{kind}-0.50"
-        assert np.array_equal(W.degrade(s, kind, 0.5).image, levels[1].image)  # deterministic
+        assert np.array_equal(degradations.degrade(s, kind, 0.5).image, levels[1].image)  # deterministic
         for v in levels:
             assert [o.category for o in v.objects] == [o.category for o in s.objects]
             for o in v.objects:
@@ -179,11 +179,11 @@ def test_degrade_severity(kind, eval_scenes):
 def test_degrade_errors(eval_scenes):
     s = eval_scenes[0]
     with pytest.raises(ValueError, match="kind"):
-        W.degrade(s, "noise", 0.5)
+        degradations.degrade(s, "noise", 0.5)
     with pytest.raises(ValueError, match="severity"):
-        W.degrade(s, "blur", 1.5)
+        degradations.degrade(s, "blur", 1.5)
     with pytest.raises(ValueError, match="clean"):
-        W.degrade(W.degrade(s, "blur", 0.5), "small", 0.5)
+        degradations.degrade(degradations.degrade(s, "blur", 0.5), "small", 0.5)
 
 
 def _check_question(scene, item):
@@ -194,13 +194,13 @@ def _check_question(scene, item):
         phrase = m.group(1)
         truth = phrase in (names if " " in phrase else cats)
     elif m := re.match(r"^Are there (\w+) (\w+) in the image\?$", q):
-        n = {v: k for k, v in W.NUMBER_WORDS.items()}[m.group(1)]
+        n = {v: k for k, v in catalog.NUMBER_WORDS.items()}[m.group(1)]
         truth = scene.count(item.objects[0]) == n
     elif m := re.match(r"^Is the (\w+) (\w+)\?$", q):
         o = next(o for o in scene.objects if o.category == m.group(1))
         truth = m.group(2) in (o.color, o.size)
     elif m := re.match(r"^Is the (.+) (left of|right of|above|below|touching) the (.+)\?$", q):
-        find = lambda p: next(i for i, o in enumerate(scene.objects) if p in (o.name, o.category) and W.object_phrase(scene, i) == p)
+        find = lambda p: next(i for i, o in enumerate(scene.objects) if p in (o.name, o.category) and language.object_phrase(scene, i) == p)
         truth = W.relation_truth(scene, find(m.group(1)), m.group(2), find(m.group(3)))
     else:
         raise AssertionError(f"unexpected question {q!r}")
@@ -211,7 +211,7 @@ def test_world_questions(eval_scenes):
     rng = np.random.default_rng(0)
     items = []
     for s in eval_scenes[:150]:
-        qs = W.world_questions(s, rng, 8)
+        qs = language.world_questions(s, rng, 8)
         assert len(qs) == 8 and len({q.question for q in qs}) == 8
         for q in qs:
             assert q.image_id == s.scene_id and q.set == "world-train" and q.objects
@@ -223,35 +223,35 @@ def test_world_questions(eval_scenes):
     assert kinds == {"existence", "attribute", "relation"}
     assert {q.subtype for q in items if q.kind == "attribute"} == {"color", "size", "count"}
     assert any(" in this image?" in q.question for q in items) and any(" in the image?" in q.question for q in items)
-    again = W.world_questions(eval_scenes[0], np.random.default_rng(3), 8)
-    assert [q.question for q in again] == [q.question for q in W.world_questions(eval_scenes[0], 3, 8)]
+    again = language.world_questions(eval_scenes[0], np.random.default_rng(3), 8)
+    assert [q.question for q in again] == [q.question for q in language.world_questions(eval_scenes[0], 3, 8)]
 
 
 def test_caption(eval_scenes):
     for s in eval_scenes[:40]:
-        parts = W.caption(s).split(", ")
+        parts = language.caption(s).split(", ")
         assert len(parts) == len(s.objects)
         centres = sorted((o.box[0] + o.box[2], o.box[1] + o.box[3], o.category, o.color) for o in s.objects)
         for part, (_, _, cat, col) in zip(parts, centres):
             assert part.endswith(f"{col} {cat}") and part.split()[0] in ("a", "an")
     s = _two_object_scene((20, 2, 28, 10), (2, 2, 10, 10))
     s.objects[1].size, s.objects[1].color = "small", "orange"
-    assert W.caption(s) == "a small orange square, a red circle"
+    assert language.caption(s) == "a small orange square, a red circle"
 
 
 def test_scene_labels(eval_scenes):
     for s in eval_scenes[:20]:
-        cat, col = W.scene_labels(s, 8)
+        cat, col = patch_labels.scene_labels(s, 8)
         assert cat.shape == col.shape == (8, 8) and cat.dtype == np.int64
         assert ((cat == -1) == (col == -1)).all()
-        present = {W.CATEGORIES.index(c) for c in s.categories()}
+        present = {catalog.CATEGORIES.index(c) for c in s.categories()}
         assert set(cat[cat >= 0].tolist()) <= present
         for o in s.objects:  # a patch entirely inside the object takes its labels
             full = o.mask.reshape(8, 8, 8, 8).all(axis=(1, 3))
-            assert (cat[full] == W.CATEGORIES.index(o.category)).all()
-            assert (col[full] == W.COLOR_NAMES.index(o.color)).all()
+            assert (cat[full] == catalog.CATEGORIES.index(o.category)).all()
+            assert (col[full] == catalog.COLOR_NAMES.index(o.color)).all()
     with pytest.raises(ValueError, match="patch"):
-        W.scene_labels(eval_scenes[0], 7)
+        patch_labels.scene_labels(eval_scenes[0], 7)
 
 
 def test_rendering_draws_each_shape_once_and_tests_pixels_in_bulk():
@@ -260,15 +260,15 @@ def test_rendering_draws_each_shape_once_and_tests_pixels_in_bulk():
     covers the whole grid at once, agreeing with a point-by-point test."""
     from matplotlib.path import Path as PolygonPath
 
-    W._template.cache_clear()
+    rendering._template.cache_clear()
     made = W.make_scenes("base", 200, start=100_000)
     layouts = [o for s in made for o in s.meta["layout"]]
     drawn = {(o["category"], o["side"]) for o in layouts}
-    assert W._template.cache_info().misses == len(drawn) < len(layouts) / 3
+    assert rendering._template.cache_info().misses == len(drawn) < len(layouts) / 3
     W.make_scenes("base", 200, start=100_000)
-    assert W._template.cache_info().misses == len(drawn)  # drawn again: every shape from the cache
+    assert rendering._template.cache_info().misses == len(drawn)  # drawn again: every shape from the cache
     u, v = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64))
     points = np.column_stack([u.ravel(), v.ravel()])
-    for corners in (W._star_points(), [(0, -0.92), (0.95, 0.82), (-0.95, 0.82)]):
+    for corners in (rendering._star_points(), [(0, -0.92), (0.95, 0.82), (-0.95, 0.82)]):
         one_by_one = PolygonPath(corners).contains_points(points).reshape(u.shape)
-        assert np.array_equal(W._polygon(u, v, corners), one_by_one)
+        assert np.array_equal(rendering._polygon(u, v, corners), one_by_one)

@@ -713,11 +713,11 @@ def test_config_dicts_are_checked_against_their_dataclasses(changes, message):
 def test_one_helper_records_package_versions_everywhere():
     from csp_utils.core import versions
     from csp_utils.train import regimes
-    from csp_utils.vlm.embedded import report
+    from csp_utils.vlm.embedded import heldout
 
     got = versions.package_versions(("torch", "no-such-package-xyz"))
     assert got["torch"] == metadata.version("torch") and got["no-such-package-xyz"] is None and "python" in got
-    assert driver.package_versions is regimes.package_versions is report.package_versions is versions.package_versions
+    assert driver.package_versions is regimes.package_versions is heldout.package_versions is versions.package_versions
 
 
 # ---------------------------------------------------------------- the driver's kernels end with it

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from csp_utils.analysis import tables
+from csp_utils.analysis import ablations, tables
 from csp_utils.core import baselines, metrics
 from csp_utils.evaluate import matrix, suites
 from csp_utils.world import benchmarks, scenes
@@ -529,10 +529,78 @@ def test_paired_against_pairs_seed_with_seed():
 
 def test_variant_seeds_and_labels():
 
-    seeded = tables.variant_seeds({"full": ["sft@g0", "sft@g1"], "base": "base"})
+    seeded = ablations.variant_seeds({"full": ["sft@g0", "sft@g1"], "base": "base"})
     assert seeded == {"full": ["sft@g0", "sft@g1"], "base": ["base"]}
-    assert tables.variant_labels(seeded) == {"sft@g0": "full@s0", "sft@g1": "full@s1", "base": "base"}
+    assert ablations.variant_labels(seeded) == {"sft@g0": "full@s0", "sft@g1": "full@s1", "base": "base"}
     with pytest.raises(ValueError, match="holds '@'"):
-        tables.variant_seeds({"a@b": "x"})
+        ablations.variant_seeds({"a@b": "x"})
     with pytest.raises(ValueError, match="two variants"):
-        tables.variant_labels({"a": ["x"], "b": ["x", "y"]})
+        ablations.variant_labels({"a": ["x"], "b": ["x", "y"]})
+
+
+def _ablation_rows():
+    """Two seeds of a full method, a one-seed variant, the full method's first-person rows, and
+    rows the ablation never reads (a fit set, another read-out)."""
+    rows = []
+    for model, conf, seed in (("sft@g0", 0.7, 1), ("sft@g1", 0.75, 2), ("other", 0.99, 1)):
+        rows += _rows(model, "pope-random", 120, 0.7, conf, seed=seed)
+    rows += [{**r, "framing": "first", "confidence": 0.8} for r in _rows("sft@g0", "pope-random", 120, 0.7, 0.7, seed=1)]
+    rows += _rows("other", "calibration", 20, 0.7, 0.5)
+    rows += [{**r, "readout": "generation"} for r in _rows("other", "pope-random", 20, 0.7, 0.5)]
+    return rows
+
+
+def test_ablation_rows_go_under_their_labels_and_give_the_long_and_paired_tables():
+    seeded = ablations.variant_seeds({"full": ["sft@g0", "sft@g1"], "less": "other"})
+    label_of = ablations.variant_labels(seeded)
+    rows = _ablation_rows()
+    picked = ablations.variant_rows(rows, label_of, {"pope-random"}, "third", "single_pass", reference="sft@g0")
+    assert {r["model"] for r in picked} == {"full@s0", "full@s1", "less", "full (first person)"}
+    assert {r["set"] for r in picked} == {"pope-random"} and {r["readout"] for r in picked} == {"single_pass"}
+    assert len(picked) == 4 * 120
+    without = ablations.variant_rows(rows, label_of, {"pope-random"}, "third", "single_pass")
+    assert {r["model"] for r in without} == {"full@s0", "full@s1", "less"}
+
+    boot = {"n_boot": 50, "pools": None}
+    long = ablations.ablation_table(picked, n_boot=50)
+    assert list(long.columns) == ["name", "set", "metric", "cluster", "value", "low", "high", "seeds", "per_seed"]
+    assert set(long["name"]) == {"full", "less", "full (first person)"}
+    assert len(long) == len(set(long["name"])) * long["set"].nunique() * len(ablations.ABLATION_METRICS)
+    full = long[(long["name"] == "full") & (long["set"] == "pope-random")].set_index("metric")
+    head = tables.headline_table(picked, n_boot=50)
+    row = head[(head["model"] == "full") & (head["set"] == "pope-random")].iloc[0]
+    assert full.loc["brier", "value"] == row["brier"] and full.loc["brier", "seeds"] == 2
+    assert set(ablations.ablation_view(long).index) == set(long["name"])
+
+    paired = ablations.ablation_paired(picked, {"full": ["less"]}, seeded, "third", "single_pass", **boot)
+    assert set(paired["reference"]) == {"full"} and set(paired["method"]) == {"less"}
+    brier = paired[paired["metric"] == "brier"].iloc[0]
+    assert brier["verdict"] == "worse"            # 0.99 on 70% right answers
+    shown = ablations.paired_view(paired, pool="pope-random")
+    assert list(shown.columns) == list(ablations.PAIRED_SHOWN) and set(shown["metric"]) == {"brier", "auroc_within", "ece"}
+    assert ablations.ablation_paired(picked, {}, seeded, "third", "single_pass").empty
+    assert ablations.paired_view(pd.DataFrame()).empty
+    with pytest.raises(ValueError, match="not variant labels"):
+        ablations.ablation_paired(picked, {"full": ["nope"]}, seeded, "third", "single_pass")
+
+
+def test_evaluation_tables_leave_out_the_fit_sets_and_pair_no_recalibration():
+    rows = (_rows("base", "pope-random", 150, 0.7, 0.9, seed=1) + _rows("m@s0", "pope-random", 150, 0.7, 0.7, seed=1)
+            + _rows("m+isotonic", "pope-random", 150, 0.7, 0.72, seed=1)
+            + _rows("m@s0", "calibration", 40, 0.7, 0.7, seed=2))
+    for r in rows:
+        r["image_id"] = f"img{r['question_id']}"
+    headline, paired = tables.evaluation_tables(rows, n_boot=40)
+    assert "calibration" not in set(headline["set"]) and "m+isotonic" in set(headline["model"])
+    assert "m+isotonic" not in set(paired["method"]) and set(paired["method"]) == {"m"}
+    reported = [r for r in rows if r["set"] not in suites.FIT_SETS]
+    pd.testing.assert_frame_equal(headline, tables.headline_table(reported, n_boot=40))
+
+    pooled = tables.pooled_headline(headline)
+    assert list(pooled.columns) == list(tables.HEADLINE_SHOWN) and len(pooled)
+    assert pooled["set"].str.startswith("pooled").all()
+    verdicts = tables.pooled_verdicts(paired)
+    assert verdicts.index.names == ["set", "method", "reference"]
+    assert set(verdicts.columns.get_level_values(0)) == {"diff", "verdict"}
+    assert set(verdicts.columns.get_level_values(1)) == {"ece", "brier", "auroc_within"}
+    assert tables.pooled_verdicts(pd.DataFrame()).empty

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from csp_utils.analysis import plots
-from csp_utils.dataset import grounded
+from csp_utils.dataset import grounded_rows
 from csp_utils.train import callbacks, regimes, settings, shaping, trainers
 from csp_utils.vlm import models, prompts
 from csp_utils.vlm.embedded import build
@@ -152,7 +152,7 @@ def test_measured_targets_are_cell_accuracies(tiny_vlm):
     ds = make_dataset()
     measured = shaping.measured_accuracy_targets(model, processor, ds, batch_size=7)
     # Batching with padding must not change any answer.
-    one_by_one = grounded.model_answers(model, processor, ds["question"], [r["image"] for r in ds], batch_size=1).own
+    one_by_one = grounded_rows.model_answers(model, processor, ds["question"], [r["image"] for r in ds], batch_size=1).own
     assert set(one_by_one) <= {"Yes", "No"}
     assert measured.own_answers == one_by_one
     for i, row in enumerate(ds):
@@ -580,7 +580,7 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
     from csp_utils.vlm import engine
 
     from csp_utils.vlm import scoring
-    from csp_utils.dataset import grounding, buildconfig, perturbed_dataset, sources
+    from csp_utils.dataset import grounders, buildconfig, paper_rows, sources
     from csp_utils.world import scenes
 
     if not (models.default_model_dir() / "model.safetensors").exists():
@@ -588,9 +588,9 @@ def test_sft_on_the_embedded_model_tracks_the_level_on_heldout_images(tmp_path):
 
     def build(split, n, folder):
         world = scenes.make_scenes(split, n)
-        return perturbed_dataset.build_perturbed_dataset(
+        return paper_rows.build_perturbed_dataset(
             sources.world_source(world, questions_per_scene=2),
-            grounding.AnnotationGrounder.from_scenes(world), folder,
+            grounders.AnnotationGrounder.from_scenes(world), folder,
             buildconfig.BuildConfig(shard_size=10_000), progress=False)
 
     build("csp", 200, tmp_path / "run" / "dataset")

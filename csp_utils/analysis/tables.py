@@ -1,7 +1,8 @@
 """The numbers the study reports, from evaluation rows: summaries per set, bootstrap tables
 that resample seeds then images, within-set AUROC beside the pooled one and the per-set
-constant's, paired differences (seeds paired by position), level and noise tables, ablation
-variants with seeds.
+constant's, paired differences (seeds paired by position), level and noise tables, and the
+evaluation's tables as notebook 05 writes and shows them (``analysis/ablations.py`` holds the
+ablations').
 
 Intervals are bootstrap intervals over images by default (``cluster="image"``): all the
 questions about one image move together, since they share its evidence.
@@ -17,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 from csp_utils.core import metrics
-from csp_utils.evaluate.matrix import model_names
-from csp_utils.evaluate.suites import GROUNDED_SET, POOLS, level_of, scene_of
+from csp_utils.evaluate.suites import FIT_SETS, GROUNDED_SET, POOLS, level_of, scene_of
 from csp_utils.world.schema import noise_on_of
 
 
@@ -344,6 +344,48 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
     return pd.DataFrame(out)
 
 
+def evaluation_tables(rows: list[dict], framing: str = "third", readout: str = "single_pass",
+                      fit_sets=FIT_SETS, **boot) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The evaluation's headline and paired tables from all its rows (models, baselines,
+    recalibrations, sources); ``boot``: the keywords of :func:`headline_table` and :func:`paired_table`.
+
+    The sets recalibrations and sources are fitted on (``fit_sets``) are left out of both. The
+    paired table gives verdicts for each model and plain baseline at (``framing``, ``readout``);
+    a model's recalibrations (``model+isotonic``, ...) have their intervals in the headline only.
+    """
+    reported = [r for r in rows if r["set"] not in fit_sets]
+    headline = headline_table(reported, **boot)
+    paired = paired_table([r for r in reported if "+" not in model_group(r["model"])],
+                          framing=framing, readout=readout, **boot)
+    return headline, paired
+
+
+# the headline table's columns notebook 05 shows
+HEADLINE_SHOWN = ("model", "set", "seeds", "n_images", "accuracy", "ece", "brier", "brier_low", "brier_high",
+                  "auroc_within", "auroc_within_low", "auroc_within_high", "auroc", "auroc_set_constant",
+                  "image_share", "nll", "aurc", "aurc_low", "aurc_high", "eaurc", "sel_acc80", "sel_acc80_low",
+                  "sel_acc80_high", "prr")
+
+
+def pooled_headline(headline: pd.DataFrame, framing: str = "third", readout: str = "single_pass",
+                    columns=HEADLINE_SHOWN) -> pd.DataFrame:
+    """The pools' rows of the headline table at (``framing``, ``readout``), with the baselines'
+    (framed ``"-"``), in ``columns``, rounded."""
+    keep = (headline.framing.isin([framing, "-"]) & headline.readout.isin([readout, "-"])
+            & headline.set.str.startswith("pooled"))
+    return headline[keep][list(columns)].round(3)
+
+
+def pooled_verdicts(paired: pd.DataFrame, metrics=("ece", "brier", "auroc_within")) -> pd.DataFrame:
+    """The paired table's differences and verdicts on the pools for ``metrics``: one row per
+    (set, method, reference), a (diff | verdict, metric) column each, rounded. Empty when it is."""
+    if not len(paired):
+        return paired
+    shown = paired[paired.set.str.startswith("pooled") & paired.metric.isin(list(metrics))]
+    return shown.pivot_table(index=["set", "method", "reference"], columns="metric", values=["diff", "verdict"],
+                             aggfunc="first").round(3)
+
+
 def strongest_baseline(headline: pd.DataFrame, pool: str = "pooled-clean", metric: str = "brier") -> str:
     """The baseline with the lowest ``metric`` on ``pool`` (fixed before any method is compared);
     without that pool, the lowest mean over the sets present."""
@@ -430,33 +472,6 @@ def level_spearman(df: pd.DataFrame) -> pd.DataFrame:
         rho, p = metrics.spearman(g["level"], g["confidence"]) if len(g) >= 3 else (math.nan, math.nan)
         out.append({"model": model, "framing": framing, "readout": readout, "spearman_level": rho, "p": p, "n": len(g)})
     return pd.DataFrame(out)
-
-
-def variant_seeds(variants: dict) -> dict[str, list[str]]:
-    """Ablation variants ``{label: model name or [model name per seed]}`` -> ``{label: [names]}``;
-    labels must not hold ``@`` (it marks the seed of a reported name)."""
-    out = {}
-    for label, names in variants.items():
-        if "@" in str(label):
-            raise ValueError(f"variant label {label!r} holds '@', which marks seeds; rename it")
-        names = [names] if isinstance(names, str) else list(names)
-        if not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"variant {label!r}: expected a model name or a list of them, got {names!r}")
-        out[str(label)] = names
-    return out
-
-
-def variant_labels(seeded: dict[str, list[str]]) -> dict[str, str]:
-    """Model name (as its rows carry it: ``LABEL`` of a ``LABEL=ADAPTER`` entry) -> the name its
-    rows are reported under: the variant label for a one-seed variant, ``label@s<k>`` for the
-    k-th seed of a variant with several (seeds pair by position)."""
-    out = {}
-    for label, entries in seeded.items():
-        for k, name in enumerate(model_names(entries)):
-            if name in out:
-                raise ValueError(f"model {name!r} is listed under two variants ({out[name]!r} and {label!r})")
-            out[name] = label if len(entries) == 1 else f"{label}@s{k}"
-    return out
 
 
 def paired_against(rows: list[dict], reference: str, framing: str = "third", readout: str = "single_pass",

@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from csp_utils.dataset.perturbation import NoiseConfig, validate_levels
+from csp_utils.dataset.csp_noise import NoiseConfig, validate_levels
 from csp_utils.vlm.prompts import FRAMINGS
 
 FAILURE_POLICIES = ("skip", "global", "clean")
@@ -31,7 +31,7 @@ class GroundedOptions:
     batch_size: int = 128             # questions per model batch
     max_new_tokens: int = 4           # the greedy answer reply
     bright_tolerance: float = 0.03    # bright-scene share: clean may fall at most this far below noised
-    questions: str = "benchmark"      # "world" (scenes.world_questions) | "benchmark" (the clean sets' generators)
+    questions: str = "benchmark"      # "world" (language.world_questions) | "benchmark" (the clean sets' generators)
 
     def __post_init__(self):
         for name in ("clean_share", "key_share", "global_share"):

@@ -12,7 +12,7 @@ annotated in it ("Yes") and ``n_absent`` that are not ("No"), as POPE does on va
 Images with fewer than ``n_present`` annotated categories are left out (POPE keeps images
 with at least three objects) and counted in ``source.report``. The key object of each
 question is its category; the oracle masks come from ``annotation_grounder`` (the same
-annotations), the detector path from ``grounding.DinoSamGrounder``.
+annotations), the detector path from ``grounders.DinoSamGrounder``.
 
 POPE evaluates on val2014 images, so training on any of them would leak the test set: the
 source refuses an instances file that holds an image of the evaluation list
@@ -37,7 +37,7 @@ from PIL import Image
 
 from csp_utils.core.paths import DATA
 from csp_utils.dataset import sources
-from csp_utils.dataset.grounding import AnnotationGrounder, GroundingResult, _finish
+from csp_utils.dataset.grounders import AnnotationGrounder, GroundingResult, _finish
 from csp_utils.dataset.sources import Source, SourceItem
 from csp_utils.world import scenes
 from csp_utils.world.benchmarks import POPE_KINDS, read_json_rows

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from csp_utils.core.paths import DATA
-from csp_utils.world import scenes
+from csp_utils.world import catalog
 
 VOCAB_DIR = DATA / "vocab"
 
@@ -246,7 +246,7 @@ def amber_vocabulary() -> Vocabulary:
 @functools.lru_cache(maxsize=None)
 def world_vocabulary() -> Vocabulary:
     """The object world's categories, with its colours and sizes as modifiers."""
-    return Vocabulary(list(scenes.CATEGORIES), name="world", modifiers=list(scenes.COLORS) + list(scenes.SIZES))
+    return Vocabulary(list(catalog.CATEGORIES), name="world", modifiers=list(catalog.COLORS) + list(catalog.SIZES))
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 
 from csp_utils.core.images import to_rgb
-from csp_utils.dataset import perturbation
-from csp_utils.world import scenes as world
+from csp_utils.dataset import csp_noise
+from csp_utils.world import language
 
 
 @dataclass
@@ -71,15 +71,15 @@ class Source:
 def world_source(scenes, questions_per_scene: int = 4, seed: int = 0) -> Source:
     """Object-world scenes with their generated yes/no questions; answers are "Yes" / "No".
 
-    Questions come from ``scenes.world_questions`` with a generator seeded per scene
+    Questions come from ``language.world_questions`` with a generator seeded per scene
     (seed, scene_id), so a scene's questions do not depend on the other scenes in the list.
     """
     scenes = list(scenes)
 
     def items():
         for scene in scenes:
-            rng = np.random.default_rng(perturbation.sample_seed(seed, scene.scene_id))
-            for qa in world.world_questions(scene, rng, questions_per_scene):
+            rng = np.random.default_rng(csp_noise.sample_seed(seed, scene.scene_id))
+            for qa in language.world_questions(scene, rng, questions_per_scene):
                 answer = "Yes" if str(qa.label).lower() == "yes" else "No"
                 yield SourceItem(
                     sample_id=qa.question_id, image=scene.to_pil, question=qa.question, answer=answer,

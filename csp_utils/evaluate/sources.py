@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from csp_utils.core import baselines, metrics
-from csp_utils.dataset import grounded, grounding, perturbation
+from csp_utils.dataset import grounded_rows, grounders, csp_noise
 from csp_utils.evaluate.suites import scene_of
 from csp_utils.world import scenes as world
 
@@ -82,7 +82,7 @@ def asked_region(image_id: str, phrases, shape: tuple[int, int], vocabulary=None
         mask[h // 4: h - h // 4, w // 4: w - w // 4] = True
         return mask
     scene = _scene(split, int(index), shape[0])
-    mask = grounded.asked_mask(scene, phrases, vocabulary or _vocabulary())
+    mask = grounded_rows.asked_mask(scene, phrases, vocabulary or _vocabulary())
     if not mask.any() and scene.objects:
         words = {w for p in phrases for w in str(p).lower().split()}
         near = [o for o in scene.objects if o.color in words] or scene.objects
@@ -100,7 +100,7 @@ def _scene(split: str, index: int, size: int) -> world.Scene:
 @functools.lru_cache(maxsize=1)
 def _vocabulary():
     # the world's whole vocabulary whatever the scene: an absent category is still read
-    return grounding.AnnotationGrounder.from_scenes([_scene("eval", 0, 64)]).vocabulary
+    return grounders.AnnotationGrounder.from_scenes([_scene("eval", 0, 64)]).vocabulary
 
 
 def noised(images, items, level: int = CONTRAST_LEVEL, seed: int = 0, where: str = "object") -> list:
@@ -108,13 +108,13 @@ def noised(images, items, level: int = CONTRAST_LEVEL, seed: int = 0, where: str
     whole image (``"image"``); the noise of a question is seeded by its id."""
     from PIL import Image
 
-    cfg = perturbation.NoiseConfig(noise="local" if where == "object" else "global", seed=seed)
+    cfg = csp_noise.NoiseConfig(noise="local" if where == "object" else "global", seed=seed)
     out = []
     for img, it in zip(images, items):
         arr = np.asarray(img.convert("RGB"))
         mask = (asked_region(it.image_id, it.objects, arr.shape[:2]) if where == "object"
                 else np.ones(arr.shape[:2], dtype=bool))
-        out.append(Image.fromarray(perturbation.perturb_levels_array(arr, mask, (level,), cfg, key=it.question_id)[0]))
+        out.append(Image.fromarray(csp_noise.perturb_levels_array(arr, mask, (level,), cfg, key=it.question_id)[0]))
     return out
 
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from csp_utils.dataset import grounded
-from csp_utils.dataset import grounding, perturbation
-from csp_utils.world import benchmarks, scenes as world
+from csp_utils.dataset import grounded_rows
+from csp_utils.dataset import grounders, csp_noise
+from csp_utils.world import benchmarks, scenes as world, catalog, degradations, language
 from csp_utils.world.schema import QAItem
 
 
 CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
-POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in world.DEGRADATIONS)}
+POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in catalog.DEGRADATIONS)}
 # first index of each set's eval-split range; make_scenes takes consecutive indices, pope_scenes
 # skips scenes with < 3 categories (about 4 of 5), so a range of 30,000 holds > 5,000 POPE images
 _STARTS = {"pope-random": 0, "pope-popular": 30_000, "pope-adversarial": 60_000,
@@ -42,7 +42,7 @@ class SuiteConfig:
     n_calibration_images: int = 100   # held-out split for the temperature baseline
     n_train_images: int = 100         # base-split scenes for the constant baseline
     n_perturbed_images: int = 40      # held-out CSP-perturbed scenes (confidence vs level)
-    transfer_kinds: tuple = world.DEGRADATIONS
+    transfer_kinds: tuple = catalog.DEGRADATIONS
     transfer_severity: float = 0.7
     perturbed_levels: tuple = (0, 20, 40, 60, 80, 100)
     n_grounded_images: int = 0        # held-out scenes, both labels, noise on the asked object or a distractor
@@ -73,9 +73,9 @@ def _with_set(bench: benchmarks.Benchmark, name: str) -> benchmarks.Benchmark:
 def transfer_benchmark(kind: str, cfg: SuiteConfig) -> benchmarks.Benchmark:
     """POPE-random questions on scenes with a natural degradation (never CSP noise)."""
     wc = _world_config(cfg)
-    start = _TRANSFER_START + _TRANSFER_STRIDE * world.DEGRADATIONS.index(kind)
+    start = _TRANSFER_START + _TRANSFER_STRIDE * catalog.DEGRADATIONS.index(kind)
     clean = benchmarks.pope_scenes(cfg.n_transfer_images, wc, split="eval", start=start)
-    degraded = [world.degrade(s, kind, cfg.transfer_severity, wc) for s in clean]
+    degraded = [degradations.degrade(s, kind, cfg.transfer_severity, wc) for s in clean]
     return _with_set(benchmarks.build_world_pope(degraded, "random", seed=cfg.seed), f"transfer-{kind}")
 
 
@@ -88,16 +88,16 @@ def perturbed_benchmark(cfg: SuiteConfig, noise: str = "local") -> benchmarks.Be
     wc = _world_config(cfg)
     scene_list = benchmarks.pope_scenes(cfg.n_perturbed_images, wc, split="eval", start=_STARTS["perturbed"])
     base = benchmarks.build_world_pope(scene_list, "random", n_pos=2, n_neg=0, seed=cfg.seed)
-    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
+    grounder = grounders.AnnotationGrounder.from_scenes(scene_list)
     by_id = {s.scene_id: s for s in scene_list}
-    noise_cfg = perturbation.NoiseConfig(noise=noise, seed=cfg.seed,
+    noise_cfg = csp_noise.NoiseConfig(noise=noise, seed=cfg.seed,
                                          **({"noise_gamma": cfg.noise_gamma} if cfg.noise_gamma else {}))
     images, items = {}, []
     for it in base.items:
         res = grounder.ground(by_id[it.image_id].to_pil(), it.objects, it.image_id)
         if res.mask is None:
             continue
-        arrs = perturbation.perturb_levels_array(by_id[it.image_id].image, res.mask, cfg.perturbed_levels,
+        arrs = csp_noise.perturb_levels_array(by_id[it.image_id].image, res.mask, cfg.perturbed_levels,
                                                  noise_cfg, key=it.question_id)
         for level, arr in zip(cfg.perturbed_levels, arrs):
             qid = f"{it.question_id}@c{level}"
@@ -112,13 +112,13 @@ def perturbation_examples(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int
     """CSP noise on the first object of a few held-out scenes at each level (deterministic, no
     model): the images and their titles, for the perturbation figure."""
     scene_list = benchmarks.pope_scenes(n_scenes, split="eval", start=900_000)
-    grounder = grounding.AnnotationGrounder.from_scenes(scene_list)
+    grounder = grounders.AnnotationGrounder.from_scenes(scene_list)
     images, titles = [], []
     for s in scene_list:
         obj = s.objects[0]
         res = grounder.ground(s.to_pil(), [obj.category], s.scene_id)
-        arrs = perturbation.perturb_levels_array(s.image, res.mask, levels,
-                                                 perturbation.NoiseConfig(seed=seed), key=s.scene_id)
+        arrs = csp_noise.perturb_levels_array(s.image, res.mask, levels,
+                                                 csp_noise.NoiseConfig(seed=seed), key=s.scene_id)
         for level, arr in zip(levels, arrs):
             images.append(arr)
             titles.append(f"{obj.category}, c={level}%")
@@ -156,13 +156,13 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
     if want("train-sample"):
         train = world.make_scenes("base", cfg.n_train_images, wc)
         rng = np.random.default_rng(cfg.seed)
-        items = [q for s in train for q in world.world_questions(s, rng, 4, set_name="train-sample")]
+        items = [q for s in train for q in language.world_questions(s, rng, 4, set_name="train-sample")]
         suite["train-sample"] = benchmarks.Benchmark("train-sample", "pope", items,
                                                      benchmarks.scene_image_loader(train), "yes")
     if want("perturbed"):
         suite["perturbed"] = perturbed_benchmark(cfg)
     if want(GROUNDED_SET) and cfg.n_grounded_images:
-        suite[GROUNDED_SET] = grounded.grounded_perturbed_benchmark(
+        suite[GROUNDED_SET] = grounded_rows.grounded_perturbed_benchmark(
             cfg.n_grounded_images, cfg.grounded_levels, seed=cfg.seed, noise_gamma=cfg.noise_gamma,
             image_size=cfg.image_size, name=GROUNDED_SET)
     check_disjoint(suite)

@@ -104,7 +104,7 @@ def _check_items(stage: str, name: str, value, default) -> None:
 def _choices() -> dict:
     """Parameter (a dotted path) -> the names it takes, from the constants the code checks them
     against later (inside a stage); a list takes such names only."""
-    from csp_utils.dataset import buildconfig, perturbation
+    from csp_utils.dataset import buildconfig, csp_noise
     from csp_utils.evaluate import evaluation, suites
     from csp_utils.train import methods, settings
     from csp_utils.vlm import prompts
@@ -112,11 +112,11 @@ def _choices() -> dict:
     training = {"confidence_target": settings.CONFIDENCE_TARGETS, "layout": prompts.LAYOUTS,
                 "framing": prompts.FRAMINGS}
     return {"method": tuple(methods.METHODS), "regime": ("sft_simpo", "simpo"), "preset": ("tiny_default", "paper_llava7b"),
-            "schedule": perturbation.SCHEDULES, "framing": prompts.FRAMINGS,
+            "schedule": csp_noise.SCHEDULES, "framing": prompts.FRAMINGS,
             "readout": evaluation.READOUTS,
             "build.framing": prompts.FRAMINGS, "build.failure_policy": buildconfig.FAILURE_POLICIES,
             "build.targets": buildconfig.TARGETS, "build.questions": buildconfig.QUESTION_SOURCES,
-            "build.noise.schedule": perturbation.SCHEDULES, "build.noise.noise": perturbation.NOISE_KINDS,
+            "build.noise.schedule": csp_noise.SCHEDULES, "build.noise.noise": csp_noise.NOISE_KINDS,
             **{f"{stage}.{k}": v for stage in ("sft", "simpo") for k, v in training.items()},
             "sft.loss": settings.LOSSES,
             "suite.transfer_kinds": tuple(suites.SuiteConfig().transfer_kinds),

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from csp_utils.dataset import grounding
+from csp_utils.dataset import grounders
 from csp_utils.vlm.models import save_vlm
 
 # photo -> (split, COCO id, {category: polygon in pixels of the original photo})
@@ -150,8 +150,8 @@ def make_rehearsal_kit(folder, models: bool = True) -> Path:
         model, processor = build_tiny_vlm(rehearsal_llava_config())
         save_vlm(model, processor, folder / "models" / "llava", meta={"kind": "rehearsal: random weights"})
         # 128 px: at 64 the detector's coarsest feature level of a square photo is 1x1, which GroupNorm refuses
-        grounding.tiny_grounding_dino(folder / "models" / "grounding-dino", image_size=128)
-        grounding.tiny_sam(folder / "models" / "sam")
+        grounders.tiny_grounding_dino(folder / "models" / "grounding-dino", image_size=128)
+        grounders.tiny_sam(folder / "models" / "sam")
     return folder
 
 

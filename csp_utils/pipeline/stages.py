@@ -97,12 +97,12 @@ NUMBER = (int, float)
 
 
 def _build_configs() -> dict:
-    from csp_utils.dataset import coco, perturbation, buildconfig
+    from csp_utils.dataset import coco, csp_noise, buildconfig
 
     # the notebook passes the model, the seed, the grounder and the study-wide files itself
     data = (coco.make_source, ("base_model", "seed", "grounder", "coco_instances", "coco_train_images", "eval_images",
                                "jsonl", "jsonl_images"))
-    return {"data": data, "build": buildconfig.BuildConfig, "build.noise": perturbation.NoiseConfig,
+    return {"data": data, "build": buildconfig.BuildConfig, "build.noise": csp_noise.NoiseConfig,
             "build.grounded": buildconfig.GroundedOptions}
 
 

@@ -9,7 +9,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from csp_utils.dataset import grounded
+from csp_utils.dataset import grounded_rows
 from csp_utils.dataset.store import DIGESTS_FILE, verify_dataset_folder
 from csp_utils.train.settings import GROUNDED_TARGETS, check_simpo_layout
 from csp_utils.vlm import prompts
@@ -43,7 +43,7 @@ def load_perturbed_dataset(dataset, target: str | None = None):
         if found is None:
             raise FileNotFoundError(
                 f"no saved datasets.Dataset at {path} or {path / 'dataset'} "
-                "(build it with perturbed_dataset.build_perturbed_dataset)"
+                "(build it with paper_rows.build_perturbed_dataset)"
             )
 
         if (found / DIGESTS_FILE).exists():  # the builder's output: refuse a damaged copy, naming the file
@@ -107,7 +107,7 @@ def measured_accuracy_targets(model, processor, dataset, batch_size: int = 32) -
     levels = [int(c) for c in ds["confidence"]]
     was_training = model.training
     model.eval()
-    own = grounded.model_answers(model, processor, questions, _LazyImages(ds), batch_size).own
+    own = grounded_rows.model_answers(model, processor, questions, _LazyImages(ds), batch_size).own
     model.train(was_training)
     correct = [o == t for o, t in zip(own, truth)]
     tally: dict[str, list[int]] = {}

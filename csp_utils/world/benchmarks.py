@@ -39,7 +39,7 @@ from PIL import Image
 from csp_utils.core.images import to_rgb
 from csp_utils.core.metrics import task_metrics
 from csp_utils.core.paths import DATA
-from csp_utils.world import scenes as world
+from csp_utils.world import scenes as world, catalog, language
 from csp_utils.world.schema import QAItem
 
 # The official files, vendored unchanged (checksums in SHA256SUMS beside them).
@@ -347,7 +347,7 @@ def build_world_pope(scene_list: Sequence[world.Scene], kind: str, n_pos: int = 
         raise ValueError(f"POPE kind must be one of {POPE_KINDS}, got {kind!r}")
     stats = stats or world.world_statistics(scene_list)
     freq, co = stats["image_frequency"], stats["cooccurrence"]
-    rank = {c: i for i, c in enumerate(world.CATEGORIES)}
+    rank = {c: i for i, c in enumerate(catalog.CATEGORIES)}
     items = []
     for s in scene_list:
         present = sorted(s.categories(), key=rank.get)
@@ -356,7 +356,7 @@ def build_world_pope(scene_list: Sequence[world.Scene], kind: str, n_pos: int = 
                 f"scene {s.scene_id} has {len(present)} distinct categories; POPE asks about {n_pos} present ones: "
                 "draw scenes with pope_scenes()"
             )
-        absent = [c for c in world.CATEGORIES if c not in present]
+        absent = [c for c in catalog.CATEGORIES if c not in present]
         if len(absent) < n_neg:
             raise ValueError(f"scene {s.scene_id} leaves only {len(absent)} absent categories for {n_neg} negatives")
         pos_rng = np.random.default_rng([seed, s.index, 0])
@@ -373,7 +373,7 @@ def build_world_pope(scene_list: Sequence[world.Scene], kind: str, n_pos: int = 
         for k in range(max(n_pos, n_neg)):
             pairs += [(c, "yes") for c in pos[k:k + 1]] + [(c, "no") for c in neg[k:k + 1]]
         for k, (c, label) in enumerate(pairs):
-            q = f"Is there {world.article(c)} {c} in the image?"
+            q = f"Is there {language.article(c)} {c} in the image?"
             items.append(QAItem(f"{s.scene_id}-pope-{kind}-{k}", s.scene_id, q, label, f"pope-{kind}",
                                 "existence", [c]))
     return Benchmark(f"pope-{kind}", "pope", items, scene_image_loader(scene_list), "yes")
@@ -543,12 +543,12 @@ def build_world_amber(scene_list: Sequence[world.Scene], kind: str, seed: int = 
     for s in scene_list:
         if kind == "existence":
             present = s.categories()
-            absent = [c for c in world.CATEGORIES if c not in present]
+            absent = [c for c in catalog.CATEGORIES if c not in present]
             w = np.array([1.0 + sum(co[p][c] for p in present) for c in absent])
             pick = rng.choice(len(absent), min(per_image, len(absent)), replace=False, p=w / w.sum())
             for i in pick:
                 c = absent[i]
-                rows.append((s, f"Is there {world.article(c)} {c} in this image?", "no", "", [c]))
+                rows.append((s, f"Is there {language.article(c)} {c} in this image?", "no", "", [c]))
         elif kind == "attribute":
             rows += _attribute_pairs(s, rng, per_image)
         else:
@@ -578,12 +578,12 @@ def _attribute_pairs(s: world.Scene, rng: np.random.Generator, n_pairs: int) -> 
             wrong = n + 1 if n == 1 or rng.random() < 0.5 else n - 1
             for k, label in ((n, "yes"), (wrong, "no")):
                 q = (f"Is there one {c} in this image?" if k == 1
-                     else f"Are there {world.NUMBER_WORDS[k]} {world.plural(c)} in this image?")
+                     else f"Are there {catalog.NUMBER_WORDS[k]} {language.plural(c)} in this image?")
                 rows.append((s, q, label, sub, [c]))
             continue
         o = next(o for o in s.objects if o.category == c)
         true = o.color if sub == "color" else o.size
-        options = [x for x in (world.COLOR_NAMES if sub == "color" else world.SIZES) if x != true]
+        options = [x for x in (catalog.COLOR_NAMES if sub == "color" else catalog.SIZES) if x != true]
         wrong = options[int(rng.integers(len(options)))]
         rows.append((s, f"Is the {c} {true} in this image?", "yes", sub, [c]))
         rows.append((s, f"Is the {c} {wrong} in this image?", "no", sub, [c]))
@@ -594,10 +594,10 @@ def _relation_rows(s: world.Scene, rng: np.random.Generator, per_label: int) -> 
     by_label = {"yes": [], "no": []}
     for i in range(len(s.objects)):
         for j in range(len(s.objects)):
-            a, b = world.object_phrase(s, i), world.object_phrase(s, j)
+            a, b = language.object_phrase(s, i), language.object_phrase(s, j)
             if i == j or a is None or b is None or a == b:
                 continue
-            for rel in world.RELATIONS:
+            for rel in catalog.RELATIONS:
                 if rel == "touching" and i > j:
                     continue  # symmetric: ask each pair once
                 t = world.relation_truth(s, i, rel, j)

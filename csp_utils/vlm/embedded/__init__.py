@@ -9,18 +9,18 @@ One concern per module, in the order a run uses them:
 - ``losses``: the losses of both stages;
 - ``checkpoint``: resumable checkpoints and finished-folder checks;
 - ``train``: the two stages and :func:`~csp_utils.vlm.embedded.train.pretrain`;
-- ``report``: held-out accuracy and confidence, and the model's ``csp_meta.json``;
-- ``cli``: ``python -m csp_utils.pretrain``.
+- ``heldout``: held-out accuracy and confidence, and the model's ``csp_meta.json``;
+- ``pretrain_cli``: ``python -m csp_utils.pretrain``.
 
 Yes/no answers alone leave a tiny LLaVA at chance, so training runs in two stages, as real
 VLMs are built:
 
 1. **Vision pre-training.** The CLIP vision tower alone, with two linear heads on its patch
    tokens (the features LLaVA feeds its projector) that classify each patch's shape and
-   colour (``scenes.scene_labels``; background is a class of its own). It trains on the
+   colour (``patch_labels.scene_labels``; background is a class of its own). It trains on the
    pool's scenes, or on more (``vision_scenes``: images and patch labels only).
 2. **Joint training.** The whole LLaVA on a mix of chat examples, loss on assistant tokens
-   only: captions ("What objects are in the image?" -> ``scenes.caption``), yes/no
+   only: captions ("What objects are in the image?" -> ``language.caption``), yes/no
    questions in POPE and AMBER wording through ``prompts.answer_messages`` (answers "Yes" /
    "No", the evaluation's wording), short answers (colour, count) and, with
    ``overconfident_fraction > 0``, *overconfident confidence turns*: third- and

@@ -15,7 +15,7 @@ from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, 
                           LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 from csp_utils.vlm import prompts
-from csp_utils.world import scenes
+from csp_utils.world import catalog
 
 
 # One chat template for the tiny model. Assistant text sits inside {% generation %} so that
@@ -68,7 +68,7 @@ class TinyVLMConfig:
 
 def _tokenizer_corpus() -> list[str]:
     """Text the BPE is trained on: the world's vocabulary, prompts and confidence replies."""
-    words = list(scenes.CATEGORIES) + list(scenes.COLORS) + list(scenes.SIZES)
+    words = list(catalog.CATEGORIES) + list(catalog.COLORS) + list(catalog.SIZES)
     lines = [" ".join(words)] * 20
     lines += prompts.corpus_lines()
     lines += [f"{c}%" for c in range(101)] * 5 + [f"{c} %" for c in range(0, 101, 10)]

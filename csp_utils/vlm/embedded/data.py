@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from csp_utils.vlm import prompts
 from csp_utils.vlm.embedded.config import KINDS, PretrainConfig, world_config
-from csp_utils.world import scenes as sc
+from csp_utils.world import scenes as sc, language, patch_labels, catalog
 
 CAPTION_PROMPT = "What objects are in the image?"
 
@@ -193,21 +193,21 @@ def amber_wording(question: str, rng: np.random.Generator) -> str:
 def balanced_questions(scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
     """Up to ``n`` yes/no questions ``(question, label, kind)`` with no text-only shortcut.
 
-    ``scenes.world_questions`` is balanced overall but not within a question form (a bare
+    ``language.world_questions`` is balanced overall but not within a question form (a bare
     category is mostly absent, a colour + category mostly present), which lets a model
     answer from the wording alone; here every pick is a (yes, no) pair of the same
     (kind, subtype), kinds weighted as ``KIND_WEIGHTS``. Adds AMBER's count form ("Is
     there one star ...?") and, half the time, AMBER's wording.
     """
     groups: dict[tuple[str, str], dict[str, list[str]]] = {}
-    for it in sc.world_questions(scene, rng, 64):
+    for it in language.world_questions(scene, rng, 64):
         groups.setdefault((it.kind, it.subtype), {"yes": [], "no": []})[it.label].append(it.question)
     for c in sorted(scene.categories()):  # counts including "one", as AMBER asks them
         k = scene.count(c)
         wrong = k + 1 if k == 1 or rng.random() < 0.5 else k - 1
         for num, label in ((k, "yes"), (wrong, "no")):
             q = (f"Is there one {c} in the image?" if num == 1
-                 else f"Are there {sc.NUMBER_WORDS.get(num, str(num))} {sc.plural(c)} in the image?")
+                 else f"Are there {catalog.NUMBER_WORDS.get(num, str(num))} {language.plural(c)} in the image?")
             groups.setdefault(("attribute", "count-one"), {"yes": [], "no": []})[label].append(q)
     usable = {g: v for g, v in groups.items() if v["yes"] and v["no"]}
     out: list[tuple[str, str, str]] = []
@@ -234,7 +234,7 @@ def short_answers(scene, rng: np.random.Generator, n: int) -> list[tuple[str, st
             o = next(o for o in scene.objects if o.category == c)
             cands.append((f"What color is the {c}?", o.color))
     k = len(scene.objects)
-    cands.append(("How many objects are in the image?", sc.NUMBER_WORDS.get(k, str(k))))
+    cands.append(("How many objects are in the image?", catalog.NUMBER_WORDS.get(k, str(k))))
     pick = rng.permutation(len(cands))[:n]
     return [cands[i] for i in pick]
 
@@ -262,18 +262,18 @@ def confidence_turns(questions: Sequence[str], rng: np.random.Generator, n: int,
 
 def patch_label_rows(scenes_, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """``(shape ids, colour ids)``, each (N, G*G) int64, of every patch of each scene
-    (``scenes.scene_labels``); background is the class after the world's shapes / colours."""
-    labels = [sc.scene_labels(s, patch) for s in scenes_]
-    return (np.stack([np.where(c < 0, len(sc.CATEGORIES), c).ravel() for c, _ in labels]).astype(np.int64),
-            np.stack([np.where(k < 0, len(sc.COLOR_NAMES), k).ravel() for _, k in labels]).astype(np.int64))
+    (``patch_labels.scene_labels``); background is the class after the world's shapes / colours."""
+    labels = [patch_labels.scene_labels(s, patch) for s in scenes_]
+    return (np.stack([np.where(c < 0, len(catalog.CATEGORIES), c).ravel() for c, _ in labels]).astype(np.int64),
+            np.stack([np.where(k < 0, len(catalog.COLOR_NAMES), k).ravel() for _, k in labels]).astype(np.int64))
 
 
 def presence_vector(scene) -> np.ndarray:
     """Multi-hot ``[shapes (14) | colours (7) | colour x shape (98)]`` of the objects in a scene."""
-    n_cat, n_col = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
+    n_cat, n_col = len(catalog.CATEGORIES), len(catalog.COLOR_NAMES)
     v = np.zeros(n_cat + n_col + n_cat * n_col, np.float32)
     for o in scene.objects:
-        c, k = sc.CATEGORIES.index(o.category), sc.COLOR_NAMES.index(o.color)
+        c, k = catalog.CATEGORIES.index(o.category), catalog.COLOR_NAMES.index(o.color)
         v[c] = v[n_cat + k] = v[n_cat + n_col + c * n_col + k] = 1.0
     return v
 
@@ -299,7 +299,7 @@ def build_pool(cfg: PretrainConfig, encoder: ChatEncoder, codec: ImageCodec, chu
             pres.append(presence_vector(s))
             rng = np.random.default_rng([cfg.seed, 7, s.index])
             qs = balanced_questions(s, rng, cfg.questions_per_scene)
-            ex = [(CAPTION_PROMPT, sc.caption(s), 0, False)]
+            ex = [(CAPTION_PROMPT, language.caption(s), 0, False)]
             ex += [(prompts.answer_text(q), "Yes" if label == "yes" else "No", 1, qk == "existence")
                    for q, label, qk in qs]
             if mix[2] > 0:

@@ -25,12 +25,12 @@ import torch
 
 from csp_utils.core.lock import pid_lock
 from csp_utils.vlm import models
-from csp_utils.vlm.embedded import checkpoint, report
+from csp_utils.vlm.embedded import checkpoint, heldout
 from csp_utils.vlm.embedded.build import build_processor, build_tiny_vlm
 from csp_utils.vlm.embedded.checkpoint import CHECKPOINT_DIR, MODEL_FILE, WARM_START_DIR
 from csp_utils.vlm.embedded.config import KINDS, PretrainConfig, world_config
 from csp_utils.world import benchmarks
-from csp_utils.world import scenes as sc
+from csp_utils.world import catalog
 from csp_utils.vlm.embedded.data import (ChatEncoder, ImageCodec, Pool, build_pool, collate, progress_bar,
                                          sample_joint_batch, step_generator, vision_data)
 from csp_utils.vlm.embedded.losses import (align_loss, init_vision_positions, joint_loss, patch_class_weights,
@@ -38,7 +38,7 @@ from csp_utils.vlm.embedded.losses import (align_loss, init_vision_positions, jo
 
 log = logging.getLogger("csp_utils.vlm.embedded")
 
-N_CAT, N_COL = len(sc.CATEGORIES), len(sc.COLOR_NAMES)
+N_CAT, N_COL = len(catalog.CATEGORIES), len(catalog.COLOR_NAMES)
 OnStep = Callable[[str, int, float], None]
 
 
@@ -129,7 +129,7 @@ class Run:
         return self.cfg.stop_after_steps is not None and self.state["total_steps"] >= self.cfg.stop_after_steps
 
     def gate_accuracy(self) -> float:
-        return report.gate_accuracy(self.model, self.processor, self.gate_sets, self.gate_images)
+        return heldout.gate_accuracy(self.model, self.processor, self.gate_sets, self.gate_images)
 
 
 def open_run(out: Path, cfg: PretrainConfig, started: float) -> Run:
@@ -155,8 +155,8 @@ def open_run(out: Path, cfg: PretrainConfig, started: float) -> Run:
              ", ".join(f"{k} {len(b)}" for k, b in zip(KINDS, pool.by_kind)), time.time() - t0)
     gate_scenes = benchmarks.pope_scenes(cfg.gate_scenes, world_config(cfg), split="base", start=cfg.heldout_start)
     return Run(cfg=cfg, out=out, state=state, resume=resume, model=model, processor=processor, codec=codec,
-               pool=pool, gate_scenes=gate_scenes, gate_sets=report.pope_sets(gate_scenes),
-               gate_images=report.images_by_id(gate_scenes), started=started, clock=started)
+               pool=pool, gate_scenes=gate_scenes, gate_sets=heldout.pope_sets(gate_scenes),
+               gate_images=heldout.images_by_id(gate_scenes), started=started, clock=started)
 
 
 # --------------------------------------------------------------------------- stage 1: vision tower
@@ -194,7 +194,7 @@ def train_vision(run: Run, on_step: OnStep | None) -> bool:
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             log_vision_step(run, bar, step, ema, lr, (lc, lk), vdata.cat_labels[idx], vdata.col_labels[idx])
         if state["step"] >= cfg.vision_steps:
-            state["vision_patch_accuracy"] = report.patch_accuracy(model, heads, run.gate_scenes, codec,
+            state["vision_patch_accuracy"] = heldout.patch_accuracy(model, heads, run.gate_scenes, codec,
                                                                    patch=cfg.model.patch_size)
             log.info("vision stage done: held-out patch accuracy %s", state["vision_patch_accuracy"])
             state.update(stage="joint", step=0)
@@ -250,8 +250,8 @@ class JointObjective:
             hook = functools.partial(_keep_patch_hidden, self.captured, model.config.vision_feature_layer)
             self.hooks.append(model.model.vision_tower.register_forward_hook(hook))
         if self.align:
-            self.cat_words = word_token_ids(run.processor.tokenizer, sc.CATEGORIES)
-            self.col_words = word_token_ids(run.processor.tokenizer, sc.COLOR_NAMES)
+            self.cat_words = word_token_ids(run.processor.tokenizer, catalog.CATEGORIES)
+            self.col_words = word_token_ids(run.processor.tokenizer, catalog.COLOR_NAMES)
             if self.features is None:
                 hook = functools.partial(_keep_projected, self.captured)
                 self.hooks.append(model.model.multi_modal_projector.register_forward_hook(hook))
@@ -324,7 +324,7 @@ def train_joint(run: Run, warm_start_dir: Path | None, on_step: OnStep | None) -
             return False
     objective.remove_hooks()
     if aux:
-        state["joint_patch_accuracy"] = report.patch_accuracy(model, heads, run.gate_scenes, run.codec,
+        state["joint_patch_accuracy"] = heldout.patch_accuracy(model, heads, run.gate_scenes, run.codec,
                                                               cfg.model.patch_size)
         log.info("joint stage done: held-out patch accuracy %s", state["joint_patch_accuracy"])
     run.save(heads, opt)
@@ -427,9 +427,9 @@ def pretrain(out_dir, config: PretrainConfig | None = None, command: str | None 
 def finish(run: Run, command: str | None, warm_start_dir: Path | None) -> Path:
     """Evaluate, save the model folder with its meta, and remove the checkpoints."""
     run.model.eval()
-    rep = report.evaluate_pretrained(run.model, run.processor, run.cfg)
-    meta = report.model_meta(run.cfg, run.state, run.model, rep, command, warm_start_dir)
-    meta = report.save_model(run.model, run.processor, run.out, meta)
+    rep = heldout.evaluate_pretrained(run.model, run.processor, run.cfg)
+    meta = heldout.model_meta(run.cfg, run.state, run.model, rep, command, warm_start_dir)
+    meta = heldout.save_model(run.model, run.processor, run.out, meta)
     if not run.cfg.keep_checkpoint:
         shutil.rmtree(run.ckpt, ignore_errors=True)
         shutil.rmtree(run.out / WARM_START_DIR, ignore_errors=True)  # its identity stays in meta["warm_start"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from csp_utils.core import baselines
-from csp_utils.dataset import buildconfig, grounded, perturbation, perturbed_dataset, sources, store
+from csp_utils.dataset import buildconfig, grounded_rows, csp_noise, paper_rows, sources, store
 from csp_utils.evaluate.suites import level_of
 from csp_utils.vlm import engine
 from csp_utils.vlm import parsing, prompts
@@ -26,7 +26,7 @@ def _cfg(**grounded):
 
 def _build(model, processor, out, n=N_SCENES, **grounded):
     src = sources.world_source(scenes.make_scenes("csp", n), 4, seed=0)
-    return perturbed_dataset.build_perturbed_dataset(src, out_dir=out, config=_cfg(**grounded), model=model,
+    return paper_rows.build_perturbed_dataset(src, out_dir=out, config=_cfg(**grounded), model=model,
                                       processor=processor, progress=False)
 
 
@@ -85,10 +85,10 @@ def test_distractor_noise_stays_off_the_asked_objects(built):
     for i in rows:
         r = ds[i]
         scene = _scene(r["image_id"])
-        from csp_utils.dataset.grounding import AnnotationGrounder
+        from csp_utils.dataset.grounders import AnnotationGrounder
 
         grounder = grounder or AnnotationGrounder.from_scenes([scene])
-        asked = grounded.asked_mask(scene, r["key_objects"], grounder.vocabulary)
+        asked = grounded_rows.asked_mask(scene, r["key_objects"], grounder.vocabulary)
         changed = _changed(r)
         moved += int(changed.any())
         assert not (changed & asked).any(), r["sample_id"]
@@ -97,7 +97,7 @@ def test_distractor_noise_stays_off_the_asked_objects(built):
 
 def test_key_noise_stays_on_the_asked_objects(built):
     ds, _, _ = built
-    from csp_utils.dataset.grounding import AnnotationGrounder
+    from csp_utils.dataset.grounders import AnnotationGrounder
 
     for i, (n, f) in enumerate(zip(ds["noise_on"], ds["flipped"])):
         if n != "key" or f:
@@ -126,10 +126,10 @@ def test_flip_rows_are_complementary(built):
         assert a["answer"] == a["own_answer"] == b["own_answer"] != b["answer"]
         assert b["correct"] == 1 - a["correct"]
         assert b["internal_p"] == pytest.approx(1 - a["internal_p"])
-        key = grounded.cell_key(b["level"], b["answer"], b["kind"])
+        key = grounded_rows.cell_key(b["level"], b["answer"], b["kind"])
         if key in cells:
             assert b["cell_acc"] == cells[key]["target"]
-        assert a["cell_acc"] == cells[grounded.cell_key(a["level"], a["answer"], a["kind"])]["target"]
+        assert a["cell_acc"] == cells[grounded_rows.cell_key(a["level"], a["answer"], a["kind"])]["target"]
         assert a["image"].tobytes() == b["image"].tobytes()
 
 
@@ -137,7 +137,7 @@ def test_cells_and_temperature_are_recomputed_from_the_rows(built):
     ds, report, _ = built
     unflipped = [i for i, f in enumerate(ds["flipped"]) if not f]
     col = {c: [ds[c][i] for i in unflipped] for c in ("level", "answer", "kind", "correct", "split", "p_own_raw")}
-    assert grounded.cell_accuracies(col["level"], col["answer"], col["kind"], col["correct"]) == report["cells"]
+    assert grounded_rows.cell_accuracies(col["level"], col["answer"], col["kind"], col["correct"]) == report["cells"]
     pick = [k for k, (s, c) in enumerate(zip(col["split"], col["level"])) if s == "heldout" and c == 100]
     assert 0 < len(pick) < len(unflipped) // 2  # a held-out share of the scenes, clean rows only
     assert report["temperature"]["rows"] == len(pick)
@@ -170,7 +170,7 @@ def test_global_noise_covers_the_whole_image_and_keeps_other_builds(tiny_vlm, tm
     model, processor = tiny_vlm
     ds = _build(model, processor, tmp_path / "glob", n=12, clean_share=0.5, global_share=0.5, flip_rows=False)
     on = list(ds["noise_on"])
-    assert {"none", "global"} <= set(on) and set(on) <= set(grounded.NOISE_ON)
+    assert {"none", "global"} <= set(on) and set(on) <= set(grounded_rows.NOISE_ON)
     for i in [k for k, n in enumerate(on) if n == "global"][:3]:
         row = ds[i]
         assert row["mask_area"] == 1.0 and row["noise_region"] == "global"
@@ -193,15 +193,15 @@ def test_calibrated_target_is_a_perturbation_aware_logistic_model(tiny_vlm, tmp_
     report = json.loads((tmp_path / "cal" / "build_report.json").read_text())
     cal = report["calibration_model"]
     assert cal["fitted"] and cal["rows"] == sum(s == "heldout" for s in ds["split"])
-    conds = [grounded.condition_of(n, c) for n, c in zip(ds["noise_on"], ds["level"])]
+    conds = [grounded_rows.condition_of(n, c) for n, c in zip(ds["noise_on"], ds["level"])]
     assert set(cal["conditions"]) == {c for c, s in zip(conds, ds["split"]) if c != "clean" and s == "heldout"}
     # refitted from the held-out rows alone, the model gives every row's target
     pick = [i for i, s in enumerate(ds["split"]) if s == "heldout"]
-    X = grounded.calibration_features(np.array(ds["p_own_raw"])[pick], np.array(ds["own_answer"])[pick],
+    X = grounded_rows.calibration_features(np.array(ds["p_own_raw"])[pick], np.array(ds["own_answer"])[pick],
                                       np.array(conds, dtype=object)[pick], cal["conditions"])
     w = baselines.fit_logistic(X, np.array(ds["own_correct"])[pick], l2=[0, 0, 0] + [cal["l2"] / 2] * (X.shape[1] - 3))
     assert np.allclose(w, cal["weights"], atol=1e-4)
-    Xall = grounded.calibration_features(np.array(ds["p_own_raw"]), np.array(ds["own_answer"]),
+    Xall = grounded_rows.calibration_features(np.array(ds["p_own_raw"]), np.array(ds["own_answer"]),
                                          np.array(conds, dtype=object), cal["conditions"])
     assert np.allclose(baselines.logistic_predict(Xall, w), ds["calibrated_p"], atol=1e-3)
     from csp_utils.train import shaping
@@ -279,17 +279,17 @@ def test_damaged_shard_is_rebuilt_not_used(tiny_vlm, tmp_path, monkeypatch, buil
 
 def test_heldout_scenes_are_a_share_of_the_training_scenes():
     ids = [scenes.scene_id("csp", i) for i in range(2000)]
-    share = np.mean([grounded.is_heldout(s, 0, 0.2) for s in ids])
+    share = np.mean([grounded_rows.is_heldout(s, 0, 0.2) for s in ids])
     assert 0.17 < share < 0.23
 
 
 def test_bright_balance_flags_bright_only_noised_rows():
-    balanced = grounded.bright_balance([True, False, True, False], ["none", "none", "key", "distractor"])
+    balanced = grounded_rows.bright_balance([True, False, True, False], ["none", "none", "key", "distractor"])
     assert balanced["ok"] and balanced["clean_share"] == balanced["noised_share"] == 0.5
-    skewed = grounded.bright_balance([False, False, True, True], ["none", "none", "key", "distractor"])
+    skewed = grounded_rows.bright_balance([False, False, True, True], ["none", "none", "key", "distractor"])
     assert not skewed["ok"]
-    assert grounded.bright_balance([True, False], ["none", "key"], tolerance=1.0)["ok"]
-    assert set(grounded.BRIGHT_COLORS) == {"white", "yellow"}
+    assert grounded_rows.bright_balance([True, False], ["none", "key"], tolerance=1.0)["ok"]
+    assert set(grounded_rows.BRIGHT_COLORS) == {"white", "yellow"}
 
 
 def test_build_report_carries_the_bright_check(built):
@@ -301,7 +301,7 @@ def test_build_report_carries_the_bright_check(built):
     assert report["noise_on_bright_share"]["key"] == pytest.approx(np.mean(key), abs=1e-4)
     for i in range(len(ds)):
         if i % 7 == 0:
-            assert ds["bright_scene"][i] == grounded.is_bright_scene(_scene(ds["image_id"][i]))
+            assert ds["bright_scene"][i] == grounded_rows.is_bright_scene(_scene(ds["image_id"][i]))
 
 
 def test_grounded_config_and_inputs_are_checked(tiny_vlm, tmp_path):
@@ -313,17 +313,17 @@ def test_grounded_config_and_inputs_are_checked(tiny_vlm, tmp_path):
         _cfg(clean_share=1.5)
     src = sources.world_source(scenes.make_scenes("csp", 2), 2)
     with pytest.raises(ValueError, match="model"):
-        perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path / "x", config=_cfg())
+        paper_rows.build_perturbed_dataset(src, out_dir=tmp_path / "x", config=_cfg())
     model, processor = tiny_vlm
     with pytest.raises(ValueError, match="CSP-split"):
-        grounded.build_grounded_dataset(scenes.make_scenes("eval", 2), model, processor, tmp_path / "y", _cfg())
+        grounded_rows.build_grounded_dataset(scenes.make_scenes("eval", 2), model, processor, tmp_path / "y", _cfg())
     with pytest.raises(ValueError, match="below 100"):
-        grounded.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "z",
+        grounded_rows.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "z",
                                  buildconfig.BuildConfig(levels=(100,), targets="grounded"))
     with pytest.raises(ValueError, match="local"):
-        grounded.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "w",
+        grounded_rows.build_grounded_dataset(scenes.make_scenes("csp", 2), model, processor, tmp_path / "w",
                                  buildconfig.BuildConfig(levels=(10, 100), targets="grounded",
-                                                noise=perturbation.NoiseConfig(noise="global")))
+                                                noise=csp_noise.NoiseConfig(noise="global")))
 
 
 def test_paper_build_is_unchanged(tmp_path):
@@ -331,8 +331,8 @@ def test_paper_build_is_unchanged(tmp_path):
     assert buildconfig.config_hash(cfg, "annotations") == "453af6f42b1d4b98"  # old folders still resume
     assert "targets" not in cfg.to_dict()
     src = sources.world_source(scenes.make_scenes("csp", 3), 2, seed=0)
-    ds = perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path / "a", config=cfg, progress=False)
-    explicit = perturbed_dataset.build_perturbed_dataset(src, out_dir=tmp_path / "b", progress=False,
+    ds = paper_rows.build_perturbed_dataset(src, out_dir=tmp_path / "a", config=cfg, progress=False)
+    explicit = paper_rows.build_perturbed_dataset(src, out_dir=tmp_path / "b", progress=False,
                                           config=buildconfig.BuildConfig(levels=(0, 50, 100), shard_size=3, targets="paper",
                                                                 include_negatives=True, failure_policy="clean"))
     digest = store.dataset_sha256(ds)
@@ -341,7 +341,7 @@ def test_paper_build_is_unchanged(tmp_path):
 
 
 def test_grounded_evaluation_set():
-    b = grounded.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
+    b = grounded_rows.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
     ids = [it.question_id for it in b.items]
     assert len(set(ids)) == len(ids)
     assert {it.label for it in b.items} == {"yes", "no"}
@@ -350,19 +350,19 @@ def test_grounded_evaluation_set():
     for it in b.items:
         sid = it.question_id.split("-q")[0]
         _, index, _, _ = scenes.parse_scene_id(sid)
-        assert grounded.GROUNDED_EVAL_START <= index < grounded.GROUNDED_EVAL_START + 6
-    from csp_utils.dataset.grounding import AnnotationGrounder
+        assert grounded_rows.GROUNDED_EVAL_START <= index < grounded_rows.GROUNDED_EVAL_START + 6
+    from csp_utils.dataset.grounders import AnnotationGrounder
 
     for it in b.items[:40]:
         sid = it.question_id.split("-q")[0]
         scene = scenes.make_scene("eval", scenes.parse_scene_id(sid)[1])
         changed = (np.asarray(b.image_loader(it.question_id)) != scene.image).any(-1)
-        asked = grounded.asked_mask(scene, it.objects, AnnotationGrounder.from_scenes([scene]).vocabulary)
+        asked = grounded_rows.asked_mask(scene, it.objects, AnnotationGrounder.from_scenes([scene]).vocabulary)
         if schema.noise_on_of(it.question_id) == "distractor":
             assert not (changed & asked).any()
         elif schema.noise_on_of(it.question_id) == "none":
             assert not changed.any()
-    again = grounded.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
+    again = grounded_rows.grounded_perturbed_benchmark(n_images=6, levels=(20, 60))
     assert all((np.asarray(b.image_loader(q)) == np.asarray(again.image_loader(q))).all() for q in ids[::7])
 
 
@@ -392,5 +392,5 @@ def test_a_build_is_named_by_the_model_weights_not_their_path(tiny_vlm, tmp_path
     shutil.copytree(src, tmp_path / "moved")
     a = models.load_vlm(str(src))[0]
     b = models.load_vlm(str(tmp_path / "moved"))[0]
-    assert grounded._fingerprint(a) == grounded._fingerprint(b) != grounded._fingerprint(model)
-    assert str(src) not in grounded._fingerprint(a)
+    assert grounded_rows._fingerprint(a) == grounded_rows._fingerprint(b) != grounded_rows._fingerprint(model)
+    assert str(src) not in grounded_rows._fingerprint(a)

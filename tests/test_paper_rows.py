@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset import perturbation as P, perturbed_dataset, sources, store
+from csp_utils.dataset import csp_noise as P, paper_rows, sources, store
 from csp_utils.dataset.buildconfig import BuildConfig
 from csp_utils.dataset.sources import SourceItem
 
@@ -71,7 +71,7 @@ def _cfg(**kw):
 
 
 def _build(tmp, n=10, progress=False, **kw):
-    return perturbed_dataset.build_perturbed_dataset(list(toy_items(n)), StubGrounder(), tmp, _cfg(**kw), progress=progress)
+    return paper_rows.build_perturbed_dataset(list(toy_items(n)), StubGrounder(), tmp, _cfg(**kw), progress=progress)
 
 
 def test_rows_follow_the_schema(tmp_path):
@@ -147,12 +147,12 @@ def test_empty_mask_counts_as_failure(tmp_path):
     items = [SourceItem("e-0", _img(0), "Is there a red circle?", "Yes", image_id="empty-0", objects=["red circle"]),
              SourceItem("e-1", _img(1), "Is there a red circle?", "Yes", image_id="img-1", objects=[])]
     with pytest.warns(UserWarning, match="no rows"):  # an empty build is loud, never silent
-        ds = perturbed_dataset.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+        ds = paper_rows.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert len(ds) == 0 and "image" in ds.column_names
     report = json.loads((tmp_path / "b" / "build_report.json").read_text())
     assert report["grounding_failures"] == {"empty_mask": 1, "no_objects": 1}
     assert report["skipped_samples"] == 2 and report["rows"] == 0
-    assert len(perturbed_dataset.load_perturbed_dataset(tmp_path / "b")) == 0
+    assert len(paper_rows.load_perturbed_dataset(tmp_path / "b")) == 0
 
 
 def test_resume_after_injected_failure_gives_the_same_dataset(tmp_path, monkeypatch):
@@ -164,13 +164,13 @@ def test_resume_after_injected_failure_gives_the_same_dataset(tmp_path, monkeypa
     (tmp_path / "b" / "shards" / "shard-00001.tmp").mkdir()  # a half-written shard of a killed build
     monkeypatch.delenv(store.FAIL_AFTER_SHARDS_ENV)
     grounder = StubGrounder()
-    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     assert grounder.calls == 5  # shard 0 was not redone: samples 4..9 remain, 7 is a "No"
     assert store.dataset_sha256(ds) == reference
     report = json.loads((tmp_path / "b" / "build_report.json").read_text())
     assert report["rows"] == len(ds) and report["sha256"] == reference
     # a finished build reloads without rebuilding
-    again = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    again = paper_rows.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert store.dataset_sha256(again) == reference
 
 
@@ -180,9 +180,9 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path):
     out = tmp_path / "killed"
     script = (
         "import sys; sys.path.insert(0, {tests!r})\n"
-        "import test_perturbed_dataset as T\n"
-        "from csp_utils.dataset import perturbed_dataset\n"
-        "perturbed_dataset.build_perturbed_dataset(T.toy_items(12, slow_after=5), T.StubGrounder(), {out!r}, T._cfg(),"
+        "import test_paper_rows as T\n"
+        "from csp_utils.dataset import paper_rows\n"
+        "paper_rows.build_perturbed_dataset(T.toy_items(12, slow_after=5), T.StubGrounder(), {out!r}, T._cfg(),"
         " progress=False)\n"
     ).format(tests=str(Path(__file__).parent), out=str(out))
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
@@ -200,7 +200,7 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path):
             proc.kill()
             proc.wait()
     assert not (out / "dataset").exists() and not (out / "shards" / "shard-00002").exists()
-    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(12)), StubGrounder(), out, _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(list(toy_items(12)), StubGrounder(), out, _cfg(), progress=False)
     assert store.dataset_sha256(ds) == reference
 
 
@@ -216,7 +216,7 @@ def test_a_folder_of_another_config_or_source_is_refused(tmp_path, monkeypatch):
     other = [SourceItem(f"other-{i}", _img(i), "Is there a red circle?", "Yes", f"img-{i}", ["red circle"])
              for i in range(10)]
     with pytest.raises(store.ConfigMismatchError, match="source"):
-        perturbed_dataset.build_perturbed_dataset(other, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+        paper_rows.build_perturbed_dataset(other, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
 
 
 def test_build_config_validation():
@@ -242,7 +242,7 @@ def test_jsonl_source(tmp_path):
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     src = sources.jsonl_source(path, folder)
     assert len(src) == 3
-    ds = perturbed_dataset.build_perturbed_dataset(src, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(src, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert len(ds) == 9 and ds[0]["source_id"] == "data-000001"
     assert np.array_equal(np.asarray(ds[2]["image"]), _img(0))  # 100% of the first sample
     # clear errors
@@ -276,7 +276,7 @@ def test_hf_source_rlaif_v_style(tmp_path):
             return SimpleNamespace(mask=_mask(0), status="ok")
 
     grounder = Recording()
-    ds = perturbed_dataset.build_perturbed_dataset(src, grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(src, grounder, tmp_path / "b", _cfg(), progress=False)
     assert grounder.phrases == ["dog", "couch", "cat"]
     assert len(ds) == 6 and ds[0]["key_objects"] == ["dog", "couch", "cat"]
     assert "Model's answer was The dog is sleeping on a couch" in ds[0]["confidence_prompt"]
@@ -294,7 +294,7 @@ def test_world_source_with_the_annotation_grounder(tmp_path):
     assert {it.answer for it in items} <= {"Yes", "No"} and len(items) == 16
     assert [it.sample_id for it in items] == [it.sample_id for it in sources.world_source(world, 4, seed=0)]
     # grounder=None: "annotations" built from the source's scenes
-    ds = perturbed_dataset.build_perturbed_dataset(src, None, tmp_path / "w", BuildConfig(shard_size=5), progress=False)
+    ds = paper_rows.build_perturbed_dataset(src, None, tmp_path / "w", BuildConfig(shard_size=5), progress=False)
     report = json.loads((tmp_path / "w" / "build_report.json").read_text())
     n_yes = sum(it.answer == "Yes" for it in items)
     assert report["negatives_dropped"] == 16 - n_yes and report["grounder"] == "annotations"
@@ -319,7 +319,7 @@ def test_world_source_with_the_annotation_grounder(tmp_path):
 def test_duplicate_sample_ids_are_refused(tmp_path):
     items = list(toy_items(3)) + [next(toy_items(1))]
     with pytest.raises(ValueError, match="duplicate sample id 'toy-000'"):
-        perturbed_dataset.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+        paper_rows.build_perturbed_dataset(items, StubGrounder(), tmp_path / "b", _cfg(), progress=False)
 
 
 # ---------------------------------------------------------------------------- damaged files
@@ -368,7 +368,7 @@ def test_a_damaged_shard_is_rebuilt_on_resume(tmp_path, monkeypatch, capsys, dam
         (shards / "shard-00001").rename(shards / "shard-00002")
     capsys.readouterr()
     grounder = StubGrounder()
-    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     out = capsys.readouterr().out
     assert "shard-00001" in out and ("damaged" in out or "missing" in out) and "shard-00000" not in out
     assert grounder.calls == 5  # shard 0 kept; shard 1 (samples 4..7: 4 ghost, 7 a "No") and 8, 9 built again
@@ -382,7 +382,7 @@ def test_an_old_shard_without_digests_is_rebuilt(tmp_path, monkeypatch, capsys):
     stats = json.loads(stats_path.read_text())
     del stats["files"]
     stats_path.write_text(json.dumps(stats))
-    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert "shard-00000" in capsys.readouterr().out
     assert store.dataset_sha256(ds) == reference
 
@@ -404,7 +404,7 @@ class DamagingGrounder(StubGrounder):
 def test_a_shard_damaged_during_the_build_is_rebuilt_before_merging(tmp_path, capsys):
     reference = store.dataset_sha256(_build(tmp_path / "ref"))
     grounder = DamagingGrounder(tmp_path / "b" / "shards", at=8)
-    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     assert "shard-00000" in capsys.readouterr().out
     assert store.dataset_sha256(ds) == reference
 
@@ -412,7 +412,7 @@ def test_a_shard_damaged_during_the_build_is_rebuilt_before_merging(tmp_path, ca
 def test_a_shard_damaged_again_after_its_rebuild_is_refused_by_name(tmp_path):
     grounder = DamagingGrounder(tmp_path / "b" / "shards", at=8, times=2)
     with pytest.raises(store.DamagedDataError, match="shard-00000"):
-        perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
+        paper_rows.build_perturbed_dataset(list(toy_items(10)), grounder, tmp_path / "b", _cfg(), progress=False)
     assert not (tmp_path / "b" / "dataset").exists()
 
 
@@ -421,15 +421,15 @@ def test_a_damaged_merged_dataset_is_refused_on_load_and_rebuilt_by_the_builder(
     arrow = next((tmp_path / "b" / "dataset").glob("*.arrow"))
     _flip_byte(arrow)
     with pytest.raises(store.DamagedDataError, match=arrow.name):
-        perturbed_dataset.load_perturbed_dataset(tmp_path / "b")
+        paper_rows.load_perturbed_dataset(tmp_path / "b")
     from csp_utils.train import shaping
 
     with pytest.raises(store.DamagedDataError, match=arrow.name):
         shaping.load_perturbed_dataset(tmp_path / "b")
-    ds = perturbed_dataset.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
+    ds = paper_rows.build_perturbed_dataset(list(toy_items(10)), StubGrounder(), tmp_path / "b", _cfg(), progress=False)
     assert "damaged" in capsys.readouterr().out
     assert store.dataset_sha256(ds) == reference
-    assert store.dataset_sha256(perturbed_dataset.load_perturbed_dataset(tmp_path / "b")) == reference
+    assert store.dataset_sha256(paper_rows.load_perturbed_dataset(tmp_path / "b")) == reference
 
 
 def test_rgba_sources_pil_or_array_give_the_rows_of_their_white_composite(tmp_path):
@@ -442,7 +442,7 @@ def test_rgba_sources_pil_or_array_give_the_rows_of_their_white_composite(tmp_pa
     def build(name, image):
         item = SourceItem("toy-000", image, "Is there a red circle in the image?", "Yes", image_id="img-0",
                           objects=["red circle"])
-        return perturbed_dataset.build_perturbed_dataset([item], StubGrounder(), tmp_path / name, _cfg(), progress=False)
+        return paper_rows.build_perturbed_dataset([item], StubGrounder(), tmp_path / name, _cfg(), progress=False)
 
     ref = store.dataset_sha256(build("rgb", white))
     assert store.dataset_sha256(build("pil", Image.fromarray(rgba))) == ref

@@ -4,8 +4,8 @@ grows as confidence falls, levels are one vectorised op with one shared eps, det
 import numpy as np
 import pytest
 
-from csp_utils.dataset import perturbation as P
-from csp_utils.dataset.perturbation import NoiseConfig
+from csp_utils.dataset import csp_noise as P
+from csp_utils.dataset.csp_noise import NoiseConfig
 
 
 def _image(h=48, w=64, seed=0):

@@ -36,8 +36,8 @@ from PIL import Image
 
 from csp_utils.core.images import to_rgb
 from csp_utils.dataset.keyobjects import Vocabulary, coco_vocabulary, get_vocabulary, singularize, default_vocabulary
-from csp_utils.world import scenes as world
-from csp_utils.world.scenes import load_scenes
+from csp_utils.world import catalog
+from csp_utils.world.scene_io import load_scenes
 
 STATUSES = ("ok", "no_detection", "empty_mask", "no_objects")
 Box = tuple[float, float, float, float]
@@ -322,8 +322,8 @@ class AnnotationGrounder:
             categories |= {o.category for o in sc.objects}
             modifiers |= {o.color for o in sc.objects} | {o.size for o in sc.objects}
         # the world's whole vocabulary, so that an absent category is still understood
-        categories |= set(world.CATEGORIES)
-        modifiers |= set(world.COLORS) | set(world.SIZES)
+        categories |= set(catalog.CATEGORIES)
+        modifiers |= set(catalog.COLORS) | set(catalog.SIZES)
         vocab = Vocabulary(sorted(categories), name="scene-annotations", modifiers=sorted(modifiers))
         return cls(records, vocab, name=name)
 

@@ -27,7 +27,7 @@ from csp_utils.vlm.embedded.data import ChatEncoder, ImageCodec, patch_label_row
 from csp_utils.vlm.embedded.losses import patch_features
 from csp_utils.vlm.engine import position_ids_from_mask, yes_no_tokens
 from csp_utils.world import benchmarks
-from csp_utils.world import scenes as sc
+from csp_utils.world import scenes as sc, catalog, degradations
 
 HELDOUT_SEED = 20260  # held-out questions do not depend on the training seed
 
@@ -166,7 +166,7 @@ def patch_accuracy(model, heads, scs, codec: ImageCodec, patch: int) -> dict:
         f = patch_features(model, pix)
         pc, pk = heads["category"](f).argmax(-1), heads["color"](f).argmax(-1)
         present = (heads["presence"](f.mean(1)) > 0).numpy()
-    obj = yc < len(sc.CATEGORIES)
+    obj = yc < len(catalog.CATEGORIES)
     out = {"category": round(float((pc == yc).float().mean()), 4), "color": round(float((pk == yk).float().mean()), 4),
            "category_on_objects": round(float((pc == yc)[obj].float().mean()), 4) if obj.any() else None,
            "color_on_objects": round(float((pk == yk)[obj].float().mean()), 4) if obj.any() else None}
@@ -174,7 +174,7 @@ def patch_accuracy(model, heads, scs, codec: ImageCodec, patch: int) -> dict:
     row = {s.scene_id: i for i, s in enumerate(scs)}
     try:
         for kind, items in pope_sets(scs).items():
-            pred = [present[row[it.image_id], sc.CATEGORIES.index(it.objects[0])] for it in items]
+            pred = [present[row[it.image_id], catalog.CATEGORIES.index(it.objects[0])] for it in items]
             out[f"presence_pope_{kind}"] = round(float(np.mean([p == (it.label == "yes") for p, it in zip(pred, items)])), 4)
     except ValueError:  # scenes with fewer than 3 shapes (not POPE scenes)
         pass
@@ -241,7 +241,7 @@ def evaluate_pretrained(model, processor, cfg: PretrainConfig) -> dict:
     rep["amber_accuracy"] = accuracy_by_kind(ap, amber)
     variant_imgs = {}
     for kind in cfg.eval_variants:
-        variant_imgs[kind] = {s.scene_id: sc.degrade(s, kind, cfg.eval_severity, world).image for s in scs}
+        variant_imgs[kind] = {s.scene_id: degradations.degrade(s, kind, cfg.eval_severity, world).image for s in scs}
         row, probs = pope_row(model, processor, pope, variant_imgs[kind])
         rep["pope_accuracy"][kind] = row
         rep["pope_yes_ratio"][kind] = round(float((probs >= 0.5).mean()), 4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from csp_utils.dataset.grounding import (AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask,
+from csp_utils.dataset.grounders import (AnnotationGrounder, BoxGrounder, DinoSamGrounder, Grounder, boxes_to_mask,
                                          counts_to_rle_string, decode_segmentation, dino_prompt, make_grounder,
                                          rle_decode, rle_encode, rle_string_to_counts, tiny_grounding_dino, tiny_sam)
 from csp_utils.world import scenes
@@ -120,7 +120,7 @@ def test_annotation_grounder_on_world_scenes_is_the_union_of_matching_masks(worl
     a, b = sorted(sc.categories())[:2]
     r = g.ground(sc.to_pil(), [a, b], image_id=sc.scene_id)
     assert np.array_equal(r.mask, np.any([o.mask for o in sc.objects if o.category in (a, b)], axis=0))
-    from csp_utils.world.scenes import CATEGORIES, COLORS
+    from csp_utils.world.catalog import CATEGORIES, COLORS
 
     absent = next(c for c in CATEGORIES if c not in sc.categories())
     assert g.ground(sc.to_pil(), [absent], image_id=sc.scene_id).status == "no_detection"

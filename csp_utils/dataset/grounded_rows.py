@@ -4,7 +4,7 @@ A grounded row is (image variant, question, quoted answer) with targets that des
 likely the quoted answer is to be right (schema: ``GROUNDED_COLUMNS``):
 
 * Questions come from CSP-split scenes, with both gold labels: ``questions="world"`` draws
-  them with ``scenes.world_questions``; ``questions="benchmark"`` with the evaluation sets'
+  them with ``language.world_questions``; ``questions="benchmark"`` with the evaluation sets'
   own generators (POPE-style existence with random, popular and adversarial negatives,
   AMBER-style attribute and relation), so the training rows hold the kind of errors the
   clean sets measure (the images stay CSP-split, never evaluation images).
@@ -49,18 +49,18 @@ from typing import Sequence
 import numpy as np
 
 from csp_utils.core.images import png_cell
-from csp_utils.dataset import perturbation
+from csp_utils.dataset import csp_noise
 from csp_utils.dataset.buildconfig import (BuildConfig, GroundedOptions, config_hash, grounder_fingerprint,
                                            noised_levels, options_of)
 from csp_utils.core import baselines
-from csp_utils.dataset.grounding import AnnotationGrounder
+from csp_utils.dataset.grounders import AnnotationGrounder
 from csp_utils.dataset.store import Build, Chunk, build_sharded
 from csp_utils.vlm import parsing, prompts
-from csp_utils.world import benchmarks, scenes as world
+from csp_utils.world import benchmarks, scenes as world, language, catalog
 from csp_utils.world.schema import NOISE_ON, QAItem
 # Colours whose luma (ITU-R 601) is at least this look like the bright speckles of clipped noise.
 BRIGHT_LUMA = 200
-BRIGHT_COLORS = tuple(c for c, (r, g, b) in world.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
+BRIGHT_COLORS = tuple(c for c, (r, g, b) in catalog.COLORS.items() if 0.299 * r + 0.587 * g + 0.114 * b >= BRIGHT_LUMA)
 # Eval-split scene range of the grounded perturbed evaluation set (suites._STARTS ends at 500_000 + n).
 GROUNDED_EVAL_START = 600_000
 # POPE's popular/adversarial negatives rank categories by set statistics: counted over a fixed
@@ -102,7 +102,7 @@ class Variant:
 
 
 def _rng(seed: int, key: str) -> np.random.Generator:
-    return np.random.default_rng(perturbation.sample_seed(seed, key))
+    return np.random.default_rng(csp_noise.sample_seed(seed, key))
 
 
 def _categories(phrases, vocabulary) -> set[str]:
@@ -189,10 +189,10 @@ def plan_scene(scene: world.Scene, questions: Sequence, grounder, levels: Sequen
     return out
 
 
-def variant_image(scene: world.Scene, v: Variant, noise_cfg: perturbation.NoiseConfig) -> np.ndarray:
+def variant_image(scene: world.Scene, v: Variant, noise_cfg: csp_noise.NoiseConfig) -> np.ndarray:
     if v.noise_on == "none":
         return scene.image
-    return perturbation.perturb_levels_array(scene.image, v.mask, (v.level,), noise_cfg, key=v.qa.question_id)[0]
+    return csp_noise.perturb_levels_array(scene.image, v.mask, (v.level,), noise_cfg, key=v.qa.question_id)[0]
 
 
 def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set_name: str = "world-train",
@@ -201,7 +201,7 @@ def scene_questions(scene: world.Scene, questions_per_scene: int, seed: int, set
     from the evaluation sets' generators (:func:`benchmark_questions`)."""
     if source == "benchmark":
         return benchmark_questions(scene, questions_per_scene, seed, set_name, world_config)
-    return world.world_questions(scene, _rng(seed, scene.scene_id), questions_per_scene, set_name=set_name)
+    return language.world_questions(scene, _rng(seed, scene.scene_id), questions_per_scene, set_name=set_name)
 
 
 _REFERENCE_STATS: dict = {}
@@ -222,7 +222,7 @@ def benchmark_questions(scene: world.Scene, n: int, seed: int, set_name: str = "
     """Up to ``n`` distinct questions about a training scene from the clean sets' generators:
     existence from POPE (its present objects, and its random, popular and adversarial absent
     ones) and AMBER's absent-object questions, attribute and relation from AMBER; drawn like
-    ``scenes.world_questions`` (labels alternate, kinds by ``weights``, default existence 0.5,
+    ``language.world_questions`` (labels alternate, kinds by ``weights``, default existence 0.5,
     attribute 0.25, relation 0.25), from (seed, scene id) alone."""
     from dataclasses import replace
 
@@ -246,21 +246,8 @@ def benchmark_questions(scene: world.Scene, n: int, seed: int, set_name: str = "
         cands.sort(key=lambda qa: qa.question)
     rng = _rng(seed, f"benchmark/{scene.scene_id}")
     weights = weights or {"existence": 0.5, "attribute": 0.25, "relation": 0.25}
-    items, first = [], int(rng.integers(2))
-    for k in range(n):
-        want = ("yes", "no")[(k + first) % 2]
-        for label in (want, "no" if want == "yes" else "yes"):
-            kinds = [kd for kd in weights if weights[kd] > 0 and pool.get((kd, label))]
-            if kinds:
-                break
-        else:
-            break
-        w = np.array([weights[kd] for kd in kinds], float)
-        kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
-        cands = pool[kind, label]
-        qa = cands.pop(int(rng.integers(len(cands))))
-        items.append(replace(qa, question_id=f"{scene.scene_id}-q{k:02d}", set=set_name))
-    return items
+    return [replace(qa, question_id=f"{scene.scene_id}-q{k:02d}", set=set_name)
+            for k, _, _, qa in language.draw_balanced(pool, rng, n, weights)]
 
 
 def is_bright_scene(scene: world.Scene) -> bool:
@@ -331,7 +318,7 @@ def _shard_features():
 
 def is_heldout(scene_id: str, seed: int, share: float) -> bool:
     """Scenes whose clean rows fit the temperature; drawn from (seed, scene id) alone."""
-    return perturbation.sample_seed(seed, f"heldout/{scene_id}") / 2.0 ** 63 < share
+    return csp_noise.sample_seed(seed, f"heldout/{scene_id}") / 2.0 ** 63 < share
 
 
 def shard_rows(scene_list: Sequence[world.Scene], questions: dict, grounder, model, processor,
@@ -685,7 +672,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     """
     from PIL import Image
 
-    levels = tuple(c for c in perturbation.validate_levels(levels) if c < 100)
+    levels = tuple(c for c in csp_noise.validate_levels(levels) if c < 100)
     if not levels:
         raise ValueError("grounded_perturbed_benchmark needs at least one level below 100")
     if not 0 < n_images <= 100_000:
@@ -693,7 +680,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
     wc = world.WorldConfig(image_size=image_size)
     scene_list = world.make_scenes("eval", n_images, wc, start=start)
     grounder = AnnotationGrounder.from_scenes(scene_list)
-    noise_cfg = perturbation.NoiseConfig(noise="local", seed=seed,
+    noise_cfg = csp_noise.NoiseConfig(noise="local", seed=seed,
                                          **({"noise_gamma": noise_gamma} if noise_gamma else {}))
     images, items = {}, []
     for scene in scene_list:
@@ -710,7 +697,7 @@ def grounded_perturbed_benchmark(n_images: int = 40, levels: Sequence[int] = (10
                 variants.append(("distractor", c, dmask))
             for noise_on, c, mask in variants:
                 qid = f"{qa.question_id}@{noise_on}@c{c}"
-                images[qid] = scene.image if mask is None else perturbation.perturb_levels_array(
+                images[qid] = scene.image if mask is None else csp_noise.perturb_levels_array(
                     scene.image, mask, (c,), noise_cfg, key=qa.question_id)[0]
                 items.append(QAItem(qid, qid, qa.question, qa.label, name, qa.kind, list(qa.objects),
                                                subtype=qa.subtype))

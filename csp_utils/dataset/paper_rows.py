@@ -34,10 +34,10 @@ import numpy as np
 from PIL import Image
 
 from csp_utils.core.images import png_cell
-from csp_utils.dataset import perturbation
+from csp_utils.dataset import csp_noise
 from csp_utils.dataset.buildconfig import BuildConfig, config_hash, grounder_fingerprint
-from csp_utils.dataset.grounded import build_grounded_dataset
-from csp_utils.dataset.grounding import make_grounder
+from csp_utils.dataset.grounded_rows import build_grounded_dataset
+from csp_utils.dataset.grounders import make_grounder
 from csp_utils.dataset.keyobjects import key_objects
 from csp_utils.dataset.sources import SourceItem, as_source_item
 from csp_utils.dataset.store import Build, Chunk, build_sharded, chunked, load_merged
@@ -119,7 +119,7 @@ def sample_rows(item: SourceItem, grounder, config: BuildConfig, stats: Counter,
         images, area = arr[None], 0.0
     else:
         run_cfg = replace(noise_cfg, noise=noise_kind)
-        images = perturbation.perturb_levels_array(arr, mask, levels, run_cfg, key=item.sample_id)
+        images = csp_noise.perturb_levels_array(arr, mask, levels, run_cfg, key=item.sample_id)
         area = 1.0 if noise_kind == "global" else float(mask.mean())
     stats[f"noise/{noise_kind}"] += 1
     if mask is not None:
@@ -127,7 +127,7 @@ def sample_rows(item: SourceItem, grounder, config: BuildConfig, stats: Counter,
 
     rows = []
     for c, img in zip(levels, images):
-        t = perturbation.level_to_step(c, noise_cfg) if noise_kind != "none" else 0
+        t = csp_noise.level_to_step(c, noise_cfg) if noise_kind != "none" else 0
         rows.append({
             "sample_id": f"{item.sample_id}@{c:03d}", "source_id": item.sample_id,
             "image_id": str(item.image_id if item.image_id is not None else item.sample_id),
@@ -155,12 +155,12 @@ def build_perturbed_dataset(source: Iterable, grounder=None, out_dir="perturbed"
     fixed order (resume skips the samples of finished shards and checks their ids); a shard
     holds ``config.shard_size`` source samples (:mod:`csp_utils.dataset.store`).
     ``grounder`` has ``.name`` and ``.ground(image, phrases, image_id=None)``; None builds
-    ``grounding.make_grounder(config.grounder, scenes=source.scenes)``. ``vocabulary`` goes to
+    ``grounders.make_grounder(config.grounder, scenes=source.scenes)``. ``vocabulary`` goes to
     key-object extraction for items that do not carry their key objects. A ``noise="global"``
     build (the ablation) still grounds every sample, so that the failure policy keeps the same
     samples as the local build it is compared with.
 
-    ``config.targets == "grounded"`` builds grounded rows instead (``grounded.build_grounded_dataset``):
+    ``config.targets == "grounded"`` builds grounded rows instead (``grounded_rows.build_grounded_dataset``):
     it needs a ``world_source`` and the base ``model`` / ``processor`` whose answers it records.
     """
     config = config or BuildConfig()
