@@ -34,24 +34,24 @@ START = 700_000
 
 
 def degraded_sets(n_images: int, severities, kinds):
-    from csp_utils.world import benchmarks, scenes as world
+    from csp_utils.world import benchmarks, degradations, scenes as world
 
     wc = world.WorldConfig()
     clean = benchmarks.pope_scenes(n_images, wc, split="eval", start=START)
     out = {}
     for kind in kinds:
         for sev in severities:
-            scenes = [world.degrade(s, kind, float(sev), wc) for s in clean]
+            scenes = [degradations.degrade(s, kind, float(sev), wc) for s in clean]
             out[(kind, float(sev))] = benchmarks.build_world_pope(scenes, "random", seed=0)
     return out
 
 
 def noise_sets(n_images: int, levels=(70, 40, 10)):
     """The asked object noised at each level, and the same questions clean (level 100)."""
-    from csp_utils.dataset import grounded
+    from csp_utils.dataset import grounded_rows
     from csp_utils.world import benchmarks
 
-    bench = grounded.grounded_perturbed_benchmark(n_images, levels=levels, start=START + 50_000)
+    bench = grounded_rows.grounded_perturbed_benchmark(n_images, levels=levels, start=START + 50_000)
     out = {}
     for it in bench.items:
         on, level = it.question_id.split("@")[-2], int(it.question_id.split("@c")[-1])
@@ -78,7 +78,7 @@ def main(argv=None):
     from csp_utils.core import baselines
     from csp_utils.vlm import models
     from csp_utils.vlm.models import CONFIG_FILE
-    from csp_utils.world import benchmarks, scenes as world
+    from csp_utils.world import benchmarks, degradations, scenes as world
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*records no base model.*")
@@ -95,7 +95,7 @@ def main(argv=None):
     cal_rows = [r for r in elicit(base, proc, calib, "single_turn", "all") if r["internal_prob"] is not None]
     T = baselines.fit_temperature([r["internal_prob"] for r in cal_rows], [r["correct"] for r in cal_rows])
     conditions = [("degradation", kind, sev, b) for (kind, sev), b in
-                  degraded_sets(args.images, args.severities, world.DEGRADATIONS).items()]
+                  degraded_sets(args.images, args.severities, degradations.DEGRADATIONS).items()]
     conditions += [("asked-object noise", "key", lv, b) for lv, b in noise_sets(args.images).items()]
     records = []
     for family, kind, x, bench in conditions:
