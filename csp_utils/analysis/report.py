@@ -112,6 +112,10 @@ def make_figures(results_dir, figures_dir, after: str = "sft_simpo", perturbatio
                                            reference=reference),
                  outputs.CONFIDENCE_VS_LEVEL)
         acc = tables.confidence_accuracy_table(pq, transfer)
+        # the methods and the two references a reader compares them with; recalibrations are in the tables
+        acc = acc[~acc["model"].str.contains("+", regex=False)
+                  & (~acc["model"].str.startswith("baseline:") | acc["model"].isin(["baseline:temperature",
+                                                                                  "baseline:constant"]))]
         if len(acc):
             save(plots.confidence_vs_accuracy(acc, title="Degraded images never trained on: confidence vs accuracy"),
                  outputs.CONFIDENCE_VS_ACCURACY)
