@@ -176,16 +176,16 @@ def test_per_question_loader_reads_run_and_results_folders_with_tidy_columns(tmp
 
     rng = np.random.default_rng(1)
     res = tmp_path / "run" / "results"
-    (res / "noconf").mkdir(parents=True)
+    (res / "deep").mkdir(parents=True)
     main = _per_question_rows(rng, ["base", "sft_simpo@s0", "sft_simpo@s1", "baseline:temperature"], ["pope-random"])
     other = _per_question_rows(rng, ["base"], ["pope-random", "transfer-blur"])
     tables.figure_data(main).to_csv(res / loading.PER_QUESTION, index=False)
-    tables.figure_data(other).to_csv(res / "noconf" / loading.PER_QUESTION, index=False)
+    tables.figure_data(other).to_csv(res / "deep" / loading.PER_QUESTION, index=False)
     for path in (tmp_path / "run", res):                  # a run folder or its results folder
         df = loading.per_question(path, top_label="embedded")
         assert list(df.columns[:7]) == ["base", "method", "seed", "model", "set", "framing", "readout"]
         assert len(df) == len(main) + len(other)
-        assert set(df["base"]) == {"embedded", "noconf"}
+        assert set(df["base"]) == {"embedded", "deep"}
         got = df[df["model"] == "sft_simpo@s1"]
         assert set(got["method"]) == {"sft_simpo"} and set(got["seed"]) == {"s1"} and len(got) == 60
         assert df["correct"].dtype == bool and set(df.loc[df["model"] == "base", "seed"]) == {""}

@@ -370,7 +370,10 @@ def _relative_paths(nb: dict, run_dir: Path) -> None:
             cell["outputs"] = fix(cell["outputs"])
     papermill = nb.get("metadata", {}).get("papermill")
     if papermill:
-        nb["metadata"]["papermill"] = fix(papermill)
+        papermill = fix(papermill)
+        if Path(papermill.get("input_path") or ".").is_absolute():  # a run made from another checkout
+            papermill["input_path"] = f"notebooks/{Path(papermill['input_path']).name}"
+        nb["metadata"]["papermill"] = papermill
 
 
 def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX_NOTEBOOK_IMAGE_BYTES) -> dict:
