@@ -89,13 +89,37 @@ def test_the_default_study_expands_into_its_stages():
                                                                                 .index("default.yaml")]))]
     paper = [f"{n}{t}" for t in ("", "@s1", "@s2") for n in ("03_train_sft", "04_train_simpo")]
     deep = [f"{n}@deep{k}" for k in ("", "1", "2") for n in ("03_train_sft", "04_train_simpo")]
+    parts = ["base", "paper_csp", "grounded_csp", "activated"]
     assert names == (["00_world_and_benchmarks", "01_perturbation_explorer", "02_build_perturbed_dataset",
                       "02_build_perturbed_dataset@s1", "02_build_perturbed_dataset@s2",
                       "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_deep",
                       "02_build_perturbed_dataset@calibrated_activated_deep"]
                      + paper + [f"03_train_sft@{m}{k}" for m in "ga" for k in range(3)]
+                     + [f"05_evaluate@{p}" for p in parts]
                      + deep + [f"03_train_sft@{m}d{k}" for m in "gac" for k in range(3)]
+                     + [f"05_evaluate@deep-{p}" for p in parts]
                      + ["05_evaluate", "05_evaluate@deep", "07_figures"])
+
+
+def test_a_split_evaluation_runs_its_parts_beside_each_other_and_its_tables_after_them():
+    plan = {s.name: s for s in planning.plan_study(planning.load_params(
+        PARAMS[[p.name for p in PARAMS].index("default.yaml")]))}
+    whole = plan["05_evaluate@deep"]
+    parts = [s for name, s in plan.items() if name.startswith("05_evaluate@deep-")]
+    # every model is in exactly one part, the activated methods together (they share one answer turn)
+    assert sorted(m for s in parts for m in s.parameters["models"]) == sorted(whole.parameters["models"])
+    activated = plan["05_evaluate@deep-activated"].parameters["models"]
+    assert {m.split("@")[0] for m in activated} == {"distilled_activated", "calibrated_activated"}
+    assert plan["05_evaluate@deep-base"].inputs == [], "the base model waits for no training"
+    for s in parts:
+        assert s.parameters["rows_only"] is True and s.parameters["results"] == "results/deep"
+        assert all(o.startswith("results/deep/matrix/") for o in s.outputs), "a part writes rows only"
+        assert s.name in whole.inputs
+    assert "results/deep/headline.csv" in whole.outputs and not any("/matrix/" in o for o in whole.outputs)
+    assert len(whole.shared) == len(whole.parameters["models"]), "its rows are the parts'"
+    with pytest.raises(ValueError, match="split_evaluation: true or false"):
+        planning.expand_study({"bases": {"embedded": None}, "seeds": {}, "split_evaluation": "yes",
+                               "stages": {}})
 
 
 def test_the_deep_base_trains_the_activated_recipes_on_their_own_rows():

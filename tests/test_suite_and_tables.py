@@ -346,13 +346,15 @@ def test_compact_markdown_table_and_results_document(tmp_path):
 
 
 # ------------------------------------------------------- evaluating confidence-only adapters
-def _tiny_base_and_adapters(tmp_path, n_adapters: int):
-    """A tiny model's folder and LoRA adapters with random B (same PEFT config) on it."""
+def _tiny_base_and_adapters(tmp_path, n_adapters: int, activated: bool = False):
+    """A tiny model's folder and LoRA adapters with random B (same PEFT config) on it;
+    ``activated``: PEFT's aLoRA, invoked by the third-person follow-up question."""
     import copy
 
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from csp_utils.train import settings, trainers
     from csp_utils.vlm import models
     from csp_utils.vlm.embedded import build
 
@@ -360,8 +362,10 @@ def _tiny_base_and_adapters(tmp_path, n_adapters: int):
     base = models.save_vlm(model, proc, tmp_path / "base")
     folders = []
     for seed in range(n_adapters):
-        peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=[
-            "q_proj", "v_proj", "up_proj", "down_proj", "linear_1"]))
+        config = (trainers.lora_config(model, settings.LoraSettings(r=4, activation="confidence"), proc) if activated
+                  else LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj",
+                                                                     "linear_1"]))
+        peft_model = get_peft_model(copy.deepcopy(model), config)
         torch.manual_seed(seed)
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
@@ -408,6 +412,41 @@ def test_confidence_only_adapters_take_answers_within_one_call_and_rows_are_unch
     partial.write_text("".join(made_c0[:2]))
     matrix.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
     assert calls and all(c[2] is None for c in calls)
+
+
+def test_activated_adapters_share_one_answer_turn_and_each_gets_its_own_rows(tmp_path, monkeypatch,
+                                                                            one_torch_thread):
+    """Activated adapters are evaluated batch-major on one model (one answer turn per batch,
+    every adapter continuing its cache); each file equals the adapter evaluated alone."""
+    from csp_utils.evaluate import evaluation
+    from helpers import make_benchmark
+
+    base, adapters = _tiny_base_and_adapters(tmp_path, 3, activated=True)
+    specs = [matrix.ModelSpec("base", base)] + [
+        matrix.ModelSpec(f"a{k}", base, a, adapter_scope="confidence", layout="follow_up") for k, a in enumerate(adapters)]
+    suite = {"pope-test": make_benchmark(7), "amber-test": make_benchmark(5, family="amber")}
+    cfg = evaluation.EvalConfig(batch_size=3, max_new_tokens=6, confidence_max_new_tokens=4, progress=False)
+    turns, real = [], evaluation._answer_turn
+    monkeypatch.setattr(evaluation, "_answer_turn", lambda *a, **k: turns.append(1) or real(*a, **k))
+    shared = matrix.evaluate_models(specs, suite, tmp_path / "shared", cfg)
+    # base: 3 + 2 batches; the three adapters together: 3 + 2 more
+    assert len(turns) == 10
+    alone = matrix.evaluate_models(specs, suite, tmp_path / "alone", cfg, reuse_answers=False, share_answer_turn=False)
+    assert len(turns) == 10 + 20
+    assert [p.relative_to(tmp_path / "shared") for p in shared] == [p.relative_to(tmp_path / "alone") for p in alone]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(shared, alone))
+    confs = {p.parent.name: [r["confidence"] for r in evaluation.load_results(p)] for p in shared
+             if p.name == "pope-test.jsonl"}
+    assert confs["a0"] != confs["a1"] != confs["a2"], "each adapter acts in its own rows"
+
+    # a file with rows already is resumed on its own; the fresh ones still go together
+    partial = matrix.results_path(tmp_path / "again", "a1", "pope-test")
+    partial.parent.mkdir(parents=True)
+    partial.write_text("".join(matrix.results_path(tmp_path / "alone", "a1", "pope-test")
+                               .read_text().splitlines(keepends=True)[:3]))
+    again = matrix.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
+    assert [p.read_bytes() for p in again] == [matrix.results_path(tmp_path / "alone", s.name, "pope-test").read_bytes()
+                                               for s in specs[1:]]
 
 
 def test_paired_against_compares_each_variant_with_the_reference_on_the_same_resamples():

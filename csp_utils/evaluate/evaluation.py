@@ -191,6 +191,58 @@ def evaluate(model, processor, benchmark, out_jsonl, model_name: str, config: Ev
     return out
 
 
+def evaluate_adapters(model, processor, benchmark, members: Sequence[tuple], config: EvalConfig) -> list[Path]:
+    """:func:`evaluate` for several activated adapters on one PEFT model at once, batch-major:
+    each batch's answer turn runs once and every adapter continues it
+    (:func:`elicit_batch_adapters`). ``members``: ``(results file, model name, adapter name)``.
+
+    One process only, and every member's file must hold the same finished questions (e.g. all
+    fresh): the batches are then the ones each :func:`evaluate` alone would make, so the rows
+    are the same. Returns the results paths.
+    """
+    if PartialState().num_processes != 1:
+        raise ValueError("evaluate_adapters runs in one process; under accelerate launch evaluate each adapter")
+    combos = [(f, r) for f in config.framings for r in config.readouts]
+    items = list(benchmark.items)
+    ids = [it.question_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{benchmark.name}: question ids are not unique; results could not be resumed")
+    outs = [Path(out) for out, _, _ in members]
+    done = []
+    for out, (_, name, _) in zip(outs, members):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done.append(_prepare_resume(out, name, combos))
+    if any(d != done[0] for d in done):
+        raise ValueError(f"{benchmark.name}: the adapters' results hold different finished questions; "
+                         "evaluate each one on its own to resume them")
+    todo = [it for it in items if it.question_id not in done[0]]
+    if not todo:
+        return outs
+    parse = answer_parser(benchmark)
+    option_ids = (option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
+                  if "single_pass" in config.readouts else None)
+    yn = yes_no_tokens(processor)
+    adapters = [(name, adapter) for _, name, adapter in members]
+    torch.manual_seed(config.seed)
+    was_training = model.training
+    model.eval()
+    names = "+".join(name for _, name, _ in members)
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{names} {benchmark.name}",
+               disable=not config.progress)
+    try:
+        for start in range(0, len(todo), config.batch_size):
+            batch = todo[start:start + config.batch_size]
+            images = [benchmark.image_loader(it.image_id).convert("RGB") for it in batch]
+            rows = elicit_batch_adapters(model, processor, batch, images, config, adapters, parse, option_ids, yn)
+            for out, (_, name, _) in zip(outs, members):
+                _append(out, rows[name])
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return outs
+
+
 def load_answers(path, model_name: str, items, config: EvalConfig, parse) -> dict[str, dict]:
     """The answer-turn fields (:data:`ANSWER_FIELDS`) of ``model_name``'s rows in ``path`` for
     every question of ``items``, by question id.
@@ -305,28 +357,76 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
     own prefix / encoded images, computed with the adapter; ``answers`` (one dict of
     :data:`ANSWER_FIELDS` per item, see :func:`load_answers`) then stand in for that turn.
     """
-    pc = config.prompt_config
-    if option_ids is None and "single_pass" in config.readouts:
-        option_ids = option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
     separate = answers_on_base(model, config)
     invocation = continues_answer_turn(model, config) if answers is None else None
-    answer_turn = None
     if answers is not None:
         if not separate:
             raise ValueError("answers can stand in only for the answer turn of a confidence-only adapter "
                              "(adapter_scope='confidence' on a PEFT model)")
         if len(answers) != len(items):
             raise ValueError(f"{len(answers)} answers for {len(items)} questions")
-        raw = [a["raw_answer"] for a in answers]
-        parsed = [a["answer"] for a in answers]
-        internal = [(a["internal_prob"], a["internal_prob_raw"]) for a in answers]
-        prefix = encoded = None
+        turn = _GivenAnswers([a["raw_answer"] for a in answers], [a["answer"] for a in answers],
+                             [(a["internal_prob"], a["internal_prob_raw"]) for a in answers])
     else:
-        raw, parsed, internal, prefix, encoded, answer_turn = _answer_turn(
-            model, processor, items, images, config, parse, yn or yes_no_tokens(processor), invocation is not None)
+        turn = _answer_turn(model, processor, items, images, config, parse, yn or yes_no_tokens(processor),
+                            invocation is not None)
+    return _confidence_rows(model, processor, items, images, config, model_name, turn, invocation, option_ids)
+
+
+def elicit_batch_adapters(model, processor, items, images, config: EvalConfig, adapters: Sequence[tuple[str, str]],
+                          parse, option_ids=None, yn=None) -> dict[str, list[dict]]:
+    """:func:`elicit_batch` for several activated adapters on one PEFT model, by model name:
+    ``adapters`` is ``(model name, adapter name)`` of each (loaded with ``model.load_adapter``).
+
+    The answer turn runs once, on the base model, and every adapter's confidence prompts
+    continue its KV cache (:func:`engine.continued_prompts`): each adapter's rows are the ones
+    :func:`elicit_batch` gives with that adapter alone. Needs what the continuation needs (a
+    confidence-only scope, the follow-up layout, the same invocation tokens for every adapter);
+    anything else is refused.
+    """
+    if not adapters:
+        return {}
+    if not answers_on_base(model, config):
+        raise ValueError("several adapters share an answer turn only with adapter_scope='confidence' on a PEFT model")
+    invocations = []
+    for _, adapter in adapters:
+        model.set_adapter(adapter)
+        invocations.append(continues_answer_turn(model, config))
+    if invocations[0] is None or any(inv != invocations[0] for inv in invocations):
+        raise ValueError("several adapters share an answer turn only when each is an activated adapter with the same "
+                         "invocation tokens, in the follow-up layout with continue_answer_cache")
+    turn = _answer_turn(model, processor, items, images, config, parse, yn or yes_no_tokens(processor), True)
+    out = {}
+    for name, adapter in adapters:
+        model.set_adapter(adapter)
+        out[name] = _confidence_rows(model, processor, items, images, config, name, turn, invocations[0], option_ids)
+    return out
+
+
+@dataclass
+class _GivenAnswers:
+    """Answer-turn fields taken from stored rows (nothing cached to continue)."""
+
+    raw: list
+    parsed: list
+    internal: list
+    prefix: object = None
+    encoded: object = None
+    kept: tuple | None = None
+
+
+def _confidence_rows(model, processor, items, images, config: EvalConfig, model_name: str, turn, invocation,
+                     option_ids) -> list[dict]:
+    """The rows of one batch given its answer turn (:func:`engine.answer_turn`'s fields): the
+    confidence prompts of every framing, each read out every way."""
+    pc = config.prompt_config
+    if option_ids is None and "single_pass" in config.readouts:
+        option_ids = option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
+    separate = answers_on_base(model, config)
+    raw, parsed, internal = turn.raw, turn.parsed, turn.internal
+    prefix, encoded = (None, None) if separate else (turn.prefix, turn.encoded)  # the base model's: not the adapter's
+    answer_turn = turn.kept if invocation is not None else None
     responses = [_response_text(r, p, config.response) for r, p in zip(raw, parsed)]
-    if separate:  # computed by the base model: the adapter's confidence prompts need their own
-        prefix = encoded = None
 
     rows: dict[tuple[int, str, str], dict] = {}
     for framing in config.framings:
@@ -364,16 +464,15 @@ def elicit_batch(model, processor, items, images, config: EvalConfig, model_name
 
 
 def _answer_turn(model, processor, items, images, config: EvalConfig, parse, yn, keep_cache: bool = False):
-    """Greedy answers, parsed answers and internal probabilities of one batch; with
-    ``keep_cache`` also ``(prompts, prompt cache, texts)`` of the answer prompts (else None)."""
+    """The batch's :class:`engine.AnswerTurn` (answers, internal probabilities, prefix or encoded
+    images); with ``keep_cache`` its ``kept`` holds the answer prompts and their KV cache."""
     answer_msgs = [prompts.answer_messages(it.question, config=config.prompt_config) for it in items]
     with _answer_context(model, config):
         # no shared prefix (e.g. the question comes before the image): at least encode the
         # images once for the answer and every confidence prompt
-        turn = engine.answer_turn(model, processor, answer_msgs, images, config.max_new_tokens, parse, yn,
+        return engine.answer_turn(model, processor, answer_msgs, images, config.max_new_tokens, parse, yn,
                                   share_prefix=config.share_prefix,
                                   reuse_image_features=config.reuse_image_features, keep_cache=keep_cache)
-    return turn.raw, turn.parsed, turn.internal, turn.prefix, turn.encoded, turn.kept
 
 
 def _single_pass(model, processor, conf_prompts, msgs, images, option_ids, config: EvalConfig) -> list[dict]:

@@ -28,7 +28,7 @@ def results_path(results_dir, model: str, set_name: str) -> Path:
 
 
 def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=None, sets: list[str] | None = None,
-                    load_kwargs: dict | None = None, reuse_answers: bool = True):
+                    load_kwargs: dict | None = None, reuse_answers: bool = True, share_answer_turn: bool = True):
     """Every model on every set; resumable (finished rows are skipped by ``evaluation``).
     ``load_kwargs`` go to ``models.load_vlm`` (e.g. ``{"dtype": "bfloat16", "device_map": "auto"}``).
 
@@ -37,29 +37,100 @@ def evaluate_models(specs: list[ModelSpec], suite: dict, results_dir, config=Non
     with the same PEFT config (:func:`answer_key`), instead of generating the same answers
     again. Only sets that both evaluations run from the start here qualify, so the answers come
     from the same batches as a new generation would: the rows are identical either way.
+
+    ``share_answer_turn``: activated adapters that continue the answer turn (the follow-up
+    layout, :func:`evaluation.continues_answer_turn`) with one answer key are loaded onto one
+    model and evaluated batch-major (:func:`evaluation.evaluate_adapters`): each batch's answer
+    turn runs once and every adapter continues its cache. Each adapter's rows are the ones it
+    gets evaluated alone without ``reuse_answers``. One process only; sets where their results
+    files hold different finished questions are evaluated adapter by adapter.
     """
     from csp_utils.evaluate import evaluation
+
+    config = config or evaluation.EvalConfig()
+    kwargs = model_kwargs(load_kwargs)
+    paths: dict[tuple[int, str], Path] = {}
+    sources: dict[tuple, tuple[Path, str]] = {}   # (answer key, set) -> (results file, model)
+    names = [name for name in suite if sets is None or name in sets]
+    for block in _blocks(specs, config, share_answer_turn):
+        model, processor = _load_block(block, kwargs)
+        for name in names:
+            bench = suite[name]
+            together = [m for m in block if not evaluation.load_results(results_path(results_dir, m.spec.name, name))]
+            if len(block) > 1 and len(together) > 1:
+                members = [(results_path(results_dir, m.spec.name, name), m.spec.name, m.adapter) for m in together]
+                evaluation.evaluate_adapters(model, processor, bench, members, together[0].cfg)
+                paths |= {(m.index, name): out for m, (out, _, _) in zip(together, members)}
+                if reuse_answers:
+                    sources.setdefault((answer_key(together[0].spec, together[0].cfg), name), members[0][:2])
+            for m in block:
+                if (m.index, name) in paths:
+                    continue
+                if len(block) > 1:
+                    model.set_adapter(m.adapter)
+                key = answer_key(m.spec, m.cfg) if reuse_answers else None
+                path = results_path(results_dir, m.spec.name, name)
+                fresh = key is not None and not evaluation.load_results(path)
+                source = sources.get((key, name)) if fresh else None
+                paths[(m.index, name)] = evaluation.evaluate(model, processor, bench, path, m.spec.name, m.cfg,
+                                                             answers_from=source)
+                if fresh and source is None:
+                    sources[(key, name)] = (path, m.spec.name)
+        del model
+    return [paths[(i, name)] for i in range(len(specs)) for name in names]
+
+
+@dataclass
+class _Member:
+    index: int          # in the specs given
+    spec: ModelSpec
+    cfg: object         # its evaluation config
+    adapter: str        # its PEFT adapter name on the block's model
+
+
+def _blocks(specs: list[ModelSpec], config, share: bool) -> list[list[_Member]]:
+    """The specs as blocks that share one loaded model: activated adapters that continue the
+    answer turn with one answer key and one config together (placed where the first of them
+    is), every other spec alone."""
+    from csp_utils.evaluate import evaluation
+
+    blocks: list[list[_Member]] = []
+    groups: dict[tuple, list[_Member]] = {}
+    for i, spec in enumerate(specs):
+        cfg = evaluation.config_for_adapter(config, spec.adapter, spec.adapter_scope, spec.layout)
+        key = _continuable(spec, cfg) if share else None
+        if key is None:
+            blocks.append([_Member(i, spec, cfg, "default")])
+            continue
+        if (key, repr(cfg)) not in groups:
+            groups[(key, repr(cfg))] = []
+            blocks.append(groups[(key, repr(cfg))])
+        members = groups[(key, repr(cfg))]
+        members.append(_Member(i, spec, cfg, "default" if not members else f"adapter{len(members)}"))
+    return blocks
+
+
+def _continuable(spec: ModelSpec, cfg) -> tuple | None:
+    """The answer key of an activated adapter whose confidence prompts continue the answer turn
+    (confidence-only scope, follow-up layout, the cache kept), else None."""
+    if (spec.adapter is None or cfg.adapter_scope != "confidence" or cfg.layout != "follow_up"
+            or not cfg.continue_answer_cache):
+        return None
+    peft_config = json.loads((Path(spec.adapter) / "adapter_config.json").read_text())
+    if not peft_config.get("alora_invocation_tokens"):
+        return None
+    return answer_key(spec, cfg)
+
+
+def _load_block(block: list[_Member], kwargs):
+    """The base model with the block's adapters, each under its member's adapter name."""
     from csp_utils.vlm import models
 
-    kwargs = model_kwargs(load_kwargs)
-    paths = []
-    sources: dict[tuple, tuple[Path, str]] = {}   # (answer key, set) -> (results file, model)
-    for spec in specs:
-        model, processor = models.load_vlm(spec.base_model, adapter=spec.adapter, **kwargs)
-        cfg = evaluation.config_for_adapter(config or evaluation.EvalConfig(), spec.adapter, spec.adapter_scope,
-                                            spec.layout)
-        key = answer_key(spec, cfg) if reuse_answers else None
-        for name, bench in suite.items():
-            if sets is not None and name not in sets:
-                continue
-            path = results_path(results_dir, spec.name, name)
-            fresh = key is not None and not evaluation.load_results(path)
-            source = sources.get((key, name)) if fresh else None
-            paths.append(evaluation.evaluate(model, processor, bench, path, spec.name, cfg, answers_from=source))
-            if fresh and source is None:
-                sources[(key, name)] = (path, spec.name)
-        del model
-    return paths
+    first = block[0].spec
+    model, processor = models.load_vlm(first.base_model, adapter=first.adapter, **kwargs)
+    for m in block[1:]:
+        models.add_adapter(model, m.spec.adapter, m.adapter)
+    return model, processor
 
 
 def model_kwargs(load_kwargs: dict | None) -> dict:

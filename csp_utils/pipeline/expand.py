@@ -50,7 +50,7 @@ from csp_utils.train import methods
 GROUNDED_FAMILY = (("grounded_csp", "g"), ("distilled", "d"), ("distilled_activated", "a"),
                    ("calibrated_activated", "c"))
 METHOD_NAMES = ("paper_csp",) + tuple(method for method, _ in GROUNDED_FAMILY)
-STUDY_KEYS = ("bases", "seeds", "data")  # top-level params that the expansion reads
+STUDY_KEYS = ("bases", "seeds", "data", "split_evaluation")  # top-level params that the expansion reads
 
 
 def expand_study(params: dict) -> dict:
@@ -73,11 +73,18 @@ def expand_study(params: dict) -> dict:
     if list(bases)[0] != first:
         raise ValueError(f"bases: the first base model must be the study's base_model ({first!r})")
 
+    split = params.get("split_evaluation", False)
+    if not isinstance(split, bool):
+        raise ValueError(f"split_evaluation: true or false, got {split!r}")
+
     made = _Generated()
     letters = _tag_letters(bases)
     _datasets(made, bases, seeds, data)
     for i, (base, tag) in enumerate(bases.items()):
         _training(made, base, tag, i == 0, seeds, letters.get(tag, ""))
+        if split:
+            for part, models in _evaluation_parts(template, base, tag, seeds, letters).items():
+                made.add(part, models, f"a part of the evaluation of base {base}")
     for i, (base, tag) in enumerate(bases.items()):
         made.add(f"05_evaluate@{tag}" if tag else "05_evaluate", _evaluation(template, base, tag, seeds, letters),
                  f"the evaluation of base {base}")
@@ -266,6 +273,28 @@ def _evaluation(template: dict, base: str, tag: str | None, seeds: dict, letters
         models += [f"{label}@s{k}=sft@{prefix}{letter}{k}" for k in range(_count(seeds, method, base))]
     where = {} if tag is None else {"base_model": base, "results": f"results/{tag}"}
     return {**where, "models": models, **template}
+
+
+# the evaluation's parts: the model groups that share nothing with each other and can run side by side
+# (activated adapters share one answer turn per batch, so their methods form one part)
+def _part_of(model: str) -> str:
+    group = model.split("=", 1)[0].split("@", 1)[0]
+    if group in ("base", "sft_simpo"):
+        return {"base": "base", "sft_simpo": "paper_csp"}[group]
+    name = next(m for m, _ in GROUNDED_FAMILY if methods.method(m).reports_as == group)
+    return "activated" if methods.method(name).sft.get("lora", {}).get("activation") else name
+
+
+def _evaluation_parts(template: dict, base: str, tag: str | None, seeds: dict, letters: dict) -> dict[str, dict]:
+    """The stages that evaluate one base's models part by part (``rows_only: true``),
+    ``05_evaluate@{part}`` for the first base, ``05_evaluate@{tag}-{part}`` for another; the
+    base's own evaluation then finds their rows and writes the tables."""
+    whole = _evaluation(template, base, tag, seeds, letters)
+    parts: dict[str, list] = {}
+    for model in whole["models"]:
+        parts.setdefault(_part_of(model), []).append(model)
+    return {f"05_evaluate@{part}" if tag is None else f"05_evaluate@{tag}-{part}":
+            {**whole, "models": models, "rows_only": True} for part, models in parts.items()}
 
 
 def _figures(given: dict, bases: dict) -> dict:

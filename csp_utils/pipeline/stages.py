@@ -73,6 +73,13 @@ def _preview(p: dict) -> list[str]:
     return _figures(f"reliability_pope_adversarial_preview{results_suffix(p['results'])}")
 
 
+def _evaluation_tables(p: dict) -> list[str]:
+    """What an evaluation writes besides its rows (a part of a split one writes rows only)."""
+    return [*(f"{p['results']}/{name}" for name in (
+        "sets.json", "summary.csv", "headline.csv", "paired.csv", "per_question.csv.gz", "level_spearman.csv",
+        "grounded_perturbed.csv")), *_preview(p)]
+
+
 def _simpo_name(p: dict) -> str:
     return ("sft_simpo" if p["regime"] == "sft_simpo" else "simpo_only") + p["tag"]
 
@@ -155,13 +162,9 @@ STAGES: dict[str, StageSpec] = {
         scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
         uses_model=True, cell_timeout=8 * HOUR, tagged="tag", configs=_training_configs("simpo")),
     "05_evaluate": StageSpec(
-        outputs=lambda p: [*_matrix(p["models"], p["results"]),
-                           *(f"{p['results']}/{name}" for name in (
-                               "sets.json", "summary.csv", "headline.csv", "paired.csv", "per_question.csv.gz",
-                               "level_spearman.csv", "grounded_perturbed.csv")),
-                           *_preview(p)],
+        outputs=lambda p: [*_matrix(p["models"], p["results"]), *([] if p["rows_only"] else _evaluation_tables(p))],
         inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR, configs=_evaluation_configs,
-        types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict),
+        types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict), "rows_only": (bool,),
                **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
     "06_ablations": StageSpec(
         outputs=lambda p: [*_matrix(_ablation_models(p)), f"results/ablation{_suffix(p)}.csv",

@@ -311,6 +311,15 @@ def load_vlm(
     return model, processor
 
 
+def add_adapter(model, adapter: str | os.PathLike, name: str, allow_base_mismatch: bool = False):
+    """Another PEFT adapter on a model loaded with one (:func:`load_vlm`), under ``name``, checked
+    against the base like the first; ``model.set_adapter(name)`` makes it the active one."""
+    check_adapter_base(model, adapter, allow_base_mismatch)
+    model.load_adapter(str(adapter), adapter_name=name)
+    model.eval()
+    return model
+
+
 def save_vlm(model, processor, folder: str | os.PathLike, meta: dict | None = None) -> Path:
     """Save as a normal transformers folder (safetensors + processor) plus ``csp_meta.json``."""
     folder = Path(folder)
