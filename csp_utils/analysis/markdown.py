@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED, SEED_METRICS, per_seed_text, read_result, strongest_baseline
 from csp_utils.core import metrics
-from csp_utils.evaluate.suites import CLEAN_SETS, GROUNDED_SET
+from csp_utils.world.schema import CLEAN_SETS, GROUNDED_SET
 
 
 

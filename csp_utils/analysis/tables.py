@@ -18,8 +18,7 @@ import numpy as np
 import pandas as pd
 
 from csp_utils.core import metrics
-from csp_utils.evaluate.suites import FIT_SETS, GROUNDED_SET, POOLS, level_of, scene_of
-from csp_utils.world.schema import noise_on_of
+from csp_utils.world.schema import FIT_SETS, GROUNDED_SET, POOLS, level_of, noise_on_of, scene_of
 
 
 def read_result(results_dir, name: str) -> pd.DataFrame | None:

@@ -18,20 +18,16 @@ import numpy as np
 from csp_utils.dataset import grounded_rows
 from csp_utils.dataset import grounders, csp_noise
 from csp_utils.world import benchmarks, scenes as world, catalog, degradations, language
-from csp_utils.world.schema import QAItem
+from csp_utils.world.schema import (CLEAN_SETS, FIT_SETS, GROUNDED_SET, POOLS, QAItem,  # noqa: F401 (the suite's names)
+                                    level_of, scene_of)
 
 
-CLEAN_SETS = ("pope-random", "pope-popular", "pope-adversarial", "amber-existence", "amber-attribute", "amber-relation")
-POOLS = {"pooled-clean": CLEAN_SETS, "pooled-transfer": tuple(f"transfer-{k}" for k in catalog.DEGRADATIONS)}
 # first index of each set's eval-split range; make_scenes takes consecutive indices, pope_scenes
 # skips scenes with < 3 categories (about 4 of 5), so a range of 30,000 holds > 5,000 POPE images
 _STARTS = {"pope-random": 0, "pope-popular": 30_000, "pope-adversarial": 60_000,
            "amber-existence": 100_000, "amber-attribute": 130_000, "amber-relation": 160_000,
            "calibration": 400_000, "perturbed": 500_000}
 _TRANSFER_START, _TRANSFER_STRIDE = 200_000, 20_000
-# sets that only serve the baselines (never reported)
-FIT_SETS = ("calibration", "train-sample")
-GROUNDED_SET = "grounded-perturbed"   # tells "confidence follows the noise" from "follows correctness"
 
 
 @dataclass
@@ -125,11 +121,6 @@ def perturbation_examples(levels=(100, 70, 40, 10), n_scenes: int = 3, seed: int
     return images, titles
 
 
-def level_of(question_id: str) -> int | None:
-    m = re.search(r"@c(\d+)$", question_id)
-    return int(m.group(1)) if m else None
-
-
 def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -> dict[str, benchmarks.Benchmark]:
     """All evaluation sets by name (or the named subset)."""
     cfg = cfg or SuiteConfig()
@@ -167,16 +158,6 @@ def build_suite(cfg: SuiteConfig | None = None, sets: list[str] | None = None) -
             image_size=cfg.image_size, name=GROUNDED_SET)
     check_disjoint(suite)
     return suite
-
-
-_SCENE_RE = re.compile(r"^(base|csp|eval)-\d{6}")
-
-
-def scene_of(image_id: str) -> str:
-    """The clean world scene behind an image or question id (``eval-000042~blur-0.70`` and
-    ``eval-000042-pope-random-0@c40`` -> ``eval-000042``); other ids (official files) are their own."""
-    m = _SCENE_RE.match(str(image_id))
-    return m.group(0) if m else str(image_id)
 
 
 def check_disjoint(suite: dict[str, benchmarks.Benchmark]) -> None:
