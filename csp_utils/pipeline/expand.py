@@ -1,12 +1,21 @@
-"""A study's methods, base models and seeds, expanded into its stages.
+"""A study's methods, base models, seeds and ablation families, expanded into its stages, its
+named sizes put under them.
 
 Params may say what the study is instead of listing every stage::
 
     bases: {embedded: null, embedded-noconf: noconf}    # base model -> its stage tag (the first: none)
     seeds: {paper_csp: 3, grounded_csp: 3, distilled: 1}
     data: {paper_csp: {n_scenes: 400}, grounded_csp: {n_scenes: 2400}}   # each dataset's source size
+    sizes: study                                        # csp_utils/evaluate/suites.py's SIZES["study"]
+    ablations:
+      06_ablations@grounded:                            # the 06_ablations stage it ends in
+        method: grounded_csp
+        seeds: 3
+        variants:
+          grounded: {}                                  # the method itself: the reference
+          loss CE: {tag: ce, sft: {loss: ce}}           # what differs
     stages:
-      05_evaluate: {...}                                # every base model's evaluation starts from this
+      05_evaluate: {...}                                # every base model's evaluation settings
 
 The expansion writes the stages the study has always had, under the same names (markers and
 run folders use them):
@@ -30,7 +39,36 @@ run folders use them):
   adapter, reported per method and seed (``sft_simpo@s0``, ``grounded@s0=sft@g0``, ...).
 * ``07_figures``: the other bases' results as ``more_results``.
 
-A stage listed in ``stages`` is merged over the stages the expansion generates from it:
+An ablation family (``ablations``: the 06_ablations stage it ends in -> ``method``, ``seeds``,
+``variants``) trains every variant on the first base model with the method's seeds 0..n-1 and
+pairs each with the method itself, seed with seed; its stages come after the study's training,
+seed by seed, and its 06_ablations stage after the evaluations. A variant (label -> what differs) is:
+
+* ``{}``: the method itself, the reference (exactly one; the study's seeds must train n of it);
+* a string: an entry given as it is (``base``);
+* ``{tag, build, sft, simpo}``: the method with these settings, stages named ``@{tag}{k}`` (``k``
+  left out for seed 0; grounded-family methods prefix their letter: ``@gce1``). With ``build``
+  it trains on rows of its own, named after ``dataset`` (default: the tag): paper CSP's per seed
+  (``02_build_perturbed_dataset@neg1`` into ``dataset@neg1``, data and noise seed k), a grounded
+  method's once (``@gflip`` into ``grounded@flip``); else on the reference's rows;
+* ``{regime: sft}`` (paper CSP): the reference's own SFT adapters (``sft@s{k}``), no stage;
+  ``{regime: simpo, tag}``: SimPO from the base model on the reference's datasets
+  (``04_train_simpo@{tag}{k}``, adapters ``simpo_only@s{k}``);
+* ``{method}``: another grounded-family method in the reference's place, its stages its own
+  (``03_train_sft@d{k}``), added for the seeds the study's ``seeds`` do not train.
+
+The family's other keys are its 06_ablations stage's own parameters (``first_person``, ...); the
+stage gets ``variants`` (an adapter the first base's evaluation scores named as it is there, so
+its rows are reused), ``paired`` (the reference against every other variant), ``reference``
+where it is not the notebook's default and, for ``06_ablations@TAG``, ``name: TAG``.
+
+``sizes`` names an entry of ``csp_utils/evaluate/suites.py``'s ``SIZES``: its values go under
+every stage of the notebooks it holds (00's world, 05's and 06's ``suite`` / ``scoring`` /
+``boot``), a stage's own values winning, so a size is written once. Params without bases may
+name sizes too (``params/smoke.yaml``).
+
+A listed ``05_evaluate@{tag}`` is that base's evaluation settings in place of ``05_evaluate``'s.
+Any other stage listed in ``stages`` is merged over the stages the expansion generates from it:
 ``03_train_sft`` over every ``03_train_sft`` and ``03_train_sft@...`` stage, ``03_train_sft@g1``
 over that one stage (nested dicts merged key by key). A value the expansion itself sets
 differently there (a seed, a dataset, a tag) is refused, naming both stages. A listed stage
