@@ -504,7 +504,8 @@ def third_round_cases(params, work, model, reference) -> list[tuple]:
             ("seeds: paper_csp '3'", lambda p: p["seeds"].update(paper_csp="3"), ("paper_csp = '3'",)),
             ("seeds: paper_csp [3]", lambda p: p["seeds"].update(paper_csp=[3]), ("paper_csp = [3]",)),
             ("seeds: paper_csp -2", lambda p: p["seeds"].update(paper_csp=-2), ("paper_csp = -2",)),
-            ("transfer_kinds: [blurr]", lambda p: p["stages"]["05_evaluate"]["suite"].update(transfer_kinds=["blurr"]),
+            ("transfer_kinds: [blurr]",
+             lambda p: p["stages"]["05_evaluate"].setdefault("suite", {}).update(transfer_kinds=["blurr"]),
              ('Did you mean "blur"',))]:
         path = _variant(work, "names", change)
         rc, text = run_to_end(path, "names", work, None)

@@ -55,6 +55,27 @@ class SuiteConfig:
     official_only: bool = False       # True: skip the world sets (a GPU run on real data)
 
 
+def _evaluation(**parts) -> dict:
+    return {"05_evaluate": parts, "06_ablations": parts}
+
+
+# Study sizes by name. A params file's top-level ``sizes: NAME`` puts them under every stage of the
+# notebooks they name (a stage's own values win), so each size is written here once.
+SIZES = {
+    # the embedded studies (params/default.yaml, full.yaml): the suite's defaults, a grounded set beside them
+    "study": {"00_world_and_benchmarks": {"n_pope_images": 100},
+              **_evaluation(suite={"n_grounded_images": 60}, scoring={"batch_size": 32})},
+    # the chain in minutes (params/smoke.yaml, paper_smoke.yaml): every set at its smallest
+    "smoke": {"00_world_and_benchmarks": {"n_scenes": 4, "n_pope_images": 10, "n_synthetic": 200},
+              **_evaluation(suite={"n_pope_images": 2, "n_amber_images": 2, "n_transfer_images": 1,
+                                   "n_calibration_images": 2, "n_train_images": 2, "n_perturbed_images": 1,
+                                   "transfer_kinds": ["blur"], "perturbed_levels": [0, 100]},
+                            scoring={"batch_size": 8}, boot={"n_boot": 20})},
+    # params/paper.yaml: the world sets, a controlled check beside the official files
+    "paper": _evaluation(suite={"n_pope_images": 500, "n_amber_images": 500}),
+}
+
+
 def _world_config(cfg: SuiteConfig) -> world.WorldConfig:
     return world.WorldConfig(image_size=cfg.image_size)
 

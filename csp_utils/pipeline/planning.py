@@ -159,7 +159,9 @@ def _plan_stage(stage: str, params: dict, defaults: dict, owner: dict[str, str])
 
 
 def plan_study(params: dict) -> list[Stage]:
-    """Every stage, checked and resolved, in chain order; raises before anything runs."""
+    """Every stage, checked and resolved, in chain order; raises before anything runs. Params
+    as read from a file are expanded first (:func:`load_params` has done it already)."""
+    params = expand_study(params)
     for notebook in dict.fromkeys(notebook_of(stage) for stage in params["stages"]):
         compile_notebook(notebook)
     defaults = {stage: notebook_defaults(notebook_of(stage)) for stage in params["stages"]}
