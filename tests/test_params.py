@@ -205,10 +205,11 @@ def test_a_split_evaluation_runs_its_parts_beside_each_other_and_its_tables_afte
     assert plan["05_evaluate@deep-base"].inputs == [], "the base model waits for no training"
     for s in parts:
         assert s.parameters["rows_only"] is True and s.parameters["results"] == "results/deep"
-        assert all(o.startswith("results/deep/matrix/") for o in s.outputs), "a part writes rows only"
+        assert all(o.startswith(("results/deep/matrix/", "results/deep/sources")) for o in s.outputs), "rows only"
         assert s.name in whole.inputs
     assert "results/deep/headline.csv" in whole.outputs and not any("/matrix/" in o for o in whole.outputs)
-    assert len(whole.shared) == len(whole.parameters["models"]), "its rows are the parts'"
+    assert "results/deep/sources" in plan["05_evaluate@deep-base"].outputs, "made beside the base model's rows"
+    assert len(whole.shared) == len(whole.parameters["models"]) + 1, "its rows and sources are the parts'"
     with pytest.raises(ValueError, match="split_evaluation: true or false"):
         planning.expand_study({"bases": {"embedded": None}, "seeds": {}, "split_evaluation": "yes",
                                "stages": {}})

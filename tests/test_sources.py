@@ -105,3 +105,24 @@ def test_the_sources_need_the_calibration_set():
     rows = [r for r in _base_rows(suite, lambda it: "yes") if r["set"] != "calibration"]
     with pytest.raises(ValueError, match="calibration"):
         sources.source_rows(None, None, {"pope-random": suite["pope-random"]}, rows)
+
+
+def test_sources_are_computed_once_and_read_back_where_they_were_made_for_the_same_sets(monkeypatch, tmp_path):
+    calls = []
+
+    def fake(base_model, suite, rows, sources=sources.SOURCES, **kw):
+        calls.append(sorted(suite))
+        return [{"model": "baseline:probe", "set": s, "question_id": "q", "confidence": 0.5} for s in suite], \
+            {"answer_seconds_per_question": 0.1}
+
+    monkeypatch.setattr(sources, "base_source_rows", fake)
+    suite = {"calibration": None, "pope-random": None}
+    first = sources.cached_source_rows(tmp_path / "s", "embedded", suite, [], sources=["probe"])
+    again = sources.cached_source_rows(tmp_path / "s", "embedded", suite, [], sources=["probe"])
+    assert first == again and len(calls) == 1
+    sources.cached_source_rows(tmp_path / "s", "embedded", {**suite, "amber-existence": None}, [], sources=["probe"])
+    sources.cached_source_rows(tmp_path / "s", "embedded", suite, [], sources=["probe", "contrast"])
+    assert len(calls) == 3, "other sets or sources: made again"
+    (tmp_path / "s" / "cost.json").unlink()   # an interrupted write: the rows are not trusted
+    sources.cached_source_rows(tmp_path / "s", "embedded", suite, [], sources=["probe", "contrast"])
+    assert len(calls) == 4

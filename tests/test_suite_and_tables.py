@@ -72,6 +72,28 @@ def test_headline_table_pools_seeds_and_bootstraps_by_question():
     assert r["f1"] == pytest.approx(2 * correct.sum() / (len(rows) + correct.sum()))  # all labels yes
 
 
+def test_tables_scored_in_worker_processes_equal_the_tables_scored_here(monkeypatch):
+    """The resamples are drawn before the groups are handed out: any number of workers gives
+    the same tables, bit for bit."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for set_ in ("pope-random", "amber-existence"):
+        for model, shift in (("csp@s0", 0.0), ("csp@s1", 0.1), ("base", 0.05)):
+            rs = _rows(model, set_, 120, 0.7, 0.0, seed=len(rows))
+            for i, r in enumerate(rs):
+                r.update(confidence=float(np.clip(rng.random() * 0.5 + 0.4 + shift, 0, 1)), image_id=f"{set_}-{i // 4}",
+                         question_id=f"{set_}-q{i}")
+            rows += rs
+    rows += [{**r, "model": "baseline:constant", "framing": "-", "readout": "-", "confidence": 0.7}
+             for r in rows if r["model"] == "base"]
+    here = tables.evaluation_tables(rows, n_boot=50, workers=1)
+    monkeypatch.setattr(tables._Scorer, "MIN_ROWS", 0)
+    spawned = tables.evaluation_tables(rows, n_boot=50, workers=2)
+    for a, b in zip(here, spawned):
+        assert len(a) > 3
+        pd.testing.assert_frame_equal(a, b)
+
+
 @pytest.mark.parametrize("case", ["ties", "continuous", "one_class", "all_missing"])
 def test_resampled_metrics_equal_row_by_row_metrics(case):
     """The bootstrap's one-bincount metrics equal _metric_values on each resample's rows."""

@@ -11,6 +11,7 @@ questions about one image move together, since they share its evidence.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -225,12 +226,46 @@ def per_seed_text(value, digits: int = 3) -> str:
     return " / ".join(f"{float(x):.{digits}f}" for x in value.split(";")) if isinstance(value, str) else ""
 
 
+class _Scorer:
+    """:func:`_scored` over a list of tasks, in order: in this process, or in ``workers`` spawned
+    processes (None: one per core) when the table is large enough (``n_rows``) to repay
+    starting them. The resamples are drawn before, here, so the results do not depend on it."""
+
+    MIN_ROWS = 100_000
+
+    def __init__(self, workers: int | None, n_rows: int):
+        n = (os.cpu_count() or 1) if workers is None else int(workers)
+        self.workers = n if n > 1 and n_rows >= self.MIN_ROWS else 1
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def map(self, tasks: list[tuple]) -> list:
+        if self.pool is None or len(tasks) < 2:
+            return [_scored(*t) for t in tasks]
+        return list(self.pool.map(_scored_task, tasks))
+
+
+def _scored_task(task: tuple):
+    return _scored(*task)
+
+
 def _seed_uniforms(df: pd.DataFrame, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     return rng.random((n_boot, int(df.groupby("group")["model"].nunique().max())))
 
 
 def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
-                   cluster: str = "image", pools: dict | None = POOLS) -> pd.DataFrame:
+                   cluster: str = "image", pools: dict | None = POOLS, workers: int | None = None) -> pd.DataFrame:
     """Per (model group, set or pool, framing, read-out): metrics with bootstrap intervals.
 
     ``cluster="image"`` resamples images (all their questions, and all seeds' rows of them,
@@ -244,6 +279,8 @@ def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, se
     Pools (``pooled-clean``, ``pooled-transfer``) gather the rows of their member sets and
     resample the images of all of them at once. ``image_share`` is the between-image share of
     the confidence variance (:func:`metrics.image_variance_share`), the mean over seeds.
+    ``workers``: processes that score the groups of a set side by side (:class:`_Scorer`); the
+    table is the same for any number.
     """
     if cluster not in metrics.CLUSTERS:
         raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
@@ -254,40 +291,49 @@ def headline_table(rows: list[dict], n_boot: int = 1000, alpha: float = 0.05, se
     out = []
     rng = np.random.default_rng(seed)
     seed_rng = np.random.default_rng([seed, 1])   # its own stream: one-seed models keep their image resamples
-    for unit, gu in _units(df, pools):
-        uniform = _seed_uniforms(df, n_boot, seed_rng)
-        for (group, framing, readout), g in gu.groupby(["group", "framing", "readout"], sort=False):
-            uniq = pd.unique(g[key])
-            point, boots = _scored(g, key, uniq, metrics.resample_counts(len(uniq), n_boot, rng), uniform)
-            pos = sorted(set(g["pos"]))
-            rec = {"model": group, "set": unit, "framing": framing, "readout": readout,
-                   "positive_class": pos[0] if len(pos) == 1 else "per set",
-                   "n_questions": g["question_id"].nunique(), "n_images": g["image"].nunique(),
-                   "n_sets": g["set"].nunique(), "seeds": g["model"].nunique(), "cluster": cluster}
-            for k, v in point.items():
-                rec[k] = v
-                rec[f"{k}_low"], rec[f"{k}_high"] = metrics.interval(boots[k], alpha) if k in boots else (math.nan,) * 2
-            rec["auroc_set_constant"] = (set_constant_auroc(g["ok"].to_numpy(), g["set"].to_numpy())
-                                         if rec["n_sets"] > 1 else math.nan)
-            # per seed, then averaged: seeds disagreeing about an image is not within-image variation
-            shares = [metrics.image_variance_share(s["conf"].to_numpy(), s["image"].to_numpy())
-                      for _, s in g.groupby("model")]
-            rec["image_share"] = float(np.mean(shares)) if not np.all(np.isnan(shares)) else math.nan
-            if rec["seeds"] > 1:
-                names = _seed_order(g["model"])
-                per_seed = [_point_values(g[g["model"] == name]) for name in names]
-                rec["seed_labels"] = ";".join(seed_label(n) for n in names)
-                for k in SEED_METRICS:
-                    vals = [v[k] for v in per_seed]
-                    rec[f"{k}_per_seed"] = ";".join(f"{x:.6f}" for x in vals)
-                    rec[f"{k}_seed_min"], rec[f"{k}_seed_max"] = float(np.nanmin(vals)), float(np.nanmax(vals))
-            out.append(rec)
+    with _Scorer(workers, len(df)) as scorer:
+        for unit, gu in _units(df, pools):
+            uniform = _seed_uniforms(df, n_boot, seed_rng)
+            tasks = []
+            for (group, framing, readout), g in gu.groupby(["group", "framing", "readout"], sort=False):
+                uniq = pd.unique(g[key])
+                tasks.append((g, key, uniq, metrics.resample_counts(len(uniq), n_boot, rng), uniform))
+            for (g, *_), (point, boots) in zip(tasks, scorer.map(tasks)):
+                out.append(_headline_record(unit, g, point, boots, cluster, alpha))
     return pd.DataFrame(out)
+
+
+def _headline_record(unit: str, g: pd.DataFrame, point: dict, boots: dict, cluster: str, alpha: float) -> dict:
+    """One row of :func:`headline_table`: a model group's values on a set or pool, with intervals."""
+    group, framing, readout = g["group"].iloc[0], g["framing"].iloc[0], g["readout"].iloc[0]
+    pos = sorted(set(g["pos"]))
+    rec = {"model": group, "set": unit, "framing": framing, "readout": readout,
+           "positive_class": pos[0] if len(pos) == 1 else "per set",
+           "n_questions": g["question_id"].nunique(), "n_images": g["image"].nunique(),
+           "n_sets": g["set"].nunique(), "seeds": g["model"].nunique(), "cluster": cluster}
+    for k, v in point.items():
+        rec[k] = v
+        rec[f"{k}_low"], rec[f"{k}_high"] = metrics.interval(boots[k], alpha) if k in boots else (math.nan,) * 2
+    rec["auroc_set_constant"] = (set_constant_auroc(g["ok"].to_numpy(), g["set"].to_numpy())
+                                 if rec["n_sets"] > 1 else math.nan)
+    # per seed, then averaged: seeds disagreeing about an image is not within-image variation
+    shares = [metrics.image_variance_share(s["conf"].to_numpy(), s["image"].to_numpy())
+              for _, s in g.groupby("model")]
+    rec["image_share"] = float(np.mean(shares)) if not np.all(np.isnan(shares)) else math.nan
+    if rec["seeds"] > 1:
+        names = _seed_order(g["model"])
+        per_seed = [_point_values(g[g["model"] == name]) for name in names]
+        rec["seed_labels"] = ";".join(seed_label(n) for n in names)
+        for k in SEED_METRICS:
+            vals = [v[k] for v in per_seed]
+            rec[f"{k}_per_seed"] = ";".join(f"{x:.6f}" for x in vals)
+            rec[f"{k}_seed_min"], rec[f"{k}_seed_max"] = float(np.nanmin(vals)), float(np.nanmax(vals))
+    return rec
 
 
 def paired_table(rows: list[dict], framing: str = "third", readout: str = "single_pass", n_boot: int = 1000,
                  alpha: float = 0.05, seed: int = 0, cluster: str = "image", pools: dict | None = POOLS,
-                 base: str = "base", pool_seeds: bool = True) -> pd.DataFrame:
+                 base: str = "base", pool_seeds: bool = True, workers: int | None = None) -> pd.DataFrame:
     """Every method against every baseline and against ``base``, on the same resamples.
 
     Methods are the model groups at (``framing``, ``readout``; with ``pool_seeds=False`` each
@@ -298,7 +344,7 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
     the same seed positions: s0 with s0), and ``verdict`` (better / worse / level by whether
     the interval excludes 0; lower is better for ECE and Brier, higher for AUROC and
     accuracy). A group with several seeds has them resampled too (:func:`_scored`). Both must
-    have answered the same questions.
+    have answered the same questions. ``workers`` as in :func:`headline_table`.
     """
     if cluster not in metrics.CLUSTERS:
         raise ValueError(f"cluster must be one of {metrics.CLUSTERS}, got {cluster!r}")
@@ -310,6 +356,13 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
     out = []
     rng = np.random.default_rng(seed)
     seed_rng = np.random.default_rng([seed, 1])
+    with _Scorer(workers, len(df)) as scorer:
+        out = _paired_rows(df, pools, key, n_boot, alpha, rng, seed_rng, base, cluster, framing, readout, scorer)
+    return pd.DataFrame(out)
+
+
+def _paired_rows(df, pools, key, n_boot, alpha, rng, seed_rng, base, cluster, framing, readout, scorer) -> list[dict]:
+    out = []
     for unit, gu in _units(df, pools):
         groups = list(dict.fromkeys(gu["group"]))
         refs = [g for g in groups if g.startswith("baseline:")] + ([base] if base in groups else [])
@@ -320,9 +373,10 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
         counts = metrics.resample_counts(len(uniq), n_boot, rng)
         uniform = _seed_uniforms(gu, n_boot, seed_rng)
         point, boots, qids = {}, {}, {}
-        for name in dict.fromkeys(methods + refs):
-            g = gu[gu["group"] == name]
-            point[name], boots[name] = _scored(g, key, uniq, counts, uniform)
+        names = list(dict.fromkeys(methods + refs))
+        tasks = [(gu[gu["group"] == name], key, uniq, counts, uniform) for name in names]
+        for name, (g, *_), scored in zip(names, tasks, scorer.map(tasks)):
+            point[name], boots[name] = scored
             qids[name] = frozenset(g["question_id"])
         for m in methods:
             for r in refs:
@@ -340,7 +394,7 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
                                 "method_seeds": gu.loc[gu["group"] == m, "model"].nunique(),
                                 "reference_seeds": gu.loc[gu["group"] == r, "model"].nunique(),
                                 "n_images": gu["image"].nunique(), "framing": framing, "readout": readout})
-    return pd.DataFrame(out)
+    return out
 
 
 def evaluation_tables(rows: list[dict], framing: str = "third", readout: str = "single_pass",

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -220,3 +222,26 @@ def base_source_rows(base_model: str, suite: dict, rows: list[dict], base: str =
     model, processor = models.load_vlm(base_model, **matrix.model_kwargs(load_kwargs))
     model.eval()
     return source_rows(model, processor, suite, own, sources=sources, **kw)
+
+
+def cached_source_rows(folder, base_model: str, suite: dict, rows: list[dict], sources=SOURCES,
+                       **kw) -> tuple[list[dict], dict]:
+    """:func:`base_source_rows`, kept in ``folder`` (``rows.jsonl``, then ``cost.json``) and read
+    back where the folder holds them for the same sources and sets: the stage that evaluates the
+    base model computes them, a later one over the same rows (a split evaluation's tables) reads them."""
+    folder = Path(folder)
+    rows_path, cost_path = folder / "rows.jsonl", folder / "cost.json"
+    made_for = {"sources": list(sources), "sets": sorted(suite)}
+    if cost_path.exists() and rows_path.exists():
+        saved = json.loads(cost_path.read_text())
+        if saved.get("made_for") == made_for:
+            with open(rows_path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()], saved["cost"]
+    out, cost = base_source_rows(base_model, suite, rows, sources=sources, **kw)
+    folder.mkdir(parents=True, exist_ok=True)
+    cost_path.unlink(missing_ok=True)   # written last: its presence says the rows are whole
+    tmp = rows_path.with_name(rows_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in out), encoding="utf-8")
+    os.replace(tmp, rows_path)
+    cost_path.write_text(json.dumps({"made_for": made_for, "cost": cost}, indent=2))
+    return out, cost

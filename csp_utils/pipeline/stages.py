@@ -73,6 +73,15 @@ def _preview(p: dict) -> list[str]:
     return _figures(f"reliability_pope_adversarial_preview{results_suffix(p['results'])}")
 
 
+def _sources(p: dict) -> list[str]:
+    """The confidence sources on the base model's answers, where the stage evaluates the base model."""
+    return [f"{p['results']}/sources"] if p["sources"] and "base" in _labels(p["models"]) else []
+
+
+def _labels(models) -> list[str]:
+    return [str(m).split("=", 1)[0] for m in models]
+
+
 def _evaluation_tables(p: dict) -> list[str]:
     """What an evaluation writes besides its rows (a part of a split one writes rows only)."""
     return [*(f"{p['results']}/{name}" for name in (
@@ -162,7 +171,8 @@ STAGES: dict[str, StageSpec] = {
         scratch=lambda p: [f"checkpoints/{_simpo_name(p)}", f"merged/{_simpo_name(p)}"],
         uses_model=True, cell_timeout=8 * HOUR, tagged="tag", configs=_training_configs("simpo")),
     "05_evaluate": StageSpec(
-        outputs=lambda p: [*_matrix(p["models"], p["results"]), *([] if p["rows_only"] else _evaluation_tables(p))],
+        outputs=lambda p: [*_matrix(p["models"], p["results"]), *_sources(p),
+                           *([] if p["rows_only"] else _evaluation_tables(p))],
         inputs=lambda p: _adapters(p["models"]), uses_model=True, cell_timeout=8 * HOUR, configs=_evaluation_configs,
         types={"sets": (list,), "adapter_scope": (str,), "device_map": (str, dict), "rows_only": (bool,),
                **dict.fromkeys(("pope_dir", "coco_val_images", "amber_dir", "amber_images"), (str,))}),
