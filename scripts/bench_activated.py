@@ -9,12 +9,17 @@ base: today's path against the one that reuses what the base model computed, in 
   confidence prompts built whole against continuing the answer prompts' KV cache
   (``EvalConfig.continue_answer_cache``). "Rows identical": answers, internal probabilities and
   the argmax option equal, confidences within 1e-6.
+* a study's evaluation of ``--adapters`` activated adapters on one base (the deep base's six): the
+  first continuing its answer turn and the others taking its answers and building their prompts
+  whole, against all of them batch-major on one model, one answer turn per batch that every
+  adapter continues (``evaluation.elicit_batch_adapters``, what ``matrix.evaluate_models`` does).
 
 Each ratio is the median of ``--repeats`` paired runs (the two paths alternate, order swapped
-each time). Prints two lines:
+each time). Prints three lines:
 
     evaluation: N.N× faster, rows identical
     training: N.N× faster per step, losses equal
+    K adapters batch-major: N.N× faster, rows identical
 
     python scripts/bench_activated.py [--base-model embedded-deep] [--questions 192] [--steps 4]
 """
@@ -120,6 +125,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=4, help="training steps per path and run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adapters", type=int, default=6, help="activated adapters evaluated together")
     args = ap.parse_args(argv)
 
     import torch
@@ -167,8 +173,63 @@ def main(argv=None) -> dict:
     print(f"evaluation: {statistics.median(eval_ratios):.1f}× faster, rows {'identical' if identical else 'differ'}")
     print(f"training: {statistics.median(train_ratios):.1f}× faster per step, "
           f"losses {'equal' if losses_equal else 'differ'}")
+
+    names = ["default"] + [f"extra{k}" for k in range(1, args.adapters)]
+    torch.manual_seed(1)
+    for name in names[1:]:   # more activated adapters: the trained one, moved a little
+        split_model.add_adapter(name, lora)
+        weights = dict(split_model.named_parameters())
+        with torch.no_grad():
+            for key, p in weights.items():
+                if f".{name}." in key:
+                    p.copy_(weights[key.replace(f".{name}.", ".default.")] + torch.randn_like(p) * 0.01)
+    split_model.eval()
+    group_ratios, group_identical = [], True
+    for r in range(args.repeats):
+        took, rows = {}, {}
+        for new in ((False, True) if r % 2 == 0 else (True, False)):
+            run = batch_major if new else one_by_one
+            took[new], rows[new] = timed(lambda: run(split_model, processor, bench, config, names))
+        group_ratios.append(took[False] / took[True])
+        group_identical &= all(same_rows(rows[False][n], rows[True][n]) for n in names)
+    split_model.set_adapter("default")
+    print(f"{args.adapters} adapters batch-major: {statistics.median(group_ratios):.1f}× faster, "
+          f"rows {'identical' if group_identical else 'differ'}")
     return {"evaluation": eval_ratios, "training": train_ratios, "rows_identical": identical,
-            "losses_equal": losses_equal, "losses": losses}
+            "losses_equal": losses_equal, "losses": losses, "batch_major": group_ratios,
+            "batch_major_identical": group_identical}
+
+
+def one_by_one(model, processor, bench, config, names) -> dict[str, list[dict]]:
+    """Adapter by adapter: the first continues its answer turn, the others take its answers."""
+    from csp_utils.evaluate import evaluation
+
+    parse, items, out = evaluation.answer_parser(bench), bench.items, {n: [] for n in names}
+    for s in range(0, len(items), config.batch_size):
+        batch = items[s:s + config.batch_size]
+        images = [bench.image_loader(it.image_id) for it in batch]
+        model.set_adapter(names[0])
+        first = evaluation.elicit_batch(model, processor, batch, images, config, names[0], parse)
+        out[names[0]] += first
+        answers = [{k: r[k] for k in evaluation.ANSWER_FIELDS} for r in first]
+        for name in names[1:]:
+            model.set_adapter(name)
+            out[name] += evaluation.elicit_batch(model, processor, batch, images, config, name, parse, answers=answers)
+    return out
+
+
+def batch_major(model, processor, bench, config, names) -> dict[str, list[dict]]:
+    """All adapters on each batch: one answer turn, every adapter continuing its cache."""
+    from csp_utils.evaluate import evaluation
+
+    parse, items, out = evaluation.answer_parser(bench), bench.items, {n: [] for n in names}
+    for s in range(0, len(items), config.batch_size):
+        batch = items[s:s + config.batch_size]
+        images = [bench.image_loader(it.image_id) for it in batch]
+        rows = evaluation.elicit_batch_adapters(model, processor, batch, images, config, [(n, n) for n in names], parse)
+        for n in names:
+            out[n] += rows[n]
+    return out
 
 
 if __name__ == "__main__":
