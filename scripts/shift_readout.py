@@ -4,17 +4,20 @@ confidence follows) and its temperature-scaled probability.
 
     python scripts/shift_readout.py --base embedded-deep \
         --adapters distilled_activated=runs/default/adapters/sft@ad0 calibrated_activated=runs/default/adapters/sft@cd0 \
-        [--images 40] [--severities 0 0.35 0.7 1.0] [--out docs/shift]
+        [--images 40] [--severities 0 0.35 0.7 1.0] [--out docs/shift] [--held-out]
 
 1. Degradations (blur, clutter, low light, occlusion, small; never trained on) at each severity
    on eval-split scenes from ``START`` (past every set of the suite, so none of them is an
-   evaluation image), POPE-random questions.
+   evaluation image), POPE-random questions. ``--held-out``: haze, pixelation and JPEG instead,
+   degradations outside the suite that no set and no choice has seen (``HELD_OUT_DEGRADATIONS``).
 2. CSP noise on the asked object at levels 100 (clean) / 70 / 40 / 10 on eval-split scenes from
    ``START`` + 50,000 (the grounded perturbed set's construction; key-noise rows only).
 3. Temperature fitted on the validation calibration set of ``learning_curve`` (CSP-split scenes).
 
-Writes ``shift_readout.csv`` (one row per condition and model) and ``shift_readout.png``/``.pdf``.
-Nothing here chooses a setting: it describes trained adapters.
+Writes ``shift_readout.csv`` (one row per condition and model: accuracy, mean confidence, Brier),
+``shift_summary.csv`` (each degradation over its severities above 0: accuracy, mean confidence,
+Brier, ECE10, beside a constant at the validation accuracy) and ``shift_readout.png``/``.pdf``
+(``heldout_*`` with ``--held-out``). Nothing here chooses a setting: it describes trained adapters.
 """
 
 from __future__ import annotations
@@ -69,16 +72,17 @@ def main(argv=None):
     ap.add_argument("--severities", nargs="+", type=float, default=[0.0, 0.35, 0.7, 1.0])
     ap.add_argument("--out", default="docs/shift")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--held-out", action="store_true", help="haze, pixelation and JPEG instead of the suite's kinds")
     args = ap.parse_args(argv)
 
     import numpy as np
     import pandas as pd
     import torch
 
-    from csp_utils.core import baselines
+    from csp_utils.core import baselines, metrics
     from csp_utils.vlm import models
     from csp_utils.vlm.models import CONFIG_FILE
-    from csp_utils.world import benchmarks, degradations, scenes as world
+    from csp_utils.world import benchmarks, catalog, scenes as world
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*records no base model.*")
@@ -94,31 +98,66 @@ def main(argv=None):
                                         "random", seed=0)
     cal_rows = [r for r in elicit(base, proc, calib, "single_turn", "all") if r["internal_prob"] is not None]
     T = baselines.fit_temperature([r["internal_prob"] for r in cal_rows], [r["correct"] for r in cal_rows])
+    constant = float(np.mean([r["correct"] for r in cal_rows]))
+    kinds = catalog.HELD_OUT_DEGRADATIONS if args.held_out else catalog.DEGRADATIONS
     conditions = [("degradation", kind, sev, b) for (kind, sev), b in
-                  degraded_sets(args.images, args.severities, degradations.DEGRADATIONS).items()]
-    conditions += [("asked-object noise", "key", lv, b) for lv, b in noise_sets(args.images).items()]
-    records = []
+                  degraded_sets(args.images, args.severities, kinds).items()]
+    if not args.held_out:
+        conditions += [("asked-object noise", "key", lv, b) for lv, b in noise_sets(args.images).items()]
+    records, scored = [], []   # scored: (kind, severity, model, confidences, correctness) for the summary
+
+    def record(family, kind, x, label, conf, ok):
+        conf, ok = np.asarray(conf, float), np.asarray(ok, float)
+        keep = ~np.isnan(conf)
+        records.append({"family": family, "kind": kind, "x": x, "n": int(keep.sum()), "accuracy": ok[keep].mean(),
+                        "model": label, "confidence": conf[keep].mean(),
+                        "brier": float(np.mean((conf[keep] - ok[keep]) ** 2))})
+        scored.append((family, kind, x, label, conf[keep], ok[keep]))
+
     for family, kind, x, bench in conditions:
         rows = elicit(base, proc, bench, "single_turn", "all")
         p = np.array([r["internal_prob"] if r["internal_prob"] is not None else np.nan for r in rows])
         ok = np.array([bool(r["correct"]) for r in rows])
-        common = {"family": family, "kind": kind, "x": x, "n": len(rows), "accuracy": ok.mean()}
-        records.append({**common, "model": "temperature", "confidence": np.nanmean(baselines.temperature_scale(p, T))})
+        record(family, kind, x, "temperature", baselines.temperature_scale(p, T), ok)
+        record(family, kind, x, "constant", np.full(len(ok), constant), ok)
         print(f"[{family}] {kind} {x}: accuracy {ok.mean():.3f}", flush=True)
     for label, folder in adapters:
         model, _ = models.load_vlm(args.base, adapter=folder, dtype=torch.float32)
         layout = __import__("json").loads((Path(folder) / CONFIG_FILE).read_text())["config"]["layout"]
         for family, kind, x, bench in conditions:
-            rows = [r for r in elicit(model, proc, bench, layout, "confidence") if r["confidence"] is not None]
-            ok = np.array([bool(r["correct"]) for r in rows])
-            records.append({"family": family, "kind": kind, "x": x, "n": len(rows), "accuracy": ok.mean(),
-                            "model": label, "confidence": float(np.mean([r["confidence"] for r in rows]))})
+            rows = elicit(model, proc, bench, layout, "confidence")
+            record(family, kind, x, label, [np.nan if r["confidence"] is None else r["confidence"] for r in rows],
+                   [bool(r["correct"]) for r in rows])
     df = pd.DataFrame(records)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "shift_readout.csv", index=False, float_format="%.4f")
-    figure(df, out / "shift_readout")
+    stem = "heldout_" if args.held_out else "shift_"
+    df.to_csv(out / f"{stem}readout.csv", index=False, float_format="%.4f")
+    summary = summarize(scored, metrics)
+    summary.to_csv(out / f"{stem}summary.csv", index=False, float_format="%.4f")
+    figure(df[df["model"] != "constant"], out / f"{stem}readout")
     print(df.pivot_table(index=["family", "kind", "x"], columns="model", values="confidence").round(3).to_string())
+    print(summary.round(3).to_string(index=False))
+
+
+def summarize(scored, metrics):
+    """Each degradation over its severities above 0 (each noise level below 100), per model:
+    accuracy, mean confidence, Brier and ECE10 of the pooled rows."""
+    import numpy as np
+    import pandas as pd
+
+    pooled = {}
+    for family, kind, x, label, conf, ok in scored:
+        if (family == "degradation" and x > 0) or (family != "degradation" and x < 100):
+            c, y = pooled.setdefault((kind, label), ([], []))
+            c.append(conf)
+            y.append(ok)
+    out = []
+    for (kind, label), (c, y) in pooled.items():
+        c, y = np.concatenate(c), np.concatenate(y)
+        out.append({"kind": kind, "model": label, "n": len(c), "accuracy": y.mean(), "confidence": c.mean(),
+                    "brier": float(np.mean((c - y) ** 2)), "ece10": metrics.ece(c, y, 10)})
+    return pd.DataFrame(out)
 
 
 def figure(df, path):

@@ -148,7 +148,7 @@ def _diff(a, b):
     return float(np.abs(a.image.astype(float) - b.image.astype(float)).mean())
 
 
-@pytest.mark.parametrize("kind", catalog.DEGRADATIONS)
+@pytest.mark.parametrize("kind", catalog.DEGRADATIONS + catalog.HELD_OUT_DEGRADATIONS)
 def test_degrade_severity(kind, eval_scenes):
     pool = [s for s in eval_scenes[:60] if len(s.objects) >= 2][:6]
     for s in pool:
@@ -174,6 +174,14 @@ def test_degrade_severity(kind, eval_scenes):
             assert area(levels[-1]) == area(s)
         if kind == "occlusion":
             assert all((o.mask <= p.mask).all() for o, p in zip(levels[-1].objects, s.objects))
+
+
+def test_the_held_out_degradations_are_in_no_set_of_the_suite():
+    from csp_utils.evaluate import suites
+
+    held_out = set(catalog.HELD_OUT_DEGRADATIONS)
+    assert held_out and not held_out & set(catalog.DEGRADATIONS)
+    assert not held_out & set(suites.SuiteConfig().transfer_kinds)
 
 
 def test_degrade_errors(eval_scenes):

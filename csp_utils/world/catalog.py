@@ -22,6 +22,8 @@ RELATIONS = ("left of", "right of", "above", "below", "touching")
 SPLITS = ("base", "csp", "eval")
 VARIANTS = ("clean", "blur", "low_light", "small", "occlusion", "clutter")
 DEGRADATIONS = VARIANTS[1:]
+# degradations outside the suite: a check of what transfers to shifts no set and no choice has seen
+HELD_OUT_DEGRADATIONS = ("haze", "pixelate", "jpeg")
 # Themes interleave frequency ranks (i % 4), so each theme has frequent and rare members
 # and "popular" (global frequency) differs from "adversarial" (co-occurrence).
 THEMES = {f"theme{t}": tuple(CATEGORIES[t::4]) for t in range(4)}

@@ -1,4 +1,5 @@
-"""Natural-uncertainty variants of a clean scene: blur, low light, small objects, occlusion, clutter.
+"""Natural-uncertainty variants of a clean scene: blur, low light, small objects, occlusion, clutter
+(the suite's transfer sets), and haze, pixelation and JPEG compression (held out of the suite).
 
 :func:`degrade` makes them with a severity in [0, 1]; 0 leaves the image unchanged, and the
 random draws do not depend on severity, so images change monotonically with it. None of them
@@ -9,19 +10,20 @@ never mix variants up.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import replace
 
 import numpy as np
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 
-from csp_utils.world.catalog import COLORS, DEGRADATIONS
+from csp_utils.world.catalog import COLORS, DEGRADATIONS, HELD_OUT_DEGRADATIONS
 from csp_utils.world.rendering import _box, _render, _to_uint8
 from csp_utils.world.scene_io import rle_encode
 from csp_utils.world.scenes import Scene, WorldConfig, _objects, _rng
 
-_DEGRADE_KEYS = {k: 1000 + i for i, k in enumerate(DEGRADATIONS)}
+_DEGRADE_KEYS = {k: 1000 + i for i, k in enumerate(DEGRADATIONS + HELD_OUT_DEGRADATIONS)}
 
 
 def degrade(scene: Scene, kind: str, severity: float, config: WorldConfig = WorldConfig()) -> Scene:
@@ -33,11 +35,14 @@ def degrade(scene: Scene, kind: str, severity: float, config: WorldConfig = Worl
     occlusion  hatched grey occluders over part of each object (up to ~65% of its box);
                masks and boxes are updated to the pixels still visible.
     clutter    up to 16 distractor marks (lines, dots, scribbles), drawn behind the objects.
+    haze       a blend towards light grey, up to 75% (fog: contrast lost, brightness gained).
+    pixelate   blocks of up to 8 px at 64 px (scaled with image size), nearest-neighbour.
+    jpeg       JPEG compression at quality 60 down to 3 (blocking and colour bleeding).
     Masks stay exact; category/colour/size labels keep the clean scene's values.
     ``config`` only matters for its seed (the variant's random draws).
     """
-    if kind not in DEGRADATIONS:
-        raise ValueError(f"degradation kind must be one of {DEGRADATIONS}, got {kind!r}")
+    if kind not in DEGRADATIONS + HELD_OUT_DEGRADATIONS:
+        raise ValueError(f"degradation kind must be one of {DEGRADATIONS + HELD_OUT_DEGRADATIONS}, got {kind!r}")
     if not 0.0 <= float(severity) <= 1.0:
         raise ValueError(f"severity must lie in [0, 1], got {severity!r}")
     if scene.variant != "clean":
@@ -75,6 +80,17 @@ def degrade(scene: Scene, kind: str, severity: float, config: WorldConfig = Worl
         out.meta["clutter"] = marks
     elif kind == "occlusion":
         _occlude(out, scene, rng, s)
+    elif kind == "haze":
+        out.image = _to_uint8(scene.image.astype(np.float32) * (1 - 0.75 * s) + 200.0 * 0.75 * s)
+    elif kind == "pixelate":
+        block = 1 + 7 * s * size / 64
+        small = max(1, int(round(size / block)))
+        pil = scene.to_pil()
+        out.image = np.asarray(pil.resize((small, small), Image.BILINEAR).resize((size, size), Image.NEAREST))
+    elif kind == "jpeg":
+        buf = io.BytesIO()
+        scene.to_pil().save(buf, format="JPEG", quality=int(round(60 - 57 * s)))
+        out.image = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
     out.meta["degradation"] = {"kind": kind, "severity": s}
     return out
 
