@@ -109,7 +109,6 @@ def test_publish_writes_the_run_and_reports_changed_files_and_numbers(tmp_path):
     assert _snapshot(tmp_path / "pub") == before
 
 
-@pytest.mark.xfail(reason="its fixture run still follows the earlier pair of bases; open in the closing note", strict=False)
 def test_publish_refuses_a_run_that_did_not_finish(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         cli.main([str(REPO / "params" / "default.yaml"), "--publish", "--runs-root", str(tmp_path / "runs")])
@@ -195,7 +194,6 @@ def test_a_notebook_run_and_saved_in_an_editor_leaves_git_clean(tmp_path):
     assert _git(repo, "status", "--porcelain").strip() == "M notebooks/01_perturbation_explorer.ipynb"
 
 
-@pytest.mark.xfail(reason="docs/notebooks were republished from a run made in another checkout; open in the closing note", strict=False)
 def test_the_tracked_notebooks_are_in_their_committed_form():
     """What the filter makes of each tracked notebook is the file itself, so that a fresh clone's
     git status stays clean whether or not the filter ran."""

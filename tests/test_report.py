@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from csp_utils import nbclean
 from csp_utils.analysis import report
 
 
@@ -50,8 +51,10 @@ def test_publish_copies_finished_notebooks_with_outputs(tmp_path):
     assert sorted(p.name for p in dest.glob("*.ipynb")) == ["00_world.ipynb"]
     assert out["skipped"] == ["07_figures.ipynb"] and out["shrunk"] == {}
     assert out["written"] == {"00_world.ipynb": (dest / "00_world.ipynb").stat().st_size}
-    published = json.loads((dest / "00_world.ipynb").read_text())
+    text = (dest / "00_world.ipynb").read_text()
+    published = json.loads(text)
     assert published["cells"][0]["outputs"][0]["data"]["image/png"] == small
+    assert nbclean.clean(text, keep_outputs=True) == text   # as git's filter would commit it
 
 
 def test_publish_replaces_a_widgets_repr_with_a_line_for_the_reader(tmp_path):

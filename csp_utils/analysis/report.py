@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from csp_utils import nbclean
 from csp_utils.analysis import outputs, plots, tables
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED, read_result
 from csp_utils.core import metrics
@@ -406,7 +407,8 @@ def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX
         if actions:
             shrunk[path.name] = actions
         out = dest / path.name
-        out.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        # in the form git's notebook filter gives it, so a fresh clone's status stays clean
+        out.write_text(nbclean.clean(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", keep_outputs=True))
         written[path.name] = out.stat().st_size
     for old in dest.glob("*.ipynb"):
         if old.name not in written:
