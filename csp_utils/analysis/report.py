@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from csp_utils import nbclean
 from csp_utils.analysis import outputs, plots, tables
 from csp_utils.analysis.tables import MAIN_COMBO, POOLED, read_result
 from csp_utils.core import metrics
@@ -393,6 +392,8 @@ def publish_notebooks(run_dir, dest="docs/notebooks", max_image_bytes: int = MAX
                                 f"(python -m csp_utils.study params/default.yaml)")
     if dest.resolve() == source.resolve() or dest.resolve() == (REPO / "notebooks"):
         raise ValueError(f"dest {dest} would overwrite the source notebooks; give a separate folder such as docs/notebooks")
+    from csp_utils import nbclean   # the standard-library filter command, outside the layers
+
     dest.mkdir(parents=True, exist_ok=True)
     written, skipped, shrunk = {}, [], {}
     for path in sorted(source.glob("*.ipynb")):
