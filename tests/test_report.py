@@ -288,3 +288,31 @@ def test_the_published_notebooks_name_no_machine_path():
         text = path.read_text()
         for root in ("/work/", "/home/", "/tmp/", "/Users/", str(REPO)):
             assert root not in text, (path.name, root)
+
+
+def test_publish_brings_a_figure_like_image_under_the_budget(tmp_path):
+    """Plots have few colours and sharp edges: resampling blends them into many, so their PNG
+    bytes fall much less than their pixels; the images still end under the budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(1)
+    fig, axes = plt.subplots(2, 6, figsize=(22, 11), dpi=100)
+    for ax in axes.flat:
+        ax.bar(np.arange(10), rng.random(10), color="tab:blue", edgecolor="k")
+        ax.plot([0, 9], [0, 1], "--", color="grey")
+        ax.set_title("pope-random base")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    nb = _notebook(png)
+    nb["cells"] = nb["cells"] * 8
+    run = _fake_run(tmp_path, {"07_figures": nb}, finished={"07_figures"})
+    budget = 8 * len(png) // 6
+    report.publish_notebooks(run, tmp_path / "pub", max_image_bytes=budget)
+    published = json.loads((tmp_path / "pub" / "07_figures.ipynb").read_text())
+    sizes = [len(o["data"]["image/png"]) for c in published["cells"] for o in c["outputs"]]
+    assert len(sizes) == 8 and sum(sizes) <= budget
+    assert Image.open(io.BytesIO(base64.b64decode(published["cells"][0]["outputs"][0]["data"]["image/png"]))).width >= 700

@@ -269,31 +269,40 @@ def _image_bytes(nb: dict) -> int:
 
 
 def _downscale_png(b64: str, scale: float) -> str:
+    """A PNG at ``scale`` of its size, in a 256-colour palette: resampling alone adds blended
+    colours that PNG compresses badly, so a plot's bytes would shrink far less than its pixels."""
     img = Image.open(io.BytesIO(base64.b64decode(b64)))
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img = img.convert("RGBA").resize(size, Image.LANCZOS).quantize(256, method=Image.Quantize.FASTOCTREE)
     buf = io.BytesIO()
-    img.resize(size, Image.LANCZOS).save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _shrink_notebook(nb: dict, max_image_bytes: int) -> list[str]:
+def _shrink_notebook(nb: dict, max_image_bytes: int, tries: int = 6) -> list[str]:
     """Keep a notebook's embedded images under ``max_image_bytes``: first drop the widget
     state (interactive copies of plots the notebook also shows statically), then downscale
-    the PNG outputs. Returns what was done, for the caller to report."""
+    the PNG outputs from their originals, by less each try until they fit. Returns what was
+    done, for the caller to report."""
     actions = []
     if _image_bytes(nb) > max_image_bytes and "widgets" in nb.get("metadata", {}):
         del nb["metadata"]["widgets"]
         actions.append("dropped widget state")
     size = _image_bytes(nb)
-    if size > max_image_bytes:
-        scale = 0.95 * (max_image_bytes / size) ** 0.5   # PNG bytes shrink about with the pixel count
-        for cell in nb.get("cells", []):
-            for out in cell.get("outputs", []):
-                data = out.get("data", {})
-                if "image/png" in data:
-                    png = data["image/png"]
-                    data["image/png"] = _downscale_png("".join(png) if isinstance(png, list) else png, scale)
-        actions.append(f"downscaled PNG outputs by {scale:.2f}")
+    if size <= max_image_bytes:
+        return actions
+    pngs = [out["data"] for cell in nb.get("cells", []) for out in cell.get("outputs", [])
+            if "image/png" in out.get("data", {})]
+    originals = ["".join(d["image/png"]) if isinstance(d["image/png"], list) else d["image/png"] for d in pngs]
+    scale = 1.0
+    for _ in range(tries):
+        scale *= 0.95 * min(1.0, max_image_bytes / size) ** 0.5   # bytes shrink about with the pixel count
+        for data, png in zip(pngs, originals):
+            data["image/png"] = _downscale_png(png, scale)
+        size = _image_bytes(nb)
+        if size <= max_image_bytes:
+            break
+    actions.append(f"downscaled PNG outputs by {scale:.2f}")
     return actions
 
 
