@@ -95,7 +95,7 @@ def _ablation_restated(params: dict) -> list[str]:
         own = {k: v for k, v in family.items() if k not in expand.FAMILY_KEYS}
         found += restated(name, own, checks.notebook_defaults(stages.notebook_of("06_ablations")))
         method = family["method"]
-        rows = method if method == "paper_csp" or expand._rows_of(method) != "grounded" else "grounded_csp"
+        rows = method if method == "paper_csp" or expand._rows_of(method, params.get("data") or {}) != "grounded" else "grounded_csp"
         for label, variant in family["variants"].items():
             for key, notebook, owner in (("build", "02_build_perturbed_dataset", rows), ("sft", "03_train_sft", method),
                                          ("simpo", "04_train_simpo", method)):
@@ -185,6 +185,8 @@ def test_the_default_study_expands_into_its_stages():
     assert names == (["00_world_and_benchmarks", "01_perturbation_explorer", "02_build_perturbed_dataset",
                       "02_build_perturbed_dataset@s1", "02_build_perturbed_dataset@s2",
                       "02_build_perturbed_dataset@grounded", "02_build_perturbed_dataset@grounded_deep",
+                      "02_build_perturbed_dataset@distilled_activated",
+                      "02_build_perturbed_dataset@distilled_activated_deep",
                       "02_build_perturbed_dataset@calibrated_activated_deep"]
                      + paper + [f"03_train_sft@{m}{k}" for m in "ga" for k in range(3)]
                      + [f"05_evaluate@{p}" for p in parts]
@@ -218,9 +220,14 @@ def test_a_split_evaluation_runs_its_parts_beside_each_other_and_its_tables_afte
 def test_the_deep_base_trains_the_activated_recipes_on_their_own_rows():
     plan = planning.plan_study(planning.load_params(PARAMS[[p.name for p in PARAMS].index("default.yaml")]))
     stage = {s.name: s for s in plan}
-    assert stage["03_train_sft@ad1"].parameters == {"base_model": "embedded-deep", "dataset": "grounded@deep",
+    # distilled_activated's data differ from grounded CSP's (twice the scenes): rows of its own, on both bases
+    assert stage["03_train_sft@ad1"].parameters == {"base_model": "embedded-deep",
+                                                    "dataset": "distilled_activated@deep",
                                                     "method": "distilled_activated", "sft": {"seed": 1},
                                                     "tag": "@ad1"}
+    assert stage["03_train_sft@a0"].parameters["dataset"] == "distilled_activated"
+    assert stage["02_build_perturbed_dataset@distilled_activated_deep"].parameters["data"] == {"n_scenes": 4800}
+    assert stage["03_train_sft@gd0"].parameters["dataset"] == "grounded@deep"
     assert stage["03_train_sft@cd2"].parameters["dataset"] == "calibrated_activated@deep"
     models = stage["05_evaluate@deep"].parameters["models"]
     assert "distilled_activated@s2=sft@ad2" in models and "calibrated_activated@s0=sft@cd0" in models

@@ -37,7 +37,7 @@ def test_a_stage_listed_beside_bases_is_merged_over_every_stage_generated_from_i
     assert stages["03_train_sft@g1"]["sft"] == {"seed": 1, "max_steps": 2, "learning_rate": 0.01}
     assert "learning_rate" not in stages["03_train_sft@g2"]["sft"]
     builds = [v for k, v in stages.items() if k.startswith("02_build")]
-    assert len(builds) == 6 and all(v["build"]["shard_size"] == 4 for v in builds)
+    assert len(builds) == 8 and all(v["build"]["shard_size"] == 4 for v in builds)
     assert stages["02_build_perturbed_dataset@s2"]["build"] == {"seed": 2, "levels": [0, 50, 100], "shard_size": 4}
 
 

@@ -29,7 +29,9 @@ run folders use them):
   stages ``03_train_sft@g{k}`` (another base: ``@g{t}{k}``, ``t`` the shortest start of its tag
   that no other base's tag starts with: ``noconf`` alone gives ``n``, beside ``nodeep`` ``noc``).
 * ``distilled``, ``distilled_activated``: SFT stages ``03_train_sft@d{k}`` / ``@a{k}``
-  (``@d{t}{k}`` / ``@a{t}{k}``) on the base's grounded dataset.
+  (``@d{t}{k}`` / ``@a{t}{k}``) on the base's grounded dataset, or, where ``data`` gives the
+  method other settings than grounded CSP's (``distilled_activated: {n_scenes: 4800}``), on rows
+  of its own built like ``calibrated_activated``'s below.
 * ``calibrated_activated``: rows of its own (half of them noised), one dataset per base model
   (``@calibrated_activated`` into ``calibrated_activated``, or ``..._{tag}`` into
   ``calibrated_activated@{tag}``), SFT stages ``03_train_sft@c{k}`` (``@c{t}{k}``).
@@ -151,7 +153,7 @@ def _expand_methods(params: dict) -> dict:
         settings = (given.pop(name) or {}) if tag and name in given else template  # a base's own, else the template
         evaluations[name] = _evaluation(settings, base, tag, seeds, letters)
     for i, (base, tag) in enumerate(bases.items()):
-        _training(made, base, tag, i == 0, seeds, letters.get(tag, ""))
+        _training(made, base, tag, i == 0, seeds, data, letters.get(tag, ""))
         if split:  # listed after the base's training: each part starts as soon as its adapters exist
             whole = evaluations[f"05_evaluate@{tag}" if tag else "05_evaluate"]
             for part, value in _evaluation_parts(whole, tag).items():
@@ -286,10 +288,12 @@ def _count(seeds: dict, method: str, base: str) -> int:
     return n.get(base, 0) if isinstance(n, dict) else n
 
 
-def _rows_of(method: str) -> str:
-    """The dataset a grounded method trains on: grounded CSP's rows where its build is theirs,
-    else rows of its own (named after it)."""
-    return "grounded" if methods.method(method).build == methods.method("grounded_csp").build else method
+def _rows_of(method: str, data: dict) -> str:
+    """The dataset a grounded method trains on: grounded CSP's rows where its build and its
+    ``data`` settings are theirs, else rows of its own (named after it)."""
+    same_build = methods.method(method).build == methods.method("grounded_csp").build
+    same_data = data.get(method, data.get("grounded_csp")) == data.get("grounded_csp")
+    return "grounded" if same_build and same_data else method
 
 
 def _paper_tag(tag: str | None, k: int, first: bool) -> str:
@@ -311,10 +315,10 @@ def _datasets(made: _Generated, bases: dict, seeds: dict, data: dict) -> None:
         made.add("02_build_perturbed_dataset" + (f"@s{k}" if k else ""), {
             **({"data": data["paper_csp"]} if "paper_csp" in data else {}), **({"build": {"seed": k}} if k else {})},
             f"paper_csp's dataset of seed {k}")
-    for rows in dict.fromkeys(_rows_of(m) for m, _ in GROUNDED_FAMILY):
+    for rows in dict.fromkeys(_rows_of(m, data) for m, _ in GROUNDED_FAMILY):
         owner = "grounded_csp" if rows == "grounded" else rows
         for i, (base, tag) in enumerate(bases.items()):
-            if any(_count(seeds, m, base) for m, _ in GROUNDED_FAMILY if _rows_of(m) == rows):
+            if any(_count(seeds, m, base) for m, _ in GROUNDED_FAMILY if _rows_of(m, data) == rows):
                 made.add(f"02_build_perturbed_dataset@{rows}" + (f"_{tag}" if tag else ""), {
                     **_base(base, i == 0), **({"data": data[owner]} if owner in data else {}),
                     "dataset": _grounded_folder(tag, rows), "method": owner}, f"the {rows} dataset of base {base}")
@@ -324,7 +328,7 @@ def _grounded_folder(tag: str | None, rows: str = "grounded") -> str:
     return f"{rows}@{tag}" if tag else rows
 
 
-def _training(made: _Generated, base: str, tag: str | None, first: bool, seeds: dict, letter: str) -> None:
+def _training(made: _Generated, base: str, tag: str | None, first: bool, seeds: dict, data: dict, letter: str) -> None:
     for k in range(_count(seeds, "paper_csp", base)):
         name = _paper_tag(tag, k, first)
         own = {**_base(base, first), **({"tag": "@s0"} if first and k == 0 else {}),
@@ -336,7 +340,7 @@ def _training(made: _Generated, base: str, tag: str | None, first: bool, seeds: 
     for method, prefix in GROUNDED_FAMILY:
         for k in range(_count(seeds, method, base)):
             made.add(f"03_train_sft@{prefix}{letter}{k}", {
-                **_base(base, first), "dataset": _grounded_folder(tag, _rows_of(method)), "method": method,
+                **_base(base, first), "dataset": _grounded_folder(tag, _rows_of(method, data)), "method": method,
                 **({"sft": {"seed": k}} if k else {})}, f"{method} seed {k} on base {base}")
 
 
@@ -477,7 +481,7 @@ class _Ablation:
     def _grounded(self, where: str, v: dict) -> list[str]:
         if "simpo" in v:
             raise ValueError(f"{where}: {self.method} trains no SimPO stage; give sft or build settings")
-        rows = _rows_of(self.method)
+        rows = _rows_of(self.method, self.data)
         folder = rows
         if "build" in v:
             ds = v.get("dataset", v["tag"])
@@ -524,7 +528,7 @@ class _Ablation:
                              f"({', '.join(prefixes)}) and takes nothing else; got {v!r}")
         for k in range(_count(self.seeds, method, self.first), self.n):
             self._add(f"03_train_sft@{prefixes[method]}{k}", {
-                "dataset": _rows_of(method), "method": method, **({"sft": {"seed": k}} if k else {})}, method, k)
+                "dataset": _rows_of(method, self.data), "method": method, **({"sft": {"seed": k}} if k else {})}, method, k)
         return [f"sft@{prefixes[method]}{k}" for k in range(self.n)]
 
 
