@@ -353,7 +353,6 @@ def paired_table(rows: list[dict], framing: str = "third", readout: str = "singl
         return pd.DataFrame()
     df = df[((df["framing"] == framing) & (df["readout"] == readout)) | df["group"].str.startswith("baseline:")]
     key = "image" if cluster == "image" else "question_id"
-    out = []
     rng = np.random.default_rng(seed)
     seed_rng = np.random.default_rng([seed, 1])
     with _Scorer(workers, len(df)) as scorer:

@@ -157,11 +157,7 @@ def evaluate(model, processor, benchmark, out_jsonl, model_name: str, config: Ev
     state = PartialState()
     out = Path(out_jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
-    combos = [(f, r) for f in config.framings for r in config.readouts]
-    items = list(benchmark.items)
-    ids = [it.question_id for it in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{benchmark.name}: question ids are not unique; results could not be resumed")
+    combos, items, ids = _questions(benchmark, config)
     if answers_from is not None and not answers_on_base(model, config):
         raise ValueError(f"{model_name}: answers_from needs a confidence-only adapter (adapter_scope='confidence' "
                          "on a PEFT model); any other model answers for itself")
@@ -180,8 +176,14 @@ def evaluate(model, processor, benchmark, out_jsonl, model_name: str, config: Ev
     if todo:
         parse = answer_parser(benchmark)
         answers = load_answers(*answers_from, todo, config, parse) if answers_from is not None else None
-        _run(model, processor, benchmark, todo, mine, model_name, config,
-             bar_total=len(shard), show=config.progress and state.is_main_process, answers=answers)
+
+        def write(batch, images, parse, option_ids, yn):
+            given = [answers[it.question_id] for it in batch] if answers is not None else None
+            _append(mine, elicit_batch(model, processor, batch, images, config, model_name, parse, option_ids, yn,
+                                       given))
+
+        _run(model, processor, benchmark, todo, config, model_name, len(shard),
+             config.progress and state.is_main_process, write)
 
     if n > 1:
         state.wait_for_everyone()
@@ -202,11 +204,7 @@ def evaluate_adapters(model, processor, benchmark, members: Sequence[tuple], con
     """
     if PartialState().num_processes != 1:
         raise ValueError("evaluate_adapters runs in one process; under accelerate launch evaluate each adapter")
-    combos = [(f, r) for f in config.framings for r in config.readouts]
-    items = list(benchmark.items)
-    ids = [it.question_id for it in items]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{benchmark.name}: question ids are not unique; results could not be resumed")
+    combos, items, _ = _questions(benchmark, config)
     outs = [Path(out) for out, _, _ in members]
     done = []
     for out, (_, name, _) in zip(outs, members):
@@ -216,30 +214,16 @@ def evaluate_adapters(model, processor, benchmark, members: Sequence[tuple], con
         raise ValueError(f"{benchmark.name}: the adapters' results hold different finished questions; "
                          "evaluate each one on its own to resume them")
     todo = [it for it in items if it.question_id not in done[0]]
-    if not todo:
-        return outs
-    parse = answer_parser(benchmark)
-    option_ids = (option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
-                  if "single_pass" in config.readouts else None)
-    yn = yes_no_tokens(processor)
     adapters = [(name, adapter) for _, name, adapter in members]
-    torch.manual_seed(config.seed)
-    was_training = model.training
-    model.eval()
-    names = "+".join(name for _, name, _ in members)
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{names} {benchmark.name}",
-               disable=not config.progress)
-    try:
-        for start in range(0, len(todo), config.batch_size):
-            batch = todo[start:start + config.batch_size]
-            images = [benchmark.image_loader(it.image_id).convert("RGB") for it in batch]
-            rows = elicit_batch_adapters(model, processor, batch, images, config, adapters, parse, option_ids, yn)
-            for out, (_, name, _) in zip(outs, members):
-                _append(out, rows[name])
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        model.train(was_training)
+
+    def write(batch, images, parse, option_ids, yn):
+        rows = elicit_batch_adapters(model, processor, batch, images, config, adapters, parse, option_ids, yn)
+        for out, (_, name, _) in zip(outs, members):
+            _append(out, rows[name])
+
+    if todo:
+        _run(model, processor, benchmark, todo, config, "+".join(name for name, _ in adapters), len(items),
+             config.progress, write)
     return outs
 
 
@@ -283,10 +267,20 @@ def load_answers(path, model_name: str, items, config: EvalConfig, parse) -> dic
     return out
 
 
-def _run(model, processor, benchmark, todo, path: Path, model_name, config: EvalConfig, bar_total, show,
-         answers: dict[str, dict] | None = None) -> None:
-    """Elicit ``todo`` batch by batch, appending each batch's rows to ``path`` as it finishes.
-    The batches are the same with and without ``answers``."""
+def _questions(benchmark, config: EvalConfig) -> tuple[list, list, list[str]]:
+    """(framing, read-out) combinations, the benchmark's items and their ids, unique or refused."""
+    combos = [(f, r) for f in config.framings for r in config.readouts]
+    items = list(benchmark.items)
+    ids = [it.question_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{benchmark.name}: question ids are not unique; results could not be resumed")
+    return combos, items, ids
+
+
+def _run(model, processor, benchmark, todo, config: EvalConfig, desc: str, bar_total, show, write) -> None:
+    """``todo`` batch by batch under the config's seed, the model in eval mode:
+    ``write(batch, images, parse, option_ids, yn)`` elicits a batch and appends its rows as it
+    finishes. The batches depend on ``todo`` and the batch size only."""
     torch.manual_seed(config.seed)
     parse = answer_parser(benchmark)
     option_ids = (option_token_ids(processor, config.options, config.include_end, config.layout, config.prompt_config)
@@ -294,14 +288,12 @@ def _run(model, processor, benchmark, todo, path: Path, model_name, config: Eval
     yn = yes_no_tokens(processor)
     was_training = model.training
     model.eval()  # dropout off: results must not depend on the mode the caller left the model in
-    bar = tqdm(total=bar_total, initial=bar_total - len(todo), desc=f"{model_name} {benchmark.name}", disable=not show)
+    bar = tqdm(total=bar_total, initial=bar_total - len(todo), desc=f"{desc} {benchmark.name}", disable=not show)
     try:
         for start in range(0, len(todo), config.batch_size):
             batch = todo[start:start + config.batch_size]
             images = [benchmark.image_loader(it.image_id).convert("RGB") for it in batch]
-            given = [answers[it.question_id] for it in batch] if answers is not None else None
-            rows = elicit_batch(model, processor, batch, images, config, model_name, parse, option_ids, yn, given)
-            _append(path, rows)
+            write(batch, images, parse, option_ids, yn)
             bar.update(len(batch))
     finally:
         bar.close()

@@ -102,10 +102,11 @@ def _blocks(specs: list[ModelSpec], config, share: bool) -> list[list[_Member]]:
         if key is None:
             blocks.append([_Member(i, spec, cfg, "default")])
             continue
-        if (key, repr(cfg)) not in groups:
-            groups[(key, repr(cfg))] = []
-            blocks.append(groups[(key, repr(cfg))])
-        members = groups[(key, repr(cfg))]
+        group = (key, repr(cfg))
+        if group not in groups:
+            groups[group] = []
+            blocks.append(groups[group])
+        members = groups[group]
         members.append(_Member(i, spec, cfg, "default" if not members else f"adapter{len(members)}"))
     return blocks
 
@@ -113,13 +114,10 @@ def _blocks(specs: list[ModelSpec], config, share: bool) -> list[list[_Member]]:
 def _continuable(spec: ModelSpec, cfg) -> tuple | None:
     """The answer key of an activated adapter whose confidence prompts continue the answer turn
     (confidence-only scope, follow-up layout, the cache kept), else None."""
-    if (spec.adapter is None or cfg.adapter_scope != "confidence" or cfg.layout != "follow_up"
-            or not cfg.continue_answer_cache):
+    key = answer_key(spec, cfg)   # None but for a confidence-only adapter; holds its PEFT config
+    if key is None or cfg.layout != "follow_up" or not cfg.continue_answer_cache:
         return None
-    peft_config = json.loads((Path(spec.adapter) / "adapter_config.json").read_text())
-    if not peft_config.get("alora_invocation_tokens"):
-        return None
-    return answer_key(spec, cfg)
+    return key if json.loads(key[1]).get("alora_invocation_tokens") else None
 
 
 def _load_block(block: list[_Member], kwargs):

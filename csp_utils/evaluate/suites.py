@@ -9,7 +9,6 @@ set, the held-out calibration split that fits the temperature baseline, the pert
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -536,8 +536,9 @@ class _Ablation:
 # (activated adapters share one answer turn per batch, so their methods form one part)
 def _part_of(model: str) -> str:
     group = model.split("=", 1)[0].split("@", 1)[0]
-    if group in ("base", "sft_simpo"):
-        return {"base": "base", "sft_simpo": "paper_csp"}[group]
+    fixed = {"base": "base", "sft_simpo": "paper_csp"}
+    if group in fixed:
+        return fixed[group]
     name = next(m for m, _ in GROUNDED_FAMILY if methods.method(m).reports_as == group)
     return "activated" if methods.method(name).sft.get("lora", {}).get("activation") else name
 

@@ -58,8 +58,7 @@ def _figures(*stems: str) -> list[str]:
 
 def _matrix(models, results: str = "results") -> list[str]:
     """Result folders of model entries ("NAME" or "LABEL=ADAPTER": results carry the label)."""
-    labels = [str(m).split("=", 1)[0] for m in models]
-    return [f"{results}/matrix/{m.replace('/', '_')}" for m in dict.fromkeys(labels)]
+    return [f"{results}/matrix/{m.replace('/', '_')}" for m in dict.fromkeys(_labels(models))]
 
 
 def _adapters(models) -> list[str]:
@@ -79,6 +78,7 @@ def _sources(p: dict) -> list[str]:
 
 
 def _labels(models) -> list[str]:
+    """The names model entries' results carry ("LABEL=ADAPTER" -> LABEL)."""
     return [str(m).split("=", 1)[0] for m in models]
 
 
