@@ -256,6 +256,47 @@ def test_a_confidence_only_adapter_answers_as_the_base_model(which, request):
     assert any(abs(a["confidence"] - b["confidence"]) > 1e-3 for a, b in zip(singles, base_singles))
 
 
+def test_adapters_disabled_gives_peft_disable_adapter_outputs_and_restores_the_adapter(tiny):
+    """``models.adapters_disabled`` switches the same layers as PEFT's ``disable_adapter``: the
+    base model's logits inside, the adapter's after, its weights trainable again, and one more
+    adapter (new layers' set) found too."""
+    base, proc = tiny
+    adapted = _with_random_adapter(base, 0.5)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+
+    def logits():
+        with torch.no_grad():
+            return adapted(input_ids=ids).logits
+
+    on = logits()
+    with adapted.disable_adapter():
+        peft_off = logits()
+    assert not torch.equal(on, peft_off), "the adapter changes the outputs: the check can fail"
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    with models.adapters_disabled(adapted):
+        assert torch.equal(logits(), peft_off)
+        assert adapted._adapters_disabled
+    assert torch.equal(logits(), on) and not adapted._adapters_disabled
+    assert [n for n, p in adapted.named_parameters() if p.requires_grad] == trainable
+    # an error inside still switches the adapter back on
+    with pytest.raises(RuntimeError), models.adapters_disabled(adapted):
+        raise RuntimeError("inside")
+    assert torch.equal(logits(), on)
+    # a second adapter on other layers: the cached layer list is rebuilt
+    from peft import LoraConfig
+    adapted.add_adapter("other", LoraConfig(r=4, target_modules=["gate_proj"]))
+    adapted.set_adapter("other")
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B.other" in name:
+                p.normal_(0, 0.5)
+    other = logits()
+    assert not torch.equal(other, peft_off)
+    with models.adapters_disabled(adapted):
+        assert torch.equal(logits(), peft_off)
+    assert torch.equal(logits(), other)
+
+
 # ------------------------------------------------------------------ activated adapters
 def _with_random_activated_adapter(model, processor, scale: float):
     """An activated LoRA (PEFT's aLoRA, invoked by the third-person follow-up question)."""

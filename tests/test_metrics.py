@@ -476,6 +476,18 @@ def test_aurc_equals_the_direct_computation_ties_averaged(ties):
             assert np.isnan(got["prr"])
 
 
+@pytest.mark.parametrize("weights", ["integer", "fractional"])
+def test_harmonic_steps_equal_the_two_harmonic_numbers(weights):
+    """Each tie group's H(end) - H(start), the shared ends computed once: the same bits as
+    computing both, for integer counts (ends meet exactly) and fractional ones (they may not)."""
+    rng = np.random.default_rng(0)
+    count = rng.integers(0, 4, (5, 40)).astype(float)
+    if weights == "fractional":
+        count = count * rng.random((5, 40)) * 1.7
+    before = np.cumsum(count, 1) - count
+    np.testing.assert_array_equal(M._harmonic_steps(before, count), M._harmonic(before + count) - M._harmonic(before))
+
+
 def test_selective_metrics_order_matters_and_the_oracle_has_no_excess():
     correct = np.array([1, 1, 0, 1, 0, 0, 1, 1])
     good = M.selective_metrics(correct * 0.8 + 0.1, correct)

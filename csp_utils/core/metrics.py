@@ -249,13 +249,27 @@ def _harmonic(x: np.ndarray) -> np.ndarray:
     return digamma(np.asarray(x, dtype=float) + 1.0) + np.euler_gamma
 
 
-def _cumulative_errors(count: np.ndarray, err: np.ndarray, kept: np.ndarray) -> np.ndarray:
+def _cumulative_errors(count: np.ndarray, err: np.ndarray, kept: np.ndarray, before=None) -> np.ndarray:
     """(B,) expected errors among the ``kept`` (B,) most confident answers: ``count``/``err``
-    (B, U) rows and wrong rows at each distinct confidence, most confident first."""
-    before = np.cumsum(count, 1) - count
+    (B, U) rows and wrong rows at each distinct confidence, most confident first; ``before``:
+    the rows before each, when the caller has them."""
+    if before is None:
+        before = np.cumsum(count, 1) - count
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.clip((kept[:, None] - before) / count, 0.0, 1.0)
     return np.where(count > 0, err * share, 0.0).sum(1)
+
+
+def _harmonic_steps(before: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``H(before + count) - H(before)``, each harmonic number computed once where each tie
+    group's end is the next one's start (the usual case: integer counts)."""
+    upper = before + count
+    low = _harmonic(before)
+    if upper.shape[1] > 1 and np.array_equal(upper[:, :-1], before[:, 1:]):
+        high = np.concatenate([low[:, 1:], _harmonic(upper[:, -1:])], axis=1)
+    else:
+        high = _harmonic(upper)
+    return high - low
 
 
 def selective_from_counts(count, right, coverages=COVERAGES) -> dict[str, np.ndarray]:
@@ -275,7 +289,7 @@ def selective_from_counts(count, right, coverages=COVERAGES) -> dict[str, np.nda
     before_e = np.cumsum(err, 1) - err
     with np.errstate(invalid="ignore", divide="ignore"):
         slope = np.where(count > 0, err / count, 0.0)
-        area = ((before_e - slope * before_n) * (_harmonic(before_n + count) - _harmonic(before_n)) + err).sum(1)
+        area = ((before_e - slope * before_n) * _harmonic_steps(before_n, count) + err).sum(1)
         aurc = area / n
         oracle = (e - (n - e) * (_harmonic(n) - _harmonic(n - e))) / n
         rate = e / n
@@ -284,7 +298,7 @@ def selective_from_counts(count, right, coverages=COVERAGES) -> dict[str, np.nda
                "prr": np.where(spread > 1e-12, (rate - aurc) / spread, np.nan)}
         for cov in coverages:
             kept = cov * n
-            out[sel_acc_key(cov)] = 1.0 - _cumulative_errors(count, err, kept) / kept
+            out[sel_acc_key(cov)] = 1.0 - _cumulative_errors(count, err, kept, before_n) / kept
     return {k: np.where(n > 0, v, np.nan) for k, v in out.items()}
 
 

@@ -24,7 +24,7 @@ model's own answer as the start of the reply, the options scored right after it)
 training builds it.
 
 Confidence-only adapters: with ``EvalConfig.adapter_scope="confidence"`` and a PEFT model,
-the answer turn runs with the adapter disabled (``model.disable_adapter()``), so answers and
+the answer turn runs with the adapter disabled (``models.adapters_disabled``), so answers and
 the internal probability are the base model's, and only the confidence prompts see the
 adapter. Nothing computed under one is reused under the other (prefix caches, encoded
 images), except for an activated adapter (PEFT's aLoRA) in the follow-up layout: every
@@ -547,7 +547,7 @@ def continues_answer_turn(model, config: EvalConfig) -> list[int] | None:
 
 def _answer_context(model, config: EvalConfig):
     """The context the answer turn runs in: the base model for a confidence-only adapter."""
-    return model.disable_adapter() if answers_on_base(model, config) else contextlib.nullcontext()
+    return models.adapters_disabled(model) if answers_on_base(model, config) else contextlib.nullcontext()
 
 
 # -------------------------------------------------------------------- results on disk

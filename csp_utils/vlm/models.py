@@ -8,9 +8,11 @@ serves it too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 from csp_utils.core.paths import DATA
 
@@ -318,6 +320,46 @@ def add_adapter(model, adapter: str | os.PathLike, name: str, allow_base_mismatc
     model.load_adapter(str(adapter), adapter_name=name)
     model.eval()
     return model
+
+
+_TUNER_LAYERS = weakref.WeakKeyDictionary()   # PEFT model -> (its adapter names, its tuner layers)
+
+
+def _tuner_layers(model) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    key = tuple(model.peft_config)
+    known = _TUNER_LAYERS.get(model)
+    if known is None or known[0] != key:
+        known = key, [m for m in model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        _TUNER_LAYERS[model] = known
+    return known[1]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model):
+    """``model.disable_adapter()`` for a PEFT LoRA model, switching the same layers with PEFT's
+    own ``enable_adapters``, without the survey of every layer's status that PEFT makes on
+    each call (``get_model_status``: about a tenth of a training step or an evaluation batch
+    on the embedded models). The layers are found once per set of adapters. Other adapter
+    kinds, and a model whose layers are not all enabled, take PEFT's own context."""
+    configs = getattr(model, "peft_config", None) or {}
+    layers = _tuner_layers(model) if configs and not any(
+        c.is_prompt_learning or c.is_adaption_prompt for c in configs.values()) else []
+    if not layers or model._adapters_disabled or any(layer.disable_adapters for layer in layers):
+        with model.disable_adapter():
+            yield
+        return
+    model._adapters_disabled = True
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        model._adapters_disabled = False
 
 
 def save_vlm(model, processor, folder: str | os.PathLike, meta: dict | None = None) -> Path:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from csp_utils.vlm.models import adapters_disabled
 from csp_utils.vlm.engine import (Prompts, attn_implementation, cache_of, device_dtype, fork_cache, keeps_last_logits_only,
                                   last_occurrence, model_inputs, plain_prompts, position_ids_from_mask, rows_repeated,
                                   tokenizer_of, uses_mrope)
@@ -97,7 +98,7 @@ def before_invocation(model, p: Prompts, invocation: list[int]) -> Prompts | Non
     pos = position_ids_from_mask(mask)
     # the adapter switched off rather than left to find no invocation: the same base outputs
     # without the activated layers' per-call masking
-    with torch.no_grad(), model.disable_adapter():
+    with torch.no_grad(), adapters_disabled(model):
         out = model(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], position_ids=pos[:, :cut], **p.image_inputs,
                     use_cache=True, **keeps_last_logits_only(model))
     return Prompts(ids, mask, {}, prefix_cache=cache_of(out), prefix_len=cut)
