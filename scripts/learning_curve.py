@@ -259,11 +259,13 @@ def run_name(cs: float, target: str, layout: str, scenes: int, steps: int, seed:
 
 def recipe_config(args, **sft):
     """Grounded CSP's SFT config on the embedded preset with ``sft`` over it; ``--lr``, ``--r``
-    (alpha twice it) and ``--batch`` only where given."""
+    (alpha twice it), ``--dropout`` and ``--batch`` only where given."""
     from csp_utils.train import settings
 
     if args.r is not None:
         sft["lora"] = {**sft.get("lora", {}), "r": args.r, "alpha": 2 * args.r}
+    if args.dropout is not None:
+        sft["lora"] = {**sft.get("lora", {}), "dropout": args.dropout}
     flags = {"learning_rate": args.lr, "per_device_train_batch_size": args.batch, "loss": args.loss}
     return settings.make_configs("tiny_default", method=METHOD, sft={**flags, **sft}).sft
 
@@ -295,6 +297,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--val-images", type=int, default=100, help="scenes per validation set")
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--r", type=int, default=None, help="LoRA rank, alpha twice it; default: the recipe's")
+    ap.add_argument("--dropout", type=float, default=None, help="LoRA dropout; default: the recipe's")
     ap.add_argument("--batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--adapters", nargs="*", default=[], metavar="LABEL=DIR",
