@@ -61,6 +61,17 @@ def _script():
     return learning_curve
 
 
+def test_recipe_flags_override_the_lora_only_where_given():
+    lc = _script()
+    flags = dict(lr=None, batch=None, loss=None, r=None, dropout=None)
+    recipe = lc.recipe_config(argparse.Namespace(**flags), layout="follow_up", lora={"activation": "confidence"})
+    changed = lc.recipe_config(argparse.Namespace(**{**flags, "dropout": 0.0, "r": 8}), layout="follow_up",
+                               lora={"activation": "confidence"})
+    assert recipe.lora.dropout > 0 and changed.lora.dropout == 0.0
+    assert (changed.lora.r, changed.lora.alpha) == (8, 16) and changed.lora.activation == "confidence"
+    assert changed.lora.target_modules == recipe.lora.target_modules
+
+
 def test_learning_curve_points_and_validation_scenes_are_checked():
     lc = _script()
     assert lc.parse_point("600:200") == (600, 200)
