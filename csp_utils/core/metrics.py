@@ -265,7 +265,7 @@ def _harmonic_steps(before: np.ndarray, count: np.ndarray) -> np.ndarray:
     group's end is the next one's start (the usual case: integer counts)."""
     upper = before + count
     low = _harmonic(before)
-    if upper.shape[1] > 1 and np.array_equal(upper[:, :-1], before[:, 1:]):
+    if np.array_equal(upper[:, :-1], before[:, 1:]):
         high = np.concatenate([low[:, 1:], _harmonic(upper[:, -1:])], axis=1)
     else:
         high = _harmonic(upper)
