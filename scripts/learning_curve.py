@@ -19,7 +19,8 @@ answers within a set when it sees more rows, and with which target, layout and c
 3. Every checkpoint scored on a **validation split**: the six clean sets' generators (POPE
    random / popular / adversarial, AMBER-style existence / attribute / relation) on CSP-split
    scenes far from the training ones (``VALIDATION_STARTS``), never evaluation images. Within-set
-   AUROC (the mean of the six sets' AUROCs), pooled Brier and ECE; beside them the base model's
+   AUROC (the mean of the six sets' AUROCs), pooled Brier and ECE, of the option distribution's
+   expectation (the study's read-out) and, under ``mode``, of its most likely option; beside them the base model's
    internal probability of its own answer, temperature-scaled (T fitted on a seventh
    validation set), the ceiling a read-out of the answer's own evidence reaches.
 4. Early stopping and selection read the validation scores only: per run the checkpoint with the
@@ -215,6 +216,12 @@ def set_scores(rows_by_set: dict, key: str = "confidence") -> dict:
             "mean_confidence": round(float(s["mean_confidence"]), 4), "accuracy": round(float(s["accuracy"]), 4)}
 
 
+def mode_scores(rows_by_set: dict) -> dict:
+    """:func:`set_scores` of the single-pass mode (the most likely option) instead of the expectation."""
+    s = set_scores(rows_by_set, "confidence_argmax")
+    return {k: s[k] for k in ("within_auroc", "per_set_auroc", "brier", "ece")}
+
+
 def base_baselines(model, processor, suite: dict, out: Path, perturbed=None) -> dict:
     """The base model's internal probability and its temperature-scaled version on the validation sets."""
     import numpy as np
@@ -388,6 +395,7 @@ def main(argv=None) -> list[dict]:
                                    "seed": seed, "step": step, "rows_seen": step * cfg.per_device_train_batch_size,
                                    "training_rows": len(subset), "train_s": round(train_s, 1),
                                    "eval_s": round(time.time() - t3, 1), **set_scores(got),
+                                   "mode": mode_scores(got),
                                    **({"perturbed": got_p} if perturbed is not None else {})}
                             with results_path.open("a") as f:
                                 f.write(json.dumps(row) + "\n")

@@ -93,6 +93,7 @@ def test_learning_curve_script_scores_every_checkpoint_on_validation_and_resumes
     for r in rows:
         assert set(r["per_set_auroc"]) == set(lc.VALIDATION_SETS)
         assert 0.0 <= r["brier"] <= 1.0 and r["questions"] == "benchmark" and r["clean_share"] == 1.0
+        assert set(r["mode"]["per_set_auroc"]) == set(lc.VALIDATION_SETS) and 0.0 <= r["mode"]["brier"] <= 1.0
     data = tmp_path / "data" / "benchmark-cs100"
     report = json.loads((data / "build_report.json").read_text())
     assert report["config"]["grounded"]["questions"] == "benchmark"
