@@ -5,6 +5,7 @@ answers within a set when it sees more rows, and with which target, layout and c
         [--points 600:200 2400:800 9600:3200] [--targets internal correct]
         [--layouts follow_up inline] [--clean-shares SHARE ...] [--questions world|benchmark]
         [--seeds 0] [--checkpoints 4] [--val-images 100] [--lr LR] [--r R] [--batch N] [--threads 1]
+        [--dropout P] [--target-modules NAME ...]
         [--loss soft_ce|binomial_ce|brier] [--global-share 0.0] [--perturbed-val 0]
 
 1. One grounded dataset per clean share on CSP scenes 0 .. max(points) - 1, built by the study's
@@ -15,7 +16,7 @@ answers within a set when it sees more rows, and with which target, layout and c
 2. A confidence-only LoRA per point (scenes:steps) x target x layout x clean share x seed, the
    study's grounded recipe on the embedded preset otherwise
    (``settings.make_configs("tiny_default", method="grounded_csp")``; ``--lr``, ``--r`` (alpha
-   twice it) and ``--batch`` override it only where given), saving ``--checkpoints`` evenly spaced checkpoints.
+   twice it), ``--dropout``, ``--target-modules`` and ``--batch`` override it only where given), saving ``--checkpoints`` evenly spaced checkpoints.
 3. Every checkpoint scored on a **validation split**: the six clean sets' generators (POPE
    random / popular / adversarial, AMBER-style existence / attribute / relation) on CSP-split
    scenes far from the training ones (``VALIDATION_STARTS``), never evaluation images. Within-set
@@ -266,13 +267,15 @@ def run_name(cs: float, target: str, layout: str, scenes: int, steps: int, seed:
 
 def recipe_config(args, **sft):
     """Grounded CSP's SFT config on the embedded preset with ``sft`` over it; ``--lr``, ``--r``
-    (alpha twice it), ``--dropout`` and ``--batch`` only where given."""
+    (alpha twice it), ``--dropout``, ``--target-modules`` and ``--batch`` only where given."""
     from csp_utils.train import settings
 
     if args.r is not None:
         sft["lora"] = {**sft.get("lora", {}), "r": args.r, "alpha": 2 * args.r}
     if args.dropout is not None:
         sft["lora"] = {**sft.get("lora", {}), "dropout": args.dropout}
+    if args.target_modules is not None:
+        sft["lora"] = {**sft.get("lora", {}), "target_modules": tuple(args.target_modules)}
     flags = {"learning_rate": args.lr, "per_device_train_batch_size": args.batch, "loss": args.loss}
     return settings.make_configs("tiny_default", method=METHOD, sft={**flags, **sft}).sft
 
@@ -305,6 +308,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--lr", type=float, default=None, help="default: the recipe's")
     ap.add_argument("--r", type=int, default=None, help="LoRA rank, alpha twice it; default: the recipe's")
     ap.add_argument("--dropout", type=float, default=None, help="LoRA dropout; default: the recipe's")
+    ap.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                    help="the LoRA layers' last name components (e.g. q_proj k_proj v_proj o_proj); default: the preset's")
     ap.add_argument("--batch", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--adapters", nargs="*", default=[], metavar="LABEL=DIR",

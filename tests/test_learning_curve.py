@@ -63,13 +63,18 @@ def _script():
 
 def test_recipe_flags_override_the_lora_only_where_given():
     lc = _script()
-    flags = dict(lr=None, batch=None, loss=None, r=None, dropout=None)
+    flags = dict(lr=None, batch=None, loss=None, r=None, dropout=None, target_modules=None)
     recipe = lc.recipe_config(argparse.Namespace(**flags), layout="follow_up", lora={"activation": "confidence"})
     changed = lc.recipe_config(argparse.Namespace(**{**flags, "dropout": 0.0, "r": 8}), layout="follow_up",
                                lora={"activation": "confidence"})
     assert recipe.lora.dropout > 0 and changed.lora.dropout == 0.0
     assert (changed.lora.r, changed.lora.alpha) == (8, 16) and changed.lora.activation == "confidence"
     assert changed.lora.target_modules == recipe.lora.target_modules
+    attention = lc.recipe_config(argparse.Namespace(**{**flags, "target_modules": ["q_proj", "v_proj"]}),
+                                 layout="follow_up", lora={"activation": "confidence"})
+    assert recipe.lora.target_modules == "all-linear" and attention.lora.target_modules == ("q_proj", "v_proj")
+    assert (attention.lora.r, attention.lora.dropout, attention.lora.target_parts) == \
+        (recipe.lora.r, recipe.lora.dropout, recipe.lora.target_parts)
 
 
 def test_learning_curve_points_and_validation_scenes_are_checked():
