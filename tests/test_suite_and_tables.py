@@ -467,8 +467,20 @@ def test_activated_adapters_share_one_answer_turn_and_each_gets_its_own_rows(tmp
     partial.write_text("".join(matrix.results_path(tmp_path / "alone", "a1", "pope-test")
                                .read_text().splitlines(keepends=True)[:3]))
     again = matrix.evaluate_models(specs[1:], {"pope-test": suite["pope-test"]}, tmp_path / "again", cfg)
-    assert [p.read_bytes() for p in again] == [matrix.results_path(tmp_path / "alone", s.name, "pope-test").read_bytes()
-                                               for s in specs[1:]]
+    # the resumed file restarts at its unfinished question, so its batches hold other questions than
+    # the run alone: on some CPUs' kernels a confidence then moves in its last bits (1e-16)
+    for got, s in zip(again, specs[1:]):
+        want = matrix.results_path(tmp_path / "alone", s.name, "pope-test")
+        if got.parent.name != "a1":
+            assert got.read_bytes() == want.read_bytes()
+            continue
+        rows, ref = evaluation.load_results(got), evaluation.load_results(want)
+        assert [(r["question_id"], r["readout"]) for r in rows] == [(r["question_id"], r["readout"]) for r in ref]
+        for r, w in zip(rows, ref):
+            assert {k: v for k, v in r.items() if not isinstance(v, float)} == \
+                {k: v for k, v in w.items() if not isinstance(v, float)}
+            assert {k: pytest.approx(v, rel=1e-12, abs=1e-15) for k, v in r.items() if isinstance(v, float)} == \
+                {k: v for k, v in w.items() if isinstance(v, float)}
 
 
 def test_paired_against_compares_each_variant_with_the_reference_on_the_same_resamples():
