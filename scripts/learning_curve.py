@@ -270,12 +270,9 @@ def recipe_config(args, **sft):
     (alpha twice it), ``--dropout``, ``--target-modules`` and ``--batch`` only where given."""
     from csp_utils.train import settings
 
-    if args.r is not None:
-        sft["lora"] = {**sft.get("lora", {}), "r": args.r, "alpha": 2 * args.r}
-    if args.dropout is not None:
-        sft["lora"] = {**sft.get("lora", {}), "dropout": args.dropout}
-    if args.target_modules is not None:
-        sft["lora"] = {**sft.get("lora", {}), "target_modules": tuple(args.target_modules)}
+    lora = {"r": args.r, "alpha": None if args.r is None else 2 * args.r, "dropout": args.dropout,
+            "target_modules": None if args.target_modules is None else tuple(args.target_modules)}
+    sft["lora"] = {**sft.get("lora", {}), **{k: v for k, v in lora.items() if v is not None}}
     flags = {"learning_rate": args.lr, "per_device_train_batch_size": args.batch, "loss": args.loss}
     return settings.make_configs("tiny_default", method=METHOD, sft={**flags, **sft}).sft
 

@@ -471,7 +471,7 @@ def test_activated_adapters_share_one_answer_turn_and_each_gets_its_own_rows(tmp
     # the run alone: on some CPUs' kernels a confidence then moves in its last bits (1e-16)
     for got, s in zip(again, specs[1:]):
         want = matrix.results_path(tmp_path / "alone", s.name, "pope-test")
-        if got.parent.name != "a1":
+        if got != partial:
             assert got.read_bytes() == want.read_bytes()
             continue
         rows, ref = evaluation.load_results(got), evaluation.load_results(want)
